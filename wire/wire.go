@@ -1,0 +1,276 @@
+// Package wire defines everything the agent and the coordinator say to each
+// other: the join token, the HTTPS API's request and response bodies, and the
+// network map with its incremental updates. It imports only the standard
+// library so that both sides, and fuzzers, can use it alone.
+//
+// All bodies are JSON. Every request carries the sender's ProtocolVersion; the
+// coordinator refuses versions it does not know with 426 Upgrade Required.
+//
+// Protocol version changelog:
+//
+//	1 (2026-11-24): register, map stream (full map then deltas), services,
+//	  endpoints; join tokens "mlj1_…".
+package wire
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// ProtocolVersion is the version of this package's contract. It only grows.
+const ProtocolVersion = 1
+
+// Default addressing of a mesh.
+var (
+	NodePrefix4   = netip.MustParsePrefix("100.96.0.0/12")
+	NodePrefix6   = netip.MustParsePrefix("fd7a:6d65:7368::/48")
+	ServicePrefix = netip.MustParsePrefix("100.100.0.0/16")
+)
+
+// DefaultDomain is the DNS suffix under which services and nodes are named.
+const DefaultDomain = "mesh.internal"
+
+// API paths, all served by the coordinator over HTTPS.
+const (
+	// PathRegister takes a RegisterRequest (authorised by a join token) and
+	// answers a RegisterResponse.
+	PathRegister = "/api/v1/register"
+	// PathMap takes a MapRequest (authorised by node credentials) and streams
+	// newline-delimited MapResponse objects: first a full map, then deltas,
+	// then keep-alives, until either side closes.
+	PathMap = "/api/v1/map"
+	// PathServices takes a ServiceRequest (node credentials): expose or
+	// unexpose a service provided by the calling node.
+	PathServices = "/api/v1/services"
+	// PathEndpoints takes an EndpointsRequest (node credentials).
+	PathEndpoints = "/api/v1/endpoints"
+	// PathTokenInspect takes a TokenInspectRequest and answers TokenInfo.
+	PathTokenInspect = "/api/v1/token/inspect"
+	// PathLeave takes a LeaveRequest (node credentials) and removes the node.
+	PathLeave = "/api/v1/leave"
+)
+
+// Headers carrying node credentials on authenticated calls.
+const (
+	HeaderNodeID     = "Meshlink-Node-Id"
+	HeaderNodeSecret = "Meshlink-Node-Secret"
+	HeaderVersion    = "Meshlink-Version"
+)
+
+// NodeID identifies a node for the lifetime of its registration.
+type NodeID uint64
+
+// Key is a WireGuard public key, base64 (standard encoding, 44 chars) as
+// `wg` prints it. Private keys never appear in this package.
+type Key string
+
+// RegisterRequest is sent by an agent to PathRegister to join a mesh.
+type RegisterRequest struct {
+	Version int `json:"version"`
+	// TokenID and TokenSecret come from the join token.
+	TokenID     string `json:"token_id"`
+	TokenSecret string `json:"token_secret"`
+	Name        string `json:"name"`
+	Hostname    string `json:"hostname,omitempty"`
+	// NodeKey is the node's WireGuard public key.
+	NodeKey Key `json:"node_key"`
+	// ListenPort is the node's WireGuard UDP port.
+	ListenPort uint16 `json:"listen_port"`
+	// LocalEndpoints are addresses of the node's own interfaces.
+	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
+}
+
+// RegisterResponse answers a RegisterRequest.
+type RegisterResponse struct {
+	Node Node `json:"node"`
+	// NodeSecret authenticates later calls; the coordinator keeps only its
+	// hash. The agent stores it 0600 in its state directory.
+	NodeSecret string `json:"node_secret"`
+	Domain     string `json:"domain"`
+}
+
+// MapRequest opens the network-map stream on PathMap.
+type MapRequest struct {
+	Version int `json:"version"`
+	// ListenPort and LocalEndpoints refresh what RegisterRequest said.
+	ListenPort     uint16           `json:"listen_port"`
+	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
+	// NodeKey lets the node rotate or re-announce its key.
+	NodeKey Key `json:"node_key"`
+}
+
+// MapResponse is one message on the map stream. Exactly one of the shapes is
+// used: Full is set on the first message (and whenever the coordinator
+// decides to resync); otherwise the delta fields apply in order to the
+// previous map. A message with none set is a keep-alive.
+type MapResponse struct {
+	// Seq increases by one per message carrying a change on this stream.
+	Seq  uint64      `json:"seq"`
+	Full *NetworkMap `json:"full,omitempty"`
+
+	PeersChanged    []Node    `json:"peers_changed,omitempty"`
+	PeersRemoved    []NodeID  `json:"peers_removed,omitempty"`
+	ServicesChanged []Service `json:"services_changed,omitempty"`
+	ServicesRemoved []string  `json:"services_removed,omitempty"`
+	// Self is set when this node's own record changed.
+	Self *Node `json:"self,omitempty"`
+	// SentAt is the coordinator's clock when the message left, to measure
+	// update latency.
+	SentAt time.Time `json:"sent_at"`
+}
+
+// IsKeepAlive reports whether m carries nothing to apply.
+func (m *MapResponse) IsKeepAlive() bool {
+	return m.Full == nil && len(m.PeersChanged) == 0 && len(m.PeersRemoved) == 0 &&
+		len(m.ServicesChanged) == 0 && len(m.ServicesRemoved) == 0 && m.Self == nil
+}
+
+// NetworkMap is everything a node knows about its mesh.
+type NetworkMap struct {
+	Self     Node      `json:"self"`
+	Peers    []Node    `json:"peers"`
+	Services []Service `json:"services"`
+	Domain   string    `json:"domain"`
+}
+
+// Node is one site of the mesh.
+type Node struct {
+	ID       NodeID `json:"id"`
+	Name     string `json:"name"`
+	Hostname string `json:"hostname,omitempty"`
+	Key      Key    `json:"key"`
+	// Addresses are the node's mesh IPs (one IPv4, one IPv6), each a /32 or
+	// /128 prefix; they are the node's AllowedIPs on every peer.
+	Addresses []netip.Prefix `json:"addresses"`
+	// Endpoints are UDP addresses where the node's WireGuard may be reached,
+	// best first: the address the coordinator saw it from, then its own.
+	Endpoints []netip.AddrPort `json:"endpoints,omitempty"`
+	Online    bool             `json:"online"`
+	LastSeen  time.Time        `json:"last_seen,omitempty"`
+	Tags      []string         `json:"tags,omitempty"`
+	Ephemeral bool             `json:"ephemeral,omitempty"`
+}
+
+// Service is a named TCP service and the nodes providing it.
+type Service struct {
+	Name string `json:"name"`
+	// VIP is stable for the service's name for the life of the mesh.
+	VIP netip.Addr `json:"vip"`
+	// Port is the port consumers connect to locally.
+	Port      uint16     `json:"port"`
+	Providers []Provider `json:"providers"`
+	// AllowedNodes lists who may connect; "*" is every node of the mesh.
+	// Providers enforce it on every inbound connection.
+	AllowedNodes []string `json:"allowed_nodes"`
+}
+
+// Provider is one node's export of a service.
+type Provider struct {
+	Node NodeID `json:"node"`
+	// Port is where the provider accepts the service on its mesh addresses.
+	Port uint16 `json:"port"`
+}
+
+// ServiceRequest exposes (Remove false) or unexposes a service of the calling node.
+type ServiceRequest struct {
+	Version int    `json:"version"`
+	Name    string `json:"name"`
+	Port    uint16 `json:"port"`
+	Remove  bool   `json:"remove,omitempty"`
+}
+
+// ServiceResponse answers a ServiceRequest with the service as it now is
+// (zero for a removal).
+type ServiceResponse struct {
+	Service Service `json:"service"`
+}
+
+// EndpointsRequest updates the calling node's reachable endpoints.
+type EndpointsRequest struct {
+	Version        int              `json:"version"`
+	ListenPort     uint16           `json:"listen_port"`
+	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
+}
+
+// LeaveRequest removes the calling node from the mesh.
+type LeaveRequest struct {
+	Version int `json:"version"`
+}
+
+// TokenInspectRequest asks the coordinator about a token; the secret proves
+// the caller holds it.
+type TokenInspectRequest struct {
+	TokenID     string `json:"token_id"`
+	TokenSecret string `json:"token_secret"`
+}
+
+// TokenInfo describes a join token as the coordinator sees it.
+type TokenInfo struct {
+	ID        string    `json:"id"`
+	Reusable  bool      `json:"reusable"`
+	Ephemeral bool      `json:"ephemeral"`
+	Tags      []string  `json:"tags,omitempty"`
+	Expires   time.Time `json:"expires,omitempty"`
+	// UsesLeft is -1 for a reusable token.
+	UsesLeft int  `json:"uses_left"`
+	Revoked  bool `json:"revoked,omitempty"`
+}
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	// Code is a stable machine-readable reason, one of the ErrCode constants.
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Error codes.
+const (
+	ErrCodeBadRequest   = "bad_request"
+	ErrCodeTokenInvalid = "token_invalid"
+	ErrCodeTokenExpired = "token_expired"
+	ErrCodeTokenUsed    = "token_used"
+	ErrCodeUnauthorized = "unauthorized"
+	ErrCodeNotFound     = "not_found"
+	ErrCodeConflict     = "conflict"
+	ErrCodeVersion      = "version"
+	ErrCodeInternal     = "internal"
+	ErrCodeNameInUse    = "name_in_use"
+	ErrCodePortInUse    = "port_in_use"
+	ErrCodeNodeRemoved  = "node_removed"
+)
+
+func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
+
+// ValidName reports whether s may name a node or a service: a DNS label of
+// lowercase letters, digits and '-', 1 to 63 characters, not starting or
+// ending with '-'.
+func ValidName(s string) error {
+	if len(s) == 0 || len(s) > 63 {
+		return errors.New("name must be 1 to 63 characters")
+	}
+	if s[0] == '-' || s[len(s)-1] == '-' {
+		return fmt.Errorf("name %q must not start or end with '-'", s)
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return fmt.Errorf("name %q may only hold lowercase letters, digits and '-'", s)
+		}
+	}
+	return nil
+}
+
+// LocalProxyAddr maps a service VIP 100.100.X.Y to the loopback address
+// 127.100.X.Y where the consuming agent listens in userspace mode.
+func LocalProxyAddr(vip netip.Addr) netip.Addr {
+	if !vip.Is4() {
+		return netip.Addr{}
+	}
+	b := vip.As4()
+	return netip.AddrFrom4([4]byte{127, b[1], b[2], b[3]})
+}
+
+// NormalizeName lowercases s and trims spaces; callers validate the result.
+func NormalizeName(s string) string { return strings.ToLower(strings.TrimSpace(s)) }
