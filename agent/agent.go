@@ -1,0 +1,836 @@
+// Package agent is the meshlink agent: one per site. It joins the
+// coordinator, follows the network map, runs WireGuard over the project's
+// userspace netstack, serves DNS, consumes services through local proxies,
+// provides the services the site exports, and answers the local API.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+
+	"github.com/meshlink/meshlink/agent/proxy"
+	"github.com/meshlink/meshlink/dns"
+	"github.com/meshlink/meshlink/netstack"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// DefaultProxyRange holds the local addresses of consumed services:
+// VIP 100.100.X.Y is served at 127.100.X.Y.
+var DefaultProxyRange = netip.MustParsePrefix("127.100.0.0/16")
+
+// Config configures an Agent. Zero values take the documented defaults.
+type Config struct {
+	// StateDir holds keys, credentials, exports and the last network map.
+	StateDir string
+	// Join is a join token; needed only the first time.
+	Join string
+	// Name of the node; default the host name.
+	Name string
+	// ListenPort is WireGuard's UDP port; 0 picks a free one.
+	ListenPort uint16
+	// DNS is the DNS listen address; "" or "off" disables it.
+	DNS string
+	// DNSFallback lets the agent pick another port when DNS's address is
+	// taken or needs privileges (true when the user did not choose --dns).
+	DNSFallback bool
+	// Upstreams for non-mesh DNS names; nil reads /etc/resolv.conf.
+	Upstreams []string
+	// Expose lists services to export, added to those saved in StateDir.
+	Expose []Export
+	// ProxyRange is where consumed services listen; default 127.100.0.0/16.
+	ProxyRange netip.Prefix
+	// Hostname reported to the coordinator; default os.Hostname.
+	Hostname string
+	Logger   *slog.Logger
+	// MapIdle is how long the map stream may be silent before the agent
+	// reconnects; default 60s.
+	MapIdle time.Duration
+	// RetryMin and RetryMax bound the coordinator reconnect backoff;
+	// defaults 1s and 30s.
+	RetryMin, RetryMax time.Duration
+	// DialTimeout bounds one attempt to reach one provider; default 3s.
+	DialTimeout time.Duration
+}
+
+// Agent is a running site. Create with New, then Start; Close stops it.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	state stateDir
+	key   privateKey
+	token *wire.JoinToken
+
+	stack    *netstack.Stack
+	dev      *device.Device
+	dns      *dns.Server
+	consumer *proxy.Consumer
+	provider *proxy.Provider
+	api      *apiServer
+	cc       *controlClient
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu         sync.Mutex // guards the fields below
+	node       nodeState
+	nm         wire.NetworkMap
+	haveMap    bool
+	exports    []Export
+	announced  map[string]bool           // exports the coordinator has confirmed
+	wgPeers    map[wire.Key]wgPeer       // what WireGuard is configured with
+	byAddr     map[netip.Addr]*wire.Node // peers by mesh address, for policy
+	listenPort uint16
+	connected  bool
+	lastErr    string
+	lastMap    time.Time
+	closed     bool
+
+	syncMu sync.Mutex // serialises export announcements
+}
+
+type wgPeer struct {
+	allowed  string
+	endpoint netip.AddrPort
+}
+
+// New checks the configuration and state directory. It opens nothing on
+// the network.
+func New(cfg Config) (*Agent, error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if !cfg.ProxyRange.IsValid() {
+		cfg.ProxyRange = DefaultProxyRange
+	}
+	if !cfg.ProxyRange.Addr().Is4() || cfg.ProxyRange.Bits() > 16 || !cfg.ProxyRange.Addr().IsLoopback() {
+		return nil, fmt.Errorf("agent: --proxy-range %s must be an IPv4 loopback prefix of /16 or larger, e.g. 127.101.0.0/16", cfg.ProxyRange)
+	}
+	cfg.ProxyRange = cfg.ProxyRange.Masked()
+	if cfg.MapIdle == 0 {
+		cfg.MapIdle = 60 * time.Second
+	}
+	if cfg.RetryMin == 0 {
+		cfg.RetryMin = time.Second
+	}
+	if cfg.RetryMax == 0 {
+		cfg.RetryMax = 30 * time.Second
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname, _ = os.Hostname()
+	}
+	if cfg.Name == "" {
+		cfg.Name = hostLabel(cfg.Hostname)
+	}
+	cfg.Name = wire.NormalizeName(cfg.Name)
+	if err := wire.ValidName(cfg.Name); err != nil {
+		return nil, fmt.Errorf("agent: --name: %w", err)
+	}
+	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[wire.Key]wgPeer{}}
+	var err error
+	if a.state, err = openStateDir(cfg.StateDir); err != nil {
+		return nil, err
+	}
+	if a.key, err = a.state.loadOrCreateKey(); err != nil {
+		return nil, err
+	}
+	joined, err := a.state.loadJSON(fileNode, &a.node)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Join != "" {
+		t, err := wire.ParseToken(cfg.Join)
+		if err != nil {
+			return nil, fmt.Errorf("agent: --join: %w", err)
+		}
+		a.token = &t
+	}
+	if !joined && a.token == nil {
+		return nil, fmt.Errorf("agent: this node has not joined a mesh yet (no credentials in %s): pass --join TOKEN, made with `meshlink token create`", cfg.StateDir)
+	}
+	if _, err := a.state.loadJSON(fileServices, &a.exports); err != nil {
+		return nil, err
+	}
+	for _, e := range cfg.Expose {
+		if err := a.addExportLocked(e); err != nil {
+			return nil, err
+		}
+	}
+	if a.haveMap, err = a.state.loadJSON(fileNetmap, &a.nm); err != nil {
+		a.log.Warn("ignoring cached network map", "err", err)
+		a.haveMap = false
+	}
+	return a, nil
+}
+
+// hostLabel turns a host name into a valid node name.
+func hostLabel(h string) string {
+	h = strings.ToLower(strings.SplitN(h, ".", 2)[0])
+	var b strings.Builder
+	for _, c := range h {
+		if c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' {
+			b.WriteRune(c)
+		}
+	}
+	s := strings.Trim(b.String(), "-")
+	if s == "" {
+		s = "node"
+	}
+	if len(s) > 63 {
+		s = s[:63]
+	}
+	return s
+}
+
+// ParseExport parses NAME=HOST:PORT as given to --expose.
+func ParseExport(s string) (Export, error) {
+	name, target, ok := strings.Cut(s, "=")
+	if !ok {
+		return Export{}, fmt.Errorf("--expose %q: want NAME=HOST:PORT, e.g. web=127.0.0.1:8000", s)
+	}
+	return checkExport(Export{Name: name, Target: target})
+}
+
+// checkExport validates an export and fills in its port from the target.
+func checkExport(e Export) (Export, error) {
+	e.Name = wire.NormalizeName(e.Name)
+	if err := wire.ValidName(e.Name); err != nil {
+		return e, fmt.Errorf("service name: %w", err)
+	}
+	host, port, err := net.SplitHostPort(e.Target)
+	if err != nil || host == "" {
+		return e, fmt.Errorf("service %s: target %q must be HOST:PORT, e.g. 127.0.0.1:8000", e.Name, e.Target)
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || p == 0 {
+		return e, fmt.Errorf("service %s: target port %q must be 1-65535", e.Name, port)
+	}
+	if e.Port == 0 {
+		e.Port = uint16(p)
+	}
+	return e, nil
+}
+
+// addExportLocked adds or replaces an export after checking it.
+func (a *Agent) addExportLocked(e Export) error {
+	e, err := checkExport(e)
+	if err != nil {
+		return err
+	}
+	out := slices.DeleteFunc(slices.Clone(a.exports), func(x Export) bool { return x.Name == e.Name })
+	for _, x := range out {
+		if x.Port == e.Port {
+			return fmt.Errorf("service %s: mesh port %d is already used by service %s on this site; choose another with --port", e.Name, e.Port, x.Name)
+		}
+	}
+	a.exports = append(out, e)
+	slices.SortFunc(a.exports, func(x, y Export) int { return strings.Compare(x.Name, y.Name) })
+	return nil
+}
+
+// Start brings the site up. If the node has not joined yet it registers
+// first, retrying while the coordinator is unreachable; errors that retrying
+// cannot fix (a bad token, a port in use) are returned.
+func (a *Agent) Start(ctx context.Context) (err error) {
+	a.ctx, a.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			a.Close()
+		}
+	}()
+	if err := a.state.saveJSON(fileServices, a.exports); err != nil {
+		return err
+	}
+	a.api, err = startAPI(a, a.state.path(fileAPI))
+	if err != nil {
+		return err
+	}
+	var addrs []netip.Addr
+	for _, p := range a.nm.Self.Addresses {
+		addrs = append(addrs, p.Addr())
+	}
+	a.stack, err = netstack.New(netstack.Config{Addrs: addrs, Logger: a.cfg.Logger})
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow})
+	a.provider.SetExports(a.exports)
+	a.stack.SetTCPHandler(a.provider.HandleTCP)
+	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
+
+	if err := a.startWireGuard(); err != nil {
+		return err
+	}
+	if err := a.startDNS(); err != nil {
+		return err
+	}
+
+	if a.node.ID == 0 {
+		if err := a.register(ctx); err != nil {
+			return err
+		}
+	} else if a.token != nil {
+		a.log.Info("already joined; not spending --join again", "name", a.node.Name, "node", a.node.ID)
+	}
+	a.cc = newControlClient(a.node.URL, a.node.Fingerprint)
+	a.cc.nodeID, a.cc.secret = a.node.ID, a.node.Secret
+
+	a.mu.Lock()
+	if a.haveMap {
+		// The data plane comes up from the last map: the coordinator may be down.
+		a.reconfigLocked()
+	}
+	a.mu.Unlock()
+
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.controlLoop()
+	}()
+	a.log.Info("agent started", "name", a.node.Name, "node", a.node.ID, "listen_port", a.listenPort, "dns", a.DNSAddr())
+	return nil
+}
+
+func (a *Agent) startWireGuard() error {
+	wlog := a.log.With("subsystem", "wireguard")
+	logger := &device.Logger{
+		Verbosef: func(f string, args ...any) { wlog.Debug(fmt.Sprintf(f, args...)) },
+		Errorf:   func(f string, args ...any) { wlog.Warn(fmt.Sprintf(f, args...)) },
+	}
+	a.dev = device.NewDevice(a.stack, conn.NewDefaultBind(), logger)
+	if err := a.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", a.key.hex(), a.cfg.ListenPort)); err != nil {
+		return fmt.Errorf("agent: configure WireGuard: %w", err)
+	}
+	if err := a.dev.Up(); err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") {
+			return fmt.Errorf("agent: UDP port %d is in use; choose another --listen-port (0 picks a free one)", a.cfg.ListenPort)
+		}
+		return fmt.Errorf("agent: start WireGuard on UDP port %d: %w", a.cfg.ListenPort, err)
+	}
+	get, err := a.dev.IpcGet()
+	if err != nil {
+		return fmt.Errorf("agent: read WireGuard state: %w", err)
+	}
+	for _, line := range strings.Split(get, "\n") {
+		if v, ok := strings.CutPrefix(line, "listen_port="); ok {
+			p, _ := strconv.ParseUint(v, 10, 16)
+			a.listenPort = uint16(p)
+		}
+	}
+	if a.listenPort == 0 {
+		return errors.New("agent: WireGuard did not report its UDP port")
+	}
+	return nil
+}
+
+func (a *Agent) startDNS() error {
+	addr := a.cfg.DNS
+	if addr == "" || addr == "off" {
+		return nil
+	}
+	tries := []string{addr}
+	if a.cfg.DNSFallback {
+		host, _, _ := net.SplitHostPort(addr)
+		tries = append(tries, net.JoinHostPort(host, "5353"), net.JoinHostPort(host, "0"))
+	}
+	var errs []error
+	for _, t := range tries {
+		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain()})
+		if err == nil {
+			err = s.Start()
+		}
+		if err == nil {
+			if t != addr {
+				a.log.Warn("DNS address unavailable; serving elsewhere (set --dns to choose)", "wanted", addr, "serving", s.Addr(), "err", errors.Join(errs...))
+			}
+			a.dns = s
+			return nil
+		}
+		errs = append(errs, err)
+	}
+	return fmt.Errorf("agent: DNS on %s: %w; choose another --dns address or --dns off", addr, errors.Join(errs...))
+}
+
+func (a *Agent) domain() string {
+	if a.nm.Domain != "" {
+		return a.nm.Domain
+	}
+	return wire.DefaultDomain
+}
+
+// DNSAddr returns the DNS server's address, or "" when DNS is off.
+func (a *Agent) DNSAddr() string {
+	if a.dns == nil {
+		return ""
+	}
+	return a.dns.Addr().String()
+}
+
+// ListenPort returns WireGuard's UDP port.
+func (a *Agent) ListenPort() uint16 { return a.listenPort }
+
+// localEndpoints lists this host's non-loopback addresses with the UDP port.
+func (a *Agent) localEndpoints() []netip.AddrPort {
+	var out []netip.AddrPort
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	for _, ad := range addrs {
+		pfx, err := netip.ParsePrefix(ad.String())
+		if err != nil {
+			continue
+		}
+		ip := pfx.Addr().Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsMulticast() {
+			continue
+		}
+		out = append(out, netip.AddrPortFrom(ip, a.listenPort))
+	}
+	return out
+}
+
+// register joins the mesh with the token, retrying while the coordinator
+// cannot be reached.
+func (a *Agent) register(ctx context.Context) error {
+	t := a.token
+	cc := newControlClient(t.URL, t.Fingerprint)
+	req := wire.RegisterRequest{
+		Version: wire.ProtocolVersion, TokenID: t.ID, TokenSecret: t.Secret,
+		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.PublicKey(),
+		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
+	}
+	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	for {
+		var resp wire.RegisterResponse
+		err := cc.call(ctx, wire.PathRegister, req, &resp)
+		if err == nil {
+			a.node = nodeState{ID: resp.Node.ID, Name: resp.Node.Name, Secret: resp.NodeSecret, URL: t.URL, Fingerprint: t.Fingerprint, TokenID: t.ID}
+			if err := a.state.saveJSON(fileNode, a.node); err != nil {
+				return err
+			}
+			a.mu.Lock()
+			a.nm.Self = resp.Node
+			a.nm.Domain = resp.Domain
+			a.mu.Unlock()
+			a.log.Info("joined the mesh", "name", resp.Node.Name, "node", resp.Node.ID, "addresses", resp.Node.Addresses)
+			return nil
+		}
+		if isPermanent(err) {
+			return fmt.Errorf("agent: join: %w", err)
+		}
+		d := bo.next()
+		a.log.Warn("coordinator unreachable; will retry", "url", t.URL, "in", d.Round(time.Millisecond), "err", err)
+		if !sleepCtx(ctx, d) {
+			return fmt.Errorf("agent: join: %w", err)
+		}
+	}
+}
+
+// controlLoop follows the map stream for the agent's lifetime, reconnecting
+// with backoff. The data plane keeps the last map while disconnected.
+func (a *Agent) controlLoop() {
+	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	for a.ctx.Err() == nil {
+		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(), NodeKey: a.key.PublicKey()}
+		first := true
+		err := a.cc.streamMap(a.ctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
+			if first {
+				first = false
+				bo.reset()
+				a.setConnected(true, nil)
+				a.log.Info("connected to the coordinator", "url", a.node.URL)
+			}
+			if m.IsKeepAlive() {
+				return nil
+			}
+			a.applyMap(m)
+			if m.Full != nil {
+				a.wg.Add(1)
+				go func() {
+					defer a.wg.Done()
+					a.syncExports()
+				}()
+			}
+			return nil
+		})
+		if a.ctx.Err() != nil {
+			return
+		}
+		a.setConnected(false, err)
+		var ae *apiError
+		if errors.As(err, &ae) && (ae.Code == wire.ErrCodeNodeRemoved || ae.Code == wire.ErrCodeUnauthorized) {
+			a.log.Error("the coordinator no longer knows this node; remove the state directory and join again with a new token", "state", a.cfg.StateDir, "err", err)
+		}
+		d := bo.next()
+		a.log.Warn("lost the coordinator; the data plane keeps running; reconnecting", "in", d.Round(time.Millisecond), "err", err)
+		if !sleepCtx(a.ctx, d) {
+			return
+		}
+	}
+}
+
+func (a *Agent) setConnected(ok bool, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.connected = ok
+	if err != nil {
+		a.lastErr = err.Error()
+	} else {
+		a.lastErr = ""
+	}
+}
+
+// applyMap folds one message into the network map and applies the result.
+func (a *Agent) applyMap(m *wire.MapResponse) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return
+	}
+	if m.Full != nil {
+		a.nm = *m.Full
+	} else {
+		if m.Self != nil {
+			a.nm.Self = *m.Self
+		}
+		for _, id := range m.PeersRemoved {
+			a.nm.Peers = slices.DeleteFunc(a.nm.Peers, func(n wire.Node) bool { return n.ID == id })
+		}
+		for _, p := range m.PeersChanged {
+			i := slices.IndexFunc(a.nm.Peers, func(n wire.Node) bool { return n.ID == p.ID })
+			if i >= 0 {
+				a.nm.Peers[i] = p
+			} else {
+				a.nm.Peers = append(a.nm.Peers, p)
+			}
+		}
+		for _, name := range m.ServicesRemoved {
+			a.nm.Services = slices.DeleteFunc(a.nm.Services, func(s wire.Service) bool { return s.Name == name })
+		}
+		for _, s := range m.ServicesChanged {
+			i := slices.IndexFunc(a.nm.Services, func(x wire.Service) bool { return x.Name == s.Name })
+			if i >= 0 {
+				a.nm.Services[i] = s
+			} else {
+				a.nm.Services = append(a.nm.Services, s)
+			}
+		}
+	}
+	a.haveMap = true
+	a.lastMap = time.Now()
+	a.reconfigLocked()
+	if err := a.state.saveJSON(fileNetmap, a.nm); err != nil {
+		a.log.Warn("cannot cache the network map", "err", err)
+	}
+}
+
+// reconfigLocked turns the network map into the whole desired configuration
+// of every part and applies it.
+func (a *Agent) reconfigLocked() {
+	nm := &a.nm
+	var addrs []netip.Addr
+	for _, p := range nm.Self.Addresses {
+		addrs = append(addrs, p.Addr())
+	}
+	if err := a.stack.SetAddrs(addrs); err != nil {
+		a.log.Error("cannot set mesh addresses", "err", err)
+	}
+
+	// WireGuard peers.
+	want := map[wire.Key]wgPeer{}
+	byID := map[wire.NodeID]*wire.Node{}
+	a.byAddr = map[netip.Addr]*wire.Node{}
+	for i := range nm.Peers {
+		p := &nm.Peers[i]
+		if p.ID == nm.Self.ID || p.Key == "" {
+			continue
+		}
+		byID[p.ID] = p
+		var allowed []string
+		for _, pfx := range p.Addresses {
+			allowed = append(allowed, pfx.String())
+			a.byAddr[pfx.Addr()] = p
+		}
+		wp := wgPeer{allowed: strings.Join(allowed, ",")}
+		if len(p.Endpoints) > 0 {
+			wp.endpoint = p.Endpoints[0]
+		}
+		want[p.Key] = wp
+	}
+	var b strings.Builder
+	for k := range a.wgPeers {
+		if _, ok := want[k]; !ok {
+			if hk, err := keyHex(k); err == nil {
+				fmt.Fprintf(&b, "public_key=%s\nremove=true\n", hk)
+			}
+		}
+	}
+	for k, wp := range want {
+		old, had := a.wgPeers[k]
+		if had && old == wp {
+			continue
+		}
+		hk, err := keyHex(k)
+		if err != nil {
+			a.log.Warn("peer with a bad key ignored", "err", err)
+			delete(want, k)
+			continue
+		}
+		fmt.Fprintf(&b, "public_key=%s\n", hk)
+		// The endpoint is set only when it changed, so WireGuard's own
+		// roaming (a peer seen from a new address) is not undone.
+		if wp.endpoint.IsValid() && (!had || old.endpoint != wp.endpoint) {
+			fmt.Fprintf(&b, "endpoint=%s\n", wp.endpoint)
+		}
+		fmt.Fprintf(&b, "persistent_keepalive_interval=25\nreplace_allowed_ips=true\n")
+		for _, ip := range strings.Split(wp.allowed, ",") {
+			if ip != "" {
+				fmt.Fprintf(&b, "allowed_ip=%s\n", ip)
+			}
+		}
+	}
+	if b.Len() > 0 {
+		if err := a.dev.IpcSet(b.String()); err != nil {
+			a.log.Error("cannot apply WireGuard peers", "err", err)
+		}
+	}
+	a.wgPeers = want
+
+	// Consumed services.
+	local := map[string]Export{}
+	for _, e := range a.exports {
+		local[e.Name] = e
+	}
+	var svcs []proxy.ServiceConfig
+	zone := dns.Zone{Services: map[string]dns.Service{}, Nodes: map[string][]netip.Addr{}}
+	for _, s := range nm.Services {
+		listen := a.proxyAddr(s.VIP)
+		if !listen.IsValid() || s.Port == 0 {
+			continue
+		}
+		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port)}
+		for _, pr := range s.Providers {
+			key := strconv.FormatUint(uint64(pr.Node), 10)
+			if pr.Node == nm.Self.ID {
+				if e, ok := local[s.Name]; ok {
+					sc.Targets = append(sc.Targets, proxy.Target{Key: key, Name: nm.Self.Name, Local: e.Target, Online: true})
+				}
+				continue
+			}
+			p := byID[pr.Node]
+			if p == nil {
+				continue
+			}
+			if ip := nodeAddr4(p); ip.IsValid() {
+				sc.Targets = append(sc.Targets, proxy.Target{Key: key, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online})
+			}
+		}
+		svcs = append(svcs, sc)
+		zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port}
+	}
+	a.consumer.Reconfig(svcs)
+
+	for _, n := range append([]wire.Node{nm.Self}, nm.Peers...) {
+		for _, p := range n.Addresses {
+			zone.Nodes[n.Name] = append(zone.Nodes[n.Name], p.Addr())
+		}
+	}
+	if a.dns != nil {
+		a.dns.SetZone(zone)
+	}
+}
+
+func nodeAddr4(n *wire.Node) netip.Addr {
+	for _, p := range n.Addresses {
+		if p.Addr().Is4() {
+			return p.Addr()
+		}
+	}
+	if len(n.Addresses) > 0 {
+		return n.Addresses[0].Addr()
+	}
+	return netip.Addr{}
+}
+
+// proxyAddr maps a service VIP into the agent's proxy range, keeping the
+// VIP's offset inside wire.ServicePrefix.
+func (a *Agent) proxyAddr(vip netip.Addr) netip.Addr {
+	if !vip.Is4() || !wire.ServicePrefix.Contains(vip) {
+		return netip.Addr{}
+	}
+	v, base := vip.As4(), a.cfg.ProxyRange.Addr().As4()
+	off := uint32(v[2])<<8 | uint32(v[3])
+	n := (uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])) + off
+	out := netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+	if !a.cfg.ProxyRange.Contains(out) {
+		return netip.Addr{}
+	}
+	return out
+}
+
+// allow is the provider's policy check: the source address is bound to a
+// WireGuard key by cryptokey routing, so it names the peer for certain.
+func (a *Agent) allow(src netip.Addr, service string) (string, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	p := a.byAddr[src.Unmap()]
+	if p == nil {
+		return "", false
+	}
+	for _, s := range a.nm.Services {
+		if s.Name != service {
+			continue
+		}
+		for _, who := range s.AllowedNodes {
+			if who == "*" || who == p.Name || who == strconv.FormatUint(uint64(p.ID), 10) {
+				return p.Name, true
+			}
+		}
+		return p.Name, false
+	}
+	return p.Name, false
+}
+
+// syncExports makes the coordinator's record of this node's services match
+// the local exports: announce each, and withdraw any it lists that the site
+// no longer exports.
+func (a *Agent) syncExports() {
+	a.syncMu.Lock()
+	defer a.syncMu.Unlock()
+	a.mu.Lock()
+	exports := slices.Clone(a.exports)
+	var stale []string
+	for _, s := range a.nm.Services {
+		for _, p := range s.Providers {
+			if p.Node == a.nm.Self.ID && !slices.ContainsFunc(exports, func(e Export) bool { return e.Name == s.Name }) {
+				stale = append(stale, s.Name)
+			}
+		}
+	}
+	a.mu.Unlock()
+	for _, e := range exports {
+		if err := a.announce(a.ctx, e); err != nil {
+			a.log.Warn("cannot announce service; will retry on reconnect", "service", e.Name, "err", err)
+		}
+	}
+	for _, name := range stale {
+		err := a.cc.call(a.ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
+		if err != nil {
+			a.log.Warn("cannot withdraw service", "service", name, "err", err)
+		}
+	}
+}
+
+func (a *Agent) announce(ctx context.Context, e Export) error {
+	var resp wire.ServiceResponse
+	err := a.cc.call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: e.Name, Port: e.Port}, &resp)
+	a.mu.Lock()
+	a.announced[e.Name] = err == nil
+	a.mu.Unlock()
+	return err
+}
+
+// Expose exports a service now and saves it for later starts.
+func (a *Agent) Expose(ctx context.Context, e Export) (Export, string, error) {
+	a.mu.Lock()
+	if err := a.addExportLocked(e); err != nil {
+		a.mu.Unlock()
+		return e, "", err
+	}
+	e, _ = checkExport(e)
+	exports := slices.Clone(a.exports)
+	a.mu.Unlock()
+	if err := a.state.saveJSON(fileServices, exports); err != nil {
+		return e, "", err
+	}
+	a.provider.SetExports(exports)
+	if err := a.announce(ctx, e); err != nil {
+		if isPermanent(err) {
+			return e, "", err
+		}
+		return e, "saved; it will be announced when the coordinator is reachable (" + err.Error() + ")", nil
+	}
+	return e, "", nil
+}
+
+// Unexpose stops exporting a service.
+func (a *Agent) Unexpose(ctx context.Context, name string) error {
+	name = wire.NormalizeName(name)
+	a.mu.Lock()
+	i := slices.IndexFunc(a.exports, func(e Export) bool { return e.Name == name })
+	if i < 0 {
+		a.mu.Unlock()
+		return fmt.Errorf("this site does not export a service named %q; `meshlink services` lists them", name)
+	}
+	a.exports = slices.Delete(slices.Clone(a.exports), i, i+1)
+	exports := slices.Clone(a.exports)
+	delete(a.announced, name)
+	a.mu.Unlock()
+	if err := a.state.saveJSON(fileServices, exports); err != nil {
+		return err
+	}
+	a.provider.SetExports(exports)
+	err := a.cc.call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
+	var ae *apiError
+	if err != nil && !(errors.As(err, &ae) && ae.Code == wire.ErrCodeNotFound) && !isPermanent(err) {
+		a.log.Warn("cannot withdraw service now; will on reconnect", "service", name, "err", err)
+		return nil
+	}
+	if err != nil && !(errors.As(err, &ae) && ae.Code == wire.ErrCodeNotFound) {
+		return err
+	}
+	return nil
+}
+
+// Close stops the agent and waits for everything it started. It is
+// idempotent.
+func (a *Agent) Close() error {
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return nil
+	}
+	a.closed = true
+	a.mu.Unlock()
+	if a.cancel != nil {
+		a.cancel()
+	}
+	if a.api != nil {
+		a.api.close()
+	}
+	if a.consumer != nil {
+		a.consumer.Close()
+	}
+	if a.provider != nil {
+		a.provider.Close()
+	}
+	if a.dns != nil {
+		a.dns.Close()
+	}
+	if a.dev != nil {
+		a.dev.Close() // closes the stack (its tun.Device) and the bind
+	} else if a.stack != nil {
+		a.stack.Close()
+	}
+	if a.consumer != nil {
+		a.consumer.Wait()
+	}
+	a.wg.Wait()
+	return nil
+}

@@ -1,0 +1,232 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// apiServer serves the local API on a Unix socket.
+type apiServer struct {
+	ln   net.Listener
+	srv  *http.Server
+	done chan struct{}
+}
+
+func startAPI(a *Agent, path string) (*apiServer, error) {
+	// A socket file left by a crashed agent is removed; one that answers
+	// belongs to a running agent, and two agents must not share a state.
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("agent: another agent is already running with --state %s; stop it or choose another --state", a.cfg.StateDir)
+	}
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("agent: local API socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("agent: local API socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+localapi.PathStatus, func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("GET "+localapi.PathServices, func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Services())
+	})
+	mux.HandleFunc("POST "+localapi.PathExpose, func(w http.ResponseWriter, r *http.Request) {
+		var req localapi.ExposeRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		e, note, err := a.Expose(r.Context(), Export{Name: req.Name, Target: req.Target, Port: req.Port})
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, localapi.ExposeResponse{Export: localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: note == ""}, Note: note})
+	})
+	mux.HandleFunc("POST "+localapi.PathUnexpose, func(w http.ResponseWriter, r *http.Request) {
+		var req localapi.UnexposeRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		if err := a.Unexpose(r.Context(), req.Name); err != nil {
+			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	s := &apiServer{ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		s.srv.Serve(ln)
+	}()
+	return s, nil
+}
+
+func (s *apiServer) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	s.srv.Shutdown(ctx)
+	s.srv.Close()
+	<-s.done
+}
+
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeJSON(w, http.StatusBadRequest, localapi.Error{Message: "bad request: " + err.Error()})
+		return false
+	}
+	return true
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+// wgPeerStats is what WireGuard reports of one peer.
+type wgPeerStats struct {
+	endpoint      string
+	lastHandshake time.Time
+	rx, tx        uint64
+}
+
+// peerStats parses wireguard-go's UAPI "get" output, keyed by hex key.
+func (a *Agent) peerStats() map[string]*wgPeerStats {
+	out := map[string]*wgPeerStats{}
+	get, err := a.dev.IpcGet()
+	if err != nil {
+		return out
+	}
+	var cur *wgPeerStats
+	var sec, nsec int64
+	flush := func() {
+		if cur != nil && (sec != 0 || nsec != 0) {
+			cur.lastHandshake = time.Unix(sec, nsec)
+		}
+		sec, nsec = 0, 0
+	}
+	for _, line := range strings.Split(get, "\n") {
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "public_key":
+			flush()
+			cur = &wgPeerStats{}
+			out[v] = cur
+		case "endpoint":
+			if cur != nil {
+				cur.endpoint = v
+			}
+		case "last_handshake_time_sec":
+			sec, _ = strconv.ParseInt(v, 10, 64)
+		case "last_handshake_time_nsec":
+			nsec, _ = strconv.ParseInt(v, 10, 64)
+		case "rx_bytes":
+			if cur != nil {
+				cur.rx, _ = strconv.ParseUint(v, 10, 64)
+			}
+		case "tx_bytes":
+			if cur != nil {
+				cur.tx, _ = strconv.ParseUint(v, 10, 64)
+			}
+		}
+	}
+	flush()
+	return out
+}
+
+// Status reports this node, the coordinator connection and every peer.
+func (a *Agent) Status() localapi.Status {
+	stats := a.peerStats()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st := localapi.Status{
+		Self: localapi.Node{ID: uint64(a.nm.Self.ID), Name: a.nm.Self.Name, Addresses: a.nm.Self.Addresses,
+			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.PublicKey())},
+		ListenPort:  a.listenPort,
+		DNS:         a.DNSAddr(),
+		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap},
+		Peers:       []localapi.Peer{},
+	}
+	if st.Self.Name == "" {
+		st.Self.Name, st.Self.ID = a.node.Name, uint64(a.node.ID)
+	}
+	for _, p := range a.nm.Peers {
+		if p.ID == a.nm.Self.ID {
+			continue
+		}
+		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key)}
+		if hk, err := keyHex(p.Key); err == nil && stats[hk] != nil {
+			s := stats[hk]
+			lp.Endpoint, lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.endpoint, s.lastHandshake, s.rx, s.tx
+		}
+		st.Peers = append(st.Peers, lp)
+	}
+	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Name < st.Peers[j].Name })
+	return st
+}
+
+// shortKey is a key's fingerprint for display: enough to tell keys apart,
+// and only ever of public keys.
+func shortKey(k wire.Key) string {
+	if len(k) > 12 {
+		return string(k[:12]) + "…"
+	}
+	return string(k)
+}
+
+// Services reports what the site consumes and exports.
+func (a *Agent) Services() localapi.Services {
+	out := localapi.Services{Consumed: []localapi.Service{}, Exported: []localapi.Export{}}
+	a.mu.Lock()
+	vips := map[string]wire.Service{}
+	for _, s := range a.nm.Services {
+		vips[s.Name] = s
+	}
+	announced := map[string]bool{}
+	for k, v := range a.announced {
+		announced[k] = v
+	}
+	a.mu.Unlock()
+	for _, s := range a.consumer.Status() {
+		ls := localapi.Service{Name: s.Name, VIP: vips[s.Name].VIP, Local: s.Listen, Listening: s.Listening, Error: s.Error,
+			Open: s.Open, Total: s.Total, Failed: s.Failed, Sent: s.Sent, Received: s.Received, Providers: []localapi.Provider{}}
+		for _, p := range s.Providers {
+			addr := p.Addr.String()
+			if p.Local {
+				addr = "local"
+			}
+			ls.Providers = append(ls.Providers, localapi.Provider{Name: p.Name, Addr: addr, Local: p.Local, Online: p.Online, Healthy: p.Healthy, Open: p.Open, LastError: p.LastError})
+		}
+		out.Consumed = append(out.Consumed, ls)
+	}
+	for _, e := range a.provider.Status() {
+		out.Exported = append(out.Exported, localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: announced[e.Name],
+			Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed, Sent: e.Sent, Received: e.Received, LastError: e.LastError})
+	}
+	return out
+}
+
+var _ = errors.New

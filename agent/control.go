@@ -1,0 +1,268 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+// controlClient talks to the coordinator over HTTPS pinned to one
+// certificate fingerprint.
+type controlClient struct {
+	url    string
+	http   *http.Client
+	nodeID wire.NodeID
+	secret string
+}
+
+func newControlClient(url, fingerprint string) *controlClient {
+	tlsConf := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		// The chain is not checked against any CA: the join token pins the
+		// exact certificate, which is stronger for a self-signed coordinator.
+		InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			if len(raw) == 0 || !wire.FingerprintMatches(raw[0], fingerprint) {
+				return errFingerprint
+			}
+			return nil
+		},
+	}
+	tr := &http.Transport{
+		TLSClientConfig:       tlsConf,
+		ForceAttemptHTTP2:     true,
+		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+		IdleConnTimeout:       90 * time.Second,
+	}
+	return &controlClient{url: url, http: &http.Client{Transport: tr}}
+}
+
+var errFingerprint = errors.New("the coordinator's certificate does not match the fingerprint in the join token (wrong coordinator, or it was re-created: create a new token)")
+
+// apiError is a wire.Error with its HTTP status.
+type apiError struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *apiError) Error() string { return e.Message + " (" + e.Code + ")" }
+
+// permanent reports whether retrying cannot help.
+func (e *apiError) permanent() bool {
+	return e.Status >= 400 && e.Status < 500 && e.Status != http.StatusTooManyRequests && e.Status != http.StatusRequestTimeout
+}
+
+func isPermanent(err error) bool {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae.permanent()
+	}
+	return errors.Is(err, errFingerprint)
+}
+
+func (c *controlClient) newRequest(ctx context.Context, path string, body any) (*http.Request, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url+path, bytes.NewReader(b))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
+	if c.nodeID != 0 {
+		req.Header.Set(wire.HeaderNodeID, strconv.FormatUint(uint64(c.nodeID), 10))
+		req.Header.Set(wire.HeaderNodeSecret, c.secret)
+	}
+	return req, nil
+}
+
+func (c *controlClient) do(req *http.Request) (*http.Response, error) {
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, errFingerprint) || isFingerprintErr(err) {
+			return nil, errFingerprint
+		}
+		return nil, fmt.Errorf("coordinator %s unreachable: %w", c.url, err)
+	}
+	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		ae := &apiError{Status: resp.StatusCode}
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		var we wire.Error
+		if json.Unmarshal(b, &we) != nil || we.Code == "" {
+			we.Code = wire.ErrCodeInternal
+			we.Message = fmt.Sprintf("coordinator answered %s", resp.Status)
+		}
+		ae.Code, ae.Message = we.Code, we.Message
+		return nil, ae
+	}
+	return resp, nil
+}
+
+func isFingerprintErr(err error) bool {
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		if e.Error() == errFingerprint.Error() {
+			return true
+		}
+	}
+	// crypto/tls wraps the callback's error in a way errors.Is cannot see
+	// through on every Go version; match the text as a last resort.
+	return bytes.Contains([]byte(err.Error()), []byte(errFingerprint.Error()))
+}
+
+// call posts body to path and decodes the answer into out (which may be nil).
+func (c *controlClient) call(ctx context.Context, path string, body, out any) error {
+	req, err := c.newRequest(ctx, path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+		return nil
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(out); err != nil {
+		return fmt.Errorf("coordinator sent a bad answer to %s: %w", path, err)
+	}
+	return nil
+}
+
+// maxMapLine bounds one network-map message.
+const maxMapLine = 64 << 20
+
+// streamMap opens the map stream and calls fn for each message until the
+// stream ends, ctx is done, or nothing (not even a keep-alive) arrives within
+// idle. fn is called with the first message before streamMap returns nil
+// for "connected".
+func (c *controlClient) streamMap(ctx context.Context, mr wire.MapRequest, idle time.Duration, fn func(*wire.MapResponse) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	req, err := c.newRequest(ctx, wire.PathMap, mr)
+	if err != nil {
+		return err
+	}
+	resp, err := c.do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+
+	// A watchdog cancels the stream when it goes silent: a coordinator that
+	// vanished without a FIN must not leave us waiting forever.
+	alive := make(chan struct{}, 1)
+	watchdogDone := make(chan struct{})
+	go func() {
+		defer close(watchdogDone)
+		t := time.NewTimer(idle)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-alive:
+				if !t.Stop() {
+					select {
+					case <-t.C:
+					default:
+					}
+				}
+				t.Reset(idle)
+			case <-t.C:
+				cancel()
+				return
+			}
+		}
+	}()
+	defer func() { cancel(); <-watchdogDone }()
+
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), maxMapLine)
+	for sc.Scan() {
+		select {
+		case alive <- struct{}{}:
+		default:
+		}
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		var m wire.MapResponse
+		if err := json.Unmarshal(line, &m); err != nil {
+			return fmt.Errorf("coordinator sent a malformed map message: %w", err)
+		}
+		if err := fn(&m); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil {
+		if ctx.Err() != nil && !errors.Is(context.Cause(ctx), context.Canceled) {
+			return err
+		}
+		return fmt.Errorf("map stream: %w", err)
+	}
+	return errors.New("map stream closed by the coordinator")
+}
+
+// backoff yields growing, jittered delays between retries.
+type backoff struct {
+	min, max time.Duration
+	cur      time.Duration
+}
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else {
+		b.cur *= 2
+		if b.cur > b.max {
+			b.cur = b.max
+		}
+	}
+	// ±20% jitter so a fleet does not reconnect in lockstep.
+	j := time.Duration(float64(b.cur) * (0.8 + 0.4*rand.Float64()))
+	return j
+}
+
+func (b *backoff) reset() { b.cur = 0 }
+
+// sleepCtx waits d or until ctx is done; it reports whether d elapsed.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// InspectToken asks the token's coordinator (pinned by the token) about it.
+func InspectToken(ctx context.Context, t wire.JoinToken) (wire.TokenInfo, error) {
+	var info wire.TokenInfo
+	cc := newControlClient(t.URL, t.Fingerprint)
+	err := cc.call(ctx, wire.PathTokenInspect, wire.TokenInspectRequest{TokenID: t.ID, TokenSecret: t.Secret}, &info)
+	return info, err
+}

@@ -1,0 +1,224 @@
+// Package localapi is the agent's local API: JSON over HTTP on a Unix
+// socket in the agent's state directory, used by the CLI (`meshlink status`,
+// `services`, `expose`, `unexpose`). The socket is 0600: file permissions
+// are the authentication.
+package localapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// SocketName is the socket's file name inside the state directory.
+const SocketName = "api.sock"
+
+// Paths served on the socket.
+const (
+	PathStatus   = "/v1/status"
+	PathServices = "/v1/services"
+	PathExpose   = "/v1/expose"
+	PathUnexpose = "/v1/unexpose"
+)
+
+// Status is the answer to PathStatus.
+type Status struct {
+	Self        Node        `json:"self"`
+	ListenPort  uint16      `json:"listen_port"`
+	DNS         string      `json:"dns,omitempty"`
+	Coordinator Coordinator `json:"coordinator"`
+	Peers       []Peer      `json:"peers"`
+}
+
+// Node is this site.
+type Node struct {
+	ID        uint64           `json:"id"`
+	Name      string           `json:"name"`
+	Addresses []netip.Prefix   `json:"addresses"`
+	Endpoints []netip.AddrPort `json:"endpoints,omitempty"`
+	Key       string           `json:"key"`
+}
+
+// Coordinator is the state of the control connection.
+type Coordinator struct {
+	URL       string    `json:"url"`
+	Connected bool      `json:"connected"`
+	LastError string    `json:"last_error,omitempty"`
+	LastMap   time.Time `json:"last_map,omitempty"`
+}
+
+// Peer is another site as WireGuard sees it.
+type Peer struct {
+	ID            uint64         `json:"id"`
+	Name          string         `json:"name"`
+	Addresses     []netip.Prefix `json:"addresses"`
+	Online        bool           `json:"online"`
+	Endpoint      string         `json:"endpoint,omitempty"`
+	LastHandshake time.Time      `json:"last_handshake,omitempty"`
+	RxBytes       uint64         `json:"rx_bytes"`
+	TxBytes       uint64         `json:"tx_bytes"`
+	Key           string         `json:"key"`
+}
+
+// Services is the answer to PathServices.
+type Services struct {
+	Consumed []Service `json:"consumed"`
+	Exported []Export  `json:"exported"`
+}
+
+// Service is a service this site can reach.
+type Service struct {
+	Name      string         `json:"name"`
+	VIP       netip.Addr     `json:"vip"`
+	Local     netip.AddrPort `json:"local"`
+	Listening bool           `json:"listening"`
+	Error     string         `json:"error,omitempty"`
+	Providers []Provider     `json:"providers"`
+	Open      int64          `json:"open"`
+	Total     int64          `json:"total"`
+	Failed    int64          `json:"failed"`
+	Sent      int64          `json:"sent_bytes"`
+	Received  int64          `json:"received_bytes"`
+}
+
+// Provider is one site providing a service.
+type Provider struct {
+	Name      string `json:"name"`
+	Addr      string `json:"addr"`
+	Local     bool   `json:"local,omitempty"`
+	Online    bool   `json:"online"`
+	Healthy   bool   `json:"healthy"`
+	Open      int64  `json:"open"`
+	LastError string `json:"last_error,omitempty"`
+}
+
+// Export is a service this site provides.
+type Export struct {
+	Name      string `json:"name"`
+	Target    string `json:"target"`
+	Port      uint16 `json:"port"`
+	Announced bool   `json:"announced"`
+	Open      int64  `json:"open"`
+	Total     int64  `json:"total"`
+	Denied    int64  `json:"denied"`
+	Failed    int64  `json:"failed"`
+	Sent      int64  `json:"sent_bytes"`
+	Received  int64  `json:"received_bytes"`
+	LastError string `json:"last_error,omitempty"`
+}
+
+// ExposeRequest asks the agent to export a service.
+type ExposeRequest struct {
+	Name   string `json:"name"`
+	Target string `json:"target"`
+	Port   uint16 `json:"port,omitempty"`
+}
+
+// ExposeResponse tells what happened.
+type ExposeResponse struct {
+	Export Export `json:"export"`
+	// Note is set when the export is saved but not yet announced.
+	Note string `json:"note,omitempty"`
+}
+
+// UnexposeRequest asks the agent to stop exporting a service.
+type UnexposeRequest struct {
+	Name string `json:"name"`
+}
+
+// Error is the body of every error answer.
+type Error struct {
+	Message string `json:"message"`
+}
+
+// Client talks to an agent's socket.
+type Client struct {
+	stateDir string
+	http     *http.Client
+}
+
+// NewClient returns a client for the agent whose state directory is dir.
+func NewClient(dir string) *Client {
+	sock := filepath.Join(dir, SocketName)
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}}
+	return &Client{stateDir: dir, http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
+			return fmt.Errorf("no agent is running with --state %s; start one with `meshlink agent --state %s`", c.stateDir, c.stateDir)
+		}
+		if errors.Is(err, os.ErrPermission) {
+			return fmt.Errorf("cannot reach the agent with --state %s: %w (run as the agent's user)", c.stateDir, err)
+		}
+		return fmt.Errorf("agent API: %w", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return fmt.Errorf("agent API: %w", err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var e Error
+		if json.Unmarshal(b, &e) == nil && e.Message != "" {
+			return errors.New(e.Message)
+		}
+		return fmt.Errorf("agent API answered %s", resp.Status)
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return fmt.Errorf("agent API: bad answer: %w", err)
+		}
+	}
+	return nil
+}
+
+// Status returns the agent's status.
+func (c *Client) Status(ctx context.Context) (*Status, error) {
+	var s Status
+	return &s, c.do(ctx, http.MethodGet, PathStatus, nil, &s)
+}
+
+// Services returns what the agent consumes and exports.
+func (c *Client) Services(ctx context.Context) (*Services, error) {
+	var s Services
+	return &s, c.do(ctx, http.MethodGet, PathServices, nil, &s)
+}
+
+// Expose exports a service.
+func (c *Client) Expose(ctx context.Context, r ExposeRequest) (*ExposeResponse, error) {
+	var out ExposeResponse
+	return &out, c.do(ctx, http.MethodPost, PathExpose, r, &out)
+}
+
+// Unexpose stops exporting a service.
+func (c *Client) Unexpose(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodPost, PathUnexpose, UnexposeRequest{Name: name}, nil)
+}

@@ -1,0 +1,397 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Dialer opens TCP connections across the mesh; *netstack.Stack is one.
+type Dialer interface {
+	DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error)
+}
+
+// Target is one provider of a service as a consumer sees it.
+type Target struct {
+	// Key identifies the provider across reconfigs (node ID), so health and
+	// open-connection counts survive a new network map.
+	Key  string
+	Name string
+	// Addr is the provider's mesh address and port.
+	Addr netip.AddrPort
+	// Online is the coordinator's view; offline providers are tried last.
+	Online bool
+	// Local, when set, means this node provides the service itself: dial
+	// this host:port directly instead of going through the mesh.
+	Local string
+}
+
+// ServiceConfig is the desired state of one consumed service.
+type ServiceConfig struct {
+	Name    string
+	Listen  netip.AddrPort
+	Targets []Target
+}
+
+// ConsumerConfig configures a Consumer.
+type ConsumerConfig struct {
+	Dialer Dialer
+	Logger *slog.Logger
+	// DialTimeout bounds one attempt to reach one provider; default 3s.
+	DialTimeout time.Duration
+	// Listen opens the local listener; default net.Listen("tcp", …). Tests
+	// and platforms without 127/8 may replace it.
+	Listen func(addr netip.AddrPort) (net.Listener, error)
+}
+
+// Consumer runs a local listener per consumed service and carries each
+// accepted connection to a provider.
+type Consumer struct {
+	cfg ConsumerConfig
+	log *slog.Logger
+
+	mu       sync.Mutex // guards the fields below
+	services map[string]*service
+	health   map[string]*health    // by Target.Key; survives reconfigs
+	conns    map[net.Conn]struct{} // local side of every open connection
+	closed   bool
+
+	wg sync.WaitGroup // accept loops and connections
+}
+
+type service struct {
+	name    string
+	listen  netip.AddrPort
+	ln      net.Listener
+	err     error                    // why the listener is not up
+	targets atomic.Pointer[[]Target] // swapped by Reconfig, read per connection
+	open    atomic.Int64
+	total   atomic.Int64
+	failed  atomic.Int64
+	ctr     Counters
+}
+
+// health is passive health of one provider.
+type health struct {
+	open      atomic.Int64
+	mu        sync.Mutex // guards the fields below
+	failUntil time.Time
+	fails     int
+	lastErr   string
+}
+
+// NewConsumer returns a Consumer with no services.
+func NewConsumer(cfg ConsumerConfig) *Consumer {
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = 3 * time.Second
+	}
+	if cfg.Listen == nil {
+		cfg.Listen = func(a netip.AddrPort) (net.Listener, error) { return net.Listen("tcp", a.String()) }
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Consumer{
+		cfg:      cfg,
+		log:      log.With("subsystem", "proxy"),
+		services: map[string]*service{},
+		health:   map[string]*health{},
+		conns:    map[net.Conn]struct{}{},
+	}
+}
+
+// Reconfig applies the desired set of services whole: listeners for services
+// that went away are closed (their open connections go on), new ones are
+// opened, and target lists are swapped in place.
+func (c *Consumer) Reconfig(want []ServiceConfig) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	keep := map[string]bool{}
+	for _, w := range want {
+		keep[w.Name] = true
+		s := c.services[w.Name]
+		if s != nil && s.listen != w.Listen {
+			c.stopLocked(s)
+			s = nil
+		}
+		if s == nil {
+			s = &service{name: w.Name, listen: w.Listen}
+			c.services[w.Name] = s
+		}
+		t := slices.Clone(w.Targets)
+		s.targets.Store(&t)
+		for _, tg := range t {
+			if c.health[tg.Key] == nil {
+				c.health[tg.Key] = &health{}
+			}
+		}
+		if s.ln == nil {
+			// Retried on every reconfig until it works: a port taken by
+			// another program is reported in status, not fatal.
+			ln, err := c.cfg.Listen(w.Listen)
+			if err != nil {
+				if s.err == nil || s.err.Error() != err.Error() {
+					c.log.Error("cannot listen for service; is another program or agent using this address? give agents distinct --proxy-range", "service", w.Name, "addr", w.Listen, "err", err)
+				}
+				s.err = err
+				continue
+			}
+			s.ln, s.err = ln, nil
+			c.wg.Add(1)
+			go c.acceptLoop(s, ln)
+			c.log.Debug("consuming service", "service", w.Name, "addr", w.Listen)
+		}
+	}
+	for name, s := range c.services {
+		if !keep[name] {
+			c.stopLocked(s)
+			delete(c.services, name)
+		}
+	}
+}
+
+func (c *Consumer) stopLocked(s *service) {
+	if s.ln != nil {
+		s.ln.Close()
+		s.ln = nil
+	}
+}
+
+func (c *Consumer) acceptLoop(s *service, ln net.Listener) {
+	defer c.wg.Done()
+	var delay time.Duration
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Temporary errors (EMFILE): back off instead of spinning.
+			delay = min(max(delay*2, 5*time.Millisecond), time.Second)
+			c.log.Warn("accept failed", "service", s.name, "err", err)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		if tc, ok := conn.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			conn.Close()
+			return
+		}
+		c.conns[conn] = struct{}{}
+		c.wg.Add(1)
+		c.mu.Unlock()
+		go func() {
+			defer c.wg.Done()
+			c.serve(s, conn)
+			c.mu.Lock()
+			delete(c.conns, conn)
+			c.mu.Unlock()
+		}()
+	}
+}
+
+// serve carries one local connection to the first provider that accepts it.
+func (c *Consumer) serve(s *service, local net.Conn) {
+	s.total.Add(1)
+	s.open.Add(1)
+	defer s.open.Add(-1)
+	remote, t, h, err := c.dialAny(s)
+	if err != nil {
+		s.failed.Add(1)
+		c.log.Warn("no provider could take the connection; closing it", "service", s.name, "err", err)
+		local.Close()
+		return
+	}
+	defer h.open.Add(-1)
+	c.log.Debug("connection", "service", s.name, "provider", t.Name, "from", local.RemoteAddr())
+	Splice(local, remote, &s.ctr)
+}
+
+// dialAny tries the providers in order of preference; the returned health's
+// open count has been incremented for the caller.
+func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
+	targets := c.order(*s.targets.Load())
+	if len(targets) == 0 {
+		return nil, Target{}, nil, fmt.Errorf("service %s has no providers", s.name)
+	}
+	var errs []error
+	for _, t := range targets {
+		h := c.healthOf(t.Key)
+		h.open.Add(1)
+		conn, err := c.dial(t)
+		if err == nil {
+			h.mu.Lock()
+			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
+			h.mu.Unlock()
+			return conn, t, h, nil
+		}
+		h.open.Add(-1)
+		h.mu.Lock()
+		h.fails++
+		// A provider that does not answer is skipped for a while, growing
+		// with repeated failures; it gets another chance after that.
+		h.failUntil = time.Now().Add(min(time.Second<<min(h.fails-1, 6), time.Minute))
+		h.lastErr = err.Error()
+		h.mu.Unlock()
+		c.log.Info("provider failed, trying the next", "service", s.name, "provider", t.Name, "err", err)
+		errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
+	}
+	return nil, Target{}, nil, errors.Join(errs...)
+}
+
+func (c *Consumer) dial(t Target) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.DialTimeout)
+	defer cancel()
+	if t.Local != "" {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", t.Local)
+	}
+	return c.cfg.Dialer.DialTCP(ctx, t.Addr)
+}
+
+func (c *Consumer) healthOf(key string) *health {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	h := c.health[key]
+	if h == nil {
+		h = &health{}
+		c.health[key] = h
+	}
+	return h
+}
+
+// order sorts providers best first: healthy before failing, online before
+// offline, then least open connections, ties broken at random.
+func (c *Consumer) order(ts []Target) []Target {
+	now := time.Now()
+	type cand struct {
+		t       Target
+		bad     bool
+		offline bool
+		open    int64
+		r       uint32
+	}
+	cs := make([]cand, len(ts))
+	for i, t := range ts {
+		h := c.healthOf(t.Key)
+		h.mu.Lock()
+		bad := now.Before(h.failUntil)
+		h.mu.Unlock()
+		cs[i] = cand{t: t, bad: bad, offline: !t.Online && t.Local == "", open: h.open.Load(), r: rand.Uint32()}
+	}
+	sort.Slice(cs, func(i, j int) bool {
+		a, b := cs[i], cs[j]
+		if a.bad != b.bad {
+			return !a.bad
+		}
+		if a.offline != b.offline {
+			return !a.offline
+		}
+		if a.open != b.open {
+			return a.open < b.open
+		}
+		return a.r < b.r
+	})
+	out := make([]Target, len(cs))
+	for i := range cs {
+		out[i] = cs[i].t
+	}
+	return out
+}
+
+// ServiceStatus describes one consumed service.
+type ServiceStatus struct {
+	Name      string
+	Listen    netip.AddrPort
+	Listening bool
+	Error     string
+	Open      int64
+	Total     int64
+	Failed    int64
+	Sent      int64
+	Received  int64
+	Providers []ProviderStatus
+}
+
+// ProviderStatus is a consumer's view of one provider.
+type ProviderStatus struct {
+	Name      string
+	Addr      netip.AddrPort
+	Local     bool
+	Online    bool
+	Healthy   bool
+	Open      int64
+	LastError string
+}
+
+// Status reports every consumed service, sorted by name.
+func (c *Consumer) Status() []ServiceStatus {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	var out []ServiceStatus
+	for _, s := range c.services {
+		st := ServiceStatus{
+			Name: s.name, Listen: s.listen, Listening: s.ln != nil,
+			Open: s.open.Load(), Total: s.total.Load(), Failed: s.failed.Load(),
+			Sent: s.ctr.Sent.Load(), Received: s.ctr.Received.Load(),
+		}
+		if s.err != nil {
+			st.Error = s.err.Error()
+		}
+		for _, t := range *s.targets.Load() {
+			h := c.health[t.Key]
+			ps := ProviderStatus{Name: t.Name, Addr: t.Addr, Local: t.Local != "", Online: t.Online || t.Local != "", Healthy: true}
+			if h != nil {
+				h.mu.Lock()
+				ps.Healthy = !now.Before(h.failUntil)
+				ps.LastError = h.lastErr
+				h.mu.Unlock()
+				ps.Open = h.open.Load()
+			}
+			st.Providers = append(st.Providers, ps)
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Close stops every listener and closes every open connection; Wait then
+// waits for their goroutines.
+func (c *Consumer) Close() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	for _, s := range c.services {
+		c.stopLocked(s)
+	}
+	for conn := range c.conns {
+		conn.Close()
+	}
+	c.mu.Unlock()
+}
+
+// Wait blocks until every accept loop and connection has ended.
+func (c *Consumer) Wait() { c.wg.Wait() }

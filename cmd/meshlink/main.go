@@ -1,0 +1,317 @@
+// Command meshlink is the one binary of meshlink: the coordinator, the agent
+// and the CLI that talks to them. It only turns flags and MESHLINK_*
+// environment variables into config structs and calls the libraries.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func env(name string) []string { return []string{"MESHLINK_" + name} }
+
+func main() {
+	app := &cli.App{
+		Name:    "meshlink",
+		Usage:   "connect services across sites over an encrypted WireGuard overlay",
+		Version: version,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("LOG_LEVEL")},
+			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("LOG_FORMAT")},
+		},
+		Commands: []*cli.Command{
+			coordinatorCmd(),
+			tokenCmd(),
+			agentCmd(),
+			exposeCmd(),
+			unexposeCmd(),
+			servicesCmd(),
+			statusCmd(),
+		},
+		ExitErrHandler: func(c *cli.Context, err error) {},
+	}
+	if err := app.Run(os.Args); err != nil {
+		fmt.Fprintf(os.Stderr, "meshlink: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch c.String("log-format") {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", c.String("log-format"))
+}
+
+// signalContext is cancelled by SIGINT or SIGTERM.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func coordinatorCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "coordinator",
+		Usage: "run the coordinator (control plane) in the foreground",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8443", Usage: "HTTPS listen address", EnvVars: env("LISTEN")},
+			&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "data directory (database, certificate, admin socket)", EnvVars: env("DATA")},
+			&cli.StringFlag{Name: "url", Usage: "public URL agents use (default https://LISTEN)", EnvVars: env("URL")},
+			&cli.StringFlag{Name: "domain", Value: wire.DefaultDomain, Usage: "DNS domain of the mesh", EnvVars: env("DOMAIN")},
+		},
+		Action: func(c *cli.Context) error {
+			log, err := newLogger(c, os.Stderr)
+			if err != nil {
+				return err
+			}
+			s, err := coordinator.New(coordinator.Config{
+				Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
+				Domain: c.String("domain"), Logger: log, Out: os.Stdout,
+			})
+			if err != nil {
+				return err
+			}
+			ctx, cancel := signalContext()
+			defer cancel()
+			if err := s.Start(ctx); err != nil {
+				s.Close()
+				return err
+			}
+			<-ctx.Done()
+			log.Info("shutting down")
+			return s.Close()
+		},
+	}
+}
+
+func tokenCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "token",
+		Usage: "create and inspect join tokens",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "create",
+				Usage: "print a new join token (talks to the coordinator running with --data)",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")},
+					&cli.BoolFlag{Name: "reusable", Usage: "the token may join any number of nodes", EnvVars: env("TOKEN_REUSABLE")},
+					&cli.DurationFlag{Name: "expires", Value: 24 * time.Hour, Usage: "validity (0 for never)", EnvVars: env("TOKEN_EXPIRES")},
+					&cli.BoolFlag{Name: "ephemeral", Usage: "nodes joined with it are removed when they go away", EnvVars: env("TOKEN_EPHEMERAL")},
+					&cli.StringSliceFlag{Name: "tags", Usage: "tags given to nodes joined with it (a,b)", EnvVars: env("TOKEN_TAGS")},
+				},
+				Action: func(c *cli.Context) error {
+					if c.Duration("expires") < 0 {
+						return errors.New("--expires must not be negative")
+					}
+					var tags []string
+					for _, t := range c.StringSlice("tags") {
+						for _, x := range strings.Split(t, ",") {
+							if x = wire.NormalizeName(x); x != "" {
+								if err := wire.ValidName(x); err != nil {
+									return fmt.Errorf("--tags: %w", err)
+								}
+								tags = append(tags, x)
+							}
+						}
+					}
+					ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+					defer cancel()
+					tok, err := coordinator.CreateTokenViaAdminSocket(ctx, c.String("data"), coordinator.TokenOptions{
+						Reusable: c.Bool("reusable"), Ephemeral: c.Bool("ephemeral"), Expires: c.Duration("expires"), Tags: tags,
+					})
+					if err != nil {
+						return err
+					}
+					fmt.Println(tok)
+					return nil
+				},
+			},
+			{
+				Name:      "inspect",
+				Usage:     "print a token's coordinator, expiry and uses left",
+				ArgsUsage: "TOKEN",
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return errors.New("usage: meshlink token inspect TOKEN")
+					}
+					t, err := wire.ParseToken(c.Args().First())
+					if err != nil {
+						return err
+					}
+					fmt.Printf("coordinator: %s\n", t.URL)
+					fmt.Printf("fingerprint: %s\n", t.Fingerprint)
+					fmt.Printf("id:          %s\n", t.ID)
+					ctx, cancel := context.WithTimeout(c.Context, 10*time.Second)
+					defer cancel()
+					info, err := agent.InspectToken(ctx, t)
+					if err != nil {
+						exp := "never"
+						if !t.ExpiresAt().IsZero() {
+							exp = t.ExpiresAt().Format(time.RFC3339)
+						}
+						fmt.Printf("expires:     %s\n", exp)
+						fmt.Printf("uses left:   unknown (%v)\n", err)
+						return nil
+					}
+					exp := "never"
+					if !info.Expires.IsZero() {
+						exp = info.Expires.Format(time.RFC3339)
+						if time.Now().After(info.Expires) {
+							exp += " (expired)"
+						}
+					}
+					fmt.Printf("expires:     %s\n", exp)
+					uses := fmt.Sprint(info.UsesLeft)
+					if info.UsesLeft < 0 {
+						uses = "unlimited (reusable)"
+					}
+					fmt.Printf("uses left:   %s\n", uses)
+					if info.Ephemeral {
+						fmt.Printf("ephemeral:   yes\n")
+					}
+					if len(info.Tags) > 0 {
+						fmt.Printf("tags:        %s\n", strings.Join(info.Tags, ","))
+					}
+					if info.Revoked {
+						fmt.Printf("revoked:     yes\n")
+					}
+					return nil
+				},
+			},
+		},
+	}
+}
+
+func stateFlag() cli.Flag {
+	return &cli.StringFlag{Name: "state", Value: "./meshlink-state", Usage: "the agent's state directory", EnvVars: env("STATE")}
+}
+
+func agentCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "agent",
+		Usage: "run a site's agent in the foreground",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "join", Usage: "join token (needed the first time only)", EnvVars: env("JOIN")},
+			&cli.StringFlag{Name: "name", Usage: "node name (default: the host name)", EnvVars: env("NAME")},
+			stateFlag(),
+			&cli.UintFlag{Name: "listen-port", Value: 0, Usage: "WireGuard UDP port (0 picks a free one)", EnvVars: env("LISTEN_PORT")},
+			&cli.StringFlag{Name: "dns", Value: "127.0.0.1:53", Usage: "DNS listen address, or off", EnvVars: env("DNS")},
+			&cli.StringSliceFlag{Name: "dns-upstream", Usage: "resolvers for non-mesh names (default: /etc/resolv.conf)", EnvVars: env("DNS_UPSTREAM")},
+			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
+			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange.String(), Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
+			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
+		},
+		Action: func(c *cli.Context) error {
+			log, err := newLogger(c, os.Stderr)
+			if err != nil {
+				return err
+			}
+			if c.Uint("listen-port") > 65535 {
+				return fmt.Errorf("--listen-port %d: must be 0-65535", c.Uint("listen-port"))
+			}
+			pr, err := netip.ParsePrefix(c.String("proxy-range"))
+			if err != nil {
+				return fmt.Errorf("--proxy-range %q: want a prefix such as 127.101.0.0/16", c.String("proxy-range"))
+			}
+			var exports []agent.Export
+			for _, s := range c.StringSlice("expose") {
+				e, err := agent.ParseExport(s)
+				if err != nil {
+					return err
+				}
+				exports = append(exports, e)
+			}
+			a, err := agent.New(agent.Config{
+				StateDir: c.String("state"), Join: c.String("join"), Name: c.String("name"),
+				ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
+				Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
+				Logger: log, DialTimeout: c.Duration("dial-timeout"),
+			})
+			if err != nil {
+				return err
+			}
+			ctx, cancel := signalContext()
+			defer cancel()
+			if err := a.Start(ctx); err != nil {
+				return err
+			}
+			<-ctx.Done()
+			log.Info("shutting down")
+			return a.Close()
+		},
+	}
+}
+
+func exposeCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "expose",
+		Usage:     "export a service of this site to the mesh",
+		ArgsUsage: "NAME HOST:PORT",
+		Flags: []cli.Flag{
+			stateFlag(),
+			&cli.UintFlag{Name: "port", Usage: "port consumers use (default: the target's port)", EnvVars: env("PORT")},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 2 {
+				return errors.New("usage: meshlink expose NAME HOST:PORT [--port P] --state DIR")
+			}
+			if c.Uint("port") > 65535 {
+				return fmt.Errorf("--port %d: must be 1-65535", c.Uint("port"))
+			}
+			cl := newLocalClient(c)
+			r, err := cl.Expose(c.Context, localapiExpose(c.Args().Get(0), c.Args().Get(1), uint16(c.Uint("port"))))
+			if err != nil {
+				return err
+			}
+			fmt.Printf("exposed %s -> %s on mesh port %d\n", r.Export.Name, r.Export.Target, r.Export.Port)
+			if r.Note != "" {
+				fmt.Println(r.Note)
+			}
+			return nil
+		},
+	}
+}
+
+func unexposeCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "unexpose",
+		Usage:     "stop exporting a service",
+		ArgsUsage: "NAME",
+		Flags:     []cli.Flag{stateFlag()},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return errors.New("usage: meshlink unexpose NAME --state DIR")
+			}
+			if err := newLocalClient(c).Unexpose(c.Context, c.Args().First()); err != nil {
+				return err
+			}
+			fmt.Printf("unexposed %s\n", wire.NormalizeName(c.Args().First()))
+			return nil
+		},
+	}
+}

@@ -1,0 +1,514 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// apiError is a wire.Error with its HTTP status.
+type apiError struct {
+	status int
+	wire.Error
+}
+
+func apiErr(status int, code, format string, args ...any) *apiError {
+	return &apiError{status: status, Error: wire.Error{Code: code, Message: fmt.Sprintf(format, args...)}}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, e *apiError) { writeJSON(w, e.status, e.Error) }
+
+// handlerFunc is an API handler that answers errors by returning them.
+type handlerFunc func(w http.ResponseWriter, r *http.Request) *apiError
+
+func (s *Server) handle(f handlerFunc) http.Handler {
+	return s.track(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeError(w, apiErr(http.StatusMethodNotAllowed, wire.ErrCodeBadRequest, "%s takes POST", r.URL.Path))
+			return
+		}
+		if e := f(w, r); e != nil {
+			if e.status >= 500 {
+				s.log.Error("request failed", "path", r.URL.Path, "code", e.Code, "err", e.Message)
+				e = apiErr(e.status, e.Code, "internal error; see the coordinator's log")
+			} else {
+				s.log.Debug("request refused", "path", r.URL.Path, "code", e.Code, "msg", e.Message, "remote", r.RemoteAddr)
+			}
+			writeError(w, e)
+		}
+	}))
+}
+
+func (s *Server) apiHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle(wire.PathRegister, s.handle(s.serveRegister))
+	mux.Handle(wire.PathMap, s.handle(s.serveMap))
+	mux.Handle(wire.PathServices, s.handle(s.serveServices))
+	mux.Handle(wire.PathEndpoints, s.handle(s.serveEndpoints))
+	mux.Handle(wire.PathLeave, s.handle(s.serveLeave))
+	mux.Handle(wire.PathTokenInspect, s.handle(s.serveTokenInspect))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Write([]byte("ok"))
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no such API path %q; is the agent newer than this coordinator?", r.URL.Path))
+	})
+	return mux
+}
+
+// decode reads a JSON body of at most maxBodyBytes into v.
+func decode(w http.ResponseWriter, r *http.Request, v any, what string) *apiError {
+	body := http.MaxBytesReader(w, r.Body, maxBodyBytes)
+	dec := json.NewDecoder(body)
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return apiErr(http.StatusRequestEntityTooLarge, wire.ErrCodeBadRequest, "%s body is larger than %d bytes", what, maxBodyBytes)
+		}
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body is not valid JSON: %v", what, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body has data after the JSON object", what)
+	}
+	return nil
+}
+
+func checkVersion(v int) *apiError {
+	if v <= 0 || v > wire.ProtocolVersion {
+		return apiErr(http.StatusUpgradeRequired, wire.ErrCodeVersion,
+			"protocol version %d is not supported by this coordinator (it speaks 1 to %d); upgrade the coordinator or use a matching meshlink agent", v, wire.ProtocolVersion)
+	}
+	return nil
+}
+
+func validKey(k wire.Key) *apiError {
+	b, err := base64.StdEncoding.DecodeString(string(k))
+	if err != nil || len(b) != 32 {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "node_key must be a WireGuard public key (32 bytes, standard base64)")
+	}
+	return nil
+}
+
+func validName(kind, raw string) (string, *apiError) {
+	name := wire.NormalizeName(raw)
+	if err := wire.ValidName(name); err != nil {
+		return "", apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s name: %v", kind, err)
+	}
+	return name, nil
+}
+
+// endpoints lists where a node may be reached: the address the coordinator
+// saw it from (on its WireGuard port), then what it reported, deduplicated.
+func endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []netip.AddrPort {
+	const max = 32
+	var out []netip.AddrPort
+	seen := map[netip.AddrPort]bool{}
+	add := func(ap netip.AddrPort) {
+		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		if !ap.IsValid() || ap.Port() == 0 || ap.Addr().IsUnspecified() || seen[ap] || len(out) >= max {
+			return
+		}
+		seen[ap] = true
+		out = append(out, ap)
+	}
+	if remote, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && listenPort != 0 {
+		add(netip.AddrPortFrom(remote.Addr(), listenPort))
+	}
+	for _, ap := range local {
+		add(ap)
+	}
+	return out
+}
+
+func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError {
+	var req wire.RegisterRequest
+	if e := decode(w, r, &req, "register"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	if req.TokenID == "" || req.TokenSecret == "" || len(req.TokenID) > 64 || len(req.TokenSecret) > 128 {
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is missing or malformed; pass the whole token printed by `meshlink token create`")
+	}
+	name, e := validName("node", req.Name)
+	if e != nil {
+		return e
+	}
+	if e := validKey(req.NodeKey); e != nil {
+		return e
+	}
+	hostname := req.Hostname
+	if len(hostname) > 255 {
+		hostname = hostname[:255]
+	}
+	secret := randomSecret(32)
+	res, err := s.store.RegisterNode(r.Context(), store.Registration{
+		TokenID: req.TokenID, TokenSecret: req.TokenSecret, Now: time.Now(),
+		Name: name, Hostname: hostname, Key: req.NodeKey, ListenPort: req.ListenPort,
+		Endpoints:  endpoints(r, req.ListenPort, req.LocalEndpoints),
+		SecretHash: store.HashSecret(secret),
+		CanReplace: func(n store.Node) bool { return n.Ephemeral && !s.hub.online(n.ID) },
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, store.ErrTokenInvalid):
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is not known to this coordinator; create one with `meshlink token create`")
+	case errors.Is(err, store.ErrTokenRevoked):
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token was revoked; create a new one with `meshlink token create`")
+	case errors.Is(err, store.ErrTokenExpired):
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenExpired, "the join token has expired; create a new one with `meshlink token create`")
+	case errors.Is(err, store.ErrTokenUsed):
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenUsed, "the join token was single-use and has been used; create a new one, or a reusable one with `meshlink token create --reusable`")
+	case errors.Is(err, store.ErrNameInUse):
+		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the name %q is taken by another node; choose another --name, or remove the old node on the coordinator", name)
+	case errors.Is(err, store.ErrKeyInUse):
+		return apiErr(http.StatusConflict, wire.ErrCodeConflict, "this node's key is already registered under another name; keep the old name or start with a fresh state directory")
+	case errors.Is(err, context.Canceled):
+		return apiErr(http.StatusServiceUnavailable, wire.ErrCodeInternal, "request canceled")
+	default:
+		return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "register %q: %v", name, err)
+	}
+	s.hub.bump()
+	if res.Replaced != 0 {
+		s.log.Info("ephemeral node replaced", "node_id", res.Replaced, "name", name)
+	}
+	s.log.Info("node registered", "node_id", res.Node.ID, "name", name, "existing", res.Existing, "token_id", req.TokenID)
+	if res.Node.Ephemeral && !res.Existing {
+		// Removed if it never connects, too.
+		s.scheduleReap(res.Node.ID)
+	}
+	writeJSON(w, http.StatusOK, wire.RegisterResponse{
+		Node:       wireNode(res.Node, s.hub.online(res.Node.ID)),
+		NodeSecret: secret,
+		Domain:     s.cfg.Domain,
+	})
+	return nil
+}
+
+// authNode authenticates a call by its node credentials.
+func (s *Server) authNode(r *http.Request) (store.Node, *apiError) {
+	idStr, secret := r.Header.Get(wire.HeaderNodeID), r.Header.Get(wire.HeaderNodeSecret)
+	unauth := apiErr(http.StatusUnauthorized, wire.ErrCodeUnauthorized, "node credentials are missing or wrong; re-join with a new token")
+	id, err := strconv.ParseUint(idStr, 10, 64)
+	if err != nil || secret == "" {
+		return store.Node{}, unauth
+	}
+	n, err := s.store.GetNode(r.Context(), wire.NodeID(id))
+	if errors.Is(err, store.ErrNotFound) {
+		if h, err := s.store.RemovedNodeSecretHash(r.Context(), wire.NodeID(id)); err == nil && store.HashMatches(h, secret) {
+			return n, apiErr(http.StatusUnauthorized, wire.ErrCodeNodeRemoved, "this node was removed from the mesh; join again with a new token")
+		}
+		return n, unauth
+	} else if err != nil {
+		return n, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "look up node %d: %v", id, err)
+	}
+	if !store.HashMatches(n.SecretHash, secret) {
+		return n, unauth
+	}
+	return n, nil
+}
+
+func storeErr(what string, err error) *apiError {
+	if errors.Is(err, store.ErrNotFound) {
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeNodeRemoved, "this node was removed from the mesh; join again with a new token")
+	}
+	if errors.Is(err, context.Canceled) {
+		return apiErr(http.StatusServiceUnavailable, wire.ErrCodeInternal, "request canceled")
+	}
+	return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%s: %v", what, err)
+}
+
+func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError {
+	node, e := s.authNode(r)
+	if e != nil {
+		return e
+	}
+	var req wire.ServiceRequest
+	if e := decode(w, r, &req, "services"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	name, e := validName("service", req.Name)
+	if e != nil {
+		return e
+	}
+	ctx := r.Context()
+	if req.Remove {
+		if err := s.store.UnexposeService(ctx, name, node.ID); errors.Is(err, store.ErrNotFound) {
+			return apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "node %q does not provide service %q", node.Name, name)
+		} else if err != nil {
+			return storeErr("unexpose", err)
+		}
+		s.hub.bump()
+		s.log.Info("service unexposed", "service", name, "node", node.Name)
+		writeJSON(w, http.StatusOK, wire.ServiceResponse{})
+		return nil
+	}
+	if req.Port == 0 {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q needs a port from 1 to 65535", name)
+	}
+	if _, err := s.store.ExposeService(ctx, name, node.ID, req.Port); err != nil {
+		if errors.Is(err, store.ErrExhausted) {
+			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "no service VIP is left in %s; remove unused services", wire.ServicePrefix)
+		}
+		return storeErr("expose", err)
+	}
+	s.hub.bump()
+	s.log.Info("service exposed", "service", name, "node", node.Name, "port", req.Port)
+	snap, err := s.current(ctx)
+	if err != nil {
+		return storeErr("expose", err)
+	}
+	sv, _ := snap.service(name)
+	writeJSON(w, http.StatusOK, wire.ServiceResponse{Service: sv})
+	return nil
+}
+
+func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiError {
+	node, e := s.authNode(r)
+	if e != nil {
+		return e
+	}
+	var req wire.EndpointsRequest
+	if e := decode(w, r, &req, "endpoints"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, "", req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
+		return storeErr("endpoints", err)
+	}
+	s.hub.bump()
+	writeJSON(w, http.StatusOK, struct{}{})
+	return nil
+}
+
+func (s *Server) serveLeave(w http.ResponseWriter, r *http.Request) *apiError {
+	node, e := s.authNode(r)
+	if e != nil {
+		return e
+	}
+	var req wire.LeaveRequest
+	if e := decode(w, r, &req, "leave"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	if err := s.removeNode(r.Context(), node.ID); err != nil {
+		return storeErr("leave", err)
+	}
+	s.log.Info("node left", "node_id", node.ID, "name", node.Name)
+	writeJSON(w, http.StatusOK, struct{}{})
+	return nil
+}
+
+// removeNode deletes a node; its map stream notices and ends.
+func (s *Server) removeNode(ctx context.Context, id wire.NodeID) error {
+	if err := s.store.DeleteNode(ctx, id); err != nil {
+		return err
+	}
+	s.hub.bump()
+	return nil
+}
+
+func (s *Server) serveTokenInspect(w http.ResponseWriter, r *http.Request) *apiError {
+	var req wire.TokenInspectRequest
+	if e := decode(w, r, &req, "token inspect"); e != nil {
+		return e
+	}
+	tok, err := s.store.GetToken(r.Context(), req.TokenID)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return storeErr("token inspect", err)
+	}
+	if err != nil || !store.HashMatches(tok.SecretHash, req.TokenSecret) {
+		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is not known to this coordinator; create one with `meshlink token create`")
+	}
+	writeJSON(w, http.StatusOK, tokenInfo(tok))
+	return nil
+}
+
+func tokenInfo(tok store.Token) wire.TokenInfo {
+	info := wire.TokenInfo{ID: tok.ID, Reusable: tok.Reusable, Ephemeral: tok.Ephemeral, Tags: tok.Tags, Expires: tok.Expires, Revoked: tok.Revoked, UsesLeft: -1}
+	if !tok.Reusable {
+		info.UsesLeft = max(0, 1-tok.Uses)
+	}
+	if len(info.Tags) == 0 {
+		info.Tags = nil
+	}
+	return info
+}
+
+// serveMap updates the node's network details and streams its map until
+// the client goes away, a newer stream replaces this one, the node is
+// removed, or the server closes.
+func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
+	node, e := s.authNode(r)
+	if e != nil {
+		return e
+	}
+	var req wire.MapRequest
+	if e := decode(w, r, &req, "map"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	if req.NodeKey != "" {
+		if e := validKey(req.NodeKey); e != nil {
+			return e
+		}
+	}
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
+		if strings.Contains(err.Error(), "UNIQUE") {
+			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node key is already used by another node")
+		}
+		return storeErr("map", err)
+	}
+	if err := s.store.SetLastSeen(ctx, node.ID, time.Now()); err != nil {
+		return storeErr("map", err)
+	}
+	st := &mapStream{node: node.ID, cancel: cancel}
+	s.hub.attach(st)
+	s.hub.bump()
+	log := s.log.With("node_id", node.ID, "name", node.Name)
+	log.Info("map stream opened", "remote", r.RemoteAddr)
+	defer func() {
+		if s.hub.detach(st) {
+			// Use a fresh context: the request's is done, the store is
+			// still open (Close waits for this handler).
+			dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+			s.store.SetLastSeen(dctx, node.ID, time.Now())
+			dcancel()
+			s.hub.bump()
+			if node.Ephemeral {
+				s.scheduleReap(node.ID)
+			}
+			log.Info("map stream closed; node offline")
+		} else {
+			log.Info("map stream replaced by a newer one")
+		}
+	}()
+
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	send := func(m *wire.MapResponse) error {
+		m.SentAt = time.Now()
+		rc.SetWriteDeadline(time.Now().Add(15 * time.Second))
+		if err := enc.Encode(m); err != nil {
+			return err
+		}
+		return rc.Flush()
+	}
+
+	keepAlive := time.NewTicker(s.cfg.KeepAlive)
+	defer keepAlive.Stop()
+	var last *wire.NetworkMap
+	var seq uint64
+	for {
+		_, wake := s.hub.watch()
+		snap, err := s.current(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Error("map stream: build map", "err", err)
+			}
+			return nil
+		}
+		nm, ok := snap.mapFor(node.ID, s.cfg.Domain)
+		if !ok {
+			log.Info("map stream: node removed")
+			return nil
+		}
+		var msg wire.MapResponse
+		if last == nil {
+			msg.Full = nm
+		} else {
+			msg = diffMaps(last, nm)
+		}
+		last = nm
+		if !msg.IsKeepAlive() {
+			seq++
+			msg.Seq = seq
+			if err := send(&msg); err != nil {
+				log.Debug("map stream: write", "err", err)
+				return nil
+			}
+			keepAlive.Reset(s.cfg.KeepAlive)
+		}
+		select {
+		case <-wake:
+		case <-keepAlive.C:
+			if err := send(&wire.MapResponse{Seq: seq}); err != nil {
+				log.Debug("map stream: keep-alive", "err", err)
+				return nil
+			}
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// scheduleReap removes ephemeral node id once it has been offline for the
+// grace period, unless it reconnects meanwhile.
+func (s *Server) scheduleReap(id wire.NodeID) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	epoch := s.hub.epoch(id)
+	go func() {
+		defer s.wg.Done()
+		t := time.NewTimer(s.cfg.EphemeralGrace)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-s.ctx.Done():
+			return
+		}
+		if s.hub.online(id) || s.hub.epoch(id) != epoch {
+			return // came back; a later disconnect schedules again
+		}
+		n, err := s.store.GetNode(s.ctx, id)
+		if err != nil || !n.Ephemeral {
+			return
+		}
+		if err := s.removeNode(s.ctx, id); err != nil {
+			s.log.Error("remove ephemeral node", "node_id", id, "err", err)
+			return
+		}
+		s.log.Info("ephemeral node removed after grace period", "node_id", id, "name", n.Name, "grace", s.cfg.EphemeralGrace)
+	}()
+}

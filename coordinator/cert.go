@@ -1,0 +1,120 @@
+package coordinator
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+const (
+	certFile = "cert.pem"
+	keyFile  = "key.pem"
+)
+
+// loadOrCreateCert returns the coordinator's certificate from dir, creating
+// a self-signed one valid for hosts on first start. Agents pin its
+// fingerprint, so it is reused for as long as the data directory lives; the
+// SANs only matter to clients that verify names instead of pinning.
+func loadOrCreateCert(dir string, hosts []string) (tls.Certificate, error) {
+	cp, kp := filepath.Join(dir, certFile), filepath.Join(dir, keyFile)
+	_, errC := os.Stat(cp)
+	_, errK := os.Stat(kp)
+	if errC == nil && errK == nil {
+		c, err := tls.LoadX509KeyPair(cp, kp)
+		if err != nil {
+			return c, fmt.Errorf("coordinator: load certificate %s: %w; move %s and %s away to create a new one (agents will then need new tokens)", cp, err, certFile, keyFile)
+		}
+		return c, nil
+	}
+	if !errors.Is(errC, fs.ErrNotExist) && errC != nil {
+		return tls.Certificate{}, fmt.Errorf("coordinator: %w", errC)
+	}
+	if errC == nil || errK == nil {
+		return tls.Certificate{}, fmt.Errorf("coordinator: only one of %s and %s exists in %s; restore the other or remove both to create a new certificate", certFile, keyFile, dir)
+	}
+
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("coordinator: generate key: %w", err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "meshlink coordinator", Organization: []string{"meshlink"}},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.AddDate(10, 0, 0),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	seen := map[string]bool{}
+	for _, h := range hosts {
+		if h == "" || seen[h] {
+			continue
+		}
+		seen[h] = true
+		if ip := net.ParseIP(h); ip != nil {
+			if !ip.IsUnspecified() {
+				tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+			}
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("coordinator: create certificate: %w", err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	// Key first: a cert without its key is the state we refuse above.
+	if err := writeFileAtomic(kp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		return tls.Certificate{}, err
+	}
+	if err := writeFileAtomic(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.LoadX509KeyPair(cp, kp)
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path))
+	if err != nil {
+		return fmt.Errorf("coordinator: write %s: %w", path, err)
+	}
+	defer os.Remove(f.Name())
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("coordinator: write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}

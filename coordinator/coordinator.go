@@ -1,0 +1,484 @@
+// Package coordinator is meshlink's control plane: it registers nodes with
+// join tokens, keeps nodes, services and their VIPs in a store, and streams
+// each connected agent its network map as a full map followed by deltas.
+//
+// Server is embeddable: cmd/meshlink and tests build a Config, call New and
+// Start, and Close when done.
+package coordinator
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// Config configures a Server.
+type Config struct {
+	// Listen is the HTTPS address, "10.0.0.1:8443"; "127.0.0.1:0" picks a
+	// free port. Default ":8443".
+	Listen string
+	// DataDir holds the database, the certificate and the admin socket;
+	// created 0700 if missing.
+	DataDir string
+	// URL is the public base URL put into tokens. Default
+	// https://<listen address> (an unspecified listen address is replaced by
+	// the first non-loopback interface address, else 127.0.0.1).
+	URL string
+	// Domain is the DNS suffix of the mesh; default wire.DefaultDomain.
+	Domain string
+	// Logger receives structured logs; nil discards.
+	Logger *slog.Logger
+	// KeepAlive is the map-stream keep-alive interval; default 15s.
+	KeepAlive time.Duration
+	// EphemeralGrace is how long an ephemeral node may be offline before it
+	// is removed; default 30s.
+	EphemeralGrace time.Duration
+	// Out receives the messages a person starting the coordinator must see
+	// (URL, first admin password); nil discards.
+	Out io.Writer
+}
+
+// TokenOptions describes a join token to create.
+type TokenOptions struct {
+	Reusable  bool          `json:"reusable,omitempty"`
+	Ephemeral bool          `json:"ephemeral,omitempty"`
+	Expires   time.Duration `json:"expires,omitempty"` // 0: never
+	Tags      []string      `json:"tags,omitempty"`
+}
+
+const (
+	dbFile       = "meshlink.db"
+	adminSocket  = "admin.sock"
+	maxBodyBytes = 1 << 20
+)
+
+// Server is a running (or ready to run) coordinator.
+type Server struct {
+	cfg         Config
+	log         *slog.Logger
+	out         io.Writer
+	store       store.Store
+	cert        tls.Certificate
+	fingerprint string
+	hub         hub
+
+	ctx    context.Context // canceled by Close; the base of every request
+	cancel context.CancelFunc
+
+	// wg counts request handlers and timers started by the server, so that
+	// Close can wait for them before closing the store.
+	wg sync.WaitGroup
+
+	mu       sync.Mutex // guards the fields below
+	started  bool
+	closed   bool
+	ln       net.Listener
+	adminLn  net.Listener
+	httpSrv  *http.Server
+	adminSrv *http.Server
+	url      string
+	addr     netip.AddrPort
+
+	snapMu sync.Mutex // guards snap; held while building one
+	snap   *snapshot
+}
+
+// New opens the store in cfg.DataDir and loads or creates the certificate.
+// Nothing listens until Start.
+func New(cfg Config) (*Server, error) {
+	if cfg.DataDir == "" {
+		return nil, errors.New("coordinator: no data directory; pass --data DIR")
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = ":8443"
+	}
+	if cfg.Domain == "" {
+		cfg.Domain = wire.DefaultDomain
+	}
+	if cfg.KeepAlive <= 0 {
+		cfg.KeepAlive = 15 * time.Second
+	}
+	if cfg.EphemeralGrace <= 0 {
+		cfg.EphemeralGrace = 30 * time.Second
+	}
+	cfg.URL = strings.TrimRight(cfg.URL, "/")
+	var urlHost string
+	if cfg.URL != "" {
+		u, err := url.Parse(cfg.URL)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return nil, fmt.Errorf("coordinator: URL %q must look like https://host:port", cfg.URL)
+		}
+		urlHost = u.Hostname()
+	}
+	listenHost, _, err := net.SplitHostPort(cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: listen address %q: %w; use HOST:PORT such as 0.0.0.0:8443", cfg.Listen, err)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("subsystem", "coordinator")
+	out := cfg.Out
+	if out == nil {
+		out = io.Discard
+	}
+
+	dir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: data directory %s: %w", cfg.DataDir, err)
+	}
+	cfg.DataDir = dir
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("coordinator: cannot create data directory %s: %w; choose another --data or fix its permissions", dir, err)
+	}
+	if probe, err := os.CreateTemp(dir, ".write-probe-"); err != nil {
+		return nil, fmt.Errorf("coordinator: data directory %s is not writable: %w; choose another --data or fix its permissions", dir, err)
+	} else {
+		probe.Close()
+		os.Remove(probe.Name())
+	}
+
+	hosts := []string{listenHost, urlHost, "localhost", "127.0.0.1", "::1"}
+	if ip := net.ParseIP(listenHost); listenHost == "" || ip != nil && ip.IsUnspecified() {
+		hosts = append(hosts, defaultHostIP().String())
+	}
+	cert, err := loadOrCreateCert(dir, hosts)
+	if err != nil {
+		return nil, err
+	}
+	st, err := store.OpenSQLite(context.Background(), filepath.Join(dir, dbFile))
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{
+		cfg:         cfg,
+		log:         log,
+		out:         out,
+		store:       st,
+		cert:        cert,
+		fingerprint: wire.CertFingerprint(cert.Certificate[0]),
+		ctx:         ctx,
+		cancel:      cancel,
+	}
+	s.hub.init()
+	return s, nil
+}
+
+// Fingerprint is the pinned fingerprint of the coordinator's certificate.
+func (s *Server) Fingerprint() string { return s.fingerprint }
+
+// URL is the base URL put into tokens; known after Start unless Config.URL
+// was set.
+func (s *Server) URL() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.url != "" {
+		return s.url
+	}
+	return s.cfg.URL
+}
+
+// Addr is the address the HTTPS API listens on, valid after Start.
+func (s *Server) Addr() netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Store exposes the server's store to tests and embedding programs.
+func (s *Server) Store() store.Store { return s.store }
+
+// Start listens on the HTTPS address and the admin socket and serves both
+// until Close.
+func (s *Server) Start(ctx context.Context) (err error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return errors.New("coordinator: Start after Close")
+	}
+	if s.started {
+		s.mu.Unlock()
+		return errors.New("coordinator: already started")
+	}
+	s.started = true
+	s.mu.Unlock()
+
+	sockPath := filepath.Join(s.cfg.DataDir, adminSocket)
+	if err := clearStaleSocket(ctx, sockPath, s.cfg.DataDir); err != nil {
+		return err
+	}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("coordinator: listen %s: address already in use; choose another --listen", s.cfg.Listen)
+		}
+		return fmt.Errorf("coordinator: listen %s: %w; choose another --listen", s.cfg.Listen, err)
+	}
+	defer func() {
+		if err != nil {
+			ln.Close()
+		}
+	}()
+	if len(sockPath) > 100 {
+		return fmt.Errorf("coordinator: admin socket path %s is too long for a Unix socket; use a shorter --data", sockPath)
+	}
+	adminLn, err := lc.Listen(ctx, "unix", sockPath)
+	if err != nil {
+		return fmt.Errorf("coordinator: admin socket %s: %w", sockPath, err)
+	}
+	defer func() {
+		if err != nil {
+			adminLn.Close()
+		}
+	}()
+	if err := os.Chmod(sockPath, 0o600); err != nil {
+		return fmt.Errorf("coordinator: admin socket %s: %w", sockPath, err)
+	}
+
+	addr := ln.Addr().(*net.TCPAddr).AddrPort()
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	u := s.cfg.URL
+	if u == "" {
+		host := addr.Addr()
+		if host.IsUnspecified() {
+			host = defaultHostIP()
+		}
+		u = "https://" + netip.AddrPortFrom(host, addr.Port()).String()
+	}
+
+	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
+	httpSrv := &http.Server{
+		Handler:           s.apiHandler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          errLog,
+		BaseContext:       func(net.Listener) context.Context { return s.ctx },
+		TLSConfig: &tls.Config{
+			MinVersion:   tls.VersionTLS13,
+			Certificates: []tls.Certificate{s.cert},
+		},
+	}
+	adminSrv := &http.Server{
+		Handler:           s.adminHandler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          errLog,
+		BaseContext:       func(net.Listener) context.Context { return s.ctx },
+	}
+
+	// The first admin account is created once the URL is known, so that the
+	// one-time password is printed next to where to use it.
+	if n, err := s.store.CountUsers(ctx); err != nil {
+		return fmt.Errorf("coordinator: %w", err)
+	} else if n == 0 {
+		pw := randomSecret(18)
+		hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+		if err != nil {
+			return fmt.Errorf("coordinator: hash admin password: %w", err)
+		}
+		if _, err := s.store.CreateUser(ctx, store.User{Username: "admin", PasswordHash: string(hash), Admin: true}); err != nil {
+			return fmt.Errorf("coordinator: %w", err)
+		}
+		fmt.Fprintf(s.out, "meshlink coordinator: first start in %s\n  admin account: username admin, password %s\n  (shown only this once; sign in at %s)\n", s.cfg.DataDir, pw, u)
+	}
+
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return errors.New("coordinator: closed during Start")
+	}
+	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr = ln, adminLn, httpSrv, adminSrv, u, addr
+	s.wg.Add(2)
+	s.mu.Unlock()
+	go func() {
+		defer s.wg.Done()
+		if err := httpSrv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("https server stopped", "err", err)
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		if err := adminSrv.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("admin server stopped", "err", err)
+		}
+	}()
+
+	// Ephemeral nodes are all offline after a restart: give each the grace
+	// period to come back.
+	if nodes, err := s.store.ListNodes(ctx); err == nil {
+		for _, n := range nodes {
+			if n.Ephemeral {
+				s.scheduleReap(n.ID)
+			}
+		}
+	}
+	fmt.Fprintf(s.out, "meshlink coordinator listening on %s (fingerprint %s)\n", u, s.fingerprint)
+	s.log.Info("listening", "url", u, "addr", addr.String(), "fingerprint", s.fingerprint, "admin_socket", sockPath)
+	return nil
+}
+
+// Close stops serving, ends every map stream, waits for the server's
+// goroutines and closes the store. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	httpSrv, adminSrv := s.httpSrv, s.adminSrv
+	s.mu.Unlock()
+
+	s.cancel() // ends map streams and pending timers
+	for _, srv := range []*http.Server{httpSrv, adminSrv} {
+		if srv == nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := srv.Shutdown(ctx); err != nil {
+			srv.Close()
+		}
+		cancel()
+	}
+	s.wg.Wait()
+	return s.store.Close()
+}
+
+// track runs h as a request the server waits for on Close.
+func (s *Server) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			writeError(w, apiErr(http.StatusServiceUnavailable, wire.ErrCodeInternal, "the coordinator is shutting down; retry shortly"))
+			return
+		}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		defer s.wg.Done()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// CreateToken mints a join token.
+func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error) {
+	u := s.URL()
+	if u == "" {
+		return "", errors.New("coordinator: the coordinator's URL is not known before Start; set Config.URL or start it first")
+	}
+	if o.Expires < 0 {
+		return "", errors.New("coordinator: token expiry must not be negative")
+	}
+	tags := make([]string, 0, len(o.Tags))
+	for _, t := range o.Tags {
+		t = strings.TrimSpace(t)
+		if t == "" {
+			continue
+		}
+		if len(t) > 128 {
+			return "", fmt.Errorf("coordinator: tag %q is longer than 128 characters", t)
+		}
+		tags = append(tags, t)
+	}
+	var idb [8]byte
+	rand.Read(idb[:])
+	tok := store.Token{
+		ID:        hex.EncodeToString(idb[:]),
+		Reusable:  o.Reusable,
+		Ephemeral: o.Ephemeral,
+		Tags:      tags,
+		Created:   time.Now(),
+	}
+	secret := randomSecret(32)
+	tok.SecretHash = store.HashSecret(secret)
+	jt := wire.JoinToken{URL: u, Fingerprint: s.fingerprint, ID: tok.ID, Secret: secret}
+	if o.Expires > 0 {
+		tok.Expires = tok.Created.Add(o.Expires)
+		jt.Expires = tok.Expires.Unix()
+	}
+	if err := s.store.CreateToken(ctx, tok); err != nil {
+		return "", fmt.Errorf("coordinator: %w", err)
+	}
+	s.log.Info("token created", "token_id", tok.ID, "reusable", tok.Reusable, "ephemeral", tok.Ephemeral, "expires", tok.Expires)
+	return jt.String(), nil
+}
+
+// randomSecret returns n random bytes, base64url without padding.
+func randomSecret(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// defaultHostIP is the address put into the URL when listening on every
+// interface: the first non-loopback unicast address, IPv4 preferred.
+func defaultHostIP() netip.Addr {
+	addrs, _ := net.InterfaceAddrs()
+	var v6 netip.Addr
+	for _, a := range addrs {
+		pn, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(pn.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || !ip.IsGlobalUnicast() {
+			continue
+		}
+		if ip.Is4() {
+			return ip
+		}
+		if !v6.IsValid() {
+			v6 = ip
+		}
+	}
+	if v6.IsValid() {
+		return v6
+	}
+	return netip.MustParseAddr("127.0.0.1")
+}
+
+// clearStaleSocket removes an admin socket nobody answers on, and refuses
+// to start when another coordinator answers there.
+func clearStaleSocket(ctx context.Context, path, dataDir string) error {
+	if _, err := os.Lstat(path); err != nil {
+		return nil
+	}
+	d := net.Dialer{Timeout: time.Second}
+	c, err := d.DialContext(ctx, "unix", path)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("coordinator: another coordinator is already running with --data %s (its admin socket %s answers); stop it or choose another --data", dataDir, path)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("coordinator: remove stale admin socket %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,250 @@
+package coordinator
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"sort"
+	"sync"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// hub is the fan-out point of the control plane. Every change bumps a
+// generation and wakes every map stream; each stream then computes its
+// node's desired map and diffs it against what it last sent. A burst of
+// changes coalesces into one wake-up for a stream that is busy writing.
+type hub struct {
+	mu      sync.Mutex // guards the fields below
+	gen     uint64
+	wake    chan struct{} // closed and replaced on every bump
+	streams map[wire.NodeID]*mapStream
+	// epochs counts stream attachments per node, so that a pending
+	// ephemeral removal can tell whether the node came back meanwhile.
+	epochs map[wire.NodeID]uint64
+}
+
+type mapStream struct {
+	node   wire.NodeID
+	cancel func()
+}
+
+func (h *hub) init() {
+	h.wake = make(chan struct{})
+	h.streams = map[wire.NodeID]*mapStream{}
+	h.epochs = map[wire.NodeID]uint64{}
+}
+
+// bump records a change; call it after the change is committed.
+func (h *hub) bump() {
+	h.mu.Lock()
+	h.gen++
+	close(h.wake)
+	h.wake = make(chan struct{})
+	h.mu.Unlock()
+}
+
+// watch returns the current generation and a channel closed at the next bump.
+func (h *hub) watch() (uint64, <-chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.gen, h.wake
+}
+
+// attach makes st the node's stream, ending any previous one.
+func (h *hub) attach(st *mapStream) {
+	h.mu.Lock()
+	old := h.streams[st.node]
+	h.streams[st.node] = st
+	h.epochs[st.node]++
+	h.mu.Unlock()
+	if old != nil {
+		old.cancel()
+	}
+}
+
+// detach removes st if it is still the node's stream and reports whether
+// the node went offline.
+func (h *hub) detach(st *mapStream) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.streams[st.node] != st {
+		return false
+	}
+	delete(h.streams, st.node)
+	return true
+}
+
+func (h *hub) online(id wire.NodeID) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.streams[id] != nil
+}
+
+func (h *hub) epoch(id wire.NodeID) uint64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.epochs[id]
+}
+
+func (h *hub) onlineSet() map[wire.NodeID]bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	m := make(map[wire.NodeID]bool, len(h.streams))
+	for id := range h.streams {
+		m[id] = true
+	}
+	return m
+}
+
+// snapshot is the whole mesh at one generation, shared by every stream.
+type snapshot struct {
+	gen      uint64
+	nodes    []wire.Node // by ID
+	byID     map[wire.NodeID]int
+	services []wire.Service // with at least one provider, by name
+}
+
+// current returns the snapshot of the current generation, building it once
+// for all streams. The generation is read before the store, and changes
+// bump after committing, so a snapshot is never newer than its generation
+// claims; at worst a stream is woken once more than needed.
+func (s *Server) current(ctx context.Context) (*snapshot, error) {
+	s.snapMu.Lock()
+	defer s.snapMu.Unlock()
+	gen, _ := s.hub.watch()
+	if s.snap != nil && s.snap.gen == gen {
+		return s.snap, nil
+	}
+	online := s.hub.onlineSet()
+	nodes, err := s.store.ListNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	svcs, err := s.store.ListServices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	provs, err := s.store.ListProviders(ctx)
+	if err != nil {
+		return nil, err
+	}
+	snap := &snapshot{gen: gen, byID: make(map[wire.NodeID]int, len(nodes))}
+	for _, n := range nodes {
+		snap.byID[n.ID] = len(snap.nodes)
+		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))
+	}
+	byService := map[string][]wire.Provider{}
+	for _, p := range provs {
+		byService[p.Service] = append(byService[p.Service], wire.Provider{Node: p.NodeID, Port: p.Port})
+	}
+	for _, sv := range svcs {
+		ps := byService[sv.Name]
+		if len(ps) == 0 {
+			continue
+		}
+		sort.Slice(ps, func(i, j int) bool { return ps[i].Node < ps[j].Node })
+		snap.services = append(snap.services, wire.Service{
+			Name: sv.Name, VIP: sv.VIP, Port: sv.Port, Providers: ps, AllowedNodes: []string{"*"},
+		})
+	}
+	s.snap = snap
+	return snap, nil
+}
+
+// mapFor is the network map of node id, or false if the node is gone.
+func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, bool) {
+	i, ok := sn.byID[id]
+	if !ok {
+		return nil, false
+	}
+	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Peers: make([]wire.Node, 0, len(sn.nodes)-1), Services: sn.services}
+	for _, n := range sn.nodes {
+		if n.ID != id {
+			nm.Peers = append(nm.Peers, n)
+		}
+	}
+	if nm.Services == nil {
+		nm.Services = []wire.Service{}
+	}
+	return nm, true
+}
+
+func (sn *snapshot) service(name string) (wire.Service, bool) {
+	for _, sv := range sn.services {
+		if sv.Name == name {
+			return sv, true
+		}
+	}
+	return wire.Service{}, false
+}
+
+func wireNode(n store.Node, online bool) wire.Node {
+	w := wire.Node{
+		ID: n.ID, Name: n.Name, Hostname: n.Hostname, Key: n.Key,
+		Endpoints: n.Endpoints, Online: online, LastSeen: n.LastSeen,
+		Tags: n.Tags, Ephemeral: n.Ephemeral,
+	}
+	if n.IPv4.IsValid() {
+		w.Addresses = append(w.Addresses, netip.PrefixFrom(n.IPv4, 32))
+	}
+	if n.IPv6.IsValid() {
+		w.Addresses = append(w.Addresses, netip.PrefixFrom(n.IPv6, 128))
+	}
+	if len(w.Tags) == 0 {
+		w.Tags = nil
+	}
+	return w
+}
+
+// diffMaps returns the delta turning prev into cur; IsKeepAlive() if none.
+func diffMaps(prev, cur *wire.NetworkMap) wire.MapResponse {
+	var m wire.MapResponse
+	if !nodeEqual(prev.Self, cur.Self) {
+		self := cur.Self
+		m.Self = &self
+	}
+	old := make(map[wire.NodeID]*wire.Node, len(prev.Peers))
+	for i := range prev.Peers {
+		old[prev.Peers[i].ID] = &prev.Peers[i]
+	}
+	for _, p := range cur.Peers {
+		if o, ok := old[p.ID]; !ok || !nodeEqual(*o, p) {
+			m.PeersChanged = append(m.PeersChanged, p)
+		}
+		delete(old, p.ID)
+	}
+	for id := range old {
+		m.PeersRemoved = append(m.PeersRemoved, id)
+	}
+	slices.Sort(m.PeersRemoved)
+
+	oldSv := make(map[string]*wire.Service, len(prev.Services))
+	for i := range prev.Services {
+		oldSv[prev.Services[i].Name] = &prev.Services[i]
+	}
+	for _, sv := range cur.Services {
+		if o, ok := oldSv[sv.Name]; !ok || !serviceEqual(*o, sv) {
+			m.ServicesChanged = append(m.ServicesChanged, sv)
+		}
+		delete(oldSv, sv.Name)
+	}
+	for name := range oldSv {
+		m.ServicesRemoved = append(m.ServicesRemoved, name)
+	}
+	slices.Sort(m.ServicesRemoved)
+	return m
+}
+
+func nodeEqual(a, b wire.Node) bool {
+	return a.ID == b.ID && a.Name == b.Name && a.Hostname == b.Hostname && a.Key == b.Key &&
+		slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.Endpoints, b.Endpoints) &&
+		a.Online == b.Online && a.LastSeen.Equal(b.LastSeen) && slices.Equal(a.Tags, b.Tags) &&
+		a.Ephemeral == b.Ephemeral
+}
+
+func serviceEqual(a, b wire.Service) bool {
+	return a.Name == b.Name && a.VIP == b.VIP && a.Port == b.Port &&
+		slices.Equal(a.Providers, b.Providers) && slices.Equal(a.AllowedNodes, b.AllowedNodes)
+}

@@ -1,0 +1,616 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+	_ "modernc.org/sqlite" // registers driver "sqlite"
+)
+
+// migrations are applied in order, each in its own transaction, and recorded
+// in schema_migrations. Append only: never edit a migration that shipped.
+var migrations = []string{
+	// 1: the core schema.
+	`CREATE TABLE users (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		username TEXT NOT NULL UNIQUE,
+		password_hash TEXT NOT NULL,
+		admin INTEGER NOT NULL DEFAULT 0,
+		created INTEGER NOT NULL
+	);
+	CREATE TABLE tokens (
+		id TEXT PRIMARY KEY,
+		secret_hash BLOB NOT NULL,
+		reusable INTEGER NOT NULL DEFAULT 0,
+		ephemeral INTEGER NOT NULL DEFAULT 0,
+		tags TEXT NOT NULL DEFAULT '[]',
+		expires INTEGER NOT NULL DEFAULT 0,
+		uses INTEGER NOT NULL DEFAULT 0,
+		revoked INTEGER NOT NULL DEFAULT 0,
+		created INTEGER NOT NULL
+	);
+	CREATE TABLE counters (
+		name TEXT PRIMARY KEY,
+		value INTEGER NOT NULL
+	);
+	INSERT INTO counters (name, value) VALUES ('node_addr', 0), ('service_vip', 0);
+	CREATE TABLE nodes (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		name TEXT NOT NULL UNIQUE,
+		hostname TEXT NOT NULL DEFAULT '',
+		wg_key TEXT NOT NULL UNIQUE,
+		ipv4 TEXT NOT NULL UNIQUE,
+		ipv6 TEXT NOT NULL UNIQUE,
+		secret_hash BLOB NOT NULL,
+		token_id TEXT NOT NULL DEFAULT '',
+		tags TEXT NOT NULL DEFAULT '[]',
+		ephemeral INTEGER NOT NULL DEFAULT 0,
+		created INTEGER NOT NULL,
+		last_seen INTEGER NOT NULL DEFAULT 0,
+		listen_port INTEGER NOT NULL DEFAULT 0,
+		endpoints TEXT NOT NULL DEFAULT '[]'
+	);
+	CREATE TABLE services (
+		name TEXT PRIMARY KEY,
+		vip TEXT NOT NULL UNIQUE,
+		port INTEGER NOT NULL,
+		created INTEGER NOT NULL
+	);
+	CREATE TABLE providers (
+		service TEXT NOT NULL REFERENCES services(name) ON DELETE CASCADE,
+		node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+		port INTEGER NOT NULL,
+		PRIMARY KEY (service, node_id)
+	);
+	CREATE INDEX providers_node ON providers(node_id);`,
+	// 2: tombstones, so a removed node's calls get "node_removed" rather
+	// than a bare "unauthorized".
+	`CREATE TABLE removed_nodes (
+		id INTEGER PRIMARY KEY,
+		name TEXT NOT NULL,
+		secret_hash BLOB NOT NULL,
+		removed INTEGER NOT NULL
+	);`,
+}
+
+// SQLite is the embedded Store.
+type SQLite struct {
+	db *sql.DB
+}
+
+var _ Store = (*SQLite)(nil)
+
+// OpenSQLite opens (creating if needed) the database at path and applies
+// pending migrations.
+func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
+	// _txlock=immediate: every transaction takes the write lock up front, so
+	// two writers never deadlock upgrading read locks (SQLITE_BUSY); the
+	// busy timeout makes the second one wait instead.
+	q := url.Values{}
+	q.Set("_busy_timeout", "10000")
+	q.Set("_journal_mode", "WAL")
+	q.Set("_foreign_keys", "1")
+	q.Set("_synchronous", "NORMAL")
+	q.Set("_txlock", "immediate")
+	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?" + q.Encode()
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("store: open %s: %w", path, err)
+	}
+	// SQLite has one writer; a few readers are plenty at this scale.
+	db.SetMaxOpenConns(4)
+	db.SetMaxIdleConns(4)
+	s := &SQLite{db: db}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: open %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// SchemaVersion returns the number of applied migrations.
+func (s *SQLite) SchemaVersion(ctx context.Context) (int, error) {
+	var v int
+	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v)
+	return v, err
+}
+
+func (s *SQLite) migrate(ctx context.Context) error {
+	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)`); err != nil {
+		return fmt.Errorf("create schema_migrations: %w", err)
+	}
+	for i, m := range migrations {
+		version := i + 1
+		err := s.tx(ctx, func(tx *sql.Tx) error {
+			var n int
+			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM schema_migrations WHERE version = ?`, version).Scan(&n); err != nil {
+				return err
+			}
+			if n > 0 {
+				return nil
+			}
+			if _, err := tx.ExecContext(ctx, m); err != nil {
+				return err
+			}
+			_, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied) VALUES (?, ?)`, version, time.Now().UnixNano())
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("migration %d: %w", version, err)
+		}
+	}
+	return nil
+}
+
+func (s *SQLite) tx(ctx context.Context, f func(*sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := f(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// Close closes the database.
+func (s *SQLite) Close() error { return s.db.Close() }
+
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func fromUnixNano(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+func jsonText(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// CreateUser implements Store.
+func (s *SQLite) CreateUser(ctx context.Context, u User) (User, error) {
+	if u.Created.IsZero() {
+		u.Created = time.Now()
+	}
+	res, err := s.db.ExecContext(ctx, `INSERT INTO users (username, password_hash, admin, created) VALUES (?, ?, ?, ?)`,
+		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created))
+	if err != nil {
+		return u, fmt.Errorf("store: create user %q: %w", u.Username, err)
+	}
+	u.ID, _ = res.LastInsertId()
+	return u, nil
+}
+
+// GetUser implements Store.
+func (s *SQLite) GetUser(ctx context.Context, username string) (User, error) {
+	var u User
+	var admin int
+	var created int64
+	err := s.db.QueryRowContext(ctx, `SELECT id, username, password_hash, admin, created FROM users WHERE username = ?`, username).
+		Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created)
+	if errors.Is(err, sql.ErrNoRows) {
+		return u, fmt.Errorf("user %q: %w", username, ErrNotFound)
+	}
+	u.Admin, u.Created = admin != 0, fromUnixNano(created)
+	return u, err
+}
+
+// CountUsers implements Store.
+func (s *SQLite) CountUsers(ctx context.Context) (int, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM users`).Scan(&n)
+	return n, err
+}
+
+// CreateToken implements Store.
+func (s *SQLite) CreateToken(ctx context.Context, t Token) error {
+	if t.Created.IsZero() {
+		t.Created = time.Now()
+	}
+	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created))
+	if err != nil {
+		return fmt.Errorf("store: create token: %w", err)
+	}
+	return nil
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+type scanner interface{ Scan(...any) error }
+
+const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created`
+
+func scanToken(r scanner) (Token, error) {
+	var t Token
+	var reusable, ephemeral, revoked int
+	var tags string
+	var expires, created int64
+	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created); err != nil {
+		return t, err
+	}
+	t.Reusable, t.Ephemeral, t.Revoked = reusable != 0, ephemeral != 0, revoked != 0
+	t.Expires, t.Created = fromUnixNano(expires), fromUnixNano(created)
+	_ = json.Unmarshal([]byte(tags), &t.Tags)
+	return t, nil
+}
+
+type querier interface {
+	QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row
+}
+
+func getToken(ctx context.Context, q querier, id string) (Token, error) {
+	t, err := scanToken(q.QueryRowContext(ctx, `SELECT `+tokenCols+` FROM tokens WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return t, fmt.Errorf("token %q: %w", id, ErrNotFound)
+	}
+	return t, err
+}
+
+// GetToken implements Store.
+func (s *SQLite) GetToken(ctx context.Context, id string) (Token, error) {
+	return getToken(ctx, s.db, id)
+}
+
+// ListTokens implements Store.
+func (s *SQLite) ListTokens(ctx context.Context) ([]Token, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+tokenCols+` FROM tokens ORDER BY created`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Token
+	for rows.Next() {
+		t, err := scanToken(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
+
+// RevokeToken implements Store.
+func (s *SQLite) RevokeToken(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE tokens SET revoked = 1 WHERE id = ?`, id)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("token %q: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints`
+
+func scanNode(r scanner) (Node, error) {
+	var n Node
+	var id int64
+	var key, v4, v6, tags, eps string
+	var eph int
+	var created, lastSeen int64
+	var port int
+	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps); err != nil {
+		return n, err
+	}
+	n.ID, n.Key, n.Ephemeral = wire.NodeID(id), wire.Key(key), eph != 0
+	n.Created, n.LastSeen, n.ListenPort = fromUnixNano(created), fromUnixNano(lastSeen), uint16(port)
+	n.IPv4, _ = netip.ParseAddr(v4)
+	n.IPv6, _ = netip.ParseAddr(v6)
+	_ = json.Unmarshal([]byte(tags), &n.Tags)
+	_ = json.Unmarshal([]byte(eps), &n.Endpoints)
+	return n, nil
+}
+
+func getNode(ctx context.Context, q querier, where string, arg any) (Node, error) {
+	n, err := scanNode(q.QueryRowContext(ctx, `SELECT `+nodeCols+` FROM nodes WHERE `+where, arg))
+	if errors.Is(err, sql.ErrNoRows) {
+		return n, fmt.Errorf("node %v: %w", arg, ErrNotFound)
+	}
+	return n, err
+}
+
+// GetNode implements Store.
+func (s *SQLite) GetNode(ctx context.Context, id wire.NodeID) (Node, error) {
+	return getNode(ctx, s.db, "id = ?", int64(id))
+}
+
+// ListNodes implements Store.
+func (s *SQLite) ListNodes(ctx context.Context) ([]Node, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Node
+	for rows.Next() {
+		n, err := scanNode(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, n)
+	}
+	return out, rows.Err()
+}
+
+func nextCounter(ctx context.Context, tx *sql.Tx, name string) (int64, error) {
+	var v int64
+	err := tx.QueryRowContext(ctx, `UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value`, name).Scan(&v)
+	return v, err
+}
+
+func deleteNode(ctx context.Context, tx *sql.Tx, n Node, now time.Time) error {
+	if _, err := tx.ExecContext(ctx, `DELETE FROM nodes WHERE id = ?`, int64(n.ID)); err != nil {
+		return err
+	}
+	_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO removed_nodes (id, name, secret_hash, removed) VALUES (?, ?, ?, ?)`,
+		int64(n.ID), n.Name, n.SecretHash, unixNano(now))
+	return err
+}
+
+// RegisterNode implements Store.
+func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResult, error) {
+	var res RegisterResult
+	if r.Now.IsZero() {
+		r.Now = time.Now()
+	}
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		res = RegisterResult{}
+		tok, err := getToken(ctx, tx, r.TokenID)
+		if errors.Is(err, ErrNotFound) {
+			return ErrTokenInvalid
+		} else if err != nil {
+			return err
+		}
+		if !HashMatches(tok.SecretHash, r.TokenSecret) {
+			return ErrTokenInvalid
+		}
+		if tok.Revoked {
+			return ErrTokenRevoked
+		}
+		existing, err := getNode(ctx, tx, "name = ?", r.Name)
+		switch {
+		case errors.Is(err, ErrNotFound):
+		case err != nil:
+			return err
+		case existing.Key == r.Key:
+			// The same node again: keep its identity, hand it a new secret.
+			if existing.TokenID != tok.ID {
+				if err := consume(ctx, tx, tok, r); err != nil {
+					return err
+				}
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE nodes SET secret_hash = ?, hostname = ?, listen_port = ?, endpoints = ? WHERE id = ?`,
+				r.SecretHash, r.Hostname, int(r.ListenPort), jsonText(r.Endpoints), int64(existing.ID)); err != nil {
+				return err
+			}
+			existing.SecretHash, existing.Hostname, existing.ListenPort, existing.Endpoints = r.SecretHash, r.Hostname, r.ListenPort, r.Endpoints
+			res.Node, res.Existing = existing, true
+			return nil
+		case r.CanReplace != nil && r.CanReplace(existing):
+			if err := deleteNode(ctx, tx, existing, r.Now); err != nil {
+				return err
+			}
+			res.Replaced = existing.ID
+		default:
+			return ErrNameInUse
+		}
+		if _, err := getNode(ctx, tx, "wg_key = ?", string(r.Key)); err == nil {
+			return ErrKeyInUse
+		} else if !errors.Is(err, ErrNotFound) {
+			return err
+		}
+		if err := consume(ctx, tx, tok, r); err != nil {
+			return err
+		}
+		idx, err := nextCounter(ctx, tx, "node_addr")
+		if err != nil {
+			return err
+		}
+		v4, v6, err := NodeAddrs(idx)
+		if err != nil {
+			return err
+		}
+		n := Node{
+			Name: r.Name, Hostname: r.Hostname, Key: r.Key, IPv4: v4, IPv6: v6,
+			SecretHash: r.SecretHash, TokenID: tok.ID, Tags: tok.Tags, Ephemeral: tok.Ephemeral,
+			Created: r.Now, ListenPort: r.ListenPort, Endpoints: r.Endpoints,
+		}
+		var id int64
+		err = tx.QueryRowContext(ctx, `INSERT INTO nodes (name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) RETURNING id`,
+			n.Name, n.Hostname, string(n.Key), v4.String(), v6.String(), n.SecretHash, n.TokenID, jsonText(nonNil(n.Tags)),
+			b2i(n.Ephemeral), unixNano(n.Created), int(n.ListenPort), jsonText(n.Endpoints)).Scan(&id)
+		if err != nil {
+			return err
+		}
+		n.ID = wire.NodeID(id)
+		res.Node = n
+		return nil
+	})
+	return res, err
+}
+
+// consume checks tok for a new use and takes one, atomically with the
+// caller's transaction.
+func consume(ctx context.Context, tx *sql.Tx, tok Token, r Registration) error {
+	if err := tok.Check(r.TokenSecret, r.Now); err != nil {
+		return err
+	}
+	res, err := tx.ExecContext(ctx, `UPDATE tokens SET uses = uses + 1 WHERE id = ? AND revoked = 0 AND (reusable = 1 OR uses = 0)`, tok.ID)
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return ErrTokenUsed
+	}
+	return nil
+}
+
+// UpdateNodeNetwork implements Store.
+func (s *SQLite) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, key wire.Key, listenPort uint16, eps []netip.AddrPort) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET wg_key = CASE WHEN ? = '' THEN wg_key ELSE ? END, listen_port = ?, endpoints = ? WHERE id = ?`,
+		string(key), string(key), int(listenPort), jsonText(eps), int64(id))
+	if err != nil {
+		return fmt.Errorf("store: update node %d: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("node %d: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// SetLastSeen implements Store.
+func (s *SQLite) SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error {
+	_, err := s.db.ExecContext(ctx, `UPDATE nodes SET last_seen = ? WHERE id = ?`, unixNano(t), int64(id))
+	return err
+}
+
+// DeleteNode implements Store.
+func (s *SQLite) DeleteNode(ctx context.Context, id wire.NodeID) error {
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		n, err := getNode(ctx, tx, "id = ?", int64(id))
+		if err != nil {
+			return err
+		}
+		return deleteNode(ctx, tx, n, time.Now())
+	})
+}
+
+// RemovedNodeSecretHash implements Store.
+func (s *SQLite) RemovedNodeSecretHash(ctx context.Context, id wire.NodeID) ([]byte, error) {
+	var h []byte
+	err := s.db.QueryRowContext(ctx, `SELECT secret_hash FROM removed_nodes WHERE id = ?`, int64(id)).Scan(&h)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("removed node %d: %w", id, ErrNotFound)
+	}
+	return h, err
+}
+
+func scanService(r scanner) (Service, error) {
+	var sv Service
+	var vip string
+	var port int
+	var created int64
+	if err := r.Scan(&sv.Name, &vip, &port, &created); err != nil {
+		return sv, err
+	}
+	sv.VIP, _ = netip.ParseAddr(vip)
+	sv.Port, sv.Created = uint16(port), fromUnixNano(created)
+	return sv, nil
+}
+
+// ExposeService implements Store.
+func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error) {
+	var sv Service
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		var err error
+		sv, err = scanService(tx.QueryRowContext(ctx, `SELECT name, vip, port, created FROM services WHERE name = ?`, name))
+		if errors.Is(err, sql.ErrNoRows) {
+			idx, err := nextCounter(ctx, tx, "service_vip")
+			if err != nil {
+				return err
+			}
+			vip, err := ServiceVIP(idx - 1)
+			if err != nil {
+				return err
+			}
+			sv = Service{Name: name, VIP: vip, Port: port, Created: time.Now()}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO services (name, vip, port, created) VALUES (?, ?, ?, ?)`,
+				name, vip.String(), int(port), unixNano(sv.Created)); err != nil {
+				return err
+			}
+		} else if err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `INSERT INTO providers (service, node_id, port) VALUES (?, ?, ?)
+			ON CONFLICT (service, node_id) DO UPDATE SET port = excluded.port`, name, int64(nodeID), int(port))
+		return err
+	})
+	if err != nil {
+		return sv, fmt.Errorf("store: expose %q: %w", name, err)
+	}
+	return sv, nil
+}
+
+// UnexposeService implements Store.
+func (s *SQLite) UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM providers WHERE service = ? AND node_id = ?`, name, int64(nodeID))
+	if err != nil {
+		return fmt.Errorf("store: unexpose %q: %w", name, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("provider of %q: %w", name, ErrNotFound)
+	}
+	return nil
+}
+
+// ListServices implements Store.
+func (s *SQLite) ListServices(ctx context.Context) ([]Service, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT name, vip, port, created FROM services ORDER BY name`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Service
+	for rows.Next() {
+		sv, err := scanService(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, sv)
+	}
+	return out, rows.Err()
+}
+
+// ListProviders implements Store.
+func (s *SQLite) ListProviders(ctx context.Context) ([]Provider, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT service, node_id, port FROM providers ORDER BY service, node_id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Provider
+	for rows.Next() {
+		var p Provider
+		var id int64
+		var port int
+		if err := rows.Scan(&p.Service, &id, &port); err != nil {
+			return nil, err
+		}
+		p.NodeID, p.Port = wire.NodeID(id), uint16(port)
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}

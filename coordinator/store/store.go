@@ -1,0 +1,219 @@
+// Package store holds the coordinator's durable state: users, join tokens,
+// nodes, services and their providers. Store is the contract; SQLite (the
+// embedded default) implements it, and a PostgreSQL implementation can follow
+// without touching the coordinator.
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"net/netip"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+// Sentinel errors. Implementations wrap them so callers can errors.Is them.
+var (
+	ErrNotFound     = errors.New("store: not found")
+	ErrTokenInvalid = errors.New("store: token unknown or secret wrong")
+	ErrTokenExpired = errors.New("store: token expired")
+	ErrTokenUsed    = errors.New("store: token already used")
+	ErrTokenRevoked = errors.New("store: token revoked")
+	ErrNameInUse    = errors.New("store: name in use by another node")
+	ErrKeyInUse     = errors.New("store: key registered by another node")
+	ErrExhausted    = errors.New("store: address space exhausted")
+	ErrExists       = errors.New("store: already exists")
+)
+
+// User is a local account.
+type User struct {
+	ID           int64
+	Username     string
+	PasswordHash string
+	Admin        bool
+	Created      time.Time
+}
+
+// Token is a join token as stored: only the SHA-256 of its secret is kept.
+type Token struct {
+	ID         string
+	SecretHash []byte
+	Reusable   bool
+	Ephemeral  bool
+	Tags       []string
+	Expires    time.Time // zero: never
+	Uses       int
+	Revoked    bool
+	Created    time.Time
+}
+
+// Check validates t for a new registration at now with the given secret.
+func (t Token) Check(secret string, now time.Time) error {
+	if !HashMatches(t.SecretHash, secret) {
+		return ErrTokenInvalid
+	}
+	if t.Revoked {
+		return ErrTokenRevoked
+	}
+	if !t.Expires.IsZero() && !now.Before(t.Expires) {
+		return ErrTokenExpired
+	}
+	if !t.Reusable && t.Uses > 0 {
+		return ErrTokenUsed
+	}
+	return nil
+}
+
+// Node is a registered node.
+type Node struct {
+	ID         wire.NodeID
+	Name       string
+	Hostname   string
+	Key        wire.Key
+	IPv4       netip.Addr
+	IPv6       netip.Addr
+	SecretHash []byte
+	TokenID    string // the token that created it
+	Tags       []string
+	Ephemeral  bool
+	Created    time.Time
+	LastSeen   time.Time
+	ListenPort uint16
+	Endpoints  []netip.AddrPort
+}
+
+// Service is a named service. Its row and VIP outlive its providers so that
+// the VIP stays stable across unexpose/expose and restarts.
+type Service struct {
+	Name    string
+	VIP     netip.Addr
+	Port    uint16
+	Created time.Time
+}
+
+// Provider is one node's export of a service.
+type Provider struct {
+	Service string
+	NodeID  wire.NodeID
+	Port    uint16
+}
+
+// Registration describes a node joining with a token.
+type Registration struct {
+	TokenID     string
+	TokenSecret string
+	Now         time.Time
+	Name        string
+	Hostname    string
+	Key         wire.Key
+	ListenPort  uint16
+	Endpoints   []netip.AddrPort
+	SecretHash  []byte // hash of the new node secret
+	// CanReplace is asked, inside the transaction, whether an existing node
+	// holding Name with a different key may be removed to make room (the
+	// coordinator answers yes for an ephemeral node that is offline). Nil
+	// means never.
+	CanReplace func(existing Node) bool
+}
+
+// RegisterResult says what RegisterNode did.
+type RegisterResult struct {
+	Node Node
+	// Existing is true when the same name and key were already registered;
+	// the node kept its ID and addresses and got a new secret.
+	Existing bool
+	// Replaced is the ID of a node removed to free the name, or 0.
+	Replaced wire.NodeID
+}
+
+// Store is the coordinator's persistence. All methods are safe for
+// concurrent use. Methods that look a single row up return an error wrapping
+// ErrNotFound when it does not exist.
+type Store interface {
+	CreateUser(ctx context.Context, u User) (User, error)
+	GetUser(ctx context.Context, username string) (User, error)
+	CountUsers(ctx context.Context) (int, error)
+
+	CreateToken(ctx context.Context, t Token) error
+	GetToken(ctx context.Context, id string) (Token, error)
+	ListTokens(ctx context.Context) ([]Token, error)
+	RevokeToken(ctx context.Context, id string) error
+
+	// RegisterNode validates the token and creates the node in one
+	// transaction, consuming one use of the token: a single-use token
+	// creates at most one node, however many registrations race.
+	// Re-registering the same name and key with the token that created the
+	// node is idempotent and consumes nothing (an agent retrying after a
+	// lost answer).
+	RegisterNode(ctx context.Context, r Registration) (RegisterResult, error)
+	GetNode(ctx context.Context, id wire.NodeID) (Node, error)
+	ListNodes(ctx context.Context) ([]Node, error)
+	// UpdateNodeNetwork sets key (if non-empty), listen port and endpoints.
+	UpdateNodeNetwork(ctx context.Context, id wire.NodeID, key wire.Key, listenPort uint16, eps []netip.AddrPort) error
+	SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error
+	// DeleteNode removes the node and its providers, leaving a tombstone so
+	// that its later calls can be told it was removed.
+	DeleteNode(ctx context.Context, id wire.NodeID) error
+	// RemovedNodeSecretHash returns the secret hash of a removed node.
+	RemovedNodeSecretHash(ctx context.Context, id wire.NodeID) ([]byte, error)
+
+	// ExposeService creates the service (allocating its VIP, Port = port) if
+	// new, and upserts the provider (nodeID, port).
+	ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error)
+	// UnexposeService removes the provider; ErrNotFound if it was not one.
+	UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error
+	ListServices(ctx context.Context) ([]Service, error)
+	ListProviders(ctx context.Context) ([]Provider, error)
+
+	Close() error
+}
+
+// HashSecret returns the SHA-256 of a secret as stored.
+func HashSecret(secret string) []byte {
+	s := sha256.Sum256([]byte(secret))
+	return s[:]
+}
+
+// HashMatches compares a stored hash against a presented secret in constant time.
+func HashMatches(hash []byte, secret string) bool {
+	return len(hash) == sha256.Size && subtle.ConstantTimeCompare(hash, HashSecret(secret)) == 1
+}
+
+// NodeAddrs returns the mesh addresses of allocation index i (from 1).
+func NodeAddrs(i int64) (v4, v6 netip.Addr, err error) {
+	base := wire.NodePrefix4.Addr().As4()
+	size := int64(1) << (32 - wire.NodePrefix4.Bits())
+	if i < 1 || i >= size-1 {
+		return v4, v6, ErrExhausted
+	}
+	n := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+	n += uint32(i)
+	v4 = netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+	b6 := wire.NodePrefix6.Addr().As16()
+	for k := 0; k < 8; k++ {
+		b6[15-k] = byte(uint64(i) >> (8 * k))
+	}
+	return v4, netip.AddrFrom16(b6), nil
+}
+
+// ServiceVIP returns the VIP of allocation index i (from 0): addresses of
+// wire.ServicePrefix in order from .1, skipping every .0 and .255 so that
+// 127.100.X.Y is a clean loopback address.
+func ServiceVIP(i int64) (netip.Addr, error) {
+	if i < 0 {
+		return netip.Addr{}, ErrExhausted
+	}
+	per := int64(254)
+	third, fourth := i/per, i%per+1
+	size := int64(1) << (32 - wire.ServicePrefix.Bits())
+	if third >= size/256 {
+		return netip.Addr{}, ErrExhausted
+	}
+	b := wire.ServicePrefix.Addr().As4()
+	n := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	n += uint32(third)<<8 | uint32(fourth)
+	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}), nil
+}

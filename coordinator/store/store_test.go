@@ -1,0 +1,237 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+func openTest(t *testing.T, dir string) *SQLite {
+	t.Helper()
+	s, err := OpenSQLite(context.Background(), filepath.Join(dir, "meshlink.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func mkToken(t *testing.T, s Store, id string, reusable bool, expires time.Time) {
+	t.Helper()
+	if err := s.CreateToken(context.Background(), Token{ID: id, SecretHash: HashSecret("secret-" + id), Reusable: reusable, Expires: expires, Tags: []string{"tag:x"}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func reg(s Store, tok, name string, key wire.Key) (RegisterResult, error) {
+	return s.RegisterNode(context.Background(), Registration{
+		TokenID: tok, TokenSecret: "secret-" + tok, Name: name, Key: key, ListenPort: 41641,
+		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}, SecretHash: HashSecret("node-" + name),
+	})
+}
+
+func TestMigrationsApplyOnceAndReopenKeepsData(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	s := openTest(t, dir)
+	mkToken(t, s, "t1", true, time.Time{})
+	r, err := reg(s, "t1", "alpha", "keyA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ExposeService(ctx, "db", r.Node.ID, 5432); err != nil {
+		t.Fatal(err)
+	}
+	v1, _ := s.SchemaVersion(ctx)
+	if v1 != len(migrations) {
+		t.Fatalf("schema version %d, want %d", v1, len(migrations))
+	}
+	s.Close()
+
+	s2 := openTest(t, dir)
+	var rows int
+	if err := s2.db.QueryRow(`SELECT COUNT(*) FROM schema_migrations`).Scan(&rows); err != nil || rows != len(migrations) {
+		t.Fatalf("schema_migrations rows %d (%v), want %d", rows, err, len(migrations))
+	}
+	nodes, _ := s2.ListNodes(ctx)
+	if len(nodes) != 1 || nodes[0].Name != "alpha" || nodes[0].IPv4 != r.Node.IPv4 || len(nodes[0].Endpoints) != 1 || nodes[0].Tags[0] != "tag:x" {
+		t.Fatalf("nodes after reopen: %+v", nodes)
+	}
+	svcs, _ := s2.ListServices(ctx)
+	if len(svcs) != 1 || svcs[0].VIP != netip.MustParseAddr("100.100.0.1") {
+		t.Fatalf("services after reopen: %+v", svcs)
+	}
+	tok, err := s2.GetToken(ctx, "t1")
+	if err != nil || tok.Uses != 1 {
+		t.Fatalf("token after reopen: %+v %v", tok, err)
+	}
+}
+
+func TestAllocations(t *testing.T) {
+	tests := []struct {
+		name string
+		idx  int64
+		v4   string
+		v6   string
+	}{
+		{"first", 1, "100.96.0.1", "fd7a:6d65:7368::1"},
+		{"256th", 256, "100.96.1.0", "fd7a:6d65:7368::100"},
+		{"last", 1<<20 - 2, "100.111.255.254", "fd7a:6d65:7368::f:fffe"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			v4, v6, err := NodeAddrs(tc.idx)
+			if err != nil || v4.String() != tc.v4 || v6.String() != tc.v6 {
+				t.Fatalf("NodeAddrs(%d) = %v %v %v", tc.idx, v4, v6, err)
+			}
+		})
+	}
+	if _, _, err := NodeAddrs(1<<20 - 1); !errors.Is(err, ErrExhausted) {
+		t.Fatalf("broadcast address allocated: %v", err)
+	}
+	vips := []struct {
+		idx int64
+		vip string
+	}{{0, "100.100.0.1"}, {253, "100.100.0.254"}, {254, "100.100.1.1"}, {254*256 - 1, "100.100.255.254"}}
+	for _, tc := range vips {
+		got, err := ServiceVIP(tc.idx)
+		if err != nil || got.String() != tc.vip {
+			t.Errorf("ServiceVIP(%d) = %v %v, want %s", tc.idx, got, err, tc.vip)
+		}
+	}
+	if _, err := ServiceVIP(254 * 256); !errors.Is(err, ErrExhausted) {
+		t.Errorf("VIP space should be exhausted: %v", err)
+	}
+
+	s := openTest(t, t.TempDir())
+	ctx := context.Background()
+	mkToken(t, s, "r", true, time.Time{})
+	seen := map[netip.Addr]bool{}
+	var ids []wire.NodeID
+	for i := 0; i < 5; i++ {
+		r, err := reg(s, "r", fmt.Sprintf("n%d", i), wire.Key(fmt.Sprintf("k%d", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[r.Node.IPv4] || seen[r.Node.IPv6] {
+			t.Fatalf("duplicate address %v", r.Node)
+		}
+		seen[r.Node.IPv4], seen[r.Node.IPv6] = true, true
+		ids = append(ids, r.Node.ID)
+	}
+	// A deleted node's address is not handed out again.
+	if err := s.DeleteNode(ctx, ids[4]); err != nil {
+		t.Fatal(err)
+	}
+	r, err := reg(s, "r", "n5", "k5")
+	if err != nil || seen[r.Node.IPv4] {
+		t.Fatalf("re-used address: %v %v", r.Node.IPv4, err)
+	}
+	// Re-registering the same name and key is idempotent.
+	again, err := reg(s, "r", "n0", "k0")
+	if err != nil || !again.Existing || again.Node.ID != ids[0] {
+		t.Fatalf("re-register: %+v %v", again, err)
+	}
+	if _, err := reg(s, "r", "n0", "other"); !errors.Is(err, ErrNameInUse) {
+		t.Fatalf("name taken: %v", err)
+	}
+	// VIPs are stable when the last provider leaves and comes back.
+	sv1, _ := s.ExposeService(ctx, "web", ids[0], 80)
+	sv2, _ := s.ExposeService(ctx, "db", ids[1], 5432)
+	if sv1.VIP == sv2.VIP {
+		t.Fatal("same VIP twice")
+	}
+	if err := s.UnexposeService(ctx, "web", ids[0]); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UnexposeService(ctx, "web", ids[0]); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second unexpose: %v", err)
+	}
+	sv3, _ := s.ExposeService(ctx, "web", ids[2], 8080)
+	if sv3.VIP != sv1.VIP || sv3.Port != 80 {
+		t.Fatalf("VIP/port changed: %+v vs %+v", sv3, sv1)
+	}
+	// Deleting a node removes its providers and leaves a tombstone.
+	if err := s.DeleteNode(ctx, ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	ps, _ := s.ListProviders(ctx)
+	for _, p := range ps {
+		if p.NodeID == ids[1] {
+			t.Fatal("provider of deleted node survived")
+		}
+	}
+	if h, err := s.RemovedNodeSecretHash(ctx, ids[1]); err != nil || !HashMatches(h, "node-n1") {
+		t.Fatalf("tombstone: %v", err)
+	}
+}
+
+func TestTokenChecks(t *testing.T) {
+	s := openTest(t, t.TempDir())
+	mkToken(t, s, "once", false, time.Time{})
+	mkToken(t, s, "old", true, time.Now().Add(-time.Minute))
+	mkToken(t, s, "rev", true, time.Time{})
+	if err := s.RevokeToken(context.Background(), "rev"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg(s, "once", "a", "ka"); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		tok  string
+		sec  string
+		want error
+	}{
+		{"used", "once", "secret-once", ErrTokenUsed},
+		{"expired", "old", "secret-old", ErrTokenExpired},
+		{"revoked", "rev", "secret-rev", ErrTokenRevoked},
+		{"wrong secret", "once", "nope", ErrTokenInvalid},
+		{"unknown", "zzz", "secret-zzz", ErrTokenInvalid},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := s.RegisterNode(context.Background(), Registration{TokenID: tc.tok, TokenSecret: tc.sec, Name: "b", Key: "kb", SecretHash: HashSecret("x")})
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestConcurrentSingleUseToken(t *testing.T) {
+	s := openTest(t, t.TempDir())
+	mkToken(t, s, "once", false, time.Time{})
+	const n = 16
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = reg(s, "once", fmt.Sprintf("node%d", i), wire.Key(fmt.Sprintf("key%d", i)))
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			ok++
+		case errors.Is(err, ErrTokenUsed):
+		default:
+			t.Errorf("unexpected error: %v", err)
+		}
+	}
+	nodes, _ := s.ListNodes(context.Background())
+	if ok != 1 || len(nodes) != 1 {
+		t.Fatalf("%d registrations succeeded, %d nodes; want exactly 1", ok, len(nodes))
+	}
+}

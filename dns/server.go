@@ -1,0 +1,282 @@
+// Package dns is the agent's embedded DNS server.
+//
+// It answers names under the mesh domain (default mesh.internal) from a Zone
+// that the agent swaps in whole on every network map:
+//
+//	NAME.mesh.internal          A/AAAA  the service's local proxy address(es)
+//	_NAME._tcp.mesh.internal    SRV     port of the service, target NAME.mesh.internal.
+//	NODE.node.mesh.internal     A/AAAA  the node's mesh IPs
+//
+// Every other name is forwarded to the upstream resolvers (by default those
+// of /etc/resolv.conf), so the server can be the only resolver an
+// application is given.
+package dns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	mdns "github.com/miekg/dns"
+)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultDomain          = "mesh.internal"
+	DefaultUpstreamTimeout = 2 * time.Second
+	DefaultResolvConf      = "/etc/resolv.conf"
+)
+
+// ErrClosed is returned by Start after Close.
+var ErrClosed = errors.New("dns: server closed")
+
+// Config configures a Server.
+type Config struct {
+	// Addr is the listen address, e.g. "127.0.0.1:53" or "127.0.0.1:0".
+	// UDP and TCP are served on the same port.
+	Addr string
+	// Domain is the mesh domain; default "mesh.internal".
+	Domain string
+	// Upstreams are "host:port" resolvers for names outside Domain (a
+	// missing port means 53). If nil, the nameservers of ResolvConf are
+	// used, minus any that is this server itself. If empty (or resolv.conf
+	// names none), non-mesh names are answered SERVFAIL.
+	Upstreams []string
+	// UpstreamTimeout bounds each upstream's exchange (UDP plus a TCP retry
+	// when the UDP reply is truncated); default 2s.
+	UpstreamTimeout time.Duration
+	// ResolvConf is read when Upstreams is nil; default /etc/resolv.conf.
+	ResolvConf string
+	// Logger receives debug logs; nil discards.
+	Logger *slog.Logger
+}
+
+// Service is what a service name resolves to: the local proxy address(es)
+// (e.g. 127.100.0.7) and the port the proxy listens on.
+type Service struct {
+	Addrs []netip.Addr
+	Port  uint16
+}
+
+// Zone is the mesh's part of the name space, replaced whole by SetZone.
+type Zone struct {
+	Services map[string]Service      // key: service name, lowercase, e.g. "web"
+	Nodes    map[string][]netip.Addr // key: node name, lowercase; mesh IPs (v4 and v6)
+}
+
+// Server is the embedded DNS server. Create it with New, then Start; Close
+// releases everything. ServeDNS may also be driven directly (tests, fuzzing).
+type Server struct {
+	domain    string // canonical FQDN, lowercase, e.g. "mesh.internal."
+	domLabels int
+	mbox      string // SOA mailbox
+	timeout   time.Duration
+	cfg       Config
+	log       *slog.Logger
+
+	zone   atomic.Pointer[zoneIndex]
+	serial atomic.Uint32
+	ups    atomic.Pointer[[]string] // upstream "host:port" list, set by New or Start
+
+	// ctx is cancelled by Close so that in-flight forwards stop waiting.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu      sync.Mutex // guards the fields below
+	started bool
+	closed  bool
+	udp     *mdns.Server
+	tcp     *mdns.Server
+	addr    netip.AddrPort
+	wg      sync.WaitGroup // the ActivateAndServe goroutines
+}
+
+// New validates cfg and returns a server that is not yet listening.
+func New(cfg Config) (*Server, error) {
+	if cfg.Domain == "" {
+		cfg.Domain = DefaultDomain
+	}
+	domain := mdns.CanonicalName(strings.TrimSpace(cfg.Domain))
+	if domain == "." {
+		return nil, fmt.Errorf("dns: domain %q: must not be the root", cfg.Domain)
+	}
+	if _, ok := mdns.IsDomainName(domain); !ok {
+		return nil, fmt.Errorf("dns: domain %q is not a valid domain name", cfg.Domain)
+	}
+	if cfg.UpstreamTimeout <= 0 {
+		cfg.UpstreamTimeout = DefaultUpstreamTimeout
+	}
+	if cfg.ResolvConf == "" {
+		cfg.ResolvConf = DefaultResolvConf
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		domain:    domain,
+		domLabels: mdns.CountLabel(domain),
+		timeout:   cfg.UpstreamTimeout,
+		cfg:       cfg,
+		log:       log.With("subsystem", "dns"),
+	}
+	s.mbox = "hostmaster." + domain
+	if len(s.mbox) > 254 {
+		s.mbox = domain
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if cfg.Upstreams != nil {
+		ups, err := normalizeUpstreams(cfg.Upstreams)
+		if err != nil {
+			return nil, err
+		}
+		s.ups.Store(&ups)
+	} else {
+		empty := []string{}
+		s.ups.Store(&empty) // until Start reads resolv.conf
+	}
+	s.SetZone(Zone{})
+	return s, nil
+}
+
+// Start binds UDP and TCP on the configured address and starts serving.
+func (s *Server) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if s.started {
+		return errors.New("dns: server already started")
+	}
+	pc, ln, err := listen(s.cfg.Addr)
+	if err != nil {
+		return err
+	}
+	s.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	s.addr = netip.AddrPortFrom(s.addr.Addr().Unmap(), s.addr.Port())
+
+	if s.cfg.Upstreams == nil {
+		ups, err := upstreamsFromResolvConf(s.cfg.ResolvConf, s.addr)
+		if err != nil {
+			// Not fatal: mesh names still work; others get SERVFAIL.
+			s.log.Warn("no upstream resolvers; names outside the mesh will fail", "resolv_conf", s.cfg.ResolvConf, "err", err)
+		}
+		s.ups.Store(&ups)
+	}
+
+	s.udp = &mdns.Server{PacketConn: pc, Handler: s, UDPSize: ednsSize}
+	s.tcp = &mdns.Server{Listener: ln, Handler: s}
+	for _, srv := range []*mdns.Server{s.udp, s.tcp} {
+		started := make(chan struct{})
+		errc := make(chan error, 1)
+		srv.NotifyStartedFunc = func() { close(started) }
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			errc <- srv.ActivateAndServe()
+		}()
+		// Wait until it serves, so that Close's Shutdown cannot race ahead of
+		// ActivateAndServe and leave it running.
+		select {
+		case <-started:
+		case err := <-errc:
+			s.shutdownLocked()
+			return fmt.Errorf("dns: serve on %s: %w", s.addr, err)
+		}
+	}
+	s.started = true
+	s.log.Debug("listening", "addr", s.addr.String(), "domain", s.domain, "upstreams", *s.ups.Load())
+	return nil
+}
+
+// listen binds UDP then TCP on the same port. With port 0 the kernel's UDP
+// choice may be taken for TCP, so that case retries a few times.
+func listen(addr string) (net.PacketConn, net.Listener, error) {
+	if addr == "" {
+		addr = "127.0.0.1:53"
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dns: listen address %q: %w; give host:port with --dns", addr, err)
+	}
+	const attempts = 8
+	for i := 0; ; i++ {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, nil, bindError("udp", addr, err)
+		}
+		p := pc.LocalAddr().(*net.UDPAddr).Port
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, fmt.Sprint(p)))
+		if err == nil {
+			return pc, ln, nil
+		}
+		pc.Close()
+		if port != "0" || i+1 >= attempts || !errors.Is(err, syscall.EADDRINUSE) {
+			return nil, nil, bindError("tcp", addr, err)
+		}
+	}
+}
+
+func bindError(network, addr string, err error) error {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("dns: %s address %s is already in use; pick another with --dns (e.g. --dns 127.0.0.1:5353): %w", network, addr, err)
+	case errors.Is(err, syscall.EACCES):
+		return fmt.Errorf("dns: not allowed to bind %s %s (ports below 1024 need privileges); pick another with --dns (e.g. --dns 127.0.0.1:5353): %w", network, addr, err)
+	default:
+		return fmt.Errorf("dns: listen %s %s: %w; pick another address with --dns", network, addr, err)
+	}
+}
+
+// Addr returns the bound address (the zero value before Start).
+func (s *Server) Addr() netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Close stops serving and waits for the server's goroutines. It is
+// idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	s.cancel()
+	s.shutdownLocked()
+	return nil
+}
+
+// shutdownLocked stops both servers and waits for their goroutines; Close
+// cancels s.ctx first so in-flight forwards give up.
+func (s *Server) shutdownLocked() {
+	for _, srv := range []*mdns.Server{s.udp, s.tcp} {
+		if srv == nil {
+			continue
+		}
+		// Shutdown waits for in-flight handlers; they return promptly since
+		// s.ctx is cancelled. An error means it never started (its
+		// goroutine has then already returned) or is already shut down.
+		if err := srv.Shutdown(); err != nil {
+			if srv.PacketConn != nil {
+				srv.PacketConn.Close()
+			}
+			if srv.Listener != nil {
+				srv.Listener.Close()
+			}
+		}
+	}
+	s.wg.Wait()
+	s.udp, s.tcp = nil, nil
+}

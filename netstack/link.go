@@ -1,0 +1,331 @@
+package netstack
+
+import (
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/stack/gro"
+)
+
+// linkEndpoint is the bridge between gVisor and wireguard-go: gVisor hands it
+// outbound IP packets (WritePackets), which wait in a bounded FIFO until
+// tun.Device.Read drains them; tun.Device.Write injects inbound packets
+// straight into the network dispatcher.
+//
+// Why not link/channel: channel clones every packet, signals readers one
+// packet at a time through a Go channel and has no batching; here the queue
+// is a ring under a mutex (push and pop are a few pointer moves), the reader
+// is woken only on the empty→non-empty edge, and one Read drains up to a
+// whole wireguard-go batch without further synchronisation.
+//
+// Offloads, the main throughput lever for a userspace stack (per-segment TCP
+// processing dominates, not copying):
+//   - Send: the endpoint advertises gVisor software GSO, so TCP builds one
+//     large segment per send and splits it into MSS-sized packets in a
+//     single pass (tcp.sendTCPBatch), handing them to WritePackets as one
+//     list. Host-style GSO (one 64 KiB packet handed to us, split while
+//     copying into bufs in drain, like wireguard-go's tun offload) would
+//     save the per-packet PacketBuffers too; drain is where it would go
+//     ("GSO hook").
+//   - Receive: each Write batch goes through gVisor's GRO engine, which
+//     coalesces consecutive in-order segments of one TCP flow before the
+//     stack sees them, so the receiver runs once per batch, not per packet.
+type linkEndpoint struct {
+	mtu atomic.Uint32
+
+	// signal has capacity 1; a send means "the queue became non-empty".
+	signal chan struct{}
+	// closed is closed when the endpoint is closed; readers blocked in drain
+	// return os.ErrClosed.
+	closed chan struct{}
+
+	mu sync.Mutex // guards the fields below
+	// ring is the bounded outbound queue; head is the oldest entry, n the
+	// number of queued packets.
+	ring     []*stack.PacketBuffer
+	head, n  int
+	isClosed bool
+	// dispatcher is where inbound packets go; nil until Attach.
+	dispatcher stack.NetworkDispatcher
+
+	stats *Stats
+
+	// gros holds *gro.GRO engines. wireguard-go calls Write concurrently
+	// (one goroutine per peer), and a GRO engine is single-threaded state,
+	// so each Write borrows one for the duration of its batch.
+	gros sync.Pool
+}
+
+func newLinkEndpoint(mtu uint32, queueLen int, stats *Stats) *linkEndpoint {
+	e := &linkEndpoint{
+		signal: make(chan struct{}, 1),
+		closed: make(chan struct{}),
+		ring:   make([]*stack.PacketBuffer, queueLen),
+		stats:  stats,
+	}
+	e.mtu.Store(mtu)
+	e.gros.New = func() any {
+		g := new(gro.GRO)
+		g.Init(true)
+		return g
+	}
+	return e
+}
+
+var _ stack.GSOEndpoint = (*linkEndpoint)(nil)
+
+// GSOMaxSize implements stack.GSOEndpoint.
+func (*linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
+
+// SupportedGSO implements stack.GSOEndpoint: gVisor segments in software.
+func (*linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOSupported }
+
+var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
+
+// WritePackets implements stack.LinkWriter. It enqueues as many packets as
+// fit; the rest are dropped and counted (gVisor's TCP treats them as losses
+// and recovers, which is what a real, full NIC queue would cause too).
+func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	e.mu.Lock()
+	if e.isClosed {
+		e.mu.Unlock()
+		return 0, &tcpip.ErrClosedForSend{}
+	}
+	wasEmpty := e.n == 0
+	queued := 0
+	for _, pkt := range pkts.AsSlice() {
+		if e.n == len(e.ring) {
+			break
+		}
+		// IncRef rather than Clone: we only read the bytes and gVisor never
+		// mutates a packet after handing it to the link layer.
+		e.ring[(e.head+e.n)%len(e.ring)] = pkt.IncRef()
+		e.n++
+		queued++
+	}
+	e.mu.Unlock()
+
+	if dropped := pkts.Len() - queued; dropped > 0 {
+		e.stats.OutboundDropped.Add(uint64(dropped))
+	}
+	if queued > 0 && wasEmpty {
+		select {
+		case e.signal <- struct{}{}:
+		default:
+		}
+	}
+	if queued == 0 {
+		return 0, &tcpip.ErrNoBufferSpace{}
+	}
+	return queued, nil
+}
+
+// drain blocks until at least one outbound packet is queued (or the endpoint
+// is closed), then copies up to len(bufs) packets into bufs[i][offset:]
+// without blocking again. It implements tun.Device.Read.
+func (e *linkEndpoint) drain(bufs [][]byte, sizes []int, offset int) (int, error) {
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	// Pop under the lock into a small stack array, copy outside the lock so
+	// that gVisor's writers are not stalled behind memmoves.
+	var batch [maxBatch]*stack.PacketBuffer
+	want := min(len(bufs), len(sizes), maxBatch)
+	for {
+		e.mu.Lock()
+		if e.isClosed {
+			e.mu.Unlock()
+			return 0, os.ErrClosed
+		}
+		k := min(e.n, want)
+		for i := 0; i < k; i++ {
+			batch[i] = e.ring[e.head]
+			e.ring[e.head] = nil
+			e.head = (e.head + 1) % len(e.ring)
+		}
+		e.n -= k
+		e.mu.Unlock()
+
+		if k > 0 {
+			n := 0
+			for i := 0; i < k; i++ {
+				pkt := batch[i]
+				batch[i] = nil
+				// GSO hook: a super-segment would be split here into
+				// several bufs entries.
+				if sz, ok := copyPacket(bufs[n][offset:], pkt); ok {
+					sizes[n] = sz
+					n++
+				} else {
+					e.stats.OutboundTooBig.Add(1)
+				}
+				pkt.DecRef()
+			}
+			e.stats.OutboundPackets.Add(uint64(n))
+			if n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		select {
+		case <-e.signal:
+		case <-e.closed:
+		}
+	}
+}
+
+// copyPacket copies the packet's bytes (headers and payload) into dst
+// without allocating: it walks the packet's view list directly instead of
+// AsSlices (which allocates a [][]byte) or ToView (which allocates and
+// copies twice).
+func copyPacket(dst []byte, pkt *stack.PacketBuffer) (int, bool) {
+	size := pkt.Size()
+	if size > len(dst) {
+		return 0, false
+	}
+	vl, skip := pkt.AsViewList()
+	n := 0
+	for v := vl.Front(); v != nil && n < size; v = v.Next() {
+		b := v.AsSlice()
+		if skip >= len(b) {
+			skip -= len(b)
+			continue
+		}
+		b = b[skip:]
+		skip = 0
+		n += copy(dst[n:size], b)
+	}
+	return n, n == size
+}
+
+// inject delivers one inbound IP packet to gVisor. Anything that is not
+// plausibly an IPv4 or IPv6 packet is dropped and counted; gVisor validates
+// the rest (checksums, lengths, options) and never panics on what it accepts
+// past these checks (FuzzWrite exercises this).
+func (e *linkEndpoint) inject(b []byte, g *gro.GRO) {
+	var proto tcpip.NetworkProtocolNumber
+	switch {
+	case len(b) >= header.IPv4MinimumSize && b[0]>>4 == 4:
+		proto = header.IPv4ProtocolNumber
+	case len(b) >= header.IPv6MinimumSize && b[0]>>4 == 6:
+		proto = header.IPv6ProtocolNumber
+	default:
+		e.stats.InboundInvalid.Add(1)
+		return
+	}
+	// MakeWithData copies into gVisor's pooled chunks: wireguard-go reuses
+	// bufs as soon as Write returns, so the bytes must be copied once; the
+	// PacketBuffer itself comes from gVisor's pool.
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
+		Payload: buffer.MakeWithData(b),
+	})
+	pkt.NetworkProtocolNumber = proto
+	g.Enqueue(pkt) // GRO verifies checksums itself before coalescing
+	pkt.DecRef()
+	e.stats.InboundPackets.Add(1)
+}
+
+// write implements tun.Device.Write.
+func (e *linkEndpoint) write(bufs [][]byte, offset int) (int, error) {
+	e.mu.Lock()
+	closed, d := e.isClosed, e.dispatcher
+	e.mu.Unlock()
+	if closed {
+		return 0, os.ErrClosed
+	}
+	if d == nil {
+		// Not attached yet: nothing can consume packets; drop them.
+		e.stats.InboundInvalid.Add(uint64(len(bufs)))
+		return len(bufs), nil
+	}
+	g := e.gros.Get().(*gro.GRO)
+	g.Dispatcher = d
+	for _, buf := range bufs {
+		if offset < 0 || offset > len(buf) {
+			e.stats.InboundInvalid.Add(1)
+			continue
+		}
+		e.inject(buf[offset:], g)
+	}
+	g.Flush()
+	g.Dispatcher = nil
+	e.gros.Put(g)
+	return len(bufs), nil
+}
+
+// close closes the queue, wakes any blocked reader and releases queued
+// packets. Idempotent.
+func (e *linkEndpoint) close() {
+	e.mu.Lock()
+	if e.isClosed {
+		e.mu.Unlock()
+		return
+	}
+	e.isClosed = true
+	for e.n > 0 {
+		e.ring[e.head].DecRef()
+		e.ring[e.head] = nil
+		e.head = (e.head + 1) % len(e.ring)
+		e.n--
+	}
+	e.mu.Unlock()
+	close(e.closed)
+}
+
+// MTU implements stack.LinkEndpoint.
+func (e *linkEndpoint) MTU() uint32 { return e.mtu.Load() }
+
+// SetMTU implements stack.LinkEndpoint.
+func (e *linkEndpoint) SetMTU(mtu uint32) { e.mtu.Store(mtu) }
+
+// MaxHeaderLength implements stack.LinkEndpoint: IP packets, no link header.
+func (*linkEndpoint) MaxHeaderLength() uint16 { return 0 }
+
+// LinkAddress implements stack.LinkEndpoint: a point-to-point tunnel has none.
+func (*linkEndpoint) LinkAddress() tcpip.LinkAddress { return "" }
+
+// SetLinkAddress implements stack.LinkEndpoint.
+func (*linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
+
+// Capabilities implements stack.LinkEndpoint. Checksums are computed and
+// verified by gVisor: packets cross a real network (inside WireGuard, which
+// authenticates them, but a buggy or malicious peer can still send garbage),
+// so we do not claim RX checksum offload.
+func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities { return 0 }
+
+// Attach implements stack.LinkEndpoint.
+func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
+	e.mu.Lock()
+	e.dispatcher = d
+	e.mu.Unlock()
+}
+
+// IsAttached implements stack.LinkEndpoint.
+func (e *linkEndpoint) IsAttached() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.dispatcher != nil
+}
+
+// Wait implements stack.LinkEndpoint: the endpoint runs no goroutines.
+func (*linkEndpoint) Wait() {}
+
+// ARPHardwareType implements stack.LinkEndpoint.
+func (*linkEndpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareNone }
+
+// AddHeader implements stack.LinkEndpoint.
+func (*linkEndpoint) AddHeader(*stack.PacketBuffer) {}
+
+// ParseHeader implements stack.LinkEndpoint.
+func (*linkEndpoint) ParseHeader(*stack.PacketBuffer) bool { return true }
+
+// Close implements stack.LinkEndpoint.
+func (e *linkEndpoint) Close() { e.close() }
+
+// SetOnCloseAction implements stack.LinkEndpoint.
+func (*linkEndpoint) SetOnCloseAction(func()) {}

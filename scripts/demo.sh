@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A whole local mesh to try: a coordinator, two sites (site-a consumes,
+# site-b exports a web server as "web"), all on this machine, no root.
+# Ctrl-C stops everything. MESHLINK_DEMO_ONESHOT=1 checks it works and exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-bin/meshlink}
+DIR=${DEMO_DIR:-demo}
+COORD_PORT=${COORD_PORT:-8443}
+WEB_PORT=${WEB_PORT:-8000}
+DNS_PORT=${DNS_PORT:-5353}
+
+[[ -x $BIN && -x bin/hello ]] || { echo "build first: make build"; exit 1; }
+rm -rf "$DIR"
+mkdir -p "$DIR"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS > deadline)); then
+      echo "demo: timed out waiting for $what; logs are in $DIR/*.log" >&2
+      tail -n 20 "$DIR"/*.log >&2 || true
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+echo "==> coordinator on https://127.0.0.1:$COORD_PORT (data in $DIR/coord)"
+"$BIN" coordinator --listen "127.0.0.1:$COORD_PORT" --data "$DIR/coord" >"$DIR/coord.log" 2>&1 &
+pids+=($!)
+wait_for 20 "the coordinator" "$BIN" token create --data "$DIR/coord"
+TOKEN=$("$BIN" token create --data "$DIR/coord" --reusable --expires 1h)
+echo "==> join token: ${TOKEN:0:24}…"
+
+echo "==> sample web server at site-b on 127.0.0.1:$WEB_PORT"
+bin/hello --listen "127.0.0.1:$WEB_PORT" --site site-b >"$DIR/hello.log" 2>&1 &
+pids+=($!)
+
+echo "==> site-b exports it as 'web'"
+"$BIN" agent --join "$TOKEN" --name site-b --state "$DIR/b" --dns off \
+  --proxy-range 127.102.0.0/16 --expose "web=127.0.0.1:$WEB_PORT" >"$DIR/site-b.log" 2>&1 &
+pids+=($!)
+
+echo "==> site-a consumes, DNS on 127.0.0.1:$DNS_PORT"
+"$BIN" agent --join "$TOKEN" --name site-a --state "$DIR/a" --dns "127.0.0.1:$DNS_PORT" >"$DIR/site-a.log" 2>&1 &
+pids+=($!)
+
+wait_for 30 "web to reach site-a" bash -c "'$BIN' services --state '$DIR/a' --json | grep -q '\"listening\": true'"
+
+echo
+"$BIN" services --state "$DIR/a"
+echo
+IP=$(bash -c "'$BIN' services --state '$DIR/a' --json" | sed -n 's/.*"local": "\([0-9.]*\):.*/\1/p' | head -n1)
+if command -v dig >/dev/null; then
+  echo "\$ dig +short @127.0.0.1 -p $DNS_PORT web.mesh.internal"
+  dig +short @127.0.0.1 -p "$DNS_PORT" web.mesh.internal
+fi
+echo "\$ curl http://$IP:$WEB_PORT/"
+curl -sS --max-time 10 "http://$IP:$WEB_PORT/"
+echo
+"$BIN" status --state "$DIR/a"
+
+if [[ ${MESHLINK_DEMO_ONESHOT:-} == 1 ]]; then
+  exit 0
+fi
+cat <<TXT
+
+The mesh is up. Try, in another terminal:
+  dig @127.0.0.1 -p $DNS_PORT web.mesh.internal
+  curl http://$IP:$WEB_PORT/
+  $BIN status --state $DIR/a
+  $BIN services --state $DIR/a
+  $BIN expose ssh 127.0.0.1:22 --state $DIR/b     # then: $BIN services --state $DIR/a
+Logs: $DIR/*.log. Ctrl-C stops the demo.
+TXT
+wait

@@ -1,0 +1,220 @@
+// Package harness runs whole meshes for tests and benchmarks: a coordinator
+// and agents in one process over real UDP and TCP on loopback, or the built
+// meshlink binary as real processes.
+package harness
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/coordinator"
+)
+
+// WaitFor polls cond until it returns nil or timeout passes, then fails the
+// test with cond's last error. It never sleeps longer than needed.
+func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	delay := 5 * time.Millisecond
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s: %v", timeout, what, err)
+		}
+		time.Sleep(delay)
+		delay = min(delay*2, 200*time.Millisecond)
+	}
+}
+
+// Logger returns a logger that writes to t.Log, at debug level when
+// MESHLINK_TEST_DEBUG is set.
+func Logger(t testing.TB, name string) *slog.Logger {
+	lvl := slog.LevelInfo
+	if os.Getenv("MESHLINK_TEST_DEBUG") != "" {
+		lvl = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(&tlogWriter{t: t, prefix: name + ": "}, &slog.HandlerOptions{Level: lvl}))
+}
+
+type tlogWriter struct {
+	t      testing.TB
+	prefix string
+	mu     sync.Mutex
+	done   bool
+}
+
+func (w *tlogWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		defer func() {
+			// t.Log panics after the test ended; late log lines from
+			// goroutines being torn down are dropped instead.
+			if recover() != nil {
+				w.done = true
+			}
+		}()
+		w.t.Log(w.prefix + strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+// Mesh is an in-process coordinator with agents.
+type Mesh struct {
+	t     testing.TB
+	dir   string
+	Coord *coordinator.Server
+	addr  string
+}
+
+// NewMesh starts a coordinator on loopback in a temporary directory.
+func NewMesh(t testing.TB) *Mesh {
+	m := &Mesh{t: t, dir: t.TempDir(), addr: "127.0.0.1:0"}
+	m.StartCoordinator()
+	t.Cleanup(func() {
+		if m.Coord != nil {
+			m.Coord.Close()
+		}
+	})
+	return m
+}
+
+// StartCoordinator (re)starts the coordinator on the same data directory and
+// port as before.
+func (m *Mesh) StartCoordinator() {
+	m.t.Helper()
+	s, err := coordinator.New(coordinator.Config{
+		Listen: m.addr, DataDir: filepath.Join(m.dir, "coord"), Logger: Logger(m.t, "coordinator"),
+		KeepAlive: 2 * time.Second,
+	})
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	if err := s.Start(context.Background()); err != nil {
+		m.t.Fatal(err)
+	}
+	m.Coord = s
+	m.addr = s.Addr().String()
+}
+
+// StopCoordinator closes the coordinator; agents keep their data plane.
+func (m *Mesh) StopCoordinator() {
+	m.Coord.Close()
+	m.Coord = nil
+}
+
+// Token mints a reusable token.
+func (m *Mesh) Token() string {
+	m.t.Helper()
+	tok, err := m.Coord.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true, Expires: time.Hour})
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return tok
+}
+
+// AgentOptions tunes AddAgent.
+type AgentOptions struct {
+	Expose []agent.Export
+	// ProxyRange defaults to a distinct 127.N.0.0/16 per agent.
+	ProxyRange netip.Prefix
+	StateDir   string
+}
+
+var proxySeq struct {
+	mu sync.Mutex
+	n  int
+}
+
+// nextProxyRange hands out 127.101.0.0/16, 127.102.0.0/16, … so agents in
+// one process never compete for local addresses.
+func nextProxyRange() netip.Prefix {
+	proxySeq.mu.Lock()
+	defer proxySeq.mu.Unlock()
+	proxySeq.n++
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{127, byte(100 + proxySeq.n%150), 0, 0}), 16)
+}
+
+// AddAgent joins and starts an agent; it is closed at the end of the test.
+func (m *Mesh) AddAgent(name string, o AgentOptions) *agent.Agent {
+	m.t.Helper()
+	if !o.ProxyRange.IsValid() {
+		o.ProxyRange = nextProxyRange()
+	}
+	if o.StateDir == "" {
+		o.StateDir = filepath.Join(m.dir, name)
+	}
+	a, err := agent.New(agent.Config{
+		StateDir: o.StateDir, Join: m.Token(), Name: name, DNS: "127.0.0.1:0",
+		Upstreams: []string{}, Expose: o.Expose, ProxyRange: o.ProxyRange,
+		Logger: Logger(m.t, name), RetryMin: 50 * time.Millisecond, RetryMax: 500 * time.Millisecond,
+		DialTimeout: time.Second,
+	})
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := a.Start(ctx); err != nil {
+		m.t.Fatal(err)
+	}
+	m.t.Cleanup(func() { a.Close() })
+	return a
+}
+
+var builds struct {
+	mu   sync.Mutex
+	done map[string]string
+}
+
+// Binary builds cmd/meshlink once per test process and returns its path;
+// MESHLINK_BINARY names a prebuilt one instead.
+func Binary(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("MESHLINK_BINARY"); p != "" {
+		return p
+	}
+	return Build(t, "./cmd/meshlink")
+}
+
+// Build builds the main package pkg (relative to the module root) once per
+// test process and returns the binary's path.
+func Build(t testing.TB, pkg string) string {
+	t.Helper()
+	builds.mu.Lock()
+	defer builds.mu.Unlock()
+	if p, ok := builds.done[pkg]; ok {
+		return p
+	}
+	dir, err := os.MkdirTemp("", "meshlink-bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..")
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	if builds.done == nil {
+		builds.done = map[string]string{}
+	}
+	builds.done[pkg] = out
+	return out
+}
