@@ -65,12 +65,12 @@ func ParseToken(s string) (JoinToken, error) {
 	}
 	raw, err := base64.RawURLEncoding.DecodeString(s[len(TokenPrefix):])
 	if err != nil {
-		return t, fmt.Errorf("%w: not base64url (truncated copy?)", ErrTokenMalformed)
+		return t, fmt.Errorf("%w: it is incomplete or damaged; copy the whole line printed by `meshlink token create`", ErrTokenMalformed)
 	}
 	dec := json.NewDecoder(strings.NewReader(string(raw)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&t); err != nil {
-		return JoinToken{}, fmt.Errorf("%w: bad payload", ErrTokenMalformed)
+		return JoinToken{}, fmt.Errorf("%w: it is incomplete or damaged; copy the whole line printed by `meshlink token create`", ErrTokenMalformed)
 	}
 	u, err := url.Parse(t.URL)
 	if err != nil || u.Scheme != "https" || u.Host == "" {

@@ -118,13 +118,21 @@ func (m *Mesh) StopCoordinator() {
 
 // Token mints a reusable token.
 func (m *Mesh) Token() string {
+	return m.TokenWith(coordinator.TokenOptions{Reusable: true, Expires: time.Hour})
+}
+
+// TokenWith mints a token with the given options.
+func (m *Mesh) TokenWith(o coordinator.TokenOptions) string {
 	m.t.Helper()
-	tok, err := m.Coord.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true, Expires: time.Hour})
+	tok, err := m.Coord.CreateToken(context.Background(), o)
 	if err != nil {
 		m.t.Fatal(err)
 	}
 	return tok
 }
+
+// Dir is the mesh's temporary directory.
+func (m *Mesh) Dir() string { return m.dir }
 
 // AgentOptions tunes AddAgent.
 type AgentOptions struct {
@@ -132,6 +140,8 @@ type AgentOptions struct {
 	// ProxyRange defaults to a distinct 127.N.0.0/16 per agent.
 	ProxyRange netip.Prefix
 	StateDir   string
+	// Token defaults to a fresh reusable one; "-" joins with none.
+	Token string
 }
 
 var proxySeq struct {
@@ -151,28 +161,54 @@ func nextProxyRange() netip.Prefix {
 // AddAgent joins and starts an agent; it is closed at the end of the test.
 func (m *Mesh) AddAgent(name string, o AgentOptions) *agent.Agent {
 	m.t.Helper()
+	a, err := m.StartAgent(name, o)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return a
+}
+
+// AgentConfig is the configuration AddAgent uses, for tests that vary it.
+func (m *Mesh) AgentConfig(name string, o AgentOptions) agent.Config {
 	if !o.ProxyRange.IsValid() {
 		o.ProxyRange = nextProxyRange()
 	}
 	if o.StateDir == "" {
 		o.StateDir = filepath.Join(m.dir, name)
 	}
-	a, err := agent.New(agent.Config{
-		StateDir: o.StateDir, Join: m.Token(), Name: name, DNS: "127.0.0.1:0",
+	switch o.Token {
+	case "":
+		o.Token = m.Token()
+	case "-":
+		o.Token = ""
+	}
+	return agent.Config{
+		StateDir: o.StateDir, Join: o.Token, Name: name, DNS: "127.0.0.1:0",
 		Upstreams: []string{}, Expose: o.Expose, ProxyRange: o.ProxyRange,
 		Logger: Logger(m.t, name), RetryMin: 50 * time.Millisecond, RetryMax: 500 * time.Millisecond,
 		DialTimeout: time.Second,
-	})
+	}
+}
+
+// StartAgent is AddAgent returning the error from New or Start.
+func (m *Mesh) StartAgent(name string, o AgentOptions) (*agent.Agent, error) {
+	return StartAgent(m.t, m.AgentConfig(name, o))
+}
+
+// StartAgent creates and starts an agent from cfg, closing it at the end of
+// the test.
+func StartAgent(t testing.TB, cfg agent.Config) (*agent.Agent, error) {
+	a, err := agent.New(cfg)
 	if err != nil {
-		m.t.Fatal(err)
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := a.Start(ctx); err != nil {
-		m.t.Fatal(err)
+		return nil, err
 	}
-	m.t.Cleanup(func() { a.Close() })
-	return a
+	t.Cleanup(func() { a.Close() })
+	return a, nil
 }
 
 var builds struct {

@@ -1,0 +1,142 @@
+package wire
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func goodToken() JoinToken {
+	sum := sha256.Sum256([]byte("cert"))
+	return JoinToken{URL: "https://10.0.0.1:8443", Fingerprint: hex.EncodeToString(sum[:]), ID: "tok1", Secret: strings.Repeat("s", 43), Expires: 1900000000}
+}
+
+func TestTokenRoundTrip(t *testing.T) {
+	tok := goodToken()
+	s := tok.String()
+	if !strings.HasPrefix(s, TokenPrefix) {
+		t.Fatalf("token %q lacks prefix", s)
+	}
+	got, err := ParseToken("  " + s + "\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != tok {
+		t.Fatalf("round trip: got %+v, want %+v", got, tok)
+	}
+}
+
+func TestParseTokenErrors(t *testing.T) {
+	tok := goodToken()
+	mod := func(f func(*JoinToken)) string { t := tok; f(&t); return t.String() }
+	cases := []struct{ name, in, want string }{
+		{"empty", "", "must start with"},
+		{"other prefix", "tskey-abc", "must start with"},
+		{"not base64", TokenPrefix + "!!!", "incomplete or damaged"},
+		{"truncated", tok.String()[:30], "incomplete or damaged"},
+		{"http url", mod(func(t *JoinToken) { t.URL = "http://10.0.0.1:8443" }), "not https"},
+		{"no host", mod(func(t *JoinToken) { t.URL = "https://" }), "not https"},
+		{"short fingerprint", mod(func(t *JoinToken) { t.Fingerprint = "abcd" }), "fingerprint"},
+		{"short secret", mod(func(t *JoinToken) { t.Secret = "x" }), "secret"},
+		{"no id", mod(func(t *JoinToken) { t.ID = "" }), "id"},
+		{"too long", TokenPrefix + strings.Repeat("A", 5000), "too long"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseToken(tc.in)
+			if !errors.Is(err, ErrTokenMalformed) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("ParseToken: %v, want ErrTokenMalformed mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestFingerprintMatches(t *testing.T) {
+	der := []byte("certificate bytes")
+	fp := CertFingerprint(der)
+	if !FingerprintMatches(der, fp) || !FingerprintMatches(der, strings.ToUpper(fp)) {
+		t.Fatal("own fingerprint does not match")
+	}
+	if FingerprintMatches([]byte("other"), fp) {
+		t.Fatal("other certificate matches")
+	}
+}
+
+func TestValidName(t *testing.T) {
+	for _, ok := range []string{"web", "db-1", "a", strings.Repeat("a", 63)} {
+		if err := ValidName(ok); err != nil {
+			t.Errorf("ValidName(%q): %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "-web", "web-", "Web", "w b", "w.b", "ü", strings.Repeat("a", 64)} {
+		if ValidName(bad) == nil {
+			t.Errorf("ValidName(%q) accepted", bad)
+		}
+	}
+}
+
+func TestLocalProxyAddr(t *testing.T) {
+	if got := LocalProxyAddr(netip.MustParseAddr("100.100.3.7")); got != netip.MustParseAddr("127.100.3.7") {
+		t.Fatalf("got %v", got)
+	}
+	if LocalProxyAddr(netip.MustParseAddr("fd00::1")).IsValid() {
+		t.Fatal("IPv6 VIP mapped")
+	}
+}
+
+func FuzzParseToken(f *testing.F) {
+	f.Add(goodToken().String())
+	f.Add(TokenPrefix)
+	f.Add(TokenPrefix + "e30")
+	f.Fuzz(func(t *testing.T, s string) {
+		tok, err := ParseToken(s)
+		if err != nil {
+			if !errors.Is(err, ErrTokenMalformed) {
+				t.Fatalf("error not ErrTokenMalformed: %v", err)
+			}
+			return
+		}
+		// Whatever parses must survive a round trip.
+		again, err := ParseToken(tok.String())
+		if err != nil || again != tok {
+			t.Fatalf("round trip of %+v: %+v, %v", tok, again, err)
+		}
+	})
+}
+
+// FuzzMapResponse feeds arbitrary bytes to the decoder the agent uses on the
+// map stream and checks that whatever decodes re-encodes and decodes the same.
+func FuzzMapResponse(f *testing.F) {
+	full, _ := json.Marshal(MapResponse{Seq: 1, Full: &NetworkMap{
+		Self:     Node{ID: 1, Name: "a", Addresses: []netip.Prefix{netip.MustParsePrefix("100.96.0.1/32")}},
+		Peers:    []Node{{ID: 2, Name: "b", Endpoints: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.2:51820")}}},
+		Services: []Service{{Name: "web", VIP: netip.MustParseAddr("100.100.0.1"), Port: 80, Providers: []Provider{{Node: 2, Port: 80}}, AllowedNodes: []string{"*"}}},
+	}})
+	f.Add(full)
+	f.Add([]byte(`{"seq":2,"peers_removed":[2],"services_removed":["web"]}`))
+	f.Add([]byte(`{"full":{"self":{"addresses":["garbage"]}}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var m MapResponse
+		if json.Unmarshal(b, &m) != nil {
+			return
+		}
+		_ = m.IsKeepAlive()
+		out, err := json.Marshal(&m)
+		if err != nil {
+			t.Fatalf("re-encode: %v", err)
+		}
+		var m2 MapResponse
+		if err := json.Unmarshal(out, &m2); err != nil {
+			t.Fatalf("decode of own encoding: %v\n%s", err, out)
+		}
+		out2, _ := json.Marshal(&m2)
+		if !bytes.Equal(out, out2) {
+			t.Fatalf("not stable:\n%s\n%s", out, out2)
+		}
+	})
+}
