@@ -13,8 +13,6 @@ import (
 	"github.com/meshlink/meshlink/netstack/nettest"
 )
 
-var diag func() string
-
 // benchChunk is what one benchmark iteration writes.
 const benchChunk = 1 << 20
 
@@ -43,8 +41,6 @@ func meshConns(b *testing.B) (client, server net.Conn) {
 		b.FailNow()
 	}
 	b.Cleanup(func() { c.Close(); s.Close() })
-	b.Cleanup(func() { b.Logf("A %+v %s\nB %+v %s", p.A.Stats(), p.A.DiagString(), p.B.Stats(), p.B.DiagString()) })
-	diag = func() string { return "A " + p.A.DiagString() + "\nB " + p.B.DiagString() }
 	return c, s
 }
 
@@ -87,9 +83,6 @@ func benchStream(b *testing.B, client, server net.Conn) {
 	client.(interface{ CloseWrite() error }).CloseWrite()
 	n := <-done
 	elapsed := time.Since(start)
-	if diag != nil {
-		b.Log(diag())
-	}
 	b.StopTimer()
 	if n != int64(b.N)*benchChunk {
 		b.Fatalf("server read %d bytes, want %d", n, int64(b.N)*benchChunk)

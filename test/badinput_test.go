@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -152,6 +153,31 @@ func TestRestartSameJoin(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := a.Status().Self
+
+	// Secrets at rest: 0600, and the private key is nowhere in the
+	// coordinator's data.
+	for _, f := range []string{"node.key", "node.json"} {
+		fi, err := os.Stat(filepath.Join(cfg.StateDir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", f, fi.Mode().Perm())
+		}
+	}
+	key, err := os.ReadFile(filepath.Join(cfg.StateDir, "node.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	filepath.Walk(filepath.Join(m.Dir(), "coord"), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			b, _ := os.ReadFile(p)
+			if bytes.Contains(b, bytes.TrimSpace(key)) {
+				t.Errorf("the node's private key is in the coordinator's %s", p)
+			}
+		}
+		return nil
+	})
 	a.Close()
 	for i := 0; i < 2; i++ {
 		a, err = harness.StartAgent(t, cfg)

@@ -314,3 +314,34 @@ func TestMesh(t *testing.T) {
 		}
 	})
 }
+
+// TestSilentProviderSkipped: a provider that dies while the coordinator is
+// down (so nobody tells the consumer) is found dead by the consumer itself
+// and skipped; connections keep working through the other provider.
+func TestSilentProviderSkipped(t *testing.T) {
+	m := harness.NewMesh(t)
+	w1, w2 := startBackend(t, "p1"), startBackend(t, "p2")
+	a := m.AddAgent("cons", harness.AgentOptions{})
+	m.AddAgent("p1", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: w1.addr()}}})
+	p2 := m.AddAgent("p2", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: w2.addr()}}})
+	svc := waitProviders(t, a, "web", 2)
+
+	m.StopCoordinator()
+	p2.Close()
+	for i := 0; i < 6; i++ {
+		conn, who, err := dialGreeting(svc.Local.String())
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conn.Close()
+		if who != "p1" {
+			t.Fatalf("connection %d answered by %q", i, who)
+		}
+	}
+	s, _ := serviceOf(a, "web")
+	for _, p := range s.Providers {
+		if p.Name == "p2" && p.Healthy {
+			t.Fatalf("dead provider still marked healthy: %+v", p)
+		}
+	}
+}

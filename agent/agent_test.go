@@ -1,0 +1,87 @@
+package agent
+
+import (
+	"net/netip"
+	"testing"
+)
+
+func TestProxyAddr(t *testing.T) {
+	cases := []struct {
+		name, rng, vip, want string
+	}{
+		{"default range", "127.100.0.0/16", "100.100.3.7", "127.100.3.7"},
+		{"second agent", "127.101.0.0/16", "100.100.0.1", "127.101.0.1"},
+		{"bigger range", "127.0.0.0/8", "100.100.1.2", "127.0.1.2"},
+		{"not a VIP", "127.100.0.0/16", "100.96.0.1", ""},
+		{"ipv6", "127.100.0.0/16", "fd7a::1", ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			a := &Agent{cfg: Config{ProxyRange: netip.MustParsePrefix(tc.rng)}}
+			got := a.proxyAddr(netip.MustParseAddr(tc.vip))
+			if (tc.want == "" && got.IsValid()) || (tc.want != "" && got != netip.MustParseAddr(tc.want)) {
+				t.Fatalf("proxyAddr(%s) = %v, want %q", tc.vip, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseExport(t *testing.T) {
+	cases := []struct {
+		in      string
+		want    Export
+		wantErr bool
+	}{
+		{in: "web=127.0.0.1:8000", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 8000}},
+		{in: "DB=db.lan:5432", want: Export{Name: "db", Target: "db.lan:5432", Port: 5432}},
+		{in: "v6=[::1]:22", want: Export{Name: "v6", Target: "[::1]:22", Port: 22}},
+		{in: "web", wantErr: true},
+		{in: "=127.0.0.1:80", wantErr: true},
+		{in: "web=:80", wantErr: true},
+		{in: "web=127.0.0.1", wantErr: true},
+		{in: "web=127.0.0.1:http", wantErr: true},
+		{in: "we b=127.0.0.1:80", wantErr: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.in, func(t *testing.T) {
+			got, err := ParseExport(tc.in)
+			if tc.wantErr {
+				if err == nil {
+					t.Fatalf("accepted: %+v", got)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestHostLabel(t *testing.T) {
+	for in, want := range map[string]string{"My-Laptop.local": "my-laptop", "___": "node", "a_b": "ab", "-x-": "x"} {
+		if got := hostLabel(in); got != want {
+			t.Errorf("hostLabel(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestAddExportPortConflict(t *testing.T) {
+	a := &Agent{}
+	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:80"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.addExportLocked(Export{Name: "api", Target: "127.0.0.1:80"}); err == nil {
+		t.Fatal("second service on mesh port 80 accepted")
+	}
+	if err := a.addExportLocked(Export{Name: "api", Target: "127.0.0.1:80", Port: 81}); err != nil {
+		t.Fatal(err)
+	}
+	// Re-exposing a name replaces it.
+	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:8080", Port: 80}); err != nil {
+		t.Fatal(err)
+	}
+	if len(a.exports) != 2 || a.exports[1].Target != "127.0.0.1:8080" {
+		t.Fatalf("exports %+v", a.exports)
+	}
+}
