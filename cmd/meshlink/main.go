@@ -33,10 +33,6 @@ func main() {
 		Name:    "meshlink",
 		Usage:   "connect services across sites over an encrypted WireGuard overlay",
 		Version: version,
-		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("LOG_LEVEL")},
-			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("LOG_FORMAT")},
-		},
 		Commands: []*cli.Command{
 			coordinatorCmd(),
 			tokenCmd(),
@@ -51,6 +47,14 @@ func main() {
 	if err := app.Run(os.Args); err != nil {
 		fmt.Fprintf(os.Stderr, "meshlink: %v\n", err)
 		os.Exit(1)
+	}
+}
+
+// logFlags are taken by the long-running commands.
+func logFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("LOG_LEVEL")},
+		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("LOG_FORMAT")},
 	}
 }
 
@@ -78,12 +82,12 @@ func coordinatorCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "coordinator",
 		Usage: "run the coordinator (control plane) in the foreground",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8443", Usage: "HTTPS listen address", EnvVars: env("LISTEN")},
 			&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "data directory (database, certificate, admin socket)", EnvVars: env("DATA")},
 			&cli.StringFlag{Name: "url", Usage: "public URL agents use (default https://LISTEN)", EnvVars: env("URL")},
 			&cli.StringFlag{Name: "domain", Value: wire.DefaultDomain, Usage: "DNS domain of the mesh", EnvVars: env("DOMAIN")},
-		},
+		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
 			if err != nil {
@@ -215,7 +219,7 @@ func agentCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "agent",
 		Usage: "run a site's agent in the foreground",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "join", Usage: "join token (needed the first time only)", EnvVars: env("JOIN")},
 			&cli.StringFlag{Name: "name", Usage: "node name (default: the host name)", EnvVars: env("NAME")},
 			stateFlag(),
@@ -225,7 +229,7 @@ func agentCmd() *cli.Command {
 			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange.String(), Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
-		},
+		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
 			if err != nil {

@@ -165,7 +165,8 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 		}
 		return nil
 	}); err != nil {
-		return nil, err
+		logs, _ := exec.Command("sh", "-c", "tail -n 20 "+dir+"/*.log").CombinedOutput()
+		return nil, fmt.Errorf("%w\n%s", err, logs)
 	}
 	// Warm the path (handshake) before anything is measured.
 	if c, err := net.Dial("tcp", e.meshEcho); err == nil {
