@@ -598,7 +598,11 @@ func (a *Agent) reconfigLocked() {
 		if wp.endpoint.IsValid() && (!had || old.endpoint != wp.endpoint) {
 			fmt.Fprintf(&b, "endpoint=%s\n", wp.endpoint)
 		}
-		fmt.Fprintf(&b, "persistent_keepalive_interval=25\nreplace_allowed_ips=true\n")
+		// No persistent keepalive: it makes both sides initiate a handshake
+		// the moment they learn of each other, the two initiations cross and
+		// each invalidates the other, costing a 5 s rekey timeout before the
+		// first packet gets through. Handshakes are started by traffic.
+		fmt.Fprintf(&b, "replace_allowed_ips=true\n")
 		for _, ip := range strings.Split(wp.allowed, ",") {
 			if ip != "" {
 				fmt.Fprintf(&b, "allowed_ip=%s\n", ip)

@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${BIN:-bin/meshlink}
+HELLO=${HELLO:-bin/hello}
 DIR=${DEMO_DIR:-demo}
 COORD_PORT=${COORD_PORT:-8443}
 WEB_PORT=${WEB_PORT:-8000}
 DNS_PORT=${DNS_PORT:-5353}
 
-[[ -x $BIN && -x bin/hello ]] || { echo "build first: make build"; exit 1; }
+[[ -x $BIN && -x $HELLO ]] || { echo "build first: make build"; exit 1; }
 rm -rf "$DIR"
 mkdir -p "$DIR"
 pids=()
@@ -41,16 +42,17 @@ TOKEN=$("$BIN" token create --data "$DIR/coord" --reusable --expires 1h)
 echo "==> join token: ${TOKEN:0:24}…"
 
 echo "==> sample web server at site-b on 127.0.0.1:$WEB_PORT"
-bin/hello --listen "127.0.0.1:$WEB_PORT" --site site-b >"$DIR/hello.log" 2>&1 &
+"$HELLO" --listen "127.0.0.1:$WEB_PORT" --site site-b >"$DIR/hello.log" 2>&1 &
 pids+=($!)
 
 echo "==> site-b exports it as 'web'"
 "$BIN" agent --join "$TOKEN" --name site-b --state "$DIR/b" --dns off \
-  --proxy-range 127.102.0.0/16 --expose "web=127.0.0.1:$WEB_PORT" >"$DIR/site-b.log" 2>&1 &
+  --proxy-range "${PROXY_RANGE_B:-127.102.0.0/16}" --expose "web=127.0.0.1:$WEB_PORT" >"$DIR/site-b.log" 2>&1 &
 pids+=($!)
 
 echo "==> site-a consumes, DNS on 127.0.0.1:$DNS_PORT"
-"$BIN" agent --join "$TOKEN" --name site-a --state "$DIR/a" --dns "127.0.0.1:$DNS_PORT" >"$DIR/site-a.log" 2>&1 &
+"$BIN" agent --join "$TOKEN" --name site-a --state "$DIR/a" --dns "127.0.0.1:$DNS_PORT" \
+  --proxy-range "${PROXY_RANGE_A:-127.100.0.0/16}" >"$DIR/site-a.log" 2>&1 &
 pids+=($!)
 
 wait_for 30 "web to reach site-a" bash -c "'$BIN' services --state '$DIR/a' --json | grep -q '\"listening\": true'"

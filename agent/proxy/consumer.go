@@ -233,10 +233,16 @@ func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
 		return nil, Target{}, nil, fmt.Errorf("service %s has no providers", s.name)
 	}
 	var errs []error
-	for _, t := range targets {
+	for i, t := range targets {
 		h := c.healthOf(t.Key)
 		h.open.Add(1)
-		conn, err := c.dial(t)
+		timeout := c.cfg.DialTimeout
+		if i == len(targets)-1 {
+			// Nothing left to fail over to: waiting longer beats failing
+			// (a lost first handshake costs WireGuard a 5 s retry).
+			timeout *= 3
+		}
+		conn, err := c.dial(t, timeout)
 		if err == nil {
 			h.mu.Lock()
 			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
@@ -257,8 +263,8 @@ func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
 	return nil, Target{}, nil, errors.Join(errs...)
 }
 
-func (c *Consumer) dial(t Target) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.DialTimeout)
+func (c *Consumer) dial(t Target, timeout time.Duration) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if t.Local != "" {
 		var d net.Dialer
