@@ -313,14 +313,17 @@ func (a *Agent) startWireGuard() error {
 		Errorf:   func(f string, args ...any) { wlog.Warn(fmt.Sprintf(f, args...)) },
 	}
 	a.dev = device.NewDevice(a.stack, conn.NewDefaultBind(), logger)
-	if err := a.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", a.key.hex(), a.cfg.ListenPort)); err != nil {
-		return fmt.Errorf("agent: configure WireGuard: %w", err)
-	}
-	if err := a.dev.Up(); err != nil {
+	bindErr := func(err error) error {
 		if errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") {
 			return fmt.Errorf("agent: UDP port %d is in use; choose another --listen-port (0 picks a free one)", a.cfg.ListenPort)
 		}
 		return fmt.Errorf("agent: start WireGuard on UDP port %d: %w", a.cfg.ListenPort, err)
+	}
+	if err := a.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", a.key.hex(), a.cfg.ListenPort)); err != nil {
+		return bindErr(err)
+	}
+	if err := a.dev.Up(); err != nil {
+		return bindErr(err)
 	}
 	get, err := a.dev.IpcGet()
 	if err != nil {
