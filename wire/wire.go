@@ -10,6 +10,8 @@
 //
 //	1 (2026-11-24): register, map stream (full map then deltas), services,
 //	  endpoints; join tokens "mlj1_…".
+//	2 (2026-11-24): relay (PathRelay, HTTP upgrade to RelayProtocol), STUN
+//	  binding on the coordinator's UDP port, NetworkMap.Relays.
 package wire
 
 import (
@@ -21,7 +23,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 1
+const ProtocolVersion = 2
 
 // Default addressing of a mesh.
 var (
@@ -51,7 +53,14 @@ const (
 	PathTokenInspect = "/api/v1/token/inspect"
 	// PathLeave takes a LeaveRequest (node credentials) and removes the node.
 	PathLeave = "/api/v1/leave"
+	// PathRelay is a GET with node credentials and "Upgrade: RelayProtocol"
+	// over HTTP/1.1; after 101 Switching Protocols the connection carries
+	// relay frames (see coordinator/relay).
+	PathRelay = "/api/v1/relay"
 )
+
+// RelayProtocol is the Upgrade token of the relay connection.
+const RelayProtocol = "meshlink-relay/1"
 
 // Headers carrying node credentials on authenticated calls.
 const (
@@ -134,6 +143,17 @@ type NetworkMap struct {
 	Peers    []Node    `json:"peers"`
 	Services []Service `json:"services"`
 	Domain   string    `json:"domain"`
+	// Relays carry WireGuard packets when no UDP path works; empty means
+	// the coordinator's own embedded relay.
+	Relays []Relay `json:"relays,omitempty"`
+}
+
+// Relay is a relay server agents may use.
+type Relay struct {
+	// URL is https://host:port; the relay endpoint is URL+PathRelay.
+	URL string `json:"url"`
+	// Fingerprint pins the relay's certificate like a join token does.
+	Fingerprint string `json:"fingerprint"`
 }
 
 // Node is one site of the mesh.
