@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -19,10 +20,11 @@ import (
 	"syscall"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 
+	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
+	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/dns"
 	"github.com/meshlink/meshlink/netstack"
 	"github.com/meshlink/meshlink/wire"
@@ -75,6 +77,7 @@ type Agent struct {
 	token *wire.JoinToken
 
 	stack    *netstack.Stack
+	bind     *bind.Bind
 	dev      *device.Device
 	dns      *dns.Server
 	consumer *proxy.Consumer
@@ -104,8 +107,7 @@ type Agent struct {
 }
 
 type wgPeer struct {
-	allowed  string
-	endpoint netip.AddrPort
+	allowed string
 }
 
 // New checks the configuration and state directory. It opens nothing on
@@ -287,16 +289,19 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	} else if a.token != nil {
 		a.log.Info("already joined; not spending --join again", "name", a.node.Name, "node", a.node.ID)
 	}
-	a.cc = newControlClient(a.node.URL, a.node.Fingerprint)
-	a.cc.nodeID, a.cc.secret = a.node.ID, a.node.Secret
+	cc := newControlClient(a.node.URL, a.node.Fingerprint)
+	cc.nodeID, cc.secret = a.node.ID, a.node.Secret
 
 	a.mu.Lock()
+	a.cc = cc
+	a.setRelayLocked()
 	if a.haveMap {
 		// The data plane comes up from the last map: the coordinator may be down.
 		a.reconfigLocked()
 	}
 	a.mu.Unlock()
 
+	a.setSTUN()
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -312,7 +317,8 @@ func (a *Agent) startWireGuard() error {
 		Verbosef: func(f string, args ...any) { wlog.Debug(fmt.Sprintf(f, args...)) },
 		Errorf:   func(f string, args ...any) { wlog.Warn(fmt.Sprintf(f, args...)) },
 	}
-	a.dev = device.NewDevice(a.stack, conn.NewDefaultBind(), logger)
+	a.bind = bind.New(bind.Config{PrivateKey: a.key, Logger: a.cfg.Logger, OnPublicAddr: a.onPublicAddr})
+	a.dev = device.NewDevice(a.stack, a.bind, logger)
 	bindErr := func(err error) error {
 		if errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") {
 			return fmt.Errorf("agent: UDP port %d is in use; choose another --listen-port (0 picks a free one)", a.cfg.ListenPort)
@@ -450,7 +456,7 @@ func (a *Agent) register(ctx context.Context) error {
 func (a *Agent) controlLoop() {
 	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
 	for a.ctx.Err() == nil {
-		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(), NodeKey: a.key.PublicKey()}
+		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: a.key.PublicKey()}
 		first := true
 		err := a.cc.streamMap(a.ctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
 			if first {
@@ -557,6 +563,7 @@ func (a *Agent) reconfigLocked() {
 
 	// WireGuard peers.
 	want := map[wire.Key]wgPeer{}
+	var bindPeers []bind.PeerConfig
 	byID := map[wire.NodeID]*wire.Node{}
 	a.byAddr = map[netip.Addr]*wire.Node{}
 	for i := range nm.Peers {
@@ -570,12 +577,13 @@ func (a *Agent) reconfigLocked() {
 			allowed = append(allowed, pfx.String())
 			a.byAddr[pfx.Addr()] = p
 		}
-		wp := wgPeer{allowed: strings.Join(allowed, ",")}
-		if len(p.Endpoints) > 0 {
-			wp.endpoint = p.Endpoints[0]
+		want[p.Key] = wgPeer{allowed: strings.Join(allowed, ",")}
+		if k, err := relay.KeyFromWire(p.Key); err == nil {
+			bindPeers = append(bindPeers, bind.PeerConfig{Key: k, Name: p.Name, Endpoints: p.Endpoints})
 		}
-		want[p.Key] = wp
 	}
+	a.bind.SetPeers(bindPeers)
+	a.setRelayLocked()
 	var b strings.Builder
 	for k := range a.wgPeers {
 		if _, ok := want[k]; !ok {
@@ -596,10 +604,12 @@ func (a *Agent) reconfigLocked() {
 			continue
 		}
 		fmt.Fprintf(&b, "public_key=%s\n", hk)
-		// The endpoint is set only when it changed, so WireGuard's own
-		// roaming (a peer seen from a new address) is not undone.
-		if wp.endpoint.IsValid() && (!had || old.endpoint != wp.endpoint) {
-			fmt.Fprintf(&b, "endpoint=%s\n", wp.endpoint)
+		// WireGuard gets one virtual endpoint per peer; the bind picks the
+		// path (direct UDP or relay) for every packet.
+		if !had {
+			if k, err := relay.KeyFromWire(k); err == nil {
+				fmt.Fprintf(&b, "endpoint=%s\n", bind.EndpointString(k))
+			}
 		}
 		// No persistent keepalive: it makes both sides initiate a handshake
 		// the moment they learn of each other, the two initiations cross and
@@ -675,6 +685,66 @@ func nodeAddr4(n *wire.Node) netip.Addr {
 	return netip.Addr{}
 }
 
+// setRelayLocked points the bind at the first relay of the network map, or
+// the coordinator's embedded relay.
+func (a *Agent) setRelayLocked() {
+	if a.node.ID == 0 {
+		return
+	}
+	r := wire.Relay{URL: a.node.URL, Fingerprint: a.node.Fingerprint}
+	if len(a.nm.Relays) > 0 {
+		r = a.nm.Relays[0]
+	}
+	a.bind.SetRelay(relay.ClientConfig{
+		URL: r.URL, Fingerprint: r.Fingerprint, NodeID: a.node.ID, Secret: a.node.Secret,
+		Logger: a.cfg.Logger, RetryMin: a.cfg.RetryMin, RetryMax: a.cfg.RetryMax,
+	})
+}
+
+// setSTUN points the bind's STUN requests at the coordinator's UDP port
+// (same host and port number as its HTTPS).
+func (a *Agent) setSTUN() {
+	u, err := url.Parse(a.node.URL)
+	if err != nil {
+		return
+	}
+	ua, err := net.ResolveUDPAddr("udp", u.Host)
+	if err != nil {
+		a.log.Warn("cannot resolve the coordinator for STUN", "host", u.Host, "err", err)
+		return
+	}
+	a.bind.SetSTUN([]netip.AddrPort{ua.AddrPort()})
+}
+
+// onPublicAddr publishes the address STUN learned, so peers behind other
+// NATs can punch through to it.
+func (a *Agent) onPublicAddr(addr netip.AddrPort) {
+	a.mu.Lock()
+	cc := a.cc
+	a.mu.Unlock()
+	if cc == nil {
+		return
+	}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		req := wire.EndpointsRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates()}
+		if err := cc.call(a.ctx, wire.PathEndpoints, req, nil); err != nil {
+			a.log.Debug("cannot publish endpoints now; will on reconnect", "err", err)
+		}
+	}()
+}
+
+// endpointCandidates is what the node tells the coordinator it may be
+// reached at: the STUN address first, then its own interfaces.
+func (a *Agent) endpointCandidates() []netip.AddrPort {
+	var out []netip.AddrPort
+	if p := a.bind.PublicAddr(); p.IsValid() {
+		out = append(out, p)
+	}
+	return append(out, a.localEndpoints()...)
+}
+
 // proxyAddr maps a service VIP into the agent's proxy range, keeping the
 // VIP's offset inside wire.ServicePrefix.
 func (a *Agent) proxyAddr(vip netip.Addr) netip.Addr {
@@ -714,6 +784,17 @@ func (a *Agent) allow(src netip.Addr, service string) (string, bool) {
 	return p.Name, false
 }
 
+// control returns the coordinator client; before the node has joined it is
+// one whose calls fail with a retryable error.
+func (a *Agent) control() *controlClient {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cc == nil {
+		return &controlClient{}
+	}
+	return a.cc
+}
+
 // syncExports makes the coordinator's record of this node's services match
 // the local exports: announce each, and withdraw any it lists that the site
 // no longer exports.
@@ -737,7 +818,7 @@ func (a *Agent) syncExports() {
 		}
 	}
 	for _, name := range stale {
-		err := a.cc.call(a.ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
+		err := a.control().call(a.ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
 		if err != nil {
 			a.log.Warn("cannot withdraw service", "service", name, "err", err)
 		}
@@ -746,7 +827,7 @@ func (a *Agent) syncExports() {
 
 func (a *Agent) announce(ctx context.Context, e Export) error {
 	var resp wire.ServiceResponse
-	err := a.cc.call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: e.Name, Port: e.Port}, &resp)
+	err := a.control().call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: e.Name, Port: e.Port}, &resp)
 	a.mu.Lock()
 	a.announced[e.Name] = err == nil
 	a.mu.Unlock()
@@ -793,7 +874,7 @@ func (a *Agent) Unexpose(ctx context.Context, name string) error {
 		return err
 	}
 	a.provider.SetExports(exports)
-	err := a.cc.call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
+	err := a.control().call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
 	var ae *apiError
 	if err != nil && !(errors.As(err, &ae) && ae.Code == wire.ErrCodeNotFound) && !isPermanent(err) {
 		a.log.Warn("cannot withdraw service now; will on reconnect", "service", name, "err", err)
@@ -834,6 +915,9 @@ func (a *Agent) Close() error {
 		a.dev.Close() // closes the stack (its tun.Device) and the bind
 	} else if a.stack != nil {
 		a.stack.Close()
+	}
+	if a.bind != nil {
+		a.bind.Shutdown()
 	}
 	if a.consumer != nil {
 		a.consumer.Wait()

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -59,6 +60,18 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 			return
 		}
 		writeJSON(w, http.StatusOK, localapi.ExposeResponse{Export: localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: note == ""}, Note: note})
+	})
+	mux.HandleFunc("GET "+localapi.PathPing, func(w http.ResponseWriter, r *http.Request) {
+		timeout, err := time.ParseDuration(r.URL.Query().Get("timeout"))
+		if err != nil || timeout <= 0 || timeout > time.Minute {
+			timeout = 2 * time.Second
+		}
+		res, err := a.Ping(r.Context(), r.URL.Query().Get("node"), timeout)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
 	})
 	mux.HandleFunc("POST "+localapi.PathUnexpose, func(w http.ResponseWriter, r *http.Request) {
 		var req localapi.UnexposeRequest
@@ -177,10 +190,25 @@ func (a *Agent) Status() localapi.Status {
 		if p.ID == a.nm.Self.ID {
 			continue
 		}
-		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key)}
+		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: "none"}
 		if hk, err := keyHex(p.Key); err == nil && stats[hk] != nil {
 			s := stats[hk]
-			lp.Endpoint, lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.endpoint, s.lastHandshake, s.rx, s.tx
+			lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.lastHandshake, s.rx, s.tx
+		}
+		if k, err := relay.KeyFromWire(p.Key); err == nil {
+			pp := a.bind.Path(k)
+			lp.Path, lp.RTT = pp.Path, localapi.Duration(pp.RTT)
+			lp.DirectBytes, lp.RelayedBytes = pp.TxDirect+pp.RxDirect, pp.TxRelay+pp.RxRelay
+			for _, c := range pp.Candidates {
+				lp.Candidates = append(lp.Candidates, c.String())
+			}
+			switch pp.Path {
+			case "direct":
+				lp.Endpoint = pp.Addr.String()
+			case "relay":
+				lp.Relay, _ = a.bind.RelayURL()
+				lp.Endpoint = "relay " + lp.Relay
+			}
 		}
 		st.Peers = append(st.Peers, lp)
 	}
@@ -229,4 +257,40 @@ func (a *Agent) Services() localapi.Services {
 	return out
 }
 
-var _ = errors.New
+// Ping sends disco pings to the named peer over every path it has.
+func (a *Agent) Ping(ctx context.Context, node string, timeout time.Duration) ([]localapi.PingResult, error) {
+	node = wire.NormalizeName(node)
+	a.mu.Lock()
+	var key wire.Key
+	for _, p := range a.nm.Peers {
+		if p.Name == node {
+			key = p.Key
+		}
+	}
+	a.mu.Unlock()
+	if key == "" {
+		return nil, fmt.Errorf("no peer named %q; `meshlink status` lists them", node)
+	}
+	k, err := relay.KeyFromWire(key)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	res, err := a.bind.Ping(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	out := []localapi.PingResult{}
+	for _, r := range res {
+		path := "relay"
+		if !r.Relay {
+			path = "direct " + r.Addr.String()
+		}
+		out = append(out, localapi.PingResult{Peer: node, Path: path, RTT: localapi.Duration(r.RTT)})
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no reply within " + timeout.String())
+	}
+	return out, nil
+}

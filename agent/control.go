@@ -76,7 +76,12 @@ func isPermanent(err error) bool {
 	return errors.Is(err, errFingerprint)
 }
 
+var errNotJoined = errors.New("not joined to a coordinator yet")
+
 func (c *controlClient) newRequest(ctx context.Context, path string, body any) (*http.Request, error) {
+	if c.http == nil {
+		return nil, errNotJoined
+	}
 	b, err := json.Marshal(body)
 	if err != nil {
 		return nil, err

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -66,6 +67,9 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle(wire.PathEndpoints, s.handle(s.serveEndpoints))
 	mux.Handle(wire.PathLeave, s.handle(s.serveLeave))
 	mux.Handle(wire.PathTokenInspect, s.handle(s.serveTokenInspect))
+	// The relay upgrades to its own protocol; it checks method and headers
+	// itself and blocks for the connection's life, tracked like a request.
+	mux.Handle(wire.PathRelay, s.track(s.relay))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte("ok"))
@@ -327,13 +331,26 @@ func (s *Server) serveLeave(w http.ResponseWriter, r *http.Request) *apiError {
 	return nil
 }
 
-// removeNode deletes a node; its map stream notices and ends.
+// removeNode deletes a node; its map stream notices and ends, and its relay
+// connection is closed.
 func (s *Server) removeNode(ctx context.Context, id wire.NodeID) error {
+	old, getErr := s.store.GetNode(ctx, id)
 	if err := s.store.DeleteNode(ctx, id); err != nil {
 		return err
 	}
 	s.hub.bump()
+	if getErr == nil {
+		s.disconnectRelay(old.Key)
+	}
 	return nil
+}
+
+// disconnectRelay closes the relay connection authenticated with key k, if
+// any: the node was removed or changed its key.
+func (s *Server) disconnectRelay(k wire.Key) {
+	if rk, err := relay.KeyFromWire(k); err == nil {
+		s.relay.Disconnect(rk)
+	}
 }
 
 func (s *Server) serveTokenInspect(w http.ResponseWriter, r *http.Request) *apiError {
@@ -390,6 +407,9 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node key is already used by another node")
 		}
 		return storeErr("map", err)
+	}
+	if req.NodeKey != "" && req.NodeKey != node.Key {
+		s.disconnectRelay(node.Key) // it re-authenticates with the new key
 	}
 	if err := s.store.SetLastSeen(ctx, node.ID, time.Now()); err != nil {
 		return storeErr("map", err)
@@ -449,6 +469,9 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			log.Info("map stream: node removed")
 			return nil
 		}
+		// Relays do not change for the life of a stream: they go in the
+		// full map only and diffMaps ignores them.
+		nm.Relays = s.relays()
 		var msg wire.MapResponse
 		if last == nil {
 			msg.Full = nm

@@ -29,7 +29,9 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/coordinator/stun"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -82,6 +84,7 @@ type Server struct {
 	cert        tls.Certificate
 	fingerprint string
 	hub         hub
+	relay       *relay.Server
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
@@ -99,6 +102,7 @@ type Server struct {
 	adminSrv *http.Server
 	url      string
 	addr     netip.AddrPort
+	stun     *stun.Server // nil when its UDP port could not be bound
 
 	snapMu sync.Mutex // guards snap; held while building one
 	snap   *snapshot
@@ -184,6 +188,7 @@ func New(cfg Config) (*Server, error) {
 		cancel:      cancel,
 	}
 	s.hub.init()
+	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, Authenticate: s.relayAuth})
 	return s, nil
 }
 
@@ -206,6 +211,44 @@ func (s *Server) Addr() netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.addr
+}
+
+// STUNAddr is the address of the STUN responder, valid after Start; zero
+// when it could not be started.
+func (s *Server) STUNAddr() netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stun == nil {
+		return netip.AddrPort{}
+	}
+	return s.stun.Addr()
+}
+
+// Relay exposes the embedded relay, for its statistics.
+func (s *Server) Relay() *relay.Server { return s.relay }
+
+// relays lists the relays put into every network map: the coordinator's own.
+func (s *Server) relays() []wire.Relay {
+	return []wire.Relay{{URL: s.URL(), Fingerprint: s.fingerprint}}
+}
+
+// relayAuth authenticates a relay upgrade by node credentials and returns
+// the node's current WireGuard key.
+func (s *Server) relayAuth(r *http.Request) (relay.Key, error) {
+	n, e := s.authNode(r)
+	if e != nil {
+		if e.status >= 500 {
+			s.log.Error("relay authentication failed", "code", e.Code, "err", e.Message)
+			e = apiErr(e.status, e.Code, "internal error; see the coordinator's log")
+		}
+		return relay.Key{}, &relay.AuthError{Status: e.status, Body: e.Error}
+	}
+	k, err := relay.KeyFromWire(n.Key)
+	if err != nil {
+		return relay.Key{}, &relay.AuthError{Status: http.StatusConflict, Body: wire.Error{Code: wire.ErrCodeConflict,
+			Message: "this node has no valid WireGuard key yet; open the map stream with its key first"}}
+	}
+	return k, nil
 }
 
 // Store exposes the server's store to tests and embedding programs.
@@ -306,12 +349,24 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		fmt.Fprintf(s.out, "meshlink coordinator: first start in %s\n  admin account: username admin, password %s\n  (shown only this once; sign in at %s)\n", s.cfg.DataDir, pw, u)
 	}
 
+	// STUN answers on the UDP port matching the HTTPS one, so that agents
+	// find it from the URL alone. It is an optimisation: without it agents
+	// still reach each other through the relay.
+	stunSrv, err := stun.Listen(ln.Addr().String(), s.cfg.Logger)
+	if err != nil {
+		s.log.Warn("STUN responder not started; agents behind NAT will rely more on the relay", "err", err)
+		stunSrv, err = nil, nil
+	}
+
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
+		if stunSrv != nil {
+			stunSrv.Close()
+		}
 		return errors.New("coordinator: closed during Start")
 	}
-	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr = ln, adminLn, httpSrv, adminSrv, u, addr
+	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.wg.Add(2)
 	s.mu.Unlock()
 	go func() {
@@ -350,10 +405,16 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
-	httpSrv, adminSrv := s.httpSrv, s.adminSrv
+	httpSrv, adminSrv, stunSrv := s.httpSrv, s.adminSrv, s.stun
 	s.mu.Unlock()
 
 	s.cancel() // ends map streams and pending timers
+	// Relay connections are hijacked: http.Server.Shutdown neither sees
+	// nor waits for them.
+	s.relay.Close()
+	if stunSrv != nil {
+		stunSrv.Close()
+	}
 	for _, srv := range []*http.Server{httpSrv, adminSrv} {
 		if srv == nil {
 			continue

@@ -238,4 +238,3 @@ func nodeNamed(ns []wire.Node, name string) (wire.Node, bool) {
 	}
 	return wire.Node{}, false
 }
-

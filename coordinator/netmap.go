@@ -199,6 +199,8 @@ func wireNode(n store.Node, online bool) wire.Node {
 }
 
 // diffMaps returns the delta turning prev into cur; IsKeepAlive() if none.
+// Relays are not compared: they are fixed for the coordinator's lifetime and
+// travel in the full map only (a change would need a resync with a new Full).
 func diffMaps(prev, cur *wire.NetworkMap) wire.MapResponse {
 	var m wire.MapResponse
 	if !nodeEqual(prev.Self, cur.Self) {

@@ -7,6 +7,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/stack/gro"
@@ -32,12 +33,19 @@ import (
 //     copying into bufs in drain, like wireguard-go's tun offload) would
 //     save the per-packet PacketBuffers too; drain is where it would go
 //     ("GSO hook").
-//   - Receive: each Write batch goes through a gVisor GRO engine (stack/gro),
-//     the hook for coalescing consecutive in-order segments of one flow so
-//     the receiver runs once per batch, not per packet. It is initialised
-//     DISABLED: with this gVisor version the coalesced IPv4 packets were
-//     rejected as malformed by the IP layer and streams stalled; enabling
-//     it (groEnabled) needs that investigated first.
+//   - Receive: each Write batch of IPv4 packets goes through a gVisor GRO
+//     engine (stack/gro), which coalesces consecutive in-order segments of
+//     one flow so the IP and TCP layers run once per coalesced segment, not
+//     per packet. gVisor's GRO assumes a NIC with RX checksum offload: it
+//     rewrites the IPv4 total length of a coalesced packet but neither its
+//     header checksum nor its TCP checksum, and the NIC (nic.go) resets
+//     RXChecksumValidated from our capabilities, so without help every
+//     coalesced packet was dropped as malformed. groFixup recomputes both
+//     checksums of coalesced packets; gVisor still verifies every packet as
+//     before, so claiming no offload stays safe against a bad peer.
+//     IPv6 bypasses GRO: a coalesced IPv6 packet cannot be told apart from
+//     an original one by its header, so its checksum could not be fixed
+//     without a full extra pass over every packet.
 type linkEndpoint struct {
 	mtu atomic.Uint32
 
@@ -81,7 +89,65 @@ func newLinkEndpoint(mtu uint32, queueLen int, stats *Stats) *linkEndpoint {
 }
 
 // groEnabled turns on receive coalescing; see the type comment.
-const groEnabled = false
+const groEnabled = true
+
+// groFixup sits between the GRO engine and gVisor's NIC. GRO validates both
+// checksums of every TCP/IPv4 packet it considers (and marks it
+// RXChecksumValidated) before coalescing it, then only rewrites the total
+// length of a coalesced packet; here the now stale checksums are
+// recomputed so that the IP and TCP layers, which verify again, accept it.
+type groFixup struct {
+	stack.NetworkDispatcher
+}
+
+// DeliverNetworkPacket implements stack.NetworkDispatcher.
+func (d groFixup) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if proto == header.IPv4ProtocolNumber && pkt.RXChecksumValidated {
+		fixCoalesced4(pkt)
+	}
+	d.NetworkDispatcher.DeliverNetworkPacket(proto, pkt)
+}
+
+// fixCoalesced4 recomputes the IPv4 header and TCP checksums of a packet
+// that GRO validated and then coalesced. A coalesced packet is recognised
+// by its header checksum, which GRO validated and which any change of the
+// total length invalidates; an untouched packet costs one 20-byte sum.
+func fixCoalesced4(pkt *stack.PacketBuffer) {
+	hdr, ok := pkt.Data().PullUp(header.IPv4MinimumSize)
+	if !ok {
+		return
+	}
+	ip := header.IPv4(hdr)
+	// GRO only considers option-less TCP packets (20-byte IPv4 header).
+	if ip.HeaderLength() != header.IPv4MinimumSize || ip.TransportProtocol() != header.TCPProtocolNumber || ip.IsChecksumValid() {
+		return
+	}
+	size := pkt.Data().Size()
+	if int(ip.TotalLength()) != size || size < header.IPv4MinimumSize+header.TCPMinimumSize {
+		return // not GRO's doing: leave it for the IP layer to reject
+	}
+	ip.SetChecksum(0)
+	ip.SetChecksum(^ip.CalculateChecksum())
+	tcpLen := size - header.IPv4MinimumSize
+	th, ok := pkt.Data().PullUp(header.IPv4MinimumSize + header.TCPMinimumSize)
+	if !ok {
+		return
+	}
+	off := int(header.TCP(th[header.IPv4MinimumSize:]).DataOffset())
+	if off < header.TCPMinimumSize || off > tcpLen {
+		return
+	}
+	full, ok := pkt.Data().PullUp(header.IPv4MinimumSize + off)
+	if !ok {
+		return
+	}
+	ip = header.IPv4(full)
+	tcp := header.TCP(full[header.IPv4MinimumSize:])
+	tcp.SetChecksum(0)
+	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.SourceAddress(), ip.DestinationAddress(), uint16(tcpLen))
+	xsum = checksum.Combine(xsum, pkt.Data().ChecksumAtOffset(header.IPv4MinimumSize+off))
+	tcp.SetChecksum(^tcp.CalculateChecksum(xsum))
+}
 
 var _ stack.GSOEndpoint = (*linkEndpoint)(nil)
 
@@ -231,7 +297,11 @@ func (e *linkEndpoint) inject(b []byte, g *gro.GRO) {
 		Payload: buffer.MakeWithData(b),
 	})
 	pkt.NetworkProtocolNumber = proto
-	g.Enqueue(pkt) // GRO verifies checksums itself before coalescing
+	if proto == header.IPv4ProtocolNumber {
+		g.Enqueue(pkt) // GRO verifies checksums itself before coalescing
+	} else {
+		g.Dispatcher.DeliverNetworkPacket(proto, pkt)
+	}
 	pkt.DecRef()
 	e.stats.InboundPackets.Add(1)
 }
@@ -250,7 +320,7 @@ func (e *linkEndpoint) write(bufs [][]byte, offset int) (int, error) {
 		return len(bufs), nil
 	}
 	g := e.gros.Get().(*gro.GRO)
-	g.Dispatcher = d
+	g.Dispatcher = groFixup{d}
 	for _, buf := range bufs {
 		if offset < 0 || offset > len(buf) {
 			e.stats.InboundInvalid.Add(1)

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -29,6 +30,7 @@ const (
 	PathServices = "/v1/services"
 	PathExpose   = "/v1/expose"
 	PathUnexpose = "/v1/unexpose"
+	PathPing     = "/v1/ping" // ?node=NAME&timeout=2s
 )
 
 // Status is the answer to PathStatus.
@@ -68,6 +70,33 @@ type Peer struct {
 	RxBytes       uint64         `json:"rx_bytes"`
 	TxBytes       uint64         `json:"tx_bytes"`
 	Key           string         `json:"key"`
+	// Path is "direct" (Endpoint is the UDP address), "relay" (Relay is
+	// its URL) or "none".
+	Path       string   `json:"path"`
+	Relay      string   `json:"relay,omitempty"`
+	RTT        Duration `json:"rtt,omitempty"`
+	Candidates []string `json:"candidates,omitempty"`
+	// Bytes of WireGuard packets by path, both directions.
+	DirectBytes  uint64 `json:"direct_bytes"`
+	RelayedBytes uint64 `json:"relayed_bytes"`
+}
+
+// Duration is a time.Duration that reads well in JSON ("1.2ms").
+type Duration time.Duration
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	*d = Duration(v)
+	return err
+}
+
+// PingResult is one pong answering `meshlink ping`.
+type PingResult struct {
+	Peer string   `json:"peer"`
+	Path string   `json:"path"` // "direct 1.2.3.4:41641" or "relay"
+	RTT  Duration `json:"rtt"`
 }
 
 // Services is the answer to PathServices.
@@ -221,4 +250,11 @@ func (c *Client) Expose(ctx context.Context, r ExposeRequest) (*ExposeResponse, 
 // Unexpose stops exporting a service.
 func (c *Client) Unexpose(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodPost, PathUnexpose, UnexposeRequest{Name: name}, nil)
+}
+
+// Ping sends one round of disco pings to node over every path.
+func (c *Client) Ping(ctx context.Context, node string, timeout time.Duration) ([]PingResult, error) {
+	var out []PingResult
+	q := url.Values{"node": {node}, "timeout": {timeout.String()}}
+	return out, c.do(ctx, http.MethodGet, PathPing+"?"+q.Encode(), nil, &out)
 }

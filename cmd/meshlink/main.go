@@ -41,6 +41,7 @@ func main() {
 			unexposeCmd(),
 			servicesCmd(),
 			statusCmd(),
+			pingCmd(),
 		},
 		ExitErrHandler: func(c *cli.Context, err error) {},
 	}

@@ -107,7 +107,7 @@ func statusCmd() *cli.Command {
 			}
 			fmt.Printf("coordinator: %s %s\n\n", s.Coordinator.URL, cs)
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "PEER\tMESH IP\tENDPOINT\tHANDSHAKE\tRX\tTX\tSTATE")
+			fmt.Fprintln(tw, "PEER\tMESH IP\tPATH\tRTT\tHANDSHAKE\tRX\tTX\tSTATE")
 			for _, p := range s.Peers {
 				ip := ""
 				if len(p.Addresses) > 0 {
@@ -121,7 +121,18 @@ func statusCmd() *cli.Command {
 				if !p.Online {
 					state = "offline"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, ip, p.Endpoint, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), state)
+				path := p.Path
+				switch p.Path {
+				case "direct":
+					path = "direct " + p.Endpoint
+				case "relay":
+					path = "relayed via " + p.Relay
+				}
+				rtt := "-"
+				if p.RTT > 0 {
+					rtt = time.Duration(p.RTT).Round(time.Microsecond).String()
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, ip, path, rtt, hs, bytesStr(p.RxBytes), bytesStr(p.TxBytes), state)
 			}
 			return tw.Flush()
 		},
@@ -139,4 +150,52 @@ func bytesStr(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func pingCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "ping",
+		Usage:     "send mesh pings to a node and show each reply's path and time",
+		ArgsUsage: "NODE",
+		Flags: []cli.Flag{
+			stateFlag(),
+			&cli.IntFlag{Name: "count", Aliases: []string{"c"}, Value: 4, Usage: "rounds of pings (0: until interrupted)", EnvVars: env("PING_COUNT")},
+			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Second, Usage: "wait for replies per round", EnvVars: env("PING_TIMEOUT")},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return fmt.Errorf("usage: meshlink ping NODE [--count N] --state DIR")
+			}
+			node := c.Args().First()
+			cl := newLocalClient(c)
+			ctx, cancel := signalContext()
+			defer cancel()
+			got := 0
+			for i := 0; c.Int("count") == 0 || i < c.Int("count"); i++ {
+				if i > 0 {
+					select {
+					case <-ctx.Done():
+						return nil
+					case <-time.After(time.Second):
+					}
+				}
+				res, err := cl.Ping(ctx, node, c.Duration("timeout"))
+				if err != nil {
+					if ctx.Err() != nil {
+						return nil
+					}
+					fmt.Printf("%s: %v\n", node, err)
+					continue
+				}
+				for _, r := range res {
+					got++
+					fmt.Printf("pong from %s via %s in %s\n", r.Peer, r.Path, time.Duration(r.RTT).Round(time.Microsecond))
+				}
+			}
+			if got == 0 {
+				return fmt.Errorf("no reply from %s", node)
+			}
+			return nil
+		},
+	}
 }

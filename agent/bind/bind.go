@@ -1,0 +1,819 @@
+// Package bind is the agent's conn.Bind: it carries WireGuard packets to each
+// peer over the best path it can find — a direct UDP path found by disco
+// pings through NATs (hole punching), or the relay over one outbound TLS
+// connection when UDP cannot pass — and moves between them without
+// WireGuard noticing, so open TCP connections survive a path change.
+//
+// WireGuard sees one virtual Endpoint per peer; Send picks the path per call.
+// Disco and STUN packets share the UDP socket with WireGuard and are
+// filtered out of the receive path.
+package bind
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/crypto/nacl/box"
+	"golang.zx2c4.com/wireguard/conn"
+
+	"github.com/meshlink/meshlink/coordinator/relay"
+	"github.com/meshlink/meshlink/coordinator/stun"
+)
+
+// Timing of path discovery. A direct path is trusted while pongs keep
+// coming; past trustFor without one, traffic falls back to the relay.
+const (
+	searchEvery = 2 * time.Second  // ping all candidates while no path is known
+	keepEvery   = 3 * time.Second  // ping the chosen path to keep it (and the NAT) alive
+	rescanEvery = 30 * time.Second // ping the others now and then for a better path
+	trustFor    = 7 * time.Second
+	stunEvery   = 23 * time.Second
+	tick        = 500 * time.Millisecond
+)
+
+// Config configures a Bind.
+type Config struct {
+	// PrivateKey is the node's WireGuard private key, used to authenticate
+	// disco messages; it never leaves the process.
+	PrivateKey [32]byte
+	Logger     *slog.Logger
+	// OnPublicAddr is called (on the bind's goroutine) when STUN learns the
+	// node's public UDP address, to publish it in the network map.
+	OnPublicAddr func(netip.AddrPort)
+}
+
+// PeerConfig is what the network map says about a peer.
+type PeerConfig struct {
+	Key       [32]byte
+	Name      string
+	Endpoints []netip.AddrPort
+}
+
+// RelayConfig names the relay to use and the node's credentials for it.
+type RelayConfig = relay.ClientConfig
+
+// Bind implements conn.Bind.
+type Bind struct {
+	inner  conn.Bind
+	log    *slog.Logger
+	priv   [32]byte
+	pub    [32]byte
+	onAddr func(netip.AddrPort)
+
+	relayCh chan relayPacket
+	kick    chan struct{}
+
+	mu       sync.Mutex // guards the fields below
+	peers    map[[32]byte]*peer
+	byAddr   map[netip.AddrPort]*peer
+	relay    *relay.Client
+	relayURL string
+	stunSrv  []netip.AddrPort
+	stunTx   map[[12]byte]time.Time
+	lastStun time.Time
+	public   netip.AddrPort
+	waiters  map[[12]byte]chan PingResult
+	openDone chan struct{} // closed by Close; nil while not open
+	loopDone chan struct{}
+	shutdown bool
+	garbage  atomic.Uint64
+}
+
+type relayPacket struct {
+	src [32]byte
+	pkt []byte
+}
+
+type peer struct {
+	key    [32]byte
+	name   string
+	ep     *Endpoint
+	shared [32]byte
+	paths  map[netip.AddrPort]*path
+	pings  map[[12]byte]sentPing
+
+	lastScan                             time.Time
+	txDirect, rxDirect, txRelay, rxRelay atomic.Uint64
+}
+
+type path struct {
+	addr     netip.AddrPort
+	ep       *conn.StdNetEndpoint
+	fromMap  bool
+	lastPing time.Time
+	lastPong time.Time
+	rtt      time.Duration
+}
+
+type sentPing struct {
+	addr  netip.AddrPort // invalid for the relay
+	at    time.Time
+	relay bool
+}
+
+// New returns a Bind over the standard UDP socket.
+func New(cfg Config) *Bind {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	b := &Bind{
+		inner:   conn.NewStdNetBind(),
+		log:     log.With("subsystem", "bind"),
+		priv:    cfg.PrivateKey,
+		onAddr:  cfg.OnPublicAddr,
+		relayCh: make(chan relayPacket, 1024),
+		kick:    make(chan struct{}, 1),
+		peers:   map[[32]byte]*peer{},
+		byAddr:  map[netip.AddrPort]*peer{},
+		stunTx:  map[[12]byte]time.Time{},
+		waiters: map[[12]byte]chan PingResult{},
+	}
+	pub, err := publicKey(cfg.PrivateKey)
+	if err == nil {
+		b.pub = pub
+	}
+	return b
+}
+
+// Endpoint is WireGuard's handle for a peer: whichever path carries the
+// packets, WireGuard sees the same endpoint, so its roaming never fights the
+// path choice.
+type Endpoint struct {
+	key [32]byte
+	b   *Bind
+}
+
+const endpointPrefix = "mlpeer:"
+
+// EndpointString is what to give WireGuard's UAPI as a peer's endpoint.
+func EndpointString(key [32]byte) string {
+	return endpointPrefix + base64.RawURLEncoding.EncodeToString(key[:])
+}
+
+func (e *Endpoint) ClearSrc()           {}
+func (e *Endpoint) SrcToString() string { return "" }
+func (e *Endpoint) DstToString() string { return EndpointString(e.key) }
+func (e *Endpoint) DstToBytes() []byte  { return e.key[:] }
+func (e *Endpoint) SrcIP() netip.Addr   { return netip.Addr{} }
+func (e *Endpoint) DstIP() netip.Addr {
+	if a, _ := e.b.bestDirect(e.key); a.IsValid() {
+		return a.Addr()
+	}
+	return netip.Addr{}
+}
+
+// ParseEndpoint implements conn.Bind: our peer endpoints, or a plain ip:port.
+func (b *Bind) ParseEndpoint(s string) (conn.Endpoint, error) {
+	if rest, ok := strings.CutPrefix(s, endpointPrefix); ok {
+		raw, err := base64.RawURLEncoding.DecodeString(rest)
+		if err != nil || len(raw) != 32 {
+			return nil, fmt.Errorf("bind: bad endpoint %q", s)
+		}
+		var k [32]byte
+		copy(k[:], raw)
+		return b.endpointFor(k), nil
+	}
+	return b.inner.ParseEndpoint(s)
+}
+
+func (b *Bind) endpointFor(k [32]byte) *Endpoint {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if p := b.peers[k]; p != nil {
+		return p.ep
+	}
+	return &Endpoint{key: k, b: b}
+}
+
+// BatchSize implements conn.Bind.
+func (b *Bind) BatchSize() int { return b.inner.BatchSize() }
+
+// SetMark implements conn.Bind.
+func (b *Bind) SetMark(mark uint32) error { return b.inner.SetMark(mark) }
+
+// Open implements conn.Bind: the UDP socket's receive functions, filtered,
+// plus one that yields packets arriving from the relay.
+func (b *Bind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
+	fns, actual, err := b.inner.Open(port)
+	if err != nil {
+		return nil, 0, err
+	}
+	b.mu.Lock()
+	done := make(chan struct{})
+	b.openDone = done
+	loopDone := make(chan struct{})
+	b.loopDone = loopDone
+	b.mu.Unlock()
+	out := make([]conn.ReceiveFunc, 0, len(fns)+1)
+	for _, fn := range fns {
+		out = append(out, b.filter(fn))
+	}
+	out = append(out, func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		return b.receiveRelay(done, packets, sizes, eps)
+	})
+	go func() {
+		defer close(loopDone)
+		b.loop(done)
+	}()
+	return out, actual, nil
+}
+
+// Close implements conn.Bind. The relay connection stays up (WireGuard
+// closes and reopens the bind when its port changes); Shutdown ends it.
+func (b *Bind) Close() error {
+	b.mu.Lock()
+	done, loopDone := b.openDone, b.loopDone
+	b.openDone, b.loopDone = nil, nil
+	b.mu.Unlock()
+	if done != nil {
+		close(done)
+		<-loopDone
+	}
+	return b.inner.Close()
+}
+
+// Shutdown closes the bind and the relay client for good.
+func (b *Bind) Shutdown() {
+	b.Close()
+	b.mu.Lock()
+	r := b.relay
+	b.relay = nil
+	b.shutdown = true
+	b.mu.Unlock()
+	if r != nil {
+		r.Close()
+	}
+}
+
+// filter wraps a UDP receive function: disco and STUN are handled here and
+// hidden from WireGuard; WireGuard packets from a known path are tagged with
+// their peer's endpoint.
+func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
+	return func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		for {
+			n, err := fn(packets, sizes, eps)
+			if err != nil {
+				return n, err
+			}
+			kept := 0
+			for i := 0; i < n; i++ {
+				if sizes[i] == 0 {
+					continue
+				}
+				se, ok := eps[i].(*conn.StdNetEndpoint)
+				if !ok {
+					kept++
+					continue
+				}
+				src := netip.AddrPortFrom(se.AddrPort.Addr().Unmap(), se.AddrPort.Port())
+				pkt := packets[i][:sizes[i]]
+				switch {
+				case isDisco(pkt):
+					b.handleDisco(pkt, src, false)
+					sizes[i] = 0
+				case stun.IsSTUN(pkt):
+					b.handleSTUN(pkt, src)
+					sizes[i] = 0
+				default:
+					b.mu.Lock()
+					p := b.byAddr[src]
+					b.mu.Unlock()
+					if p != nil {
+						eps[i] = p.ep
+						p.rxDirect.Add(uint64(sizes[i]))
+					}
+					kept++
+				}
+			}
+			if kept > 0 {
+				return n, nil
+			}
+		}
+	}
+}
+
+func (b *Bind) receiveRelay(done chan struct{}, packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+	var first relayPacket
+	select {
+	case first = <-b.relayCh:
+	case <-done:
+		return 0, net.ErrClosed
+	}
+	n := 0
+	put := func(rp relayPacket) {
+		if len(rp.pkt) > len(packets[n]) {
+			return
+		}
+		sizes[n] = copy(packets[n], rp.pkt)
+		eps[n] = b.endpointFor(rp.src)
+		n++
+	}
+	put(first)
+	for n < len(packets) {
+		select {
+		case rp := <-b.relayCh:
+			put(rp)
+		default:
+			return n, nil
+		}
+	}
+	return n, nil
+}
+
+// onRelayPacket is the relay client's callback.
+func (b *Bind) onRelayPacket(src relay.Key, pkt []byte) {
+	if isDisco(pkt) {
+		b.handleDisco(pkt, netip.AddrPort{}, true)
+		return
+	}
+	b.mu.Lock()
+	if p := b.peers[src]; p != nil {
+		p.rxRelay.Add(uint64(len(pkt)))
+	}
+	b.mu.Unlock()
+	select {
+	case b.relayCh <- relayPacket{src: src, pkt: slices.Clone(pkt)}:
+	default:
+		// WireGuard is not keeping up; drop like a full NIC queue would.
+	}
+}
+
+// Send implements conn.Bind.
+func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	e, ok := ep.(*Endpoint)
+	if !ok {
+		return b.inner.Send(bufs, ep)
+	}
+	b.mu.Lock()
+	p := b.peers[e.key]
+	var direct *path
+	if p != nil {
+		direct = p.best(time.Now())
+	}
+	r := b.relay
+	b.mu.Unlock()
+	if direct != nil {
+		err := b.inner.Send(bufs, direct.ep)
+		if err == nil && p != nil {
+			p.txDirect.Add(sizeOf(bufs))
+		}
+		return err
+	}
+	if r != nil && r.Connected() {
+		for _, buf := range bufs {
+			if err := r.Send(e.key, buf); err != nil {
+				return err
+			}
+		}
+		if p != nil {
+			p.txRelay.Add(sizeOf(bufs))
+		}
+		return nil
+	}
+	// No proven path and no relay: try the addresses the network map gave,
+	// which is all a plain LAN needs.
+	if p != nil {
+		b.mu.Lock()
+		var eps []*conn.StdNetEndpoint
+		for _, pa := range p.paths {
+			if pa.fromMap {
+				eps = append(eps, pa.ep)
+			}
+		}
+		b.mu.Unlock()
+		for _, pep := range eps {
+			b.inner.Send(bufs, pep)
+		}
+		if len(eps) > 0 {
+			p.txDirect.Add(sizeOf(bufs))
+			return nil
+		}
+	}
+	return errors.New("bind: no path to peer (no direct address and no relay)")
+}
+
+func sizeOf(bufs [][]byte) uint64 {
+	var n uint64
+	for _, b := range bufs {
+		n += uint64(len(b))
+	}
+	return n
+}
+
+// best returns the direct path to use, or nil. Caller holds b.mu.
+func (p *peer) best(now time.Time) *path {
+	var out *path
+	for _, pa := range p.paths {
+		if now.Sub(pa.lastPong) > trustFor {
+			continue
+		}
+		if out == nil || pa.rtt < out.rtt {
+			out = pa
+		}
+	}
+	return out
+}
+
+func (b *Bind) bestDirect(k [32]byte) (netip.AddrPort, time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if p := b.peers[k]; p != nil {
+		if pa := p.best(time.Now()); pa != nil {
+			return pa.addr, pa.rtt
+		}
+	}
+	return netip.AddrPort{}, 0
+}
+
+// SetPeers replaces the set of peers and their candidate addresses whole.
+func (b *Bind) SetPeers(ps []PeerConfig) {
+	b.mu.Lock()
+	want := map[[32]byte]bool{}
+	for _, pc := range ps {
+		want[pc.Key] = true
+		p := b.peers[pc.Key]
+		if p == nil {
+			p = &peer{key: pc.Key, paths: map[netip.AddrPort]*path{}, pings: map[[12]byte]sentPing{}}
+			p.ep = &Endpoint{key: pc.Key, b: b}
+			box.Precompute(&p.shared, &p.key, &b.priv)
+			b.peers[pc.Key] = p
+		}
+		p.name = pc.Name
+		inMap := map[netip.AddrPort]bool{}
+		for _, a := range pc.Endpoints {
+			a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+			if !a.IsValid() || a.Port() == 0 {
+				continue
+			}
+			inMap[a] = true
+			if p.paths[a] == nil {
+				p.paths[a] = &path{addr: a, ep: &conn.StdNetEndpoint{AddrPort: a}}
+			}
+			p.paths[a].fromMap = true
+			b.byAddr[a] = p
+		}
+		for a, pa := range p.paths {
+			if !inMap[a] {
+				pa.fromMap = false
+				if time.Since(pa.lastPong) > trustFor {
+					delete(p.paths, a)
+					if b.byAddr[a] == p {
+						delete(b.byAddr, a)
+					}
+				}
+			}
+		}
+	}
+	for k, p := range b.peers {
+		if !want[k] {
+			for a := range p.paths {
+				if b.byAddr[a] == p {
+					delete(b.byAddr, a)
+				}
+			}
+			delete(b.peers, k)
+		}
+	}
+	b.mu.Unlock()
+	b.poke()
+}
+
+// SetRelay starts (or replaces) the relay client. An empty URL stops it.
+func (b *Bind) SetRelay(cfg relay.ClientConfig) {
+	b.mu.Lock()
+	if b.shutdown || (b.relay != nil && b.relayURL == cfg.URL) {
+		b.mu.Unlock()
+		return
+	}
+	old := b.relay
+	b.relay, b.relayURL = nil, cfg.URL
+	if cfg.URL != "" {
+		cfg.OnPacket = b.onRelayPacket
+		if cfg.Logger == nil {
+			cfg.Logger = b.log
+		}
+		b.relay = relay.NewClient(cfg)
+		b.relay.Start()
+	}
+	b.mu.Unlock()
+	if old != nil {
+		old.Close()
+	}
+}
+
+// SetSTUN sets the STUN servers used to learn the public address.
+func (b *Bind) SetSTUN(servers []netip.AddrPort) {
+	b.mu.Lock()
+	b.stunSrv = slices.Clone(servers)
+	b.lastStun = time.Time{}
+	b.mu.Unlock()
+	b.poke()
+}
+
+// PublicAddr is the node's UDP address as STUN saw it, if known.
+func (b *Bind) PublicAddr() netip.AddrPort {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.public
+}
+
+func (b *Bind) poke() {
+	select {
+	case b.kick <- struct{}{}:
+	default:
+	}
+}
+
+// loop sends disco pings and STUN requests while the bind is open.
+func (b *Bind) loop(done chan struct{}) {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		b.maintain(time.Now())
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		case <-b.kick:
+		}
+	}
+}
+
+type outgoing struct {
+	pkt []byte
+	to  *conn.StdNetEndpoint
+}
+
+func (b *Bind) maintain(now time.Time) {
+	var out []outgoing
+	b.mu.Lock()
+	for _, p := range b.peers {
+		for id, sp := range p.pings {
+			if now.Sub(sp.at) > 10*time.Second {
+				delete(p.pings, id)
+			}
+		}
+		best := p.best(now)
+		scan := best == nil && now.Sub(p.lastScan) >= searchEvery || now.Sub(p.lastScan) >= rescanEvery
+		if scan {
+			p.lastScan = now
+		}
+		for _, pa := range p.paths {
+			due := scan || (pa == best && now.Sub(pa.lastPing) >= keepEvery)
+			if !due {
+				continue
+			}
+			pa.lastPing = now
+			pkt, _ := b.pingLocked(p, pa.addr, false, now)
+			out = append(out, outgoing{pkt, pa.ep})
+		}
+	}
+	if len(b.stunSrv) > 0 && now.Sub(b.lastStun) >= stunEvery {
+		b.lastStun = now
+		for id, at := range b.stunTx {
+			if now.Sub(at) > time.Minute {
+				delete(b.stunTx, id)
+			}
+		}
+		for _, s := range b.stunSrv {
+			var tx [12]byte
+			rand.Read(tx[:])
+			b.stunTx[tx] = now
+			out = append(out, outgoing{stun.Request(tx), &conn.StdNetEndpoint{AddrPort: s}})
+		}
+	}
+	b.mu.Unlock()
+	for _, o := range out {
+		b.inner.Send([][]byte{o.pkt}, o.to)
+	}
+}
+
+// pingLocked records and builds a ping to p over addr (or the relay).
+func (b *Bind) pingLocked(p *peer, addr netip.AddrPort, viaRelay bool, now time.Time) ([]byte, [12]byte) {
+	m := discoMsg{typ: discoPing}
+	rand.Read(m.txid[:])
+	p.pings[m.txid] = sentPing{addr: addr, at: now, relay: viaRelay}
+	return sealDisco(b.pub, &p.shared, &m), m.txid
+}
+
+func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, viaRelay bool) {
+	sender := discoSender(pkt)
+	b.mu.Lock()
+	p := b.peers[sender]
+	if p == nil {
+		b.mu.Unlock()
+		b.garbage.Add(1)
+		return
+	}
+	m, err := openDisco(pkt, &p.shared)
+	if err != nil {
+		b.mu.Unlock()
+		b.garbage.Add(1)
+		return
+	}
+	now := time.Now()
+	var reply []byte
+	var pingBack []byte
+	var pa *path
+	switch m.typ {
+	case discoPing:
+		pong := discoMsg{typ: discoPong, txid: m.txid, observed: src}
+		reply = sealDisco(b.pub, &p.shared, &pong)
+		if !viaRelay {
+			// A ping from an address we did not know is a path the peer
+			// found (peer-reflexive, through its NAT): learn it and prove it
+			// from our side too.
+			pa = p.paths[src]
+			if pa == nil {
+				pa = &path{addr: src, ep: &conn.StdNetEndpoint{AddrPort: src}}
+				p.paths[src] = pa
+				b.byAddr[src] = p
+			}
+			if p.best(now) == nil && now.Sub(pa.lastPing) > time.Second/2 {
+				pa.lastPing = now
+				pingBack, _ = b.pingLocked(p, src, false, now)
+			}
+		}
+	case discoPong:
+		sp, ok := p.pings[m.txid]
+		if !ok {
+			break
+		}
+		delete(p.pings, m.txid)
+		rtt := now.Sub(sp.at)
+		res := PingResult{Peer: p.name, RTT: rtt, Relay: viaRelay}
+		if !viaRelay && sp.addr == src {
+			pa = p.paths[src]
+			if pa != nil {
+				was := p.best(now)
+				pa.lastPong, pa.rtt = now, rtt
+				b.byAddr[src] = p
+				if was == nil {
+					b.log.Info("direct path up", "peer", p.name, "addr", src, "rtt", rtt.Round(time.Microsecond))
+				}
+			}
+			res.Addr = src
+		}
+		if w := b.waiters[m.txid]; w != nil {
+			select {
+			case w <- res:
+			default:
+			}
+		}
+	}
+	r := b.relay
+	b.mu.Unlock()
+	if reply != nil {
+		if viaRelay {
+			if r != nil {
+				r.Send(sender, reply)
+			}
+		} else {
+			b.inner.Send([][]byte{reply}, &conn.StdNetEndpoint{AddrPort: src})
+		}
+	}
+	if pingBack != nil {
+		b.inner.Send([][]byte{pingBack}, pa.ep)
+	}
+}
+
+func (b *Bind) handleSTUN(pkt []byte, src netip.AddrPort) {
+	tx, addr, err := stun.ParseResponse(pkt)
+	if err != nil {
+		b.garbage.Add(1)
+		return
+	}
+	b.mu.Lock()
+	_, ours := b.stunTx[tx]
+	delete(b.stunTx, tx)
+	changed := ours && addr != b.public
+	if changed {
+		b.public = addr
+	}
+	cb := b.onAddr
+	b.mu.Unlock()
+	if changed {
+		b.log.Info("public UDP address (STUN)", "addr", addr, "server", src)
+		if cb != nil {
+			cb(addr)
+		}
+	}
+}
+
+// PingResult is one pong.
+type PingResult struct {
+	Peer  string
+	Addr  netip.AddrPort // direct path, or invalid for the relay
+	Relay bool
+	RTT   time.Duration
+}
+
+// Ping sends one disco ping to the peer over every known direct address and
+// over the relay, and returns the pongs that arrive before ctx ends.
+func (b *Bind) Ping(ctx context.Context, key [32]byte) ([]PingResult, error) {
+	b.mu.Lock()
+	p := b.peers[key]
+	if p == nil {
+		b.mu.Unlock()
+		return nil, errors.New("not a peer of this node")
+	}
+	now := time.Now()
+	ch := make(chan PingResult, len(p.paths)+1)
+	var out []outgoing
+	var relayPkt []byte
+	var ids [][12]byte
+	for _, pa := range p.paths {
+		pkt, id := b.pingLocked(p, pa.addr, false, now)
+		ids = append(ids, id)
+		out = append(out, outgoing{pkt, pa.ep})
+	}
+	r := b.relay
+	if r != nil && r.Connected() {
+		var id [12]byte
+		relayPkt, id = b.pingLocked(p, netip.AddrPort{}, true, now)
+		ids = append(ids, id)
+	}
+	for _, id := range ids {
+		b.waiters[id] = ch
+	}
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		for _, id := range ids {
+			delete(b.waiters, id)
+		}
+		b.mu.Unlock()
+	}()
+	for _, o := range out {
+		b.inner.Send([][]byte{o.pkt}, o.to)
+	}
+	if relayPkt != nil {
+		r.Send(key, relayPkt)
+	}
+	var res []PingResult
+	for len(res) < len(ids) {
+		select {
+		case pr := <-ch:
+			res = append(res, pr)
+		case <-ctx.Done():
+			return res, nil
+		}
+	}
+	return res, nil
+}
+
+// PeerPath describes how a peer is reached right now.
+type PeerPath struct {
+	// Path is "direct", "relay" or "none".
+	Path       string
+	Addr       netip.AddrPort
+	RTT        time.Duration
+	Candidates []netip.AddrPort
+	TxDirect   uint64
+	RxDirect   uint64
+	TxRelay    uint64
+	RxRelay    uint64
+}
+
+// Path reports the current path to a peer.
+func (b *Bind) Path(key [32]byte) PeerPath {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p := b.peers[key]
+	if p == nil {
+		return PeerPath{Path: "none"}
+	}
+	pp := PeerPath{Path: "none", TxDirect: p.txDirect.Load(), RxDirect: p.rxDirect.Load(), TxRelay: p.txRelay.Load(), RxRelay: p.rxRelay.Load()}
+	for a := range p.paths {
+		pp.Candidates = append(pp.Candidates, a)
+	}
+	sort.Slice(pp.Candidates, func(i, j int) bool { return pp.Candidates[i].String() < pp.Candidates[j].String() })
+	if pa := p.best(time.Now()); pa != nil {
+		pp.Path, pp.Addr, pp.RTT = "direct", pa.addr, pa.rtt
+	} else if b.relay != nil && b.relay.Connected() {
+		pp.Path = "relay"
+	}
+	return pp
+}
+
+// RelayURL is the relay in use, and whether it is connected.
+func (b *Bind) RelayURL() (string, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.relayURL, b.relay != nil && b.relay.Connected()
+}
+
+var _ conn.Bind = (*Bind)(nil)

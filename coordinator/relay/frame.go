@@ -1,0 +1,161 @@
+// Package relay carries WireGuard packets between nodes that cannot reach
+// each other over UDP, over one outbound TLS connection per node to the
+// coordinator's HTTPS port (like Tailscale's DERP).
+//
+// The relay sees only encrypted WireGuard packets and public keys: it can
+// neither read nor forge traffic. The source key it reports to a receiver is
+// the key the sender authenticated with, never a key taken from the sender's
+// frames, so nodes cannot pose as each other.
+//
+// Protocol: the client sends "GET wire.PathRelay" over HTTP/1.1 with
+// "Connection: Upgrade", "Upgrade: wire.RelayProtocol" and its node
+// credentials; the server answers 101 Switching Protocols and both sides
+// then exchange frames:
+//
+//	[1 byte type][2 bytes big-endian payload length][payload]
+//
+// See the frame type constants for the payloads. The server's first frame is
+// FrameServerInfo. Unknown frame types are skipped so that either side may
+// add frames later; a malformed frame ends the connection.
+package relay
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+// Frame types.
+const (
+	// FrameSendPacket (client→server): 32-byte destination key + packet.
+	FrameSendPacket = 1
+	// FrameRecvPacket (server→client): 32-byte source key + packet.
+	FrameRecvPacket = 2
+	// FrameKeepAlive (both ways): empty.
+	FrameKeepAlive = 3
+	// FramePeerGone (server→client): 32-byte key of a destination that is
+	// not connected to this relay.
+	FramePeerGone = 4
+	// FrameServerInfo (server→client, first frame): JSON ServerInfo.
+	FrameServerInfo = 5
+)
+
+const (
+	frameHeaderLen = 3
+	// MaxPayload is the largest frame payload; the 16-bit length field
+	// cannot say more.
+	MaxPayload = 1<<16 - 1
+	// MaxPacket is the largest packet Send accepts.
+	MaxPacket = MaxPayload - KeyLen
+	// KeyLen is the length of a WireGuard public key.
+	KeyLen = 32
+)
+
+// ServerInfo is the payload of FrameServerInfo. Fields are only added.
+type ServerInfo struct {
+	Version int `json:"version"`
+	// KeepAliveMS is how often the server sends keep-alives; the client
+	// sends its own at the same interval and gives up on a silent server
+	// after a few intervals. Zero means the default (30 s).
+	KeepAliveMS int64 `json:"keepalive_ms,omitempty"`
+}
+
+// Key is a WireGuard public key.
+type Key [KeyLen]byte
+
+// KeyFromWire decodes a base64 key as carried by the wire package.
+func KeyFromWire(k wire.Key) (Key, error) {
+	var key Key
+	b, err := base64.StdEncoding.DecodeString(string(k))
+	if err != nil || len(b) != KeyLen {
+		return key, fmt.Errorf("relay: %q is not a WireGuard public key (32 bytes, standard base64)", short(string(k)))
+	}
+	copy(key[:], b)
+	return key, nil
+}
+
+// Wire returns k in the wire package's base64 form.
+func (k Key) Wire() wire.Key { return wire.Key(base64.StdEncoding.EncodeToString(k[:])) }
+
+// String is a short form of the key for logs: the first 8 base64
+// characters, as `wg` users recognise them.
+func (k Key) String() string { return "[" + base64.StdEncoding.EncodeToString(k[:])[:8] + "]" }
+
+// IsZero reports whether k is the zero key.
+func (k Key) IsZero() bool { return k == Key{} }
+
+func short(s string) string {
+	if len(s) > 16 {
+		return s[:16] + "…"
+	}
+	return s
+}
+
+// errMalformed wraps every protocol violation by the peer.
+var errMalformed = errors.New("malformed frame")
+
+// readFrame reads one frame into buf, which must hold MaxPayload bytes, and
+// returns its type and payload (a slice of buf, valid until the next call).
+// It never allocates: the 16-bit length bounds every frame.
+func readFrame(r *bufio.Reader, buf []byte) (typ byte, payload []byte, err error) {
+	// The header goes through buf too: a local array would escape to the
+	// heap through io.ReadFull's interface.
+	if len(buf) < frameHeaderLen {
+		return 0, nil, errors.New("relay: frame buffer too small")
+	}
+	if _, err := io.ReadFull(r, buf[:frameHeaderLen]); err != nil {
+		return 0, nil, err
+	}
+	typ = buf[0]
+	n := int(binary.BigEndian.Uint16(buf[1:frameHeaderLen]))
+	if n > len(buf) {
+		return 0, nil, fmt.Errorf("%w: payload of %d bytes exceeds the buffer", errMalformed, n)
+	}
+	if _, err := io.ReadFull(r, buf[:n]); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, nil, err
+	}
+	payload = buf[:n]
+	switch typ {
+	case FrameSendPacket, FrameRecvPacket, FramePeerGone:
+		if n < KeyLen {
+			return 0, nil, fmt.Errorf("%w: type %d with %d-byte payload, shorter than a key", errMalformed, typ, n)
+		}
+		if typ == FramePeerGone && n != KeyLen {
+			return 0, nil, fmt.Errorf("%w: peer-gone payload of %d bytes", errMalformed, n)
+		}
+	case FrameKeepAlive:
+		if n != 0 {
+			return 0, nil, fmt.Errorf("%w: keep-alive with a %d-byte payload", errMalformed, n)
+		}
+	}
+	return typ, payload, nil
+}
+
+// appendFrame appends a frame of type typ whose payload is key (if non-nil)
+// followed by data. The caller checks the size.
+func appendFrame(dst []byte, typ byte, key *Key, data []byte) []byte {
+	n := len(data)
+	if key != nil {
+		n += KeyLen
+	}
+	dst = append(dst, typ, byte(n>>8), byte(n))
+	if key != nil {
+		dst = append(dst, key[:]...)
+	}
+	return append(dst, data...)
+}
+
+// packetFrame returns a fresh frame carrying key and pkt.
+func packetFrame(typ byte, key Key, pkt []byte) []byte {
+	return appendFrame(make([]byte, 0, frameHeaderLen+KeyLen+len(pkt)), typ, &key, pkt)
+}
+
+var keepAliveFrame = []byte{FrameKeepAlive, 0, 0}

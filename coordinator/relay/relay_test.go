@@ -1,0 +1,685 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if code == 0 {
+		if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
+			fmt.Fprintf(os.Stderr, "goroutines leaked by the relay:\n%s\n", leaked)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// leakedGoroutines polls until no goroutine runs the relay's own (non-test)
+// code, returning their stacks if some remain after d.
+func leakedGoroutines(d time.Duration) string {
+	deadline := time.Now().Add(d)
+	for {
+		buf := make([]byte, 1<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		var leaked []string
+		for _, g := range strings.Split(string(buf), "\n\n") {
+			if strings.Contains(g, "coordinator/relay/server.go") || strings.Contains(g, "coordinator/relay/client.go") {
+				leaked = append(leaked, g)
+			}
+		}
+		if len(leaked) == 0 {
+			return ""
+		}
+		if time.Now().After(deadline) {
+			return strings.Join(leaked, "\n\n")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitFor polls cond until it holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for wait := time.Millisecond; !cond(); wait = min(2*wait, 20*time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(wait)
+	}
+}
+
+// logBuf is a slog destination tests can search, echoing to t.Logf.
+type logBuf struct {
+	t  testing.TB
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	l.b.Write(p)
+	l.mu.Unlock()
+	l.t.Logf("%s", bytes.TrimRight(p, "\n"))
+	return len(p), nil
+}
+
+func (l *logBuf) contains(s string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Contains(l.b.String(), s)
+}
+
+func newLog(t testing.TB) (*slog.Logger, *logBuf) {
+	lb := &logBuf{t: t}
+	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
+}
+
+func selfSigned(t testing.TB) tls.Certificate {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "relay test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k}
+}
+
+// node is a test node's credentials.
+type node struct {
+	id     wire.NodeID
+	secret string
+	key    Key
+}
+
+// testRelay is a relay.Server behind a real HTTPS server whose nodes are
+// a fixed table.
+type testRelay struct {
+	t     testing.TB
+	cert  tls.Certificate
+	fp    string
+	nodes map[wire.NodeID]node
+	auths atomic.Int64 // Authenticate calls
+	log   *slog.Logger
+	logs  *logBuf
+
+	httpMod func(*http.Server) // applied before each start
+
+	relay *Server
+	http  *http.Server
+	addr  string
+	done  chan struct{}
+}
+
+func newNodes(n int) []node {
+	ns := make([]node, n)
+	for i := range ns {
+		ns[i] = node{id: wire.NodeID(i + 1), secret: fmt.Sprintf("secret-%d", i+1)}
+		rand.Read(ns[i].key[:])
+	}
+	return ns
+}
+
+func startRelay(t testing.TB, nodes []node, mod ...func(*ServerConfig)) *testRelay {
+	t.Helper()
+	return startRelayHTTP(t, nodes, nil, mod...)
+}
+
+func startRelayHTTP(t testing.TB, nodes []node, httpMod func(*http.Server), mod ...func(*ServerConfig)) *testRelay {
+	t.Helper()
+	log, logs := newLog(t)
+	tr := &testRelay{t: t, cert: selfSigned(t), nodes: map[wire.NodeID]node{}, log: log, logs: logs, httpMod: httpMod}
+	tr.fp = wire.CertFingerprint(tr.cert.Certificate[0])
+	for _, n := range nodes {
+		tr.nodes[n.id] = n
+	}
+	tr.start("127.0.0.1:0", mod...)
+	t.Cleanup(tr.stop)
+	return tr
+}
+
+func (tr *testRelay) start(addr string, mod ...func(*ServerConfig)) {
+	t := tr.t
+	t.Helper()
+	cfg := ServerConfig{Logger: tr.log, Authenticate: tr.authenticate}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	tr.relay = NewServer(cfg)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.addr = ln.Addr().String()
+	mux := http.NewServeMux()
+	mux.Handle(wire.PathRelay, tr.relay)
+	// The same timeouts as the coordinator, to show they spare hijacked
+	// connections.
+	tr.http = &http.Server{
+		Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{tr.cert}},
+		ErrorLog:  slog.NewLogLogger(tr.log.Handler(), slog.LevelDebug),
+	}
+	if tr.httpMod != nil {
+		tr.httpMod(tr.http)
+	}
+	tr.done = make(chan struct{})
+	go func(srv *http.Server, done chan struct{}) {
+		defer close(done)
+		srv.ServeTLS(ln, "", "")
+	}(tr.http, tr.done)
+}
+
+func (tr *testRelay) stop() {
+	if tr.http == nil {
+		return
+	}
+	tr.relay.Close()
+	tr.http.Close()
+	<-tr.done
+	tr.http = nil
+}
+
+func (tr *testRelay) url() string { return "https://" + tr.addr }
+
+func (tr *testRelay) authenticate(r *http.Request) (Key, error) {
+	tr.auths.Add(1)
+	id, _ := strconv.ParseUint(r.Header.Get(wire.HeaderNodeID), 10, 64)
+	n, ok := tr.nodes[wire.NodeID(id)]
+	if !ok || n.secret != r.Header.Get(wire.HeaderNodeSecret) {
+		return Key{}, errors.New("bad credentials")
+	}
+	return n.key, nil
+}
+
+// rx collects what a client receives.
+type rx struct {
+	mu   sync.Mutex
+	pkts []received
+	gone []Key
+}
+
+type received struct {
+	src Key
+	pkt []byte
+}
+
+func (r *rx) onPacket(src Key, pkt []byte) {
+	r.mu.Lock()
+	r.pkts = append(r.pkts, received{src, bytes.Clone(pkt)})
+	r.mu.Unlock()
+}
+
+func (r *rx) onPeerGone(dst Key) {
+	r.mu.Lock()
+	r.gone = append(r.gone, dst)
+	r.mu.Unlock()
+}
+
+func (r *rx) packets() []received {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]received(nil), r.pkts...)
+}
+
+func (r *rx) peersGone() []Key {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]Key(nil), r.gone...)
+}
+
+func (tr *testRelay) client(t testing.TB, n node, mod ...func(*ClientConfig)) (*Client, *rx) {
+	t.Helper()
+	r := &rx{}
+	cfg := ClientConfig{
+		URL: tr.url(), Fingerprint: tr.fp, NodeID: n.id, Secret: n.secret, Logger: tr.log,
+		OnPacket: r.onPacket, OnPeerGone: r.onPeerGone, RetryMin: 10 * time.Millisecond, RetryMax: 100 * time.Millisecond,
+	}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	c := NewClient(cfg)
+	c.Start()
+	t.Cleanup(func() { c.Close() })
+	return c, r
+}
+
+// rawConn is a hand-driven relay connection.
+type rawConn struct {
+	net.Conn
+	br  *bufio.Reader
+	buf []byte
+}
+
+// dialRaw upgrades a connection as node n and returns it after the server
+// info frame, or the HTTP status of a refusal.
+func (tr *testRelay) dialRaw(t *testing.T, n node) (*rawConn, int) {
+	t.Helper()
+	conn, err := tls.Dial("tcp", tr.addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	req, _ := http.NewRequest(http.MethodGet, tr.url()+wire.PathRelay, nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", wire.RelayProtocol)
+	req.Header.Set(wire.HeaderNodeID, strconv.FormatUint(uint64(n.id), 10))
+	req.Header.Set(wire.HeaderNodeSecret, n.secret)
+	if err := req.Write(conn); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		return nil, resp.StatusCode
+	}
+	rc := &rawConn{Conn: conn, br: br, buf: make([]byte, MaxPayload)}
+	if typ, p := rc.read(t); typ != FrameServerInfo || !bytes.Contains(p, []byte(`"version":1`)) {
+		t.Fatalf("first frame: type %d %q, want server info", typ, p)
+	}
+	return rc, resp.StatusCode
+}
+
+func (rc *rawConn) read(t *testing.T) (byte, []byte) {
+	t.Helper()
+	rc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	typ, p, err := readFrame(rc.br, rc.buf)
+	if err != nil {
+		t.Fatalf("read frame: %v", err)
+	}
+	return typ, p
+}
+
+// readPacket skips keep-alives.
+func (rc *rawConn) readPacket(t *testing.T) (byte, []byte) {
+	t.Helper()
+	for {
+		typ, p := rc.read(t)
+		if typ != FrameKeepAlive {
+			return typ, p
+		}
+	}
+}
+
+func (rc *rawConn) write(t *testing.T, f []byte) {
+	t.Helper()
+	rc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := rc.Write(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPacketsBothWays(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns)
+	a, ra := tr.client(t, ns[0])
+	b, rb := tr.client(t, ns[1])
+	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+
+	sizes := []int{0, 1, 148, 1420, 9000, MaxPacket}
+	var want [][]byte
+	for i, n := range sizes {
+		p := make([]byte, n)
+		rand.Read(p)
+		want = append(want, p)
+		if err := a.Send(ns[1].key, p); err != nil {
+			t.Fatalf("a send %d: %v", i, err)
+		}
+		if err := b.Send(ns[0].key, p); err != nil {
+			t.Fatalf("b send %d: %v", i, err)
+		}
+	}
+	if err := a.Send(ns[1].key, make([]byte, MaxPacket+1)); !errors.Is(err, ErrPacketTooLarge) {
+		t.Fatalf("oversized send: %v, want ErrPacketTooLarge", err)
+	}
+	for _, c := range []struct {
+		name string
+		rx   *rx
+		src  Key
+	}{{"b", rb, ns[0].key}, {"a", ra, ns[1].key}} {
+		waitFor(t, 5*time.Second, c.name+" receives all packets", func() bool { return len(c.rx.packets()) >= len(want) })
+		got := c.rx.packets()
+		if len(got) != len(want) {
+			t.Fatalf("%s got %d packets, want %d", c.name, len(got), len(want))
+		}
+		for i, p := range got {
+			if p.src != c.src || !bytes.Equal(p.pkt, want[i]) {
+				t.Fatalf("%s packet %d: src %v, %d bytes; want src %v, %d bytes", c.name, i, p.src, len(p.pkt), c.src, len(want[i]))
+			}
+		}
+	}
+	st := a.Stats()
+	if st.PacketsSent != uint64(len(want)) || st.PacketsReceived != uint64(len(want)) || st.Connects != 1 {
+		t.Fatalf("client stats %+v", st)
+	}
+	if ss := tr.relay.Stats(); ss.Clients != 2 || ss.PacketsRelayed != 2*uint64(len(want)) {
+		t.Fatalf("server stats %+v", ss)
+	}
+}
+
+func TestSourceCannotBeSpoofed(t *testing.T) {
+	ns := newNodes(3)
+	tr := startRelay(t, ns)
+	_, rb := tr.client(t, ns[1])
+	waitFor(t, 5*time.Second, "b connected", func() bool { return tr.relay.Stats().Clients == 1 })
+	a, _ := tr.dialRaw(t, ns[0])
+	// A frame claiming to come from c, in the server's own direction: the
+	// server must ignore it.
+	a.write(t, packetFrame(FrameRecvPacket, ns[2].key, []byte("forged")))
+	// A send whose payload starts with c's key: the source is still a.
+	a.write(t, packetFrame(FrameSendPacket, ns[1].key, append(ns[2].key[:], "inner"...)))
+	waitFor(t, 5*time.Second, "b receives", func() bool { return len(rb.packets()) >= 1 })
+	got := rb.packets()
+	if len(got) != 1 || got[0].src != ns[0].key || !bytes.Equal(got[0].pkt, append(ns[2].key[:], "inner"...)) {
+		t.Fatalf("b got %+v, want one packet from a", got)
+	}
+}
+
+func TestPeerGone(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns)
+	a, ra := tr.client(t, ns[0])
+	waitFor(t, 5*time.Second, "a connected", a.Connected)
+	if err := a.Send(ns[1].key, []byte("hello?")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "peer gone", func() bool { return len(ra.peersGone()) == 1 })
+	if g := ra.peersGone()[0]; g != ns[1].key {
+		t.Fatalf("peer gone for %v, want %v", g, ns[1].key)
+	}
+	if st := tr.relay.Stats(); st.PeerGone != 1 || st.PacketsRelayed != 0 {
+		t.Fatalf("server stats %+v", st)
+	}
+}
+
+func TestPolicyDrops(t *testing.T) {
+	ns := newNodes(3)
+	tr := startRelay(t, ns, func(c *ServerConfig) {
+		c.Allowed = func(src, dst Key) bool { return src != ns[0].key || dst != ns[1].key }
+	})
+	a, _ := tr.client(t, ns[0])
+	_, rb := tr.client(t, ns[1])
+	c, _ := tr.client(t, ns[2])
+	waitFor(t, 5*time.Second, "all connected", func() bool { return tr.relay.Stats().Clients == 3 && a.Connected() && c.Connected() })
+	a.Send(ns[1].key, []byte("denied"))
+	c.Send(ns[1].key, []byte("allowed"))
+	waitFor(t, 5*time.Second, "c's packet", func() bool { return len(rb.packets()) >= 1 })
+	waitFor(t, 5*time.Second, "a's packet dropped", func() bool { return tr.relay.Stats().Dropped == 1 })
+	if got := rb.packets(); len(got) != 1 || string(got[0].pkt) != "allowed" {
+		t.Fatalf("b got %+v", got)
+	}
+}
+
+func TestSecondConnectionReplacesFirst(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns)
+	first, _ := tr.dialRaw(t, ns[0])
+	second, _ := tr.dialRaw(t, ns[0])
+	first.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		if _, _, err := readFrame(first.br, first.buf); err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatal("first connection still open after the second connected")
+			}
+			break
+		}
+	}
+	b, _ := tr.dialRaw(t, ns[1])
+	b.write(t, packetFrame(FrameSendPacket, ns[0].key, []byte("to a")))
+	typ, p := second.readPacket(t)
+	if typ != FrameRecvPacket || [32]byte(p[:KeyLen]) != ns[1].key || string(p[KeyLen:]) != "to a" {
+		t.Fatalf("second connection got type %d %q", typ, p)
+	}
+	if st := tr.relay.Stats(); st.Clients != 2 || st.Accepted != 3 {
+		t.Fatalf("server stats %+v", st)
+	}
+}
+
+func TestMalformedFrameClosesConnection(t *testing.T) {
+	ns := newNodes(1)
+	tr := startRelay(t, ns)
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+	}{
+		{"keep-alive with payload", []byte{FrameKeepAlive, 0, 1, 'x'}},
+		{"send shorter than a key", []byte{FrameSendPacket, 0, 3, 1, 2, 3}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, _ := tr.dialRaw(t, ns[0])
+			// An unknown frame type is skipped...
+			c.write(t, []byte{200, 0, 2, 'h', 'i'})
+			c.write(t, tc.frame)
+			// ...the malformed one closes the connection.
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			for {
+				_, _, err := readFrame(c.br, c.buf)
+				if err != nil {
+					if ne, ok := err.(net.Error); ok && ne.Timeout() {
+						t.Fatal("connection still open")
+					}
+					break
+				}
+			}
+		})
+	}
+	waitFor(t, 5*time.Second, "protocol error logged", func() bool { return tr.logs.contains("protocol error") })
+}
+
+func TestServerRestartReconnects(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns)
+	a, _ := tr.client(t, ns[0])
+	b, rb := tr.client(t, ns[1])
+	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	addr := tr.addr
+	tr.stop()
+	waitFor(t, 5*time.Second, "clients notice", func() bool { return !a.Connected() && !b.Connected() })
+	if err := a.Send(ns[1].key, []byte("x")); !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("send while down: %v, want ErrNotConnected", err)
+	}
+	tr.start(addr)
+	waitFor(t, 10*time.Second, "both reconnected", func() bool { return a.Connected() && b.Connected() && tr.relay.Stats().Clients == 2 })
+	if err := a.Send(ns[1].key, []byte("after restart")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "packet after restart", func() bool { return len(rb.packets()) == 1 })
+	if st := a.Stats(); st.Reconnects < 1 || st.Connects < 2 {
+		t.Fatalf("client stats %+v", st)
+	}
+}
+
+func TestBadCredentials(t *testing.T) {
+	ns := newNodes(1)
+	tr := startRelay(t, ns)
+	bad := ns[0]
+	bad.secret = "wrong"
+	if _, status := tr.dialRaw(t, bad); status != http.StatusUnauthorized {
+		t.Fatalf("upgrade with bad credentials: %d, want 401", status)
+	}
+	before := tr.auths.Load()
+	c, _ := tr.client(t, bad)
+	waitFor(t, 5*time.Second, "several attempts", func() bool { return tr.auths.Load() >= before+3 })
+	if c.Connected() {
+		t.Fatal("connected with bad credentials")
+	}
+	if e := c.Stats().LastError; !strings.Contains(e, "refused this node's credentials") || !strings.Contains(e, "401") {
+		t.Fatalf("last error %q", e)
+	}
+	if !tr.logs.contains("relay connection failed; retrying") || !tr.logs.contains("re-join with a new token") {
+		t.Fatal("no clear log of the refusal")
+	}
+	if err := c.Send(ns[0].key, []byte("x")); !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("send: %v", err)
+	}
+}
+
+func TestWrongFingerprint(t *testing.T) {
+	ns := newNodes(1)
+	tr := startRelay(t, ns)
+	before := tr.auths.Load()
+	c, _ := tr.client(t, ns[0], func(c *ClientConfig) { c.Fingerprint = strings.Repeat("ab", 32) })
+	waitFor(t, 5*time.Second, "error", func() bool { return strings.Contains(c.Stats().LastError, "fingerprint") })
+	if tr.auths.Load() != before {
+		t.Fatal("credentials sent to a server with the wrong certificate")
+	}
+}
+
+func TestHTTPRefusals(t *testing.T) {
+	ns := newNodes(1)
+	tr := startRelay(t, ns)
+	cl := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, ForceAttemptHTTP2: true}}
+	defer cl.CloseIdleConnections()
+	for _, tc := range []struct {
+		name, method string
+		upgrade      bool
+		want         int
+	}{
+		{"post", http.MethodPost, true, http.StatusMethodNotAllowed},
+		{"no upgrade (h2)", http.MethodGet, false, http.StatusHTTPVersionNotSupported},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, tr.url()+wire.PathRelay, nil)
+			req.Header.Set(wire.HeaderNodeID, "1")
+			req.Header.Set(wire.HeaderNodeSecret, ns[0].secret)
+			resp, err := cl.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.want {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tc.want)
+			}
+		})
+	}
+}
+
+func TestCloseLeavesNoGoroutines(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns)
+	a, _ := tr.client(t, ns[0])
+	b, _ := tr.client(t, ns[1])
+	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	a.Close()
+	a.Close() // idempotent
+	if err := a.Send(ns[1].key, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("send after close: %v", err)
+	}
+	tr.stop()
+	b.Close()
+	if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
+		t.Fatalf("goroutines left:\n%s", leaked)
+	}
+	// A client that never connected closes too.
+	c := NewClient(ClientConfig{URL: "https://127.0.0.1:1", RetryMin: time.Millisecond})
+	c.Start()
+	c.Close()
+	if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
+		t.Fatalf("goroutines left:\n%s", leaked)
+	}
+}
+
+func TestKeepAlive(t *testing.T) {
+	ns := newNodes(1)
+	tr := startRelay(t, ns, func(c *ServerConfig) { c.KeepAlive = 20 * time.Millisecond })
+	c, _ := tr.dialRaw(t, ns[0])
+	if typ, _ := c.read(t); typ != FrameKeepAlive {
+		t.Fatalf("frame type %d, want keep-alive", typ)
+	}
+}
+
+// The relay connection outlives the HTTP server's header, idle and write
+// timeouts: the handler clears the deadlines after hijacking.
+func TestSurvivesHTTPServerTimeouts(t *testing.T) {
+	ns := newNodes(2)
+	const short = 50 * time.Millisecond
+	tr := startRelayHTTP(t, ns, func(s *http.Server) {
+		s.ReadHeaderTimeout, s.ReadTimeout, s.WriteTimeout, s.IdleTimeout = short, short, short, short
+	})
+	a, _ := tr.client(t, ns[0])
+	b, rb := tr.client(t, ns[1])
+	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	time.Sleep(6 * short) // the point of the test: outlive the timeouts
+	if err := a.Send(ns[1].key, []byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "packet", func() bool { return len(rb.packets()) == 1 })
+	if a.Stats().Connects != 1 || b.Stats().Connects != 1 {
+		t.Fatalf("a connection was dropped: %+v %+v", a.Stats(), b.Stats())
+	}
+}
+
+// BenchmarkRelay measures one-way throughput of 1400-byte packets between
+// two clients through a relay on loopback, keeping a bounded window in
+// flight so that nothing is dropped.
+func BenchmarkRelay(b *testing.B) {
+	ns := newNodes(2)
+	tr := startRelay(b, ns)
+	tr.log = slog.New(slog.DiscardHandler)
+	var got atomic.Int64
+	a, _ := tr.client(b, ns[0])
+	tr.client(b, ns[1], func(c *ClientConfig) { c.OnPacket = func(Key, []byte) { got.Add(1) } })
+	deadline := time.Now().Add(5 * time.Second)
+	for tr.relay.Stats().Clients < 2 || !a.Connected() {
+		if time.Now().After(deadline) {
+			b.Fatal("clients did not connect")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	pkt := make([]byte, 1400)
+	const window = 128
+	b.SetBytes(int64(len(pkt)))
+	b.ResetTimer()
+	start := time.Now()
+	for i := 0; i < b.N; i++ {
+		for int64(i)-got.Load() >= window {
+			runtime.Gosched()
+		}
+		for a.Send(ns[1].key, pkt) != nil {
+			runtime.Gosched()
+		}
+	}
+	for got.Load() < int64(b.N) {
+		runtime.Gosched()
+	}
+	el := time.Since(start)
+	b.ReportMetric(float64(b.N)/el.Seconds(), "pkts/s")
+}
