@@ -66,6 +66,8 @@ type Config struct {
 	RetryMin, RetryMax time.Duration
 	// DialTimeout bounds one attempt to reach one provider; default 3s.
 	DialTimeout time.Duration
+	// RelayOnly never uses direct UDP paths (diagnosis, relay benchmarks).
+	RelayOnly bool
 }
 
 // Agent is a running site. Create with New, then Start; Close stops it.
@@ -317,7 +319,7 @@ func (a *Agent) startWireGuard() error {
 		Verbosef: func(f string, args ...any) { wlog.Debug(fmt.Sprintf(f, args...)) },
 		Errorf:   func(f string, args ...any) { wlog.Warn(fmt.Sprintf(f, args...)) },
 	}
-	a.bind = bind.New(bind.Config{PrivateKey: a.key, Logger: a.cfg.Logger, OnPublicAddr: a.onPublicAddr})
+	a.bind = bind.New(bind.Config{PrivateKey: a.key, Logger: a.cfg.Logger, OnPublicAddr: a.onPublicAddr, RelayOnly: a.cfg.RelayOnly})
 	a.dev = device.NewDevice(a.stack, a.bind, logger)
 	bindErr := func(err error) error {
 		if errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") {

@@ -52,6 +52,9 @@ type Config struct {
 	// OnPublicAddr is called (on the bind's goroutine) when STUN learns the
 	// node's public UDP address, to publish it in the network map.
 	OnPublicAddr func(netip.AddrPort)
+	// RelayOnly never uses direct UDP paths: for diagnosis and for
+	// measuring the relay.
+	RelayOnly bool
 }
 
 // PeerConfig is what the network map says about a peer.
@@ -71,6 +74,8 @@ type Bind struct {
 	priv   [32]byte
 	pub    [32]byte
 	onAddr func(netip.AddrPort)
+	// relayOnly disables direct paths (Config.RelayOnly).
+	relayOnly bool
 
 	relayCh chan relayPacket
 	kick    chan struct{}
@@ -130,16 +135,17 @@ func New(cfg Config) *Bind {
 		log = slog.New(slog.DiscardHandler)
 	}
 	b := &Bind{
-		inner:   conn.NewStdNetBind(),
-		log:     log.With("subsystem", "bind"),
-		priv:    cfg.PrivateKey,
-		onAddr:  cfg.OnPublicAddr,
-		relayCh: make(chan relayPacket, 1024),
-		kick:    make(chan struct{}, 1),
-		peers:   map[[32]byte]*peer{},
-		byAddr:  map[netip.AddrPort]*peer{},
-		stunTx:  map[[12]byte]time.Time{},
-		waiters: map[[12]byte]chan PingResult{},
+		inner:     conn.NewStdNetBind(),
+		log:       log.With("subsystem", "bind"),
+		priv:      cfg.PrivateKey,
+		onAddr:    cfg.OnPublicAddr,
+		relayOnly: cfg.RelayOnly,
+		relayCh:   make(chan relayPacket, 1024),
+		kick:      make(chan struct{}, 1),
+		peers:     map[[32]byte]*peer{},
+		byAddr:    map[netip.AddrPort]*peer{},
+		stunTx:    map[[12]byte]time.Time{},
+		waiters:   map[[12]byte]chan PingResult{},
 	}
 	pub, err := publicKey(cfg.PrivateKey)
 	if err == nil {
@@ -360,7 +366,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	b.mu.Lock()
 	p := b.peers[e.key]
 	var direct *path
-	if p != nil {
+	if p != nil && !b.relayOnly {
 		direct = p.best(time.Now())
 	}
 	r := b.relay
@@ -385,7 +391,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	}
 	// No proven path and no relay: try the addresses the network map gave,
 	// which is all a plain LAN needs.
-	if p != nil {
+	if p != nil && !b.relayOnly {
 		b.mu.Lock()
 		var eps []*conn.StdNetEndpoint
 		for _, pa := range p.paths {
@@ -561,6 +567,9 @@ func (b *Bind) maintain(now time.Time) {
 	var out []outgoing
 	b.mu.Lock()
 	for _, p := range b.peers {
+		if b.relayOnly {
+			continue
+		}
 		for id, sp := range p.pings {
 			if now.Sub(sp.at) > 10*time.Second {
 				delete(p.pings, id)
@@ -736,6 +745,9 @@ func (b *Bind) Ping(ctx context.Context, key [32]byte) ([]PingResult, error) {
 	var relayPkt []byte
 	var ids [][12]byte
 	for _, pa := range p.paths {
+		if b.relayOnly {
+			break
+		}
 		pkt, id := b.pingLocked(p, pa.addr, false, now)
 		ids = append(ids, id)
 		out = append(out, outgoing{pkt, pa.ep})
@@ -797,6 +809,12 @@ func (b *Bind) Path(key [32]byte) PeerPath {
 		return PeerPath{Path: "none"}
 	}
 	pp := PeerPath{Path: "none", TxDirect: p.txDirect.Load(), RxDirect: p.rxDirect.Load(), TxRelay: p.txRelay.Load(), RxRelay: p.rxRelay.Load()}
+	if b.relayOnly {
+		if b.relay != nil && b.relay.Connected() {
+			pp.Path = "relay"
+		}
+		return pp
+	}
 	for a := range p.paths {
 		pp.Candidates = append(pp.Candidates, a)
 	}

@@ -230,6 +230,7 @@ func agentCmd() *cli.Command {
 			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange.String(), Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
+			&cli.BoolFlag{Name: "relay-only", Usage: "never use direct UDP paths, always the relay (diagnosis)", EnvVars: env("RELAY_ONLY")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
@@ -255,7 +256,7 @@ func agentCmd() *cli.Command {
 				StateDir: c.String("state"), Join: c.String("join"), Name: c.String("name"),
 				ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 				Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
-				Logger: log, DialTimeout: c.Duration("dial-timeout"),
+				Logger: log, DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
 			})
 			if err != nil {
 				return err
