@@ -514,35 +514,7 @@ func (a *Agent) applyMap(m *wire.MapResponse) {
 	if a.closed {
 		return
 	}
-	if m.Full != nil {
-		a.nm = *m.Full
-	} else {
-		if m.Self != nil {
-			a.nm.Self = *m.Self
-		}
-		for _, id := range m.PeersRemoved {
-			a.nm.Peers = slices.DeleteFunc(a.nm.Peers, func(n wire.Node) bool { return n.ID == id })
-		}
-		for _, p := range m.PeersChanged {
-			i := slices.IndexFunc(a.nm.Peers, func(n wire.Node) bool { return n.ID == p.ID })
-			if i >= 0 {
-				a.nm.Peers[i] = p
-			} else {
-				a.nm.Peers = append(a.nm.Peers, p)
-			}
-		}
-		for _, name := range m.ServicesRemoved {
-			a.nm.Services = slices.DeleteFunc(a.nm.Services, func(s wire.Service) bool { return s.Name == name })
-		}
-		for _, s := range m.ServicesChanged {
-			i := slices.IndexFunc(a.nm.Services, func(x wire.Service) bool { return x.Name == s.Name })
-			if i >= 0 {
-				a.nm.Services[i] = s
-			} else {
-				a.nm.Services = append(a.nm.Services, s)
-			}
-		}
-	}
+	a.nm.Apply(m)
 	a.haveMap = true
 	a.lastMap = time.Now()
 	a.reconfigLocked()

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,18 +28,8 @@ type controlClient struct {
 }
 
 func newControlClient(url, fingerprint string) *controlClient {
-	tlsConf := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		// The chain is not checked against any CA: the join token pins the
-		// exact certificate, which is stronger for a self-signed coordinator.
-		InsecureSkipVerify: true,
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			if len(raw) == 0 || !wire.FingerprintMatches(raw[0], fingerprint) {
-				return errFingerprint
-			}
-			return nil
-		},
-	}
+	tlsConf := wire.PinnedTLSConfig(fingerprint)
+	tlsConf.MinVersion = tls.VersionTLS13
 	tr := &http.Transport{
 		TLSClientConfig:       tlsConf,
 		ForceAttemptHTTP2:     true,
@@ -52,7 +41,7 @@ func newControlClient(url, fingerprint string) *controlClient {
 	return &controlClient{url: url, http: &http.Client{Transport: tr}}
 }
 
-var errFingerprint = errors.New("the coordinator's certificate does not match the fingerprint in the join token (wrong coordinator, or it was re-created: create a new token)")
+var errFingerprint = wire.ErrFingerprint
 
 // apiError is a wire.Error with its HTTP status.
 type apiError struct {

@@ -2,6 +2,8 @@ package wire
 
 import (
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
@@ -97,4 +99,28 @@ func CertFingerprint(der []byte) string {
 func FingerprintMatches(der []byte, pinned string) bool {
 	got := CertFingerprint(der)
 	return subtle.ConstantTimeCompare([]byte(got), []byte(strings.ToLower(pinned))) == 1
+}
+
+// ErrFingerprint is the handshake error when a server's certificate is not
+// the pinned one.
+var ErrFingerprint = errors.New("the server's certificate does not match the pinned fingerprint (wrong coordinator, or it was re-created: create a new token)")
+
+// PinnedTLSConfig returns a client TLS configuration that trusts exactly the
+// certificate with the given fingerprint: a self-signed coordinator needs no
+// CA, and no CA can vouch for an impostor. An empty fingerprint leaves the
+// usual CA verification in place.
+func PinnedTLSConfig(fingerprint string) *tls.Config {
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	if fingerprint == "" {
+		return c
+	}
+	// The chain is deliberately not verified against CAs: the pin replaces it.
+	c.InsecureSkipVerify = true
+	c.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
+		if len(raw) == 0 || !FingerprintMatches(raw[0], fingerprint) {
+			return ErrFingerprint
+		}
+		return nil
+	}
+	return c
 }

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 )
@@ -135,6 +136,42 @@ type MapResponse struct {
 func (m *MapResponse) IsKeepAlive() bool {
 	return m.Full == nil && len(m.PeersChanged) == 0 && len(m.PeersRemoved) == 0 &&
 		len(m.ServicesChanged) == 0 && len(m.ServicesRemoved) == 0 && m.Self == nil
+}
+
+// Apply folds one map-stream message into nm: a Full map replaces it, deltas
+// patch it in the order the fields are listed in MapResponse (removals
+// before changes). A keep-alive changes nothing.
+func (nm *NetworkMap) Apply(m *MapResponse) {
+	if m.Full != nil {
+		*nm = *m.Full
+		return
+	}
+	if m.Self != nil {
+		nm.Self = *m.Self
+	}
+	nm.Peers = patch(nm.Peers, m.PeersRemoved, m.PeersChanged, func(n Node) NodeID { return n.ID })
+	nm.Services = patch(nm.Services, m.ServicesRemoved, m.ServicesChanged, func(s Service) string { return s.Name })
+}
+
+// patch removes the items whose key is in removed, then replaces or appends
+// each of changed by key.
+func patch[T any, K comparable](items []T, removed []K, changed []T, key func(T) K) []T {
+	if len(removed) > 0 {
+		gone := make(map[K]bool, len(removed))
+		for _, k := range removed {
+			gone[k] = true
+		}
+		items = slices.DeleteFunc(items, func(x T) bool { return gone[key(x)] })
+	}
+	for _, c := range changed {
+		k := key(c)
+		if i := slices.IndexFunc(items, func(x T) bool { return key(x) == k }); i >= 0 {
+			items[i] = c
+		} else {
+			items = append(items, c)
+		}
+	}
+	return items
 }
 
 // NetworkMap is everything a node knows about its mesh.

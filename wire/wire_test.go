@@ -126,6 +126,10 @@ func FuzzMapResponse(f *testing.F) {
 			return
 		}
 		_ = m.IsKeepAlive()
+		// Applying any message to any map must not panic.
+		var nm NetworkMap
+		nm.Apply(&MapResponse{Full: &NetworkMap{Peers: []Node{{ID: 2}}, Services: []Service{{Name: "web"}}}})
+		nm.Apply(&m)
 		out, err := json.Marshal(&m)
 		if err != nil {
 			t.Fatalf("re-encode: %v", err)
@@ -139,4 +143,24 @@ func FuzzMapResponse(f *testing.F) {
 			t.Fatalf("not stable:\n%s\n%s", out, out2)
 		}
 	})
+}
+
+func TestApply(t *testing.T) {
+	n := func(id NodeID, name string) Node { return Node{ID: id, Name: name} }
+	var nm NetworkMap
+	nm.Apply(&MapResponse{Full: &NetworkMap{Peers: []Node{n(1, "a"), n(2, "b")}, Services: []Service{{Name: "web", Port: 80}}}})
+	nm.Apply(&MapResponse{}) // keep-alive
+	nm.Apply(&MapResponse{PeersRemoved: []NodeID{1}, PeersChanged: []Node{n(2, "b2"), n(3, "c")},
+		ServicesRemoved: []string{"web"}, ServicesChanged: []Service{{Name: "db", Port: 5432}}, Self: &Node{ID: 9, Name: "me"}})
+	if len(nm.Peers) != 2 || nm.Peers[0].Name != "b2" || nm.Peers[1].Name != "c" {
+		t.Fatalf("peers %+v", nm.Peers)
+	}
+	if len(nm.Services) != 1 || nm.Services[0].Name != "db" || nm.Self.Name != "me" {
+		t.Fatalf("services %+v self %+v", nm.Services, nm.Self)
+	}
+	// A removal and a change of the same key in one message: the change wins.
+	nm.Apply(&MapResponse{PeersRemoved: []NodeID{3}, PeersChanged: []Node{n(3, "c2")}})
+	if len(nm.Peers) != 2 || nm.Peers[1].Name != "c2" {
+		t.Fatalf("peers %+v", nm.Peers)
+	}
 }

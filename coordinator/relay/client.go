@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -128,7 +127,8 @@ func NewClient(cfg ClientConfig) *Client {
 	}
 	c := &Client{cfg: cfg, log: log.With("subsystem", "relay-client", "relay", cfg.URL)}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	c.tls = &tls.Config{NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12}
+	c.tls = wire.PinnedTLSConfig(cfg.Fingerprint)
+	c.tls.NextProtos = []string{"http/1.1"}
 	if u, err := url.Parse(cfg.URL); err == nil && u.Scheme == "https" && u.Host != "" {
 		port := u.Port()
 		if port == "" {
@@ -138,15 +138,6 @@ func NewClient(cfg ClientConfig) *Client {
 		c.host = u.Host
 		c.path = strings.TrimRight(u.Path, "/") + wire.PathRelay
 		c.tls.ServerName = u.Hostname()
-	}
-	if fp := cfg.Fingerprint; fp != "" {
-		c.tls.InsecureSkipVerify = true // replaced by the pin below
-		c.tls.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
-			if len(raw) == 0 || !wire.FingerprintMatches(raw[0], fp) {
-				return errors.New("the relay's certificate does not match the pinned fingerprint")
-			}
-			return nil
-		}
 	}
 	return c
 }
