@@ -1,0 +1,73 @@
+package bind
+
+import (
+	"crypto/rand"
+	"net/netip"
+	"testing"
+
+	"golang.org/x/crypto/nacl/box"
+)
+
+func newKey(t testing.TB) (priv, pub [32]byte) {
+	rand.Read(priv[:])
+	priv[0] &= 248
+	priv[31] = priv[31]&127 | 64
+	pub, err := publicKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return priv, pub
+}
+
+func TestDiscoSealOpen(t *testing.T) {
+	aPriv, aPub := newKey(t)
+	bPriv, bPub := newKey(t)
+	var ab, ba [32]byte
+	box.Precompute(&ab, &bPub, &aPriv)
+	box.Precompute(&ba, &aPub, &bPriv)
+	for _, m := range []discoMsg{
+		{typ: discoPing, txid: [12]byte{1, 2, 3}},
+		{typ: discoPong, txid: [12]byte{9}, observed: netip.MustParseAddrPort("203.0.113.7:41641")},
+		{typ: discoPong, txid: [12]byte{8}, observed: netip.MustParseAddrPort("[2001:db8::1]:5")},
+	} {
+		pkt := sealDisco(aPub, &ab, &m)
+		if !isDisco(pkt) || discoSender(pkt) != aPub {
+			t.Fatalf("not recognised as disco from a")
+		}
+		got, err := openDisco(pkt, &ba)
+		if err != nil || got != m {
+			t.Fatalf("open: %+v, %v; want %+v", got, err, m)
+		}
+		pkt[len(pkt)-1] ^= 1
+		if _, err := openDisco(pkt, &ba); err == nil {
+			t.Fatal("tampered message accepted")
+		}
+	}
+	// WireGuard and STUN messages are never mistaken for disco.
+	wg := make([]byte, 148)
+	wg[0] = 1
+	if isDisco(wg) {
+		t.Fatal("WireGuard initiation taken for disco")
+	}
+}
+
+func FuzzDisco(f *testing.F) {
+	aPriv, aPub := newKey(f)
+	bPriv, bPub := newKey(f)
+	var ab [32]byte
+	box.Precompute(&ab, &bPub, &aPriv)
+	f.Add(sealDisco(aPub, &ab, &discoMsg{typ: discoPing}))
+	f.Add(sealDisco(aPub, &ab, &discoMsg{typ: discoPong, observed: netip.MustParseAddrPort("1.2.3.4:5")}))
+	f.Add([]byte(discoMagic))
+	b := New(Config{PrivateKey: bPriv})
+	b.SetPeers([]PeerConfig{{Key: aPub, Name: "a", Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}})
+	f.Fuzz(func(t *testing.T, pkt []byte) {
+		_ = isDisco(pkt)
+		if isDisco(pkt) {
+			b.handleDisco(pkt, netip.MustParseAddrPort("127.0.0.1:9"), false)
+			b.handleDisco(pkt, netip.AddrPort{}, true)
+		}
+		parseDisco(pkt)
+		b.handleSTUN(pkt, netip.MustParseAddrPort("127.0.0.1:3478"))
+	})
+}
