@@ -12,6 +12,8 @@
 //	  endpoints; join tokens "mlj1_…".
 //	2 (2026-11-24): relay (PathRelay, HTTP upgrade to RelayProtocol), STUN
 //	  binding on the coordinator's UDP port, NetworkMap.Relays.
+//	3 (2026-11-24): interactive registration (RegisterRequest.Interactive,
+//	  RegisterPending, PathRegisterPoll) and agent counters (PathStats).
 package wire
 
 import (
@@ -24,7 +26,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 2
+const ProtocolVersion = 3
 
 // Default addressing of a mesh.
 var (
@@ -54,6 +56,14 @@ const (
 	PathTokenInspect = "/api/v1/token/inspect"
 	// PathLeave takes a LeaveRequest (node credentials) and removes the node.
 	PathLeave = "/api/v1/leave"
+	// PathRegisterPoll takes a RegisterPollRequest and answers a
+	// RegisterResponse once a person approved the node in the console, 202
+	// with a RegisterPending while waiting (the call long-polls up to 30 s),
+	// or 403 when the request was denied or expired.
+	PathRegisterPoll = "/api/v1/register/poll"
+	// PathStats takes a StatsReport (node credentials): the agent's
+	// counters, for the console and metrics.
+	PathStats = "/api/v1/stats"
 	// PathRelay is a GET with node credentials and "Upgrade: RelayProtocol"
 	// over HTTP/1.1; after 101 Switching Protocols the connection carries
 	// relay frames (see coordinator/relay).
@@ -91,6 +101,54 @@ type RegisterRequest struct {
 	ListenPort uint16 `json:"listen_port"`
 	// LocalEndpoints are addresses of the node's own interfaces.
 	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
+}
+
+// RegisterPending answers a RegisterRequest with Interactive set and no
+// token (HTTP 202): a person must open AuthURL, log in and approve the node.
+type RegisterPending struct {
+	// AuthURL is the console page where the node is approved.
+	AuthURL string `json:"auth_url"`
+	// PollID is the secret the agent polls PathRegisterPoll with; only the
+	// agent knows it (the AuthURL carries a different code).
+	PollID  string    `json:"poll_id"`
+	Expires time.Time `json:"expires"`
+}
+
+// RegisterPollRequest asks whether a pending registration was approved.
+type RegisterPollRequest struct {
+	Version int    `json:"version"`
+	PollID  string `json:"poll_id"`
+}
+
+// StatsReport carries an agent's counters (totals since the agent started).
+type StatsReport struct {
+	Version  int            `json:"version"`
+	Services []ServiceStats `json:"services,omitempty"`
+	Peers    []PeerStats    `json:"peers,omitempty"`
+}
+
+// ServiceStats is one service as seen by one node.
+type ServiceStats struct {
+	Name string `json:"name"`
+	// Role is "consumer" or "provider".
+	Role          string `json:"role"`
+	Open          int64  `json:"open"`
+	Total         int64  `json:"total"`
+	Failed        int64  `json:"failed,omitempty"`
+	Denied        int64  `json:"denied,omitempty"`
+	BytesSent     int64  `json:"bytes_sent"`
+	BytesReceived int64  `json:"bytes_received"`
+}
+
+// PeerStats is the link to one peer as seen by one node.
+type PeerStats struct {
+	Node NodeID `json:"node"`
+	// Path is "direct", "relay" or "none".
+	Path         string `json:"path"`
+	Endpoint     string `json:"endpoint,omitempty"`
+	RTTMicros    int64  `json:"rtt_us,omitempty"`
+	DirectBytes  uint64 `json:"direct_bytes"`
+	RelayedBytes uint64 `json:"relayed_bytes"`
 }
 
 // RegisterResponse answers a RegisterRequest.
