@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -68,6 +69,21 @@ type Config struct {
 	DialTimeout time.Duration
 	// RelayOnly never uses direct UDP paths (diagnosis, relay benchmarks).
 	RelayOnly bool
+	// Metrics is where Prometheus metrics are served over plain HTTP at
+	// /metrics, "127.0.0.1:9091"; "" or "off" disables them.
+	Metrics string
+	// Coordinator is the coordinator's URL for a join by web login (no
+	// token): the agent prints a URL where a person approves the node.
+	Coordinator string
+	// Fingerprint pins the coordinator's certificate for a web-login join;
+	// empty trusts the system's CAs.
+	Fingerprint string
+	// Out receives what a person must read (the approval URL); nil
+	// discards (the logger still gets it).
+	Out io.Writer
+	// StatsEvery is how often counters are reported to the coordinator
+	// for its console; default 10s.
+	StatsEvery time.Duration
 }
 
 // Agent is a running site. Create with New, then Start; Close stops it.
@@ -85,6 +101,7 @@ type Agent struct {
 	consumer *proxy.Consumer
 	provider *proxy.Provider
 	api      *apiServer
+	metrics  *metricsServer // nil when metrics are off
 	cc       *controlClient
 
 	ctx    context.Context
@@ -141,6 +158,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Name == "" {
 		cfg.Name = hostLabel(cfg.Hostname)
 	}
+	if cfg.StatsEvery == 0 {
+		cfg.StatsEvery = 10 * time.Second
+	}
 	cfg.Name = wire.NormalizeName(cfg.Name)
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
@@ -164,8 +184,8 @@ func New(cfg Config) (*Agent, error) {
 		}
 		a.token = &t
 	}
-	if !joined && a.token == nil {
-		return nil, fmt.Errorf("agent: this node has not joined a mesh yet (no credentials in %s): pass --join TOKEN, made with `meshlink token create`", cfg.StateDir)
+	if !joined && a.token == nil && cfg.Coordinator == "" {
+		return nil, fmt.Errorf("agent: this node has not joined a mesh yet (no credentials in %s): pass --join TOKEN (made with `meshlink token create`), or --coordinator URL to join by logging in", cfg.StateDir)
 	}
 	if _, err := a.state.loadJSON(fileServices, &a.exports); err != nil {
 		return nil, err
@@ -283,9 +303,17 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.startDNS(); err != nil {
 		return err
 	}
+	// After the data plane: a scrape reads its status.
+	if err := a.startMetrics(); err != nil {
+		return err
+	}
 
 	if a.node.ID == 0 {
-		if err := a.register(ctx); err != nil {
+		register := a.register
+		if a.token == nil {
+			register = a.registerInteractive
+		}
+		if err := register(ctx); err != nil {
 			return err
 		}
 	} else if a.token != nil {
@@ -304,10 +332,14 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.mu.Unlock()
 
 	a.setSTUN()
-	a.wg.Add(1)
+	a.wg.Add(2)
 	go func() {
 		defer a.wg.Done()
 		a.controlLoop()
+	}()
+	go func() {
+		defer a.wg.Done()
+		a.statsLoop()
 	}()
 	a.log.Info("agent started", "name", a.node.Name, "node", a.node.ID, "listen_port", a.listenPort, "dns", a.DNSAddr())
 	return nil
@@ -431,16 +463,7 @@ func (a *Agent) register(ctx context.Context) error {
 		var resp wire.RegisterResponse
 		err := cc.call(ctx, wire.PathRegister, req, &resp)
 		if err == nil {
-			a.node = nodeState{ID: resp.Node.ID, Name: resp.Node.Name, Secret: resp.NodeSecret, URL: t.URL, Fingerprint: t.Fingerprint, TokenID: t.ID}
-			if err := a.state.saveJSON(fileNode, a.node); err != nil {
-				return err
-			}
-			a.mu.Lock()
-			a.nm.Self = resp.Node
-			a.nm.Domain = resp.Domain
-			a.mu.Unlock()
-			a.log.Info("joined the mesh", "name", resp.Node.Name, "node", resp.Node.ID, "addresses", resp.Node.Addresses)
-			return nil
+			return a.joined(resp, t.URL, t.Fingerprint, t.ID)
 		}
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
@@ -451,6 +474,20 @@ func (a *Agent) register(ctx context.Context) error {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 	}
+}
+
+// joined saves the credentials of a fresh registration.
+func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID string) error {
+	a.node = nodeState{ID: resp.Node.ID, Name: resp.Node.Name, Secret: resp.NodeSecret, URL: url, Fingerprint: fingerprint, TokenID: tokenID}
+	if err := a.state.saveJSON(fileNode, a.node); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.nm.Self = resp.Node
+	a.nm.Domain = resp.Domain
+	a.mu.Unlock()
+	a.log.Info("joined the mesh", "name", resp.Node.Name, "node", resp.Node.ID, "addresses", resp.Node.Addresses)
+	return nil
 }
 
 // controlLoop follows the map stream for the agent's lifetime, reconnecting
@@ -518,6 +555,7 @@ func (a *Agent) applyMap(m *wire.MapResponse) {
 	a.haveMap = true
 	a.lastMap = time.Now()
 	a.reconfigLocked()
+	a.metrics.observeMap(m)
 	if err := a.state.saveJSON(fileNetmap, a.nm); err != nil {
 		a.log.Warn("cannot cache the network map", "err", err)
 	}
@@ -873,6 +911,7 @@ func (a *Agent) Close() error {
 	if a.cancel != nil {
 		a.cancel()
 	}
+	a.metrics.close() // first: a scrape reads the parts closed below
 	if a.api != nil {
 		a.api.close()
 	}

@@ -61,7 +61,7 @@ func (s *Server) handle(f handlerFunc) http.Handler {
 
 func (s *Server) apiHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle(wire.PathRegister, s.handle(s.serveRegister))
+	mux.Handle(wire.PathRegister, s.handle(s.metrics.countRegistrations(s.serveRegister)))
 	mux.Handle(wire.PathMap, s.handle(s.serveMap))
 	mux.Handle(wire.PathServices, s.handle(s.serveServices))
 	mux.Handle(wire.PathEndpoints, s.handle(s.serveEndpoints))
@@ -486,6 +486,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 				log.Debug("map stream: write", "err", err)
 				return nil
 			}
+			s.metrics.mapSent(snap.at)
 			keepAlive.Reset(s.cfg.KeepAlive)
 		}
 		select {

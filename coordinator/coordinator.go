@@ -56,9 +56,16 @@ type Config struct {
 	// EphemeralGrace is how long an ephemeral node may be offline before it
 	// is removed; default 30s.
 	EphemeralGrace time.Duration
+	// TLSCert and TLSKey are PEM files of a certificate to serve instead of
+	// the self-signed one kept in DataDir.
+	TLSCert, TLSKey string
 	// Out receives the messages a person starting the coordinator must see
 	// (URL, first admin password); nil discards.
 	Out io.Writer
+	// MetricsListen is where Prometheus metrics are served over plain HTTP
+	// at /metrics, "127.0.0.1:9090"; "127.0.0.1:0" picks a free port. ""
+	// or "off" disables them.
+	MetricsListen string
 }
 
 // TokenOptions describes a join token to create.
@@ -85,6 +92,7 @@ type Server struct {
 	fingerprint string
 	hub         hub
 	relay       *relay.Server
+	metrics     *metrics
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
@@ -93,16 +101,18 @@ type Server struct {
 	// Close can wait for them before closing the store.
 	wg sync.WaitGroup
 
-	mu       sync.Mutex // guards the fields below
-	started  bool
-	closed   bool
-	ln       net.Listener
-	adminLn  net.Listener
-	httpSrv  *http.Server
-	adminSrv *http.Server
-	url      string
-	addr     netip.AddrPort
-	stun     *stun.Server // nil when its UDP port could not be bound
+	mu         sync.Mutex // guards the fields below
+	started    bool
+	closed     bool
+	ln         net.Listener
+	adminLn    net.Listener
+	httpSrv    *http.Server
+	adminSrv   *http.Server
+	metricsLn  net.Listener // nil when metrics are off
+	metricsSrv *http.Server
+	url        string
+	addr       netip.AddrPort
+	stun       *stun.Server // nil when its UDP port could not be bound
 
 	snapMu sync.Mutex // guards snap; held while building one
 	snap   *snapshot
@@ -168,7 +178,17 @@ func New(cfg Config) (*Server, error) {
 	if ip := net.ParseIP(listenHost); listenHost == "" || ip != nil && ip.IsUnspecified() {
 		hosts = append(hosts, defaultHostIP().String())
 	}
-	cert, err := loadOrCreateCert(dir, hosts)
+	var cert tls.Certificate
+	if cfg.TLSCert != "" || cfg.TLSKey != "" {
+		// A real certificate (for example from a public CA): agents can
+		// then join by web login without --fingerprint; tokens still pin it.
+		cert, err = tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("coordinator: --tls-cert/--tls-key: %w", err)
+		}
+	} else {
+		cert, err = loadOrCreateCert(dir, hosts)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -189,6 +209,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.hub.init()
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, Authenticate: s.relayAuth})
+	s.metrics = newMetrics(s)
 	return s, nil
 }
 
@@ -301,6 +322,15 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if err := os.Chmod(sockPath, 0o600); err != nil {
 		return fmt.Errorf("coordinator: admin socket %s: %w", sockPath, err)
 	}
+	metricsLn, err := s.listenMetrics(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil && metricsLn != nil {
+			metricsLn.Close()
+		}
+	}()
 
 	addr := ln.Addr().(*net.TCPAddr).AddrPort()
 	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
@@ -368,6 +398,17 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.wg.Add(2)
+	if metricsLn != nil {
+		s.metricsLn, s.metricsSrv = metricsLn, s.metricsServer(errLog)
+		s.wg.Add(1)
+		go func(srv *http.Server) {
+			defer s.wg.Done()
+			if err := srv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("metrics server stopped", "err", err)
+			}
+		}(s.metricsSrv)
+		s.log.Info("serving metrics", "addr", metricsLn.Addr().String())
+	}
 	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
@@ -405,7 +446,7 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
-	httpSrv, adminSrv, stunSrv := s.httpSrv, s.adminSrv, s.stun
+	httpSrv, adminSrv, metricsSrv, stunSrv := s.httpSrv, s.adminSrv, s.metricsSrv, s.stun
 	s.mu.Unlock()
 
 	s.cancel() // ends map streams and pending timers
@@ -415,7 +456,7 @@ func (s *Server) Close() error {
 	if stunSrv != nil {
 		stunSrv.Close()
 	}
-	for _, srv := range []*http.Server{httpSrv, adminSrv} {
+	for _, srv := range []*http.Server{httpSrv, adminSrv, metricsSrv} {
 		if srv == nil {
 			continue
 		}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/wire"
@@ -18,6 +19,7 @@ import (
 type hub struct {
 	mu      sync.Mutex // guards the fields below
 	gen     uint64
+	bumped  time.Time     // when gen last changed, for update latency
 	wake    chan struct{} // closed and replaced on every bump
 	streams map[wire.NodeID]*mapStream
 	// epochs counts stream attachments per node, so that a pending
@@ -40,9 +42,17 @@ func (h *hub) init() {
 func (h *hub) bump() {
 	h.mu.Lock()
 	h.gen++
+	h.bumped = time.Now()
 	close(h.wake)
 	h.wake = make(chan struct{})
 	h.mu.Unlock()
+}
+
+// changed returns the current generation and when it was bumped.
+func (h *hub) changed() (uint64, time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.gen, h.bumped
 }
 
 // watch returns the current generation and a channel closed at the next bump.
@@ -101,6 +111,7 @@ func (h *hub) onlineSet() map[wire.NodeID]bool {
 // snapshot is the whole mesh at one generation, shared by every stream.
 type snapshot struct {
 	gen      uint64
+	at       time.Time   // when gen was bumped; zero for the initial one
 	nodes    []wire.Node // by ID
 	byID     map[wire.NodeID]int
 	services []wire.Service // with at least one provider, by name
@@ -113,7 +124,7 @@ type snapshot struct {
 func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
-	gen, _ := s.hub.watch()
+	gen, at := s.hub.changed()
 	if s.snap != nil && s.snap.gen == gen {
 		return s.snap, nil
 	}
@@ -130,7 +141,7 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	snap := &snapshot{gen: gen, byID: make(map[wire.NodeID]int, len(nodes))}
+	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes))}
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
 		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))

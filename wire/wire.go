@@ -101,6 +101,9 @@ type RegisterRequest struct {
 	ListenPort uint16 `json:"listen_port"`
 	// LocalEndpoints are addresses of the node's own interfaces.
 	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
+	// Interactive asks, when there is no token, for a person to approve
+	// the node in the console (answered with RegisterPending).
+	Interactive bool `json:"interactive,omitempty"`
 }
 
 // RegisterPending answers a RegisterRequest with Interactive set and no

@@ -15,7 +15,7 @@ import (
 // spliceBufSize is the copy buffer per direction. 64 KiB matches gVisor's
 // and the kernel's typical segment batch, so one Read/Write pair moves a
 // whole burst without extra syscalls or netstack wake-ups.
-const spliceBufSize = 256 << 10
+const spliceBufSize = 64 << 10
 
 // bufPool bounds allocation: buffers are reused across connections; the
 // pool only ever holds buffers that are not in use.

@@ -88,6 +88,9 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "data directory (database, certificate, admin socket)", EnvVars: env("DATA")},
 			&cli.StringFlag{Name: "url", Usage: "public URL agents use (default https://LISTEN)", EnvVars: env("URL")},
 			&cli.StringFlag{Name: "domain", Value: wire.DefaultDomain, Usage: "DNS domain of the mesh", EnvVars: env("DOMAIN")},
+			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate to serve instead of the self-signed one", EnvVars: env("TLS_CERT")},
+			&cli.StringFlag{Name: "tls-key", Usage: "PEM private key of --tls-cert", EnvVars: env("TLS_KEY")},
+			&cli.StringFlag{Name: "metrics-listen", Value: "127.0.0.1:9090", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), or off", EnvVars: env("METRICS_LISTEN")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
@@ -97,6 +100,7 @@ func coordinatorCmd() *cli.Command {
 			s, err := coordinator.New(coordinator.Config{
 				Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
 				Domain: c.String("domain"), Logger: log, Out: os.Stdout,
+				TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
 			})
 			if err != nil {
 				return err
@@ -222,6 +226,8 @@ func agentCmd() *cli.Command {
 		Usage: "run a site's agent in the foreground",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "join", Usage: "join token (needed the first time only)", EnvVars: env("JOIN")},
+			&cli.StringFlag{Name: "coordinator", Usage: "coordinator URL, to join by logging in instead of a token", EnvVars: env("COORDINATOR")},
+			&cli.StringFlag{Name: "fingerprint", Usage: "SHA-256 fingerprint of a self-signed coordinator's certificate (with --coordinator)", EnvVars: env("FINGERPRINT")},
 			&cli.StringFlag{Name: "name", Usage: "node name (default: the host name)", EnvVars: env("NAME")},
 			stateFlag(),
 			&cli.UintFlag{Name: "listen-port", Value: 0, Usage: "WireGuard UDP port (0 picks a free one)", EnvVars: env("LISTEN_PORT")},
@@ -231,6 +237,7 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange.String(), Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
 			&cli.BoolFlag{Name: "relay-only", Usage: "never use direct UDP paths, always the relay (diagnosis)", EnvVars: env("RELAY_ONLY")},
+			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
@@ -257,6 +264,8 @@ func agentCmd() *cli.Command {
 				ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 				Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
 				Logger: log, DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
+				Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
+				Metrics: c.String("metrics"),
 			})
 			if err != nil {
 				return err

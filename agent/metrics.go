@@ -1,0 +1,196 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+// metricsServer serves the agent's Prometheus metrics at /metrics. Its
+// registry belongs to the agent, so that agents in one process (tests, the
+// in-process harness) never collide. Everything but the map latency is read
+// at scrape time from Status and Services, which the agent keeps anyway:
+// the data path pays nothing for metrics.
+type metricsServer struct {
+	reg        *prometheus.Registry
+	mapLatency prometheus.Histogram
+	ln         net.Listener
+	srv        *http.Server
+	done       chan struct{} // closed when Serve returns
+}
+
+// startMetrics listens on cfg.Metrics and serves /metrics until Close. It
+// does nothing when metrics are off ("" or "off").
+func (a *Agent) startMetrics() error {
+	addr := a.cfg.Metrics
+	if addr == "" || addr == "off" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("agent: metrics listen %s: address already in use; choose another --metrics address, or --metrics off", addr)
+		}
+		return fmt.Errorf("agent: metrics listen %s: %w; choose another --metrics address (HOST:PORT), or --metrics off", addr, err)
+	}
+	m := &metricsServer{
+		reg: prometheus.NewRegistry(),
+		mapLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meshlink_agent_netmap_update_latency_seconds",
+			Help:    "Time from the coordinator writing a network map update to this agent applying it (clocks of both hosts included).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}),
+		ln:   ln,
+		done: make(chan struct{}),
+	}
+	m.reg.MustRegister(m.mapLatency, agentCollector{a},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	errLog := slog.NewLogLogger(a.log.With("subsystem", "metrics").Handler(), slog.LevelDebug)
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
+		ErrorLog:      errLog,
+		ErrorHandling: promhttp.ContinueOnError, // one failing collector must not hide the rest
+		Timeout:       10 * time.Second,
+	}))
+	m.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, ErrorLog: errLog}
+	go func() {
+		defer close(m.done)
+		if err := m.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("metrics server stopped", "err", err)
+		}
+	}()
+	a.metrics = m
+	a.log.Info("serving metrics", "addr", ln.Addr().String())
+	return nil
+}
+
+// close stops serving and waits for the server; nil-safe and idempotent
+// through Agent.Close.
+func (m *metricsServer) close() {
+	if m == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := m.srv.Shutdown(ctx); err != nil {
+		m.srv.Close()
+	}
+	<-m.done
+}
+
+// observeMap records how long map update m took to arrive.
+func (m *metricsServer) observeMap(u *wire.MapResponse) {
+	if m == nil || u.SentAt.IsZero() {
+		return
+	}
+	// Clocks of two hosts: a skewed one must not record a negative latency.
+	m.mapLatency.Observe(max(time.Since(u.SentAt), 0).Seconds())
+}
+
+// MetricsAddr is the address /metrics is served on; zero when metrics are
+// off or before Start.
+func (a *Agent) MetricsAddr() netip.AddrPort {
+	if a.metrics == nil {
+		return netip.AddrPort{}
+	}
+	ap := a.metrics.ln.Addr().(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+var (
+	descConnected = prometheus.NewDesc("meshlink_agent_coordinator_connected",
+		"1 while the map stream to the coordinator is up, else 0.", nil, nil)
+	descPeers = prometheus.NewDesc("meshlink_agent_peers",
+		"Peers by the path WireGuard packets take to them: direct, relay, or none yet.", []string{"path"}, nil)
+	descPeerPathBytes = prometheus.NewDesc("meshlink_agent_peer_bytes_total",
+		"WireGuard packet bytes exchanged with a peer (both directions) by path: direct UDP or the relay.", []string{"peer", "path"}, nil)
+	descPeerWGBytes = prometheus.NewDesc("meshlink_agent_peer_wireguard_bytes_total",
+		"WireGuard bytes with a peer by direction as WireGuard counts them: rx (received) or tx (sent). Reset when the peer is reconfigured.", []string{"peer", "direction"}, nil)
+	descSvcConns = prometheus.NewDesc("meshlink_agent_service_connections_total",
+		"Connections opened through a service: role consumer (local clients of a consumed service) or provider (mesh clients of an exported one).", []string{"service", "role"}, nil)
+	descSvcOpen = prometheus.NewDesc("meshlink_agent_service_connections_open",
+		"Connections open now through a service, by role.", []string{"service", "role"}, nil)
+	descSvcBytes = prometheus.NewDesc("meshlink_agent_service_bytes_total",
+		"Bytes carried through a service by role and direction: sent (from the client toward the service) or received (back to the client).", []string{"service", "role", "direction"}, nil)
+	descSvcDialFail = prometheus.NewDesc("meshlink_agent_service_dial_failures_total",
+		"Connections that failed to open, by role: consumer (no provider reachable) or provider (the local target refused or timed out).", []string{"service", "role"}, nil)
+	descSvcDenied = prometheus.NewDesc("meshlink_agent_service_denied_total",
+		"Connections to an exported service refused by policy.", []string{"service"}, nil)
+)
+
+// agentCollector reads Status and Services at scrape time. Labels are peer
+// and service names only, so cardinality follows the mesh's size.
+type agentCollector struct{ a *Agent }
+
+func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descConnected, descPeers, descPeerPathBytes, descPeerWGBytes,
+		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied} {
+		ch <- d
+	}
+}
+
+func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+
+	st := c.a.Status()
+	connected := 0.0
+	if st.Coordinator.Connected {
+		connected = 1
+	}
+	gauge(descConnected, connected)
+	paths := map[string]int{"direct": 0, "relay": 0, "none": 0}
+	seen := map[string]bool{}
+	for _, p := range st.Peers {
+		path := p.Path
+		if _, ok := paths[path]; !ok {
+			path = "none"
+		}
+		paths[path]++
+		// Names are unique in a mesh; a duplicate during a rename would
+		// make the whole scrape fail, so only the first is reported.
+		if seen[p.Name] {
+			continue
+		}
+		seen[p.Name] = true
+		counter(descPeerPathBytes, float64(p.DirectBytes), p.Name, "direct")
+		counter(descPeerPathBytes, float64(p.RelayedBytes), p.Name, "relay")
+		counter(descPeerWGBytes, float64(p.RxBytes), p.Name, "rx")
+		counter(descPeerWGBytes, float64(p.TxBytes), p.Name, "tx")
+	}
+	for path, n := range paths {
+		gauge(descPeers, float64(n), path)
+	}
+
+	svcs := c.a.Services()
+	service := func(name, role string, total, open, sent, received, failed int64) {
+		counter(descSvcConns, float64(total), name, role)
+		gauge(descSvcOpen, float64(open), name, role)
+		counter(descSvcBytes, float64(sent), name, role, "sent")
+		counter(descSvcBytes, float64(received), name, role, "received")
+		counter(descSvcDialFail, float64(failed), name, role)
+	}
+	for _, s := range svcs.Consumed {
+		service(s.Name, "consumer", s.Total, s.Open, s.Sent, s.Received, s.Failed)
+	}
+	for _, e := range svcs.Exported {
+		service(e.Name, "provider", e.Total, e.Open, e.Sent, e.Received, e.Failed)
+		counter(descSvcDenied, float64(e.Denied), e.Name)
+	}
+}

@@ -1,0 +1,202 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the coordinator's Prometheus metrics. Each Server has its own
+// registry, so that several servers in one process (tests, embedding
+// programs) never collide. Most values are read at scrape time from state
+// the server keeps anyway (the map snapshot, the hub, the relay's
+// counters), which costs the hot paths nothing; only events that leave no
+// statistic behind are counted as they happen.
+type metrics struct {
+	reg           *prometheus.Registry
+	registrations *prometheus.CounterVec // by result
+	mapUpdates    prometheus.Counter
+	mapLatency    prometheus.Histogram
+}
+
+// latencyBuckets span a change fanned out on loopback (sub-millisecond) to
+// a slow or congested stream (seconds).
+var latencyBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
+func newMetrics(s *Server) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlink_coordinator_registrations_total",
+			Help: "Node registrations by result: ok, or the error code returned (token_invalid, token_expired, token_used, name_in_use, conflict, bad_request, version, internal).",
+		}, []string{"result"}),
+		mapUpdates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshlink_coordinator_netmap_updates_sent_total",
+			Help: "Network map updates (full maps and deltas, not keep-alives) written to map streams.",
+		}),
+		mapLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "meshlink_coordinator_netmap_update_latency_seconds",
+			Help:    "Time from a change being committed to the update carrying it being written on a map stream (the newest change, when several coalesce into one update).",
+			Buckets: latencyBuckets,
+		}),
+	}
+	// Seen from the first scrape, so that rate() works from the first
+	// success on.
+	m.registrations.WithLabelValues("ok")
+	m.reg.MustRegister(m.registrations, m.mapUpdates, m.mapLatency, serverCollector{s},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// countRegistrations counts each registration by its outcome. Results are
+// wire error codes, a small fixed set.
+func (m *metrics) countRegistrations(f handlerFunc) handlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) *apiError {
+		e := f(w, r)
+		result := "ok"
+		if e != nil {
+			result = e.Code
+		}
+		m.registrations.WithLabelValues(result).Inc()
+		return e
+	}
+}
+
+// mapSent records an update written on a map stream; changed is when the
+// newest change it carries was committed (zero if unknown).
+func (m *metrics) mapSent(changed time.Time) {
+	m.mapUpdates.Inc()
+	if !changed.IsZero() {
+		m.mapLatency.Observe(time.Since(changed).Seconds())
+	}
+}
+
+// metricsOff reports whether the metrics listener is disabled.
+func metricsOff(addr string) bool { return addr == "" || addr == "off" }
+
+// listenMetrics opens the metrics listener; nil when disabled.
+func (s *Server) listenMetrics(ctx context.Context) (net.Listener, error) {
+	addr := s.cfg.MetricsListen
+	if metricsOff(addr) {
+		return nil, nil
+	}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, fmt.Errorf("coordinator: metrics listen %s: address already in use; choose another --metrics-listen, or --metrics-listen off", addr)
+		}
+		return nil, fmt.Errorf("coordinator: metrics listen %s: %w; choose another --metrics-listen (HOST:PORT), or --metrics-listen off", addr, err)
+	}
+	return ln, nil
+}
+
+// metricsServer serves /metrics from the server's registry. It is plain
+// HTTP on its own listener, loopback by default: scrapers rarely pin
+// certificates, and nothing in it is secret.
+func (s *Server) metricsServer(errLog *log.Logger) *http.Server {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
+		ErrorLog:      errLog,
+		ErrorHandling: promhttp.ContinueOnError, // one failing collector must not hide the rest
+		Timeout:       10 * time.Second,
+	}))
+	return &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          errLog,
+	}
+}
+
+// MetricsAddr is the address /metrics is served on, valid after Start;
+// zero when metrics are off.
+func (s *Server) MetricsAddr() netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.metricsLn == nil {
+		return netip.AddrPort{}
+	}
+	ap := s.metricsLn.Addr().(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+func (h *hub) streamCount() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.streams)
+}
+
+var (
+	descNodes = prometheus.NewDesc("meshlink_coordinator_nodes",
+		"Registered nodes by state: online (its map stream is open) or offline.", []string{"state"}, nil)
+	descServices = prometheus.NewDesc("meshlink_coordinator_services",
+		"Services with at least one provider, as put into network maps.", nil, nil)
+	descMapStreams = prometheus.NewDesc("meshlink_coordinator_map_streams",
+		"Map streams open now.", nil, nil)
+	descRelayClients = prometheus.NewDesc("meshlink_coordinator_relay_clients",
+		"Nodes connected to the relay now.", nil, nil)
+	descRelayConns = prometheus.NewDesc("meshlink_coordinator_relay_connections_total",
+		"Relay connections accepted.", nil, nil)
+	descRelayPackets = prometheus.NewDesc("meshlink_coordinator_relay_packets_total",
+		"Packets relayed between nodes.", nil, nil)
+	descRelayBytes = prometheus.NewDesc("meshlink_coordinator_relay_bytes_total",
+		"Packet bytes relayed between nodes (framing excluded).", nil, nil)
+	descRelayDropped = prometheus.NewDesc("meshlink_coordinator_relay_dropped_packets_total",
+		"Packets the relay dropped: destination not connected, queue full, or refused by policy.", nil, nil)
+	descRelayPeerGone = prometheus.NewDesc("meshlink_coordinator_relay_peer_gone_packets_total",
+		"Dropped packets whose destination was not connected to the relay (part of dropped).", nil, nil)
+)
+
+// serverCollector reads the server's state at scrape time.
+type serverCollector struct{ s *Server }
+
+func (c serverCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descNodes, descServices, descMapStreams, descRelayClients,
+		descRelayConns, descRelayPackets, descRelayBytes, descRelayDropped, descRelayPeerGone} {
+		ch <- d
+	}
+}
+
+func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.s
+	// The snapshot is shared with the map streams and rebuilt only after a
+	// change, so a scrape rarely touches the store.
+	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+	snap, err := s.current(ctx)
+	cancel()
+	if err != nil {
+		err = fmt.Errorf("coordinator: read nodes for metrics: %w", err)
+		ch <- prometheus.NewInvalidMetric(descNodes, err)
+		ch <- prometheus.NewInvalidMetric(descServices, err)
+	} else {
+		var online int
+		for _, n := range snap.nodes {
+			if n.Online {
+				online++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descNodes, prometheus.GaugeValue, float64(online), "online")
+		ch <- prometheus.MustNewConstMetric(descNodes, prometheus.GaugeValue, float64(len(snap.nodes)-online), "offline")
+		ch <- prometheus.MustNewConstMetric(descServices, prometheus.GaugeValue, float64(len(snap.services)))
+	}
+	ch <- prometheus.MustNewConstMetric(descMapStreams, prometheus.GaugeValue, float64(s.hub.streamCount()))
+
+	rs := s.relay.Stats()
+	ch <- prometheus.MustNewConstMetric(descRelayClients, prometheus.GaugeValue, float64(rs.Clients))
+	ch <- prometheus.MustNewConstMetric(descRelayConns, prometheus.CounterValue, float64(rs.Accepted))
+	ch <- prometheus.MustNewConstMetric(descRelayPackets, prometheus.CounterValue, float64(rs.PacketsRelayed))
+	ch <- prometheus.MustNewConstMetric(descRelayBytes, prometheus.CounterValue, float64(rs.BytesRelayed))
+	ch <- prometheus.MustNewConstMetric(descRelayDropped, prometheus.CounterValue, float64(rs.Dropped))
+	ch <- prometheus.MustNewConstMetric(descRelayPeerGone, prometheus.CounterValue, float64(rs.PeerGone))
+}
