@@ -11,6 +11,7 @@ DIR=${DEMO_DIR:-demo}
 COORD_PORT=${COORD_PORT:-8443}
 WEB_PORT=${WEB_PORT:-8000}
 DNS_PORT=${DNS_PORT:-5353}
+METRICS_PORT=${METRICS_PORT:-9090}
 
 [[ -x $BIN && -x $HELLO ]] || { echo "build first: make build"; exit 1; }
 rm -rf "$DIR"
@@ -35,7 +36,8 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 echo "==> coordinator on https://127.0.0.1:$COORD_PORT (data in $DIR/coord)"
-"$BIN" coordinator --listen "127.0.0.1:$COORD_PORT" --data "$DIR/coord" >"$DIR/coord.log" 2>&1 &
+"$BIN" coordinator --listen "127.0.0.1:$COORD_PORT" --data "$DIR/coord" \
+  --metrics-listen "127.0.0.1:$METRICS_PORT" >"$DIR/coord.log" 2>&1 &
 pids+=($!)
 wait_for 20 "the coordinator" "$BIN" token create --data "$DIR/coord"
 TOKEN=$("$BIN" token create --data "$DIR/coord" --reusable --expires 1h)
@@ -80,6 +82,9 @@ The mesh is up. Try, in another terminal:
   curl http://$IP:$WEB_PORT/
   $BIN status --state $DIR/a
   $BIN services --state $DIR/a
+  $BIN ping site-b --state $DIR/a
+  curl -s http://127.0.0.1:$METRICS_PORT/metrics | grep ^meshlink_
+  open https://127.0.0.1:$COORD_PORT/ (console; admin password in $DIR/coord.log)
   $BIN expose ssh 127.0.0.1:22 --state $DIR/b     # then: $BIN services --state $DIR/a
 Logs: $DIR/*.log. Ctrl-C stops the demo.
 TXT

@@ -39,7 +39,7 @@ func TestDemo(t *testing.T) {
 	cmd.Env = append(os.Environ(),
 		"MESHLINK_DEMO_ONESHOT=1", "BIN="+bin, "HELLO="+hello, "DEMO_DIR="+dir,
 		fmt.Sprintf("COORD_PORT=%d", freeTCPPort(t)), fmt.Sprintf("WEB_PORT=%d", freeTCPPort(t)),
-		fmt.Sprintf("DNS_PORT=%d", freeTCPPort(t)),
+		fmt.Sprintf("DNS_PORT=%d", freeTCPPort(t)), fmt.Sprintf("METRICS_PORT=%d", freeTCPPort(t)),
 		"PROXY_RANGE_A=127.160.0.0/16", "PROXY_RANGE_B=127.161.0.0/16")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
