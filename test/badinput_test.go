@@ -49,7 +49,7 @@ func TestJoinErrors(t *testing.T) {
 		{"truncated", good.String()[:40], "malformed join token"},
 		{"unknown token", unknown.String(), "not known to this coordinator"},
 		{"wrong secret", wrongSecret.String(), "token"},
-		{"foreign coordinator", foreign.String(), "does not match the fingerprint"},
+		{"foreign coordinator", foreign.String(), "does not match the pinned fingerprint"},
 		{"used up", single, "used"},
 		{"no token, no state", "-", "has not joined a mesh yet"},
 	}
