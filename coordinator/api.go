@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"strconv"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/coordinator/web"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -61,7 +63,9 @@ func (s *Server) handle(f handlerFunc) http.Handler {
 
 func (s *Server) apiHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle(wire.PathRegister, s.handle(s.metrics.countRegistrations(s.serveRegister)))
+	mux.Handle(wire.PathRegister, s.handle(s.metrics.countRegistrations(s.recordRegisterFailures(s.serveRegister))))
+	mux.Handle(wire.PathRegisterPoll, s.handle(s.serveRegisterPoll))
+	mux.Handle(wire.PathStats, s.handle(s.serveStats))
 	mux.Handle(wire.PathMap, s.handle(s.serveMap))
 	mux.Handle(wire.PathServices, s.handle(s.serveServices))
 	mux.Handle(wire.PathEndpoints, s.handle(s.serveEndpoints))
@@ -74,9 +78,11 @@ func (s *Server) apiHandler() http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte("ok"))
 	})
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no such API path %q; is the agent newer than this coordinator?", r.URL.Path))
 	})
+	// Everything else is the web login and console (coordinator/web).
+	mux.Handle("/", s.track(s.console))
 	return mux
 }
 
@@ -144,6 +150,19 @@ func endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []net
 	return out
 }
 
+// recordRegisterFailures puts refused registrations into the console's
+// event log: rejected tokens and name conflicts, not malformed requests.
+func (s *Server) recordRegisterFailures(f handlerFunc) handlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) *apiError {
+		e := f(w, r)
+		if e != nil && (e.status == http.StatusUnauthorized || e.status == http.StatusConflict) {
+			host, _, _ := net.SplitHostPort(r.RemoteAddr)
+			s.console.Record(store.Event{Kind: "register_failed", Actor: host, Message: e.Message})
+		}
+		return e
+	}
+}
+
 func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError {
 	var req wire.RegisterRequest
 	if e := decode(w, r, &req, "register"); e != nil {
@@ -151,6 +170,9 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	}
 	if e := checkVersion(req.Version); e != nil {
 		return e
+	}
+	if req.TokenID == "" && req.TokenSecret == "" && req.Interactive {
+		return s.registerInteractive(w, r, req)
 	}
 	if req.TokenID == "" || req.TokenSecret == "" || len(req.TokenID) > 64 || len(req.TokenSecret) > 128 {
 		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is missing or malformed; pass the whole token printed by `meshlink token create`")
@@ -202,11 +224,77 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 		// Removed if it never connects, too.
 		s.scheduleReap(res.Node.ID)
 	}
+	if !res.Existing {
+		s.console.Record(store.Event{Kind: "join", Actor: "node " + name, Node: name, OwnerID: res.Node.OwnerID, Message: fmt.Sprintf("%s joined with token %s", name, req.TokenID)})
+	}
 	writeJSON(w, http.StatusOK, wire.RegisterResponse{
 		Node:       wireNode(res.Node, s.hub.online(res.Node.ID)),
 		NodeSecret: secret,
 		Domain:     s.cfg.Domain,
 	})
+	return nil
+}
+
+// registerInteractive answers a registration without a token: the node
+// waits (PathRegisterPoll) until a person approves it in the console.
+func (s *Server) registerInteractive(w http.ResponseWriter, r *http.Request, req wire.RegisterRequest) *apiError {
+	name, e := validName("node", req.Name)
+	if e != nil {
+		return e
+	}
+	if e := validKey(req.NodeKey); e != nil {
+		return e
+	}
+	hostname := req.Hostname
+	if len(hostname) > 255 {
+		hostname = hostname[:255]
+	}
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	p, err := s.console.StartPending(web.PendingRequest{Name: name, Hostname: hostname, Key: req.NodeKey, ListenPort: req.ListenPort,
+		Endpoints: endpoints(r, req.ListenPort, req.LocalEndpoints), RemoteIP: host})
+	if err != nil {
+		return apiErr(http.StatusTooManyRequests, wire.ErrCodeConflict, "%v", err)
+	}
+	writeJSON(w, http.StatusAccepted, p)
+	return nil
+}
+
+func (s *Server) serveRegisterPoll(w http.ResponseWriter, r *http.Request) *apiError {
+	var req wire.RegisterPollRequest
+	if e := decode(w, r, &req, "register poll"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	if req.PollID == "" || len(req.PollID) > 128 {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "poll_id is missing or malformed; pass the poll_id of the register answer")
+	}
+	status, body := s.console.Poll(r.Context(), req.PollID)
+	if status == http.StatusOK {
+		if rr, ok := body.(wire.RegisterResponse); ok {
+			s.log.Info("node registered by approval", "node_id", rr.Node.ID, "name", rr.Node.Name)
+		}
+	}
+	writeJSON(w, status, body)
+	return nil
+}
+
+func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
+	node, e := s.authNode(r)
+	if e != nil {
+		return e
+	}
+	var req wire.StatsReport
+	if e := decode(w, r, &req, "stats"); e != nil {
+		return e
+	}
+	if e := checkVersion(req.Version); e != nil {
+		return e
+	}
+	// Counters feed the console only: map streams are not woken.
+	s.console.ReportStats(node.ID, req)
+	writeJSON(w, http.StatusOK, struct{}{})
 	return nil
 }
 
@@ -268,6 +356,7 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		}
 		s.hub.bump()
 		s.log.Info("service unexposed", "service", name, "node", node.Name)
+		s.console.Record(store.Event{Kind: "unexpose", Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s stopped providing %s", node.Name, name)})
 		writeJSON(w, http.StatusOK, wire.ServiceResponse{})
 		return nil
 	}
@@ -282,6 +371,7 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 	}
 	s.hub.bump()
 	s.log.Info("service exposed", "service", name, "node", node.Name, "port", req.Port)
+	s.console.Record(store.Event{Kind: "expose", Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s provides %s on port %d", node.Name, name, req.Port)})
 	snap, err := s.current(ctx)
 	if err != nil {
 		return storeErr("expose", err)
@@ -327,6 +417,7 @@ func (s *Server) serveLeave(w http.ResponseWriter, r *http.Request) *apiError {
 		return storeErr("leave", err)
 	}
 	s.log.Info("node left", "node_id", node.ID, "name", node.Name)
+	s.console.Record(store.Event{Kind: "leave", Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: node.Name + " left the mesh"})
 	writeJSON(w, http.StatusOK, struct{}{})
 	return nil
 }
@@ -534,5 +625,6 @@ func (s *Server) scheduleReap(id wire.NodeID) {
 			return
 		}
 		s.log.Info("ephemeral node removed after grace period", "node_id", id, "name", n.Name, "grace", s.cfg.EphemeralGrace)
+		s.console.Record(store.Event{Kind: "leave", Actor: "coordinator", Node: n.Name, OwnerID: n.OwnerID, Message: fmt.Sprintf("ephemeral %s removed after %v offline", n.Name, s.cfg.EphemeralGrace)})
 	}()
 }

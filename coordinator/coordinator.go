@@ -32,6 +32,7 @@ import (
 	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/stun"
+	"github.com/meshlink/meshlink/coordinator/web"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -66,6 +67,9 @@ type Config struct {
 	// at /metrics, "127.0.0.1:9090"; "127.0.0.1:0" picks a free port. ""
 	// or "off" disables them.
 	MetricsListen string
+	// RegisterPollWait is how long PathRegisterPoll holds an agent waiting
+	// for its approval; default 30s.
+	RegisterPollWait time.Duration
 }
 
 // TokenOptions describes a join token to create.
@@ -74,6 +78,9 @@ type TokenOptions struct {
 	Ephemeral bool          `json:"ephemeral,omitempty"`
 	Expires   time.Duration `json:"expires,omitempty"` // 0: never
 	Tags      []string      `json:"tags,omitempty"`
+	// Owner is the user owning the token and the nodes it joins; 0 (the
+	// admin socket and CLI) means the first admin. Never taken from JSON.
+	Owner int64 `json:"-"`
 }
 
 const (
@@ -93,6 +100,7 @@ type Server struct {
 	hub         hub
 	relay       *relay.Server
 	metrics     *metrics
+	console     *web.Console
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
@@ -210,6 +218,7 @@ func New(cfg Config) (*Server, error) {
 	s.hub.init()
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, Authenticate: s.relayAuth})
 	s.metrics = newMetrics(s)
+	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Domain: cfg.Domain, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait})
 	return s, nil
 }
 
@@ -515,6 +524,15 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		Tags:      tags,
 		Created:   time.Now(),
 	}
+	viaAdminSocket := o.Owner == 0
+	if o.Owner == 0 {
+		owner, err := s.firstAdmin(ctx)
+		if err != nil {
+			return "", fmt.Errorf("coordinator: %w", err)
+		}
+		o.Owner = owner
+	}
+	tok.OwnerID = o.Owner
 	secret := randomSecret(32)
 	tok.SecretHash = store.HashSecret(secret)
 	jt := wire.JoinToken{URL: u, Fingerprint: s.fingerprint, ID: tok.ID, Secret: secret}
@@ -526,7 +544,57 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		return "", fmt.Errorf("coordinator: %w", err)
 	}
 	s.log.Info("token created", "token_id", tok.ID, "reusable", tok.Reusable, "ephemeral", tok.Ephemeral, "expires", tok.Expires)
+	if viaAdminSocket {
+		s.console.Record(store.Event{Kind: "token_created", Actor: "admin socket", Message: "minted token " + tok.ID, OwnerID: tok.OwnerID})
+	}
 	return jt.String(), nil
+}
+
+// firstAdmin is the owner of what the admin socket creates: the oldest
+// admin account (0 before the first start created one).
+func (s *Server) firstAdmin(ctx context.Context) (int64, error) {
+	users, err := s.store.ListUsers(ctx)
+	if err != nil {
+		return 0, err
+	}
+	for _, u := range users {
+		if u.Admin {
+			return u.ID, nil
+		}
+	}
+	return 0, nil
+}
+
+// consoleMesh is the server as the web console sees it.
+type consoleMesh struct{ s *Server }
+
+func (m consoleMesh) State(ctx context.Context) ([]wire.Node, []wire.Service, error) {
+	snap, err := m.s.current(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return snap.nodes, snap.services, nil
+}
+
+func (m consoleMesh) Changed() <-chan struct{} {
+	_, ch := m.s.hub.watch()
+	return ch
+}
+
+func (m consoleMesh) RemoveNode(ctx context.Context, id wire.NodeID) error {
+	return m.s.removeNode(ctx, id)
+}
+
+func (m consoleMesh) CreateToken(ctx context.Context, o web.TokenRequest) (string, error) {
+	return m.s.CreateToken(ctx, TokenOptions{Owner: o.OwnerID, Reusable: o.Reusable, Ephemeral: o.Ephemeral, Expires: o.Expires, Tags: o.Tags})
+}
+
+func (m consoleMesh) NodeRegistered(n store.Node) wire.Node {
+	m.s.hub.bump()
+	if n.Ephemeral {
+		m.s.scheduleReap(n.ID)
+	}
+	return wireNode(n, m.s.hub.online(n.ID))
 }
 
 // randomSecret returns n random bytes, base64url without padding.

@@ -78,6 +78,30 @@ var migrations = []string{
 		secret_hash BLOB NOT NULL,
 		removed INTEGER NOT NULL
 	);`,
+	// 3: ownership, console sessions and the event log. Rows from before
+	// keep owner 0: only admins see them.
+	`ALTER TABLE nodes ADD COLUMN owner_id INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE tokens ADD COLUMN owner_id INTEGER NOT NULL DEFAULT 0;
+	CREATE INDEX nodes_owner ON nodes(owner_id);
+	CREATE INDEX tokens_owner ON tokens(owner_id);
+	CREATE TABLE sessions (
+		id_hash BLOB PRIMARY KEY,
+		user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+		csrf TEXT NOT NULL,
+		created INTEGER NOT NULL,
+		expires INTEGER NOT NULL
+	);
+	CREATE INDEX sessions_expires ON sessions(expires);
+	CREATE TABLE events (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		at INTEGER NOT NULL,
+		kind TEXT NOT NULL,
+		actor TEXT NOT NULL DEFAULT '',
+		node TEXT NOT NULL DEFAULT '',
+		message TEXT NOT NULL DEFAULT '',
+		owner_id INTEGER NOT NULL DEFAULT 0
+	);
+	CREATE INDEX events_owner ON events(owner_id, id);`,
 }
 
 // SQLite is the embedded Store.
@@ -231,9 +255,9 @@ func (s *SQLite) CreateToken(ctx context.Context, t Token) error {
 	if t.Created.IsZero() {
 		t.Created = time.Now()
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created))
+	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created), t.OwnerID)
 	if err != nil {
 		return fmt.Errorf("store: create token: %w", err)
 	}
@@ -249,14 +273,14 @@ func nonNil(s []string) []string {
 
 type scanner interface{ Scan(...any) error }
 
-const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created`
+const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id`
 
 func scanToken(r scanner) (Token, error) {
 	var t Token
 	var reusable, ephemeral, revoked int
 	var tags string
 	var expires, created int64
-	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created); err != nil {
+	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created, &t.OwnerID); err != nil {
 		return t, err
 	}
 	t.Reusable, t.Ephemeral, t.Revoked = reusable != 0, ephemeral != 0, revoked != 0
@@ -312,7 +336,7 @@ func (s *SQLite) RevokeToken(ctx context.Context, id string) error {
 	return nil
 }
 
-const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints`
+const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id`
 
 func scanNode(r scanner) (Node, error) {
 	var n Node
@@ -321,7 +345,7 @@ func scanNode(r scanner) (Node, error) {
 	var eph int
 	var created, lastSeen int64
 	var port int
-	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps); err != nil {
+	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID); err != nil {
 		return n, err
 	}
 	n.ID, n.Key, n.Ephemeral = wire.NodeID(id), wire.Key(key), eph != 0
@@ -387,23 +411,44 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 	}
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		res = RegisterResult{}
-		tok, err := getToken(ctx, tx, r.TokenID)
-		if errors.Is(err, ErrNotFound) {
-			return ErrTokenInvalid
-		} else if err != nil {
-			return err
-		}
-		if !HashMatches(tok.SecretHash, r.TokenSecret) {
-			return ErrTokenInvalid
-		}
-		if tok.Revoked {
-			return ErrTokenRevoked
+		var tok Token
+		if a := r.Approval; a != nil {
+			// An approved node is owned by its approver and carries no
+			// token, tags or ephemerality.
+			tok = Token{OwnerID: a.OwnerID}
+		} else {
+			var err error
+			tok, err = getToken(ctx, tx, r.TokenID)
+			if errors.Is(err, ErrNotFound) {
+				return ErrTokenInvalid
+			} else if err != nil {
+				return err
+			}
+			if !HashMatches(tok.SecretHash, r.TokenSecret) {
+				return ErrTokenInvalid
+			}
+			if tok.Revoked {
+				return ErrTokenRevoked
+			}
 		}
 		existing, err := getNode(ctx, tx, "name = ?", r.Name)
 		switch {
 		case errors.Is(err, ErrNotFound):
 		case err != nil:
 			return err
+		case existing.Key == r.Key && r.Approval != nil:
+			// A person may renew a node of their own (or any, as admin);
+			// a public key is no proof, so never someone else's.
+			if !r.Approval.Admin && existing.OwnerID != r.Approval.OwnerID {
+				return ErrNameInUse
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE nodes SET secret_hash = ?, hostname = ?, listen_port = ?, endpoints = ? WHERE id = ?`,
+				r.SecretHash, r.Hostname, int(r.ListenPort), jsonText(r.Endpoints), int64(existing.ID)); err != nil {
+				return err
+			}
+			existing.SecretHash, existing.Hostname, existing.ListenPort, existing.Endpoints = r.SecretHash, r.Hostname, r.ListenPort, r.Endpoints
+			res.Node, res.Existing = existing, true
+			return nil
 		case existing.Key == r.Key:
 			// The same node again: keep its identity, hand it a new secret.
 			if existing.TokenID != tok.ID {
@@ -431,8 +476,10 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 		} else if !errors.Is(err, ErrNotFound) {
 			return err
 		}
-		if err := consume(ctx, tx, tok, r); err != nil {
-			return err
+		if r.Approval == nil {
+			if err := consume(ctx, tx, tok, r); err != nil {
+				return err
+			}
 		}
 		idx, err := nextCounter(ctx, tx, "node_addr")
 		if err != nil {
@@ -445,13 +492,13 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 		n := Node{
 			Name: r.Name, Hostname: r.Hostname, Key: r.Key, IPv4: v4, IPv6: v6,
 			SecretHash: r.SecretHash, TokenID: tok.ID, Tags: tok.Tags, Ephemeral: tok.Ephemeral,
-			Created: r.Now, ListenPort: r.ListenPort, Endpoints: r.Endpoints,
+			Created: r.Now, ListenPort: r.ListenPort, Endpoints: r.Endpoints, OwnerID: tok.OwnerID,
 		}
 		var id int64
-		err = tx.QueryRowContext(ctx, `INSERT INTO nodes (name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) RETURNING id`,
+		err = tx.QueryRowContext(ctx, `INSERT INTO nodes (name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING id`,
 			n.Name, n.Hostname, string(n.Key), v4.String(), v6.String(), n.SecretHash, n.TokenID, jsonText(nonNil(n.Tags)),
-			b2i(n.Ephemeral), unixNano(n.Created), int(n.ListenPort), jsonText(n.Endpoints)).Scan(&id)
+			b2i(n.Ephemeral), unixNano(n.Created), int(n.ListenPort), jsonText(n.Endpoints), n.OwnerID).Scan(&id)
 		if err != nil {
 			return err
 		}

@@ -48,6 +48,9 @@ type Token struct {
 	Uses       int
 	Revoked    bool
 	Created    time.Time
+	// OwnerID is the user who minted the token; nodes it creates belong to
+	// them. 0 means no owner (rows older than ownership): admins only.
+	OwnerID int64
 }
 
 // Check validates t for a new registration at now with the given secret.
@@ -83,6 +86,9 @@ type Node struct {
 	LastSeen   time.Time
 	ListenPort uint16
 	Endpoints  []netip.AddrPort
+	// OwnerID is the user the node belongs to: the owner of the token that
+	// created it, or the person who approved it. 0: admins only.
+	OwnerID int64
 }
 
 // Service is a named service. Its row and VIP outlive its providers so that
@@ -117,7 +123,46 @@ type Registration struct {
 	// coordinator answers yes for an ephemeral node that is offline). Nil
 	// means never.
 	CanReplace func(existing Node) bool
+	// Approval, when set, replaces the token: a logged-in person approved
+	// the node interactively. TokenID and TokenSecret are ignored.
+	Approval *Approval
 }
+
+// Approval is the authority for a registration without a token.
+type Approval struct {
+	// OwnerID is the approving user, who owns the new node.
+	OwnerID int64
+	// Admin lets the approver re-key a node of the same name and key that
+	// another user owns; members may only renew their own.
+	Admin bool
+}
+
+// Session is a console login. Only the SHA-256 of its id is stored.
+type Session struct {
+	IDHash  []byte
+	UserID  int64
+	CSRF    string // per-session token echoed in every form
+	Created time.Time
+	// Expires moves forward while the session is used (idle timeout).
+	Expires time.Time
+}
+
+// Event is one entry of the event log shown in the console.
+type Event struct {
+	ID   int64
+	At   time.Time
+	Kind string // join, leave, remove, expose, unexpose, register_failed, approve, deny, login, login_failed, token_created, token_revoked, user_created
+	// Actor is who did it: a username, or "node NAME".
+	Actor   string
+	Node    string // node name concerned, if any
+	Message string
+	// OwnerID is the user the event concerns (who may see it besides the
+	// admins); 0 means admins only.
+	OwnerID int64
+}
+
+// MaxEvents bounds the event log; older entries are dropped.
+const MaxEvents = 10000
 
 // RegisterResult says what RegisterNode did.
 type RegisterResult struct {
@@ -136,13 +181,32 @@ type Store interface {
 	CreateUser(ctx context.Context, u User) (User, error)
 	GetUser(ctx context.Context, username string) (User, error)
 	CountUsers(ctx context.Context) (int, error)
+	GetUserByID(ctx context.Context, id int64) (User, error)
+	ListUsers(ctx context.Context) ([]User, error)
+
+	// CreateSession stores a new console session.
+	CreateSession(ctx context.Context, s Session) error
+	// GetSession returns the unexpired session with the id hash; ErrNotFound
+	// if none.
+	GetSession(ctx context.Context, idHash []byte, now time.Time) (Session, error)
+	// TouchSession moves the session's expiry.
+	TouchSession(ctx context.Context, idHash []byte, expires time.Time) error
+	DeleteSession(ctx context.Context, idHash []byte) error
+	// DeleteExpiredSessions removes sessions expired before now.
+	DeleteExpiredSessions(ctx context.Context, now time.Time) error
+
+	// AddEvent appends to the event log, keeping only the newest MaxEvents.
+	AddEvent(ctx context.Context, e Event) error
+	// ListEvents returns up to limit events, newest first; ownerID > 0
+	// restricts them to the events of that user.
+	ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error)
 
 	CreateToken(ctx context.Context, t Token) error
 	GetToken(ctx context.Context, id string) (Token, error)
 	ListTokens(ctx context.Context) ([]Token, error)
 	RevokeToken(ctx context.Context, id string) error
 
-	// RegisterNode validates the token and creates the node in one
+	// RegisterNode validates the token (or the Approval) and creates the node in one
 	// transaction, consuming one use of the token: a single-use token
 	// creates at most one node, however many registrations race.
 	// Re-registering the same name and key with the token that created the

@@ -235,3 +235,59 @@ func TestConcurrentSingleUseToken(t *testing.T) {
 		t.Fatalf("%d registrations succeeded, %d nodes; want exactly 1", ok, len(nodes))
 	}
 }
+
+func TestApprovalSessionsAndEvents(t *testing.T) {
+	ctx := context.Background()
+	s := openTest(t, t.TempDir())
+	u, err := s.CreateUser(ctx, User{Username: "alice", PasswordHash: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := s.CreateUser(ctx, User{Username: "bob", PasswordHash: "x"})
+	r := Registration{Name: "laptop", Key: "keyL", SecretHash: HashSecret("s1"), Approval: &Approval{OwnerID: u.ID}}
+	res, err := s.RegisterNode(ctx, r)
+	if err != nil || res.Node.OwnerID != u.ID || res.Node.TokenID != "" {
+		t.Fatalf("approved registration: %+v %v", res, err)
+	}
+	if n, _ := s.GetNode(ctx, res.Node.ID); n.OwnerID != u.ID {
+		t.Fatalf("stored owner %d", n.OwnerID)
+	}
+	// Another member may not renew alice's node by naming its public key.
+	r.Approval, r.SecretHash = &Approval{OwnerID: other.ID}, HashSecret("s2")
+	if _, err := s.RegisterNode(ctx, r); !errors.Is(err, ErrNameInUse) {
+		t.Fatalf("bob renewing alice's node: %v", err)
+	}
+	r.Approval = &Approval{OwnerID: u.ID}
+	if res2, err := s.RegisterNode(ctx, r); err != nil || !res2.Existing || res2.Node.ID != res.Node.ID {
+		t.Fatalf("alice renewing her node: %+v %v", res2, err)
+	}
+
+	now := time.Now()
+	se := Session{IDHash: HashSecret("sid"), UserID: u.ID, CSRF: "c", Created: now, Expires: now.Add(time.Hour)}
+	if err := s.CreateSession(ctx, se); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.GetSession(ctx, se.IDHash, now); err != nil || got.UserID != u.ID || got.CSRF != "c" {
+		t.Fatalf("session %+v %v", got, err)
+	}
+	if _, err := s.GetSession(ctx, se.IDHash, now.Add(2*time.Hour)); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired session: %v", err)
+	}
+	if err := s.DeleteSession(ctx, se.IDHash); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetSession(ctx, se.IDHash, now); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("deleted session: %v", err)
+	}
+
+	for i, owner := range []int64{u.ID, other.ID, 0, u.ID} {
+		if err := s.AddEvent(ctx, Event{Kind: "join", Message: fmt.Sprint(i), OwnerID: owner}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	all, _ := s.ListEvents(ctx, 0, 10)
+	mine, _ := s.ListEvents(ctx, u.ID, 10)
+	if len(all) != 4 || all[0].Message != "3" || len(mine) != 2 || mine[0].Message != "3" || mine[1].Message != "0" {
+		t.Fatalf("events all %+v mine %+v", all, mine)
+	}
+}

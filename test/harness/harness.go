@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"sync"
@@ -78,6 +79,9 @@ type Mesh struct {
 	dir   string
 	Coord *coordinator.Server
 	addr  string
+	// AdminPassword is the first admin's one-time password, as printed at
+	// the coordinator's first start.
+	AdminPassword string
 }
 
 // NewMesh starts a coordinator on loopback in a temporary directory.
@@ -92,19 +96,26 @@ func NewMesh(t testing.TB) *Mesh {
 	return m
 }
 
+var passwordRE = regexp.MustCompile(`password:? (\S+)`)
+
 // StartCoordinator (re)starts the coordinator on the same data directory and
 // port as before.
 func (m *Mesh) StartCoordinator() {
+	mesh := m
 	m.t.Helper()
+	var out strings.Builder
 	s, err := coordinator.New(coordinator.Config{
 		Listen: m.addr, DataDir: filepath.Join(m.dir, "coord"), Logger: Logger(m.t, "coordinator"),
-		KeepAlive: 2 * time.Second,
+		KeepAlive: 2 * time.Second, Out: &out,
 	})
 	if err != nil {
 		m.t.Fatal(err)
 	}
 	if err := s.Start(context.Background()); err != nil {
 		m.t.Fatal(err)
+	}
+	if m := passwordRE.FindStringSubmatch(out.String()); m != nil {
+		mesh.AdminPassword = m[1]
 	}
 	m.Coord = s
 	m.addr = s.Addr().String()

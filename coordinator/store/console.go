@@ -1,0 +1,145 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// This file holds what the web console needs from the SQLite store: users
+// by id, sessions and the event log.
+
+const userCols = `id, username, password_hash, admin, created`
+
+func scanUser(r scanner) (User, error) {
+	var u User
+	var admin int
+	var created int64
+	if err := r.Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created); err != nil {
+		return u, err
+	}
+	u.Admin, u.Created = admin != 0, fromUnixNano(created)
+	return u, nil
+}
+
+// GetUserByID implements Store.
+func (s *SQLite) GetUserByID(ctx context.Context, id int64) (User, error) {
+	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return u, fmt.Errorf("user %d: %w", id, ErrNotFound)
+	}
+	return u, err
+}
+
+// ListUsers implements Store.
+func (s *SQLite) ListUsers(ctx context.Context) ([]User, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+userCols+` FROM users ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []User
+	for rows.Next() {
+		u, err := scanUser(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, u)
+	}
+	return out, rows.Err()
+}
+
+// CreateSession implements Store.
+func (s *SQLite) CreateSession(ctx context.Context, se Session) error {
+	if se.Created.IsZero() {
+		se.Created = time.Now()
+	}
+	_, err := s.db.ExecContext(ctx, `INSERT INTO sessions (id_hash, user_id, csrf, created, expires) VALUES (?, ?, ?, ?, ?)`,
+		se.IDHash, se.UserID, se.CSRF, unixNano(se.Created), unixNano(se.Expires))
+	if err != nil {
+		return fmt.Errorf("store: create session: %w", err)
+	}
+	return nil
+}
+
+// GetSession implements Store.
+func (s *SQLite) GetSession(ctx context.Context, idHash []byte, now time.Time) (Session, error) {
+	var se Session
+	var created, expires int64
+	err := s.db.QueryRowContext(ctx, `SELECT id_hash, user_id, csrf, created, expires FROM sessions WHERE id_hash = ? AND expires > ?`,
+		idHash, unixNano(now)).Scan(&se.IDHash, &se.UserID, &se.CSRF, &created, &expires)
+	if errors.Is(err, sql.ErrNoRows) {
+		return se, fmt.Errorf("session: %w", ErrNotFound)
+	}
+	se.Created, se.Expires = fromUnixNano(created), fromUnixNano(expires)
+	return se, err
+}
+
+// TouchSession implements Store.
+func (s *SQLite) TouchSession(ctx context.Context, idHash []byte, expires time.Time) error {
+	_, err := s.db.ExecContext(ctx, `UPDATE sessions SET expires = ? WHERE id_hash = ?`, unixNano(expires), idHash)
+	return err
+}
+
+// DeleteSession implements Store.
+func (s *SQLite) DeleteSession(ctx context.Context, idHash []byte) error {
+	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE id_hash = ?`, idHash)
+	return err
+}
+
+// DeleteExpiredSessions implements Store.
+func (s *SQLite) DeleteExpiredSessions(ctx context.Context, now time.Time) error {
+	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE expires <= ?`, unixNano(now))
+	return err
+}
+
+// AddEvent implements Store.
+func (s *SQLite) AddEvent(ctx context.Context, e Event) error {
+	if e.At.IsZero() {
+		e.At = time.Now()
+	}
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		var id int64
+		if err := tx.QueryRowContext(ctx, `INSERT INTO events (at, kind, actor, node, message, owner_id) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
+			unixNano(e.At), e.Kind, e.Actor, e.Node, e.Message, e.OwnerID).Scan(&id); err != nil {
+			return fmt.Errorf("store: add event: %w", err)
+		}
+		// Ids only grow, so this keeps exactly the newest MaxEvents; the
+		// primary key makes it a range delete.
+		_, err := tx.ExecContext(ctx, `DELETE FROM events WHERE id <= ?`, id-MaxEvents)
+		return err
+	})
+}
+
+// ListEvents implements Store.
+func (s *SQLite) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error) {
+	if limit <= 0 || limit > MaxEvents {
+		limit = MaxEvents
+	}
+	q := `SELECT id, at, kind, actor, node, message, owner_id FROM events`
+	args := []any{}
+	if ownerID > 0 {
+		q += ` WHERE owner_id = ?`
+		args = append(args, ownerID)
+	}
+	q += ` ORDER BY id DESC LIMIT ?`
+	args = append(args, limit)
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		var e Event
+		var at int64
+		if err := rows.Scan(&e.ID, &at, &e.Kind, &e.Actor, &e.Node, &e.Message, &e.OwnerID); err != nil {
+			return nil, err
+		}
+		e.At = fromUnixNano(at)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}

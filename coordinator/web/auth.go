@@ -1,0 +1,322 @@
+package web
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+)
+
+const (
+	// SessionCookie holds the session id; the store keeps only its hash.
+	SessionCookie = "meshlink_session"
+	sessionIdle   = 12 * time.Hour
+	sessionMax    = 7 * 24 * time.Hour
+	// loginFailures per minute per client IP and per username; the next
+	// attempt gets 429.
+	loginFailures = 5
+)
+
+// dummyHash is compared against when the username is unknown, so that a
+// wrong username costs as much time as a wrong password.
+// It is made on first use, not at package init.
+var dummyHash = sync.OnceValue(func() []byte {
+	h, _ := bcrypt.GenerateFromPassword([]byte("meshlink-no-such-user"), bcrypt.DefaultCost)
+	return h
+})
+
+func randomString(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// viewer is the logged-in person of a request.
+type viewer struct {
+	store.User
+	session store.Session
+}
+
+type ctxKey struct{}
+
+func viewerFrom(r *http.Request) *viewer {
+	v, _ := r.Context().Value(ctxKey{}).(*viewer)
+	return v
+}
+
+// session returns the viewer of r, or nil when not logged in (or the
+// session expired), moving the idle expiry forward.
+func (c *Console) session(r *http.Request) (*viewer, error) {
+	ck, err := r.Cookie(SessionCookie)
+	if err != nil || ck.Value == "" || len(ck.Value) > 128 {
+		return nil, nil
+	}
+	now := c.now()
+	h := store.HashSecret(ck.Value)
+	se, err := c.store.GetSession(r.Context(), h, now)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	if now.Sub(se.Created) > sessionMax {
+		c.store.DeleteSession(r.Context(), h)
+		return nil, nil
+	}
+	u, err := c.store.GetUserByID(r.Context(), se.UserID)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	// Write at most once a minute per session, not on every request.
+	if se.Expires.Sub(now) < sessionIdle-time.Minute {
+		se.Expires = now.Add(sessionIdle)
+		c.store.TouchSession(r.Context(), h, se.Expires)
+	}
+	return &viewer{User: u, session: se}, nil
+}
+
+// page wraps a GET handler that needs a logged-in viewer; anyone else is
+// sent to the login page and back.
+func (c *Console) page(h func(http.ResponseWriter, *http.Request, *viewer)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		v, err := c.session(r)
+		if err != nil {
+			c.internal(w, r, "session", err)
+			return
+		}
+		if v == nil {
+			if strings.HasPrefix(r.URL.Path, "/console/api/") || r.URL.Path == "/console/events" {
+				http.Error(w, "not logged in", http.StatusUnauthorized)
+				return
+			}
+			http.Redirect(w, r, "/?next="+url.QueryEscape(r.URL.RequestURI()), http.StatusSeeOther)
+			return
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		h(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, v)), v)
+	})
+}
+
+// action wraps a POST handler: same origin, logged in, valid CSRF token.
+func (c *Console) action(h func(http.ResponseWriter, *http.Request, *viewer)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+		if !sameOrigin(r) {
+			c.renderMessage(w, r, nil, http.StatusForbidden, "Request refused", "This form was sent from another site.")
+			return
+		}
+		v, err := c.session(r)
+		if err != nil {
+			c.internal(w, r, "session", err)
+			return
+		}
+		if v == nil {
+			c.renderMessage(w, r, nil, http.StatusUnauthorized, "Signed out", "Your session has ended; sign in again.")
+			return
+		}
+		got := r.PostFormValue("csrf")
+		if got == "" || subtle.ConstantTimeCompare([]byte(got), []byte(v.session.CSRF)) != 1 {
+			c.renderMessage(w, r, v, http.StatusForbidden, "Request refused", "The form was stale or not sent from this console; reload the page and try again.")
+			return
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		h(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, v)), v)
+	})
+}
+
+// sameOrigin refuses cross-site POSTs by the headers browsers send.
+// Sec-Fetch-Site is set by the browser alone and is trusted when present:
+// with Referrer-Policy no-referrer, browsers send "Origin: null" on our own
+// form posts, so Origin is only consulted without it. A request with
+// neither (curl, tests) falls back on the CSRF token and the
+// SameSite=Strict cookie.
+func sameOrigin(r *http.Request) bool {
+	switch r.Header.Get("Sec-Fetch-Site") {
+	case "same-origin", "none":
+		return true
+	case "":
+	default:
+		return false
+	}
+	if o := r.Header.Get("Origin"); o != "" {
+		u, err := url.Parse(o)
+		if err != nil || u.Scheme != "https" || !strings.EqualFold(u.Host, r.Host) {
+			return false
+		}
+	}
+	return true
+}
+
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// safeNext keeps a post-login redirect on this site.
+func safeNext(next string) string {
+	if !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") || strings.ContainsAny(next, "\\\r\n") || len(next) > 512 {
+		return "/console"
+	}
+	return next
+}
+
+func (c *Console) serveLoginPage(w http.ResponseWriter, r *http.Request) {
+	v, err := c.session(r)
+	if err != nil {
+		c.internal(w, r, "session", err)
+		return
+	}
+	next := safeNext(r.URL.Query().Get("next"))
+	if v != nil {
+		http.Redirect(w, r, next, http.StatusSeeOther)
+		return
+	}
+	c.render(w, r, http.StatusOK, "login", &pageData{Title: "Sign in", Next: next})
+}
+
+func (c *Console) serveLogin(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
+	if !sameOrigin(r) {
+		c.renderMessage(w, r, nil, http.StatusForbidden, "Request refused", "This form was sent from another site.")
+		return
+	}
+	username := strings.TrimSpace(r.PostFormValue("username"))
+	password := r.PostFormValue("password")
+	next := safeNext(r.PostFormValue("next"))
+	if len(username) > 64 {
+		username = username[:64]
+	}
+	ipKey, userKey := "ip:"+clientIP(r), "user:"+strings.ToLower(username)
+	now := c.now()
+	if !c.limiter.allowed(ipKey, now) || !c.limiter.allowed(userKey, now) {
+		c.log.Warn("login rate limited", "remote", clientIP(r))
+		c.render(w, r, http.StatusTooManyRequests, "login", &pageData{Title: "Sign in", Next: next, Username: username,
+			Error: "Too many failed sign-ins. Wait a minute, then try again."})
+		return
+	}
+	u, err := c.store.GetUser(r.Context(), username)
+	hash := dummyHash()
+	if err == nil {
+		hash = []byte(u.PasswordHash)
+	} else if !errors.Is(err, store.ErrNotFound) {
+		c.internal(w, r, "login", err)
+		return
+	}
+	if bcrypt.CompareHashAndPassword(hash, []byte(password)) != nil || err != nil || password == "" {
+		c.limiter.fail(ipKey, now)
+		c.limiter.fail(userKey, now)
+		// An unknown username is not repeated anywhere: people type
+		// passwords into the username field.
+		who := "an unknown user"
+		if u.ID != 0 {
+			who = u.Username
+		}
+		c.log.Info("login failed", "remote", clientIP(r), "user", who)
+		c.Record(store.Event{Kind: "login_failed", Actor: clientIP(r), Message: "failed sign-in as " + who, OwnerID: u.ID})
+		c.render(w, r, http.StatusUnauthorized, "login", &pageData{Title: "Sign in", Next: next, Username: username,
+			Error: "Wrong username or password."})
+		return
+	}
+	c.SignIn(w, r, u, next)
+}
+
+// SignIn starts a console session for u (whose credentials the caller
+// checked: the password form, or an external login such as OIDC) and
+// redirects to next, a path on this site.
+func (c *Console) SignIn(w http.ResponseWriter, r *http.Request, u store.User, next string) {
+	now := c.now()
+	id := randomString(32)
+	se := store.Session{IDHash: store.HashSecret(id), UserID: u.ID, CSRF: randomString(24), Created: now, Expires: now.Add(sessionIdle)}
+	if err := c.store.CreateSession(r.Context(), se); err != nil {
+		c.internal(w, r, "login", err)
+		return
+	}
+	// Housekeeping at a rate bounded by successful logins.
+	c.store.DeleteExpiredSessions(r.Context(), now)
+	http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: id, Path: "/", HttpOnly: true, Secure: true, SameSite: http.SameSiteStrictMode})
+	c.log.Info("login", "user", u.Username, "remote", clientIP(r))
+	c.Record(store.Event{Kind: "login", Actor: u.Username, Message: "signed in from " + clientIP(r), OwnerID: u.ID})
+	http.Redirect(w, r, safeNext(next), http.StatusSeeOther)
+}
+
+func (c *Console) serveLogout(w http.ResponseWriter, r *http.Request) {
+	c.action(func(w http.ResponseWriter, r *http.Request, v *viewer) {
+		c.store.DeleteSession(r.Context(), v.session.IDHash)
+		http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: true, SameSite: http.SameSiteStrictMode})
+		http.Redirect(w, r, "/", http.StatusSeeOther)
+	}).ServeHTTP(w, r)
+}
+
+// limiter counts failures per key in fixed windows. Its memory is bounded:
+// when full, expired windows are swept, then arbitrary entries dropped (the
+// per-IP key still limits whoever floods usernames).
+type limiter struct {
+	limit  int
+	window time.Duration
+	max    int
+
+	mu      sync.Mutex // guards entries
+	entries map[string]*window
+}
+
+type window struct {
+	start    time.Time
+	failures int
+}
+
+func newLimiter(limit int, win time.Duration, max int) *limiter {
+	return &limiter{limit: limit, window: win, max: max, entries: map[string]*window{}}
+}
+
+func (l *limiter) allowed(key string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.entries[key]
+	return e == nil || now.Sub(e.start) >= l.window || e.failures < l.limit
+}
+
+func (l *limiter) fail(key string, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.entries[key]
+	if e != nil && now.Sub(e.start) < l.window {
+		e.failures++
+		return
+	}
+	if e == nil && len(l.entries) >= l.max {
+		for k, x := range l.entries {
+			if now.Sub(x.start) >= l.window {
+				delete(l.entries, k)
+			}
+		}
+		for k := range l.entries {
+			if len(l.entries) < l.max {
+				break
+			}
+			delete(l.entries, k)
+		}
+	}
+	l.entries[key] = &window{start: now, failures: 1}
+}
+
+func (l *limiter) size() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.entries)
+}

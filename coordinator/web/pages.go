@@ -1,0 +1,437 @@
+package web
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"html/template"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// pageData is what every template gets.
+type pageData struct {
+	Title    string
+	Nav      string // the active navigation entry
+	Viewer   *viewer
+	CSRF     string
+	Snap     *Snapshot
+	Error    string
+	Notice   string
+	Next     string
+	Username string
+	// Secret is shown once: a new token or a new password.
+	Secret      string
+	SecretLabel string
+	Users       []store.User
+	Approval    *approvalView
+}
+
+type approvalView struct {
+	Code     string
+	Name     string
+	Hostname string
+	KeyFP    string
+	RemoteIP string
+	Expires  time.Time
+	Decided  bool
+}
+
+var funcs = template.FuncMap{
+	"ago": func(t time.Time) string {
+		if t.IsZero() {
+			return "never"
+		}
+		d := time.Since(t).Round(time.Second)
+		switch {
+		case d < 5*time.Second:
+			return "just now"
+		case d < time.Minute:
+			return fmt.Sprintf("%ds ago", int(d.Seconds()))
+		case d < time.Hour:
+			return fmt.Sprintf("%dm ago", int(d.Minutes()))
+		case d < 48*time.Hour:
+			return fmt.Sprintf("%dh ago", int(d.Hours()))
+		}
+		return t.Format("2006-01-02")
+	},
+	"when": func(t time.Time) string {
+		if t.IsZero() {
+			return "never"
+		}
+		return t.Local().Format("2006-01-02 15:04:05")
+	},
+	"bytes": humanBytes,
+	"join":  strings.Join,
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// parsePages builds one template per page, each with the shared layout.
+func parsePages() map[string]*template.Template {
+	base := template.Must(template.New("layout.html").Funcs(funcs).ParseFS(templateFS, "templates/layout.html"))
+	pages := map[string]*template.Template{}
+	entries, _ := templateFS.ReadDir("templates")
+	for _, e := range entries {
+		name := strings.TrimSuffix(e.Name(), ".html")
+		if name == "layout" {
+			continue
+		}
+		pages[name] = template.Must(template.Must(base.Clone()).ParseFS(templateFS, "templates/"+e.Name()))
+	}
+	return pages
+}
+
+func (c *Console) render(w http.ResponseWriter, r *http.Request, status int, page string, d *pageData) {
+	if d.Viewer == nil {
+		d.Viewer = viewerFrom(r)
+	}
+	if d.Viewer != nil {
+		d.CSRF = d.Viewer.session.CSRF
+	}
+	var buf bytes.Buffer
+	if err := c.pages[page].ExecuteTemplate(&buf, "layout.html", d); err != nil {
+		c.log.Error("render", "page", page, "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}
+
+func (c *Console) renderMessage(w http.ResponseWriter, r *http.Request, v *viewer, status int, title, msg string) {
+	c.render(w, r, status, "message", &pageData{Title: title, Viewer: v, Error: msg})
+}
+
+func (c *Console) internal(w http.ResponseWriter, r *http.Request, what string, err error) {
+	c.log.Error("console request failed", "path", r.URL.Path, "what", what, "err", err)
+	c.renderMessage(w, r, nil, http.StatusInternalServerError, "Something went wrong", "The coordinator could not answer; its log says why.")
+}
+
+// snapPage renders a page that shows the viewer's snapshot.
+func (c *Console) snapPage(w http.ResponseWriter, r *http.Request, v *viewer, page, nav, title string, events int, d *pageData) {
+	snap, err := c.snapshot(r.Context(), v, events)
+	if err != nil {
+		c.internal(w, r, page, err)
+		return
+	}
+	if d == nil {
+		d = &pageData{}
+	}
+	d.Title, d.Nav, d.Viewer, d.Snap = title, nav, v, snap
+	c.render(w, r, http.StatusOK, page, d)
+}
+
+func (c *Console) serveOverview(w http.ResponseWriter, r *http.Request, v *viewer) {
+	d := &pageData{Notice: noticeFrom(r)}
+	c.snapPage(w, r, v, "overview", "sites", "Sites", 0, d)
+}
+
+func (c *Console) serveGraph(w http.ResponseWriter, r *http.Request, v *viewer) {
+	c.snapPage(w, r, v, "graph", "graph", "Graph", 0, nil)
+}
+
+func (c *Console) serveServices(w http.ResponseWriter, r *http.Request, v *viewer) {
+	c.snapPage(w, r, v, "services", "services", "Services", 0, nil)
+}
+
+func (c *Console) serveTokens(w http.ResponseWriter, r *http.Request, v *viewer) {
+	c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Notice: noticeFrom(r)})
+}
+
+func (c *Console) serveEventLog(w http.ResponseWriter, r *http.Request, v *viewer) {
+	c.snapPage(w, r, v, "events", "events", "Events", 500, nil)
+}
+
+// noticeFrom turns a fixed set of query values into messages; free text
+// from the URL is never shown.
+func noticeFrom(r *http.Request) string {
+	switch r.URL.Query().Get("done") {
+	case "removed":
+		return "The node was removed; its peers drop it within seconds."
+	case "revoked":
+		return "The token was revoked; nodes it already joined stay."
+	}
+	return ""
+}
+
+func (c *Console) serveMintToken(w http.ResponseWriter, r *http.Request, v *viewer) {
+	o := TokenRequest{OwnerID: v.ID, Reusable: r.PostFormValue("reusable") != "", Ephemeral: r.PostFormValue("ephemeral") != ""}
+	fail := func(msg string) {
+		c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Error: msg})
+	}
+	if e := strings.TrimSpace(r.PostFormValue("expires")); e != "" && e != "never" {
+		d, err := time.ParseDuration(e)
+		if err != nil || d <= 0 || d > 10*365*24*time.Hour {
+			fail("Expiry must be a duration such as 1h, 24h or 720h, or empty for never.")
+			return
+		}
+		o.Expires = d
+	}
+	for _, t := range strings.FieldsFunc(r.PostFormValue("tags"), func(r rune) bool { return r == ',' || r == ' ' }) {
+		o.Tags = append(o.Tags, t)
+	}
+	if len(o.Tags) > 32 {
+		fail("A token may carry at most 32 tags.")
+		return
+	}
+	tok, err := c.mesh.CreateToken(r.Context(), o)
+	if err != nil {
+		fail(err.Error())
+		return
+	}
+	id := ""
+	if jt, err := wire.ParseToken(tok); err == nil {
+		id = jt.ID
+	}
+	c.Record(store.Event{Kind: "token_created", Actor: v.Username, Message: "minted token " + id, OwnerID: v.ID})
+	c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Secret: tok,
+		SecretLabel: "Copy this token now; it is shown only once. Join a site with: meshlink agent --token '…'"})
+}
+
+func (c *Console) serveRevokeToken(w http.ResponseWriter, r *http.Request, v *viewer) {
+	id := r.PathValue("id")
+	tok, err := c.store.GetToken(r.Context(), id)
+	if errors.Is(err, store.ErrNotFound) || err == nil && !v.mayManage(tok.OwnerID) {
+		// Someone else's token is as good as none: nothing to learn here.
+		c.renderMessage(w, r, v, http.StatusNotFound, "No such token", "There is no token "+id+" that you may manage.")
+		return
+	} else if err != nil {
+		c.internal(w, r, "revoke", err)
+		return
+	}
+	if err := c.store.RevokeToken(r.Context(), id); err != nil {
+		c.internal(w, r, "revoke", err)
+		return
+	}
+	c.log.Info("token revoked in console", "token_id", id, "by", v.Username)
+	c.Record(store.Event{Kind: "token_revoked", Actor: v.Username, Message: "revoked token " + id, OwnerID: tok.OwnerID})
+	http.Redirect(w, r, "/console/tokens?done=revoked", http.StatusSeeOther)
+}
+
+func (c *Console) serveRemoveNode(w http.ResponseWriter, r *http.Request, v *viewer) {
+	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
+	if err != nil {
+		c.renderMessage(w, r, v, http.StatusNotFound, "No such node", "There is no such node.")
+		return
+	}
+	n, err := c.store.GetNode(r.Context(), wire.NodeID(id))
+	if errors.Is(err, store.ErrNotFound) || err == nil && !v.mayManage(n.OwnerID) {
+		c.renderMessage(w, r, v, http.StatusNotFound, "No such node", "There is no such node that you may manage.")
+		return
+	} else if err != nil {
+		c.internal(w, r, "remove", err)
+		return
+	}
+	if err := c.mesh.RemoveNode(r.Context(), n.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		c.internal(w, r, "remove", err)
+		return
+	}
+	c.log.Info("node removed in console", "node_id", n.ID, "name", n.Name, "by", v.Username)
+	c.Record(store.Event{Kind: "remove", Actor: v.Username, Node: n.Name, Message: "removed node " + n.Name, OwnerID: n.OwnerID})
+	http.Redirect(w, r, "/console?done=removed", http.StatusSeeOther)
+}
+
+func (c *Console) serveUsers(w http.ResponseWriter, r *http.Request, v *viewer) {
+	c.usersPage(w, r, v, http.StatusOK, &pageData{})
+}
+
+func (c *Console) usersPage(w http.ResponseWriter, r *http.Request, v *viewer, status int, d *pageData) {
+	if !v.Admin {
+		c.renderMessage(w, r, v, http.StatusForbidden, "Admins only", "Only an admin manages accounts.")
+		return
+	}
+	users, err := c.store.ListUsers(r.Context())
+	if err != nil {
+		c.internal(w, r, "users", err)
+		return
+	}
+	d.Title, d.Nav, d.Viewer, d.Users = "Users", "users", v, users
+	c.render(w, r, status, "users", d)
+}
+
+func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *viewer) {
+	if !v.Admin {
+		c.renderMessage(w, r, v, http.StatusForbidden, "Admins only", "Only an admin manages accounts.")
+		return
+	}
+	name := wire.NormalizeName(r.PostFormValue("username"))
+	if err := wire.ValidName(name); err != nil {
+		c.usersPage(w, r, v, http.StatusBadRequest, &pageData{Error: "Username: " + err.Error()})
+		return
+	}
+	if _, err := c.store.GetUser(r.Context(), name); err == nil {
+		c.usersPage(w, r, v, http.StatusConflict, &pageData{Error: "There is already a user " + name + "."})
+		return
+	}
+	pw := randomString(15)
+	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+	if err != nil {
+		c.internal(w, r, "create user", err)
+		return
+	}
+	admin := r.PostFormValue("role") == "admin"
+	u, err := c.store.CreateUser(r.Context(), store.User{Username: name, PasswordHash: string(hash), Admin: admin})
+	if err != nil {
+		c.internal(w, r, "create user", err)
+		return
+	}
+	role := "member"
+	if admin {
+		role = "admin"
+	}
+	c.log.Info("user created", "user", name, "role", role, "by", v.Username)
+	c.Record(store.Event{Kind: "user_created", Actor: v.Username, Message: "created " + role + " " + name, OwnerID: u.ID})
+	c.usersPage(w, r, v, http.StatusOK, &pageData{Username: name, Secret: pw,
+		SecretLabel: "Password of " + name + ", shown only this once: hand it over through a safe channel."})
+}
+
+func (c *Console) serveSnapshot(w http.ResponseWriter, r *http.Request, v *viewer) {
+	snap, err := c.snapshot(r.Context(), v, 50)
+	if err != nil {
+		c.log.Error("snapshot", "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(snap)
+}
+
+// serveLive streams the viewer's snapshot as server-sent events: one at
+// once, then one whenever the mesh, the counters or the event log change
+// (coalesced, and only when what this viewer sees changed), with
+// keep-alive comments in between. It ends when the session does.
+func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
+	const (
+		coalesce  = 250 * time.Millisecond
+		keepAlive = 15 * time.Second
+	)
+	ctx := r.Context()
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	write := func(b []byte) bool {
+		rc.SetWriteDeadline(time.Now().Add(15 * time.Second))
+		if _, err := w.Write(b); err != nil {
+			return false
+		}
+		return rc.Flush() == nil
+	}
+	if !write([]byte("retry: 3000\n\n")) {
+		return
+	}
+	ka := time.NewTicker(keepAlive)
+	defer ka.Stop()
+	var last []byte
+	for {
+		meshCh, consoleCh := c.mesh.Changed(), c.changed()
+		// The session may have ended (logout elsewhere, expiry).
+		if cur, err := c.session(r); err != nil || cur == nil {
+			write([]byte("event: logout\ndata: {}\n\n"))
+			return
+		}
+		snap, err := c.snapshot(ctx, v, 50)
+		if err != nil {
+			if ctx.Err() == nil {
+				c.log.Error("live snapshot", "err", err)
+			}
+			return
+		}
+		b, _ := json.Marshal(snap)
+		if !bytes.Equal(b, last) {
+			last = b
+			msg := make([]byte, 0, len(b)+32)
+			msg = append(append(append(msg, "event: snapshot\ndata: "...), b...), "\n\n"...)
+			if !write(msg) {
+				return
+			}
+			ka.Reset(keepAlive)
+		}
+		select {
+		case <-meshCh:
+		case <-consoleCh:
+		case <-ka.C:
+			if !write([]byte(": keep-alive\n\n")) {
+				return
+			}
+			continue
+		case <-ctx.Done():
+			return
+		}
+		// Let a burst of changes settle into one update.
+		t := time.NewTimer(coalesce)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+func (c *Console) serveApprovePage(w http.ResponseWriter, r *http.Request, v *viewer) {
+	p := c.pending.byCodeGet(r.PathValue("code"), c.now())
+	if p == nil {
+		c.renderMessage(w, r, v, http.StatusNotFound, "Unknown or expired request",
+			"This approval link is unknown or has expired (links last 15 minutes). Start the agent again for a new one.")
+		return
+	}
+	c.render(w, r, http.StatusOK, "approve", &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p)})
+}
+
+func approval(p *pending) *approvalView {
+	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: keyFingerprint(p.req.Key), RemoteIP: p.req.RemoteIP, Expires: p.expires}
+	select {
+	case <-p.done:
+		a.Decided = true
+	default:
+	}
+	return a
+}
+
+func (c *Console) serveApprove(w http.ResponseWriter, r *http.Request, v *viewer) {
+	p := c.pending.byCodeGet(r.PathValue("code"), c.now())
+	if p == nil {
+		c.renderMessage(w, r, v, http.StatusNotFound, "Unknown or expired request",
+			"This approval link is unknown or has expired (links last 15 minutes). Start the agent again for a new one.")
+		return
+	}
+	approve := r.PostFormValue("action") == "approve"
+	msg, err := c.decide(r.Context(), p, v, approve)
+	if err != nil {
+		c.internal(w, r, "approve", err)
+		return
+	}
+	d := &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p)}
+	switch {
+	case msg != "":
+		d.Error = msg
+	case approve:
+		d.Notice = "Approved: " + p.req.Name + " joins the mesh as your node within seconds."
+	default:
+		d.Notice = "Denied: the agent was told so."
+	}
+	c.render(w, r, http.StatusOK, "approve", d)
+}

@@ -1,0 +1,278 @@
+package web
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"sort"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// Snapshot is everything one viewer may see, as the pages render it and
+// as the live feed and GET /console/api/snapshot send it.
+type Snapshot struct {
+	User     ViewUser      `json:"user"`
+	Nodes    []ViewNode    `json:"nodes"`
+	Services []ViewService `json:"services"`
+	Tokens   []ViewToken   `json:"tokens"`
+	Events   []ViewEvent   `json:"events"`
+}
+
+type ViewUser struct {
+	ID    int64  `json:"id"`
+	Name  string `json:"name"`
+	Admin bool   `json:"admin"`
+}
+
+type ViewNode struct {
+	ID        wire.NodeID `json:"id"`
+	Name      string      `json:"name"`
+	Hostname  string      `json:"hostname,omitempty"`
+	KeyFP     string      `json:"key_fp"`
+	Online    bool        `json:"online"`
+	Addresses []string    `json:"addresses"`
+	Endpoints []string    `json:"endpoints"`
+	LastSeen  time.Time   `json:"last_seen"`
+	Owner     string      `json:"owner"`
+	OwnerID   int64       `json:"owner_id"`
+	Tags      []string    `json:"tags"`
+	Ephemeral bool        `json:"ephemeral"`
+	// Paths are the links to peers as this node last reported them.
+	Paths   []ViewPath `json:"paths"`
+	StatsAt time.Time  `json:"stats_at,omitempty"`
+}
+
+type ViewPath struct {
+	Peer         wire.NodeID `json:"peer"`
+	PeerName     string      `json:"peer_name"`
+	Path         string      `json:"path"`
+	Endpoint     string      `json:"endpoint,omitempty"`
+	RTTMicros    int64       `json:"rtt_us,omitempty"`
+	DirectBytes  uint64      `json:"direct_bytes"`
+	RelayedBytes uint64      `json:"relayed_bytes"`
+}
+
+type ViewService struct {
+	Name      string    `json:"name"`
+	VIP       string    `json:"vip"`
+	Port      uint16    `json:"port"`
+	Providers []ViewEnd `json:"providers"`
+	Consumers []ViewEnd `json:"consumers"`
+	// HiddenProviders counts providers the viewer may not see.
+	HiddenProviders int   `json:"hidden_providers"`
+	Open            int64 `json:"open"`
+	Total           int64 `json:"total"`
+	Failed          int64 `json:"failed"`
+	Bytes           int64 `json:"bytes"`
+}
+
+// ViewEnd is one node's side of a service.
+type ViewEnd struct {
+	Node          wire.NodeID `json:"node"`
+	Name          string      `json:"name"`
+	Port          uint16      `json:"port,omitempty"`
+	Online        bool        `json:"online"`
+	Open          int64       `json:"open"`
+	Total         int64       `json:"total"`
+	Failed        int64       `json:"failed"`
+	BytesSent     int64       `json:"bytes_sent"`
+	BytesReceived int64       `json:"bytes_received"`
+}
+
+type ViewToken struct {
+	ID        string    `json:"id"`
+	Owner     string    `json:"owner"`
+	Reusable  bool      `json:"reusable"`
+	Ephemeral bool      `json:"ephemeral"`
+	Tags      []string  `json:"tags"`
+	Expires   time.Time `json:"expires,omitempty"`
+	Expired   bool      `json:"expired"`
+	Uses      int       `json:"uses"`
+	Revoked   bool      `json:"revoked"`
+	Created   time.Time `json:"created"`
+}
+
+type ViewEvent struct {
+	At      time.Time `json:"at"`
+	Kind    string    `json:"kind"`
+	Actor   string    `json:"actor"`
+	Node    string    `json:"node,omitempty"`
+	Message string    `json:"message"`
+}
+
+// keyFingerprint is a short, printable identifier of a public key; the key
+// itself is public, but people compare short strings better.
+func keyFingerprint(k wire.Key) string {
+	b, err := base64.StdEncoding.DecodeString(string(k))
+	if err != nil || len(b) == 0 {
+		return ""
+	}
+	h := sha256.Sum256(b)
+	return "SHA256:" + hex.EncodeToString(h[:8])
+}
+
+// mayManage is the single rule of ownership.
+func (v *viewer) mayManage(ownerID int64) bool { return v.Admin || ownerID == v.ID && ownerID != 0 }
+
+// snapshot builds what v may see. events bounds the events included.
+func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapshot, error) {
+	nodes, services, err := c.mesh.State(ctx)
+	if err != nil {
+		return nil, err
+	}
+	stored, err := c.store.ListNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	users, err := c.store.ListUsers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	userName := map[int64]string{}
+	for _, u := range users {
+		userName[u.ID] = u.Username
+	}
+	owner := map[wire.NodeID]int64{}
+	for _, n := range stored {
+		owner[n.ID] = n.OwnerID
+	}
+	names := map[wire.NodeID]string{}
+	online := map[wire.NodeID]bool{}
+	for _, n := range nodes {
+		names[n.ID], online[n.ID] = n.Name, n.Online
+	}
+	stats := c.stats.get(func(id wire.NodeID) bool { _, ok := names[id]; return ok })
+	visible := func(id wire.NodeID) bool { o, ok := owner[id]; return ok && v.mayManage(o) }
+
+	snap := &Snapshot{User: ViewUser{ID: v.ID, Name: v.Username, Admin: v.Admin},
+		Nodes: []ViewNode{}, Services: []ViewService{}, Tokens: []ViewToken{}, Events: []ViewEvent{}}
+	for _, n := range nodes {
+		if !visible(n.ID) {
+			continue
+		}
+		vn := ViewNode{ID: n.ID, Name: n.Name, Hostname: n.Hostname, KeyFP: keyFingerprint(n.Key), Online: n.Online,
+			Addresses: []string{}, Endpoints: []string{}, LastSeen: n.LastSeen, OwnerID: owner[n.ID], Owner: userName[owner[n.ID]],
+			Tags: append([]string{}, n.Tags...), Ephemeral: n.Ephemeral, Paths: []ViewPath{}}
+		for _, a := range n.Addresses {
+			vn.Addresses = append(vn.Addresses, a.Addr().String())
+		}
+		for _, e := range n.Endpoints {
+			vn.Endpoints = append(vn.Endpoints, e.String())
+		}
+		if st, ok := stats[n.ID]; ok {
+			vn.StatsAt = st.at
+			for _, p := range st.report.Peers {
+				name, ok := names[p.Node]
+				if !ok {
+					continue
+				}
+				vn.Paths = append(vn.Paths, ViewPath{Peer: p.Node, PeerName: name, Path: p.Path, Endpoint: p.Endpoint,
+					RTTMicros: p.RTTMicros, DirectBytes: p.DirectBytes, RelayedBytes: p.RelayedBytes})
+			}
+			sort.Slice(vn.Paths, func(i, j int) bool { return vn.Paths[i].PeerName < vn.Paths[j].PeerName })
+		}
+		snap.Nodes = append(snap.Nodes, vn)
+	}
+
+	// Counters by service and role, from the nodes the viewer may see.
+	type key struct {
+		service string
+		node    wire.NodeID
+	}
+	provStats, consStats := map[key]wire.ServiceStats{}, map[key]wire.ServiceStats{}
+	consumersOf := map[string][]wire.NodeID{}
+	for id, st := range stats {
+		if !visible(id) {
+			continue
+		}
+		for _, s := range st.report.Services {
+			k := key{s.Name, id}
+			switch s.Role {
+			case "provider":
+				provStats[k] = s
+			case "consumer":
+				if _, dup := consStats[k]; !dup {
+					consumersOf[s.Name] = append(consumersOf[s.Name], id)
+				}
+				consStats[k] = s
+			}
+		}
+	}
+	end := func(id wire.NodeID, s wire.ServiceStats) ViewEnd {
+		return ViewEnd{Node: id, Name: names[id], Online: online[id], Open: s.Open, Total: s.Total, Failed: s.Failed + s.Denied,
+			BytesSent: s.BytesSent, BytesReceived: s.BytesReceived}
+	}
+	for _, sv := range services {
+		vs := ViewService{Name: sv.Name, VIP: sv.VIP.String(), Port: sv.Port, Providers: []ViewEnd{}, Consumers: []ViewEnd{}}
+		var pOpen, pTotal, pBytes, cOpen, cTotal, cBytes int64
+		for _, p := range sv.Providers {
+			if !visible(p.Node) {
+				vs.HiddenProviders++
+				continue
+			}
+			s := provStats[key{sv.Name, p.Node}]
+			e := end(p.Node, s)
+			e.Port = p.Port
+			vs.Providers = append(vs.Providers, e)
+			pOpen, pTotal, pBytes = pOpen+s.Open, pTotal+s.Total, pBytes+s.BytesSent+s.BytesReceived
+			vs.Failed += s.Failed + s.Denied
+		}
+		ids := consumersOf[sv.Name]
+		sort.Slice(ids, func(i, j int) bool { return names[ids[i]] < names[ids[j]] })
+		for _, id := range ids {
+			s := consStats[key{sv.Name, id}]
+			vs.Consumers = append(vs.Consumers, end(id, s))
+			cOpen, cTotal, cBytes = cOpen+s.Open, cTotal+s.Total, cBytes+s.BytesSent+s.BytesReceived
+			vs.Failed += s.Failed + s.Denied
+		}
+		// Every connection is seen at both ends when both report; a
+		// viewer who sees one end only still gets its numbers.
+		vs.Open, vs.Total, vs.Bytes = max(pOpen, cOpen), max(pTotal, cTotal), max(pBytes, cBytes)
+		snap.Services = append(snap.Services, vs)
+	}
+
+	toks, err := c.store.ListTokens(ctx)
+	if err != nil {
+		return nil, err
+	}
+	now := c.now()
+	for i := len(toks) - 1; i >= 0; i-- { // newest first
+		t := toks[i]
+		if !v.mayManage(t.OwnerID) {
+			continue
+		}
+		snap.Tokens = append(snap.Tokens, ViewToken{ID: t.ID, Owner: userName[t.OwnerID], Reusable: t.Reusable, Ephemeral: t.Ephemeral,
+			Tags: append([]string{}, t.Tags...), Expires: t.Expires, Expired: !t.Expires.IsZero() && !now.Before(t.Expires),
+			Uses: t.Uses, Revoked: t.Revoked, Created: t.Created})
+	}
+	if events > 0 {
+		evs, err := c.events(ctx, v, events)
+		if err != nil {
+			return nil, err
+		}
+		snap.Events = evs
+	}
+	return snap, nil
+}
+
+func (c *Console) events(ctx context.Context, v *viewer, limit int) ([]ViewEvent, error) {
+	filter := v.ID
+	if v.Admin {
+		filter = 0
+	}
+	evs, err := c.store.ListEvents(ctx, filter, limit)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ViewEvent, 0, len(evs))
+	for _, e := range evs {
+		out = append(out, ViewEvent{At: e.At, Kind: e.Kind, Actor: e.Actor, Node: e.Node, Message: e.Message})
+	}
+	return out, nil
+}
+
+var _ = store.MaxEvents

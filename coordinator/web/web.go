@@ -1,0 +1,195 @@
+// Package web is the coordinator's browser side: the login page, the
+// console (sites, services, the live graph, tokens, events, users), the
+// approval of agents that joined without a token, and the live feed of
+// agents' counters. Pages are server-rendered html/template; the CSS and the
+// small vanilla script are embedded; nothing needs a Node build step.
+//
+// Authorisation, in one place (see view.go): admins see and manage
+// everything. Members see and manage only their own nodes and tokens and
+// their own events; they see every service's name, VIP and port (any node
+// may consume any service), but providers, consumers and counters only of
+// their own nodes, with a count of the providers they may not see.
+package web
+
+import (
+	"context"
+	"embed"
+	"html/template"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+//go:embed templates/*.html
+var templateFS embed.FS
+
+//go:embed static
+var staticFS embed.FS
+
+// TokenRequest asks the mesh for a join token owned by OwnerID.
+type TokenRequest struct {
+	OwnerID   int64
+	Reusable  bool
+	Ephemeral bool
+	Expires   time.Duration // 0: never
+	Tags      []string
+}
+
+// Mesh is what the console needs from the coordinator.
+type Mesh interface {
+	// State returns every node (with its online state) and every service
+	// with at least one provider. The slices are shared: read only.
+	State(ctx context.Context) ([]wire.Node, []wire.Service, error)
+	// Changed returns a channel closed at the next change of the mesh.
+	Changed() <-chan struct{}
+	// RemoveNode removes a node; its peers lose it.
+	RemoveNode(ctx context.Context, id wire.NodeID) error
+	// CreateToken mints a join token and returns its string.
+	CreateToken(ctx context.Context, o TokenRequest) (string, error)
+	// NodeRegistered is told about a node the console registered (an
+	// approval); it wakes map streams and returns the node as agents see it.
+	NodeRegistered(n store.Node) wire.Node
+}
+
+// Config configures a Console.
+type Config struct {
+	Store store.Store
+	Mesh  Mesh
+	// URL returns the coordinator's public base URL.
+	URL    func() string
+	Domain string
+	// Logger receives structured logs; nil discards.
+	Logger *slog.Logger
+	// PollWait is how long a registration poll is held; default 30s.
+	PollWait time.Duration
+	// Now is the clock; nil is time.Now.
+	Now func() time.Time
+}
+
+// Console serves the web pages and holds the console's in-memory state:
+// pending interactive registrations, the agents' latest counters and the
+// login limiter. It starts no goroutines of its own.
+type Console struct {
+	cfg   Config
+	log   *slog.Logger
+	store store.Store
+	mesh  Mesh
+	now   func() time.Time
+	pages map[string]*template.Template
+	mux   *http.ServeMux
+
+	limiter *limiter
+	pending *pendingSet
+	stats   *statsSet
+
+	mu   sync.Mutex    // guards wake
+	wake chan struct{} // closed and replaced when stats or events change
+}
+
+// New builds a Console.
+func New(cfg Config) *Console {
+	if cfg.PollWait <= 0 {
+		cfg.PollWait = 30 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	c := &Console{
+		cfg:     cfg,
+		log:     log.With("subsystem", "web"),
+		store:   cfg.Store,
+		mesh:    cfg.Mesh,
+		now:     cfg.Now,
+		pages:   parsePages(),
+		limiter: newLimiter(loginFailures, time.Minute, 10000),
+		pending: newPendingSet(),
+		stats:   newStatsSet(),
+		wake:    make(chan struct{}),
+	}
+	c.mux = c.routes()
+	return c
+}
+
+func (c *Console) routes() *http.ServeMux {
+	mux := http.NewServeMux()
+	static, _ := fs.Sub(staticFS, "static")
+	files := http.FileServerFS(static)
+	mux.Handle("GET /static/", http.StripPrefix("/static/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-cache")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		files.ServeHTTP(w, r)
+	})))
+	mux.HandleFunc("GET /{$}", c.serveLoginPage)
+	mux.HandleFunc("POST /login", c.serveLogin)
+	mux.HandleFunc("POST /logout", c.serveLogout)
+	mux.Handle("GET /console", c.page(c.serveOverview))
+	mux.Handle("GET /console/graph", c.page(c.serveGraph))
+	mux.Handle("GET /console/services", c.page(c.serveServices))
+	mux.Handle("GET /console/tokens", c.page(c.serveTokens))
+	mux.Handle("POST /console/tokens", c.action(c.serveMintToken))
+	mux.Handle("POST /console/tokens/{id}/revoke", c.action(c.serveRevokeToken))
+	mux.Handle("POST /console/nodes/{id}/remove", c.action(c.serveRemoveNode))
+	mux.Handle("GET /console/log", c.page(c.serveEventLog))
+	mux.Handle("GET /console/users", c.page(c.serveUsers))
+	mux.Handle("POST /console/users", c.action(c.serveCreateUser))
+	mux.Handle("GET /console/events", c.page(c.serveLive))
+	mux.Handle("GET /console/api/snapshot", c.page(c.serveSnapshot))
+	mux.Handle("GET /approve/{code}", c.page(c.serveApprovePage))
+	mux.Handle("POST /approve/{code}", c.action(c.serveApprove))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		c.renderMessage(w, r, nil, http.StatusNotFound, "Not found", "There is no page at this address.")
+	})
+	return mux
+}
+
+// ServeHTTP serves every console path. Every answer carries the security
+// headers: the pages need nothing from elsewhere, run no inline script and
+// may not be framed.
+func (c *Console) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("Referrer-Policy", "no-referrer")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cross-Origin-Opener-Policy", "same-origin")
+	c.mux.ServeHTTP(w, r)
+}
+
+// bump wakes the live feeds: counters or events changed (the mesh itself
+// has its own signal, Mesh.Changed).
+func (c *Console) bump() {
+	c.mu.Lock()
+	close(c.wake)
+	c.wake = make(chan struct{})
+	c.mu.Unlock()
+}
+
+func (c *Console) changed() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.wake
+}
+
+// Record appends an event to the log. It never fails the caller: the log
+// is for people, and an error is logged instead.
+func (c *Console) Record(e store.Event) {
+	if e.At.IsZero() {
+		e.At = c.now()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.store.AddEvent(ctx, e); err != nil {
+		c.log.Warn("record event", "kind", e.Kind, "err", err)
+		return
+	}
+	c.bump()
+}

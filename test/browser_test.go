@@ -1,0 +1,191 @@
+package test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/test/harness"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// syncBuffer is an io.Writer safe to read while an agent writes to it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func chromium(t *testing.T) string {
+	for _, p := range []string{"/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"} {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	if os.Getenv("MESHLINK_REQUIRE_BROWSER") == "1" {
+		t.Fatal("no Chromium found (MESHLINK_REQUIRE_BROWSER=1); .ci/run installs Debian's chromium")
+	}
+	t.Skip("no Chromium found; install Debian's chromium to run the browser test")
+	return ""
+}
+
+// TestConsoleInBrowser drives the console in headless Chromium as a person
+// would: log in, approve an agent that is waiting for web login, mint a
+// token, and watch a newly exposed service appear on the live graph.
+// Screenshots land in test/artifacts/.
+func TestConsoleInBrowser(t *testing.T) {
+	exe := chromium(t)
+	m := harness.NewMesh(t)
+	if m.AdminPassword == "" {
+		t.Fatal("the coordinator printed no admin password at first start")
+	}
+	artifacts, _ := filepath.Abs(filepath.Join("artifacts", t.Name()))
+	os.MkdirAll(artifacts, 0o755)
+	shot := func(ctx context.Context, name string) {
+		png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
+		if err != nil {
+			t.Logf("screenshot %s: %v", name, err)
+			return
+		}
+		os.WriteFile(filepath.Join(artifacts, name+".png"), png, 0o644)
+	}
+
+	// An agent joining by web login: it prints an approval URL and waits.
+	out := &syncBuffer{}
+	cfg := m.AgentConfig("laptop", harness.AgentOptions{Token: "-"})
+	cfg.Coordinator, cfg.Fingerprint, cfg.Out = m.Coord.URL(), m.Coord.Fingerprint(), out
+	cfg.StatsEvery = 200 * time.Millisecond
+	a, err := agent.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	started := make(chan error, 1)
+	go func() { started <- a.Start(context.Background()) }()
+	var approveURL string
+	harness.WaitFor(t, 10*time.Second, "the agent to print its approval URL", func() error {
+		approveURL = regexp.MustCompile(`https://\S+/approve/\S+`).FindString(out.String())
+		if approveURL == "" {
+			return errors.New("not yet: " + out.String())
+		}
+		return nil
+	})
+
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(exe),
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.Flag("ignore-certificate-errors", true), // the coordinator's self-signed certificate
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-quic", true),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1280, 900),
+	)
+	actx, cancel := chromedp.NewExecAllocator(context.Background(), opts...)
+	defer cancel()
+	ctx, cancel := chromedp.NewContext(actx, chromedp.WithLogf(t.Logf))
+	defer cancel()
+	ctx, cancel = context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+
+	base := m.Coord.URL()
+	// Log in.
+	if err := chromedp.Do(ctx,
+		chromedp.Navigate(base+"/"),
+		chromedp.WaitVisible(`input[name=username]`),
+		chromedp.SendKeys(`input[name=username]`, "admin"),
+		chromedp.SendKeys(`input[name=password]`, m.AdminPassword),
+	); err != nil {
+		t.Fatal(err)
+	}
+	shot(ctx, "1-login")
+	if err := chromedp.Do(ctx,
+		chromedp.Submit(`input[name=password]`),
+		chromedp.WaitReady(`form[action="/logout"]`),
+	); err != nil {
+		shot(ctx, "2-login-failed")
+		t.Fatalf("login: %v", err)
+	}
+	shot(ctx, "2-console")
+
+	// Approve the waiting agent.
+	if err := chromedp.Do(ctx,
+		chromedp.Navigate(approveURL),
+		chromedp.WaitVisible(`form[action^="/approve/"] button.primary`),
+	); err != nil {
+		t.Fatalf("approve page: %v", err)
+	}
+	shot(ctx, "3-approve")
+	if err := chromedp.Do(ctx, chromedp.Click(`form[action^="/approve/"] button.primary`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-started:
+		if err != nil {
+			t.Fatalf("agent after approval: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent did not join after approval")
+	}
+
+	// Mint a token; the page shows it once.
+	if err := chromedp.Do(ctx,
+		chromedp.Navigate(base+"/console/tokens"),
+		chromedp.WaitVisible(`form[action="/console/tokens"] button`),
+		chromedp.Click(`form[action="/console/tokens"] button`),
+		chromedp.WaitVisible(`#secret`),
+	); err != nil {
+		t.Fatalf("mint token: %v", err)
+	}
+	secret, err := chromedp.Run(ctx, chromedp.Value(`#secret`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	shot(ctx, "4-token")
+	if _, err := wire.ParseToken(secret); err != nil {
+		t.Fatalf("minted token %q: %v", secret, err)
+	}
+
+	// Open the graph, then expose a service: it must appear live.
+	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/console/graph"), chromedp.WaitReady(`body`)); err != nil {
+		t.Fatal(err)
+	}
+	web := startBackend(t, "web")
+	if _, _, err := a.Expose(context.Background(), agent.Export{Name: "shop", Target: web.addr()}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 20*time.Second, "the service on the live graph", func() error {
+		text, err := chromedp.Run(ctx, chromedp.Text(`body`))
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(text, "shop") {
+			return errors.New("not on the page yet")
+		}
+		return nil
+	})
+	shot(ctx, "5-graph")
+	t.Logf("screenshots in %s", artifacts)
+}
