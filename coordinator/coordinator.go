@@ -29,6 +29,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/meshlink/meshlink/coordinator/oidclogin"
 	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/stun"
@@ -70,6 +71,18 @@ type Config struct {
 	// RegisterPollWait is how long PathRegisterPoll holds an agent waiting
 	// for its approval; default 30s.
 	RegisterPollWait time.Duration
+
+	// OIDCIssuer enables console sign-in with this OpenID provider
+	// (--oidc-issuer); the provider is discovered at Start, which fails if
+	// it cannot be. OIDCClientID and OIDCClientSecret are the coordinator's
+	// client registration there.
+	OIDCIssuer, OIDCClientID, OIDCClientSecret string
+	// OIDCRedirectURL is the callback registered with the provider; default
+	// <URL>/login/oidc/callback.
+	OIDCRedirectURL string
+	// OIDCHTTPClient makes the calls to the provider; nil is
+	// http.DefaultClient.
+	OIDCHTTPClient *http.Client
 }
 
 // TokenOptions describes a join token to create.
@@ -85,6 +98,7 @@ type TokenOptions struct {
 
 const (
 	dbFile       = "meshlink.db"
+	oidcKeyFile  = "oidc-cookie.key"
 	adminSocket  = "admin.sock"
 	maxBodyBytes = 1 << 20
 )
@@ -352,6 +366,14 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		u = "https://" + netip.AddrPortFrom(host, addr.Port()).String()
 	}
 
+	if s.cfg.OIDCIssuer != "" {
+		p, err := s.newOIDC(ctx, u)
+		if err != nil {
+			return err
+		}
+		s.console.SetOIDC(p)
+	}
+
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	httpSrv := &http.Server{
 		Handler:           s.apiHandler(),
@@ -444,6 +466,66 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	fmt.Fprintf(s.out, "meshlink coordinator listening on %s (fingerprint %s)\n", u, s.fingerprint)
 	s.log.Info("listening", "url", u, "addr", addr.String(), "fingerprint", s.fingerprint, "admin_socket", sockPath)
 	return nil
+}
+
+// newOIDC discovers the configured OpenID provider; base is the
+// coordinator's URL. Its errors come from oidclogin.New and name the flag to
+// fix.
+func (s *Server) newOIDC(ctx context.Context, base string) (*oidclogin.Provider, error) {
+	key, err := loadOrCreateKey(filepath.Join(s.cfg.DataDir, oidcKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	redirect := s.cfg.OIDCRedirectURL
+	if redirect == "" {
+		redirect = base + "/login/oidc/callback"
+	}
+	p, err := oidclogin.New(ctx, oidclogin.Config{
+		Issuer:       s.cfg.OIDCIssuer,
+		ClientID:     s.cfg.OIDCClientID,
+		ClientSecret: s.cfg.OIDCClientSecret,
+		RedirectURL:  redirect,
+		HTTPClient:   s.cfg.OIDCHTTPClient,
+		CookieKey:    key,
+		Logger:       s.cfg.Logger,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	s.log.Info("console sign-in with OIDC enabled", "issuer", s.cfg.OIDCIssuer, "redirect_url", redirect)
+	return p, nil
+}
+
+// loadOrCreateKey reads the 32-byte key sealing OIDC login cookies, or
+// creates it (0600). Keeping it across restarts keeps sign-ins that were in
+// flight working.
+func loadOrCreateKey(path string) ([]byte, error) {
+	key, err := os.ReadFile(path)
+	if err == nil && len(key) == 32 {
+		return key, nil
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	// Missing or damaged: a new key only fails logins in flight.
+	key = make([]byte, 32)
+	rand.Read(key)
+	f, err := os.CreateTemp(filepath.Dir(path), ".oidc-key-")
+	if err != nil {
+		return nil, fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(f.Name())
+	_, err = f.Write(key)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path) // CreateTemp made it 0600
+	}
+	if err != nil {
+		return nil, fmt.Errorf("write %s: %w", path, err)
+	}
+	return key, nil
 }
 
 // Close stops serving, ends every map stream, waits for the server's

@@ -91,9 +91,18 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate to serve instead of the self-signed one", EnvVars: env("TLS_CERT")},
 			&cli.StringFlag{Name: "tls-key", Usage: "PEM private key of --tls-cert", EnvVars: env("TLS_KEY")},
 			&cli.StringFlag{Name: "metrics-listen", Value: "127.0.0.1:9090", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), or off", EnvVars: env("METRICS_LISTEN")},
+			&cli.StringFlag{Name: "oidc-issuer", Usage: "OpenID Connect issuer URL; enables console sign-in with that provider", EnvVars: env("OIDC_ISSUER")},
+			&cli.StringFlag{Name: "oidc-client-id", Usage: "client ID registered with --oidc-issuer", EnvVars: env("OIDC_CLIENT_ID")},
+			&cli.StringFlag{Name: "oidc-client-secret", Usage: "client secret registered with --oidc-issuer (prefer --oidc-client-secret-file)", EnvVars: env("OIDC_CLIENT_SECRET")},
+			&cli.StringFlag{Name: "oidc-client-secret-file", Usage: "file holding the client secret", EnvVars: env("OIDC_CLIENT_SECRET_FILE")},
+			&cli.StringFlag{Name: "oidc-redirect-url", Usage: "callback URL registered with the provider (default URL/login/oidc/callback)", EnvVars: env("OIDC_REDIRECT_URL")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
+			if err != nil {
+				return err
+			}
+			secret, err := oidcSecret(c)
 			if err != nil {
 				return err
 			}
@@ -101,6 +110,8 @@ func coordinatorCmd() *cli.Command {
 				Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
 				Domain: c.String("domain"), Logger: log, Out: os.Stdout,
 				TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
+				OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),
+				OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
 			})
 			if err != nil {
 				return err
@@ -116,6 +127,27 @@ func coordinatorCmd() *cli.Command {
 			return s.Close()
 		},
 	}
+}
+
+// oidcSecret is --oidc-client-secret or the contents of
+// --oidc-client-secret-file (trailing whitespace trimmed), not both.
+func oidcSecret(c *cli.Context) (string, error) {
+	secret, file := c.String("oidc-client-secret"), c.String("oidc-client-secret-file")
+	if file == "" {
+		return secret, nil
+	}
+	if secret != "" {
+		return "", errors.New("--oidc-client-secret and --oidc-client-secret-file are both set; keep one")
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("--oidc-client-secret-file: %w", err)
+	}
+	secret = strings.TrimRight(string(b), " \t\r\n")
+	if secret == "" {
+		return "", fmt.Errorf("--oidc-client-secret-file %s is empty", file)
+	}
+	return secret, nil
 }
 
 func tokenCmd() *cli.Command {

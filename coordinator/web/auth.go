@@ -240,19 +240,28 @@ func (c *Console) serveLogin(w http.ResponseWriter, r *http.Request) {
 // checked: the password form, or an external login such as OIDC) and
 // redirects to next, a path on this site.
 func (c *Console) SignIn(w http.ResponseWriter, r *http.Request, u store.User, next string) {
+	if err := c.startSession(w, r, u, "signed in"); err != nil {
+		c.internal(w, r, "login", err)
+		return
+	}
+	http.Redirect(w, r, safeNext(next), http.StatusSeeOther)
+}
+
+// startSession creates a session for u, sets its cookie on w and records
+// the login; how says how u signed in ("signed in with example.com").
+func (c *Console) startSession(w http.ResponseWriter, r *http.Request, u store.User, how string) error {
 	now := c.now()
 	id := randomString(32)
 	se := store.Session{IDHash: store.HashSecret(id), UserID: u.ID, CSRF: randomString(24), Created: now, Expires: now.Add(sessionIdle)}
 	if err := c.store.CreateSession(r.Context(), se); err != nil {
-		c.internal(w, r, "login", err)
-		return
+		return err
 	}
 	// Housekeeping at a rate bounded by successful logins.
 	c.store.DeleteExpiredSessions(r.Context(), now)
 	http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: id, Path: "/", HttpOnly: true, Secure: true, SameSite: http.SameSiteStrictMode})
-	c.log.Info("login", "user", u.Username, "remote", clientIP(r))
-	c.Record(store.Event{Kind: "login", Actor: u.Username, Message: "signed in from " + clientIP(r), OwnerID: u.ID})
-	http.Redirect(w, r, safeNext(next), http.StatusSeeOther)
+	c.log.Info("login", "user", u.Username, "remote", clientIP(r), "how", how)
+	c.Record(store.Event{Kind: "login", Actor: u.Username, Message: how + " from " + clientIP(r), OwnerID: u.ID})
+	return nil
 }
 
 func (c *Console) serveLogout(w http.ResponseWriter, r *http.Request) {

@@ -33,6 +33,13 @@ type pageData struct {
 	SecretLabel string
 	Users       []store.User
 	Approval    *approvalView
+	// OIDCName is the identity provider of the login page's "Sign in
+	// with …" button; "" hides it.
+	OIDCName string
+	// Retry is where a failed sign-in's "Try again" link goes.
+	Retry string
+	// Refresh sends the browser on to /console (after an OIDC sign-in).
+	Refresh bool
 }
 
 type approvalView struct {
@@ -107,6 +114,9 @@ func (c *Console) render(w http.ResponseWriter, r *http.Request, status int, pag
 	}
 	if d.Viewer != nil {
 		d.CSRF = d.Viewer.session.CSRF
+	}
+	if page == "login" {
+		d.OIDCName = c.oidcName()
 	}
 	var buf bytes.Buffer
 	if err := c.pages[page].ExecuteTemplate(&buf, "layout.html", d); err != nil {

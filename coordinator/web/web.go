@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
@@ -86,6 +87,7 @@ type Console struct {
 	limiter *limiter
 	pending *pendingSet
 	stats   *statsSet
+	oidcP   atomic.Pointer[oidcHolder] // nil: no OIDC sign-in
 
 	mu   sync.Mutex    // guards wake
 	wake chan struct{} // closed and replaced when stats or events change
@@ -131,6 +133,8 @@ func (c *Console) routes() *http.ServeMux {
 	mux.HandleFunc("GET /{$}", c.serveLoginPage)
 	mux.HandleFunc("POST /login", c.serveLogin)
 	mux.HandleFunc("POST /logout", c.serveLogout)
+	mux.HandleFunc("GET /login/oidc", c.serveOIDCBegin)
+	mux.HandleFunc("GET /login/oidc/callback", c.serveOIDCCallback)
 	mux.Handle("GET /console", c.page(c.serveOverview))
 	mux.Handle("GET /console/graph", c.page(c.serveGraph))
 	mux.Handle("GET /console/services", c.page(c.serveServices))
