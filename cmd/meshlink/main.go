@@ -29,7 +29,15 @@ var version = "dev"
 func env(name string) []string { return []string{"MESHLINK_" + name} }
 
 func main() {
-	app := &cli.App{
+	if err := newApp().Run(os.Args); err != nil {
+		fmt.Fprintf(os.Stderr, "meshlink: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// newApp builds the command line; a test walks it.
+func newApp() *cli.App {
+	return &cli.App{
 		Name:    "meshlink",
 		Usage:   "connect services across sites over an encrypted WireGuard overlay",
 		Version: version,
@@ -44,10 +52,6 @@ func main() {
 			pingCmd(),
 		},
 		ExitErrHandler: func(c *cli.Context, err error) {},
-	}
-	if err := app.Run(os.Args); err != nil {
-		fmt.Fprintf(os.Stderr, "meshlink: %v\n", err)
-		os.Exit(1)
 	}
 }
 
