@@ -1,0 +1,188 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// kernelDialer stands in for the netstack: mesh addresses map to real
+// loopback listeners, or refuse.
+type kernelDialer map[netip.AddrPort]string
+
+func (d kernelDialer) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	real, ok := d[dst]
+	if !ok {
+		return nil, errors.New("connection refused")
+	}
+	var nd net.Dialer
+	return nd.DialContext(ctx, "tcp", real)
+}
+
+// greeter answers each connection with its name, then echoes.
+func greeter(t *testing.T, name string) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				fmt.Fprintf(c, "%s\n", name)
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func greet(t *testing.T, addr string) (net.Conn, string) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		c.Close()
+		t.Fatalf("greeting: %v", err)
+	}
+	return c, strings.TrimSpace(line)
+}
+
+func newConsumer(t *testing.T, d Dialer, targets []Target) string {
+	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Second})
+	t.Cleanup(func() { c.Close(); c.Wait() })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: targets}})
+	st := c.Status()
+	if len(st) != 1 || !st[0].Listening {
+		t.Fatalf("status %+v", st)
+	}
+	return listen.String()
+}
+
+func TestLeastOpenConnections(t *testing.T) {
+	a, b := netip.MustParseAddrPort("100.96.0.1:80"), netip.MustParseAddrPort("100.96.0.2:80")
+	d := kernelDialer{a: greeter(t, "a"), b: greeter(t, "b")}
+	addr := newConsumer(t, d, []Target{{Key: "1", Name: "a", Addr: a, Online: true}, {Key: "2", Name: "b", Addr: b, Online: true}})
+	seen := map[string]int{}
+	for i := 0; i < 6; i++ {
+		c, who := greet(t, addr)
+		defer c.Close()
+		seen[who]++
+	}
+	if seen["a"] != 3 || seen["b"] != 3 {
+		t.Fatalf("held connections per provider %v, want 3 and 3", seen)
+	}
+}
+
+func TestFailoverSkipsDeadProvider(t *testing.T) {
+	dead, live := netip.MustParseAddrPort("100.96.0.9:80"), netip.MustParseAddrPort("100.96.0.2:80")
+	d := kernelDialer{live: greeter(t, "live")}
+	cons := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Second})
+	defer func() { cons.Close(); cons.Wait() }()
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	cons.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{
+		{Key: "9", Name: "dead", Addr: dead, Online: true}, {Key: "2", Name: "live", Addr: live, Online: true}}}})
+	for i := 0; i < 5; i++ {
+		c, who := greet(t, listen.String())
+		c.Close()
+		if who != "live" {
+			t.Fatalf("connection %d answered by %q", i, who)
+		}
+	}
+	for _, p := range cons.Status()[0].Providers {
+		if p.Name == "dead" && (p.Healthy || p.LastError == "") {
+			t.Fatalf("dead provider not marked failing: %+v", p)
+		}
+	}
+}
+
+func TestNoProviderClosesAtOnce(t *testing.T) {
+	addr := newConsumer(t, kernelDialer{}, []Target{{Key: "1", Name: "x", Addr: netip.MustParseAddrPort("100.96.0.1:1"), Online: true}})
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	if n != 0 || err == nil || (errors.As(err, &ne) && ne.Timeout()) {
+		t.Fatalf("read %d, %v: want the connection closed at once", n, err)
+	}
+}
+
+// TestSpliceHalfClose: a client that shuts its write side still gets the
+// whole answer, as HTTP/1.0 and many database clients expect.
+func TestSpliceHalfClose(t *testing.T) {
+	up, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	go func() {
+		c, err := up.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		b, _ := io.ReadAll(c) // until the client's half-close arrives
+		fmt.Fprintf(c, "got %d bytes", len(b))
+	}()
+	front, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer front.Close()
+	var ctr Counters
+	go func() {
+		a, err := front.Accept()
+		if err != nil {
+			return
+		}
+		b, err := net.Dial("tcp", up.Addr().String())
+		if err != nil {
+			a.Close()
+			return
+		}
+		Splice(a, b, &ctr)
+	}()
+	c, err := net.Dial("tcp", front.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	c.Write(make([]byte, 100000))
+	c.(*net.TCPConn).CloseWrite()
+	reply, err := io.ReadAll(c)
+	if err != nil || string(reply) != "got 100000 bytes" {
+		t.Fatalf("reply %q, %v", reply, err)
+	}
+	if ctr.Sent.Load() != 100000 {
+		t.Fatalf("counted %d bytes sent", ctr.Sent.Load())
+	}
+}
