@@ -503,6 +503,11 @@ func (a *Agent) controlLoop() {
 				bo.reset()
 				a.setConnected(true, nil)
 				a.log.Info("connected to the coordinator", "url", a.node.URL)
+				// STUN may have answered after the request was built: the
+				// stream's request would then have replaced a fresher list.
+				if !slices.Equal(mr.LocalEndpoints, a.endpointCandidates()) {
+					a.publishEndpoints()
+				}
 			}
 			if m.IsKeepAlive() {
 				return nil
@@ -725,12 +730,18 @@ func (a *Agent) setSTUN() {
 		a.log.Warn("cannot resolve the coordinator for STUN", "host", u.Host, "err", err)
 		return
 	}
-	a.bind.SetSTUN([]netip.AddrPort{ua.AddrPort()})
+	ap := ua.AddrPort()
+	// ResolveUDPAddr gives IPv4 in its 16-byte form; the bind's IPv4 socket
+	// wants the plain address.
+	a.bind.SetSTUN([]netip.AddrPort{netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())})
 }
 
 // onPublicAddr publishes the address STUN learned, so peers behind other
 // NATs can punch through to it.
-func (a *Agent) onPublicAddr(addr netip.AddrPort) {
+func (a *Agent) onPublicAddr(addr netip.AddrPort) { a.publishEndpoints() }
+
+// publishEndpoints sends the current endpoint candidates to the coordinator.
+func (a *Agent) publishEndpoints() {
 	a.mu.Lock()
 	cc := a.cc
 	a.mu.Unlock()

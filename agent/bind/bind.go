@@ -606,7 +606,9 @@ func (b *Bind) maintain(now time.Time) {
 	}
 	b.mu.Unlock()
 	for _, o := range out {
-		b.inner.Send([][]byte{o.pkt}, o.to)
+		if err := b.inner.Send([][]byte{o.pkt}, o.to); err != nil {
+			b.log.Debug("disco/STUN send failed", "to", o.to.AddrPort, "err", err)
+		}
 	}
 }
 
@@ -703,6 +705,7 @@ func (b *Bind) handleSTUN(pkt []byte, src netip.AddrPort) {
 	tx, addr, err := stun.ParseResponse(pkt)
 	if err != nil {
 		b.garbage.Add(1)
+		b.log.Debug("bad STUN response", "from", src, "err", err)
 		return
 	}
 	b.mu.Lock()
