@@ -1,0 +1,58 @@
+package coordinator
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+// TestTLSCertFlags: --tls-cert/--tls-key serve the given certificate, and
+// join tokens pin that one.
+func TestTLSCertFlags(t *testing.T) {
+	dir := t.TempDir()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "coordinator.example"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"coordinator.example"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+
+	s := startServer(t, filepath.Join(dir, "data"), func(c *Config) { c.TLSCert, c.TLSKey = certFile, keyFile })
+	if s.Fingerprint() != wire.CertFingerprint(der) {
+		t.Fatalf("fingerprint %s, want the given certificate's", s.Fingerprint())
+	}
+	conn, err := tls.Dial("tcp", s.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if got := conn.ConnectionState().PeerCertificates[0].Subject.CommonName; got != "coordinator.example" {
+		t.Fatalf("served certificate %q", got)
+	}
+
+	_, err = New(Config{Listen: "127.0.0.1:0", DataDir: filepath.Join(dir, "other"), TLSCert: certFile, TLSKey: filepath.Join(dir, "missing.pem")})
+	if err == nil || !strings.Contains(err.Error(), "--tls-cert/--tls-key") {
+		t.Fatalf("missing key file: %v", err)
+	}
+}
