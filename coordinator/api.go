@@ -539,7 +539,12 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		if err := enc.Encode(m); err != nil {
 			return err
 		}
-		return rc.Flush()
+		if err := rc.Flush(); err != nil {
+			return err
+		}
+		// The deadline guards one write only: left in place, it would
+		// reset an idle HTTP/2 stream when it passed (every 15 s).
+		return rc.SetWriteDeadline(time.Time{})
 	}
 
 	keepAlive := time.NewTicker(s.cfg.KeepAlive)

@@ -41,3 +41,28 @@ func TestEnvironmentConfiguresAgent(t *testing.T) {
 		t.Fatalf("agent configured by MESHLINK_JOIN: %v, want the malformed token error", err)
 	}
 }
+
+func TestFlagsAfterArguments(t *testing.T) {
+	app := newApp()
+	cases := []struct{ in, want string }{
+		{"meshlink expose web 127.0.0.1:80 --state ./b --port 81", "meshlink expose --state ./b --port 81 -- web 127.0.0.1:80"},
+		{"meshlink unexpose web --state=./b", "meshlink unexpose --state=./b -- web"},
+		{"meshlink ping siteb --state ./a -c 1", "meshlink ping --state ./a -c 1 -- siteb"},
+		{"meshlink services --json --state ./a", "meshlink services --json --state ./a"},
+		{"meshlink token inspect TOKEN", "meshlink token inspect -- TOKEN"},
+		{"meshlink agent --join T --expose a=1:2 --expose b=3:4", "meshlink agent --join T --expose a=1:2 --expose b=3:4"},
+	}
+	for _, tc := range cases {
+		got := strings.Join(flagsFirst(app, strings.Fields(tc.in)), " ")
+		if got != tc.want {
+			t.Errorf("%s\n got  %s\n want %s", tc.in, got, tc.want)
+		}
+	}
+	// And the documented form runs: the error is about the missing agent,
+	// not about usage.
+	dir := t.TempDir()
+	err := app.Run(flagsFirst(app, []string{"meshlink", "expose", "web", "127.0.0.1:80", "--state", dir}))
+	if err == nil || !strings.Contains(err.Error(), "no agent is running with --state "+dir) {
+		t.Fatalf("expose with flags last: %v", err)
+	}
+}

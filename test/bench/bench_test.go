@@ -1,9 +1,11 @@
 // Package bench measures the mesh as a user sees it: the built meshlink
-// binary runs a coordinator and two agents as real processes on loopback, and
+// binary runs a coordinator and three agents as real processes on loopback
+// (a provider, a consumer, and a consumer started with --relay-only), and
 // the benchmark pushes a TCP stream and 64-byte request/response round trips
-// through the consumer's local proxy, beside the same over a direct loopback
-// TCP connection in the same run. TestMain prints the ratios and each
-// agent's memory.
+// through a consumer's local proxy, beside the same over a direct loopback
+// TCP connection in the same run. BenchmarkTimeToFirstByte starts fresh
+// consumer processes and times how long they take to deliver the first
+// byte of a service. TestMain prints the ratios and each agent's memory.
 package bench
 
 import (
@@ -14,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -44,13 +47,27 @@ func record(k string, v float64) {
 }
 
 type meshEnv struct {
-	dir        string
-	procs      []*exec.Cmd
-	agentPIDs  map[string]int
-	sink, echo net.Listener
-	meshSink   string // consumer-side proxy addresses
-	meshEcho   string
+	bin, coordData    string
+	dir               string
+	procs             []*exec.Cmd
+	agentPIDs         map[string]int
+	sink, echo, greet net.Listener
+	meshSink          string // consumer-side proxy addresses
+	meshEcho          string
+	relaySink         string // the same at the --relay-only consumer
+	relayEcho         string
+	greetAt           netip.AddrPort
+	fresh             int // fresh agents started so far, to name them
 }
+
+// Proxy ranges of the agents; the fresh consumers of
+// BenchmarkTimeToFirstByte get their own.
+var (
+	rangeA     = netip.MustParsePrefix("127.201.0.0/16")
+	rangeB     = netip.MustParsePrefix("127.202.0.0/16")
+	rangeRelay = netip.MustParsePrefix("127.203.0.0/16")
+	rangeFresh = netip.MustParsePrefix("127.204.0.0/16")
+)
 
 func TestMain(m *testing.M) {
 	code := m.Run()
@@ -70,10 +87,19 @@ func summary() {
 	fmt.Println("\n=== meshlink bench summary (same run, same machine) ===")
 	if d, t := results["stream_direct_MBps"], results["stream_mesh_MBps"]; d > 0 && t > 0 {
 		fmt.Printf("TCP stream:   direct %.0f MB/s, mesh %.0f MB/s, ratio %.3fx\n", d, t, t/d)
+		if r := results["stream_relay_MBps"]; r > 0 {
+			fmt.Printf("              relay-only %.0f MB/s, ratio %.3fx of direct, %.3fx of mesh\n", r, r/d, r/t)
+		}
 	}
 	if d, t := results["rr_direct_p50_us"], results["rr_mesh_p50_us"]; d > 0 && t > 0 {
 		fmt.Printf("64B RR p50:   direct %.0f us, mesh %.0f us (%.1fx)\n", d, t, t/d)
 		fmt.Printf("64B RR p99:   direct %.0f us, mesh %.0f us\n", results["rr_direct_p99_us"], results["rr_mesh_p99_us"])
+	}
+	for _, c := range []struct{ key, name string }{{"direct", "direct allowed"}, {"relay", "relay-only"}} {
+		if n := results["ttfb_"+c.key+"_n"]; n > 0 {
+			fmt.Printf("first byte:   fresh agent, %s: p50 %.0f ms, max %.0f ms, %.0f of %.0f starts over %v\n", c.name,
+				results["ttfb_"+c.key+"_p50_ms"], results["ttfb_"+c.key+"_max_ms"], results["ttfb_"+c.key+"_slow"], n, ttfbSlow)
+		}
 	}
 	for _, n := range []string{"a", "b"} {
 		if v, ok := results["rss_idle_"+n]; ok {
@@ -108,7 +134,7 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &meshEnv{dir: dir, agentPIDs: map[string]int{}}
+	e := &meshEnv{bin: bin, dir: dir, agentPIDs: map[string]int{}}
 	ok := false
 	defer func() {
 		if !ok {
@@ -123,12 +149,17 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 		return nil, err
 	}
 	go serve(e.echo, echoConn)
+	if e.greet, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		return nil, err
+	}
+	go serve(e.greet, greetConn)
 
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
 	coordData := filepath.Join(dir, "coord")
+	e.coordData = coordData
 	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData)
 	var token string
 	if err := poll(20*time.Second, func() error {
@@ -139,39 +170,41 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 		return nil, fmt.Errorf("token create: %w", err)
 	}
 	common := []string{"--join", token, "--dns", "off", "--log-level", "warn"}
-	pa := e.start(bin, "a", append([]string{"agent", "--name", "bench-a", "--state", filepath.Join(dir, "a"), "--proxy-range", "127.201.0.0/16"}, common...)...)
-	pb := e.start(bin, "b", append([]string{"agent", "--name", "bench-b", "--state", filepath.Join(dir, "b"), "--proxy-range", "127.202.0.0/16",
-		"--expose", "sink=" + e.sink.Addr().String(), "--expose", "echo=" + e.echo.Addr().String()}, common...)...)
+	pa := e.start(bin, "a", append([]string{"agent", "--name", "bench-a", "--state", filepath.Join(dir, "a"), "--proxy-range", rangeA.String()}, common...)...)
+	pb := e.start(bin, "b", append([]string{"agent", "--name", "bench-b", "--state", filepath.Join(dir, "b"), "--proxy-range", rangeB.String(),
+		"--expose", "sink=" + e.sink.Addr().String(), "--expose", "echo=" + e.echo.Addr().String(),
+		"--expose", "greet=" + e.greet.Addr().String()}, common...)...)
 	e.agentPIDs["a"], e.agentPIDs["b"] = pa, pb
+	e.agentPIDs["relay"] = e.start(bin, "relay", append([]string{"agent", "--name", "bench-relay", "--state", filepath.Join(dir, "relay"),
+		"--proxy-range", rangeRelay.String(), "--relay-only"}, common...)...)
 
-	cl := localapi.NewClient(filepath.Join(dir, "a"))
 	if err := poll(30*time.Second, func() error {
-		s, err := cl.Services(context.Background())
+		a, err := consumed(filepath.Join(dir, "a"))
 		if err != nil {
 			return err
 		}
-		for _, sv := range s.Consumed {
-			if sv.Listening && len(sv.Providers) > 0 {
-				switch sv.Name {
-				case "sink":
-					e.meshSink = sv.Local.String()
-				case "echo":
-					e.meshEcho = sv.Local.String()
-				}
-			}
+		r, err := consumed(filepath.Join(dir, "relay"))
+		if err != nil {
+			return err
 		}
-		if e.meshSink == "" || e.meshEcho == "" {
+		if a["sink"] == nil || a["echo"] == nil || a["greet"] == nil || r["sink"] == nil || r["echo"] == nil {
 			return errors.New("services not ready")
 		}
+		e.meshSink, e.meshEcho = a["sink"].Local.String(), a["echo"].Local.String()
+		e.relaySink, e.relayEcho = r["sink"].Local.String(), r["echo"].Local.String()
+		e.greetAt = a["greet"].Local
 		return nil
 	}); err != nil {
 		logs, _ := exec.Command("sh", "-c", "tail -n 20 "+dir+"/*.log").CombinedOutput()
 		return nil, fmt.Errorf("%w\n%s", err, logs)
 	}
-	// Warm the path (handshake) before anything is measured.
-	if c, err := net.Dial("tcp", e.meshEcho); err == nil {
-		roundTrip(c, make([]byte, 64))
-		c.Close()
+	// Warm the paths (handshakes) before anything is measured.
+	for _, addr := range []string{e.meshEcho, e.relayEcho} {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			roundTrip(c, make([]byte, 64))
+			c.Close()
+		}
 	}
 	for _, n := range []string{"a", "b"} {
 		rss, _ := readRSS(e.agentPIDs[n], "VmRSS")
@@ -211,6 +244,9 @@ func (e *meshEnv) close() {
 	}
 	if e.echo != nil {
 		e.echo.Close()
+	}
+	if e.greet != nil {
+		e.greet.Close()
 	}
 	os.RemoveAll(e.dir)
 }
@@ -280,6 +316,8 @@ func streamOnce(b *testing.B, addr string) {
 		b.Fatal(err)
 	}
 	defer c.Close()
+	// A stalled path fails the benchmark instead of hanging `make bench`.
+	c.SetWriteDeadline(time.Now().Add(60 * time.Second))
 	buf := make([]byte, chunk)
 	b.SetBytes(chunk)
 	b.ResetTimer()
@@ -317,6 +355,12 @@ func BenchmarkStream(b *testing.B) {
 			record("rss_peak_"+n, rss)
 			b.ReportMetric(rss, "agent-"+n+"-peak-RSS-MB")
 		}
+	})
+	// The same provider, through the consumer that never uses a direct
+	// path: every packet crosses the coordinator's relay over TLS.
+	b.Run("relay", func(b *testing.B) {
+		streamOnce(b, e.relaySink)
+		record("stream_relay_MBps", float64(b.N)*(256<<10)/b.Elapsed().Seconds()/1e6)
 	})
 }
 
@@ -360,4 +404,152 @@ func BenchmarkRoundTrip64(b *testing.B) {
 	e := setup(b)
 	b.Run("direct", func(b *testing.B) { rrOnce(b, e.echo.Addr().String(), "direct") })
 	b.Run("mesh", func(b *testing.B) { rrOnce(b, e.meshEcho, "mesh") })
+}
+
+// consumed is the services an agent consumes, by name, that have a
+// listening proxy and a provider.
+func consumed(state string) (map[string]*localapi.Service, error) {
+	s, err := localapi.NewClient(state).Services(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]*localapi.Service{}
+	for i, sv := range s.Consumed {
+		if sv.Listening && len(sv.Providers) > 0 {
+			out[sv.Name] = &s.Consumed[i]
+		}
+	}
+	return out, nil
+}
+
+// greetConn sends one line at once: the first byte a fresh consumer waits
+// for needs no request.
+func greetConn(c net.Conn) {
+	io.WriteString(c, "hello from bench-b\n")
+}
+
+// rebase moves a local proxy address from one agent's proxy range to
+// another's: the offset in the range is the service VIP's (README, "Names
+// and addresses"), the same at every agent.
+func rebase(a netip.AddrPort, from, to netip.Prefix) netip.AddrPort {
+	u32 := func(a netip.Addr) uint32 { b := a.As4(); return binary.BigEndian.Uint32(b[:]) }
+	var out [4]byte
+	binary.BigEndian.PutUint32(out[:], u32(to.Addr())+u32(a.Addr())-u32(from.Addr()))
+	return netip.AddrPortFrom(netip.AddrFrom4(out), a.Port())
+}
+
+// firstByte starts a fresh consumer agent (new state directory, new
+// single-use token) and returns the time from its process start to the
+// first byte of greet through its local proxy. A real program would retry
+// the same way: connect, read, and try again while the proxy is not up or
+// the mesh connection closes before any byte.
+func (e *meshEnv) firstByte(b *testing.B, i int, extra ...string) time.Duration {
+	b.Helper()
+	out, err := exec.Command(e.bin, "token", "create", "--data", e.coordData, "--ephemeral").Output()
+	if err != nil {
+		b.Fatalf("token create: %v", err)
+	}
+	state := filepath.Join(e.dir, fmt.Sprintf("fresh-%d", i))
+	defer os.RemoveAll(state)
+	addr := rebase(e.greetAt, rangeA, rangeFresh).String()
+	args := append([]string{"agent", "--join", strings.TrimSpace(string(out)), "--name", fmt.Sprintf("bench-fresh-%d", i),
+		"--state", state, "--proxy-range", rangeFresh.String(), "--dns", "off", "--log-level", "warn"}, extra...)
+	cmd := exec.Command(e.bin, args...)
+	logf, _ := os.Create(state + ".log")
+	defer os.Remove(state + ".log")
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
+
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}()
+	buf := make([]byte, 1)
+	deadline := start.Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, _ := c.Read(buf)
+			c.Close()
+			if n == 1 {
+				return time.Since(start)
+			}
+		}
+		// A short fixed step: this loop is the measurement, and a backoff
+		// would add its own delay to the time it reports.
+		time.Sleep(2 * time.Millisecond)
+	}
+	logs, _ := os.ReadFile(state + ".log")
+	b.Fatalf("fresh agent: no byte from greet at %s within 20 s\n%s", addr, logs)
+	return 0
+}
+
+// One op of BenchmarkTimeToFirstByte is a round of fresh agents started one
+// after another for at least ttfbRound, and at least ttfbMin of them. Not
+// one agent per op: starts are bimodal (tens of ms, or a second or five
+// when a first packet is lost and TCP or WireGuard retries), so b.N
+// predicted from one fast start could run for minutes. With the default
+// -benchtime 3s the framework stops after one round.
+const (
+	ttfbRound = 3 * time.Second
+	ttfbMin   = 5
+	ttfbSlow  = time.Second // a start this slow waited for a retry
+)
+
+// BenchmarkTimeToFirstByte is the time a fresh consumer agent takes from
+// process start (keys, join, network map, relay, WireGuard handshake) to
+// the first byte of a service: with direct paths allowed (the first bytes
+// may still ride the relay until a direct path is proven) and with
+// --relay-only. It reports the median, the mean, the slowest start and how
+// many starts took over ttfbSlow.
+func BenchmarkTimeToFirstByte(b *testing.B) {
+	e := setup(b)
+	for _, tc := range []struct {
+		name  string
+		extra []string
+	}{{"direct", nil}, {"relay", []string{"--relay-only"}}} {
+		b.Run(tc.name, func(b *testing.B) {
+			var samples []time.Duration
+			for i := 0; i < b.N; i++ {
+				start := time.Now()
+				for n := 0; n < ttfbMin || time.Since(start) < ttfbRound; n++ {
+					e.fresh++
+					samples = append(samples, e.firstByte(b, e.fresh, tc.extra...))
+				}
+			}
+			sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
+			var total time.Duration
+			slow := 0
+			for _, d := range samples {
+				total += d
+				if d >= ttfbSlow {
+					slow++
+				}
+			}
+			ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
+			p50, mean, worst := ms(samples[len(samples)/2]), ms(total)/float64(len(samples)), ms(samples[len(samples)-1])
+			b.ReportMetric(0, "ns/op") // the length of a round says nothing
+			b.ReportMetric(p50, "ms-p50")
+			b.ReportMetric(mean, "ms-mean")
+			b.ReportMetric(worst, "ms-max")
+			b.ReportMetric(float64(slow), "slow-starts")
+			b.ReportMetric(float64(len(samples)), "starts")
+			record("ttfb_"+tc.name+"_p50_ms", p50)
+			record("ttfb_"+tc.name+"_max_ms", worst)
+			record("ttfb_"+tc.name+"_slow", float64(slow))
+			record("ttfb_"+tc.name+"_n", float64(len(samples)))
+		})
+	}
 }
