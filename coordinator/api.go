@@ -280,16 +280,23 @@ func (s *Server) serveRegisterPoll(w http.ResponseWriter, r *http.Request) *apiE
 	return nil
 }
 
-func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
+// authDecode authenticates the calling node and decodes its versioned
+// request body into v (version points at v's Version field).
+func (s *Server) authDecode(w http.ResponseWriter, r *http.Request, v any, version *int, what string) (store.Node, *apiError) {
 	node, e := s.authNode(r)
 	if e != nil {
-		return e
+		return node, e
 	}
+	if e := decode(w, r, v, what); e != nil {
+		return node, e
+	}
+	return node, checkVersion(*version)
+}
+
+func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 	var req wire.StatsReport
-	if e := decode(w, r, &req, "stats"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	node, e := s.authDecode(w, r, &req, &req.Version, "stats")
+	if e != nil {
 		return e
 	}
 	// Counters feed the console only: map streams are not woken.
@@ -332,15 +339,9 @@ func storeErr(what string, err error) *apiError {
 }
 
 func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError {
-	node, e := s.authNode(r)
-	if e != nil {
-		return e
-	}
 	var req wire.ServiceRequest
-	if e := decode(w, r, &req, "services"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	node, e := s.authDecode(w, r, &req, &req.Version, "services")
+	if e != nil {
 		return e
 	}
 	name, e := validName("service", req.Name)
@@ -382,15 +383,9 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 }
 
 func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiError {
-	node, e := s.authNode(r)
-	if e != nil {
-		return e
-	}
 	var req wire.EndpointsRequest
-	if e := decode(w, r, &req, "endpoints"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	node, e := s.authDecode(w, r, &req, &req.Version, "endpoints")
+	if e != nil {
 		return e
 	}
 	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, "", req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
@@ -402,15 +397,9 @@ func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiErro
 }
 
 func (s *Server) serveLeave(w http.ResponseWriter, r *http.Request) *apiError {
-	node, e := s.authNode(r)
-	if e != nil {
-		return e
-	}
 	var req wire.LeaveRequest
-	if e := decode(w, r, &req, "leave"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	node, e := s.authDecode(w, r, &req, &req.Version, "leave")
+	if e != nil {
 		return e
 	}
 	if err := s.removeNode(r.Context(), node.ID); err != nil {
@@ -475,15 +464,9 @@ func tokenInfo(tok store.Token) wire.TokenInfo {
 // the client goes away, a newer stream replaces this one, the node is
 // removed, or the server closes.
 func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
-	node, e := s.authNode(r)
-	if e != nil {
-		return e
-	}
 	var req wire.MapRequest
-	if e := decode(w, r, &req, "map"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	node, e := s.authDecode(w, r, &req, &req.Version, "map")
+	if e != nil {
 		return e
 	}
 	if req.NodeKey != "" {
