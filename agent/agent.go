@@ -465,6 +465,9 @@ func (a *Agent) register(ctx context.Context) error {
 		if err == nil {
 			return a.joined(resp, t.URL, t.Fingerprint, t.ID)
 		}
+		if ctx.Err() != nil {
+			return errors.New("agent: join: interrupted")
+		}
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
 		}

@@ -95,6 +95,9 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 			}
 			return &ErrNeedFingerprint{URL: rawURL, Fingerprint: got}
 		}
+		if ctx.Err() != nil {
+			return errors.New("agent: join: interrupted")
+		}
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
@@ -121,6 +124,9 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 		}
 		if err == nil {
 			continue // 202: still waiting; the call itself long-polls
+		}
+		if ctx.Err() != nil {
+			return errors.New("agent: join: interrupted")
 		}
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
