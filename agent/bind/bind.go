@@ -477,6 +477,9 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 			inMap[a] = true
 			if p.paths[a] == nil {
 				p.paths[a] = &path{addr: a, ep: &conn.StdNetEndpoint{AddrPort: a}}
+				// A new candidate (the peer's fresh STUN address, say)
+				// is tried at once: the peer is punching towards us now.
+				p.lastScan = time.Time{}
 			}
 			p.paths[a].fromMap = true
 			b.byAddr[a] = p
