@@ -378,19 +378,26 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		}
 		return err
 	}
+	// No proven direct path: send over the relay and, like Tailscale does
+	// until a path is trusted, to the addresses the network map gave as
+	// well. Whichever arrives first wins; a plain LAN then needs no relay,
+	// and a relay on which the peer is not (yet) connected loses nothing.
+	sent := false
 	if r != nil && r.Connected() {
+		var rerr error
 		for _, buf := range bufs {
 			if err := r.Send(e.key, buf); err != nil {
-				return err
+				rerr = err
+				break
 			}
 		}
-		if p != nil {
-			p.txRelay.Add(sizeOf(bufs))
+		if rerr == nil {
+			sent = true
+			if p != nil {
+				p.txRelay.Add(sizeOf(bufs))
+			}
 		}
-		return nil
 	}
-	// No proven path and no relay: try the addresses the network map gave,
-	// which is all a plain LAN needs.
 	if p != nil && !b.relayOnly {
 		b.mu.Lock()
 		var eps []*conn.StdNetEndpoint
@@ -401,12 +408,16 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		}
 		b.mu.Unlock()
 		for _, pep := range eps {
-			b.inner.Send(bufs, pep)
+			if b.inner.Send(bufs, pep) == nil {
+				sent = true
+			}
 		}
 		if len(eps) > 0 {
 			p.txDirect.Add(sizeOf(bufs))
-			return nil
 		}
+	}
+	if sent {
+		return nil
 	}
 	return errors.New("bind: no path to peer (no direct address and no relay)")
 }
