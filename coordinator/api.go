@@ -165,10 +165,7 @@ func (s *Server) recordRegisterFailures(f handlerFunc) handlerFunc {
 
 func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError {
 	var req wire.RegisterRequest
-	if e := decode(w, r, &req, "register"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	if e := decodeVersioned(w, r, &req, &req.Version, "register"); e != nil {
 		return e
 	}
 	if req.TokenID == "" && req.TokenSecret == "" && req.Interactive {
@@ -261,10 +258,7 @@ func (s *Server) registerInteractive(w http.ResponseWriter, r *http.Request, req
 
 func (s *Server) serveRegisterPoll(w http.ResponseWriter, r *http.Request) *apiError {
 	var req wire.RegisterPollRequest
-	if e := decode(w, r, &req, "register poll"); e != nil {
-		return e
-	}
-	if e := checkVersion(req.Version); e != nil {
+	if e := decodeVersioned(w, r, &req, &req.Version, "register poll"); e != nil {
 		return e
 	}
 	if req.PollID == "" || len(req.PollID) > 128 {
@@ -287,10 +281,16 @@ func (s *Server) authDecode(w http.ResponseWriter, r *http.Request, v any, versi
 	if e != nil {
 		return node, e
 	}
+	return node, decodeVersioned(w, r, v, version, what)
+}
+
+// decodeVersioned decodes a request body into v and checks the protocol
+// version it carries (version points at v's Version field).
+func decodeVersioned(w http.ResponseWriter, r *http.Request, v any, version *int, what string) *apiError {
 	if e := decode(w, r, v, what); e != nil {
-		return node, e
+		return e
 	}
-	return node, checkVersion(*version)
+	return checkVersion(*version)
 }
 
 func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {

@@ -367,40 +367,7 @@ func (c *Client) readLoop(s *session, br *bufio.Reader, buf []byte, idle time.Du
 }
 
 func (c *Client) writeLoop(s *session, keepAlive time.Duration) {
-	bw := bufio.NewWriterSize(s.conn, 64<<10)
-	ka := time.NewTicker(keepAlive)
-	defer ka.Stop()
-	write := func(f []byte) error {
-		s.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, err := bw.Write(f)
-		return err
-	}
-	for {
-		var err error
-		select {
-		case <-s.done:
-			return
-		case f := <-s.out:
-			err = write(f)
-		drain:
-			for err == nil {
-				select {
-				case f := <-s.out:
-					err = write(f)
-				default:
-					break drain
-				}
-			}
-		case <-ka.C:
-			err = write(keepAliveFrame)
-		}
-		if err == nil {
-			err = bw.Flush()
-		}
-		if err != nil {
-			return
-		}
-	}
+	writeFrames(s.conn, s.out, s.done, keepAlive)
 }
 
 // Send queues pkt (copied) for dst without blocking. When the client is not

@@ -297,43 +297,11 @@ func (s *Server) readLoop(c *sconn, br *bufio.Reader) error {
 // sends keep-alives while the queue is idle.
 func (s *Server) writeLoop(c *sconn, log *slog.Logger) {
 	defer c.close()
-	bw := bufio.NewWriterSize(c.conn, 64<<10)
-	ka := time.NewTicker(s.cfg.KeepAlive)
-	defer ka.Stop()
-	write := func(f []byte) error {
-		c.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, err := bw.Write(f)
-		return err
-	}
-	for {
-		var err error
+	if err := writeFrames(c.conn, c.out, c.done, s.cfg.KeepAlive); err != nil {
 		select {
 		case <-c.done:
-			return
-		case f := <-c.out:
-			err = write(f)
-		drain:
-			for err == nil {
-				select {
-				case f := <-c.out:
-					err = write(f)
-				default:
-					break drain
-				}
-			}
-		case <-ka.C:
-			err = write(keepAliveFrame)
-		}
-		if err == nil {
-			err = bw.Flush()
-		}
-		if err != nil {
-			select {
-			case <-c.done:
-			default:
-				log.Info("relay client write failed; closing", "err", err)
-			}
-			return
+		default:
+			log.Info("relay client write failed; closing", "err", err)
 		}
 	}
 }
