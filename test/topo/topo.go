@@ -103,8 +103,9 @@ type Net struct {
 	t      testing.TB
 	prefix string
 
-	mu       sync.Mutex // guards the fields below
-	nss      []string   // namespaces made, in order
+	mu       sync.Mutex  // guards the fields below
+	nss      []string    // namespaces made, in order
+	cmds     []*exec.Cmd // made by Host.Command, killed by Close
 	names    map[string]bool
 	closed   bool
 	closeErr error
@@ -138,6 +139,13 @@ func (n *Net) Close() error {
 		return n.closeErr
 	}
 	n.closed = true
+	// `ip netns pids` misses a command that opened the namespace but has
+	// not entered it yet; killing what Command started covers that window.
+	for _, cmd := range n.cmds {
+		if cmd.Process != nil {
+			_ = cmd.Process.Kill()
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
 	var errs []error
@@ -306,6 +314,9 @@ func (h *Host) Run(ctx context.Context, name string, args ...string) ([]byte, er
 func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", h.ns, name}, args...)...)
 	cmd.WaitDelay = 5 * time.Second
+	h.n.mu.Lock()
+	h.n.cmds = append(h.n.cmds, cmd)
+	h.n.mu.Unlock()
 	return cmd
 }
 
