@@ -705,20 +705,22 @@ func nodeAddr4(n *wire.Node) netip.Addr {
 	return netip.Addr{}
 }
 
-// setRelayLocked points the bind at the first relay of the network map, or
-// the coordinator's embedded relay.
+// setRelayLocked keeps the bind connected to the relays of the network map.
 func (a *Agent) setRelayLocked() {
 	if a.node.ID == 0 {
 		return
 	}
-	r := wire.Relay{URL: a.node.URL, Fingerprint: a.node.Fingerprint}
-	if len(a.nm.Relays) > 0 {
-		r = a.nm.Relays[0]
+	var cfgs []bind.RelayConfig
+	for _, r := range a.nm.Relays {
+		k, err := relay.KeyFromWire(r.Key)
+		if err != nil {
+			a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
+			continue
+		}
+		cfgs = append(cfgs, bind.RelayConfig{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: k,
+			RetryMin: a.cfg.RetryMin, RetryMax: a.cfg.RetryMax})
 	}
-	a.bind.SetRelay(relay.ClientConfig{
-		URL: r.URL, Fingerprint: r.Fingerprint, NodeID: a.node.ID, Secret: a.node.Secret,
-		Logger: a.cfg.Logger, RetryMin: a.cfg.RetryMin, RetryMax: a.cfg.RetryMax,
-	})
+	a.bind.SetRelays(cfgs)
 }
 
 // setSTUN points the bind's STUN requests at the coordinator's UDP port

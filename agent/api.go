@@ -182,6 +182,11 @@ func (a *Agent) Status() localapi.Status {
 		DNS:         a.DNSAddr(),
 		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap},
 		Peers:       []localapi.Peer{},
+		Relays:      []localapi.Relay{},
+	}
+	for _, r := range a.bind.Relays() {
+		st.Relays = append(st.Relays, localapi.Relay{Name: r.Name, URL: r.URL, Connected: r.Connected, LastError: r.Stats.LastError,
+			TxBytes: r.Stats.BytesSent, RxBytes: r.Stats.BytesReceived})
 	}
 	if st.Self.Name == "" {
 		st.Self.Name, st.Self.ID = a.node.Name, uint64(a.node.ID)
@@ -206,8 +211,8 @@ func (a *Agent) Status() localapi.Status {
 			case "direct":
 				lp.Endpoint = pp.Addr.String()
 			case "relay":
-				lp.Relay, _ = a.bind.RelayURL()
-				lp.Endpoint = "relay " + lp.Relay
+				lp.Relay, lp.RelayURL = pp.Relay, pp.RelayURL
+				lp.Endpoint = "relay " + pp.Relay + " " + pp.RelayURL
 			}
 		}
 		st.Peers = append(st.Peers, lp)
@@ -283,7 +288,7 @@ func (a *Agent) Ping(ctx context.Context, node string, timeout time.Duration) ([
 	}
 	out := []localapi.PingResult{}
 	for _, r := range res {
-		path := "relay"
+		path := "relay " + r.RelayName
 		if !r.Relay {
 			path = "direct " + r.Addr.String()
 		}

@@ -73,7 +73,15 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle(wire.PathTokenInspect, s.handle(s.serveTokenInspect))
 	// The relay upgrades to its own protocol; it checks method and headers
 	// itself and blocks for the connection's life, tracked like a request.
-	mux.Handle(wire.PathRelay, s.track(s.relay))
+	mux.Handle(wire.PathRelayRegister, s.handle(s.serveRelayRegister))
+	mux.Handle(wire.PathRelayNodes, s.handle(s.serveRelayNodes))
+	if s.cfg.NoEmbeddedRelay {
+		mux.HandleFunc(wire.PathRelay, func(w http.ResponseWriter, r *http.Request) {
+			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "this coordinator's embedded relay is off (--relay=false); use a relay from the network map"))
+		})
+	} else {
+		mux.Handle(wire.PathRelay, s.track(s.relay))
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte("ok"))
@@ -193,16 +201,11 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 		SecretHash: store.HashSecret(secret),
 		CanReplace: func(n store.Node) bool { return n.Ephemeral && !s.hub.online(n.ID) },
 	})
+	if e, ok := tokenRefusal(err, "meshlink token create"); ok {
+		return e
+	}
 	switch {
 	case err == nil:
-	case errors.Is(err, store.ErrTokenInvalid):
-		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is not known to this coordinator; create one with `meshlink token create`")
-	case errors.Is(err, store.ErrTokenRevoked):
-		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token was revoked; create a new one with `meshlink token create`")
-	case errors.Is(err, store.ErrTokenExpired):
-		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenExpired, "the join token has expired; create a new one with `meshlink token create`")
-	case errors.Is(err, store.ErrTokenUsed):
-		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenUsed, "the join token was single-use and has been used; create a new one, or a reusable one with `meshlink token create --reusable`")
 	case errors.Is(err, store.ErrNameInUse):
 		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the name %q is taken by another node; choose another --name, or remove the old node on the coordinator", name)
 	case errors.Is(err, store.ErrKeyInUse):
@@ -548,9 +551,6 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			log.Info("map stream: node removed")
 			return nil
 		}
-		// Relays do not change for the life of a stream: they go in the
-		// full map only and diffMaps ignores them.
-		nm.Relays = s.relays()
 		var msg wire.MapResponse
 		if last == nil {
 			msg.Full = nm

@@ -29,6 +29,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/meshlink/meshlink/coordinator/certs"
 	"github.com/meshlink/meshlink/coordinator/oidclogin"
 	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
@@ -83,6 +84,9 @@ type Config struct {
 	// OIDCHTTPClient makes the calls to the provider; nil is
 	// http.DefaultClient.
 	OIDCHTTPClient *http.Client
+	// NoEmbeddedRelay turns the coordinator's own relay off (--relay=false):
+	// agents then use only standalone relays (`meshlink relay`).
+	NoEmbeddedRelay bool
 }
 
 // TokenOptions describes a join token to create.
@@ -94,11 +98,15 @@ type TokenOptions struct {
 	// Owner is the user owning the token and the nodes it joins; 0 (the
 	// admin socket and CLI) means the first admin. Never taken from JSON.
 	Owner int64 `json:"-"`
+	// Relay makes a token that registers a standalone relay instead of
+	// joining a node.
+	Relay bool `json:"relay,omitempty"`
 }
 
 const (
 	dbFile       = "meshlink.db"
 	oidcKeyFile  = "oidc-cookie.key"
+	relayKeyFile = "relay.key"
 	adminSocket  = "admin.sock"
 	maxBodyBytes = 1 << 20
 )
@@ -113,6 +121,7 @@ type Server struct {
 	fingerprint string
 	hub         hub
 	relay       *relay.Server
+	relayPub    relay.Key // the embedded relay's public key
 	metrics     *metrics
 	console     *web.Console
 
@@ -198,7 +207,7 @@ func New(cfg Config) (*Server, error) {
 
 	hosts := []string{listenHost, urlHost, "localhost", "127.0.0.1", "::1"}
 	if ip := net.ParseIP(listenHost); listenHost == "" || ip != nil && ip.IsUnspecified() {
-		hosts = append(hosts, defaultHostIP().String())
+		hosts = append(hosts, certs.DefaultHostIP().String())
 	}
 	var cert tls.Certificate
 	if cfg.TLSCert != "" || cfg.TLSKey != "" {
@@ -209,10 +218,18 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("coordinator: --tls-cert/--tls-key: %w", err)
 		}
 	} else {
-		cert, err = loadOrCreateCert(dir, hosts)
+		cert, err = certs.LoadOrCreate(dir, "meshlink coordinator", hosts)
 	}
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	relayKey, err := relay.LoadOrCreateKey(filepath.Join(dir, relayKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	relayPub, err := relay.PublicKey(relayKey)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	st, err := store.OpenSQLite(context.Background(), filepath.Join(dir, dbFile))
 	if err != nil {
@@ -226,11 +243,12 @@ func New(cfg Config) (*Server, error) {
 		store:       st,
 		cert:        cert,
 		fingerprint: wire.CertFingerprint(cert.Certificate[0]),
+		relayPub:    relayPub,
 		ctx:         ctx,
 		cancel:      cancel,
 	}
 	s.hub.init()
-	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, Authenticate: s.relayAuth})
+	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, PrivateKey: relayKey, Verify: s.relayVerify})
 	s.metrics = newMetrics(s)
 	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Domain: cfg.Domain, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait})
 	return s, nil
@@ -270,30 +288,6 @@ func (s *Server) STUNAddr() netip.AddrPort {
 
 // Relay exposes the embedded relay, for its statistics.
 func (s *Server) Relay() *relay.Server { return s.relay }
-
-// relays lists the relays put into every network map: the coordinator's own.
-func (s *Server) relays() []wire.Relay {
-	return []wire.Relay{{URL: s.URL(), Fingerprint: s.fingerprint}}
-}
-
-// relayAuth authenticates a relay upgrade by node credentials and returns
-// the node's current WireGuard key.
-func (s *Server) relayAuth(r *http.Request) (relay.Key, error) {
-	n, e := s.authNode(r)
-	if e != nil {
-		if e.status >= 500 {
-			s.log.Error("relay authentication failed", "code", e.Code, "err", e.Message)
-			e = apiErr(e.status, e.Code, "internal error; see the coordinator's log")
-		}
-		return relay.Key{}, &relay.AuthError{Status: e.status, Body: e.Error}
-	}
-	k, err := relay.KeyFromWire(n.Key)
-	if err != nil {
-		return relay.Key{}, &relay.AuthError{Status: http.StatusConflict, Body: wire.Error{Code: wire.ErrCodeConflict,
-			Message: "this node has no valid WireGuard key yet; open the map stream with its key first"}}
-	}
-	return k, nil
-}
 
 // Store exposes the server's store to tests and embedding programs.
 func (s *Server) Store() store.Store { return s.store }
@@ -361,7 +355,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if u == "" {
 		host := addr.Addr()
 		if host.IsUnspecified() {
-			host = defaultHostIP()
+			host = certs.DefaultHostIP()
 		}
 		u = "https://" + netip.AddrPortFrom(host, addr.Port()).String()
 	}
@@ -603,6 +597,7 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		ID:        hex.EncodeToString(idb[:]),
 		Reusable:  o.Reusable,
 		Ephemeral: o.Ephemeral,
+		Relay:     o.Relay,
 		Tags:      tags,
 		Created:   time.Now(),
 	}
@@ -684,37 +679,6 @@ func randomSecret(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return base64.RawURLEncoding.EncodeToString(b)
-}
-
-// defaultHostIP is the address put into the URL when listening on every
-// interface: the first non-loopback unicast address, IPv4 preferred.
-func defaultHostIP() netip.Addr {
-	addrs, _ := net.InterfaceAddrs()
-	var v6 netip.Addr
-	for _, a := range addrs {
-		pn, ok := a.(*net.IPNet)
-		if !ok {
-			continue
-		}
-		ip, ok := netip.AddrFromSlice(pn.IP)
-		if !ok {
-			continue
-		}
-		ip = ip.Unmap()
-		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || !ip.IsGlobalUnicast() {
-			continue
-		}
-		if ip.Is4() {
-			return ip
-		}
-		if !v6.IsValid() {
-			v6 = ip
-		}
-	}
-	if v6.IsValid() {
-		return v6
-	}
-	return netip.MustParseAddr("127.0.0.1")
 }
 
 // clearStaleSocket removes an admin socket nobody answers on, and refuses

@@ -14,6 +14,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/meshlink/meshlink/coordinator/relay"
 )
 
 // metrics are the coordinator's Prometheus metrics. Each Server has its own
@@ -54,6 +56,7 @@ func newMetrics(s *Server) *metrics {
 	// success on.
 	m.registrations.WithLabelValues("ok")
 	m.reg.MustRegister(m.registrations, m.mapUpdates, m.mapLatency, serverCollector{s},
+		relay.NewCollector("meshlink_coordinator_relay", s.relay),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -144,26 +147,13 @@ var (
 		"Services with at least one provider, as put into network maps.", nil, nil)
 	descMapStreams = prometheus.NewDesc("meshlink_coordinator_map_streams",
 		"Map streams open now.", nil, nil)
-	descRelayClients = prometheus.NewDesc("meshlink_coordinator_relay_clients",
-		"Nodes connected to the relay now.", nil, nil)
-	descRelayConns = prometheus.NewDesc("meshlink_coordinator_relay_connections_total",
-		"Relay connections accepted.", nil, nil)
-	descRelayPackets = prometheus.NewDesc("meshlink_coordinator_relay_packets_total",
-		"Packets relayed between nodes.", nil, nil)
-	descRelayBytes = prometheus.NewDesc("meshlink_coordinator_relay_bytes_total",
-		"Packet bytes relayed between nodes (framing excluded).", nil, nil)
-	descRelayDropped = prometheus.NewDesc("meshlink_coordinator_relay_dropped_packets_total",
-		"Packets the relay dropped: destination not connected, queue full, or refused by policy.", nil, nil)
-	descRelayPeerGone = prometheus.NewDesc("meshlink_coordinator_relay_peer_gone_packets_total",
-		"Dropped packets whose destination was not connected to the relay (part of dropped).", nil, nil)
 )
 
 // serverCollector reads the server's state at scrape time.
 type serverCollector struct{ s *Server }
 
 func (c serverCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descNodes, descServices, descMapStreams, descRelayClients,
-		descRelayConns, descRelayPackets, descRelayBytes, descRelayDropped, descRelayPeerGone} {
+	for _, d := range []*prometheus.Desc{descNodes, descServices, descMapStreams} {
 		ch <- d
 	}
 }
@@ -192,11 +182,4 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descMapStreams, prometheus.GaugeValue, float64(s.hub.streamCount()))
 
-	rs := s.relay.Stats()
-	ch <- prometheus.MustNewConstMetric(descRelayClients, prometheus.GaugeValue, float64(rs.Clients))
-	ch <- prometheus.MustNewConstMetric(descRelayConns, prometheus.CounterValue, float64(rs.Accepted))
-	ch <- prometheus.MustNewConstMetric(descRelayPackets, prometheus.CounterValue, float64(rs.PacketsRelayed))
-	ch <- prometheus.MustNewConstMetric(descRelayBytes, prometheus.CounterValue, float64(rs.BytesRelayed))
-	ch <- prometheus.MustNewConstMetric(descRelayDropped, prometheus.CounterValue, float64(rs.Dropped))
-	ch <- prometheus.MustNewConstMetric(descRelayPeerGone, prometheus.CounterValue, float64(rs.PeerGone))
 }

@@ -125,7 +125,8 @@ func TestMetrics(t *testing.T) {
 	m := addr.String()
 	c := pinnedClient(t, s.Fingerprint(), false)
 	jt := mustToken(t, s, TokenOptions{Reusable: true})
-	_, ca := register(t, c, jt, "a")
+	na := registerKeyed(t, c, jt, "a")
+	ca := na.cr
 	_, cb := register(t, c, jt, "b")
 	bad := jt
 	bad.Secret = "wrong"
@@ -145,7 +146,7 @@ func TestMetrics(t *testing.T) {
 
 	sa := openMap(t, c, jt.URL, ca)
 	sb := openMap(t, c, jt.URL, cb)
-	sa.next(t, 5*time.Second, "a's full map", func(m wire.MapResponse) bool { return m.Full != nil })
+	full := sa.next(t, 5*time.Second, "a's full map", func(m wire.MapResponse) bool { return m.Full != nil })
 	if st, body := call(t, c, jt.URL, wire.PathServices, &ca, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: "web", Port: 80}); st != http.StatusOK {
 		t.Fatalf("expose: %d %s", st, body)
 	}
@@ -163,7 +164,7 @@ func TestMetrics(t *testing.T) {
 		return false
 	})
 	var rx relayRx
-	rc := relayClient(t, s, ca, &rx)
+	rc := relayClient(t, full.Full.Relays[0], na.priv, &rx)
 	waitFor(t, 5*time.Second, "relay client connected", rc.Connected)
 
 	fams := waitMetrics(t, m, 5*time.Second,

@@ -22,6 +22,7 @@ type hub struct {
 	bumped  time.Time     // when gen last changed, for update latency
 	wake    chan struct{} // closed and replaced on every bump
 	streams map[wire.NodeID]*mapStream
+	relays  map[int64]*relayStream // standalone relays online
 	// epochs counts stream attachments per node, so that a pending
 	// ephemeral removal can tell whether the node came back meanwhile.
 	epochs map[wire.NodeID]uint64
@@ -35,6 +36,7 @@ type mapStream struct {
 func (h *hub) init() {
 	h.wake = make(chan struct{})
 	h.streams = map[wire.NodeID]*mapStream{}
+	h.relays = map[int64]*relayStream{}
 	h.epochs = map[wire.NodeID]uint64{}
 }
 
@@ -115,6 +117,8 @@ type snapshot struct {
 	nodes    []wire.Node // by ID
 	byID     map[wire.NodeID]int
 	services []wire.Service // with at least one provider, by name
+	keys     []wire.Key     // every node's key, sorted
+	relays   []wire.Relay   // what every map lists
 }
 
 // current returns the snapshot of the current generation, building it once
@@ -141,11 +145,19 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes))}
+	relays, err := s.relayList(ctx)
+	if err != nil {
+		return nil, err
+	}
+	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays}
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
 		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))
+		if n.Key != "" {
+			snap.keys = append(snap.keys, n.Key)
+		}
 	}
+	slices.Sort(snap.keys)
 	byService := map[string][]wire.Provider{}
 	for _, p := range provs {
 		byService[p.Service] = append(byService[p.Service], wire.Provider{Node: p.NodeID, Port: p.Port})
@@ -170,7 +182,7 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 	if !ok {
 		return nil, false
 	}
-	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Peers: make([]wire.Node, 0, len(sn.nodes)-1), Services: sn.services}
+	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Peers: make([]wire.Node, 0, len(sn.nodes)-1), Services: sn.services, Relays: sn.relays}
 	for _, n := range sn.nodes {
 		if n.ID != id {
 			nm.Peers = append(nm.Peers, n)
@@ -247,6 +259,13 @@ func diffMaps(prev, cur *wire.NetworkMap) wire.MapResponse {
 		m.ServicesRemoved = append(m.ServicesRemoved, name)
 	}
 	slices.Sort(m.ServicesRemoved)
+	if !slices.Equal(prev.Relays, cur.Relays) {
+		relays := slices.Clone(cur.Relays)
+		if relays == nil {
+			relays = []wire.Relay{}
+		}
+		m.Relays = &relays
+	}
 	return m
 }
 

@@ -14,6 +14,12 @@
 //	  binding on the coordinator's UDP port, NetworkMap.Relays.
 //	3 (2026-11-24): interactive registration (RegisterRequest.Interactive,
 //	  RegisterPending, PathRegisterPoll) and agent counters (PathStats).
+//	4 (2026-11-24): standalone relays (PathRelayRegister, PathRelayNodes,
+//	  relay join tokens); Relay.Key and Relay.Name; MapResponse.Relays
+//	  replaces the list mid-stream. RelayProtocol meshlink-relay/2: a node
+//	  proves it holds its WireGuard key (HeaderRelayNodeKey,
+//	  HeaderRelayProof) instead of sending its coordinator secret, so a
+//	  relay run by someone else never sees node credentials.
 package wire
 
 import (
@@ -26,7 +32,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 3
+const ProtocolVersion = 4
 
 // Default addressing of a mesh.
 var (
@@ -64,21 +70,77 @@ const (
 	// PathStats takes a StatsReport (node credentials): the agent's
 	// counters, for the console and metrics.
 	PathStats = "/api/v1/stats"
-	// PathRelay is a GET with node credentials and "Upgrade: RelayProtocol"
-	// over HTTP/1.1; after 101 Switching Protocols the connection carries
-	// relay frames (see coordinator/relay).
+	// PathRelay is a GET with "Upgrade: RelayProtocol" over HTTP/1.1,
+	// HeaderRelayNodeKey and HeaderRelayProof; after 101 Switching
+	// Protocols the connection carries relay frames (see coordinator/relay).
+	// Every relay, embedded or standalone, serves it.
 	PathRelay = "/api/v1/relay"
+	// PathRelayRegister takes a RelayRegisterRequest: a standalone relay
+	// registers with a relay join token, or refreshes its record with relay
+	// credentials (HeaderRelayID, HeaderRelaySecret). Answers
+	// RelayRegisterResponse.
+	PathRelayRegister = "/api/v1/relays/register"
+	// PathRelayNodes takes a RelayNodesRequest (relay credentials) and
+	// streams newline-delimited RelayNodes: the keys the relay may serve,
+	// again on every change, and keep-alives. While it is open the relay is
+	// listed in every network map.
+	PathRelayNodes = "/api/v1/relays/nodes"
 )
 
 // RelayProtocol is the Upgrade token of the relay connection.
-const RelayProtocol = "meshlink-relay/1"
+const RelayProtocol = "meshlink-relay/2"
 
 // Headers carrying node credentials on authenticated calls.
 const (
 	HeaderNodeID     = "Meshlink-Node-Id"
 	HeaderNodeSecret = "Meshlink-Node-Secret"
 	HeaderVersion    = "Meshlink-Version"
+	// HeaderRelayID and HeaderRelaySecret carry a standalone relay's
+	// credentials to the coordinator.
+	HeaderRelayID     = "Meshlink-Relay-Id"
+	HeaderRelaySecret = "Meshlink-Relay-Secret"
+	// HeaderRelayNodeKey and HeaderRelayProof authenticate a node to a
+	// relay: its WireGuard public key, and a NaCl box from that key to the
+	// relay's key sealing keying material exported from this very TLS
+	// session (see coordinator/relay.Proof).
+	HeaderRelayNodeKey = "Meshlink-Node-Key"
+	HeaderRelayProof   = "Meshlink-Relay-Proof"
 )
+
+// RelayRegisterRequest registers or refreshes a standalone relay.
+type RelayRegisterRequest struct {
+	Version int `json:"version"`
+	// TokenID and TokenSecret come from a relay join token; empty when the
+	// call carries relay credentials.
+	TokenID     string `json:"token_id,omitempty"`
+	TokenSecret string `json:"token_secret,omitempty"`
+	// Name identifies the relay; it is unique in the mesh.
+	Name string `json:"name"`
+	// URL, Fingerprint and Key are what agents need to reach the relay.
+	URL         string `json:"url"`
+	Fingerprint string `json:"fingerprint"`
+	Key         Key    `json:"key"`
+}
+
+// RelayRegisterResponse answers a RelayRegisterRequest.
+type RelayRegisterResponse struct {
+	ID uint64 `json:"id"`
+	// Secret authenticates the relay's later calls (only its hash is kept);
+	// empty when the call refreshed with existing credentials.
+	Secret string `json:"secret,omitempty"`
+}
+
+// RelayNodesRequest opens the PathRelayNodes stream.
+type RelayNodesRequest struct {
+	Version int `json:"version"`
+}
+
+// RelayNodes is one message on the PathRelayNodes stream. Keys nil is a
+// keep-alive; otherwise it is the whole set of node keys the relay may
+// serve, replacing the previous one.
+type RelayNodes struct {
+	Keys []Key `json:"keys"`
+}
 
 // NodeID identifies a node for the lifetime of its registration.
 type NodeID uint64
@@ -188,6 +250,9 @@ type MapResponse struct {
 	ServicesRemoved []string  `json:"services_removed,omitempty"`
 	// Self is set when this node's own record changed.
 	Self *Node `json:"self,omitempty"`
+	// Relays, when not nil, replaces the map's relay list (it may point to
+	// an empty list: no relay is available any more).
+	Relays *[]Relay `json:"relays,omitempty"`
 	// SentAt is the coordinator's clock when the message left, to measure
 	// update latency.
 	SentAt time.Time `json:"sent_at"`
@@ -196,7 +261,7 @@ type MapResponse struct {
 // IsKeepAlive reports whether m carries nothing to apply.
 func (m *MapResponse) IsKeepAlive() bool {
 	return m.Full == nil && len(m.PeersChanged) == 0 && len(m.PeersRemoved) == 0 &&
-		len(m.ServicesChanged) == 0 && len(m.ServicesRemoved) == 0 && m.Self == nil
+		len(m.ServicesChanged) == 0 && len(m.ServicesRemoved) == 0 && m.Self == nil && m.Relays == nil
 }
 
 // Apply folds one map-stream message into nm: a Full map replaces it, deltas
@@ -212,6 +277,9 @@ func (nm *NetworkMap) Apply(m *MapResponse) {
 	}
 	nm.Peers = patch(nm.Peers, m.PeersRemoved, m.PeersChanged, func(n Node) NodeID { return n.ID })
 	nm.Services = patch(nm.Services, m.ServicesRemoved, m.ServicesChanged, func(s Service) string { return s.Name })
+	if m.Relays != nil {
+		nm.Relays = slices.Clone(*m.Relays)
+	}
 }
 
 // patch removes the items whose key is in removed, then replaces or appends
@@ -241,17 +309,24 @@ type NetworkMap struct {
 	Peers    []Node    `json:"peers"`
 	Services []Service `json:"services"`
 	Domain   string    `json:"domain"`
-	// Relays carry WireGuard packets when no UDP path works; empty means
-	// the coordinator's own embedded relay.
+	// Relays carry WireGuard packets when no UDP path works, in order of
+	// preference: the coordinator's embedded relay (unless disabled), then
+	// the standalone relays online now.
 	Relays []Relay `json:"relays,omitempty"`
 }
 
 // Relay is a relay server agents may use.
 type Relay struct {
+	// Name is "coordinator" for the embedded relay, else the name the
+	// standalone relay registered.
+	Name string `json:"name"`
 	// URL is https://host:port; the relay endpoint is URL+PathRelay.
 	URL string `json:"url"`
 	// Fingerprint pins the relay's certificate like a join token does.
 	Fingerprint string `json:"fingerprint"`
+	// Key is the relay's Curve25519 public key, to which nodes prove that
+	// they hold their WireGuard keys.
+	Key Key `json:"key"`
 }
 
 // Node is one site of the mesh.

@@ -64,8 +64,24 @@ type PeerConfig struct {
 	Endpoints []netip.AddrPort
 }
 
-// RelayConfig names the relay to use and the node's credentials for it.
-type RelayConfig = relay.ClientConfig
+// RelayConfig is one relay of the network map.
+type RelayConfig struct {
+	Name, URL, Fingerprint string
+	// Key is the relay's public key, to which the node proves its own.
+	Key relay.Key
+	// RetryMin and RetryMax bound the reconnect backoff (0: defaults).
+	RetryMin, RetryMax time.Duration
+}
+
+// relayConn is one relay the bind keeps a connection to.
+type relayConn struct {
+	cfg    RelayConfig
+	client *relay.Client
+}
+
+// goneFor is how long a relay that said a peer is not connected to it is
+// passed over for that peer (another relay is tried meanwhile).
+const goneFor = 5 * time.Second
 
 // Bind implements conn.Bind.
 type Bind struct {
@@ -83,8 +99,7 @@ type Bind struct {
 	mu       sync.Mutex // guards the fields below
 	peers    map[[32]byte]*peer
 	byAddr   map[netip.AddrPort]*peer
-	relay    *relay.Client
-	relayURL string
+	relays   []*relayConn // in the network map's order of preference
 	stunSrv  []netip.AddrPort
 	stunTx   map[[12]byte]time.Time
 	lastStun time.Time
@@ -108,6 +123,11 @@ type peer struct {
 	shared [32]byte
 	paths  map[netip.AddrPort]*path
 	pings  map[[12]byte]sentPing
+	// via is the relay the peer's packets last came over: the reply goes
+	// back the same way. gone holds relays that said the peer is not on
+	// them, and when.
+	via  *relayConn
+	gone map[*relayConn]time.Time
 
 	lastScan                             time.Time
 	txDirect, rxDirect, txRelay, rxRelay atomic.Uint64
@@ -251,17 +271,52 @@ func (b *Bind) Close() error {
 	return b.inner.Close()
 }
 
-// Shutdown closes the bind and the relay client for good.
+// Shutdown closes the bind and the relay clients for good.
 func (b *Bind) Shutdown() {
 	b.Close()
 	b.mu.Lock()
-	r := b.relay
-	b.relay = nil
+	rs := b.relays
+	b.relays = nil
 	b.shutdown = true
 	b.mu.Unlock()
-	if r != nil {
-		r.Close()
+	for _, rc := range rs {
+		rc.client.Close()
 	}
+}
+
+// relayFor picks the relay to reach p by: the one its packets came over,
+// else the first connected relay that has not just said p is not on it,
+// else the first connected one. Caller holds b.mu.
+func (b *Bind) relayFor(p *peer, now time.Time) *relayConn {
+	if p == nil {
+		return nil
+	}
+	if v := p.via; v != nil && v.client.Connected() && now.Sub(p.gone[v]) > goneFor {
+		return v
+	}
+	var fallback *relayConn
+	for _, rc := range b.relays {
+		if !rc.client.Connected() {
+			continue
+		}
+		if now.Sub(p.gone[rc]) > goneFor {
+			return rc
+		}
+		if fallback == nil {
+			fallback = rc
+		}
+	}
+	return fallback
+}
+
+// anyRelayConnected reports whether some relay is up. Caller holds b.mu.
+func (b *Bind) anyRelayConnected() bool {
+	for _, rc := range b.relays {
+		if rc.client.Connected() {
+			return true
+		}
+	}
+	return false
 }
 
 // filter wraps a UDP receive function: disco and STUN are handled here and
@@ -288,7 +343,7 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				pkt := packets[i][:sizes[i]]
 				switch {
 				case isDisco(pkt):
-					b.handleDisco(pkt, src, false)
+					b.handleDisco(pkt, src, nil)
 					sizes[i] = 0
 				case stun.IsSTUN(pkt):
 					b.handleSTUN(pkt, src)
@@ -339,15 +394,19 @@ func (b *Bind) receiveRelay(done chan struct{}, packets [][]byte, sizes []int, e
 	return n, nil
 }
 
-// onRelayPacket is the relay client's callback.
-func (b *Bind) onRelayPacket(src relay.Key, pkt []byte) {
+// onRelayPacket is the relay clients' callback.
+func (b *Bind) onRelayPacket(rc *relayConn, src relay.Key, pkt []byte) {
 	if isDisco(pkt) {
-		b.handleDisco(pkt, netip.AddrPort{}, true)
+		b.handleDisco(pkt, netip.AddrPort{}, rc)
 		return
 	}
 	b.mu.Lock()
 	if p := b.peers[src]; p != nil {
 		p.rxRelay.Add(uint64(len(pkt)))
+		if p.via != rc {
+			p.via = rc
+			delete(p.gone, rc)
+		}
 	}
 	b.mu.Unlock()
 	select {
@@ -363,13 +422,17 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if !ok {
 		return b.inner.Send(bufs, ep)
 	}
+	now := time.Now()
 	b.mu.Lock()
 	p := b.peers[e.key]
 	var direct *path
 	if p != nil && !b.relayOnly {
-		direct = p.best(time.Now())
+		direct = p.best(now)
 	}
-	r := b.relay
+	var r *relay.Client
+	if rc := b.relayFor(p, now); rc != nil {
+		r = rc.client
+	}
 	b.mu.Unlock()
 	if direct != nil {
 		err := b.inner.Send(bufs, direct.ep)
@@ -383,7 +446,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	// well. Whichever arrives first wins; a plain LAN then needs no relay,
 	// and a relay on which the peer is not (yet) connected loses nothing.
 	sent := false
-	if r != nil && r.Connected() {
+	if r != nil {
 		var rerr error
 		for _, buf := range bufs {
 			if err := r.Send(e.key, buf); err != nil {
@@ -473,7 +536,7 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 		want[pc.Key] = true
 		p := b.peers[pc.Key]
 		if p == nil {
-			p = &peer{key: pc.Key, paths: map[netip.AddrPort]*path{}, pings: map[[12]byte]sentPing{}}
+			p = &peer{key: pc.Key, paths: map[netip.AddrPort]*path{}, pings: map[[12]byte]sentPing{}, gone: map[*relayConn]time.Time{}}
 			p.ep = &Endpoint{key: pc.Key, b: b}
 			box.Precompute(&p.shared, &p.key, &b.priv)
 			b.peers[pc.Key] = p
@@ -521,26 +584,66 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 	b.poke()
 }
 
-// SetRelay starts (or replaces) the relay client. An empty URL stops it.
-func (b *Bind) SetRelay(cfg relay.ClientConfig) {
+// maxRelays bounds the relay connections a node keeps.
+const maxRelays = 8
+
+// SetRelays keeps one connection to each relay listed (up to maxRelays),
+// reusing those that did not change and closing the others.
+func (b *Bind) SetRelays(cfgs []RelayConfig) {
+	if len(cfgs) > maxRelays {
+		cfgs = cfgs[:maxRelays]
+	}
 	b.mu.Lock()
-	if b.shutdown || (b.relay != nil && b.relayURL == cfg.URL) {
+	if b.shutdown {
 		b.mu.Unlock()
 		return
 	}
-	old := b.relay
-	b.relay, b.relayURL = nil, cfg.URL
-	if cfg.URL != "" {
-		cfg.OnPacket = b.onRelayPacket
-		if cfg.Logger == nil {
-			cfg.Logger = b.log
+	old := map[RelayConfig]*relayConn{}
+	for _, rc := range b.relays {
+		old[rc.cfg] = rc
+	}
+	next := make([]*relayConn, 0, len(cfgs))
+	for _, cfg := range cfgs {
+		if rc := old[cfg]; rc != nil {
+			delete(old, cfg)
+			next = append(next, rc)
+			continue
 		}
-		b.relay = relay.NewClient(cfg)
-		b.relay.Start()
+		rc := &relayConn{cfg: cfg}
+		rc.client = relay.NewClient(relay.ClientConfig{
+			URL: cfg.URL, Fingerprint: cfg.Fingerprint, RelayKey: cfg.Key, PrivateKey: b.priv,
+			Logger:   b.log.With("relay_name", cfg.Name),
+			OnPacket: func(src relay.Key, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
+			OnPeerGone: func(dst relay.Key) {
+				b.mu.Lock()
+				if p := b.peers[dst]; p != nil {
+					p.gone[rc] = time.Now()
+				}
+				b.mu.Unlock()
+			},
+			RetryMin: cfg.RetryMin, RetryMax: cfg.RetryMax,
+		})
+		rc.client.Start()
+		next = append(next, rc)
+	}
+	b.relays = next
+	removed := map[*relayConn]bool{}
+	for _, rc := range old {
+		removed[rc] = true
+	}
+	for _, p := range b.peers {
+		if removed[p.via] {
+			p.via = nil
+		}
+		for rc := range p.gone {
+			if removed[rc] {
+				delete(p.gone, rc)
+			}
+		}
 	}
 	b.mu.Unlock()
-	if old != nil {
-		old.Close()
+	for rc := range removed {
+		rc.client.Close()
 	}
 }
 
@@ -644,7 +747,10 @@ func (b *Bind) pingLocked(p *peer, addr netip.AddrPort, viaRelay bool, now time.
 	return sealDisco(b.pub, &p.shared, &m), m.txid
 }
 
-func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, viaRelay bool) {
+// handleDisco handles a disco message from src, or over relay rc when rc is
+// not nil.
+func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, rc *relayConn) {
+	viaRelay := rc != nil
 	sender := discoSender(pkt)
 	b.mu.Lock()
 	p := b.peers[sender]
@@ -690,6 +796,9 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, viaRelay bool) {
 		delete(p.pings, m.txid)
 		rtt := now.Sub(sp.at)
 		res := PingResult{Peer: p.name, RTT: rtt, Relay: viaRelay}
+		if viaRelay {
+			res.RelayName = rc.cfg.Name
+		}
 		if !viaRelay && sp.addr == src {
 			pa = p.paths[src]
 			if pa != nil {
@@ -709,13 +818,10 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, viaRelay bool) {
 			}
 		}
 	}
-	r := b.relay
 	b.mu.Unlock()
 	if reply != nil {
 		if viaRelay {
-			if r != nil {
-				r.Send(sender, reply)
-			}
+			rc.client.Send(sender, reply)
 		} else {
 			b.inner.Send([][]byte{reply}, &conn.StdNetEndpoint{AddrPort: src})
 		}
@@ -754,7 +860,9 @@ type PingResult struct {
 	Peer  string
 	Addr  netip.AddrPort // direct path, or invalid for the relay
 	Relay bool
-	RTT   time.Duration
+	// RelayName names the relay the pong came over.
+	RelayName string
+	RTT       time.Duration
 }
 
 // Ping sends one disco ping to the peer over every known direct address and
@@ -779,8 +887,9 @@ func (b *Bind) Ping(ctx context.Context, key [32]byte) ([]PingResult, error) {
 		ids = append(ids, id)
 		out = append(out, outgoing{pkt, pa.ep})
 	}
-	r := b.relay
-	if r != nil && r.Connected() {
+	var r *relay.Client
+	if rc := b.relayFor(p, now); rc != nil {
+		r = rc.client
 		var id [12]byte
 		relayPkt, id = b.pingLocked(p, netip.AddrPort{}, true, now)
 		ids = append(ids, id)
@@ -817,8 +926,11 @@ func (b *Bind) Ping(ctx context.Context, key [32]byte) ([]PingResult, error) {
 // PeerPath describes how a peer is reached right now.
 type PeerPath struct {
 	// Path is "direct", "relay" or "none".
-	Path       string
-	Addr       netip.AddrPort
+	Path string
+	Addr netip.AddrPort
+	// Relay names the relay used (or to be used) for the peer.
+	Relay      string
+	RelayURL   string
 	RTT        time.Duration
 	Candidates []netip.AddrPort
 	TxDirect   uint64
@@ -835,9 +947,14 @@ func (b *Bind) Path(key [32]byte) PeerPath {
 	if p == nil {
 		return PeerPath{Path: "none"}
 	}
+	now := time.Now()
 	pp := PeerPath{Path: "none", TxDirect: p.txDirect.Load(), RxDirect: p.rxDirect.Load(), TxRelay: p.txRelay.Load(), RxRelay: p.rxRelay.Load()}
+	rc := b.relayFor(p, now)
+	if rc != nil {
+		pp.Relay, pp.RelayURL = rc.cfg.Name, rc.cfg.URL
+	}
 	if b.relayOnly {
-		if b.relay != nil && b.relay.Connected() {
+		if rc != nil {
 			pp.Path = "relay"
 		}
 		return pp
@@ -846,19 +963,31 @@ func (b *Bind) Path(key [32]byte) PeerPath {
 		pp.Candidates = append(pp.Candidates, a)
 	}
 	sort.Slice(pp.Candidates, func(i, j int) bool { return pp.Candidates[i].String() < pp.Candidates[j].String() })
-	if pa := p.best(time.Now()); pa != nil {
+	if pa := p.best(now); pa != nil {
 		pp.Path, pp.Addr, pp.RTT = "direct", pa.addr, pa.rtt
-	} else if b.relay != nil && b.relay.Connected() {
+	} else if rc != nil {
 		pp.Path = "relay"
 	}
 	return pp
 }
 
-// RelayURL is the relay in use, and whether it is connected.
-func (b *Bind) RelayURL() (string, bool) {
+// RelayStatus is one relay connection.
+type RelayStatus struct {
+	Name, URL string
+	Connected bool
+	Stats     relay.ClientStats
+}
+
+// Relays reports the relay connections, in order of preference.
+func (b *Bind) Relays() []RelayStatus {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.relayURL, b.relay != nil && b.relay.Connected()
+	rs := slices.Clone(b.relays)
+	b.mu.Unlock()
+	out := make([]RelayStatus, 0, len(rs))
+	for _, rc := range rs {
+		out = append(out, RelayStatus{Name: rc.cfg.Name, URL: rc.cfg.URL, Connected: rc.client.Connected(), Stats: rc.client.Stats()})
+	}
+	return out
 }
 
 var _ conn.Bind = (*Bind)(nil)

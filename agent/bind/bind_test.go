@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"golang.org/x/crypto/nacl/box"
+
+	"github.com/meshlink/meshlink/coordinator/relay"
 )
 
 func newKey(t testing.TB) (priv, pub [32]byte) {
@@ -61,11 +63,13 @@ func FuzzDisco(f *testing.F) {
 	f.Add([]byte(discoMagic))
 	b := New(Config{PrivateKey: bPriv})
 	b.SetPeers([]PeerConfig{{Key: aPub, Name: "a", Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}})
+	// A relay that never connects: replies over it are dropped.
+	rc := &relayConn{cfg: RelayConfig{Name: "r"}, client: relay.NewClient(relay.ClientConfig{})}
 	f.Fuzz(func(t *testing.T, pkt []byte) {
 		_ = isDisco(pkt)
 		if isDisco(pkt) {
-			b.handleDisco(pkt, netip.MustParseAddrPort("127.0.0.1:9"), false)
-			b.handleDisco(pkt, netip.AddrPort{}, true)
+			b.handleDisco(pkt, netip.MustParseAddrPort("127.0.0.1:9"), nil)
+			b.handleDisco(pkt, netip.AddrPort{}, rc)
 		}
 		parseDisco(pkt)
 		b.handleSTUN(pkt, netip.MustParseAddrPort("127.0.0.1:3478"))

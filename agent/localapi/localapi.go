@@ -39,7 +39,20 @@ type Status struct {
 	ListenPort  uint16      `json:"listen_port"`
 	DNS         string      `json:"dns,omitempty"`
 	Coordinator Coordinator `json:"coordinator"`
-	Peers       []Peer      `json:"peers"`
+	// Relays are the relays of the network map, in order of preference.
+	Relays []Relay `json:"relays"`
+	Peers  []Peer  `json:"peers"`
+}
+
+// Relay is this site's connection to one relay.
+type Relay struct {
+	Name      string `json:"name"`
+	URL       string `json:"url"`
+	Connected bool   `json:"connected"`
+	LastError string `json:"last_error,omitempty"`
+	// Packet bytes this site sent and received over the relay.
+	TxBytes uint64 `json:"tx_bytes"`
+	RxBytes uint64 `json:"rx_bytes"`
 }
 
 // Node is this site.
@@ -71,9 +84,10 @@ type Peer struct {
 	TxBytes       uint64         `json:"tx_bytes"`
 	Key           string         `json:"key"`
 	// Path is "direct" (Endpoint is the UDP address), "relay" (Relay is
-	// its URL) or "none".
+	// the relay's name, RelayURL its URL) or "none".
 	Path       string   `json:"path"`
 	Relay      string   `json:"relay,omitempty"`
+	RelayURL   string   `json:"relay_url,omitempty"`
 	RTT        Duration `json:"rtt,omitempty"`
 	Candidates []string `json:"candidates,omitempty"`
 	// Bytes of WireGuard packets by path, both directions.

@@ -105,7 +105,22 @@ func statusCmd() *cli.Command {
 					cs += " (" + s.Coordinator.LastError + ")"
 				}
 			}
-			fmt.Printf("coordinator: %s %s\n\n", s.Coordinator.URL, cs)
+			fmt.Printf("coordinator: %s %s\n", s.Coordinator.URL, cs)
+			for i, r := range s.Relays {
+				label := "relays:     "
+				if i > 0 {
+					label = "            "
+				}
+				rs := "connected"
+				if !r.Connected {
+					rs = "disconnected"
+					if r.LastError != "" {
+						rs += " (" + r.LastError + ")"
+					}
+				}
+				fmt.Printf("%s %s %s %s\n", label, r.Name, r.URL, rs)
+			}
+			fmt.Println()
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "PEER\tMESH IP\tPATH\tRTT\tHANDSHAKE\tRX\tTX\tSTATE")
 			for _, p := range s.Peers {
@@ -126,7 +141,7 @@ func statusCmd() *cli.Command {
 				case "direct":
 					path = "direct " + p.Endpoint
 				case "relay":
-					path = "relayed via " + p.Relay
+					path = "relayed via " + p.Relay + " (" + p.RelayURL + ")"
 				}
 				rtt := "-"
 				if p.RTT > 0 {

@@ -37,9 +37,10 @@ type ClientConfig struct {
 	// An empty Fingerprint verifies the certificate against the system's
 	// roots instead.
 	URL, Fingerprint string
-	// NodeID and Secret are the node credentials.
-	NodeID wire.NodeID
-	Secret string
+	// RelayKey is the relay's public key (wire.Relay.Key), PrivateKey the
+	// node's WireGuard private key: with them the client proves the node's
+	// key to the relay. The private key never leaves the client.
+	RelayKey, PrivateKey Key
 	// Logger receives structured logs; nil discards.
 	Logger *slog.Logger
 	// OnPacket is called on the client's read goroutine for every packet
@@ -79,6 +80,7 @@ type Client struct {
 	cfg  ClientConfig
 	log  *slog.Logger
 	tls  *tls.Config
+	pub  Key    // the node's public key
 	addr string // host:port to dial
 	path string // request path
 	host string // Host header
@@ -127,6 +129,7 @@ func NewClient(cfg ClientConfig) *Client {
 	}
 	c := &Client{cfg: cfg, log: log.With("subsystem", "relay-client", "relay", cfg.URL)}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.pub, _ = PublicKey(cfg.PrivateKey)
 	c.tls = wire.PinnedTLSConfig(cfg.Fingerprint)
 	c.tls.NextProtos = []string{"http/1.1"}
 	if u, err := url.Parse(cfg.URL); err == nil && u.Scheme == "https" && u.Host != "" {
@@ -209,7 +212,7 @@ type upgradeError struct {
 func (e *upgradeError) Error() string {
 	switch {
 	case e.status == http.StatusUnauthorized:
-		return fmt.Sprintf("the relay refused this node's credentials (%d %s: %s)", e.status, e.body.Code, e.body.Message)
+		return fmt.Sprintf("the relay refused this node's key proof (%d %s: %s)", e.status, e.body.Code, e.body.Message)
 	case e.body.Message != "":
 		return fmt.Sprintf("relay upgrade refused: %d %s: %s", e.status, e.body.Code, e.body.Message)
 	default:
@@ -236,16 +239,22 @@ func (c *Client) dial() (net.Conn, *bufio.Reader, error) {
 	}()
 	deadline, _ := ctx.Deadline()
 	conn.SetDeadline(deadline)
+	cs := conn.(*tls.Conn).ConnectionState()
+	secret, err := sessionSecret(&cs)
+	if err != nil {
+		return nil, nil, fmt.Errorf("export TLS keying material: %w", err)
+	}
+	proof, err := makeProof(secret, c.cfg.PrivateKey, c.cfg.RelayKey)
+	if err != nil {
+		return nil, nil, err
+	}
 	req := "GET " + c.path + " HTTP/1.1\r\n" +
 		"Host: " + c.host + "\r\n" +
 		"Connection: Upgrade\r\n" +
 		"Upgrade: " + wire.RelayProtocol + "\r\n" +
-		wire.HeaderNodeID + ": " + strconv.FormatUint(uint64(c.cfg.NodeID), 10) + "\r\n" +
-		wire.HeaderNodeSecret + ": " + c.cfg.Secret + "\r\n" +
+		wire.HeaderRelayNodeKey + ": " + string(c.pub.Wire()) + "\r\n" +
+		wire.HeaderRelayProof + ": " + proof + "\r\n" +
 		wire.HeaderVersion + ": " + strconv.Itoa(wire.ProtocolVersion) + "\r\n\r\n"
-	if strings.ContainsAny(c.cfg.Secret, "\r\n") {
-		return nil, nil, errors.New("node secret holds a line break")
-	}
 	if _, err := io.WriteString(conn, req); err != nil {
 		return nil, nil, fmt.Errorf("send upgrade request: %w", err)
 	}

@@ -1,6 +1,7 @@
 // Package relay carries WireGuard packets between nodes that cannot reach
-// each other over UDP, over one outbound TLS connection per node to the
-// coordinator's HTTPS port (like Tailscale's DERP).
+// each other over UDP, over one outbound TLS connection per node and relay:
+// the coordinator's HTTPS port, or a standalone `meshlink relay` (like
+// Tailscale's DERP).
 //
 // The relay sees only encrypted WireGuard packets and public keys: it can
 // neither read nor forge traffic. The source key it reports to a receiver is
@@ -8,9 +9,9 @@
 // frames, so nodes cannot pose as each other.
 //
 // Protocol: the client sends "GET wire.PathRelay" over HTTP/1.1 with
-// "Connection: Upgrade", "Upgrade: wire.RelayProtocol" and its node
-// credentials; the server answers 101 Switching Protocols and both sides
-// then exchange frames:
+// "Connection: Upgrade", "Upgrade: wire.RelayProtocol",
+// HeaderRelayNodeKey with HeaderRelayProof (see proof.go); the server
+// answers 101 Switching Protocols and both sides then exchange frames:
 //
 //	[1 byte type][2 bytes big-endian payload length][payload]
 //
@@ -67,7 +68,8 @@ type ServerInfo struct {
 	KeepAliveMS int64 `json:"keepalive_ms,omitempty"`
 }
 
-// Key is a WireGuard public key.
+// Key is a Curve25519 key: a WireGuard public key, or (in configs only) a
+// private one.
 type Key [KeyLen]byte
 
 // KeyFromWire decodes a base64 key as carried by the wire package.

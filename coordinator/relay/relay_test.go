@@ -18,7 +18,6 @@ import (
 	"net/http"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -118,11 +117,10 @@ func selfSigned(t testing.TB) tls.Certificate {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k}
 }
 
-// node is a test node's credentials.
+// node is a test node's key pair.
 type node struct {
-	id     wire.NodeID
-	secret string
-	key    Key
+	priv Key
+	key  Key // public
 }
 
 // testRelay is a relay.Server behind a real HTTPS server whose nodes are
@@ -131,8 +129,10 @@ type testRelay struct {
 	t     testing.TB
 	cert  tls.Certificate
 	fp    string
-	nodes map[wire.NodeID]node
-	auths atomic.Int64 // Authenticate calls
+	nodes map[Key]node
+	priv  Key          // the relay's key
+	pub   Key          // its public half
+	auths atomic.Int64 // Verify calls: proofs that checked out
 	log   *slog.Logger
 	logs  *logBuf
 
@@ -147,8 +147,12 @@ type testRelay struct {
 func newNodes(n int) []node {
 	ns := make([]node, n)
 	for i := range ns {
-		ns[i] = node{id: wire.NodeID(i + 1), secret: fmt.Sprintf("secret-%d", i+1)}
-		rand.Read(ns[i].key[:])
+		priv, err := NewPrivateKey()
+		if err != nil {
+			panic(err)
+		}
+		pub, _ := PublicKey(priv)
+		ns[i] = node{priv: priv, key: pub}
 	}
 	return ns
 }
@@ -161,10 +165,12 @@ func startRelay(t testing.TB, nodes []node, mod ...func(*ServerConfig)) *testRel
 func startRelayHTTP(t testing.TB, nodes []node, httpMod func(*http.Server), mod ...func(*ServerConfig)) *testRelay {
 	t.Helper()
 	log, logs := newLog(t)
-	tr := &testRelay{t: t, cert: selfSigned(t), nodes: map[wire.NodeID]node{}, log: log, logs: logs, httpMod: httpMod}
+	tr := &testRelay{t: t, cert: selfSigned(t), nodes: map[Key]node{}, log: log, logs: logs, httpMod: httpMod}
+	tr.priv, _ = NewPrivateKey()
+	tr.pub, _ = PublicKey(tr.priv)
 	tr.fp = wire.CertFingerprint(tr.cert.Certificate[0])
 	for _, n := range nodes {
-		tr.nodes[n.id] = n
+		tr.nodes[n.key] = n
 	}
 	tr.start("127.0.0.1:0", mod...)
 	t.Cleanup(tr.stop)
@@ -174,7 +180,7 @@ func startRelayHTTP(t testing.TB, nodes []node, httpMod func(*http.Server), mod 
 func (tr *testRelay) start(addr string, mod ...func(*ServerConfig)) {
 	t := tr.t
 	t.Helper()
-	cfg := ServerConfig{Logger: tr.log, Authenticate: tr.authenticate}
+	cfg := ServerConfig{Logger: tr.log, PrivateKey: tr.priv, Verify: tr.verify}
 	for _, m := range mod {
 		m(&cfg)
 	}
@@ -215,14 +221,12 @@ func (tr *testRelay) stop() {
 
 func (tr *testRelay) url() string { return "https://" + tr.addr }
 
-func (tr *testRelay) authenticate(r *http.Request) (Key, error) {
+func (tr *testRelay) verify(k Key) error {
 	tr.auths.Add(1)
-	id, _ := strconv.ParseUint(r.Header.Get(wire.HeaderNodeID), 10, 64)
-	n, ok := tr.nodes[wire.NodeID(id)]
-	if !ok || n.secret != r.Header.Get(wire.HeaderNodeSecret) {
-		return Key{}, errors.New("bad credentials")
+	if _, ok := tr.nodes[k]; !ok {
+		return errors.New("not a node of this mesh")
 	}
-	return n.key, nil
+	return nil
 }
 
 // rx collects what a client receives.
@@ -265,7 +269,7 @@ func (tr *testRelay) client(t testing.TB, n node, mod ...func(*ClientConfig)) (*
 	t.Helper()
 	r := &rx{}
 	cfg := ClientConfig{
-		URL: tr.url(), Fingerprint: tr.fp, NodeID: n.id, Secret: n.secret, Logger: tr.log,
+		URL: tr.url(), Fingerprint: tr.fp, RelayKey: tr.pub, PrivateKey: n.priv, Logger: tr.log,
 		OnPacket: r.onPacket, OnPeerGone: r.onPeerGone, RetryMin: 10 * time.Millisecond, RetryMax: 100 * time.Millisecond,
 	}
 	for _, m := range mod {
@@ -297,8 +301,17 @@ func (tr *testRelay) dialRaw(t *testing.T, n node) (*rawConn, int) {
 	req, _ := http.NewRequest(http.MethodGet, tr.url()+wire.PathRelay, nil)
 	req.Header.Set("Connection", "Upgrade")
 	req.Header.Set("Upgrade", wire.RelayProtocol)
-	req.Header.Set(wire.HeaderNodeID, strconv.FormatUint(uint64(n.id), 10))
-	req.Header.Set(wire.HeaderNodeSecret, n.secret)
+	cs := conn.ConnectionState()
+	secret, err := sessionSecret(&cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proof, err := makeProof(secret, n.priv, tr.pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set(wire.HeaderRelayNodeKey, string(n.key.Wire()))
+	req.Header.Set(wire.HeaderRelayProof, proof)
 	if err := req.Write(conn); err != nil {
 		t.Fatal(err)
 	}
@@ -526,28 +539,94 @@ func TestServerRestartReconnects(t *testing.T) {
 	}
 }
 
-func TestBadCredentials(t *testing.T) {
-	ns := newNodes(1)
-	tr := startRelay(t, ns)
-	bad := ns[0]
-	bad.secret = "wrong"
-	if _, status := tr.dialRaw(t, bad); status != http.StatusUnauthorized {
-		t.Fatalf("upgrade with bad credentials: %d, want 401", status)
+func TestUnknownKeyRefused(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns[:1])
+	stranger := ns[1] // a valid key pair the mesh does not know
+	if _, status := tr.dialRaw(t, stranger); status != http.StatusForbidden {
+		t.Fatalf("upgrade by a key outside the mesh: %d, want 403", status)
 	}
 	before := tr.auths.Load()
-	c, _ := tr.client(t, bad)
+	c, _ := tr.client(t, stranger)
 	waitFor(t, 5*time.Second, "several attempts", func() bool { return tr.auths.Load() >= before+3 })
 	if c.Connected() {
-		t.Fatal("connected with bad credentials")
+		t.Fatal("connected with a key outside the mesh")
 	}
-	if e := c.Stats().LastError; !strings.Contains(e, "refused this node's credentials") || !strings.Contains(e, "401") {
+	if e := c.Stats().LastError; !strings.Contains(e, "not a node of this mesh") || !strings.Contains(e, "403") {
 		t.Fatalf("last error %q", e)
 	}
-	if !tr.logs.contains("relay connection failed; retrying") || !tr.logs.contains("re-join with a new token") {
+	if !tr.logs.contains("relay connection failed; retrying") || !tr.logs.contains("relay upgrade refused") {
 		t.Fatal("no clear log of the refusal")
 	}
 	if err := c.Send(ns[0].key, []byte("x")); !errors.Is(err, ErrNotConnected) {
 		t.Fatalf("send: %v", err)
+	}
+}
+
+// TestProofCannotBeForgedOrReplayed: claiming another node's key without its
+// private key, proving to another relay key, and replaying a proof from
+// another TLS session are all refused before Verify is asked.
+func TestProofCannotBeForgedOrReplayed(t *testing.T) {
+	ns := newNodes(2)
+	tr := startRelay(t, ns)
+	victim, attacker := ns[0], ns[1]
+
+	upgrade := func(t *testing.T, claim Key, proof func(secret []byte) string) int {
+		t.Helper()
+		conn, err := tls.Dial("tcp", tr.addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		cs := conn.ConnectionState()
+		secret, err := sessionSecret(&cs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req, _ := http.NewRequest(http.MethodGet, tr.url()+wire.PathRelay, nil)
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", wire.RelayProtocol)
+		req.Header.Set(wire.HeaderRelayNodeKey, string(claim.Wire()))
+		req.Header.Set(wire.HeaderRelayProof, proof(secret))
+		if err := req.Write(conn); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	otherRelay, _ := NewPrivateKey()
+	otherPub, _ := PublicKey(otherRelay)
+	var stale string // a valid proof from an earlier session
+	if st := upgrade(t, victim.key, func(secret []byte) string {
+		stale, _ = makeProof(secret, victim.priv, tr.pub)
+		return stale
+	}); st != http.StatusSwitchingProtocols {
+		t.Fatalf("genuine proof: %d", st)
+	}
+	before := tr.auths.Load()
+	for _, tc := range []struct {
+		name  string
+		proof func(secret []byte) string
+	}{
+		{"attacker's key claiming the victim", func(s []byte) string { p, _ := makeProof(s, attacker.priv, tr.pub); return p }},
+		{"made for another relay", func(s []byte) string { p, _ := makeProof(s, victim.priv, otherPub); return p }},
+		{"replayed from another session", func([]byte) string { return stale }},
+		{"garbage", func([]byte) string { return "not base64!" }},
+		{"empty", func([]byte) string { return "" }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if st := upgrade(t, victim.key, tc.proof); st != http.StatusUnauthorized {
+				t.Fatalf("status %d, want 401", st)
+			}
+		})
+	}
+	if tr.auths.Load() != before {
+		t.Fatal("Verify asked about a key whose proof failed")
 	}
 }
 
@@ -558,7 +637,7 @@ func TestWrongFingerprint(t *testing.T) {
 	c, _ := tr.client(t, ns[0], func(c *ClientConfig) { c.Fingerprint = strings.Repeat("ab", 32) })
 	waitFor(t, 5*time.Second, "error", func() bool { return strings.Contains(c.Stats().LastError, "fingerprint") })
 	if tr.auths.Load() != before {
-		t.Fatal("credentials sent to a server with the wrong certificate")
+		t.Fatal("a proof reached a server with the wrong certificate")
 	}
 }
 
@@ -577,8 +656,6 @@ func TestHTTPRefusals(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			req, _ := http.NewRequest(tc.method, tr.url()+wire.PathRelay, nil)
-			req.Header.Set(wire.HeaderNodeID, "1")
-			req.Header.Set(wire.HeaderNodeSecret, ns[0].secret)
 			resp, err := cl.Do(req)
 			if err != nil {
 				t.Fatal(err)

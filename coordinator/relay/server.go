@@ -22,11 +22,13 @@ import (
 type ServerConfig struct {
 	// Logger receives structured logs; nil discards.
 	Logger *slog.Logger
-	// Authenticate checks the upgrade request (node credentials) and
-	// returns the node's current WireGuard public key. Return an
-	// *AuthError to choose the refusal's status and message; any other
-	// error answers 401.
-	Authenticate func(r *http.Request) (Key, error)
+	// PrivateKey is the relay's Curve25519 key; nodes prove their keys to
+	// its public half (wire.Relay.Key).
+	PrivateKey Key
+	// Verify decides whether a node key that proved itself may use the
+	// relay (is a node of the mesh). Return an *AuthError to choose the
+	// refusal's status and message; any other error answers 403.
+	Verify func(node Key) error
 	// Allowed reports whether src may send to dst (policy hook); nil allows
 	// every pair. It runs once per packet: keep it cheap.
 	Allowed func(src, dst Key) bool
@@ -160,19 +162,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusUpgradeRequired, wire.ErrCodeVersion, "the relay needs Connection: Upgrade and Upgrade: %s", wire.RelayProtocol)
 		return
 	}
-	if s.cfg.Authenticate == nil {
-		refuse(w, http.StatusInternalServerError, wire.ErrCodeInternal, "relay has no authenticator")
-		return
-	}
-	key, err := s.cfg.Authenticate(r)
+	key, err := s.authenticate(r)
 	if err != nil {
 		var ae *AuthError
 		if errors.As(err, &ae) {
 			refuse(w, ae.Status, ae.Body.Code, "%s", ae.Body.Message)
 		} else {
-			refuse(w, http.StatusUnauthorized, wire.ErrCodeUnauthorized, "node credentials are missing or wrong; re-join with a new token")
+			refuse(w, http.StatusForbidden, wire.ErrCodeUnauthorized, "this node may not use the relay: %v", err)
 		}
-		s.log.Debug("relay upgrade refused", "remote", r.RemoteAddr, "err", err)
+		s.log.Info("relay upgrade refused", "remote", r.RemoteAddr, "err", err)
 		return
 	}
 
@@ -242,6 +240,29 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		log.Info("relay client disconnected", "err", err)
 	}
+}
+
+// authenticate checks the node's key proof for this TLS session and asks
+// Verify whether the key belongs to the mesh.
+func (s *Server) authenticate(r *http.Request) (Key, error) {
+	key, err := KeyFromWire(wire.Key(r.Header.Get(wire.HeaderRelayNodeKey)))
+	if err != nil {
+		return key, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
+			Message: "missing or malformed " + wire.HeaderRelayNodeKey + " header; this client is too old for this relay, upgrade meshlink"}}
+	}
+	secret, err := sessionSecret(r.TLS)
+	if err != nil {
+		return key, &AuthError{Status: http.StatusInternalServerError, Body: wire.Error{Code: wire.ErrCodeInternal,
+			Message: "the relay must terminate TLS itself (it cannot sit behind a TLS-terminating proxy)"}}
+	}
+	if err := checkProof(r.Header.Get(wire.HeaderRelayProof), secret, key, s.cfg.PrivateKey); err != nil {
+		return key, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
+			Message: "the node key proof does not verify; the relay's key may have changed: wait for the next network map"}}
+	}
+	if s.cfg.Verify == nil {
+		return key, errors.New("relay has no key verifier")
+	}
+	return key, s.cfg.Verify(key)
 }
 
 func (s *Server) isClosed() bool {

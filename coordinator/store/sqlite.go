@@ -102,6 +102,18 @@ var migrations = []string{
 		owner_id INTEGER NOT NULL DEFAULT 0
 	);
 	CREATE INDEX events_owner ON events(owner_id, id);`,
+	// 4: standalone relays and the relay join tokens that register them.
+	`ALTER TABLE tokens ADD COLUMN relay INTEGER NOT NULL DEFAULT 0;
+	CREATE TABLE relays (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		name TEXT NOT NULL UNIQUE,
+		url TEXT NOT NULL,
+		fingerprint TEXT NOT NULL,
+		relay_key TEXT NOT NULL,
+		secret_hash BLOB NOT NULL,
+		token_id TEXT NOT NULL DEFAULT '',
+		created INTEGER NOT NULL
+	);`,
 }
 
 // SQLite is the embedded Store.
@@ -255,9 +267,9 @@ func (s *SQLite) CreateToken(ctx context.Context, t Token) error {
 	if t.Created.IsZero() {
 		t.Created = time.Now()
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created), t.OwnerID)
+	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created), t.OwnerID, b2i(t.Relay))
 	if err != nil {
 		return fmt.Errorf("store: create token: %w", err)
 	}
@@ -273,17 +285,17 @@ func nonNil(s []string) []string {
 
 type scanner interface{ Scan(...any) error }
 
-const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id`
+const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay`
 
 func scanToken(r scanner) (Token, error) {
 	var t Token
-	var reusable, ephemeral, revoked int
+	var reusable, ephemeral, revoked, relay int
 	var tags string
 	var expires, created int64
-	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created, &t.OwnerID); err != nil {
+	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created, &t.OwnerID, &relay); err != nil {
 		return t, err
 	}
-	t.Reusable, t.Ephemeral, t.Revoked = reusable != 0, ephemeral != 0, revoked != 0
+	t.Reusable, t.Ephemeral, t.Revoked, t.Relay = reusable != 0, ephemeral != 0, revoked != 0, relay != 0
 	t.Expires, t.Created = fromUnixNano(expires), fromUnixNano(created)
 	_ = json.Unmarshal([]byte(tags), &t.Tags)
 	return t, nil
@@ -430,6 +442,9 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 			if tok.Revoked {
 				return ErrTokenRevoked
 			}
+			if tok.Relay {
+				return ErrTokenKind
+			}
 		}
 		existing, err := getNode(ctx, tx, "name = ?", r.Name)
 		switch {
@@ -512,7 +527,12 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 // consume checks tok for a new use and takes one, atomically with the
 // caller's transaction.
 func consume(ctx context.Context, tx *sql.Tx, tok Token, r Registration) error {
-	if err := tok.Check(r.TokenSecret, r.Now); err != nil {
+	return consumeToken(ctx, tx, tok, r.TokenSecret, r.Now)
+}
+
+// consumeToken checks tok against secret at now and spends one use of it.
+func consumeToken(ctx context.Context, tx *sql.Tx, tok Token, secret string, now time.Time) error {
+	if err := tok.Check(secret, now); err != nil {
 		return err
 	}
 	res, err := tx.ExecContext(ctx, `UPDATE tokens SET uses = uses + 1 WHERE id = ? AND revoked = 0 AND (reusable = 1 OR uses = 0)`, tok.ID)
@@ -660,4 +680,130 @@ func (s *SQLite) ListProviders(ctx context.Context) ([]Provider, error) {
 		out = append(out, p)
 	}
 	return out, rows.Err()
+}
+
+const relayCols = `id, name, url, fingerprint, relay_key, secret_hash, token_id, created`
+
+func scanRelay(r scanner) (Relay, error) {
+	var rl Relay
+	var key string
+	var created int64
+	if err := r.Scan(&rl.ID, &rl.Name, &rl.URL, &rl.Fingerprint, &key, &rl.SecretHash, &rl.TokenID, &created); err != nil {
+		return rl, err
+	}
+	rl.Key, rl.Created = wire.Key(key), fromUnixNano(created)
+	return rl, nil
+}
+
+func getRelay(ctx context.Context, q querier, where string, arg any) (Relay, error) {
+	rl, err := scanRelay(q.QueryRowContext(ctx, `SELECT `+relayCols+` FROM relays WHERE `+where, arg))
+	if errors.Is(err, sql.ErrNoRows) {
+		return rl, fmt.Errorf("relay %v: %w", arg, ErrNotFound)
+	}
+	return rl, err
+}
+
+// RegisterRelay implements Store.
+func (s *SQLite) RegisterRelay(ctx context.Context, r RelayRegistration) (Relay, error) {
+	if r.Now.IsZero() {
+		r.Now = time.Now()
+	}
+	var out Relay
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		tok, err := getToken(ctx, tx, r.TokenID)
+		if errors.Is(err, ErrNotFound) {
+			return ErrTokenInvalid
+		} else if err != nil {
+			return err
+		}
+		if !HashMatches(tok.SecretHash, r.TokenSecret) {
+			return ErrTokenInvalid
+		}
+		if !tok.Relay {
+			return ErrTokenKind
+		}
+		existing, err := getRelay(ctx, tx, "name = ?", r.Name)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			if err := consumeToken(ctx, tx, tok, r.TokenSecret, r.Now); err != nil {
+				return err
+			}
+			res, err := tx.ExecContext(ctx, `INSERT INTO relays (name, url, fingerprint, relay_key, secret_hash, token_id, created) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+				r.Name, r.URL, r.Fingerprint, string(r.Key), r.SecretHash, tok.ID, unixNano(r.Now))
+			if err != nil {
+				return err
+			}
+			id, _ := res.LastInsertId()
+			out = Relay{ID: id, Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: r.Key, SecretHash: r.SecretHash, TokenID: tok.ID, Created: r.Now}
+			return nil
+		case err != nil:
+			return err
+		case existing.Key != r.Key:
+			return ErrNameInUse
+		}
+		// The same relay again (its answer was lost, or its state wiped
+		// but not its key): a new secret, and a use only from another token.
+		if existing.TokenID != tok.ID {
+			if err := consumeToken(ctx, tx, tok, r.TokenSecret, r.Now); err != nil {
+				return err
+			}
+		} else if err := tok.Check(r.TokenSecret, r.Now); err != nil && !errors.Is(err, ErrTokenUsed) {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE relays SET url = ?, fingerprint = ?, secret_hash = ?, token_id = ? WHERE id = ?`,
+			r.URL, r.Fingerprint, r.SecretHash, tok.ID, existing.ID); err != nil {
+			return err
+		}
+		existing.URL, existing.Fingerprint, existing.SecretHash, existing.TokenID = r.URL, r.Fingerprint, r.SecretHash, tok.ID
+		out = existing
+		return nil
+	})
+	return out, err
+}
+
+// UpdateRelay implements Store.
+func (s *SQLite) UpdateRelay(ctx context.Context, id int64, url, fingerprint string, key wire.Key) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE relays SET url = ?, fingerprint = ?, relay_key = ? WHERE id = ?`, url, fingerprint, string(key), id)
+	if err != nil {
+		return fmt.Errorf("store: update relay %d: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("relay %d: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// GetRelay implements Store.
+func (s *SQLite) GetRelay(ctx context.Context, id int64) (Relay, error) {
+	return getRelay(ctx, s.db, "id = ?", id)
+}
+
+// ListRelays implements Store.
+func (s *SQLite) ListRelays(ctx context.Context) ([]Relay, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+relayCols+` FROM relays ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Relay
+	for rows.Next() {
+		rl, err := scanRelay(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, rl)
+	}
+	return out, rows.Err()
+}
+
+// DeleteRelay implements Store.
+func (s *SQLite) DeleteRelay(ctx context.Context, name string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM relays WHERE name = ?`, name)
+	if err != nil {
+		return fmt.Errorf("store: delete relay %s: %w", name, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("relay %s: %w", name, ErrNotFound)
+	}
+	return nil
 }

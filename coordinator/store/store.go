@@ -26,6 +26,9 @@ var (
 	ErrKeyInUse     = errors.New("store: key registered by another node")
 	ErrExhausted    = errors.New("store: address space exhausted")
 	ErrExists       = errors.New("store: already exists")
+	// ErrTokenKind: a relay token used to join a node, or a node token
+	// used to register a relay.
+	ErrTokenKind = errors.New("store: token is of the wrong kind")
 )
 
 // User is a local account.
@@ -51,6 +54,8 @@ type Token struct {
 	// OwnerID is the user who minted the token; nodes it creates belong to
 	// them. 0 means no owner (rows older than ownership): admins only.
 	OwnerID int64
+	// Relay marks a token that registers a standalone relay, not a node.
+	Relay bool
 }
 
 // Check validates t for a new registration at now with the given secret.
@@ -135,6 +140,28 @@ type Approval struct {
 	// Admin lets the approver re-key a node of the same name and key that
 	// another user owns; members may only renew their own.
 	Admin bool
+}
+
+// Relay is a registered standalone relay.
+type Relay struct {
+	ID          int64
+	Name        string
+	URL         string
+	Fingerprint string
+	Key         wire.Key // its Curve25519 public key
+	SecretHash  []byte
+	TokenID     string
+	Created     time.Time
+}
+
+// RelayRegistration describes a relay registering with a relay token.
+type RelayRegistration struct {
+	TokenID, TokenSecret string
+	Now                  time.Time
+	Name, URL            string
+	Fingerprint          string
+	Key                  wire.Key
+	SecretHash           []byte // hash of the new relay secret
 }
 
 // Session is a console login. Only the SHA-256 of its id is stored.
@@ -231,6 +258,18 @@ type Store interface {
 	UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error
 	ListServices(ctx context.Context) ([]Service, error)
 	ListProviders(ctx context.Context) ([]Provider, error)
+
+	// RegisterRelay validates a relay token and creates the relay (or, for
+	// the same name and key, renews its secret) in one transaction,
+	// consuming one use of the token like RegisterNode. A name held by
+	// another key is ErrNameInUse; a node token is ErrTokenKind.
+	RegisterRelay(ctx context.Context, r RelayRegistration) (Relay, error)
+	// UpdateRelay sets what agents need to reach relay id.
+	UpdateRelay(ctx context.Context, id int64, url, fingerprint string, key wire.Key) error
+	GetRelay(ctx context.Context, id int64) (Relay, error)
+	ListRelays(ctx context.Context) ([]Relay, error)
+	// DeleteRelay removes the relay of that name.
+	DeleteRelay(ctx context.Context, name string) error
 
 	Close() error
 }

@@ -1,4 +1,6 @@
-package coordinator
+// Package certs keeps the self-signed TLS certificate of a coordinator or a
+// standalone relay in its data directory, and writes files atomically.
+package certs
 
 import (
 	"crypto/ecdsa"
@@ -13,6 +15,7 @@ import (
 	"io/fs"
 	"math/big"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -23,31 +26,31 @@ const (
 	keyFile  = "key.pem"
 )
 
-// loadOrCreateCert returns the coordinator's certificate from dir, creating
-// a self-signed one valid for hosts on first start. Agents pin its
+// LoadOrCreate returns the certificate kept in dir, creating a self-signed
+// one named commonName and valid for hosts on first start. Agents pin its
 // fingerprint, so it is reused for as long as the data directory lives; the
 // SANs only matter to clients that verify names instead of pinning.
-func loadOrCreateCert(dir string, hosts []string) (tls.Certificate, error) {
+func LoadOrCreate(dir, commonName string, hosts []string) (tls.Certificate, error) {
 	cp, kp := filepath.Join(dir, certFile), filepath.Join(dir, keyFile)
 	_, errC := os.Stat(cp)
 	_, errK := os.Stat(kp)
 	if errC == nil && errK == nil {
 		c, err := tls.LoadX509KeyPair(cp, kp)
 		if err != nil {
-			return c, fmt.Errorf("coordinator: load certificate %s: %w; move %s and %s away to create a new one (agents will then need new tokens)", cp, err, certFile, keyFile)
+			return c, fmt.Errorf("load certificate %s: %w; move %s and %s away to create a new one (agents will then need new tokens)", cp, err, certFile, keyFile)
 		}
 		return c, nil
 	}
 	if !errors.Is(errC, fs.ErrNotExist) && errC != nil {
-		return tls.Certificate{}, fmt.Errorf("coordinator: %w", errC)
+		return tls.Certificate{}, fmt.Errorf("%w", errC)
 	}
 	if errC == nil || errK == nil {
-		return tls.Certificate{}, fmt.Errorf("coordinator: only one of %s and %s exists in %s; restore the other or remove both to create a new certificate", certFile, keyFile, dir)
+		return tls.Certificate{}, fmt.Errorf("only one of %s and %s exists in %s; restore the other or remove both to create a new certificate", certFile, keyFile, dir)
 	}
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("coordinator: generate key: %w", err)
+		return tls.Certificate{}, fmt.Errorf("generate key: %w", err)
 	}
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
@@ -56,7 +59,7 @@ func loadOrCreateCert(dir string, hosts []string) (tls.Certificate, error) {
 	now := time.Now()
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "meshlink coordinator", Organization: []string{"meshlink"}},
+		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"meshlink"}},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.AddDate(10, 0, 0),
 		KeyUsage:              x509.KeyUsageDigitalSignature,
@@ -79,26 +82,28 @@ func loadOrCreateCert(dir string, hosts []string) (tls.Certificate, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("coordinator: create certificate: %w", err)
+		return tls.Certificate{}, fmt.Errorf("create certificate: %w", err)
 	}
 	kder, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return tls.Certificate{}, err
 	}
 	// Key first: a cert without its key is the state we refuse above.
-	if err := writeFileAtomic(kp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+	if err := WriteFileAtomic(kp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
 		return tls.Certificate{}, err
 	}
-	if err := writeFileAtomic(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+	if err := WriteFileAtomic(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
 		return tls.Certificate{}, err
 	}
 	return tls.LoadX509KeyPair(cp, kp)
 }
 
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+// WriteFileAtomic writes data to path with mode through a synced temporary
+// file renamed into place, so a crash leaves the old file or the new one.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
 	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path))
 	if err != nil {
-		return fmt.Errorf("coordinator: write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, err)
 	}
 	defer os.Remove(f.Name())
 	if err := f.Chmod(mode); err != nil {
@@ -107,7 +112,7 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 	}
 	if _, err := f.Write(data); err != nil {
 		f.Close()
-		return fmt.Errorf("coordinator: write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, err)
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()
@@ -117,4 +122,35 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	return os.Rename(f.Name(), path)
+}
+
+// DefaultHostIP is the address put into the URL when listening on every
+// interface: the first non-loopback unicast address, IPv4 preferred.
+func DefaultHostIP() netip.Addr {
+	addrs, _ := net.InterfaceAddrs()
+	var v6 netip.Addr
+	for _, a := range addrs {
+		pn, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(pn.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || !ip.IsGlobalUnicast() {
+			continue
+		}
+		if ip.Is4() {
+			return ip
+		}
+		if !v6.IsValid() {
+			v6 = ip
+		}
+	}
+	if v6.IsValid() {
+		return v6
+	}
+	return netip.MustParseAddr("127.0.0.1")
 }
