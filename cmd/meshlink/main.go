@@ -20,6 +20,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/coordinator/relayd"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -106,6 +107,7 @@ func newApp() *cli.App {
 		Commands: []*cli.Command{
 			coordinatorCmd(),
 			tokenCmd(),
+			relayCmd(),
 			agentCmd(),
 			exposeCmd(),
 			unexposeCmd(),
@@ -162,6 +164,7 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringFlag{Name: "oidc-client-secret", Usage: "client secret registered with --oidc-issuer (prefer --oidc-client-secret-file)", EnvVars: env("OIDC_CLIENT_SECRET")},
 			&cli.StringFlag{Name: "oidc-client-secret-file", Usage: "file holding the client secret", EnvVars: env("OIDC_CLIENT_SECRET_FILE")},
 			&cli.StringFlag{Name: "oidc-redirect-url", Usage: "callback URL registered with the provider (default URL/login/oidc/callback)", EnvVars: env("OIDC_REDIRECT_URL")},
+			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to `meshlink relay` servers)", EnvVars: env("RELAY")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
@@ -178,6 +181,7 @@ func coordinatorCmd() *cli.Command {
 				TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
 				OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),
 				OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
+				NoEmbeddedRelay: !c.Bool("relay"),
 			})
 			if err != nil {
 				return err
@@ -191,6 +195,52 @@ func coordinatorCmd() *cli.Command {
 			<-ctx.Done()
 			log.Info("shutting down")
 			return s.Close()
+		},
+	}
+}
+
+func relayCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "relay",
+		Usage: "run a standalone relay in the foreground, for sites that no UDP path joins",
+		Description: "Registers with the coordinator once with a relay token (meshlink token create --relay),\n" +
+			"then follows its list of nodes; agents find the relay in their network maps. The relay\n" +
+			"carries only encrypted WireGuard packets, and nodes prove their keys to it: it never\n" +
+			"sees node credentials. It must terminate TLS itself (no TLS-terminating proxy in front).",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "join", Usage: "relay token (needed the first time only)", EnvVars: env("JOIN")},
+			&cli.StringFlag{Name: "state", Value: "./meshlink-relay", Usage: "state directory (key, certificate, credentials)", EnvVars: env("STATE")},
+			&cli.StringFlag{Name: "name", Usage: "relay name shown in network maps (default: the host name)", EnvVars: env("NAME")},
+			&cli.StringFlag{Name: "listen", Value: "0.0.0.0:8444", Usage: "HTTPS listen address", EnvVars: env("LISTEN")},
+			&cli.StringFlag{Name: "url", Usage: "public URL agents dial (default https://LISTEN)", EnvVars: env("URL")},
+			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate to serve instead of the self-signed one", EnvVars: env("TLS_CERT")},
+			&cli.StringFlag{Name: "tls-key", Usage: "PEM private key of --tls-cert", EnvVars: env("TLS_KEY")},
+			&cli.StringFlag{Name: "metrics-listen", Value: "off", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), or off", EnvVars: env("METRICS_LISTEN")},
+		}, logFlags()...),
+		Action: func(c *cli.Context) error {
+			log, err := newLogger(c, os.Stderr)
+			if err != nil {
+				return err
+			}
+			r, err := relayd.New(relayd.Config{
+				Join: c.String("join"), StateDir: c.String("state"), Name: c.String("name"),
+				Listen: c.String("listen"), URL: c.String("url"), TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"),
+				MetricsListen: c.String("metrics-listen"), Logger: log,
+			})
+			if err != nil {
+				return err
+			}
+			if err := r.Start(); err != nil {
+				r.Close()
+				return err
+			}
+			st := r.Status()
+			fmt.Printf("meshlink relay %s listening at %s (fingerprint %s)\n", st.Name, st.URL, st.Fingerprint)
+			ctx, cancel := signalContext()
+			defer cancel()
+			<-ctx.Done()
+			log.Info("shutting down")
+			return r.Close()
 		},
 	}
 }
@@ -230,6 +280,7 @@ func tokenCmd() *cli.Command {
 					&cli.DurationFlag{Name: "expires", Value: 24 * time.Hour, Usage: "validity (0 for never)", EnvVars: env("TOKEN_EXPIRES")},
 					&cli.BoolFlag{Name: "ephemeral", Usage: "nodes joined with it are removed when they go away", EnvVars: env("TOKEN_EPHEMERAL")},
 					&cli.StringSliceFlag{Name: "tags", Usage: "tags given to nodes joined with it (a,b)", EnvVars: env("TOKEN_TAGS")},
+					&cli.BoolFlag{Name: "relay", Usage: "a token that registers a standalone relay (`meshlink relay --join`), not a node", EnvVars: env("TOKEN_RELAY")},
 				},
 				Action: func(c *cli.Context) error {
 					if c.Duration("expires") < 0 {
@@ -250,6 +301,7 @@ func tokenCmd() *cli.Command {
 					defer cancel()
 					tok, err := coordinator.CreateTokenViaAdminSocket(ctx, c.String("data"), coordinator.TokenOptions{
 						Reusable: c.Bool("reusable"), Ephemeral: c.Bool("ephemeral"), Expires: c.Duration("expires"), Tags: tags,
+						Relay: c.Bool("relay"),
 					})
 					if err != nil {
 						return err

@@ -82,11 +82,17 @@ type Mesh struct {
 	// AdminPassword is the first admin's one-time password, as printed at
 	// the coordinator's first start.
 	AdminPassword string
+	// mod adjusts the coordinator's configuration at every start.
+	mod func(*coordinator.Config)
 }
 
 // NewMesh starts a coordinator on loopback in a temporary directory.
-func NewMesh(t testing.TB) *Mesh {
-	m := &Mesh{t: t, dir: t.TempDir(), addr: "127.0.0.1:0"}
+func NewMesh(t testing.TB) *Mesh { return NewMeshWith(t, nil) }
+
+// NewMeshWith is NewMesh with mod applied to the coordinator's
+// configuration (at every start).
+func NewMeshWith(t testing.TB, mod func(*coordinator.Config)) *Mesh {
+	m := &Mesh{t: t, dir: t.TempDir(), addr: "127.0.0.1:0", mod: mod}
 	m.StartCoordinator()
 	t.Cleanup(func() {
 		if m.Coord != nil {
@@ -104,10 +110,14 @@ func (m *Mesh) StartCoordinator() {
 	mesh := m
 	m.t.Helper()
 	var out strings.Builder
-	s, err := coordinator.New(coordinator.Config{
+	cfg := coordinator.Config{
 		Listen: m.addr, DataDir: filepath.Join(m.dir, "coord"), Logger: Logger(m.t, "coordinator"),
 		KeepAlive: 2 * time.Second, Out: &out,
-	})
+	}
+	if m.mod != nil {
+		m.mod(&cfg)
+	}
+	s, err := coordinator.New(cfg)
 	if err != nil {
 		m.t.Fatal(err)
 	}

@@ -1,0 +1,106 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/coordinator/relayd"
+	"github.com/meshlink/meshlink/test/harness"
+)
+
+// startRelay runs a standalone relay on loopback registered with m.
+func startRelay(t *testing.T, m *harness.Mesh, name, token string) *relayd.Relay {
+	t.Helper()
+	r, err := relayd.New(relayd.Config{
+		Join: token, StateDir: filepath.Join(m.Dir(), "relay-"+name), Name: name, Listen: "127.0.0.1:0",
+		Logger: harness.Logger(t, "relay-"+name), RetryMin: 20 * time.Millisecond, RetryMax: 500 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// TestStandaloneRelays: with the coordinator's own relay off, two sites
+// that may not use UDP paths talk through a standalone relay; when that
+// relay dies they move to the next one in the map, bytes intact.
+func TestStandaloneRelays(t *testing.T) {
+	m := harness.NewMeshWith(t, func(c *coordinator.Config) { c.NoEmbeddedRelay = true })
+	tok := m.TokenWith(coordinator.TokenOptions{Relay: true, Reusable: true, Expires: time.Hour})
+	r1 := startRelay(t, m, "relay1", tok)
+	r2 := startRelay(t, m, "relay2", tok)
+	harness.WaitFor(t, 10*time.Second, "both relays following the coordinator", func() error {
+		if !r1.Status().Connected || !r2.Status().Connected {
+			return fmt.Errorf("relay1 %+v, relay2 %+v", r1.Status(), r2.Status())
+		}
+		return nil
+	})
+
+	web := startBackend(t, "web")
+	pcfg := m.AgentConfig("prov", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr()}}})
+	pcfg.RelayOnly = true
+	prov, err := harness.StartAgent(t, pcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ccfg := m.AgentConfig("cons", harness.AgentOptions{})
+	ccfg.RelayOnly = true
+	cons, err := harness.StartAgent(t, ccfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayedVia := func(want string) {
+		t.Helper()
+		harness.WaitFor(t, 20*time.Second, "cons relayed via "+want, func() error {
+			p, ok := peerOf(cons, "prov")
+			if !ok || p.Path != "relay" || p.Relay != want {
+				return fmt.Errorf("peer prov: %+v (relays %+v)", p, cons.Status().Relays)
+			}
+			return nil
+		})
+	}
+
+	svc := waitProviders(t, cons, "web", 1)
+	conn, who, err := dialGreeting(svc.Local.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if who != "web" {
+		t.Fatalf("greeting %q", who)
+	}
+	echoIntact(t, conn, 1<<20)
+	relayedVia("relay1")
+	if st := r1.Status().Relay; st.BytesRelayed < 1<<20 || st.Clients != 2 {
+		t.Fatalf("relay1 carried %d bytes for %d clients; want the whole transfer for both sites", st.BytesRelayed, st.Clients)
+	}
+	if st := cons.Status(); len(st.Relays) != 2 || st.Relays[0].Name != "relay1" || !st.Relays[0].Connected {
+		t.Fatalf("cons relays %+v", st.Relays)
+	}
+
+	// relay1 dies: the coordinator unlists it and the sites carry on
+	// through relay2, on the same TCP connection.
+	before := r2.Status().Relay.BytesRelayed
+	r1.Close()
+	relayedVia("relay2")
+	echoIntact(t, conn, 1<<20)
+	if got := r2.Status().Relay.BytesRelayed - before; got < 1<<20 {
+		t.Fatalf("relay2 carried %d bytes after relay1 died", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := cons.Ping(ctx, "prov", 2*time.Second)
+	if err != nil || len(res) == 0 || res[0].Path != "relay relay2" {
+		t.Fatalf("ping over relay2: %+v %v", res, err)
+	}
+	_ = prov
+}
