@@ -72,6 +72,8 @@ const reportWithin = 12 * time.Second
 type natMesh struct {
 	t                                     *testing.T
 	coord, routerA, routerB, siteA, siteB *topo.Host
+	net                                   *topo.Net
+	wan                                   *topo.Switch
 	bin, dir, data                        string
 	sink                                  *sinkServer
 
@@ -80,13 +82,14 @@ type natMesh struct {
 	sinkAt  string    // site A's local proxy for sink
 }
 
-func newNATMesh(t *testing.T) *natMesh {
+func newNATMesh(t *testing.T, coordArgs ...string) *natMesh {
 	t.Helper()
 	n := topo.New(t)
-	m := &natMesh{t: t, bin: harness.Binary(t), dir: t.TempDir()}
+	m := &natMesh{t: t, net: n, bin: harness.Binary(t), dir: t.TempDir()}
 	hello := harness.Build(t, "./examples/hello")
 
 	wan, lanA, lanB := n.Switch("wan"), n.Switch("lana"), n.Switch("lanb")
+	m.wan = wan
 	m.coord = n.Host("coord")
 	n.Link(m.coord, wan, natCoord+"/24")
 	m.routerA = n.Router("routera", wan, natWANA+"/24", lanA, "192.168.1.1/24")
@@ -103,7 +106,7 @@ func newNATMesh(t *testing.T) *natMesh {
 	}
 
 	m.data = filepath.Join(m.dir, "coord")
-	startProc(t, m.coord, "coordinator", m.bin, "coordinator", "--listen", natListen, "--data", m.data)
+	startProc(t, m.coord, "coordinator", m.bin, append([]string{"coordinator", "--listen", natListen, "--data", m.data}, coordArgs...)...)
 	startProc(t, m.siteB, "hello", hello, "--listen", "127.0.0.1:8000", "--site", "siteb")
 	m.sink = startSink(t, m.siteB, "127.0.0.1:9000")
 	return m
