@@ -25,6 +25,7 @@ const (
 	adminPathTokens   = "/admin/v1/tokens"
 	adminPathNodes    = "/admin/v1/nodes"
 	adminPathServices = "/admin/v1/services"
+	adminPathRelays   = "/admin/v1/relays"
 )
 
 type adminTokenResponse struct {
@@ -77,6 +78,26 @@ func (s *Server) adminHandler() http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, append([]wire.Node{}, snap.nodes...))
+	})
+	mux.HandleFunc("GET "+adminPathRelays, func(w http.ResponseWriter, r *http.Request) {
+		snap, err := s.current(r.Context())
+		if err != nil {
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		writeJSON(w, http.StatusOK, append([]wire.Relay{}, snap.relays...))
+	})
+	mux.HandleFunc("DELETE "+adminPathRelays+"/{name}", func(w http.ResponseWriter, r *http.Request) {
+		name := wire.NormalizeName(r.PathValue("name"))
+		if err := s.removeRelay(r.Context(), name); err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no relay named %q", name))
+				return
+			}
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
 	})
 	mux.HandleFunc("DELETE "+adminPathNodes+"/{name}", func(w http.ResponseWriter, r *http.Request) {
 		name := wire.NormalizeName(r.PathValue("name"))
@@ -199,6 +220,19 @@ func ListServicesViaAdminSocket(ctx context.Context, dataDir string) ([]wire.Ser
 	var svcs []wire.Service
 	err := adminCall(ctx, dataDir, http.MethodGet, adminPathServices, nil, &svcs)
 	return svcs, err
+}
+
+// ListRelaysViaAdminSocket lists the relays network maps carry now.
+func ListRelaysViaAdminSocket(ctx context.Context, dataDir string) ([]wire.Relay, error) {
+	var rs []wire.Relay
+	err := adminCall(ctx, dataDir, http.MethodGet, adminPathRelays, nil, &rs)
+	return rs, err
+}
+
+// RemoveRelayViaAdminSocket removes a standalone relay: it is unlisted at
+// once and its credentials stop working.
+func RemoveRelayViaAdminSocket(ctx context.Context, dataDir, name string) error {
+	return adminCall(ctx, dataDir, http.MethodDelete, adminPathRelays+"/"+url.PathEscape(name), nil, nil)
 }
 
 // RemoveNodeViaAdminSocket removes the node called name; its peers lose it

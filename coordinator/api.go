@@ -453,7 +453,7 @@ func (s *Server) serveTokenInspect(w http.ResponseWriter, r *http.Request) *apiE
 }
 
 func tokenInfo(tok store.Token) wire.TokenInfo {
-	info := wire.TokenInfo{ID: tok.ID, Reusable: tok.Reusable, Ephemeral: tok.Ephemeral, Tags: tok.Tags, Expires: tok.Expires, Revoked: tok.Revoked, UsesLeft: -1}
+	info := wire.TokenInfo{ID: tok.ID, Reusable: tok.Reusable, Ephemeral: tok.Ephemeral, Tags: tok.Tags, Expires: tok.Expires, Revoked: tok.Revoked, UsesLeft: -1, Relay: tok.Relay}
 	if !tok.Reusable {
 		info.UsesLeft = max(0, 1-tok.Uses)
 	}

@@ -63,6 +63,34 @@ func (h *hub) relaysOnline() map[int64]bool {
 	return m
 }
 
+// removeRelay deletes a standalone relay and ends its node-key stream, so
+// that maps drop it at once.
+func (s *Server) removeRelay(ctx context.Context, name string) error {
+	rs, err := s.store.ListRelays(ctx)
+	if err != nil {
+		return err
+	}
+	for _, r := range rs {
+		if r.Name != name {
+			continue
+		}
+		if err := s.store.DeleteRelay(ctx, name); err != nil {
+			return err
+		}
+		s.hub.mu.Lock()
+		st := s.hub.relays[r.ID]
+		s.hub.mu.Unlock()
+		if st != nil {
+			st.cancel()
+		}
+		s.hub.bump()
+		s.log.Info("relay removed", "relay", name)
+		s.console.Record(store.Event{Kind: "relay", Actor: "admin", Message: "relay " + name + " removed"})
+		return nil
+	}
+	return fmt.Errorf("relay %s: %w", name, store.ErrNotFound)
+}
+
 // relayList is the Relays of every network map: the embedded relay unless
 // disabled, then the standalone relays online now, by ID.
 func (s *Server) relayList(ctx context.Context) ([]wire.Relay, error) {

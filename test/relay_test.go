@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -102,5 +103,21 @@ func TestStandaloneRelays(t *testing.T) {
 	if err != nil || len(res) == 0 || res[0].Path != "relay relay2" {
 		t.Fatalf("ping over relay2: %+v %v", res, err)
 	}
-	_ = prov
+
+	// An operator removes relay2: maps drop it at once, and its
+	// credentials stop working.
+	rmCtx, rmCancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer rmCancel()
+	if err := coordinator.RemoveRelayViaAdminSocket(rmCtx, filepath.Join(m.Dir(), "coord"), "relay2"); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 10*time.Second, "relay2 gone from the sites' maps and refused", func() error {
+		if n := len(prov.Status().Relays); n != 0 {
+			return fmt.Errorf("prov still lists %d relays", n)
+		}
+		if st := r2.Status(); st.Connected || !strings.Contains(st.LastError, "401") {
+			return fmt.Errorf("relay2 %+v", st)
+		}
+		return nil
+	})
 }

@@ -410,6 +410,8 @@ type TokenInfo struct {
 	// UsesLeft is -1 for a reusable token.
 	UsesLeft int  `json:"uses_left"`
 	Revoked  bool `json:"revoked,omitempty"`
+	// Relay marks a token that registers a standalone relay.
+	Relay bool `json:"relay,omitempty"`
 }
 
 // Error is the body of every non-2xx answer.

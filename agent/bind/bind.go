@@ -128,6 +128,12 @@ type peer struct {
 	// them, and when.
 	via  *relayConn
 	gone map[*relayConn]time.Time
+	// pending holds the last packets sent while no path at all existed
+	// (the first handshake of a fresh agent, before its relays connect),
+	// flushed when a relay comes up instead of waiting for WireGuard's 5 s
+	// handshake retry.
+	pending   [][]byte
+	pendingAt time.Time
 
 	lastScan                             time.Time
 	txDirect, rxDirect, txRelay, rxRelay atomic.Uint64
@@ -482,7 +488,23 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if sent {
 		return nil
 	}
-	return errors.New("bind: no path to peer (no direct address and no relay)")
+	if p != nil {
+		b.mu.Lock()
+		if len(b.relays) == 0 {
+			b.mu.Unlock()
+			return errors.New("bind: no path to peer (no direct address and no relay)")
+		}
+		for _, buf := range bufs {
+			if len(p.pending) == maxPending {
+				p.pending = p.pending[1:]
+			}
+			p.pending = append(p.pending, slices.Clone(buf))
+		}
+		p.pendingAt = now
+		b.mu.Unlock()
+		return nil
+	}
+	return errors.New("bind: no path to peer (not in the network map)")
 }
 
 func sizeOf(bufs [][]byte) uint64 {
@@ -587,6 +609,36 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 // maxRelays bounds the relay connections a node keeps.
 const maxRelays = 8
 
+// maxPending and pendingFor bound the packets kept while no path exists.
+const (
+	maxPending = 8
+	pendingFor = 2 * time.Second
+)
+
+// onRelayConnect sends what waited for a path over the relay just up.
+func (b *Bind) onRelayConnect(rc *relayConn) {
+	type flush struct {
+		key  [32]byte
+		pkts [][]byte
+	}
+	var out []flush
+	now := time.Now()
+	b.mu.Lock()
+	for _, p := range b.peers {
+		if len(p.pending) > 0 && now.Sub(p.pendingAt) < pendingFor {
+			out = append(out, flush{p.key, p.pending})
+			p.txRelay.Add(sizeOf(p.pending))
+		}
+		p.pending = nil
+	}
+	b.mu.Unlock()
+	for _, f := range out {
+		for _, pkt := range f.pkts {
+			rc.client.Send(f.key, pkt)
+		}
+	}
+}
+
 // SetRelays keeps one connection to each relay listed (up to maxRelays),
 // reusing those that did not change and closing the others.
 func (b *Bind) SetRelays(cfgs []RelayConfig) {
@@ -612,8 +664,9 @@ func (b *Bind) SetRelays(cfgs []RelayConfig) {
 		rc := &relayConn{cfg: cfg}
 		rc.client = relay.NewClient(relay.ClientConfig{
 			URL: cfg.URL, Fingerprint: cfg.Fingerprint, RelayKey: cfg.Key, PrivateKey: b.priv,
-			Logger:   b.log.With("relay_name", cfg.Name),
-			OnPacket: func(src relay.Key, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
+			Logger:    b.log.With("relay_name", cfg.Name),
+			OnPacket:  func(src relay.Key, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
+			OnConnect: func() { b.onRelayConnect(rc) },
 			OnPeerGone: func(dst relay.Key) {
 				b.mu.Lock()
 				if p := b.peers[dst]; p != nil {

@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -108,6 +109,7 @@ func newApp() *cli.App {
 			coordinatorCmd(),
 			tokenCmd(),
 			relayCmd(),
+			relaysCmd(),
 			agentCmd(),
 			exposeCmd(),
 			unexposeCmd(),
@@ -245,6 +247,51 @@ func relayCmd() *cli.Command {
 	}
 }
 
+func relaysCmd() *cli.Command {
+	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
+	return &cli.Command{
+		Name:  "relays",
+		Usage: "list or remove the relays the coordinator hands out (talks to the coordinator running with --data)",
+		Flags: []cli.Flag{data},
+		Action: func(c *cli.Context) error {
+			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+			defer cancel()
+			rs, err := coordinator.ListRelaysViaAdminSocket(ctx, c.String("data"))
+			if err != nil {
+				return err
+			}
+			if len(rs) == 0 {
+				fmt.Println("no relay online (the embedded one is off and no `meshlink relay` follows this coordinator)")
+				return nil
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tURL\tFINGERPRINT")
+			for _, r := range rs {
+				fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Name, r.URL, r.Fingerprint)
+			}
+			return tw.Flush()
+		},
+		Subcommands: []*cli.Command{{
+			Name:      "remove",
+			Usage:     "remove a standalone relay: unlisted at once, its credentials stop working",
+			ArgsUsage: "NAME",
+			Flags:     []cli.Flag{data},
+			Action: func(c *cli.Context) error {
+				if c.NArg() != 1 {
+					return cli.Exit("usage: meshlink relays remove NAME --data DIR", 2)
+				}
+				ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+				defer cancel()
+				if err := coordinator.RemoveRelayViaAdminSocket(ctx, c.String("data"), c.Args().First()); err != nil {
+					return err
+				}
+				fmt.Printf("relay %s removed\n", c.Args().First())
+				return nil
+			},
+		}},
+	}
+}
+
 // oidcSecret is --oidc-client-secret or the contents of
 // --oidc-client-secret-file (trailing whitespace trimmed), not both.
 func oidcSecret(c *cli.Context) (string, error) {
@@ -350,6 +397,9 @@ func tokenCmd() *cli.Command {
 						uses = "unlimited (reusable)"
 					}
 					fmt.Printf("uses left:   %s\n", uses)
+					if info.Relay {
+						fmt.Printf("kind:        relay (meshlink relay --join)\n")
+					}
 					if info.Ephemeral {
 						fmt.Printf("ephemeral:   yes\n")
 					}

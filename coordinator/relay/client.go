@@ -49,6 +49,9 @@ type ClientConfig struct {
 	// OnPeerGone, optional, is called on the read goroutine when the relay
 	// reports that a destination is not connected to it.
 	OnPeerGone func(dst Key)
+	// OnConnect, optional, is called (on the client's goroutine) each time
+	// a connection is up and Send works.
+	OnConnect func()
 	// RetryMin and RetryMax bound the reconnect backoff; defaults 500ms and 30s.
 	RetryMin, RetryMax time.Duration
 }
@@ -326,6 +329,9 @@ func (c *Client) session() error {
 		c.log.Info("relay reconnected")
 	} else {
 		c.log.Info("relay connected")
+	}
+	if c.cfg.OnConnect != nil {
+		c.cfg.OnConnect()
 	}
 	stop := context.AfterFunc(c.ctx, s.close)
 	defer stop()
