@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/coordinator"
 	"github.com/meshlink/meshlink/coordinator/relayd"
@@ -18,7 +20,7 @@ import (
 func startRelay(t *testing.T, m *harness.Mesh, name, token string) *relayd.Relay {
 	t.Helper()
 	r, err := relayd.New(relayd.Config{
-		Join: token, StateDir: filepath.Join(m.Dir(), "relay-"+name), Name: name, Listen: "127.0.0.1:0",
+		Join: token, StateDir: filepath.Join(m.Dir(), "relay-"+name), Name: name, Listen: "127.0.0.1:0", MetricsListen: "127.0.0.1:0",
 		Logger: harness.Logger(t, "relay-"+name), RetryMin: 20 * time.Millisecond, RetryMax: 500 * time.Millisecond,
 	})
 	if err != nil {
@@ -84,6 +86,16 @@ func TestStandaloneRelays(t *testing.T) {
 	if st := r1.Status().Relay; st.BytesRelayed < 1<<20 || st.Clients != 2 {
 		t.Fatalf("relay1 carried %d bytes for %d clients; want the whole transfer for both sites", st.BytesRelayed, st.Clients)
 	}
+	fams, err := harness.Scrape(r1.MetricsAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, min := range map[string]float64{"meshlink_relay_bytes_total": 1 << 20, "meshlink_relay_clients": 2,
+		"meshlink_relay_coordinator_connected": 1, "meshlink_relay_known_nodes": 2} {
+		if f := fams[name]; f == nil || len(f.Metric) != 1 || metricValue(f.Metric[0]) < min {
+			t.Errorf("relay1 metric %s = %v, want >= %v", name, f, min)
+		}
+	}
 	if st := cons.Status(); len(st.Relays) != 2 || st.Relays[0].Name != "relay1" || !st.Relays[0].Connected {
 		t.Fatalf("cons relays %+v", st.Relays)
 	}
@@ -120,4 +132,14 @@ func TestStandaloneRelays(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+func metricValue(m *dto.Metric) float64 {
+	switch {
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	}
+	return 0
 }
