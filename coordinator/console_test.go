@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -16,6 +17,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/web"
 	"github.com/meshlink/meshlink/wire"
@@ -598,5 +600,135 @@ func TestConsoleStatsAndLiveUpdates(t *testing.T) {
 		if resp, body := b.get(p); resp.StatusCode != 200 {
 			t.Errorf("%s: %d %s", p, resp.StatusCode, body)
 		}
+	}
+}
+
+// TestConsoleRelays: the overview and the snapshot list the relays of the
+// mesh to every user, live, with the embedded relay's counters, and a
+// relayed path names its relay.
+func TestConsoleRelays(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	addUser(t, s, "root", "root-password-1", true)
+	addUser(t, s, "bob", "bob-password-12", false)
+	api := pinnedClient(t, s.Fingerprint(), false)
+	root := newBrowser(t, s)
+	root.login("root", "root-password-1")
+	bob := newBrowser(t, s)
+	bob.login("bob", "bob-password-12")
+
+	// A standalone relay registers and holds its node-key stream open.
+	relayTok := mustToken(t, s, TokenOptions{Relay: true})
+	relayPriv, _ := relay.NewPrivateKey()
+	relayPub, _ := relay.PublicKey(relayPriv)
+	certFP := strings.Repeat("0123456789abcdef", 4)
+	st, body := relayCall(t, api, s.URL(), wire.PathRelayRegister, 0, "", wire.RelayRegisterRequest{Version: wire.ProtocolVersion,
+		TokenID: relayTok.ID, TokenSecret: relayTok.Secret, Name: "eu1", URL: "https://127.0.0.1:9443", Fingerprint: certFP, Key: relayPub.Wire()})
+	if st != http.StatusOK {
+		t.Fatalf("relay register: %d %s", st, body)
+	}
+	var rr wire.RelayRegisterResponse
+	json.Unmarshal(body, &rr)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	raw, _ := json.Marshal(wire.RelayNodesRequest{Version: wire.ProtocolVersion})
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.URL()+wire.PathRelayNodes, bytes.NewReader(raw))
+	req.Header.Set(wire.HeaderRelayID, strconv.FormatUint(rr.ID, 10))
+	req.Header.Set(wire.HeaderRelaySecret, rr.Secret)
+	resp, err := api.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("relay nodes stream: %v %v", resp, err)
+	}
+	defer resp.Body.Close()
+
+	// Two sites; b reaches a through eu1.
+	jt := mustToken(t, s, TokenOptions{Reusable: true})
+	na := registerKeyed(t, api, jt, "site-a")
+	nb := registerKeyed(t, api, jt, "site-b")
+	if st, body := call(t, api, s.URL(), wire.PathStats, &nb.cr, wire.StatsReport{Version: wire.ProtocolVersion,
+		Peers: []wire.PeerStats{{Node: na.rr.Node.ID, Path: "relay", Endpoint: "eu1", RelayedBytes: 4096}}}); st != 200 {
+		t.Fatalf("stats b: %d %s", st, body)
+	}
+
+	checkRelays := func(who string, sn web.Snapshot) {
+		t.Helper()
+		if len(sn.Relays) != 2 {
+			t.Fatalf("%s: relays %+v, want coordinator and eu1", who, sn.Relays)
+		}
+		emb, eu1 := sn.Relays[0], sn.Relays[1]
+		if emb.Name != EmbeddedRelayName || !emb.Embedded || emb.URL != s.URL() || emb.Fingerprint != s.Fingerprint() ||
+			emb.FingerprintShort != "SHA256:"+strings.ToLower(s.Fingerprint()[:16]) || emb.KeyFP == "" || emb.Stats == nil {
+			t.Fatalf("%s: embedded relay %+v", who, emb)
+		}
+		if eu1.Name != "eu1" || eu1.Embedded || eu1.URL != "https://127.0.0.1:9443" || eu1.Fingerprint != certFP ||
+			eu1.FingerprintShort != "SHA256:0123456789abcdef" || eu1.KeyFP == "" || eu1.Stats != nil {
+			t.Fatalf("%s: standalone relay %+v", who, eu1)
+		}
+	}
+	checkRelays("admin", root.snapshot())
+	checkRelays("member", bob.snapshot())
+	// Counters we do not have are null, not zeros; no key is shown whole.
+	_, js := root.get("/console/api/snapshot")
+	if !strings.Contains(js, `"name":"eu1"`) || !strings.Contains(js, `"stats":null`) || strings.Contains(js, string(relayPub.Wire())) {
+		t.Fatalf("snapshot JSON: %s", js)
+	}
+	sn := root.snapshot()
+	var path *web.ViewPath
+	for _, n := range sn.Nodes {
+		if n.Name == "site-b" && len(n.Paths) == 1 {
+			path = &n.Paths[0]
+		}
+	}
+	if path == nil || path.Path != "relay" || path.Relay != "eu1" || path.PeerName != "site-a" {
+		t.Fatalf("site-b's path: %+v", path)
+	}
+
+	// The overview page, for both.
+	for who, b := range map[string]*browser{"admin": root, "member": bob} {
+		_, page := b.get("/console")
+		for _, want := range []string{`<h2>Relays</h2>`, `data-live="relays"`, `data-relay="coordinator"`, `data-relay="eu1"`,
+			"embedded", "standalone", "https://127.0.0.1:9443", "SHA256:0123456789abcdef", `title="` + certFP + `"`, `title="a standalone relay keeps its own counters">—</td>`} {
+			if !strings.Contains(page, want) {
+				t.Errorf("%s: overview lacks %q", who, want)
+			}
+		}
+		if strings.Contains(page, string(relayPub.Wire())) {
+			t.Errorf("%s: overview shows a relay key whole", who)
+		}
+	}
+	if _, page := root.get("/console"); !regexp.MustCompile(`site-a <span class="muted">via</span> <span class="via">eu1</span>`).MatchString(page) {
+		t.Errorf("overview does not say site-b reaches site-a via eu1: %s", page)
+	}
+
+	// Live: the embedded relay's counters follow a client connecting, and
+	// a relay going away leaves the list.
+	live := openSSE(t, root)
+	waitSnapshot(t, live, "both relays", func(sn web.Snapshot) bool { return len(sn.Relays) == 2 && sn.Relays[0].Stats.Clients == 0 })
+	var rx relayRx
+	rl, err := s.relayList(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := relayClient(t, rl[0], na.priv, &rx)
+	waitFor(t, 5*time.Second, "relay client connected", rc.Connected)
+	waitSnapshot(t, live, "one client on the embedded relay", func(sn web.Snapshot) bool {
+		return len(sn.Relays) == 2 && sn.Relays[0].Stats.Clients == 1 && sn.Relays[0].Stats.Accepted == 1
+	})
+	cancel()
+	waitSnapshot(t, live, "eu1 gone", func(sn web.Snapshot) bool { return len(sn.Relays) == 1 && sn.Relays[0].Embedded })
+	if _, page := root.get("/console"); strings.Contains(page, `data-relay="eu1"`) {
+		t.Fatal("overview still lists eu1 after it went offline")
+	}
+}
+
+func TestConsoleNoRelay(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *Config) { c.NoEmbeddedRelay = true })
+	addUser(t, s, "root", "root-password-1", true)
+	b := newBrowser(t, s)
+	b.login("root", "root-password-1")
+	if _, js := b.get("/console/api/snapshot"); !strings.Contains(js, `"relays":[]`) {
+		t.Fatalf("snapshot with no relay: %s", js)
+	}
+	if _, page := b.get("/console"); !strings.Contains(page, "No relay is online") || strings.Contains(page, `data-relay=`) {
+		t.Fatalf("overview with no relay: %s", page)
 	}
 }

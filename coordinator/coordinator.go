@@ -666,6 +666,29 @@ func (m consoleMesh) CreateToken(ctx context.Context, o web.TokenRequest) (strin
 	return m.s.CreateToken(ctx, TokenOptions{Owner: o.OwnerID, Reusable: o.Reusable, Ephemeral: o.Ephemeral, Expires: o.Expires, Tags: o.Tags})
 }
 
+// Relays lists the relays of the current maps; the embedded one, first
+// when enabled, carries its live counters.
+func (m consoleMesh) Relays(ctx context.Context) ([]web.RelayInfo, error) {
+	snap, err := m.s.current(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]web.RelayInfo, 0, len(snap.relays))
+	for i, r := range snap.relays {
+		ri := web.RelayInfo{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: r.Key}
+		// relayList puts the embedded relay first, when it is on; a
+		// standalone relay may have registered under the same name.
+		if i == 0 && !m.s.cfg.NoEmbeddedRelay {
+			st := m.s.relay.Stats()
+			ri.Embedded = true
+			ri.Counters = &web.RelayCounters{Clients: st.Clients, Accepted: st.Accepted, PacketsRelayed: st.PacketsRelayed,
+				BytesRelayed: st.BytesRelayed, Dropped: st.Dropped}
+		}
+		out = append(out, ri)
+	}
+	return out, nil
+}
+
 func (m consoleMesh) NodeRegistered(n store.Node) wire.Node {
 	m.s.hub.bump()
 	if n.Ephemeral {

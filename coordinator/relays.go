@@ -184,6 +184,9 @@ func (s *Server) serveRelayRegister(w http.ResponseWriter, r *http.Request) *api
 	if e != nil {
 		return e
 	}
+	if name == EmbeddedRelayName {
+		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the relay name %q is the coordinator's own relay; choose another --name", name)
+	}
 	if e := validRelayURL(req.URL); e != nil {
 		return e
 	}

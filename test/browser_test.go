@@ -168,6 +168,40 @@ func TestConsoleInBrowser(t *testing.T) {
 		t.Fatalf("minted token %q: %v", secret, err)
 	}
 
+	// The overview lists the relays, the coordinator's own first, and the
+	// live feed re-renders them (the agent's frequent counters make new
+	// snapshots): rows the page was served with are replaced.
+	if err := chromedp.Do(ctx,
+		chromedp.Navigate(base+"/console"),
+		chromedp.WaitVisible(`tbody[data-live="relays"] tr[data-relay="coordinator"]`),
+		chromedp.WaitVisible(`#live.on`),
+	); err != nil {
+		t.Fatalf("relays on the overview: %v", err)
+	}
+	if _, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`document.querySelectorAll('tbody[data-live="relays"] tr').forEach((r) => r.dataset.stale = "1"), true`)); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, 10*time.Second, "the relays re-rendered live", func() error {
+		fresh, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`!!document.querySelector('tbody[data-live="relays"] tr[data-relay="coordinator"]:not([data-stale])')`))
+		if err != nil {
+			return err
+		}
+		if !fresh {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	relays, err := chromedp.Run(ctx, chromedp.Text(`#relays-table`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"coordinator", "embedded", base, "SHA256:"} {
+		if !strings.Contains(relays, want) {
+			t.Errorf("relays table lacks %q: %s", want, relays)
+		}
+	}
+	shot(ctx, "5-relays")
+
 	// Open the graph, then expose a service: it must appear live.
 	if err := chromedp.Do(ctx, chromedp.Navigate(base+"/console/graph"), chromedp.WaitReady(`body`)); err != nil {
 		t.Fatal(err)
@@ -186,6 +220,6 @@ func TestConsoleInBrowser(t *testing.T) {
 		}
 		return nil
 	})
-	shot(ctx, "5-graph")
+	shot(ctx, "6-graph")
 	t.Logf("screenshots in %s", artifacts)
 }

@@ -9,6 +9,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -126,7 +129,29 @@ func logFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("LOG_LEVEL")},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("LOG_FORMAT")},
+		&cli.StringFlag{Name: "debug-listen", Usage: "serve Go profiles at /debug/pprof/ on this address (plain HTTP, keep it on loopback); default off", EnvVars: env("DEBUG_LISTEN")},
 	}
+}
+
+// startDebug serves net/http/pprof on --debug-listen, if set.
+func startDebug(c *cli.Context, log *slog.Logger) error {
+	addr := c.String("debug-listen")
+	if addr == "" || addr == "off" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--debug-listen %s: %w; choose another address", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	go (&http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}).Serve(ln)
+	log.Info("profiling served", "url", "http://"+ln.Addr().String()+"/debug/pprof/")
+	return nil
 }
 
 func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
@@ -171,6 +196,9 @@ func coordinatorCmd() *cli.Command {
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
 			if err != nil {
+				return err
+			}
+			if err := startDebug(c, log); err != nil {
 				return err
 			}
 			secret, err := oidcSecret(c)
@@ -222,6 +250,9 @@ func relayCmd() *cli.Command {
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
 			if err != nil {
+				return err
+			}
+			if err := startDebug(c, log); err != nil {
 				return err
 			}
 			r, err := relayd.New(relayd.Config{
@@ -442,6 +473,9 @@ func agentCmd() *cli.Command {
 		Action: func(c *cli.Context) error {
 			log, err := newLogger(c, os.Stderr)
 			if err != nil {
+				return err
+			}
+			if err := startDebug(c, log); err != nil {
 				return err
 			}
 			if c.Uint("listen-port") > 65535 {

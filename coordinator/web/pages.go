@@ -330,11 +330,14 @@ func (c *Console) serveSnapshot(w http.ResponseWriter, r *http.Request, v *viewe
 // serveLive streams the viewer's snapshot as server-sent events: one at
 // once, then one whenever the mesh, the counters or the event log change
 // (coalesced, and only when what this viewer sees changed), with
-// keep-alive comments in between. It ends when the session does.
+// keep-alive comments in between. The embedded relay's counters change
+// with no signal, so while a relay has counters they are looked at every
+// relayEvery. It ends when the session does.
 func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 	const (
-		coalesce  = 250 * time.Millisecond
-		keepAlive = 15 * time.Second
+		coalesce   = 250 * time.Millisecond
+		keepAlive  = 15 * time.Second
+		relayEvery = 5 * time.Second
 	)
 	ctx := r.Context()
 	w.Header().Set("Content-Type", "text/event-stream")
@@ -354,6 +357,8 @@ func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 	}
 	ka := time.NewTicker(keepAlive)
 	defer ka.Stop()
+	rt := time.NewTicker(relayEvery)
+	defer rt.Stop()
 	var last []byte
 	for {
 		meshCh, consoleCh := c.mesh.Changed(), c.changed()
@@ -379,9 +384,17 @@ func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 			}
 			ka.Reset(keepAlive)
 		}
+		var relayTick <-chan time.Time // nil: no relay counters to follow
+		for _, r := range snap.Relays {
+			if r.Stats != nil {
+				relayTick = rt.C
+			}
+		}
 		select {
 		case <-meshCh:
 		case <-consoleCh:
+		case <-relayTick:
+			continue
 		case <-ka.C:
 			if !write([]byte(": keep-alive\n\n")) {
 				return

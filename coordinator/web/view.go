@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
@@ -20,6 +21,9 @@ type Snapshot struct {
 	Services []ViewService `json:"services"`
 	Tokens   []ViewToken   `json:"tokens"`
 	Events   []ViewEvent   `json:"events"`
+	// Relays are the relays the mesh lists now, in order of preference;
+	// every viewer sees them (they are in every node's map).
+	Relays []ViewRelay `json:"relays"`
 }
 
 type ViewUser struct {
@@ -54,6 +58,8 @@ type ViewPath struct {
 	RTTMicros    int64       `json:"rtt_us,omitempty"`
 	DirectBytes  uint64      `json:"direct_bytes"`
 	RelayedBytes uint64      `json:"relayed_bytes"`
+	// Relay names the relay of a "relay" path, as the agent reported it.
+	Relay string `json:"relay,omitempty"`
 }
 
 type ViewService struct {
@@ -104,6 +110,56 @@ type ViewEvent struct {
 	Message string    `json:"message"`
 }
 
+// ViewRelay is one relay of the mesh.
+type ViewRelay struct {
+	Name string `json:"name"`
+	URL  string `json:"url"`
+	// Fingerprint is the SHA-256 of the relay's certificate (64 hex
+	// digits), as agents pin it; FingerprintShort is its short form.
+	Fingerprint      string `json:"fingerprint"`
+	FingerprintShort string `json:"fingerprint_short"`
+	// KeyFP is a short fingerprint of the relay's public key.
+	KeyFP    string `json:"key_fp"`
+	Embedded bool   `json:"embedded"`
+	// Stats are the live counters, null when the coordinator does not
+	// have them (a standalone relay).
+	Stats *ViewRelayStats `json:"stats"`
+}
+
+type ViewRelayStats struct {
+	Clients        int   `json:"clients"`
+	Accepted       int64 `json:"accepted"`
+	PacketsRelayed int64 `json:"packets_relayed"`
+	BytesRelayed   int64 `json:"bytes_relayed"`
+	Dropped        int64 `json:"dropped"`
+}
+
+// certFingerprintShort is the short form of a certificate's hex SHA-256,
+// in the style of keyFingerprint.
+func certFingerprintShort(fp string) string {
+	if len(fp) > 16 {
+		fp = fp[:16]
+	}
+	if fp == "" {
+		return ""
+	}
+	return "SHA256:" + strings.ToLower(fp)
+}
+
+func viewRelays(rs []RelayInfo) []ViewRelay {
+	out := make([]ViewRelay, 0, len(rs))
+	for _, r := range rs {
+		vr := ViewRelay{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, FingerprintShort: certFingerprintShort(r.Fingerprint),
+			KeyFP: keyFingerprint(r.Key), Embedded: r.Embedded}
+		if c := r.Counters; c != nil {
+			vr.Stats = &ViewRelayStats{Clients: c.Clients, Accepted: int64(c.Accepted), PacketsRelayed: int64(c.PacketsRelayed),
+				BytesRelayed: int64(c.BytesRelayed), Dropped: int64(c.Dropped)}
+		}
+		out = append(out, vr)
+	}
+	return out
+}
+
 // keyFingerprint is a short, printable identifier of a public key; the key
 // itself is public, but people compare short strings better.
 func keyFingerprint(k wire.Key) string {
@@ -148,8 +204,13 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 	stats := c.stats.get(func(id wire.NodeID) bool { _, ok := names[id]; return ok })
 	visible := func(id wire.NodeID) bool { o, ok := owner[id]; return ok && v.mayManage(o) }
 
+	relays, err := c.mesh.Relays(ctx)
+	if err != nil {
+		return nil, err
+	}
+
 	snap := &Snapshot{User: ViewUser{ID: v.ID, Name: v.Username, Admin: v.Admin},
-		Nodes: []ViewNode{}, Services: []ViewService{}, Tokens: []ViewToken{}, Events: []ViewEvent{}}
+		Nodes: []ViewNode{}, Services: []ViewService{}, Tokens: []ViewToken{}, Events: []ViewEvent{}, Relays: viewRelays(relays)}
 	for _, n := range nodes {
 		if !visible(n.ID) {
 			continue
@@ -170,8 +231,12 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 				if !ok {
 					continue
 				}
-				vn.Paths = append(vn.Paths, ViewPath{Peer: p.Node, PeerName: name, Path: p.Path, Endpoint: p.Endpoint,
-					RTTMicros: p.RTTMicros, DirectBytes: p.DirectBytes, RelayedBytes: p.RelayedBytes})
+				vp := ViewPath{Peer: p.Node, PeerName: name, Path: p.Path, Endpoint: p.Endpoint,
+					RTTMicros: p.RTTMicros, DirectBytes: p.DirectBytes, RelayedBytes: p.RelayedBytes}
+				if p.Path == "relay" {
+					vp.Relay = p.Endpoint
+				}
+				vn.Paths = append(vn.Paths, vp)
 			}
 			sort.Slice(vn.Paths, func(i, j int) bool { return vn.Paths[i].PeerName < vn.Paths[j].PeerName })
 		}

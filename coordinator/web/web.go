@@ -55,6 +55,36 @@ type Mesh interface {
 	// NodeRegistered is told about a node the console registered (an
 	// approval); it wakes map streams and returns the node as agents see it.
 	NodeRegistered(n store.Node) wire.Node
+	// Relays returns the relays every network map lists now, in order of
+	// preference: the embedded relay (unless disabled), then the
+	// standalone relays online. A relay coming or going is a change of the
+	// mesh (Changed).
+	Relays(ctx context.Context) ([]RelayInfo, error)
+}
+
+// RelayInfo is one relay of the mesh. Everything in it is public: agents
+// get the same in every network map.
+type RelayInfo struct {
+	Name string
+	URL  string
+	// Fingerprint is the SHA-256 of the relay's certificate, in hex.
+	Fingerprint string
+	// Key is the relay's public key.
+	Key wire.Key
+	// Embedded is true for the coordinator's own relay.
+	Embedded bool
+	// Counters are the relay's live counters; nil when the coordinator
+	// does not have them (a standalone relay).
+	Counters *RelayCounters
+}
+
+// RelayCounters are a relay's counters since it started.
+type RelayCounters struct {
+	Clients        int // connected now
+	Accepted       uint64
+	PacketsRelayed uint64
+	BytesRelayed   uint64
+	Dropped        uint64
 }
 
 // Config configures a Console.

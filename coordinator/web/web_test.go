@@ -1,8 +1,10 @@
 package web
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 )
@@ -81,5 +83,32 @@ func TestTemplatesParse(t *testing.T) {
 		if pages[p] == nil {
 			t.Errorf("page %s missing", p)
 		}
+	}
+}
+
+func TestViewRelays(t *testing.T) {
+	fp := strings.Repeat("AB01", 16)
+	rs := viewRelays([]RelayInfo{
+		{Name: "coordinator", URL: "https://mesh.example:8443", Fingerprint: fp, Key: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", Embedded: true,
+			Counters: &RelayCounters{Clients: 3, Accepted: 7, PacketsRelayed: 11, BytesRelayed: 5000, Dropped: 1}},
+		{Name: "eu1", URL: "https://eu1.example:9443", Fingerprint: fp},
+	})
+	if len(rs) != 2 {
+		t.Fatalf("relays %+v", rs)
+	}
+	emb, eu1 := rs[0], rs[1]
+	if !emb.Embedded || emb.FingerprintShort != "SHA256:ab01ab01ab01ab01" || !strings.HasPrefix(emb.KeyFP, "SHA256:") ||
+		emb.Stats == nil || *emb.Stats != (ViewRelayStats{Clients: 3, Accepted: 7, PacketsRelayed: 11, BytesRelayed: 5000, Dropped: 1}) {
+		t.Fatalf("embedded %+v", emb)
+	}
+	if eu1.Embedded || eu1.Stats != nil || eu1.KeyFP != "" {
+		t.Fatalf("standalone %+v", eu1)
+	}
+	b, _ := json.Marshal(eu1)
+	if !strings.Contains(string(b), `"stats":null`) {
+		t.Fatalf("standalone JSON %s: unknown counters must be null", b)
+	}
+	if got := viewRelays(nil); got == nil || len(got) != 0 {
+		t.Fatalf("no relays: %#v, want an empty list", got)
 	}
 }

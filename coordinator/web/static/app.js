@@ -56,12 +56,24 @@
         el("td", null, n.online ? pill("ok", "online") : pill("off", "offline"), n.ephemeral && [" ", pill("", "ephemeral")]),
         el("td", { class: "mono small" }, n.addresses.map((a) => el("div", null, a))),
         el("td", { class: "mono small" }, n.endpoints.length ? n.endpoints.map((a) => el("div", null, a)) : muted("—")),
-        el("td", { class: "small" }, n.paths.length ? n.paths.map((p) => el("div", null, pill(p.path, p.path), " " + p.peer_name, p.rtt_us ? [" ", muted(p.rtt_us + " µs")] : null)) : muted("no report yet")),
+        el("td", { class: "small" }, n.paths.length ? n.paths.map((p) => el("div", null, pill(p.path, p.path), " " + p.peer_name,
+          p.relay ? [" ", muted("via"), " ", el("span", { class: "via" }, p.relay)] : null,
+          p.rtt_us ? [" ", muted(p.rtt_us + " µs")] : null)) : muted("no report yet")),
         el("td", { class: "small" }, n.online ? "now" : ago(n.last_seen)),
         el("td", null, n.owner || muted("—")),
         el("td", { class: "small" }, n.tags.map((t) => [el("span", { class: "tag" }, t), " "])),
         el("td", null, postButton("/console/nodes/" + n.id + "/remove", "Remove", "Remove " + n.name + " from the mesh?")),
       )), 9, "No sites yet. Mint a join token on the Tokens page and start meshlink agent with it.");
+      const none = () => el("td", { class: "muted", title: "a standalone relay keeps its own counters" }, "—");
+      fill("relays", (s.relays || []).map((r) => el("tr", { "data-relay": r.name },
+        el("td", null, el("strong", null, r.name), " ", r.embedded ? pill("ok", "embedded") : pill("", "standalone")),
+        el("td", { class: "mono small" }, r.url),
+        el("td", { class: "mono small", title: r.fingerprint }, r.fingerprint_short),
+        el("td", { class: "mono small" }, r.key_fp || muted("—")),
+        r.stats ? el("td", null, r.stats.clients) : none(),
+        r.stats ? el("td", null, bytes(r.stats.bytes_relayed), " ",
+          el("div", { class: "muted small" }, r.stats.packets_relayed + " packets" + (r.stats.dropped ? ", " + r.stats.dropped + " dropped" : ""))) : none(),
+      )), 6, "No relay is online: the coordinator's own relay is off (--relay=false) and no standalone relay (meshlink relay) is connected. Sites that cannot reach each other directly stay apart.");
     },
     services(s) {
       fill("services", s.services.map((v) => el("tr", null,
