@@ -87,6 +87,20 @@ type Config struct {
 }
 
 // Agent is a running site. Create with New, then Start; Close stops it.
+// pipelineWait is the longest a full pipeline holds a reader back before
+// its count is assumed to have leaked (netstack.Gate).
+const pipelineWait = 50 * time.Millisecond
+
+// pipelinePackets is how many packets each direction of wireguard-go's
+// pipeline may hold: a few of its 128-packet batches. Each costs a 64 KiB
+// buffer. MESHLINK_PIPELINE_PACKETS overrides it for measurements.
+func pipelinePackets() int {
+	if n, err := strconv.Atoi(os.Getenv("MESHLINK_PIPELINE_PACKETS")); err == nil && n > 0 {
+		return n
+	}
+	return 256
+}
+
 type Agent struct {
 	cfg   Config
 	log   *slog.Logger
@@ -96,6 +110,9 @@ type Agent struct {
 
 	stack    *netstack.Stack
 	bind     *bind.Bind
+	// gateIn and gateOut bound the packets inside wireguard-go's pipeline,
+	// and with them the agent's memory under load (netstack.Gate).
+	gateIn, gateOut *netstack.Gate
 	dev      *device.Device
 	dns      *dns.Server
 	consumer *proxy.Consumer
@@ -165,7 +182,8 @@ func New(cfg Config) (*Agent, error) {
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[wire.Key]wgPeer{}}
+	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[wire.Key]wgPeer{},
+		gateIn: netstack.NewGate(pipelinePackets(), pipelineWait), gateOut: netstack.NewGate(pipelinePackets(), pipelineWait)}
 	var err error
 	if a.state, err = openStateDir(cfg.StateDir); err != nil {
 		return nil, err
@@ -288,7 +306,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	for _, p := range a.nm.Self.Addresses {
 		addrs = append(addrs, p.Addr())
 	}
-	a.stack, err = netstack.New(netstack.Config{Addrs: addrs, Logger: a.cfg.Logger})
+	a.stack, err = netstack.New(netstack.Config{Addrs: addrs, Logger: a.cfg.Logger, Outbound: a.gateOut, Inbound: a.gateIn})
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
@@ -351,7 +369,8 @@ func (a *Agent) startWireGuard() error {
 		Verbosef: func(f string, args ...any) { wlog.Debug(fmt.Sprintf(f, args...)) },
 		Errorf:   func(f string, args ...any) { wlog.Warn(fmt.Sprintf(f, args...)) },
 	}
-	a.bind = bind.New(bind.Config{PrivateKey: a.key, Logger: a.cfg.Logger, OnPublicAddr: a.onPublicAddr, RelayOnly: a.cfg.RelayOnly})
+	a.bind = bind.New(bind.Config{PrivateKey: a.key, Logger: a.cfg.Logger, OnPublicAddr: a.onPublicAddr, RelayOnly: a.cfg.RelayOnly,
+		Inbound: a.gateIn, Outbound: a.gateOut})
 	a.dev = device.NewDevice(a.stack, a.bind, logger)
 	bindErr := func(err error) error {
 		if errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") {

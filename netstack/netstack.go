@@ -78,6 +78,10 @@ type Config struct {
 	// HandlerTimeout bounds how long a TCP or UDP handler may take to call
 	// Accept or Reject before the request is rejected for it; 30s when 0.
 	HandlerTimeout time.Duration
+	// Outbound, if set, is entered by the packets Read hands to
+	// wireguard-go (Read waits while it is full); Inbound is left by the
+	// packets Write takes from it. See Gate.
+	Outbound, Inbound *Gate
 }
 
 // Stats counts what crossed the device. All fields are cumulative.
@@ -104,6 +108,8 @@ type Stack struct {
 	stack *stack.Stack
 	link  *linkEndpoint
 	stats Stats
+	// out and in gate wireguard-go's pipeline (Config.Outbound, Inbound).
+	out, in *Gate
 
 	events chan tun.Event
 	// ctx is cancelled by Close; it cancels handlers and pending dials.
@@ -152,6 +158,8 @@ func New(cfg Config) (*Stack, error) {
 		log:            log,
 		mtu:            mtu,
 		handlerTimeout: timeout,
+		out:            cfg.Outbound,
+		in:             cfg.Inbound,
 		events:         make(chan tun.Event, 1),
 		udpPending:     make(map[stack.TransportEndpointID]struct{}),
 	}
@@ -317,13 +325,17 @@ func (s *Stack) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			return 0, fmt.Errorf("netstack: read: offset %d beyond buffer of %d bytes", offset, len(b))
 		}
 	}
-	return s.link.drain(bufs, sizes, offset)
+	s.out.Wait()
+	n, err := s.link.drain(bufs, sizes, offset)
+	s.out.Add(n)
+	return n, err
 }
 
 // Write implements tun.Device: each bufs[i][offset:] is one inbound IP
 // packet. Malformed packets are dropped and counted, never reported as an
 // error (one bad packet must not make wireguard-go drop the whole batch).
 func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
+	s.in.Leave(len(bufs))
 	return s.link.write(bufs, offset)
 }
 

@@ -39,6 +39,13 @@ const (
 	keepEvery   = 3 * time.Second  // ping the chosen path to keep it (and the NAT) alive
 	rescanEvery = 30 * time.Second // ping the others now and then for a better path
 	trustFor    = 7 * time.Second
+	// A peer we keep sending to that has sent nothing back over the direct
+	// path for silentFor (TCP would have acknowledged) is probed at once;
+	// without a pong within probeWait the path is dropped, sooner than
+	// trustFor, so open connections move to the relay before TCP's
+	// retransmission timer has backed off far.
+	silentFor = 1500 * time.Millisecond
+	probeWait = time.Second
 	stunEvery   = 23 * time.Second
 	tick        = 500 * time.Millisecond
 )
@@ -55,6 +62,29 @@ type Config struct {
 	// RelayOnly never uses direct UDP paths: for diagnosis and for
 	// measuring the relay.
 	RelayOnly bool
+	// Inbound, if set, is entered by the WireGuard data packets this bind
+	// hands to WireGuard (the device's TUN writes leave it); Outbound is
+	// left by the data packets WireGuard sends. See netstack.Gate.
+	Inbound, Outbound Gate
+}
+
+// Gate bounds the packets inside WireGuard's pipeline (netstack.Gate).
+type Gate interface {
+	Enter(k int)
+	Leave(k int)
+}
+
+// dataPackets counts WireGuard transport-data messages that carry a packet
+// (type 4, longer than an empty keep-alive): the ones that end up written
+// to the TUN device.
+func dataPackets(pkts [][]byte) int {
+	n := 0
+	for _, p := range pkts {
+		if len(p) > 32 && p[0] == 4 && p[1] == 0 && p[2] == 0 && p[3] == 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // PeerConfig is what the network map says about a peer.
@@ -92,6 +122,8 @@ type Bind struct {
 	onAddr func(netip.AddrPort)
 	// relayOnly disables direct paths (Config.RelayOnly).
 	relayOnly bool
+	// in and out gate the pipeline (Config.Inbound, Config.Outbound).
+	in, out Gate
 
 	relayCh chan relayPacket
 	kick    chan struct{}
@@ -137,6 +169,9 @@ type peer struct {
 
 	lastScan                             time.Time
 	txDirect, rxDirect, txRelay, rxRelay atomic.Uint64
+	// lastRx and lastTx are when data last came from and went to the peer
+	// over a direct path; probeAt when the peer went silent and was probed.
+	lastRx, lastTx, probeAt time.Time
 }
 
 type path struct {
@@ -166,6 +201,8 @@ func New(cfg Config) *Bind {
 		priv:      cfg.PrivateKey,
 		onAddr:    cfg.OnPublicAddr,
 		relayOnly: cfg.RelayOnly,
+		in:        cfg.Inbound,
+		out:       cfg.Outbound,
 		relayCh:   make(chan relayPacket, 1024),
 		kick:      make(chan struct{}, 1),
 		peers:     map[[32]byte]*peer{},
@@ -336,6 +373,7 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				return n, err
 			}
 			kept := 0
+			now := time.Now()
 			for i := 0; i < n; i++ {
 				if sizes[i] == 0 {
 					continue
@@ -357,6 +395,9 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				default:
 					b.mu.Lock()
 					p := b.byAddr[src]
+					if p != nil {
+						p.lastRx = now
+					}
 					b.mu.Unlock()
 					if p != nil {
 						eps[i] = p.ep
@@ -366,6 +407,7 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				}
 			}
 			if kept > 0 {
+				b.enter(packets[:n], sizes[:n])
 				return n, nil
 			}
 		}
@@ -393,11 +435,28 @@ func (b *Bind) receiveRelay(done chan struct{}, packets [][]byte, sizes []int, e
 		select {
 		case rp := <-b.relayCh:
 			put(rp)
+			continue
 		default:
-			return n, nil
+		}
+		break
+	}
+	b.enter(packets[:n], sizes[:n])
+	return n, nil
+}
+
+// enter waits at the inbound gate for the data packets about to be handed
+// to WireGuard.
+func (b *Bind) enter(packets [][]byte, sizes []int) {
+	if b.in == nil {
+		return
+	}
+	k := 0
+	for i, p := range packets {
+		if sz := sizes[i]; sz > 32 && p[0] == 4 && p[1] == 0 && p[2] == 0 && p[3] == 0 {
+			k++
 		}
 	}
-	return n, nil
+	b.in.Enter(k)
 }
 
 // onRelayPacket is the relay clients' callback.
@@ -424,6 +483,9 @@ func (b *Bind) onRelayPacket(rc *relayConn, src relay.Key, pkt []byte) {
 
 // Send implements conn.Bind.
 func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if b.out != nil {
+		b.out.Leave(dataPackets(bufs))
+	}
 	e, ok := ep.(*Endpoint)
 	if !ok {
 		return b.inner.Send(bufs, ep)
@@ -434,6 +496,9 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	var direct *path
 	if p != nil && !b.relayOnly {
 		direct = p.best(now)
+		if direct != nil {
+			p.lastTx = now
+		}
 	}
 	var r *relay.Client
 	if rc := b.relayFor(p, now); rc != nil {
@@ -756,6 +821,23 @@ func (b *Bind) maintain(now time.Time) {
 			}
 		}
 		best := p.best(now)
+		if best != nil && now.Sub(p.lastTx) < silentFor && now.Sub(p.lastRx) > silentFor {
+			answered := best.lastPong.After(p.probeAt)
+			switch {
+			case p.probeAt.IsZero() || p.probeAt.Before(p.lastRx) || answered && now.Sub(p.probeAt) > silentFor:
+				// Silent while we send: probe the path now (again, if
+				// the last probe was answered and the silence goes on).
+				p.probeAt = now
+				best.lastPing = now
+				pkt, _ := b.pingLocked(p, best.addr, false, now)
+				out = append(out, outgoing{pkt, best.ep})
+			case !answered && now.Sub(p.probeAt) > probeWait:
+				b.log.Info("direct path silent; falling back to the relay", "peer", p.name, "addr", best.addr,
+					"silent", now.Sub(p.lastRx).Round(time.Millisecond))
+				best.lastPong = time.Time{}
+				best = nil
+			}
+		}
 		scan := best == nil && now.Sub(p.lastScan) >= searchEvery || now.Sub(p.lastScan) >= rescanEvery
 		if scan {
 			p.lastScan = now
