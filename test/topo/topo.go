@@ -14,6 +14,7 @@
 //
 // Everything is done with iproute2 (ip, tc) and nftables, falling back to
 // iptables where nft is missing, through os/exec: no cgo, no extra modules.
+// The one exception is Delay, whose NFQUEUE reader speaks netlink itself.
 package topo
 
 import (
@@ -106,6 +107,7 @@ type Net struct {
 	mu       sync.Mutex  // guards the fields below
 	nss      []string    // namespaces made, in order
 	cmds     []*exec.Cmd // made by Host.Command, killed by Close
+	delayers []*delayer  // made by Host.Delay, stopped by Close
 	names    map[string]bool
 	closed   bool
 	closeErr error
@@ -146,9 +148,14 @@ func (n *Net) Close() error {
 			_ = cmd.Process.Kill()
 		}
 	}
+	var errs []error
+	// The queue readers go first: a socket in a namespace keeps it alive.
+	for _, dl := range n.delayers {
+		dl.close()
+		errs = append(errs, dl.result())
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
-	var errs []error
 	for i := len(n.nss) - 1; i >= 0; i-- {
 		if err := deleteNS(ctx, n.nss[i]); err != nil {
 			errs = append(errs, err)
@@ -164,9 +171,11 @@ type Host struct {
 	name string
 	ns   string
 
-	mu     sync.Mutex // guards the fields below
-	nextIf int
-	addrs  []netip.Prefix
+	mu        sync.Mutex // guards the fields below
+	nextIf    int
+	addrs     []netip.Prefix
+	nextQueue int                 // the last NFQUEUE number Delay took, from delayQueueBase
+	delays    map[string]*delayer // by interface
 }
 
 // Switch is a bridge ("br0") in a namespace of its own: a LAN segment.
@@ -244,7 +253,7 @@ func (n *Net) Switch(name string) *Switch {
 // Link plugs h into s with a veth pair, gives the host end the address cidr
 // (such as "10.99.0.2/24") and brings both ends up. It returns the name of
 // the host's interface ("eth0", "eth1", ... in the order of h's links), for
-// Netem, Loss and SetLinkUp.
+// Netem, Delay, Loss and SetLinkUp.
 func (n *Net) Link(h *Host, s *Switch, cidr string) string {
 	n.t.Helper()
 	pfx, err := netip.ParsePrefix(cidr)
@@ -350,7 +359,7 @@ func (h *Host) AllowUDP() error {
 
 // Netem replaces the root qdisc of iface with netem and the given
 // parameters, such as "delay 50ms 10ms loss 5%". If the kernel has no netem
-// the error matches errors.ErrUnsupported; Loss works without it.
+// the error matches errors.ErrUnsupported; Loss and Delay work without it.
 func (h *Host) Netem(iface, params string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
@@ -398,6 +407,18 @@ func (h *Host) Loss(iface string, percent int) error {
 `, table, iface, match)
 	}
 	_, err := run(ctx, strings.NewReader(script), "ip", "netns", "exec", h.ns, "nft", "-f", "-")
+	return err
+}
+
+// NoGSO makes the host hand iface one wire packet at a time: the kernel
+// segments TCP (TSO) and UDP (UDP_SEGMENT, which wireguard-go uses) super-
+// packets before they leave. Without it a veth carries a 64 KB super-packet
+// as one, and Loss or Delay further along act on the whole burst of up to
+// 45 packets at once, which is not what a lossy WAN does.
+func (h *Host) NoGSO(iface string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	_, err := run(ctx, nil, "ip", "-n", h.ns, "link", "set", "dev", iface, "gso_max_segs", "1")
 	return err
 }
 

@@ -353,6 +353,149 @@ func TestNetem(t *testing.T) {
 	}
 }
 
+// TestDelay: Delay holds what leaves a's interface for the given time, so
+// a UDP round trip from a to b's echo takes at least that long; a second
+// call changes it, 0 removes it, and the Net's Close stops a reader still
+// running.
+func TestDelay(t *testing.T) {
+	t.Parallel()
+	n := topo.New(t)
+	sw := n.Switch("lan")
+	a, b := n.Host("a"), n.Host("b")
+	aIf := n.Link(a, sw, "10.95.0.1/24")
+	n.Link(b, sw, "10.95.0.2/24")
+	startServer(t, b, "udp-serve", "10.95.0.2:7008")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := a.Dial(ctx, "udp", "10.95.0.2:7008")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var seq int
+	// rtt times one echo. Each probe carries a number, so that a late
+	// answer to an earlier probe is not taken for this one's.
+	rtt := func(ctx context.Context) (time.Duration, error) {
+		seq++
+		msg := fmt.Sprintf("probe %d", seq)
+		deadline, _ := ctx.Deadline()
+		c.SetDeadline(deadline)
+		start := time.Now()
+		if _, err := c.Write([]byte(msg)); err != nil {
+			return 0, err
+		}
+		buf := make([]byte, 64)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return 0, err
+			}
+			if string(buf[:n]) == msg {
+				return time.Since(start), nil
+			}
+		}
+	}
+	// minRTT is the least of a few round trips: the delay is a floor, and
+	// the least is the one a busy machine disturbed least.
+	minRTT := func() (time.Duration, error) {
+		best := time.Duration(-1)
+		for range 5 {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			d, err := rtt(ctx)
+			cancel()
+			if err != nil {
+				return 0, err
+			}
+			if best < 0 || d < best {
+				best = d
+			}
+		}
+		return best, nil
+	}
+	// The echo server needs a moment to listen.
+	if err := eventually(10*time.Second, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		_, err := rtt(ctx)
+		return err
+	}); err != nil {
+		t.Fatalf("echo before the delay: %v", err)
+	}
+	base, err := minRTT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("round trip without delay: %v", base)
+
+	const delay = 50 * time.Millisecond
+	if err := a.Delay(aIf, delay); errors.Is(err, errors.ErrUnsupported) {
+		t.Skip(err)
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	// Active as soon as Delay returns: the rule goes in last.
+	got, err := minRTT()
+	if err != nil {
+		t.Fatalf("echo with %v delay: %v", delay, err)
+	}
+	t.Logf("round trip with %v delay on %s: %v", delay, aIf, got)
+	if got < delay || got > time.Second {
+		t.Errorf("round trip with %v delay = %v, want %v to 1s", delay, got, delay)
+	}
+	// TCP goes through too (handshake and answer, all held on a's side).
+	startServer(t, b, "tcp-serve", "10.95.0.2:7009")
+	if err := eventually(10*time.Second, func(ctx context.Context) error {
+		_, err := helperRun(ctx, t, a, "tcp-dial", "10.95.0.2:7009")
+		return err
+	}); err != nil {
+		t.Errorf("tcp with %v delay: %v", delay, err)
+	}
+
+	const longer = 150 * time.Millisecond
+	if err := a.Delay(aIf, longer); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := minRTT(); err != nil || got < longer || got > time.Second {
+		t.Errorf("round trip with the delay changed to %v = %v, %v; want %v to 1s", longer, got, err, longer)
+	}
+
+	if err := a.Delay(aIf, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Delay(aIf, 0); err != nil { // idempotent
+		t.Fatalf("second Delay(0): %v", err)
+	}
+	if got, err := minRTT(); err != nil || got >= delay {
+		t.Errorf("round trip after the delay was removed = %v, %v; want under %v", got, err, delay)
+	}
+	out, err := a.Run(ctx, "nft", "list", "tables")
+	if err != nil || strings.Contains(string(out), "topo_delay") {
+		t.Errorf("nft list tables after Delay(0) = %q, %v; want no topo_delay table", out, err)
+	}
+
+	// A delay still on when the Net closes: Close stops its reader.
+	if err := a.Delay(aIf, delay); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := minRTT(); err != nil || got < delay {
+		t.Errorf("round trip with the delay back = %v, %v; want at least %v", got, err, delay)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- n.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Close with a delay on did not return")
+	}
+	if err := a.Delay(aIf, delay); err == nil {
+		t.Error("Delay on a closed Net succeeded")
+	}
+}
+
 func TestCloseRemovesEverything(t *testing.T) {
 	t.Parallel()
 	n := topo.New(t)
