@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"encoding/binary"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -70,6 +71,8 @@ type linkEndpoint struct {
 	// (one goroutine per peer), and a GRO engine is single-threaded state,
 	// so each Write borrows one for the duration of its batch.
 	gros sync.Pool
+
+	seqs flowSeqs
 }
 
 func newLinkEndpoint(mtu uint32, queueLen int, stats *Stats) *linkEndpoint {
@@ -157,6 +160,110 @@ func (*linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
 // SupportedGSO implements stack.GSOEndpoint: gVisor segments in software.
 func (*linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOSupported }
 
+// flowSeqs remembers, for recently seen inbound TCP/IPv4 flows, where each
+// flow's next segment should start, so that write can tell when a segment
+// does not follow its predecessor (see the type comment). It is a small
+// direct-mapped table: a collision costs at most one needless GRO flush.
+type flowSeqs struct {
+	mu    sync.Mutex
+	flows [64]struct {
+		addrs, ports uint64
+		next         uint32
+	}
+}
+
+// gap records the TCP/IPv4 segment b (if it is one, with payload) and
+// reports whether it does not start where the previous segment of its flow
+// ended: a segment after a loss, or a retransmission.
+func (t *flowSeqs) gap(b []byte) bool {
+	if len(b) < header.IPv4MinimumSize || b[0]>>4 != 4 {
+		return false
+	}
+	ip := header.IPv4(b)
+	hl, total := int(ip.HeaderLength()), int(ip.TotalLength())
+	if ip.TransportProtocol() != header.TCPProtocolNumber || hl < header.IPv4MinimumSize || total > len(b) || total < hl+header.TCPMinimumSize {
+		return false
+	}
+	tcp := header.TCP(b[hl:total])
+	payload := len(tcp) - int(tcp.DataOffset())
+	if payload <= 0 {
+		return false
+	}
+	addrs := uint64(binary.BigEndian.Uint32(b[12:16]))<<32 | uint64(binary.BigEndian.Uint32(b[16:20]))
+	ports := uint64(tcp.SourcePort())<<16 | uint64(tcp.DestinationPort())
+	seq := tcp.SequenceNumber()
+	h := (addrs ^ addrs>>29 ^ ports) * 0x9e3779b97f4a7c15
+	f := &t.flows[h>>58] // top 6 bits: len(t.flows) == 64
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	gap := f.addrs == addrs && f.ports == ports && f.next != seq
+	f.addrs, f.ports, f.next = addrs, ports, seq+uint32(payload)
+	return gap
+}
+
+// stripSynTimestamp turns the timestamp option of a TCP SYN (not SYN-ACK)
+// into NOPs, updating the TCP checksum incrementally (a bad checksum stays
+// bad), so that no connection through the stack negotiates timestamps: our
+// SYNs (drain) do not offer them, and gVisor does not echo them to a peer's
+// SYN (write) that did. See tuneTCP for why. Anything else is left alone.
+func stripSynTimestamp(b []byte) {
+	var off, end int
+	switch {
+	case len(b) >= header.IPv4MinimumSize && b[0]>>4 == 4:
+		ip := header.IPv4(b)
+		if ip.TransportProtocol() != header.TCPProtocolNumber || ip.FragmentOffset() != 0 || ip.More() {
+			return
+		}
+		off, end = int(ip.HeaderLength()), int(ip.TotalLength())
+	case len(b) >= header.IPv6MinimumSize && b[0]>>4 == 6:
+		ip := header.IPv6(b)
+		if ip.TransportProtocol() != header.TCPProtocolNumber { // no extension headers
+			return
+		}
+		off, end = header.IPv6MinimumSize, header.IPv6MinimumSize+int(ip.PayloadLength())
+	default:
+		return
+	}
+	if off < 0 || end > len(b) || end < off+header.TCPMinimumSize {
+		return
+	}
+	tcp := header.TCP(b[off:end])
+	if tcp.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
+		return
+	}
+	hlen := int(tcp.DataOffset())
+	if hlen < header.TCPMinimumSize || hlen > len(tcp) {
+		return
+	}
+	for i := header.TCPMinimumSize; i < hlen; {
+		switch tcp[i] {
+		case header.TCPOptionEOL:
+			return
+		case header.TCPOptionNOP:
+			i++
+			continue
+		}
+		if i+1 >= hlen || tcp[i+1] < 2 || i+int(tcp[i+1]) > hlen {
+			return // malformed: leave it to gVisor
+		}
+		l := int(tcp[i+1])
+		if tcp[i] == header.TCPOptionTS && l == header.TCPOptionTSLength {
+			// RFC 1624: HC' = ~(~HC + ~m + m') over the 16-bit words
+			// that change. The TCP header starts at an even offset
+			// and hlen is a multiple of 4, so [lo, hi) stays inside it.
+			lo, hi := i&^1, (i+l+1)&^1
+			old := checksum.Checksum(tcp[lo:hi], 0)
+			for j := i; j < i+l; j++ {
+				tcp[j] = header.TCPOptionNOP
+			}
+			xsum := checksum.Combine(^tcp.Checksum(), ^old)
+			tcp.SetChecksum(^checksum.Combine(xsum, checksum.Checksum(tcp[lo:hi], 0)))
+			return
+		}
+		i += l
+	}
+}
+
 var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 
 // WritePackets implements stack.LinkWriter. It enqueues as many packets as
@@ -231,6 +338,7 @@ func (e *linkEndpoint) drain(bufs [][]byte, sizes []int, offset int) (int, error
 				// GSO hook: a super-segment would be split here into
 				// several bufs entries.
 				if sz, ok := copyPacket(bufs[n][offset:], pkt); ok {
+					stripSynTimestamp(bufs[n][offset : offset+sz])
 					sizes[n] = sz
 					n++
 				} else {
@@ -279,7 +387,7 @@ func copyPacket(dst []byte, pkt *stack.PacketBuffer) (int, bool) {
 // plausibly an IPv4 or IPv6 packet is dropped and counted; gVisor validates
 // the rest (checksums, lengths, options) and never panics on what it accepts
 // past these checks (FuzzWrite exercises this).
-func (e *linkEndpoint) inject(b []byte, g *gro.GRO) {
+func (e *linkEndpoint) inject(b []byte, g *gro.GRO, bypass bool) {
 	var proto tcpip.NetworkProtocolNumber
 	switch {
 	case len(b) >= header.IPv4MinimumSize && b[0]>>4 == 4:
@@ -297,7 +405,7 @@ func (e *linkEndpoint) inject(b []byte, g *gro.GRO) {
 		Payload: buffer.MakeWithData(b),
 	})
 	pkt.NetworkProtocolNumber = proto
-	if proto == header.IPv4ProtocolNumber {
+	if proto == header.IPv4ProtocolNumber && !bypass {
 		g.Enqueue(pkt) // GRO verifies checksums itself before coalescing
 	} else {
 		g.Dispatcher.DeliverNetworkPacket(proto, pkt)
@@ -321,12 +429,21 @@ func (e *linkEndpoint) write(bufs [][]byte, offset int) (int, error) {
 	}
 	g := e.gros.Get().(*gro.GRO)
 	g.Dispatcher = groFixup{d}
+	bypass := !groEnabled
 	for _, buf := range bufs {
 		if offset < 0 || offset > len(buf) {
 			e.stats.InboundInvalid.Add(1)
 			continue
 		}
-		e.inject(buf[offset:], g)
+		b := buf[offset:]
+		stripSynTimestamp(b)
+		if e.seqs.gap(b) && !bypass {
+			// Deliver what GRO holds, then the rest of the batch
+			// uncoalesced (see the type comment).
+			g.Flush()
+			bypass = true
+		}
+		e.inject(b, g, bypass)
 	}
 	g.Flush()
 	g.Dispatcher = nil

@@ -1,6 +1,7 @@
 // Package nettest joins two netstack Stacks with a real wireguard-go tunnel
 // over loopback UDP, for tests and benchmarks of anything that runs over the
-// mesh data plane.
+// mesh data plane. Each direction of the tunnel can be impaired (random loss,
+// fixed delay, blackouts; see Link) to emulate a bad WAN path.
 package nettest
 
 import (
@@ -31,6 +32,9 @@ var (
 type Pair struct {
 	A, B       *netstack.Stack
 	DevA, DevB *device.Device
+	// AB impairs what A sends to B, BA what B sends to A; both pass
+	// everything through until told otherwise.
+	AB, BA *Link
 }
 
 // NewPair returns two Stacks that reach each other through WireGuard over
@@ -58,16 +62,21 @@ func NewPairConfig(t testing.TB, cfgA, cfgB netstack.Config) *Pair {
 	}
 	t.Cleanup(func() { b.Close() })
 
+	ab, ba := newLink(conn.NewDefaultBind()), newLink(conn.NewDefaultBind())
+	for _, l := range []*Link{ab, ba} {
+		go l.run()
+		t.Cleanup(l.close) // runs after the devices' Close (cleanups are LIFO)
+	}
 	privA, pubA := newKey(t)
 	privB, pubB := newKey(t)
-	devA := newDevice(t, a, privA)
-	devB := newDevice(t, b, privB)
+	devA := newDevice(t, a, privA, impairedBind{ab.bind, ab})
+	devB := newDevice(t, b, privB, impairedBind{ba.bind, ba})
 	portA := listenPort(t, devA)
 	portB := listenPort(t, devB)
 
 	setPeer(t, devA, pubB, portB, AddrB4, AddrB6)
 	setPeer(t, devB, pubA, portA, AddrA4, AddrA6)
-	return &Pair{A: a, B: b, DevA: devA, DevB: devB}
+	return &Pair{A: a, B: b, DevA: devA, DevB: devB, AB: ab, BA: ba}
 }
 
 func newKey(t testing.TB) (priv, pub string) {
@@ -79,9 +88,9 @@ func newKey(t testing.TB) (priv, pub string) {
 	return hex.EncodeToString(k.Bytes()), hex.EncodeToString(k.PublicKey().Bytes())
 }
 
-func newDevice(t testing.TB, s *netstack.Stack, priv string) *device.Device {
+func newDevice(t testing.TB, s *netstack.Stack, priv string, bind conn.Bind) *device.Device {
 	t.Helper()
-	dev := device.NewDevice(s, conn.NewDefaultBind(), device.NewLogger(device.LogLevelError, fmt.Sprintf("(%s) ", t.Name())))
+	dev := device.NewDevice(s, bind, device.NewLogger(device.LogLevelError, fmt.Sprintf("(%s) ", t.Name())))
 	t.Cleanup(dev.Close)
 	if err := dev.IpcSet("private_key=" + priv + "\nlisten_port=0\n"); err != nil {
 		t.Fatalf("nettest: configure device: %v", err)
