@@ -47,6 +47,22 @@ import (
 //     IPv6 bypasses GRO: a coalesced IPv6 packet cannot be told apart from
 //     an original one by its header, so its checksum could not be fixed
 //     without a full extra pass over every packet.
+//     GRO and loss: after a lost packet, GRO coalesced the following
+//     (in-order among themselves) segments into one, so the receiver sent
+//     one duplicate ACK for them instead of one each. gVisor's sender
+//     counts a duplicate ACK only if it advertises the same window as the
+//     previous ACK, which the first one after a loss often does not (the
+//     application reads meanwhile), so with GRO most losses in small
+//     windows were only repaired by a timeout. write therefore tracks each
+//     TCP/IPv4 flow's next sequence number (flowSeqs) and, from the first
+//     segment that does not continue its flow (a segment after a hole, or
+//     a retransmission), flushes GRO and delivers the rest of the batch
+//     uncoalesced: at 5% random loss, 5.6-12 MB/s instead of 1.7-3.5 (GRO
+//     off entirely: 9-13). The bookkeeping did not measurably cost
+//     throughput on a clean path, where GRO is worth ~10%.
+//
+// The endpoint also keeps TCP timestamps off every connection by rewriting
+// the SYNs that cross it (stripSynTimestamp; why: tuneTCP).
 type linkEndpoint struct {
 	mtu atomic.Uint32
 
@@ -72,6 +88,7 @@ type linkEndpoint struct {
 	// so each Write borrows one for the duration of its batch.
 	gros sync.Pool
 
+	// seqs decides when write stops coalescing; see the type comment.
 	seqs flowSeqs
 }
 
@@ -383,10 +400,11 @@ func copyPacket(dst []byte, pkt *stack.PacketBuffer) (int, bool) {
 	return n, n == size
 }
 
-// inject delivers one inbound IP packet to gVisor. Anything that is not
-// plausibly an IPv4 or IPv6 packet is dropped and counted; gVisor validates
-// the rest (checksums, lengths, options) and never panics on what it accepts
-// past these checks (FuzzWrite exercises this).
+// inject delivers one inbound IP packet to gVisor, through g unless bypass
+// is set. Anything that is not plausibly an IPv4 or IPv6 packet is dropped
+// and counted; gVisor validates the rest (checksums, lengths, options) and
+// never panics on what it accepts past these checks (FuzzWrite exercises
+// this).
 func (e *linkEndpoint) inject(b []byte, g *gro.GRO, bypass bool) {
 	var proto tcpip.NetworkProtocolNumber
 	switch {
