@@ -110,9 +110,6 @@ type Agent struct {
 
 	stack    *netstack.Stack
 	bind     *bind.Bind
-	// gateIn and gateOut bound the packets inside wireguard-go's pipeline,
-	// and with them the agent's memory under load (netstack.Gate).
-	gateIn, gateOut *netstack.Gate
 	dev      *device.Device
 	dns      *dns.Server
 	consumer *proxy.Consumer
@@ -120,6 +117,9 @@ type Agent struct {
 	api      *apiServer
 	metrics  *metricsServer // nil when metrics are off
 	cc       *controlClient
+	// gateIn and gateOut bound the packets inside wireguard-go's pipeline,
+	// and with them the agent's memory under load (netstack.Gate).
+	gateIn, gateOut *netstack.Gate
 
 	ctx    context.Context
 	cancel context.CancelFunc

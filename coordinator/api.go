@@ -513,24 +513,10 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 	}()
 
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	enc := json.NewEncoder(w)
+	write := startStream(w)
 	send := func(m *wire.MapResponse) error {
 		m.SentAt = time.Now()
-		rc.SetWriteDeadline(time.Now().Add(15 * time.Second))
-		if err := enc.Encode(m); err != nil {
-			return err
-		}
-		if err := rc.Flush(); err != nil {
-			return err
-		}
-		// The deadline guards one write only: left in place, it would
-		// reset an idle HTTP/2 stream when it passed (every 15 s).
-		return rc.SetWriteDeadline(time.Time{})
+		return write(m)
 	}
 
 	keepAlive := time.NewTicker(s.cfg.KeepAlive)
@@ -578,6 +564,29 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		case <-ctx.Done():
 			return nil
 		}
+	}
+}
+
+// startStream answers 200 with a newline-delimited JSON stream and returns
+// the function that writes (and flushes) one message of it.
+func startStream(w http.ResponseWriter) func(v any) error {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	return func(v any) error {
+		rc.SetWriteDeadline(time.Now().Add(15 * time.Second))
+		if err := enc.Encode(v); err != nil {
+			return err
+		}
+		if err := rc.Flush(); err != nil {
+			return err
+		}
+		// The deadline guards one write only: left in place, it would
+		// reset an idle HTTP/2 stream when it passed (every 15 s).
+		return rc.SetWriteDeadline(time.Time{})
 	}
 }
 

@@ -2,7 +2,6 @@ package coordinator
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -628,17 +627,7 @@ func TestConsoleRelays(t *testing.T) {
 	}
 	var rr wire.RelayRegisterResponse
 	json.Unmarshal(body, &rr)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	raw, _ := json.Marshal(wire.RelayNodesRequest{Version: wire.ProtocolVersion})
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.URL()+wire.PathRelayNodes, bytes.NewReader(raw))
-	req.Header.Set(wire.HeaderRelayID, strconv.FormatUint(rr.ID, 10))
-	req.Header.Set(wire.HeaderRelaySecret, rr.Secret)
-	resp, err := api.Do(req)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("relay nodes stream: %v %v", resp, err)
-	}
-	defer resp.Body.Close()
+	_, cancel := openRelayNodes(t, api, s.URL(), rr)
 
 	// Two sites; b reaches a through eu1.
 	jt := mustToken(t, s, TokenOptions{Reusable: true})

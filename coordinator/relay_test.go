@@ -185,6 +185,24 @@ func relayCall(t *testing.T, c *http.Client, base, path string, id uint64, secre
 	return resp.StatusCode, b
 }
 
+// openRelayNodes opens the node-key stream a standalone relay holds; cancel
+// ends it (the coordinator then unlists the relay).
+func openRelayNodes(t *testing.T, c *http.Client, base string, rr wire.RelayRegisterResponse) (*http.Response, context.CancelFunc) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	raw, _ := json.Marshal(wire.RelayNodesRequest{Version: wire.ProtocolVersion})
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+wire.PathRelayNodes, bytes.NewReader(raw))
+	req.Header.Set(wire.HeaderRelayID, strconv.FormatUint(rr.ID, 10))
+	req.Header.Set(wire.HeaderRelaySecret, rr.Secret)
+	resp, err := c.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		cancel()
+		t.Fatalf("relay nodes stream: %v %v", resp, err)
+	}
+	t.Cleanup(func() { cancel(); resp.Body.Close() })
+	return resp, cancel
+}
+
 func TestStandaloneRelayRegistration(t *testing.T) {
 	s := startServer(t, t.TempDir(), func(c *Config) { c.NoEmbeddedRelay = true })
 	c := pinnedClient(t, s.Fingerprint(), false)
@@ -250,17 +268,7 @@ func TestStandaloneRelayRegistration(t *testing.T) {
 	if full := sa.next(t, 5*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil }); len(full.Full.Relays) != 0 {
 		t.Fatalf("relays %+v with the embedded relay off and no relay online", full.Full.Relays)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	raw, _ := json.Marshal(wire.RelayNodesRequest{Version: wire.ProtocolVersion})
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.URL()+wire.PathRelayNodes, bytes.NewReader(raw))
-	req.Header.Set(wire.HeaderRelayID, strconv.FormatUint(rr.ID, 10))
-	req.Header.Set(wire.HeaderRelaySecret, rr.Secret)
-	resp, err := c.Do(req)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("relay nodes stream: %v %v", resp, err)
-	}
-	defer resp.Body.Close()
+	resp, cancel := openRelayNodes(t, c, s.URL(), rr)
 	var rn wire.RelayNodes
 	if err := json.NewDecoder(resp.Body).Decode(&rn); err != nil || len(rn.Keys) != 1 || rn.Keys[0] != na.pub.Wire() {
 		t.Fatalf("relay nodes %+v %v, want a's key", rn, err)

@@ -2,7 +2,6 @@ package coordinator
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -121,7 +120,7 @@ func (s *Server) relayVerify(k relay.Key) error {
 	if err != nil {
 		return &relay.AuthError{Status: http.StatusServiceUnavailable, Body: wire.Error{Code: wire.ErrCodeInternal, Message: "the coordinator cannot read its store; retry shortly"}}
 	}
-	if !slices.Contains(snap.keys, k.Wire()) {
+	if _, found := slices.BinarySearch(snap.keys, k.Wire()); !found {
 		return &relay.AuthError{Status: http.StatusForbidden, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
 			Message: "this key is not a node of this mesh (removed, or re-keyed); restart the agent or join again"}}
 	}
@@ -262,22 +261,7 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 		}
 	}()
 
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	enc := json.NewEncoder(w)
-	send := func(m *wire.RelayNodes) error {
-		rc.SetWriteDeadline(time.Now().Add(15 * time.Second))
-		if err := enc.Encode(m); err != nil {
-			return err
-		}
-		if err := rc.Flush(); err != nil {
-			return err
-		}
-		return rc.SetWriteDeadline(time.Time{})
-	}
+	send := startStream(w)
 	keepAlive := time.NewTicker(s.cfg.KeepAlive)
 	defer keepAlive.Stop()
 	var last []wire.Key

@@ -39,6 +39,9 @@ const (
 	keepEvery   = 3 * time.Second  // ping the chosen path to keep it (and the NAT) alive
 	rescanEvery = 30 * time.Second // ping the others now and then for a better path
 	trustFor    = 7 * time.Second
+	stunEvery   = 23 * time.Second
+	tick        = 500 * time.Millisecond
+
 	// A peer we keep sending to that has sent nothing back over the direct
 	// path for silentFor (TCP would have acknowledged) is probed at once;
 	// without a pong within probeWait the path is dropped, sooner than
@@ -46,8 +49,6 @@ const (
 	// retransmission timer has backed off far.
 	silentFor = 1500 * time.Millisecond
 	probeWait = time.Second
-	stunEvery   = 23 * time.Second
-	tick        = 500 * time.Millisecond
 )
 
 // Config configures a Bind.
@@ -74,13 +75,18 @@ type Gate interface {
 	Leave(k int)
 }
 
-// dataPackets counts WireGuard transport-data messages that carry a packet
-// (type 4, longer than an empty keep-alive): the ones that end up written
-// to the TUN device.
+// isData reports whether p is a WireGuard transport-data message that
+// carries a packet (type 4, longer than an empty keep-alive): one that ends
+// up written to the TUN device.
+func isData(p []byte) bool {
+	return len(p) > 32 && p[0] == 4 && p[1] == 0 && p[2] == 0 && p[3] == 0
+}
+
+// dataPackets counts the messages of pkts for which isData holds.
 func dataPackets(pkts [][]byte) int {
 	n := 0
 	for _, p := range pkts {
-		if len(p) > 32 && p[0] == 4 && p[1] == 0 && p[2] == 0 && p[3] == 0 {
+		if isData(p) {
 			n++
 		}
 	}
@@ -452,7 +458,7 @@ func (b *Bind) enter(packets [][]byte, sizes []int) {
 	}
 	k := 0
 	for i, p := range packets {
-		if sz := sizes[i]; sz > 32 && p[0] == 4 && p[1] == 0 && p[2] == 0 && p[3] == 0 {
+		if isData(p[:sizes[i]]) {
 			k++
 		}
 	}

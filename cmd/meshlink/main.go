@@ -133,6 +133,16 @@ func logFlags() []cli.Flag {
 	}
 }
 
+// startDaemon is what every long-running command does first: its logger
+// from the log flags, and profiling on --debug-listen.
+func startDaemon(c *cli.Context) (*slog.Logger, error) {
+	log, err := newLogger(c, os.Stderr)
+	if err != nil {
+		return nil, err
+	}
+	return log, startDebug(c, log)
+}
+
 // startDebug serves net/http/pprof on --debug-listen, if set.
 func startDebug(c *cli.Context, log *slog.Logger) error {
 	addr := c.String("debug-listen")
@@ -194,11 +204,8 @@ func coordinatorCmd() *cli.Command {
 			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to `meshlink relay` servers)", EnvVars: env("RELAY")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
-			log, err := newLogger(c, os.Stderr)
+			log, err := startDaemon(c)
 			if err != nil {
-				return err
-			}
-			if err := startDebug(c, log); err != nil {
 				return err
 			}
 			secret, err := oidcSecret(c)
@@ -248,11 +255,8 @@ func relayCmd() *cli.Command {
 			&cli.StringFlag{Name: "metrics-listen", Value: "off", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), or off", EnvVars: env("METRICS_LISTEN")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
-			log, err := newLogger(c, os.Stderr)
+			log, err := startDaemon(c)
 			if err != nil {
-				return err
-			}
-			if err := startDebug(c, log); err != nil {
 				return err
 			}
 			r, err := relayd.New(relayd.Config{
@@ -471,11 +475,8 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
-			log, err := newLogger(c, os.Stderr)
+			log, err := startDaemon(c)
 			if err != nil {
-				return err
-			}
-			if err := startDebug(c, log); err != nil {
 				return err
 			}
 			if c.Uint("listen-port") > 65535 {

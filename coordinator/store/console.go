@@ -35,20 +35,7 @@ func (s *SQLite) GetUserByID(ctx context.Context, id int64) (User, error) {
 
 // ListUsers implements Store.
 func (s *SQLite) ListUsers(ctx context.Context) ([]User, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+userCols+` FROM users ORDER BY id`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []User
-	for rows.Next() {
-		u, err := scanUser(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, u)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanUser, `SELECT `+userCols+` FROM users ORDER BY id`)
 }
 
 // CreateSession implements Store.
@@ -126,20 +113,15 @@ func (s *SQLite) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Ev
 	}
 	q += ` ORDER BY id DESC LIMIT ?`
 	args = append(args, limit)
-	rows, err := s.db.QueryContext(ctx, q, args...)
-	if err != nil {
-		return nil, err
+	return queryAll(ctx, s.db, scanEvent, q, args...)
+}
+
+func scanEvent(r scanner) (Event, error) {
+	var e Event
+	var at int64
+	if err := r.Scan(&e.ID, &at, &e.Kind, &e.Actor, &e.Node, &e.Message, &e.OwnerID); err != nil {
+		return e, err
 	}
-	defer rows.Close()
-	var out []Event
-	for rows.Next() {
-		var e Event
-		var at int64
-		if err := rows.Scan(&e.ID, &at, &e.Kind, &e.Actor, &e.Node, &e.Message, &e.OwnerID); err != nil {
-			return nil, err
-		}
-		e.At = fromUnixNano(at)
-		out = append(out, e)
-	}
-	return out, rows.Err()
+	e.At = fromUnixNano(at)
+	return e, nil
 }

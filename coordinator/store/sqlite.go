@@ -285,6 +285,24 @@ func nonNil(s []string) []string {
 
 type scanner interface{ Scan(...any) error }
 
+// queryAll runs q and scans every row with scan.
+func queryAll[T any](ctx context.Context, db *sql.DB, scan func(scanner) (T, error), q string, args ...any) ([]T, error) {
+	rows, err := db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		v, err := scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
 const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay`
 
 func scanToken(r scanner) (Token, error) {
@@ -320,20 +338,7 @@ func (s *SQLite) GetToken(ctx context.Context, id string) (Token, error) {
 
 // ListTokens implements Store.
 func (s *SQLite) ListTokens(ctx context.Context) ([]Token, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+tokenCols+` FROM tokens ORDER BY created`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []Token
-	for rows.Next() {
-		t, err := scanToken(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, t)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanToken, `SELECT `+tokenCols+` FROM tokens ORDER BY created`)
 }
 
 // RevokeToken implements Store.
@@ -384,20 +389,7 @@ func (s *SQLite) GetNode(ctx context.Context, id wire.NodeID) (Node, error) {
 
 // ListNodes implements Store.
 func (s *SQLite) ListNodes(ctx context.Context) ([]Node, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []Node
-	for rows.Next() {
-		n, err := scanNode(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, n)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
 }
 
 func nextCounter(ctx context.Context, tx *sql.Tx, name string) (int64, error) {
@@ -645,41 +637,23 @@ func (s *SQLite) UnexposeService(ctx context.Context, name string, nodeID wire.N
 
 // ListServices implements Store.
 func (s *SQLite) ListServices(ctx context.Context) ([]Service, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT name, vip, port, created FROM services ORDER BY name`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []Service
-	for rows.Next() {
-		sv, err := scanService(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, sv)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanService, `SELECT name, vip, port, created FROM services ORDER BY name`)
 }
 
 // ListProviders implements Store.
 func (s *SQLite) ListProviders(ctx context.Context) ([]Provider, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT service, node_id, port FROM providers ORDER BY service, node_id`)
-	if err != nil {
-		return nil, err
+	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port FROM providers ORDER BY service, node_id`)
+}
+
+func scanProvider(r scanner) (Provider, error) {
+	var p Provider
+	var id int64
+	var port int
+	if err := r.Scan(&p.Service, &id, &port); err != nil {
+		return p, err
 	}
-	defer rows.Close()
-	var out []Provider
-	for rows.Next() {
-		var p Provider
-		var id int64
-		var port int
-		if err := rows.Scan(&p.Service, &id, &port); err != nil {
-			return nil, err
-		}
-		p.NodeID, p.Port = wire.NodeID(id), uint16(port)
-		out = append(out, p)
-	}
-	return out, rows.Err()
+	p.NodeID, p.Port = wire.NodeID(id), uint16(port)
+	return p, nil
 }
 
 const relayCols = `id, name, url, fingerprint, relay_key, secret_hash, token_id, created`
@@ -780,20 +754,7 @@ func (s *SQLite) GetRelay(ctx context.Context, id int64) (Relay, error) {
 
 // ListRelays implements Store.
 func (s *SQLite) ListRelays(ctx context.Context) ([]Relay, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+relayCols+` FROM relays ORDER BY id`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []Relay
-	for rows.Next() {
-		rl, err := scanRelay(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, rl)
-	}
-	return out, rows.Err()
+	return queryAll(ctx, s.db, scanRelay, `SELECT `+relayCols+` FROM relays ORDER BY id`)
 }
 
 // DeleteRelay implements Store.
