@@ -82,53 +82,67 @@ func TestStandaloneRelays(t *testing.T) {
 		t.Fatalf("greeting %q", who)
 	}
 	echoIntact(t, conn, 1<<20)
-	relayedVia("relay1")
-	if st := r1.Status().Relay; st.BytesRelayed < 1<<20 || st.Clients != 2 {
-		t.Fatalf("relay1 carried %d bytes for %d clients; want the whole transfer for both sites", st.BytesRelayed, st.Clients)
+	// Which relay carries the pair depends on which one each agent had
+	// connected to first; the other is the one to fail over to.
+	var usedName string
+	harness.WaitFor(t, 20*time.Second, "cons relayed", func() error {
+		p, ok := peerOf(cons, "prov")
+		if !ok || p.Path != "relay" || p.Relay == "" {
+			return fmt.Errorf("peer prov: %+v", p)
+		}
+		usedName = p.Relay
+		return nil
+	})
+	used, other, otherName := r1, r2, "relay2"
+	if usedName == "relay2" {
+		used, other, otherName = r2, r1, "relay1"
 	}
-	fams, err := harness.Scrape(r1.MetricsAddr().String())
+	if st := used.Status().Relay; st.BytesRelayed < 1<<20 || st.Clients != 2 {
+		t.Fatalf("%s carried %d bytes for %d clients; want the whole transfer for both sites", usedName, st.BytesRelayed, st.Clients)
+	}
+	fams, err := harness.Scrape(used.MetricsAddr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	for name, min := range map[string]float64{"meshlink_relay_bytes_total": 1 << 20, "meshlink_relay_clients": 2,
 		"meshlink_relay_coordinator_connected": 1, "meshlink_relay_known_nodes": 2} {
 		if f := fams[name]; f == nil || len(f.Metric) != 1 || metricValue(f.Metric[0]) < min {
-			t.Errorf("relay1 metric %s = %v, want >= %v", name, f, min)
+			t.Errorf("%s metric %s = %v, want >= %v", usedName, name, f, min)
 		}
 	}
-	if st := cons.Status(); len(st.Relays) != 2 || st.Relays[0].Name != "relay1" || !st.Relays[0].Connected {
+	if st := cons.Status(); len(st.Relays) != 2 || !st.Relays[0].Connected || !st.Relays[1].Connected {
 		t.Fatalf("cons relays %+v", st.Relays)
 	}
 
-	// relay1 dies: the coordinator unlists it and the sites carry on
-	// through relay2, on the same TCP connection.
-	before := r2.Status().Relay.BytesRelayed
-	r1.Close()
-	relayedVia("relay2")
+	// The relay in use dies: the coordinator unlists it and the sites carry
+	// on through the other, on the same TCP connection.
+	before := other.Status().Relay.BytesRelayed
+	used.Close()
+	relayedVia(otherName)
 	echoIntact(t, conn, 1<<20)
-	if got := r2.Status().Relay.BytesRelayed - before; got < 1<<20 {
-		t.Fatalf("relay2 carried %d bytes after relay1 died", got)
+	if got := other.Status().Relay.BytesRelayed - before; got < 1<<20 {
+		t.Fatalf("%s carried %d bytes after %s died", otherName, got, usedName)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	res, err := cons.Ping(ctx, "prov", 2*time.Second)
-	if err != nil || len(res) == 0 || res[0].Path != "relay relay2" {
-		t.Fatalf("ping over relay2: %+v %v", res, err)
+	if err != nil || len(res) == 0 || res[0].Path != "relay "+otherName {
+		t.Fatalf("ping over %s: %+v %v", otherName, res, err)
 	}
 
-	// An operator removes relay2: maps drop it at once, and its
-	// credentials stop working.
+	// An operator removes the remaining relay: maps drop it at once, and
+	// its credentials stop working.
 	rmCtx, rmCancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer rmCancel()
-	if err := coordinator.RemoveRelayViaAdminSocket(rmCtx, filepath.Join(m.Dir(), "coord"), "relay2"); err != nil {
+	if err := coordinator.RemoveRelayViaAdminSocket(rmCtx, filepath.Join(m.Dir(), "coord"), otherName); err != nil {
 		t.Fatal(err)
 	}
-	harness.WaitFor(t, 10*time.Second, "relay2 gone from the sites' maps and refused", func() error {
+	harness.WaitFor(t, 10*time.Second, otherName+" gone from the sites' maps and refused", func() error {
 		if n := len(prov.Status().Relays); n != 0 {
 			return fmt.Errorf("prov still lists %d relays", n)
 		}
-		if st := r2.Status(); st.Connected || !strings.Contains(st.LastError, "401") {
-			return fmt.Errorf("relay2 %+v", st)
+		if st := other.Status(); st.Connected || !strings.Contains(st.LastError, "401") {
+			return fmt.Errorf("%s %+v", otherName, st)
 		}
 		return nil
 	})
