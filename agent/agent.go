@@ -25,9 +25,9 @@ import (
 
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
-	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/dns"
 	"github.com/meshlink/meshlink/netstack"
+	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
-	"github.com/meshlink/meshlink/coordinator/relay"
+	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 

@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/meshlink/meshlink/internal/atomicfile"
+
 	"golang.org/x/crypto/curve25519"
 
 	"github.com/meshlink/meshlink/agent/proxy"
@@ -122,7 +124,7 @@ func (s stateDir) loadOrCreateKey() (privateKey, error) {
 	if err != nil {
 		return k, fmt.Errorf("agent: generate key: %w", err)
 	}
-	if err := writeFileAtomic(s.path(fileKey), []byte(base64.StdEncoding.EncodeToString(k[:])+"\n")); err != nil {
+	if err := atomicfile.WriteFile(s.path(fileKey), []byte(base64.StdEncoding.EncodeToString(k[:])+"\n"), 0o600); err != nil {
 		return k, fmt.Errorf("agent: save key: %w", err)
 	}
 	return k, nil
@@ -147,36 +149,10 @@ func (s stateDir) saveJSON(name string, v any) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(s.path(name), append(b, '\n')); err != nil {
+	if err := atomicfile.WriteFile(s.path(name), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("agent: save %s: %w", name, err)
 	}
 	return nil
-}
-
-// writeFileAtomic writes through a temporary file and a rename, so a crash
-// never leaves half a file, and always with mode 0600.
-func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 func trimSpace(b []byte) []byte {

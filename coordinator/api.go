@@ -14,9 +14,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/web"
+	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -76,11 +76,11 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle(wire.PathRelayRegister, s.handle(s.serveRelayRegister))
 	mux.Handle(wire.PathRelayNodes, s.handle(s.serveRelayNodes))
 	if s.cfg.NoEmbeddedRelay {
-		mux.HandleFunc(wire.PathRelay, func(w http.ResponseWriter, r *http.Request) {
+		mux.HandleFunc(relay.Path, func(w http.ResponseWriter, r *http.Request) {
 			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "this coordinator's embedded relay is off (--relay=false); use a relay from the network map"))
 		})
 	} else {
-		mux.Handle(wire.PathRelay, s.track(s.relay))
+		mux.Handle(relay.Path, s.track(s.relay))
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")

@@ -27,14 +27,16 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/atomicfile"
+
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/meshlink/meshlink/coordinator/certs"
 	"github.com/meshlink/meshlink/coordinator/oidclogin"
-	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
-	"github.com/meshlink/meshlink/coordinator/stun"
 	"github.com/meshlink/meshlink/coordinator/web"
+	"github.com/meshlink/meshlink/internal/tlscert"
+	"github.com/meshlink/meshlink/relay"
+	"github.com/meshlink/meshlink/stun"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -207,7 +209,7 @@ func New(cfg Config) (*Server, error) {
 
 	hosts := []string{listenHost, urlHost, "localhost", "127.0.0.1", "::1"}
 	if ip := net.ParseIP(listenHost); listenHost == "" || ip != nil && ip.IsUnspecified() {
-		hosts = append(hosts, certs.DefaultHostIP().String())
+		hosts = append(hosts, tlscert.DefaultHostIP().String())
 	}
 	var cert tls.Certificate
 	if cfg.TLSCert != "" || cfg.TLSKey != "" {
@@ -218,7 +220,7 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("coordinator: --tls-cert/--tls-key: %w", err)
 		}
 	} else {
-		cert, err = certs.LoadOrCreate(dir, "meshlink coordinator", hosts)
+		cert, err = tlscert.LoadOrCreate(dir, "meshlink coordinator", hosts)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
@@ -355,7 +357,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if u == "" {
 		host := addr.Addr()
 		if host.IsUnspecified() {
-			host = certs.DefaultHostIP()
+			host = tlscert.DefaultHostIP()
 		}
 		u = "https://" + netip.AddrPortFrom(host, addr.Port()).String()
 	}
@@ -504,20 +506,8 @@ func loadOrCreateKey(path string) ([]byte, error) {
 	// Missing or damaged: a new key only fails logins in flight.
 	key = make([]byte, 32)
 	rand.Read(key)
-	f, err := os.CreateTemp(filepath.Dir(path), ".oidc-key-")
-	if err != nil {
-		return nil, fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(f.Name())
-	_, err = f.Write(key)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path) // CreateTemp made it 0600
-	}
-	if err != nil {
-		return nil, fmt.Errorf("write %s: %w", path, err)
+	if err := atomicfile.WriteFile(path, key, 0o600); err != nil {
+		return nil, err
 	}
 	return key, nil
 }

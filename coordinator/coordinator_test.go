@@ -20,8 +20,8 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/meshlink/meshlink/coordinator/certs"
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -632,8 +632,8 @@ func TestCertificateAndURL(t *testing.T) {
 	if err != nil || u.Scheme != "https" || u.Hostname() == "0.0.0.0" || u.Port() != strconv.Itoa(int(s.Addr().Port())) {
 		t.Fatalf("URL %q for a wildcard listener", s.URL())
 	}
-	if u.Hostname() != certs.DefaultHostIP().String() {
-		t.Fatalf("URL host %s, want %s", u.Hostname(), certs.DefaultHostIP())
+	if u.Hostname() != tlscert.DefaultHostIP().String() {
+		t.Fatalf("URL host %s, want %s", u.Hostname(), tlscert.DefaultHostIP())
 	}
 	raw, err := os.ReadFile(filepath.Join(dir, "cert.pem"))
 	if err != nil {

@@ -15,7 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/meshlink/meshlink/coordinator/relay"
+	"github.com/meshlink/meshlink/relay"
 )
 
 // metrics are the coordinator's Prometheus metrics. Each Server has its own

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meshlink/meshlink/coordinator/relay"
-	"github.com/meshlink/meshlink/coordinator/stun"
+	"github.com/meshlink/meshlink/relay"
+	"github.com/meshlink/meshlink/stun"
 	"github.com/meshlink/meshlink/wire"
 )
 

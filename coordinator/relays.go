@@ -10,8 +10,8 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/meshlink/meshlink/coordinator/relay"
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -19,7 +19,7 @@ import (
 // hold a PathRelayNodes stream open: it tells them which node keys may use
 // them, and while it is open they are listed in every network map after the
 // embedded relay. A relay never receives node credentials: nodes prove
-// their WireGuard keys to it (coordinator/relay.checkProof).
+// their WireGuard keys to it (relay.checkProof).
 
 // EmbeddedRelayName is the name of the coordinator's own relay in maps.
 const EmbeddedRelayName = "coordinator"

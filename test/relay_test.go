@@ -12,7 +12,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/coordinator"
-	"github.com/meshlink/meshlink/coordinator/relayd"
+	"github.com/meshlink/meshlink/relayd"
 	"github.com/meshlink/meshlink/test/harness"
 )
 

@@ -70,11 +70,6 @@ const (
 	// PathStats takes a StatsReport (node credentials): the agent's
 	// counters, for the console and metrics.
 	PathStats = "/api/v1/stats"
-	// PathRelay is a GET with "Upgrade: RelayProtocol" over HTTP/1.1,
-	// HeaderRelayNodeKey and HeaderRelayProof; after 101 Switching
-	// Protocols the connection carries relay frames (see coordinator/relay).
-	// Every relay, embedded or standalone, serves it.
-	PathRelay = "/api/v1/relay"
 	// PathRelayRegister takes a RelayRegisterRequest: a standalone relay
 	// registers with a relay join token, or refreshes its record with relay
 	// credentials (HeaderRelayID, HeaderRelaySecret). Answers
@@ -87,9 +82,6 @@ const (
 	PathRelayNodes = "/api/v1/relays/nodes"
 )
 
-// RelayProtocol is the Upgrade token of the relay connection.
-const RelayProtocol = "meshlink-relay/2"
-
 // Headers carrying node credentials on authenticated calls.
 const (
 	HeaderNodeID     = "Meshlink-Node-Id"
@@ -99,12 +91,6 @@ const (
 	// credentials to the coordinator.
 	HeaderRelayID     = "Meshlink-Relay-Id"
 	HeaderRelaySecret = "Meshlink-Relay-Secret"
-	// HeaderRelayNodeKey and HeaderRelayProof authenticate a node to a
-	// relay: its WireGuard public key, and a NaCl box from that key to the
-	// relay's key sealing keying material exported from this very TLS
-	// session (see coordinator/relay.Proof).
-	HeaderRelayNodeKey = "Meshlink-Node-Key"
-	HeaderRelayProof   = "Meshlink-Relay-Proof"
 )
 
 // RelayRegisterRequest registers or refreshes a standalone relay.
@@ -320,7 +306,7 @@ type Relay struct {
 	// Name is "coordinator" for the embedded relay, else the name the
 	// standalone relay registered.
 	Name string `json:"name"`
-	// URL is https://host:port; the relay endpoint is URL+PathRelay.
+	// URL is https://host:port; the relay endpoint is URL+relay.Path.
 	URL string `json:"url"`
 	// Fingerprint pins the relay's certificate like a join token does.
 	Fingerprint string `json:"fingerprint"`

@@ -28,8 +28,8 @@ import (
 	"golang.org/x/crypto/nacl/box"
 	"golang.zx2c4.com/wireguard/conn"
 
-	"github.com/meshlink/meshlink/coordinator/relay"
-	"github.com/meshlink/meshlink/coordinator/stun"
+	"github.com/meshlink/meshlink/relay"
+	"github.com/meshlink/meshlink/stun"
 )
 
 // Timing of path discovery. A direct path is trusted while pongs keep

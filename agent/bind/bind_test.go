@@ -7,7 +7,7 @@ import (
 
 	"golang.org/x/crypto/nacl/box"
 
-	"github.com/meshlink/meshlink/coordinator/relay"
+	"github.com/meshlink/meshlink/relay"
 )
 
 func newKey(t testing.TB) (priv, pub [32]byte) {

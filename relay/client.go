@@ -142,7 +142,7 @@ func NewClient(cfg ClientConfig) *Client {
 		}
 		c.addr = net.JoinHostPort(u.Hostname(), port)
 		c.host = u.Host
-		c.path = strings.TrimRight(u.Path, "/") + wire.PathRelay
+		c.path = strings.TrimRight(u.Path, "/") + Path
 		c.tls.ServerName = u.Hostname()
 	}
 	return c
@@ -254,9 +254,9 @@ func (c *Client) dial() (net.Conn, *bufio.Reader, error) {
 	req := "GET " + c.path + " HTTP/1.1\r\n" +
 		"Host: " + c.host + "\r\n" +
 		"Connection: Upgrade\r\n" +
-		"Upgrade: " + wire.RelayProtocol + "\r\n" +
-		wire.HeaderRelayNodeKey + ": " + string(c.pub.Wire()) + "\r\n" +
-		wire.HeaderRelayProof + ": " + proof + "\r\n" +
+		"Upgrade: " + Protocol + "\r\n" +
+		HeaderNodeKey + ": " + string(c.pub.Wire()) + "\r\n" +
+		HeaderProof + ": " + proof + "\r\n" +
 		wire.HeaderVersion + ": " + strconv.Itoa(wire.ProtocolVersion) + "\r\n\r\n"
 	if _, err := io.WriteString(conn, req); err != nil {
 		return nil, nil, fmt.Errorf("send upgrade request: %w", err)
@@ -273,8 +273,8 @@ func (c *Client) dial() (net.Conn, *bufio.Reader, error) {
 		json.Unmarshal(body, &ue.body)
 		return nil, nil, ue
 	}
-	if !strings.EqualFold(resp.Header.Get("Upgrade"), wire.RelayProtocol) {
-		return nil, nil, fmt.Errorf("server switched to %q, not %s", resp.Header.Get("Upgrade"), wire.RelayProtocol)
+	if !strings.EqualFold(resp.Header.Get("Upgrade"), Protocol) {
+		return nil, nil, fmt.Errorf("server switched to %q, not %s", resp.Header.Get("Upgrade"), Protocol)
 	}
 	ok = true
 	return conn, br, nil

@@ -4,7 +4,7 @@
 // the mesh may use it. Agents find it in their network maps.
 //
 // The relay never receives node credentials: nodes prove their WireGuard
-// keys to its key (see coordinator/relay). Its own credentials (an ID and a
+// keys to its key (see package relay). Its own credentials (an ID and a
 // secret the coordinator keeps hashed), its key and its certificate live in
 // its state directory; the last node-key list is kept there too, so a relay
 // restarted while the coordinator is down still serves the mesh.
@@ -35,8 +35,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/meshlink/meshlink/coordinator/certs"
-	"github.com/meshlink/meshlink/coordinator/relay"
+	"github.com/meshlink/meshlink/internal/atomicfile"
+	"github.com/meshlink/meshlink/internal/tlscert"
+	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -191,11 +192,11 @@ func New(cfg Config) (*Relay, error) {
 			return nil, fmt.Errorf("relay: --tls-cert/--tls-key: %w", err)
 		}
 	} else {
-		hosts := []string{host, "localhost", "127.0.0.1", "::1", certs.DefaultHostIP().String()}
+		hosts := []string{host, "localhost", "127.0.0.1", "::1", tlscert.DefaultHostIP().String()}
 		if u, err := url.Parse(cfg.URL); err == nil && u.Hostname() != "" {
 			hosts = append(hosts, u.Hostname())
 		}
-		if r.cert, err = certs.LoadOrCreate(dir, "meshlink relay "+r.cfg.Name, hosts); err != nil {
+		if r.cert, err = tlscert.LoadOrCreate(dir, "meshlink relay "+r.cfg.Name, hosts); err != nil {
 			return nil, fmt.Errorf("relay: %w", err)
 		}
 	}
@@ -262,7 +263,7 @@ func (r *Relay) Start() error {
 	if u == "" {
 		host := ap.Addr()
 		if host.IsUnspecified() {
-			host = certs.DefaultHostIP()
+			host = tlscert.DefaultHostIP()
 		}
 		u = "https://" + netip.AddrPortFrom(host, ap.Port()).String()
 	}
@@ -280,7 +281,7 @@ func (r *Relay) Start() error {
 	r.url, r.addr = u, ap
 	r.mu.Unlock()
 	mux := http.NewServeMux()
-	mux.Handle(wire.PathRelay, r.srv)
+	mux.Handle(relay.Path, r.srv)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	r.http = &http.Server{
 		Handler:           mux,
@@ -497,7 +498,7 @@ func (r *Relay) register() error {
 	}
 	c = creds{Coordinator: base, Fingerprint: fp, ID: rr.ID, Secret: rr.Secret, Name: r.cfg.Name}
 	b, _ := json.MarshalIndent(c, "", "  ")
-	if err := certs.WriteFileAtomic(filepath.Join(r.cfg.StateDir, credsFile), b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(r.cfg.StateDir, credsFile), b, 0o600); err != nil {
 		return fmt.Errorf("save relay credentials: %w", err)
 	}
 	r.mu.Lock()
@@ -537,7 +538,7 @@ func (r *Relay) stream() error {
 		}
 		r.setKeys(m.Keys)
 		b, _ := json.Marshal(m.Keys)
-		if err := certs.WriteFileAtomic(filepath.Join(r.cfg.StateDir, nodesFile), b, 0o600); err != nil {
+		if err := atomicfile.WriteFile(filepath.Join(r.cfg.StateDir, nodesFile), b, 0o600); err != nil {
 			r.log.Warn("cannot save the node keys; a restart while the coordinator is down would refuse nodes", "err", err)
 		}
 		r.log.Debug("node keys updated", "nodes", len(m.Keys))

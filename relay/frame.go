@@ -8,9 +8,9 @@
 // the key the sender authenticated with, never a key taken from the sender's
 // frames, so nodes cannot pose as each other.
 //
-// Protocol: the client sends "GET wire.PathRelay" over HTTP/1.1 with
-// "Connection: Upgrade", "Upgrade: wire.RelayProtocol",
-// HeaderRelayNodeKey with HeaderRelayProof (see proof.go); the server
+// Protocol: the client sends "GET Path" over HTTP/1.1 with
+// "Connection: Upgrade", "Upgrade: Protocol", HeaderNodeKey with
+// HeaderProof (see proof.go); the server
 // answers 101 Switching Protocols and both sides then exchange frames:
 //
 //	[1 byte type][2 bytes big-endian payload length][payload]
@@ -31,6 +31,23 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/wire"
+)
+
+// The HTTP side of the relay connection. Every relay, embedded in the
+// coordinator or standalone, serves Path.
+const (
+	// Path is a GET with "Upgrade: Protocol" over HTTP/1.1, HeaderNodeKey
+	// and HeaderProof; after 101 Switching Protocols the connection carries
+	// relay frames.
+	Path = "/api/v1/relay"
+	// Protocol is the Upgrade token of the relay connection.
+	Protocol = "meshlink-relay/2"
+	// HeaderNodeKey and HeaderProof authenticate a node to a relay: its
+	// WireGuard public key, and a NaCl box from that key to the relay's key
+	// sealing keying material exported from this very TLS session (see
+	// makeProof in proof.go).
+	HeaderNodeKey = "Meshlink-Node-Key"
+	HeaderProof   = "Meshlink-Relay-Proof"
 )
 
 // Frame types.

@@ -149,17 +149,17 @@ func headerHasToken(h http.Header, name, token string) bool {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet {
 		w.Header().Set("Allow", http.MethodGet)
-		refuse(w, http.StatusMethodNotAllowed, wire.ErrCodeBadRequest, "%s takes GET with Upgrade: %s", r.URL.Path, wire.RelayProtocol)
+		refuse(w, http.StatusMethodNotAllowed, wire.ErrCodeBadRequest, "%s takes GET with Upgrade: %s", r.URL.Path, Protocol)
 		return
 	}
 	if r.ProtoMajor != 1 {
 		refuse(w, http.StatusHTTPVersionNotSupported, wire.ErrCodeBadRequest, "the relay needs HTTP/1.1 (offer only http/1.1 in TLS ALPN)")
 		return
 	}
-	if !headerHasToken(r.Header, "Connection", "upgrade") || !headerHasToken(r.Header, "Upgrade", wire.RelayProtocol) {
-		w.Header().Set("Upgrade", wire.RelayProtocol)
+	if !headerHasToken(r.Header, "Connection", "upgrade") || !headerHasToken(r.Header, "Upgrade", Protocol) {
+		w.Header().Set("Upgrade", Protocol)
 		w.Header().Set("Connection", "Upgrade")
-		refuse(w, http.StatusUpgradeRequired, wire.ErrCodeVersion, "the relay needs Connection: Upgrade and Upgrade: %s", wire.RelayProtocol)
+		refuse(w, http.StatusUpgradeRequired, wire.ErrCodeVersion, "the relay needs Connection: Upgrade and Upgrade: %s", Protocol)
 		return
 	}
 	key, err := s.authenticate(r)
@@ -192,7 +192,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The HTTP server's read-header deadline would otherwise still apply.
 	conn.SetDeadline(time.Time{})
 	conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + wire.RelayProtocol + "\r\nConnection: Upgrade\r\n\r\n")
+	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + Protocol + "\r\nConnection: Upgrade\r\n\r\n")
 	if err := brw.Flush(); err != nil {
 		conn.Close()
 		return
@@ -245,17 +245,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // authenticate checks the node's key proof for this TLS session and asks
 // Verify whether the key belongs to the mesh.
 func (s *Server) authenticate(r *http.Request) (Key, error) {
-	key, err := KeyFromWire(wire.Key(r.Header.Get(wire.HeaderRelayNodeKey)))
+	key, err := KeyFromWire(wire.Key(r.Header.Get(HeaderNodeKey)))
 	if err != nil {
 		return key, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
-			Message: "missing or malformed " + wire.HeaderRelayNodeKey + " header; this client is too old for this relay, upgrade meshlink"}}
+			Message: "missing or malformed " + HeaderNodeKey + " header; this client is too old for this relay, upgrade meshlink"}}
 	}
 	secret, err := sessionSecret(r.TLS)
 	if err != nil {
 		return key, &AuthError{Status: http.StatusInternalServerError, Body: wire.Error{Code: wire.ErrCodeInternal,
 			Message: "the relay must terminate TLS itself (it cannot sit behind a TLS-terminating proxy)"}}
 	}
-	if err := checkProof(r.Header.Get(wire.HeaderRelayProof), secret, key, s.cfg.PrivateKey); err != nil {
+	if err := checkProof(r.Header.Get(HeaderProof), secret, key, s.cfg.PrivateKey); err != nil {
 		return key, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
 			Message: "the node key proof does not verify; the relay's key may have changed: wait for the next network map"}}
 	}

@@ -14,7 +14,7 @@ import (
 	"golang.org/x/crypto/curve25519"
 	"golang.org/x/crypto/nacl/box"
 
-	"github.com/meshlink/meshlink/coordinator/certs"
+	"github.com/meshlink/meshlink/internal/atomicfile"
 )
 
 // A node proves to a relay that it holds the private WireGuard key it
@@ -106,7 +106,7 @@ func LoadOrCreateKey(path string) (Key, error) {
 			return k, err
 		}
 		enc := base64.StdEncoding.EncodeToString(k[:]) + "\n"
-		if err := certs.WriteFileAtomic(path, []byte(enc), 0o600); err != nil {
+		if err := atomicfile.WriteFile(path, []byte(enc), 0o600); err != nil {
 			return k, fmt.Errorf("relay key: %w", err)
 		}
 		return k, nil

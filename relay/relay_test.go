@@ -47,7 +47,7 @@ func leakedGoroutines(d time.Duration) string {
 		buf = buf[:runtime.Stack(buf, true)]
 		var leaked []string
 		for _, g := range strings.Split(string(buf), "\n\n") {
-			if strings.Contains(g, "coordinator/relay/server.go") || strings.Contains(g, "coordinator/relay/client.go") {
+			if strings.Contains(g, "/relay/server.go") || strings.Contains(g, "/relay/client.go") {
 				leaked = append(leaked, g)
 			}
 		}
@@ -191,7 +191,7 @@ func (tr *testRelay) start(addr string, mod ...func(*ServerConfig)) {
 	}
 	tr.addr = ln.Addr().String()
 	mux := http.NewServeMux()
-	mux.Handle(wire.PathRelay, tr.relay)
+	mux.Handle(Path, tr.relay)
 	// The same timeouts as the coordinator, to show they spare hijacked
 	// connections.
 	tr.http = &http.Server{
@@ -298,9 +298,9 @@ func (tr *testRelay) dialRaw(t *testing.T, n node) (*rawConn, int) {
 	}
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
-	req, _ := http.NewRequest(http.MethodGet, tr.url()+wire.PathRelay, nil)
+	req, _ := http.NewRequest(http.MethodGet, tr.url()+Path, nil)
 	req.Header.Set("Connection", "Upgrade")
-	req.Header.Set("Upgrade", wire.RelayProtocol)
+	req.Header.Set("Upgrade", Protocol)
 	cs := conn.ConnectionState()
 	secret, err := sessionSecret(&cs)
 	if err != nil {
@@ -310,8 +310,8 @@ func (tr *testRelay) dialRaw(t *testing.T, n node) (*rawConn, int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req.Header.Set(wire.HeaderRelayNodeKey, string(n.key.Wire()))
-	req.Header.Set(wire.HeaderRelayProof, proof)
+	req.Header.Set(HeaderNodeKey, string(n.key.Wire()))
+	req.Header.Set(HeaderProof, proof)
 	if err := req.Write(conn); err != nil {
 		t.Fatal(err)
 	}
@@ -584,11 +584,11 @@ func TestProofCannotBeForgedOrReplayed(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		req, _ := http.NewRequest(http.MethodGet, tr.url()+wire.PathRelay, nil)
+		req, _ := http.NewRequest(http.MethodGet, tr.url()+Path, nil)
 		req.Header.Set("Connection", "Upgrade")
-		req.Header.Set("Upgrade", wire.RelayProtocol)
-		req.Header.Set(wire.HeaderRelayNodeKey, string(claim.Wire()))
-		req.Header.Set(wire.HeaderRelayProof, proof(secret))
+		req.Header.Set("Upgrade", Protocol)
+		req.Header.Set(HeaderNodeKey, string(claim.Wire()))
+		req.Header.Set(HeaderProof, proof(secret))
 		if err := req.Write(conn); err != nil {
 			t.Fatal(err)
 		}
@@ -655,7 +655,7 @@ func TestHTTPRefusals(t *testing.T) {
 		{"no upgrade (h2)", http.MethodGet, false, http.StatusHTTPVersionNotSupported},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			req, _ := http.NewRequest(tc.method, tr.url()+wire.PathRelay, nil)
+			req, _ := http.NewRequest(tc.method, tr.url()+Path, nil)
 			resp, err := cl.Do(req)
 			if err != nil {
 				t.Fatal(err)

@@ -1,6 +1,6 @@
-// Package certs keeps the self-signed TLS certificate of a coordinator or a
-// standalone relay in its data directory, and writes files atomically.
-package certs
+// Package tlscert keeps the self-signed TLS certificate of a coordinator or a
+// standalone relay in its data directory.
+package tlscert
 
 import (
 	"crypto/ecdsa"
@@ -19,6 +19,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/meshlink/meshlink/internal/atomicfile"
 )
 
 const (
@@ -89,39 +91,13 @@ func LoadOrCreate(dir, commonName string, hosts []string) (tls.Certificate, erro
 		return tls.Certificate{}, err
 	}
 	// Key first: a cert without its key is the state we refuse above.
-	if err := WriteFileAtomic(kp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+	if err := atomicfile.WriteFile(kp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
 		return tls.Certificate{}, err
 	}
-	if err := WriteFileAtomic(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+	if err := atomicfile.WriteFile(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
 		return tls.Certificate{}, err
 	}
 	return tls.LoadX509KeyPair(cp, kp)
-}
-
-// WriteFileAtomic writes data to path with mode through a synced temporary
-// file renamed into place, so a crash leaves the old file or the new one.
-func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path))
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }
 
 // DefaultHostIP is the address put into the URL when listening on every
