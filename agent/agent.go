@@ -26,8 +26,8 @@ import (
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/dns"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/netstack"
-	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -105,7 +105,7 @@ type Agent struct {
 	cfg   Config
 	log   *slog.Logger
 	state stateDir
-	key   privateKey
+	key   key.Private
 	token *wire.JoinToken
 
 	stack    *netstack.Stack
@@ -131,7 +131,7 @@ type Agent struct {
 	haveMap    bool
 	exports    []Export
 	announced  map[string]bool           // exports the coordinator has confirmed
-	wgPeers    map[wire.Key]wgPeer       // what WireGuard is configured with
+	wgPeers    map[key.Public]wgPeer     // what WireGuard is configured with
 	byAddr     map[netip.Addr]*wire.Node // peers by mesh address, for policy
 	listenPort uint16
 	connected  bool
@@ -182,7 +182,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[wire.Key]wgPeer{},
+	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[key.Public]wgPeer{},
 		gateIn: netstack.NewGate(pipelinePackets(), pipelineWait), gateOut: netstack.NewGate(pipelinePackets(), pipelineWait)}
 	var err error
 	if a.state, err = openStateDir(cfg.StateDir); err != nil {
@@ -378,7 +378,7 @@ func (a *Agent) startWireGuard() error {
 		}
 		return fmt.Errorf("agent: start WireGuard on UDP port %d: %w", a.cfg.ListenPort, err)
 	}
-	if err := a.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", a.key.hex(), a.cfg.ListenPort)); err != nil {
+	if err := a.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", a.key.UAPI(), a.cfg.ListenPort)); err != nil {
 		return bindErr(err)
 	}
 	if err := a.dev.Up(); err != nil {
@@ -474,7 +474,7 @@ func (a *Agent) register(ctx context.Context) error {
 	cc := newControlClient(t.URL, t.Fingerprint)
 	req := wire.RegisterRequest{
 		Version: wire.ProtocolVersion, TokenID: t.ID, TokenSecret: t.Secret,
-		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.PublicKey(),
+		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
 		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
 	}
 	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
@@ -517,7 +517,7 @@ func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID str
 func (a *Agent) controlLoop() {
 	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
 	for a.ctx.Err() == nil {
-		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: a.key.PublicKey()}
+		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: a.key.Public()}
 		first := true
 		err := a.cc.streamMap(a.ctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
 			if first {
@@ -601,13 +601,13 @@ func (a *Agent) reconfigLocked() {
 	}
 
 	// WireGuard peers.
-	want := map[wire.Key]wgPeer{}
+	want := map[key.Public]wgPeer{}
 	var bindPeers []bind.PeerConfig
 	byID := map[wire.NodeID]*wire.Node{}
 	a.byAddr = map[netip.Addr]*wire.Node{}
 	for i := range nm.Peers {
 		p := &nm.Peers[i]
-		if p.ID == nm.Self.ID || p.Key == "" {
+		if p.ID == nm.Self.ID || p.Key.IsZero() {
 			continue
 		}
 		byID[p.ID] = p
@@ -617,18 +617,14 @@ func (a *Agent) reconfigLocked() {
 			a.byAddr[pfx.Addr()] = p
 		}
 		want[p.Key] = wgPeer{allowed: strings.Join(allowed, ",")}
-		if k, err := relay.KeyFromWire(p.Key); err == nil {
-			bindPeers = append(bindPeers, bind.PeerConfig{Key: k, Name: p.Name, Endpoints: p.Endpoints})
-		}
+		bindPeers = append(bindPeers, bind.PeerConfig{Key: p.Key, Name: p.Name, Endpoints: p.Endpoints})
 	}
 	a.bind.SetPeers(bindPeers)
 	a.setRelayLocked()
 	var b strings.Builder
 	for k := range a.wgPeers {
 		if _, ok := want[k]; !ok {
-			if hk, err := keyHex(k); err == nil {
-				fmt.Fprintf(&b, "public_key=%s\nremove=true\n", hk)
-			}
+			fmt.Fprintf(&b, "public_key=%s\nremove=true\n", k.UAPI())
 		}
 	}
 	for k, wp := range want {
@@ -636,19 +632,11 @@ func (a *Agent) reconfigLocked() {
 		if had && old == wp {
 			continue
 		}
-		hk, err := keyHex(k)
-		if err != nil {
-			a.log.Warn("peer with a bad key ignored", "err", err)
-			delete(want, k)
-			continue
-		}
-		fmt.Fprintf(&b, "public_key=%s\n", hk)
+		fmt.Fprintf(&b, "public_key=%s\n", k.UAPI())
 		// WireGuard gets one virtual endpoint per peer; the bind picks the
 		// path (direct UDP or relay) for every packet.
 		if !had {
-			if k, err := relay.KeyFromWire(k); err == nil {
-				fmt.Fprintf(&b, "endpoint=%s\n", bind.EndpointString(k))
-			}
+			fmt.Fprintf(&b, "endpoint=%s\n", bind.EndpointString(k))
 		}
 		// No persistent keepalive: it makes both sides initiate a handshake
 		// the moment they learn of each other, the two initiations cross and
@@ -731,12 +719,11 @@ func (a *Agent) setRelayLocked() {
 	}
 	var cfgs []bind.RelayConfig
 	for _, r := range a.nm.Relays {
-		k, err := relay.KeyFromWire(r.Key)
-		if err != nil {
+		if r.Key.IsZero() {
 			a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
 			continue
 		}
-		cfgs = append(cfgs, bind.RelayConfig{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: k,
+		cfgs = append(cfgs, bind.RelayConfig{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: r.Key,
 			RetryMin: a.cfg.RetryMin, RetryMax: a.cfg.RetryMax})
 	}
 	a.bind.SetRelays(cfgs)

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
-	"github.com/meshlink/meshlink/relay"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -177,7 +177,7 @@ func (a *Agent) Status() localapi.Status {
 	defer a.mu.Unlock()
 	st := localapi.Status{
 		Self: localapi.Node{ID: uint64(a.nm.Self.ID), Name: a.nm.Self.Name, Addresses: a.nm.Self.Addresses,
-			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.PublicKey())},
+			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.Public())},
 		ListenPort:  a.listenPort,
 		DNS:         a.DNSAddr(),
 		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap},
@@ -196,12 +196,11 @@ func (a *Agent) Status() localapi.Status {
 			continue
 		}
 		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: "none"}
-		if hk, err := keyHex(p.Key); err == nil && stats[hk] != nil {
-			s := stats[hk]
+		if s := stats[p.Key.UAPI()]; s != nil {
 			lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.lastHandshake, s.rx, s.tx
 		}
-		if k, err := relay.KeyFromWire(p.Key); err == nil {
-			pp := a.bind.Path(k)
+		if !p.Key.IsZero() {
+			pp := a.bind.Path(p.Key)
 			lp.Path, lp.RTT = pp.Path, localapi.Duration(pp.RTT)
 			lp.DirectBytes, lp.RelayedBytes = pp.TxDirect+pp.RxDirect, pp.TxRelay+pp.RxRelay
 			for _, c := range pp.Candidates {
@@ -223,11 +222,11 @@ func (a *Agent) Status() localapi.Status {
 
 // shortKey is a key's fingerprint for display: enough to tell keys apart,
 // and only ever of public keys.
-func shortKey(k wire.Key) string {
-	if len(k) > 12 {
-		return string(k[:12]) + "…"
+func shortKey(k key.Public) string {
+	if s := k.String(); len(s) > 12 {
+		return s[:12] + "…"
 	}
-	return string(k)
+	return ""
 }
 
 // Services reports what the site consumes and exports.
@@ -266,19 +265,15 @@ func (a *Agent) Services() localapi.Services {
 func (a *Agent) Ping(ctx context.Context, node string, timeout time.Duration) ([]localapi.PingResult, error) {
 	node = wire.NormalizeName(node)
 	a.mu.Lock()
-	var key wire.Key
+	var k key.Public
 	for _, p := range a.nm.Peers {
 		if p.Name == node {
-			key = p.Key
+			k = p.Key
 		}
 	}
 	a.mu.Unlock()
-	if key == "" {
+	if k.IsZero() {
 		return nil, fmt.Errorf("no peer named %q; `meshlink status` lists them", node)
-	}
-	k, err := relay.KeyFromWire(key)
-	if err != nil {
-		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

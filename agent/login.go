@@ -75,7 +75,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 	cc := newControlClient(rawURL, fp)
 	req := wire.RegisterRequest{
 		Version: wire.ProtocolVersion, Interactive: true,
-		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.PublicKey(),
+		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
 		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
 	}
 	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}

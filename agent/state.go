@@ -1,9 +1,6 @@
 package agent
 
 import (
-	"crypto/rand"
-	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,8 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/meshlink/meshlink/internal/atomicfile"
-
-	"golang.org/x/crypto/curve25519"
+	"github.com/meshlink/meshlink/internal/key"
 
 	"github.com/meshlink/meshlink/agent/proxy"
 
@@ -27,47 +23,6 @@ const (
 	fileNetmap   = "netmap.json"   // last network map, so the data plane starts without the coordinator
 	fileAPI      = "api.sock"      // local API for the CLI
 )
-
-// privateKey is a Curve25519 private key as WireGuard uses it.
-type privateKey [32]byte
-
-func newPrivateKey() (privateKey, error) {
-	var k privateKey
-	if _, err := rand.Read(k[:]); err != nil {
-		return k, err
-	}
-	// Clamp as RFC 7748 asks; wireguard-go would do it too.
-	k[0] &= 248
-	k[31] = (k[31] & 127) | 64
-	return k, nil
-}
-
-func (k privateKey) public() [32]byte {
-	pub, err := curve25519.X25519(k[:], curve25519.Basepoint)
-	if err != nil {
-		panic("agent: X25519 with basepoint cannot fail: " + err.Error())
-	}
-	var p [32]byte
-	copy(p[:], pub)
-	return p
-}
-
-// PublicKey returns the key in the form the wire package carries.
-func (k privateKey) PublicKey() wire.Key {
-	p := k.public()
-	return wire.Key(base64.StdEncoding.EncodeToString(p[:]))
-}
-
-func (k privateKey) hex() string { return hex.EncodeToString(k[:]) }
-
-// keyHex converts a wire key (base64) to the hex form of wireguard-go's UAPI.
-func keyHex(k wire.Key) (string, error) {
-	b, err := base64.StdEncoding.DecodeString(string(k))
-	if err != nil || len(b) != 32 {
-		return "", fmt.Errorf("bad public key %q", k)
-	}
-	return hex.EncodeToString(b), nil
-}
 
 // nodeState is what node.json holds.
 type nodeState struct {
@@ -106,26 +61,15 @@ func openStateDir(dir string) (stateDir, error) {
 func (s stateDir) path(name string) string { return filepath.Join(s.dir, name) }
 
 // loadOrCreateKey returns the node's private key, creating it on first start.
-func (s stateDir) loadOrCreateKey() (privateKey, error) {
-	var k privateKey
-	b, err := os.ReadFile(s.path(fileKey))
-	if err == nil {
-		raw, err := base64.StdEncoding.DecodeString(string(trimSpace(b)))
-		if err != nil || len(raw) != 32 {
-			return k, fmt.Errorf("agent: %s is corrupt; remove the state directory to start as a new node", s.path(fileKey))
-		}
-		copy(k[:], raw)
-		return k, nil
-	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return k, fmt.Errorf("agent: read key: %w", err)
-	}
-	k, err = newPrivateKey()
-	if err != nil {
-		return k, fmt.Errorf("agent: generate key: %w", err)
-	}
-	if err := atomicfile.WriteFile(s.path(fileKey), []byte(base64.StdEncoding.EncodeToString(k[:])+"\n"), 0o600); err != nil {
-		return k, fmt.Errorf("agent: save key: %w", err)
+func (s stateDir) loadOrCreateKey() (key.Private, error) {
+	k, err := key.LoadOrCreateFile(s.path(fileKey))
+	switch {
+	case errors.Is(err, key.ErrDamaged):
+		return k, fmt.Errorf("agent: %s is corrupt; remove the state directory to start as a new node", s.path(fileKey))
+	case errors.Is(err, key.ErrExposed):
+		return k, fmt.Errorf("agent: %s is readable by others; run chmod 600 %s", s.path(fileKey), s.path(fileKey))
+	case err != nil:
+		return k, fmt.Errorf("agent: key: %w", err)
 	}
 	return k, nil
 }

@@ -2,7 +2,6 @@ package coordinator
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/web"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -103,6 +103,9 @@ func decode(w http.ResponseWriter, r *http.Request, v any, what string) *apiErro
 		if errors.As(err, &mbe) {
 			return apiErr(http.StatusRequestEntityTooLarge, wire.ErrCodeBadRequest, "%s body is larger than %d bytes", what, maxBodyBytes)
 		}
+		if errors.Is(err, key.ErrInvalid) {
+			return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body: %v", what, err)
+		}
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body is not valid JSON: %v", what, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
@@ -119,9 +122,8 @@ func checkVersion(v int) *apiError {
 	return nil
 }
 
-func validKey(k wire.Key) *apiError {
-	b, err := base64.StdEncoding.DecodeString(string(k))
-	if err != nil || len(b) != 32 {
+func validKey(k key.Public) *apiError {
+	if k.IsZero() {
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "node_key must be a WireGuard public key (32 bytes, standard base64)")
 	}
 	return nil
@@ -391,7 +393,7 @@ func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiErro
 	if e != nil {
 		return e
 	}
-	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, "", req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
+	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, key.Public{}, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
 		return storeErr("endpoints", err)
 	}
 	s.hub.bump()
@@ -430,11 +432,7 @@ func (s *Server) removeNode(ctx context.Context, id wire.NodeID) error {
 
 // disconnectRelay closes the relay connection authenticated with key k, if
 // any: the node was removed or changed its key.
-func (s *Server) disconnectRelay(k wire.Key) {
-	if rk, err := relay.KeyFromWire(k); err == nil {
-		s.relay.Disconnect(rk)
-	}
-}
+func (s *Server) disconnectRelay(k key.Public) { s.relay.Disconnect(k) }
 
 func (s *Server) serveTokenInspect(w http.ResponseWriter, r *http.Request) *apiError {
 	var req wire.TokenInspectRequest
@@ -472,11 +470,6 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	if e != nil {
 		return e
 	}
-	if req.NodeKey != "" {
-		if e := validKey(req.NodeKey); e != nil {
-			return e
-		}
-	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
@@ -485,7 +478,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 		return storeErr("map", err)
 	}
-	if req.NodeKey != "" && req.NodeKey != node.Key {
+	if !req.NodeKey.IsZero() && req.NodeKey != node.Key {
 		s.disconnectRelay(node.Key) // it re-authenticates with the new key
 	}
 	if err := s.store.SetLastSeen(ctx, node.ID, time.Now()); err != nil {

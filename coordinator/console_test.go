@@ -18,7 +18,7 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/web"
-	"github.com/meshlink/meshlink/relay"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -617,11 +617,11 @@ func TestConsoleRelays(t *testing.T) {
 
 	// A standalone relay registers and holds its node-key stream open.
 	relayTok := mustToken(t, s, TokenOptions{Relay: true})
-	relayPriv, _ := relay.NewPrivateKey()
-	relayPub, _ := relay.PublicKey(relayPriv)
+	relayPriv := key.NewPrivate()
+	relayPub := relayPriv.Public()
 	certFP := strings.Repeat("0123456789abcdef", 4)
 	st, body := relayCall(t, api, s.URL(), wire.PathRelayRegister, 0, "", wire.RelayRegisterRequest{Version: wire.ProtocolVersion,
-		TokenID: relayTok.ID, TokenSecret: relayTok.Secret, Name: "eu1", URL: "https://127.0.0.1:9443", Fingerprint: certFP, Key: relayPub.Wire()})
+		TokenID: relayTok.ID, TokenSecret: relayTok.Secret, Name: "eu1", URL: "https://127.0.0.1:9443", Fingerprint: certFP, Key: relayPub})
 	if st != http.StatusOK {
 		t.Fatalf("relay register: %d %s", st, body)
 	}
@@ -657,7 +657,7 @@ func TestConsoleRelays(t *testing.T) {
 	checkRelays("member", bob.snapshot())
 	// Counters we do not have are null, not zeros; no key is shown whole.
 	_, js := root.get("/console/api/snapshot")
-	if !strings.Contains(js, `"name":"eu1"`) || !strings.Contains(js, `"stats":null`) || strings.Contains(js, string(relayPub.Wire())) {
+	if !strings.Contains(js, `"name":"eu1"`) || !strings.Contains(js, `"stats":null`) || strings.Contains(js, relayPub.String()) {
 		t.Fatalf("snapshot JSON: %s", js)
 	}
 	sn := root.snapshot()
@@ -680,7 +680,7 @@ func TestConsoleRelays(t *testing.T) {
 				t.Errorf("%s: overview lacks %q", who, want)
 			}
 		}
-		if strings.Contains(page, string(relayPub.Wire())) {
+		if strings.Contains(page, relayPub.String()) {
 			t.Errorf("%s: overview shows a relay key whole", who)
 		}
 	}

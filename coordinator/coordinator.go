@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/internal/atomicfile"
+	"github.com/meshlink/meshlink/internal/key"
 
 	"golang.org/x/crypto/bcrypt"
 
@@ -123,7 +124,7 @@ type Server struct {
 	fingerprint string
 	hub         hub
 	relay       *relay.Server
-	relayPub    relay.Key // the embedded relay's public key
+	relayPub    key.Public // the embedded relay's public key
 	metrics     *metrics
 	console     *web.Console
 
@@ -229,10 +230,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
-	relayPub, err := relay.PublicKey(relayKey)
-	if err != nil {
-		return nil, fmt.Errorf("coordinator: %w", err)
-	}
+	relayPub := relayKey.Public()
 	st, err := store.OpenSQLite(context.Background(), filepath.Join(dir, dbFile))
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)

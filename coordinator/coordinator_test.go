@@ -66,7 +66,11 @@ func TestRegister(t *testing.T) {
 		{"version zero", func() any { r := req(reusable, "gamma"); r.Version = 0; return r }(), 426, wire.ErrCodeVersion},
 		{"version from the future", func() any { r := req(reusable, "gamma"); r.Version = wire.ProtocolVersion + 1; return r }(), 426, wire.ErrCodeVersion},
 		{"bad name", req(reusable, "no_underscores"), 400, wire.ErrCodeBadRequest},
-		{"bad key", func() any { r := req(reusable, "gamma"); r.NodeKey = "abc"; return r }(), 400, wire.ErrCodeBadRequest},
+		{"bad key", withKey(req(reusable, "gamma"), "abc"), 400, wire.ErrCodeBadRequest},
+		// The all-zero key is a low-order point: whoever registers it can be
+		// impersonated by anyone (a relay proof for it needs no private key).
+		{"all-zero key", withKey(req(reusable, "gamma"), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="), 400, wire.ErrCodeBadRequest},
+		{"no key", withKey(req(reusable, "gamma"), ""), 400, wire.ErrCodeBadRequest},
 		{"name in use", req(reusable, "taken"), 409, wire.ErrCodeNameInUse},
 		{"same key again is idempotent", wire.RegisterRequest{Version: 1, TokenID: reusable.ID, TokenSecret: reusable.Secret, Name: "taken", NodeKey: takenKey}, 200, ""},
 	}
@@ -662,4 +666,14 @@ func TestCertificateAndURL(t *testing.T) {
 	if _, err := New(Config{DataDir: t.TempDir(), URL: "http://x"}); err == nil {
 		t.Error("accepted a non-https URL")
 	}
+}
+
+// withKey is r as JSON with node_key replaced by k, which need not be a key.
+func withKey(r wire.RegisterRequest, k string) []byte {
+	b, _ := json.Marshal(r)
+	var m map[string]any
+	json.Unmarshal(b, &m)
+	m["node_key"] = k
+	b, _ = json.Marshal(m)
+	return b
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -25,7 +26,7 @@ func fuzzServer(f *testing.F) (http.Handler, creds) {
 		f.Fatal(err)
 	}
 	res, err := s.store.RegisterNode(context.Background(), store.Registration{
-		TokenID: "fuzz", TokenSecret: "fuzz-secret-0123456789", Name: "fuzzer", Key: "k", SecretHash: store.HashSecret("node-secret"),
+		TokenID: "fuzz", TokenSecret: "fuzz-secret-0123456789", Name: "fuzzer", Key: key.NewPrivate().Public(), SecretHash: store.HashSecret("node-secret"),
 	})
 	if err != nil {
 		f.Fatal(err)

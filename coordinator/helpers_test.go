@@ -3,10 +3,8 @@ package coordinator
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"io"
@@ -15,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -64,11 +63,7 @@ func pinnedClient(t testing.TB, fp string, h2 bool) *http.Client {
 	return &http.Client{Transport: tr}
 }
 
-func newKey(t testing.TB) wire.Key {
-	var b [32]byte
-	rand.Read(b[:])
-	return wire.Key(base64.StdEncoding.EncodeToString(b[:]))
-}
+func newKey(t testing.TB) key.Public { return key.NewPrivate().Public() }
 
 type creds struct {
 	ID     wire.NodeID

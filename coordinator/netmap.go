@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -117,7 +118,7 @@ type snapshot struct {
 	nodes    []wire.Node // by ID
 	byID     map[wire.NodeID]int
 	services []wire.Service // with at least one provider, by name
-	keys     []wire.Key     // every node's key, sorted
+	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
 }
 
@@ -153,11 +154,11 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
 		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))
-		if n.Key != "" {
+		if !n.Key.IsZero() {
 			snap.keys = append(snap.keys, n.Key)
 		}
 	}
-	slices.Sort(snap.keys)
+	slices.SortFunc(snap.keys, key.Public.Compare)
 	byService := map[string][]wire.Provider{}
 	for _, p := range provs {
 		byService[p.Service] = append(byService[p.Service], wire.Provider{Node: p.NodeID, Port: p.Port})

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/stun"
 	"github.com/meshlink/meshlink/wire"
@@ -22,11 +23,11 @@ import (
 
 type relayRx struct {
 	mu   sync.Mutex
-	src  []relay.Key
+	src  []key.Public
 	pkts [][]byte
 }
 
-func (r *relayRx) on(src relay.Key, pkt []byte) {
+func (r *relayRx) on(src key.Public, pkt []byte) {
 	r.mu.Lock()
 	r.src = append(r.src, src)
 	r.pkts = append(r.pkts, bytes.Clone(pkt))
@@ -44,19 +45,16 @@ func (r *relayRx) n() int {
 type keyedNode struct {
 	rr   wire.RegisterResponse
 	cr   creds
-	priv relay.Key
-	pub  relay.Key
+	priv key.Private
+	pub  key.Public
 }
 
 func registerKeyed(t *testing.T, c *http.Client, jt wire.JoinToken, name string) keyedNode {
 	t.Helper()
-	priv, err := relay.NewPrivateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, _ := relay.PublicKey(priv)
+	priv := key.NewPrivate()
+	pub := priv.Public()
 	st, body := call(t, c, jt.URL, wire.PathRegister, nil, wire.RegisterRequest{
-		Version: wire.ProtocolVersion, TokenID: jt.ID, TokenSecret: jt.Secret, Name: name, NodeKey: pub.Wire(), ListenPort: 41641,
+		Version: wire.ProtocolVersion, TokenID: jt.ID, TokenSecret: jt.Secret, Name: name, NodeKey: pub, ListenPort: 41641,
 	})
 	if st != http.StatusOK {
 		t.Fatalf("register %s: %d %s", name, st, body)
@@ -68,12 +66,9 @@ func registerKeyed(t *testing.T, c *http.Client, jt wire.JoinToken, name string)
 	return keyedNode{rr: rr, cr: creds{rr.Node.ID, rr.NodeSecret}, priv: priv, pub: pub}
 }
 
-func relayClient(t *testing.T, r wire.Relay, priv relay.Key, rx *relayRx) *relay.Client {
+func relayClient(t *testing.T, r wire.Relay, priv key.Private, rx *relayRx) *relay.Client {
 	t.Helper()
-	rk, err := relay.KeyFromWire(r.Key)
-	if err != nil {
-		t.Fatalf("relay %s key: %v", r.Name, err)
-	}
+	rk := r.Key
 	c := relay.NewClient(relay.ClientConfig{
 		URL: r.URL, Fingerprint: r.Fingerprint, RelayKey: rk, PrivateKey: priv,
 		Logger:   slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
@@ -98,7 +93,7 @@ func TestRelayThroughCoordinator(t *testing.T) {
 		t.Fatalf("relays %+v, want the embedded one", full.Full.Relays)
 	}
 	emb := full.Full.Relays[0]
-	if emb.Name != EmbeddedRelayName || emb.URL != s.URL() || emb.Fingerprint != s.Fingerprint() || emb.Key == "" {
+	if emb.Name != EmbeddedRelayName || emb.URL != s.URL() || emb.Fingerprint != s.Fingerprint() || emb.Key.IsZero() {
 		t.Fatalf("embedded relay %+v", emb)
 	}
 
@@ -145,7 +140,7 @@ func TestRelayRefusesKeysOutsideTheMesh(t *testing.T) {
 	sa := openMap(t, c, jt.URL, na.cr)
 	emb := sa.next(t, 5*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil }).Full.Relays[0]
 
-	stranger, _ := relay.NewPrivateKey()
+	stranger := key.NewPrivate()
 	var rx relayRx
 	cl := relayClient(t, emb, stranger, &rx)
 	waitFor(t, 5*time.Second, "refusal", func() bool { return strings.Contains(cl.Stats().LastError, "403") })
@@ -157,9 +152,9 @@ func TestRelayRefusesKeysOutsideTheMesh(t *testing.T) {
 	}
 	// The right key with the wrong relay key (a stale map): 401, not in.
 	wrong := emb
-	other, _ := relay.NewPrivateKey()
-	otherPub, _ := relay.PublicKey(other)
-	wrong.Key = otherPub.Wire()
+	other := key.NewPrivate()
+	otherPub := other.Public()
+	wrong.Key = otherPub
 	cl2 := relayClient(t, wrong, na.priv, &rx)
 	waitFor(t, 5*time.Second, "refusal", func() bool { return strings.Contains(cl2.Stats().LastError, "401") })
 	if cl2.Connected() {
@@ -210,10 +205,10 @@ func TestStandaloneRelayRegistration(t *testing.T) {
 	relayTok := mustToken(t, s, TokenOptions{Relay: true})
 
 	// Tokens of the wrong kind are refused both ways, and say so.
-	relayKey, _ := relay.NewPrivateKey()
-	relayPub, _ := relay.PublicKey(relayKey)
+	relayKey := key.NewPrivate()
+	relayPub := relayKey.Public()
 	reg := wire.RelayRegisterRequest{Version: wire.ProtocolVersion, TokenID: nodeTok.ID, TokenSecret: nodeTok.Secret,
-		Name: "eu1", URL: "https://127.0.0.1:9443", Fingerprint: strings.Repeat("ab", 32), Key: relayPub.Wire()}
+		Name: "eu1", URL: "https://127.0.0.1:9443", Fingerprint: strings.Repeat("ab", 32), Key: relayPub}
 	if st, body := relayCall(t, c, s.URL(), wire.PathRelayRegister, 0, "", reg); st != http.StatusUnauthorized || !strings.Contains(string(body), "wrong kind") {
 		t.Fatalf("relay registered with a node token: %d %s", st, body)
 	}
@@ -225,7 +220,7 @@ func TestStandaloneRelayRegistration(t *testing.T) {
 	for _, bad := range []func(*wire.RelayRegisterRequest){
 		func(r *wire.RelayRegisterRequest) { r.URL = "http://127.0.0.1:9443" },
 		func(r *wire.RelayRegisterRequest) { r.URL = "https://relay.example" },
-		func(r *wire.RelayRegisterRequest) { r.Key = "short" },
+		func(r *wire.RelayRegisterRequest) { r.Key = key.Public{} },
 		func(r *wire.RelayRegisterRequest) { r.Fingerprint = "ab" },
 		func(r *wire.RelayRegisterRequest) { r.Name = "Not A Name!" },
 	} {
@@ -270,11 +265,11 @@ func TestStandaloneRelayRegistration(t *testing.T) {
 	}
 	resp, cancel := openRelayNodes(t, c, s.URL(), rr)
 	var rn wire.RelayNodes
-	if err := json.NewDecoder(resp.Body).Decode(&rn); err != nil || len(rn.Keys) != 1 || rn.Keys[0] != na.pub.Wire() {
+	if err := json.NewDecoder(resp.Body).Decode(&rn); err != nil || len(rn.Keys) != 1 || rn.Keys[0] != na.pub {
 		t.Fatalf("relay nodes %+v %v, want a's key", rn, err)
 	}
 	m := sa.next(t, 5*time.Second, "relay listed", func(m wire.MapResponse) bool { return m.Relays != nil && len(*m.Relays) == 1 })
-	if got := (*m.Relays)[0]; got.Name != "eu1" || got.URL != "https://127.0.0.1:9444" || got.Key != relayPub.Wire() {
+	if got := (*m.Relays)[0]; got.Name != "eu1" || got.URL != "https://127.0.0.1:9444" || got.Key != relayPub {
 		t.Fatalf("listed relay %+v", got)
 	}
 	cancel()

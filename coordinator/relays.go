@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -95,7 +96,7 @@ func (s *Server) removeRelay(ctx context.Context, name string) error {
 func (s *Server) relayList(ctx context.Context) ([]wire.Relay, error) {
 	var out []wire.Relay
 	if !s.cfg.NoEmbeddedRelay {
-		out = append(out, wire.Relay{Name: EmbeddedRelayName, URL: s.URL(), Fingerprint: s.fingerprint, Key: s.relayPub.Wire()})
+		out = append(out, wire.Relay{Name: EmbeddedRelayName, URL: s.URL(), Fingerprint: s.fingerprint, Key: s.relayPub})
 	}
 	online := s.hub.relaysOnline()
 	if len(online) == 0 {
@@ -115,12 +116,12 @@ func (s *Server) relayList(ctx context.Context) ([]wire.Relay, error) {
 
 // relayVerify lets a node key use the embedded relay if it belongs to a node
 // of the mesh now.
-func (s *Server) relayVerify(k relay.Key) error {
+func (s *Server) relayVerify(k key.Public) error {
 	snap, err := s.current(s.ctx)
 	if err != nil {
 		return &relay.AuthError{Status: http.StatusServiceUnavailable, Body: wire.Error{Code: wire.ErrCodeInternal, Message: "the coordinator cannot read its store; retry shortly"}}
 	}
-	if _, found := slices.BinarySearch(snap.keys, k.Wire()); !found {
+	if _, found := slices.BinarySearchFunc(snap.keys, k, key.Public.Compare); !found {
 		return &relay.AuthError{Status: http.StatusForbidden, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
 			Message: "this key is not a node of this mesh (removed, or re-keyed); restart the agent or join again"}}
 	}
@@ -189,7 +190,7 @@ func (s *Server) serveRelayRegister(w http.ResponseWriter, r *http.Request) *api
 	if e := validRelayURL(req.URL); e != nil {
 		return e
 	}
-	if _, err := relay.KeyFromWire(req.Key); err != nil {
+	if req.Key.IsZero() {
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "relay key must be a Curve25519 public key (32 bytes, standard base64)")
 	}
 	if len(req.Fingerprint) != 64 {
@@ -264,7 +265,7 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 	send := startStream(w)
 	keepAlive := time.NewTicker(s.cfg.KeepAlive)
 	defer keepAlive.Stop()
-	var last []wire.Key
+	var last []key.Public
 	for first := true; ; first = false {
 		_, wake := s.hub.watch()
 		snap, err := s.current(ctx)
@@ -273,7 +274,7 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 		}
 		if first || !slices.Equal(last, snap.keys) {
 			last = snap.keys
-			if err := send(&wire.RelayNodes{Keys: append([]wire.Key{}, last...)}); err != nil {
+			if err := send(&wire.RelayNodes{Keys: append([]key.Public{}, last...)}); err != nil {
 				return nil
 			}
 			keepAlive.Reset(s.cfg.KeepAlive)

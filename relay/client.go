@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -40,15 +41,16 @@ type ClientConfig struct {
 	// RelayKey is the relay's public key (wire.Relay.Key), PrivateKey the
 	// node's WireGuard private key: with them the client proves the node's
 	// key to the relay. The private key never leaves the client.
-	RelayKey, PrivateKey Key
+	RelayKey   key.Public
+	PrivateKey key.Private
 	// Logger receives structured logs; nil discards.
 	Logger *slog.Logger
 	// OnPacket is called on the client's read goroutine for every packet
 	// relayed to this node; pkt is valid only during the call.
-	OnPacket func(src Key, pkt []byte)
+	OnPacket func(src key.Public, pkt []byte)
 	// OnPeerGone, optional, is called on the read goroutine when the relay
 	// reports that a destination is not connected to it.
-	OnPeerGone func(dst Key)
+	OnPeerGone func(dst key.Public)
 	// OnConnect, optional, is called (on the client's goroutine) each time
 	// a connection is up and Send works.
 	OnConnect func()
@@ -83,10 +85,10 @@ type Client struct {
 	cfg  ClientConfig
 	log  *slog.Logger
 	tls  *tls.Config
-	pub  Key    // the node's public key
-	addr string // host:port to dial
-	path string // request path
-	host string // Host header
+	pub  key.Public // the node's public key
+	addr string     // host:port to dial
+	path string     // request path
+	host string     // Host header
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -132,7 +134,7 @@ func NewClient(cfg ClientConfig) *Client {
 	}
 	c := &Client{cfg: cfg, log: log.With("subsystem", "relay-client", "relay", cfg.URL)}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	c.pub, _ = PublicKey(cfg.PrivateKey)
+	c.pub = cfg.PrivateKey.Public()
 	c.tls = wire.PinnedTLSConfig(cfg.Fingerprint)
 	c.tls.NextProtos = []string{"http/1.1"}
 	if u, err := url.Parse(cfg.URL); err == nil && u.Scheme == "https" && u.Host != "" {
@@ -255,7 +257,7 @@ func (c *Client) dial() (net.Conn, *bufio.Reader, error) {
 		"Host: " + c.host + "\r\n" +
 		"Connection: Upgrade\r\n" +
 		"Upgrade: " + Protocol + "\r\n" +
-		HeaderNodeKey + ": " + string(c.pub.Wire()) + "\r\n" +
+		HeaderNodeKey + ": " + c.pub.String() + "\r\n" +
 		HeaderProof + ": " + proof + "\r\n" +
 		wire.HeaderVersion + ": " + strconv.Itoa(wire.ProtocolVersion) + "\r\n\r\n"
 	if _, err := io.WriteString(conn, req); err != nil {
@@ -364,8 +366,7 @@ func (c *Client) readLoop(s *session, br *bufio.Reader, buf []byte, idle time.Du
 		}
 		switch typ {
 		case FrameRecvPacket:
-			var src Key
-			copy(src[:], p)
+			src := key.PublicFromRaw([KeyLen]byte(p))
 			c.recv.Add(1)
 			c.recvBytes.Add(uint64(len(p) - KeyLen))
 			if c.cfg.OnPacket != nil {
@@ -373,9 +374,7 @@ func (c *Client) readLoop(s *session, br *bufio.Reader, buf []byte, idle time.Du
 			}
 		case FramePeerGone:
 			if c.cfg.OnPeerGone != nil {
-				var dst Key
-				copy(dst[:], p)
-				c.cfg.OnPeerGone(dst)
+				c.cfg.OnPeerGone(key.PublicFromRaw([KeyLen]byte(p)))
 			}
 		}
 	}
@@ -388,7 +387,7 @@ func (c *Client) writeLoop(s *session, keepAlive time.Duration) {
 // Send queues pkt (copied) for dst without blocking. When the client is not
 // connected or its queue is full, the packet is dropped and the error says
 // why (ErrNotConnected, ErrQueueFull).
-func (c *Client) Send(dst Key, pkt []byte) error {
+func (c *Client) Send(dst key.Public, pkt []byte) error {
 	if len(pkt) > MaxPacket {
 		c.dropped.Add(1)
 		return ErrPacketTooLarge

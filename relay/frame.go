@@ -22,7 +22,6 @@ package relay
 
 import (
 	"bufio"
-	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -30,7 +29,7 @@ import (
 	"net"
 	"time"
 
-	"github.com/meshlink/meshlink/wire"
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 // The HTTP side of the relay connection. Every relay, embedded in the
@@ -73,7 +72,7 @@ const (
 	// MaxPacket is the largest packet Send accepts.
 	MaxPacket = MaxPayload - KeyLen
 	// KeyLen is the length of a WireGuard public key.
-	KeyLen = 32
+	KeyLen = key.Len
 )
 
 // ServerInfo is the payload of FrameServerInfo. Fields are only added.
@@ -84,31 +83,6 @@ type ServerInfo struct {
 	// after a few intervals. Zero means the default (30 s).
 	KeepAliveMS int64 `json:"keepalive_ms,omitempty"`
 }
-
-// Key is a Curve25519 key: a WireGuard public key, or (in configs only) a
-// private one.
-type Key [KeyLen]byte
-
-// KeyFromWire decodes a base64 key as carried by the wire package.
-func KeyFromWire(k wire.Key) (Key, error) {
-	var key Key
-	b, err := base64.StdEncoding.DecodeString(string(k))
-	if err != nil || len(b) != KeyLen {
-		return key, fmt.Errorf("relay: %q is not a WireGuard public key (32 bytes, standard base64)", short(string(k)))
-	}
-	copy(key[:], b)
-	return key, nil
-}
-
-// Wire returns k in the wire package's base64 form.
-func (k Key) Wire() wire.Key { return wire.Key(base64.StdEncoding.EncodeToString(k[:])) }
-
-// String is a short form of the key for logs: the first 8 base64
-// characters, as `wg` users recognise them.
-func (k Key) String() string { return "[" + base64.StdEncoding.EncodeToString(k[:])[:8] + "]" }
-
-// IsZero reports whether k is the zero key.
-func (k Key) IsZero() bool { return k == Key{} }
 
 func short(s string) string {
 	if len(s) > 16 {
@@ -162,21 +136,21 @@ func readFrame(r *bufio.Reader, buf []byte) (typ byte, payload []byte, err error
 
 // appendFrame appends a frame of type typ whose payload is key (if non-nil)
 // followed by data. The caller checks the size.
-func appendFrame(dst []byte, typ byte, key *Key, data []byte) []byte {
+func appendFrame(dst []byte, typ byte, k *key.Public, data []byte) []byte {
 	n := len(data)
-	if key != nil {
+	if k != nil {
 		n += KeyLen
 	}
 	dst = append(dst, typ, byte(n>>8), byte(n))
-	if key != nil {
-		dst = append(dst, key[:]...)
+	if k != nil {
+		dst = k.AppendTo(dst)
 	}
 	return append(dst, data...)
 }
 
 // packetFrame returns a fresh frame carrying key and pkt.
-func packetFrame(typ byte, key Key, pkt []byte) []byte {
-	return appendFrame(make([]byte, 0, frameHeaderLen+KeyLen+len(pkt)), typ, &key, pkt)
+func packetFrame(typ byte, k key.Public, pkt []byte) []byte {
+	return appendFrame(make([]byte, 0, frameHeaderLen+KeyLen+len(pkt)), typ, &k, pkt)
 }
 
 var keepAliveFrame = []byte{FrameKeepAlive, 0, 0}

@@ -7,12 +7,11 @@ import (
 	"io"
 	"testing"
 
-	"github.com/meshlink/meshlink/wire"
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 func TestFrameRoundTrip(t *testing.T) {
-	var k Key
-	k[0], k[31] = 1, 2
+	k := key.PublicFromRaw([key.Len]byte{0: 1, 31: 2})
 	var stream []byte
 	stream = appendFrame(stream, FrameServerInfo, nil, []byte(`{"version":1}`))
 	stream = append(stream, packetFrame(FrameRecvPacket, k, []byte("pkt"))...)
@@ -26,9 +25,9 @@ func TestFrameRoundTrip(t *testing.T) {
 		p   string
 	}{
 		{FrameServerInfo, `{"version":1}`},
-		{FrameRecvPacket, string(k[:]) + "pkt"},
+		{FrameRecvPacket, string(k.AppendTo(nil)) + "pkt"},
 		{FrameKeepAlive, ""},
-		{FramePeerGone, string(k[:])},
+		{FramePeerGone, string(k.AppendTo(nil))},
 		{99, "future"},
 	} {
 		typ, p, err := readFrame(br, buf)
@@ -45,27 +44,11 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 }
 
-func TestKeyFromWire(t *testing.T) {
-	var k Key
-	for i := range k {
-		k[i] = byte(i)
-	}
-	got, err := KeyFromWire(k.Wire())
-	if err != nil || got != k {
-		t.Fatalf("round trip: %v %v", got, err)
-	}
-	for _, bad := range []string{"", "abc", "AAAA", string(k.Wire()) + "AAAA"} {
-		if _, err := KeyFromWire(wire.Key(bad)); err == nil {
-			t.Errorf("KeyFromWire(%q) accepted", bad)
-		}
-	}
-}
-
 // FuzzReadFrame feeds arbitrary bytes to the frame reader: it must never
 // panic, never return a payload larger than MaxPayload or inconsistent with
 // its type, and never allocate (its buffer is fixed).
 func FuzzReadFrame(f *testing.F) {
-	var k Key
+	var k key.Public
 	f.Add(packetFrame(FrameSendPacket, k, []byte("hello")))
 	f.Add(append(append([]byte{}, keepAliveFrame...), 7, 0, 1, 'x'))
 	f.Add([]byte{FrameKeepAlive, 0, 1, 'x'})
@@ -107,7 +90,7 @@ func FuzzReadFrame(f *testing.F) {
 }
 
 func TestReadFrameDoesNotAllocate(t *testing.T) {
-	var k Key
+	var k key.Public
 	frame := packetFrame(FrameSendPacket, k, make([]byte, 1400))
 	r := bytes.NewReader(frame)
 	br := bufio.NewReader(r)

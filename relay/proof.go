@@ -7,14 +7,10 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"strings"
 
-	"golang.org/x/crypto/curve25519"
 	"golang.org/x/crypto/nacl/box"
 
-	"github.com/meshlink/meshlink/internal/atomicfile"
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 // A node proves to a relay that it holds the private WireGuard key it
@@ -40,37 +36,15 @@ func sessionSecret(cs *tls.ConnectionState) ([]byte, error) {
 	return cs.ExportKeyingMaterial(proofLabel, nil, proofSecretLen)
 }
 
-// PublicKey returns the Curve25519 public key of priv.
-func PublicKey(priv Key) (Key, error) {
-	var pub Key
-	b, err := curve25519.X25519(priv[:], curve25519.Basepoint)
-	if err != nil {
-		return pub, err
-	}
-	copy(pub[:], b)
-	return pub, nil
-}
-
-// NewPrivateKey returns a fresh Curve25519 private key, clamped as
-// WireGuard clamps its keys.
-func NewPrivateKey() (Key, error) {
-	var k Key
-	if _, err := rand.Read(k[:]); err != nil {
-		return k, err
-	}
-	k[0] &= 248
-	k[31] = (k[31] & 127) | 64
-	return k, nil
-}
-
 // makeProof seals the session secret from the node's key to the relay's:
 // base64(nonce || box).
-func makeProof(secret []byte, nodePriv, relayPub Key) (string, error) {
+func makeProof(secret []byte, nodePriv key.Private, relayPub key.Public) (string, error) {
 	var nonce [24]byte
 	if _, err := rand.Read(nonce[:]); err != nil {
 		return "", err
 	}
-	sealed := box.Seal(nonce[:], secret, &nonce, (*[32]byte)(&relayPub), (*[32]byte)(&nodePriv))
+	rp, np := relayPub.Raw(), nodePriv.Raw()
+	sealed := box.Seal(nonce[:], secret, &nonce, &rp, &np)
 	return base64.StdEncoding.EncodeToString(sealed), nil
 }
 
@@ -79,14 +53,15 @@ func makeProof(secret []byte, nodePriv, relayPub Key) (string, error) {
 var errProof = errors.New("relay: the node key proof does not verify")
 
 // checkProof verifies a proof made by makeProof for this session.
-func checkProof(proof string, secret []byte, nodePub, relayPriv Key) error {
+func checkProof(proof string, secret []byte, nodePub key.Public, relayPriv key.Private) error {
 	b, err := base64.StdEncoding.DecodeString(proof)
 	if err != nil || len(b) != 24+proofSecretLen+box.Overhead {
 		return fmt.Errorf("%w: %d bytes, want %d", errProof, len(b), 24+proofSecretLen+box.Overhead)
 	}
 	var nonce [24]byte
 	copy(nonce[:], b)
-	opened, ok := box.Open(nil, b[24:], &nonce, (*[32]byte)(&nodePub), (*[32]byte)(&relayPriv))
+	np, rp := nodePub.Raw(), relayPriv.Raw()
+	opened, ok := box.Open(nil, b[24:], &nonce, &np, &rp)
 	if !ok {
 		return fmt.Errorf("%w: box does not open", errProof)
 	}
@@ -98,29 +73,15 @@ func checkProof(proof string, secret []byte, nodePub, relayPriv Key) error {
 
 // LoadOrCreateKey returns the relay private key kept in path (base64, mode
 // 0600), creating it on first use. A key file readable by others is refused.
-func LoadOrCreateKey(path string) (Key, error) {
-	var k Key
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		if k, err = NewPrivateKey(); err != nil {
-			return k, err
-		}
-		enc := base64.StdEncoding.EncodeToString(k[:]) + "\n"
-		if err := atomicfile.WriteFile(path, []byte(enc), 0o600); err != nil {
-			return k, fmt.Errorf("relay key: %w", err)
-		}
-		return k, nil
-	}
-	if err != nil {
+func LoadOrCreateKey(path string) (key.Private, error) {
+	k, err := key.LoadOrCreateFile(path)
+	switch {
+	case errors.Is(err, key.ErrExposed):
+		return k, fmt.Errorf("relay key %s is readable by others; run chmod 600 %s", path, path)
+	case errors.Is(err, key.ErrDamaged):
+		return k, fmt.Errorf("relay key %s is damaged (want 32 bytes, base64); move it away to make a new one", path)
+	case err != nil:
 		return k, fmt.Errorf("relay key: %w", err)
 	}
-	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
-		return k, fmt.Errorf("relay key %s is readable by others (mode %v); run chmod 600 %s", path, fi.Mode().Perm(), path)
-	}
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
-	if err != nil || len(raw) != KeyLen {
-		return k, fmt.Errorf("relay key %s is damaged (want 32 bytes, base64); move it away to make a new one", path)
-	}
-	copy(k[:], raw)
 	return k, nil
 }

@@ -6,13 +6,15 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 func TestProofRoundTrip(t *testing.T) {
-	node, _ := NewPrivateKey()
-	nodePub, _ := PublicKey(node)
-	rel, _ := NewPrivateKey()
-	relPub, _ := PublicKey(rel)
+	node := key.NewPrivate()
+	nodePub := node.Public()
+	rel := key.NewPrivate()
+	relPub := rel.Public()
 	secret := bytes.Repeat([]byte{7}, proofSecretLen)
 	p, err := makeProof(secret, node, relPub)
 	if err != nil {
@@ -57,10 +59,10 @@ func TestLoadOrCreateKey(t *testing.T) {
 // FuzzCheckProof: whatever a client sends as its proof, the check answers
 // without panicking and never accepts what it did not seal.
 func FuzzCheckProof(f *testing.F) {
-	node, _ := NewPrivateKey()
-	nodePub, _ := PublicKey(node)
-	rel, _ := NewPrivateKey()
-	relPub, _ := PublicKey(rel)
+	node := key.NewPrivate()
+	nodePub := node.Public()
+	rel := key.NewPrivate()
+	relPub := rel.Public()
 	secret := bytes.Repeat([]byte{1}, proofSecretLen)
 	good, _ := makeProof(secret, node, relPub)
 	goodRaw, _ := base64.StdEncoding.DecodeString(good)

@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +25,9 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/nacl/box"
+
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -119,8 +123,8 @@ func selfSigned(t testing.TB) tls.Certificate {
 
 // node is a test node's key pair.
 type node struct {
-	priv Key
-	key  Key // public
+	priv key.Private
+	key  key.Public
 }
 
 // testRelay is a relay.Server behind a real HTTPS server whose nodes are
@@ -129,9 +133,9 @@ type testRelay struct {
 	t     testing.TB
 	cert  tls.Certificate
 	fp    string
-	nodes map[Key]node
-	priv  Key          // the relay's key
-	pub   Key          // its public half
+	nodes map[key.Public]node
+	priv  key.Private  // the relay's key
+	pub   key.Public   // its public half
 	auths atomic.Int64 // Verify calls: proofs that checked out
 	log   *slog.Logger
 	logs  *logBuf
@@ -147,11 +151,8 @@ type testRelay struct {
 func newNodes(n int) []node {
 	ns := make([]node, n)
 	for i := range ns {
-		priv, err := NewPrivateKey()
-		if err != nil {
-			panic(err)
-		}
-		pub, _ := PublicKey(priv)
+		priv := key.NewPrivate()
+		pub := priv.Public()
 		ns[i] = node{priv: priv, key: pub}
 	}
 	return ns
@@ -165,9 +166,9 @@ func startRelay(t testing.TB, nodes []node, mod ...func(*ServerConfig)) *testRel
 func startRelayHTTP(t testing.TB, nodes []node, httpMod func(*http.Server), mod ...func(*ServerConfig)) *testRelay {
 	t.Helper()
 	log, logs := newLog(t)
-	tr := &testRelay{t: t, cert: selfSigned(t), nodes: map[Key]node{}, log: log, logs: logs, httpMod: httpMod}
-	tr.priv, _ = NewPrivateKey()
-	tr.pub, _ = PublicKey(tr.priv)
+	tr := &testRelay{t: t, cert: selfSigned(t), nodes: map[key.Public]node{}, log: log, logs: logs, httpMod: httpMod}
+	tr.priv = key.NewPrivate()
+	tr.pub = tr.priv.Public()
 	tr.fp = wire.CertFingerprint(tr.cert.Certificate[0])
 	for _, n := range nodes {
 		tr.nodes[n.key] = n
@@ -221,7 +222,7 @@ func (tr *testRelay) stop() {
 
 func (tr *testRelay) url() string { return "https://" + tr.addr }
 
-func (tr *testRelay) verify(k Key) error {
+func (tr *testRelay) verify(k key.Public) error {
 	tr.auths.Add(1)
 	if _, ok := tr.nodes[k]; !ok {
 		return errors.New("not a node of this mesh")
@@ -233,21 +234,21 @@ func (tr *testRelay) verify(k Key) error {
 type rx struct {
 	mu   sync.Mutex
 	pkts []received
-	gone []Key
+	gone []key.Public
 }
 
 type received struct {
-	src Key
+	src key.Public
 	pkt []byte
 }
 
-func (r *rx) onPacket(src Key, pkt []byte) {
+func (r *rx) onPacket(src key.Public, pkt []byte) {
 	r.mu.Lock()
 	r.pkts = append(r.pkts, received{src, bytes.Clone(pkt)})
 	r.mu.Unlock()
 }
 
-func (r *rx) onPeerGone(dst Key) {
+func (r *rx) onPeerGone(dst key.Public) {
 	r.mu.Lock()
 	r.gone = append(r.gone, dst)
 	r.mu.Unlock()
@@ -259,10 +260,10 @@ func (r *rx) packets() []received {
 	return append([]received(nil), r.pkts...)
 }
 
-func (r *rx) peersGone() []Key {
+func (r *rx) peersGone() []key.Public {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]Key(nil), r.gone...)
+	return append([]key.Public(nil), r.gone...)
 }
 
 func (tr *testRelay) client(t testing.TB, n node, mod ...func(*ClientConfig)) (*Client, *rx) {
@@ -310,7 +311,7 @@ func (tr *testRelay) dialRaw(t *testing.T, n node) (*rawConn, int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	req.Header.Set(HeaderNodeKey, string(n.key.Wire()))
+	req.Header.Set(HeaderNodeKey, n.key.String())
 	req.Header.Set(HeaderProof, proof)
 	if err := req.Write(conn); err != nil {
 		t.Fatal(err)
@@ -385,7 +386,7 @@ func TestPacketsBothWays(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		rx   *rx
-		src  Key
+		src  key.Public
 	}{{"b", rb, ns[0].key}, {"a", ra, ns[1].key}} {
 		waitFor(t, 5*time.Second, c.name+" receives all packets", func() bool { return len(c.rx.packets()) >= len(want) })
 		got := c.rx.packets()
@@ -417,10 +418,10 @@ func TestSourceCannotBeSpoofed(t *testing.T) {
 	// server must ignore it.
 	a.write(t, packetFrame(FrameRecvPacket, ns[2].key, []byte("forged")))
 	// A send whose payload starts with c's key: the source is still a.
-	a.write(t, packetFrame(FrameSendPacket, ns[1].key, append(ns[2].key[:], "inner"...)))
+	a.write(t, packetFrame(FrameSendPacket, ns[1].key, append(ns[2].key.AppendTo(nil), "inner"...)))
 	waitFor(t, 5*time.Second, "b receives", func() bool { return len(rb.packets()) >= 1 })
 	got := rb.packets()
-	if len(got) != 1 || got[0].src != ns[0].key || !bytes.Equal(got[0].pkt, append(ns[2].key[:], "inner"...)) {
+	if len(got) != 1 || got[0].src != ns[0].key || !bytes.Equal(got[0].pkt, append(ns[2].key.AppendTo(nil), "inner"...)) {
 		t.Fatalf("b got %+v, want one packet from a", got)
 	}
 }
@@ -445,7 +446,7 @@ func TestPeerGone(t *testing.T) {
 func TestPolicyDrops(t *testing.T) {
 	ns := newNodes(3)
 	tr := startRelay(t, ns, func(c *ServerConfig) {
-		c.Allowed = func(src, dst Key) bool { return src != ns[0].key || dst != ns[1].key }
+		c.Allowed = func(src, dst key.Public) bool { return src != ns[0].key || dst != ns[1].key }
 	})
 	a, _ := tr.client(t, ns[0])
 	_, rb := tr.client(t, ns[1])
@@ -477,7 +478,7 @@ func TestSecondConnectionReplacesFirst(t *testing.T) {
 	b, _ := tr.dialRaw(t, ns[1])
 	b.write(t, packetFrame(FrameSendPacket, ns[0].key, []byte("to a")))
 	typ, p := second.readPacket(t)
-	if typ != FrameRecvPacket || [32]byte(p[:KeyLen]) != ns[1].key || string(p[KeyLen:]) != "to a" {
+	if typ != FrameRecvPacket || key.PublicFromRaw([KeyLen]byte(p)) != ns[1].key || string(p[KeyLen:]) != "to a" {
 		t.Fatalf("second connection got type %d %q", typ, p)
 	}
 	if st := tr.relay.Stats(); st.Clients != 2 || st.Accepted != 3 {
@@ -571,7 +572,7 @@ func TestProofCannotBeForgedOrReplayed(t *testing.T) {
 	tr := startRelay(t, ns)
 	victim, attacker := ns[0], ns[1]
 
-	upgrade := func(t *testing.T, claim Key, proof func(secret []byte) string) int {
+	upgrade := func(t *testing.T, claim string, proof func(secret []byte) string) int {
 		t.Helper()
 		conn, err := tls.Dial("tcp", tr.addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
 		if err != nil {
@@ -587,7 +588,7 @@ func TestProofCannotBeForgedOrReplayed(t *testing.T) {
 		req, _ := http.NewRequest(http.MethodGet, tr.url()+Path, nil)
 		req.Header.Set("Connection", "Upgrade")
 		req.Header.Set("Upgrade", Protocol)
-		req.Header.Set(HeaderNodeKey, string(claim.Wire()))
+		req.Header.Set(HeaderNodeKey, claim)
 		req.Header.Set(HeaderProof, proof(secret))
 		if err := req.Write(conn); err != nil {
 			t.Fatal(err)
@@ -599,10 +600,10 @@ func TestProofCannotBeForgedOrReplayed(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	otherRelay, _ := NewPrivateKey()
-	otherPub, _ := PublicKey(otherRelay)
+	otherRelay := key.NewPrivate()
+	otherPub := otherRelay.Public()
 	var stale string // a valid proof from an earlier session
-	if st := upgrade(t, victim.key, func(secret []byte) string {
+	if st := upgrade(t, victim.key.String(), func(secret []byte) string {
 		stale, _ = makeProof(secret, victim.priv, tr.pub)
 		return stale
 	}); st != http.StatusSwitchingProtocols {
@@ -620,13 +621,41 @@ func TestProofCannotBeForgedOrReplayed(t *testing.T) {
 		{"empty", func([]byte) string { return "" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if st := upgrade(t, victim.key, tc.proof); st != http.StatusUnauthorized {
+			if st := upgrade(t, victim.key.String(), tc.proof); st != http.StatusUnauthorized {
 				t.Fatalf("status %d, want 401", st)
 			}
 		})
 	}
 	if tr.auths.Load() != before {
 		t.Fatal("Verify asked about a key whose proof failed")
+	}
+
+	// The all-zero key is a low-order point: a box to or from it is sealed
+	// with an all-zero shared key whatever the private key, so anyone can
+	// make a proof that opens. Even with the key in the relay's table, the
+	// claim is refused at parse time.
+	var zero key.Public
+	tr.nodes[zero] = node{key: zero}
+	zeroB64 := base64.StdEncoding.EncodeToString(make([]byte, key.Len))
+	forged := func(secret []byte) string {
+		var nonce [24]byte
+		var zeroPub [32]byte
+		attackerPriv := attacker.priv.Raw()
+		return base64.StdEncoding.EncodeToString(box.Seal(nonce[:], secret, &nonce, &zeroPub, &attackerPriv))
+	}
+	// The forgery itself is sound: it opens under any private key.
+	var nonce [24]byte
+	anyPriv := key.NewPrivate().Raw()
+	var zeroPub [32]byte
+	sealed, _ := base64.StdEncoding.DecodeString(forged([]byte("secret")))
+	if _, ok := box.Open(nil, sealed[24:], &nonce, &zeroPub, &anyPriv); !ok {
+		t.Fatal("the zero-key forgery does not open; the attack test is broken")
+	}
+	if st := upgrade(t, zeroB64, forged); st != http.StatusUnauthorized {
+		t.Fatalf("all-zero key with a forged proof: status %d, want 401", st)
+	}
+	if tr.auths.Load() != before {
+		t.Fatal("Verify asked about the all-zero key")
 	}
 }
 
@@ -733,7 +762,7 @@ func BenchmarkRelay(b *testing.B) {
 	tr.log = slog.New(slog.DiscardHandler)
 	var got atomic.Int64
 	a, _ := tr.client(b, ns[0])
-	tr.client(b, ns[1], func(c *ClientConfig) { c.OnPacket = func(Key, []byte) { got.Add(1) } })
+	tr.client(b, ns[1], func(c *ClientConfig) { c.OnPacket = func(key.Public, []byte) { got.Add(1) } })
 	deadline := time.Now().Add(5 * time.Second)
 	for tr.relay.Stats().Clients < 2 || !a.Connected() {
 		if time.Now().After(deadline) {

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -24,14 +25,14 @@ type ServerConfig struct {
 	Logger *slog.Logger
 	// PrivateKey is the relay's Curve25519 key; nodes prove their keys to
 	// its public half (wire.Relay.Key).
-	PrivateKey Key
+	PrivateKey key.Private
 	// Verify decides whether a node key that proved itself may use the
 	// relay (is a node of the mesh). Return an *AuthError to choose the
 	// refusal's status and message; any other error answers 403.
-	Verify func(node Key) error
+	Verify func(node key.Public) error
 	// Allowed reports whether src may send to dst (policy hook); nil allows
 	// every pair. It runs once per packet: keep it cheap.
-	Allowed func(src, dst Key) bool
+	Allowed func(src, dst key.Public) bool
 	// KeepAlive is how often the server sends a keep-alive; default 30s.
 	// A client silent for three intervals is dropped.
 	KeepAlive time.Duration
@@ -71,7 +72,7 @@ type Server struct {
 
 	mu      sync.RWMutex // guards the fields below
 	closed  bool
-	clients map[Key]*sconn
+	clients map[key.Public]*sconn
 
 	wg sync.WaitGroup // handlers and writers
 
@@ -80,7 +81,7 @@ type Server struct {
 
 // sconn is one client connection on the server.
 type sconn struct {
-	key  Key
+	key  key.Public
 	conn net.Conn
 	out  chan []byte   // whole frames
 	done chan struct{} // closed by close
@@ -121,7 +122,7 @@ func NewServer(cfg ServerConfig) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{cfg: cfg, log: log.With("subsystem", "relay"), clients: map[Key]*sconn{}}
+	return &Server{cfg: cfg, log: log.With("subsystem", "relay"), clients: map[key.Public]*sconn{}}
 }
 
 func refuse(w http.ResponseWriter, status int, code, format string, args ...any) {
@@ -244,25 +245,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // authenticate checks the node's key proof for this TLS session and asks
 // Verify whether the key belongs to the mesh.
-func (s *Server) authenticate(r *http.Request) (Key, error) {
-	key, err := KeyFromWire(wire.Key(r.Header.Get(HeaderNodeKey)))
+func (s *Server) authenticate(r *http.Request) (key.Public, error) {
+	node, err := key.ParsePublic(r.Header.Get(HeaderNodeKey))
 	if err != nil {
-		return key, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
+		return node, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
 			Message: "missing or malformed " + HeaderNodeKey + " header; this client is too old for this relay, upgrade meshlink"}}
 	}
 	secret, err := sessionSecret(r.TLS)
 	if err != nil {
-		return key, &AuthError{Status: http.StatusInternalServerError, Body: wire.Error{Code: wire.ErrCodeInternal,
+		return node, &AuthError{Status: http.StatusInternalServerError, Body: wire.Error{Code: wire.ErrCodeInternal,
 			Message: "the relay must terminate TLS itself (it cannot sit behind a TLS-terminating proxy)"}}
 	}
-	if err := checkProof(r.Header.Get(HeaderProof), secret, key, s.cfg.PrivateKey); err != nil {
-		return key, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
+	if err := checkProof(r.Header.Get(HeaderProof), secret, node, s.cfg.PrivateKey); err != nil {
+		return node, &AuthError{Status: http.StatusUnauthorized, Body: wire.Error{Code: wire.ErrCodeUnauthorized,
 			Message: "the node key proof does not verify; the relay's key may have changed: wait for the next network map"}}
 	}
 	if s.cfg.Verify == nil {
-		return key, errors.New("relay has no key verifier")
+		return node, errors.New("relay has no key verifier")
 	}
-	return key, s.cfg.Verify(key)
+	return node, s.cfg.Verify(node)
 }
 
 func (s *Server) isClosed() bool {
@@ -288,8 +289,7 @@ func (s *Server) readLoop(c *sconn, br *bufio.Reader) error {
 		if typ != FrameSendPacket {
 			continue // keep-alives, and frames a newer client may send
 		}
-		var dst Key
-		copy(dst[:], p)
+		dst := key.PublicFromRaw([KeyLen]byte(p))
 		pkt := p[KeyLen:]
 		s.mu.RLock()
 		to := s.clients[dst]
@@ -338,11 +338,11 @@ func (s *Server) Stats() ServerStats {
 	}
 }
 
-// Disconnect closes the connection of key, if any: call it when a node is
+// Disconnect closes the connection of k, if any: call it when a node is
 // removed or its key changes.
-func (s *Server) Disconnect(key Key) {
+func (s *Server) Disconnect(k key.Public) {
 	s.mu.RLock()
-	c := s.clients[key]
+	c := s.clients[k]
 	s.mu.RUnlock()
 	if c != nil {
 		c.close()
@@ -350,10 +350,10 @@ func (s *Server) Disconnect(key Key) {
 }
 
 // Connected lists the keys connected now.
-func (s *Server) Connected() []Key {
+func (s *Server) Connected() []key.Public {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	keys := make([]Key, 0, len(s.clients))
+	keys := make([]key.Public, 0, len(s.clients))
 	for k := range s.clients {
 		keys = append(keys, k)
 	}
@@ -366,7 +366,7 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
 	clients := s.clients
-	s.clients = map[Key]*sconn{}
+	s.clients = map[key.Public]*sconn{}
 	s.mu.Unlock()
 	for _, c := range clients {
 		c.close()

@@ -36,6 +36,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/meshlink/meshlink/internal/atomicfile"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
@@ -92,13 +93,13 @@ type Relay struct {
 	log   *slog.Logger
 	cert  tls.Certificate
 	fp    string
-	pub   relay.Key
+	pub   key.Public
 	srv   *relay.Server
 	token *wire.JoinToken
 
 	mu        sync.Mutex // guards the fields below
 	creds     creds
-	keys      map[relay.Key]bool
+	keys      map[key.Public]bool
 	connected bool // the node-key stream is open
 	lastErr   string
 	url       string
@@ -131,7 +132,7 @@ func New(cfg Config) (*Relay, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	r := &Relay{cfg: cfg, log: log.With("subsystem", "relay"), keys: map[relay.Key]bool{}}
+	r := &Relay{cfg: cfg, log: log.With("subsystem", "relay"), keys: map[key.Public]bool{}}
 	if cfg.Join != "" {
 		jt, err := wire.ParseToken(cfg.Join)
 		if err != nil {
@@ -179,9 +180,7 @@ func New(cfg Config) (*Relay, error) {
 	if err != nil {
 		return nil, err
 	}
-	if r.pub, err = relay.PublicKey(priv); err != nil {
-		return nil, err
-	}
+	r.pub = priv.Public()
 	host, _, err := net.SplitHostPort(cfg.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("relay: --listen %q: %w; use HOST:PORT such as 0.0.0.0:8444", cfg.Listen, err)
@@ -202,7 +201,7 @@ func New(cfg Config) (*Relay, error) {
 	}
 	r.fp = wire.CertFingerprint(r.cert.Certificate[0])
 	if b, err := os.ReadFile(filepath.Join(dir, nodesFile)); err == nil {
-		var ks []wire.Key
+		var ks []key.Public
 		if json.Unmarshal(b, &ks) == nil {
 			r.setKeys(ks)
 		}
@@ -213,7 +212,7 @@ func New(cfg Config) (*Relay, error) {
 }
 
 // verify lets a proven key in if the coordinator lists it.
-func (r *Relay) verify(k relay.Key) error {
+func (r *Relay) verify(k key.Public) error {
 	r.mu.Lock()
 	ok := r.keys[k]
 	r.mu.Unlock()
@@ -225,12 +224,10 @@ func (r *Relay) verify(k relay.Key) error {
 }
 
 // setKeys replaces the node-key set and drops connections of keys that left.
-func (r *Relay) setKeys(ks []wire.Key) {
-	next := make(map[relay.Key]bool, len(ks))
+func (r *Relay) setKeys(ks []key.Public) {
+	next := make(map[key.Public]bool, len(ks))
 	for _, k := range ks {
-		if rk, err := relay.KeyFromWire(k); err == nil {
-			next[rk] = true
-		}
+		next[k] = true
 	}
 	r.mu.Lock()
 	prev := r.keys
@@ -346,7 +343,7 @@ func (r *Relay) MetricsAddr() netip.AddrPort {
 // Status is what the relay knows of itself.
 type Status struct {
 	URL, Fingerprint, Name string
-	Key                    wire.Key
+	Key                    key.Public
 	Connected              bool // following the coordinator now
 	LastError              string
 	Nodes                  int // node keys accepted
@@ -357,7 +354,7 @@ type Status struct {
 func (r *Relay) Status() Status {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return Status{URL: r.url, Fingerprint: r.fp, Name: r.cfg.Name, Key: r.pub.Wire(), Connected: r.connected,
+	return Status{URL: r.url, Fingerprint: r.fp, Name: r.cfg.Name, Key: r.pub, Connected: r.connected,
 		LastError: r.lastErr, Nodes: len(r.keys), Relay: r.srv.Stats()}
 }
 
@@ -474,7 +471,7 @@ func (r *Relay) register() error {
 	c := r.creds
 	u := r.url
 	r.mu.Unlock()
-	req := wire.RelayRegisterRequest{Version: wire.ProtocolVersion, Name: r.cfg.Name, URL: u, Fingerprint: r.fp, Key: r.pub.Wire()}
+	req := wire.RelayRegisterRequest{Version: wire.ProtocolVersion, Name: r.cfg.Name, URL: u, Fingerprint: r.fp, Key: r.pub}
 	base, fp := c.Coordinator, c.Fingerprint
 	withCreds := c.ID != 0
 	if !withCreds {

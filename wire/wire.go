@@ -29,6 +29,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
@@ -103,9 +105,9 @@ type RelayRegisterRequest struct {
 	// Name identifies the relay; it is unique in the mesh.
 	Name string `json:"name"`
 	// URL, Fingerprint and Key are what agents need to reach the relay.
-	URL         string `json:"url"`
-	Fingerprint string `json:"fingerprint"`
-	Key         Key    `json:"key"`
+	URL         string     `json:"url"`
+	Fingerprint string     `json:"fingerprint"`
+	Key         key.Public `json:"key"`
 }
 
 // RelayRegisterResponse answers a RelayRegisterRequest.
@@ -125,15 +127,11 @@ type RelayNodesRequest struct {
 // keep-alive; otherwise it is the whole set of node keys the relay may
 // serve, replacing the previous one.
 type RelayNodes struct {
-	Keys []Key `json:"keys"`
+	Keys []key.Public `json:"keys"`
 }
 
 // NodeID identifies a node for the lifetime of its registration.
 type NodeID uint64
-
-// Key is a WireGuard public key, base64 (standard encoding, 44 chars) as
-// `wg` prints it. Private keys never appear in this package.
-type Key string
 
 // RegisterRequest is sent by an agent to PathRegister to join a mesh.
 type RegisterRequest struct {
@@ -144,7 +142,7 @@ type RegisterRequest struct {
 	Name        string `json:"name"`
 	Hostname    string `json:"hostname,omitempty"`
 	// NodeKey is the node's WireGuard public key.
-	NodeKey Key `json:"node_key"`
+	NodeKey key.Public `json:"node_key"`
 	// ListenPort is the node's WireGuard UDP port.
 	ListenPort uint16 `json:"listen_port"`
 	// LocalEndpoints are addresses of the node's own interfaces.
@@ -218,7 +216,7 @@ type MapRequest struct {
 	ListenPort     uint16           `json:"listen_port"`
 	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
 	// NodeKey lets the node rotate or re-announce its key.
-	NodeKey Key `json:"node_key"`
+	NodeKey key.Public `json:"node_key"`
 }
 
 // MapResponse is one message on the map stream. Exactly one of the shapes is
@@ -312,15 +310,15 @@ type Relay struct {
 	Fingerprint string `json:"fingerprint"`
 	// Key is the relay's Curve25519 public key, to which nodes prove that
 	// they hold their WireGuard keys.
-	Key Key `json:"key"`
+	Key key.Public `json:"key"`
 }
 
 // Node is one site of the mesh.
 type Node struct {
-	ID       NodeID `json:"id"`
-	Name     string `json:"name"`
-	Hostname string `json:"hostname,omitempty"`
-	Key      Key    `json:"key"`
+	ID       NodeID     `json:"id"`
+	Name     string     `json:"name"`
+	Hostname string     `json:"hostname,omitempty"`
+	Key      key.Public `json:"key"`
 	// Addresses are the node's mesh IPs (one IPv4, one IPv6), each a /32 or
 	// /128 prefix; they are the node's AllowedIPs on every peer.
 	Addresses []netip.Prefix `json:"addresses"`

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/crypto/nacl/box"
 	"golang.zx2c4.com/wireguard/conn"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/stun"
 )
@@ -55,7 +56,7 @@ const (
 type Config struct {
 	// PrivateKey is the node's WireGuard private key, used to authenticate
 	// disco messages; it never leaves the process.
-	PrivateKey [32]byte
+	PrivateKey key.Private
 	Logger     *slog.Logger
 	// OnPublicAddr is called (on the bind's goroutine) when STUN learns the
 	// node's public UDP address, to publish it in the network map.
@@ -95,7 +96,7 @@ func dataPackets(pkts [][]byte) int {
 
 // PeerConfig is what the network map says about a peer.
 type PeerConfig struct {
-	Key       [32]byte
+	Key       key.Public
 	Name      string
 	Endpoints []netip.AddrPort
 }
@@ -104,7 +105,7 @@ type PeerConfig struct {
 type RelayConfig struct {
 	Name, URL, Fingerprint string
 	// Key is the relay's public key, to which the node proves its own.
-	Key relay.Key
+	Key key.Public
 	// RetryMin and RetryMax bound the reconnect backoff (0: defaults).
 	RetryMin, RetryMax time.Duration
 }
@@ -123,8 +124,8 @@ const goneFor = 5 * time.Second
 type Bind struct {
 	inner  conn.Bind
 	log    *slog.Logger
-	priv   [32]byte
-	pub    [32]byte
+	priv   key.Private
+	pub    key.Public
 	onAddr func(netip.AddrPort)
 	// relayOnly disables direct paths (Config.RelayOnly).
 	relayOnly bool
@@ -135,7 +136,7 @@ type Bind struct {
 	kick    chan struct{}
 
 	mu       sync.Mutex // guards the fields below
-	peers    map[[32]byte]*peer
+	peers    map[key.Public]*peer
 	byAddr   map[netip.AddrPort]*peer
 	relays   []*relayConn // in the network map's order of preference
 	stunSrv  []netip.AddrPort
@@ -150,12 +151,12 @@ type Bind struct {
 }
 
 type relayPacket struct {
-	src [32]byte
+	src key.Public
 	pkt []byte
 }
 
 type peer struct {
-	key    [32]byte
+	key    key.Public
 	name   string
 	ep     *Endpoint
 	shared [32]byte
@@ -211,15 +212,12 @@ func New(cfg Config) *Bind {
 		out:       cfg.Outbound,
 		relayCh:   make(chan relayPacket, 1024),
 		kick:      make(chan struct{}, 1),
-		peers:     map[[32]byte]*peer{},
+		peers:     map[key.Public]*peer{},
 		byAddr:    map[netip.AddrPort]*peer{},
 		stunTx:    map[[12]byte]time.Time{},
 		waiters:   map[[12]byte]chan PingResult{},
 	}
-	pub, err := publicKey(cfg.PrivateKey)
-	if err == nil {
-		b.pub = pub
-	}
+	b.pub = cfg.PrivateKey.Public()
 	return b
 }
 
@@ -227,21 +225,22 @@ func New(cfg Config) *Bind {
 // packets, WireGuard sees the same endpoint, so its roaming never fights the
 // path choice.
 type Endpoint struct {
-	key [32]byte
+	key key.Public
 	b   *Bind
 }
 
 const endpointPrefix = "mlpeer:"
 
 // EndpointString is what to give WireGuard's UAPI as a peer's endpoint.
-func EndpointString(key [32]byte) string {
-	return endpointPrefix + base64.RawURLEncoding.EncodeToString(key[:])
+func EndpointString(k key.Public) string {
+	raw := k.Raw()
+	return endpointPrefix + base64.RawURLEncoding.EncodeToString(raw[:])
 }
 
 func (e *Endpoint) ClearSrc()           {}
 func (e *Endpoint) SrcToString() string { return "" }
 func (e *Endpoint) DstToString() string { return EndpointString(e.key) }
-func (e *Endpoint) DstToBytes() []byte  { return e.key[:] }
+func (e *Endpoint) DstToBytes() []byte  { return e.key.AppendTo(nil) }
 func (e *Endpoint) SrcIP() netip.Addr   { return netip.Addr{} }
 func (e *Endpoint) DstIP() netip.Addr {
 	if a, _ := e.b.bestDirect(e.key); a.IsValid() {
@@ -257,14 +256,12 @@ func (b *Bind) ParseEndpoint(s string) (conn.Endpoint, error) {
 		if err != nil || len(raw) != 32 {
 			return nil, fmt.Errorf("bind: bad endpoint %q", s)
 		}
-		var k [32]byte
-		copy(k[:], raw)
-		return b.endpointFor(k), nil
+		return b.endpointFor(key.PublicFromRaw([key.Len]byte(raw))), nil
 	}
 	return b.inner.ParseEndpoint(s)
 }
 
-func (b *Bind) endpointFor(k [32]byte) *Endpoint {
+func (b *Bind) endpointFor(k key.Public) *Endpoint {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if p := b.peers[k]; p != nil {
@@ -466,7 +463,7 @@ func (b *Bind) enter(packets [][]byte, sizes []int) {
 }
 
 // onRelayPacket is the relay clients' callback.
-func (b *Bind) onRelayPacket(rc *relayConn, src relay.Key, pkt []byte) {
+func (b *Bind) onRelayPacket(rc *relayConn, src key.Public, pkt []byte) {
 	if isDisco(pkt) {
 		b.handleDisco(pkt, netip.AddrPort{}, rc)
 		return
@@ -610,7 +607,7 @@ func better(a, b *path) bool {
 	return a.rtt < b.rtt
 }
 
-func (b *Bind) bestDirect(k [32]byte) (netip.AddrPort, time.Duration) {
+func (b *Bind) bestDirect(k key.Public) (netip.AddrPort, time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if p := b.peers[k]; p != nil {
@@ -624,14 +621,15 @@ func (b *Bind) bestDirect(k [32]byte) (netip.AddrPort, time.Duration) {
 // SetPeers replaces the set of peers and their candidate addresses whole.
 func (b *Bind) SetPeers(ps []PeerConfig) {
 	b.mu.Lock()
-	want := map[[32]byte]bool{}
+	want := map[key.Public]bool{}
 	for _, pc := range ps {
 		want[pc.Key] = true
 		p := b.peers[pc.Key]
 		if p == nil {
 			p = &peer{key: pc.Key, paths: map[netip.AddrPort]*path{}, pings: map[[12]byte]sentPing{}, gone: map[*relayConn]time.Time{}}
 			p.ep = &Endpoint{key: pc.Key, b: b}
-			box.Precompute(&p.shared, &p.key, &b.priv)
+			peerPub, priv := p.key.Raw(), b.priv.Raw()
+			box.Precompute(&p.shared, &peerPub, &priv)
 			b.peers[pc.Key] = p
 		}
 		p.name = pc.Name
@@ -689,7 +687,7 @@ const (
 // onRelayConnect sends what waited for a path over the relay just up.
 func (b *Bind) onRelayConnect(rc *relayConn) {
 	type flush struct {
-		key  [32]byte
+		key  key.Public
 		pkts [][]byte
 	}
 	var out []flush
@@ -736,9 +734,9 @@ func (b *Bind) SetRelays(cfgs []RelayConfig) {
 		rc.client = relay.NewClient(relay.ClientConfig{
 			URL: cfg.URL, Fingerprint: cfg.Fingerprint, RelayKey: cfg.Key, PrivateKey: b.priv,
 			Logger:    b.log.With("relay_name", cfg.Name),
-			OnPacket:  func(src relay.Key, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
+			OnPacket:  func(src key.Public, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
 			OnConnect: func() { b.onRelayConnect(rc) },
-			OnPeerGone: func(dst relay.Key) {
+			OnPeerGone: func(dst key.Public) {
 				b.mu.Lock()
 				if p := b.peers[dst]; p != nil {
 					p.gone[rc] = time.Now()
@@ -1008,9 +1006,9 @@ type PingResult struct {
 
 // Ping sends one disco ping to the peer over every known direct address and
 // over the relay, and returns the pongs that arrive before ctx ends.
-func (b *Bind) Ping(ctx context.Context, key [32]byte) ([]PingResult, error) {
+func (b *Bind) Ping(ctx context.Context, k key.Public) ([]PingResult, error) {
 	b.mu.Lock()
-	p := b.peers[key]
+	p := b.peers[k]
 	if p == nil {
 		b.mu.Unlock()
 		return nil, errors.New("not a peer of this node")
@@ -1050,7 +1048,7 @@ func (b *Bind) Ping(ctx context.Context, key [32]byte) ([]PingResult, error) {
 		b.inner.Send([][]byte{o.pkt}, o.to)
 	}
 	if relayPkt != nil {
-		r.Send(key, relayPkt)
+		r.Send(k, relayPkt)
 	}
 	var res []PingResult
 	for len(res) < len(ids) {
@@ -1081,10 +1079,10 @@ type PeerPath struct {
 }
 
 // Path reports the current path to a peer.
-func (b *Bind) Path(key [32]byte) PeerPath {
+func (b *Bind) Path(k key.Public) PeerPath {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	p := b.peers[key]
+	p := b.peers[k]
 	if p == nil {
 		return PeerPath{Path: "none"}
 	}

@@ -1,32 +1,32 @@
 package bind
 
 import (
-	"crypto/rand"
 	"net/netip"
 	"testing"
 
 	"golang.org/x/crypto/nacl/box"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/relay"
 )
 
-func newKey(t testing.TB) (priv, pub [32]byte) {
-	rand.Read(priv[:])
-	priv[0] &= 248
-	priv[31] = priv[31]&127 | 64
-	pub, err := publicKey(priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return priv, pub
+func newKey(t testing.TB) (key.Private, key.Public) {
+	priv := key.NewPrivate()
+	return priv, priv.Public()
+}
+
+// precompute is the shared box key from priv to pub.
+func precompute(shared *[32]byte, pub key.Public, priv key.Private) {
+	pr, pu := priv.Raw(), pub.Raw()
+	box.Precompute(shared, &pu, &pr)
 }
 
 func TestDiscoSealOpen(t *testing.T) {
 	aPriv, aPub := newKey(t)
 	bPriv, bPub := newKey(t)
 	var ab, ba [32]byte
-	box.Precompute(&ab, &bPub, &aPriv)
-	box.Precompute(&ba, &aPub, &bPriv)
+	precompute(&ab, bPub, aPriv)
+	precompute(&ba, aPub, bPriv)
 	for _, m := range []discoMsg{
 		{typ: discoPing, txid: [12]byte{1, 2, 3}},
 		{typ: discoPong, txid: [12]byte{9}, observed: netip.MustParseAddrPort("203.0.113.7:41641")},
@@ -57,7 +57,7 @@ func FuzzDisco(f *testing.F) {
 	aPriv, aPub := newKey(f)
 	bPriv, bPub := newKey(f)
 	var ab [32]byte
-	box.Precompute(&ab, &bPub, &aPriv)
+	precompute(&ab, bPub, aPriv)
 	f.Add(sealDisco(aPub, &ab, &discoMsg{typ: discoPing}))
 	f.Add(sealDisco(aPub, &ab, &discoMsg{typ: discoPong, observed: netip.MustParseAddrPort("1.2.3.4:5")}))
 	f.Add([]byte(discoMagic))

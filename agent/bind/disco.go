@@ -7,6 +7,8 @@ import (
 	"net/netip"
 
 	"golang.org/x/crypto/nacl/box"
+
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 // Disco messages share the WireGuard UDP socket (and the relay). They let two
@@ -80,20 +82,19 @@ func parseDisco(b []byte) (discoMsg, error) {
 }
 
 // seal builds a disco packet from us to the holder of shared.
-func sealDisco(self [32]byte, shared *[32]byte, m *discoMsg) []byte {
+func sealDisco(self key.Public, shared *[32]byte, m *discoMsg) []byte {
 	var nonce [24]byte
 	rand.Read(nonce[:])
 	out := make([]byte, 0, discoHeader+maxDiscoPlain+box.Overhead)
 	out = append(out, discoMagic...)
-	out = append(out, self[:]...)
+	out = self.AppendTo(out)
 	out = append(out, nonce[:]...)
 	return box.SealAfterPrecomputation(out, m.marshal(), &nonce, shared)
 }
 
 // discoSender returns the claimed sender key of a disco packet.
-func discoSender(b []byte) (k [32]byte) {
-	copy(k[:], b[len(discoMagic):len(discoMagic)+32])
-	return k
+func discoSender(b []byte) key.Public {
+	return key.PublicFromRaw([key.Len]byte(b[len(discoMagic):]))
 }
 
 // openDisco authenticates and decodes a disco packet with the shared key of

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,8 +11,11 @@ import (
 	"net/url"
 	"time"
 
-	"github.com/meshlink/meshlink/wire"
+	"github.com/meshlink/meshlink/internal/key"
+
 	_ "modernc.org/sqlite" // registers driver "sqlite"
+
+	"github.com/meshlink/meshlink/wire"
 )
 
 // migrations are applied in order, each in its own transaction, and recorded
@@ -365,7 +369,7 @@ func scanNode(r scanner) (Node, error) {
 	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID); err != nil {
 		return n, err
 	}
-	n.ID, n.Key, n.Ephemeral = wire.NodeID(id), wire.Key(key), eph != 0
+	n.ID, n.Key, n.Ephemeral = wire.NodeID(id), storedKey(key), eph != 0
 	n.Created, n.LastSeen, n.ListenPort = fromUnixNano(created), fromUnixNano(lastSeen), uint16(port)
 	n.IPv4, _ = netip.ParseAddr(v4)
 	n.IPv6, _ = netip.ParseAddr(v6)
@@ -478,7 +482,7 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 		default:
 			return ErrNameInUse
 		}
-		if _, err := getNode(ctx, tx, "wg_key = ?", string(r.Key)); err == nil {
+		if _, err := getNode(ctx, tx, "wg_key = ?", r.Key.String()); err == nil {
 			return ErrKeyInUse
 		} else if !errors.Is(err, ErrNotFound) {
 			return err
@@ -504,7 +508,7 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 		var id int64
 		err = tx.QueryRowContext(ctx, `INSERT INTO nodes (name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING id`,
-			n.Name, n.Hostname, string(n.Key), v4.String(), v6.String(), n.SecretHash, n.TokenID, jsonText(nonNil(n.Tags)),
+			n.Name, n.Hostname, n.Key.String(), v4.String(), v6.String(), n.SecretHash, n.TokenID, jsonText(nonNil(n.Tags)),
 			b2i(n.Ephemeral), unixNano(n.Created), int(n.ListenPort), jsonText(n.Endpoints), n.OwnerID).Scan(&id)
 		if err != nil {
 			return err
@@ -538,9 +542,9 @@ func consumeToken(ctx context.Context, tx *sql.Tx, tok Token, secret string, now
 }
 
 // UpdateNodeNetwork implements Store.
-func (s *SQLite) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, key wire.Key, listenPort uint16, eps []netip.AddrPort) error {
+func (s *SQLite) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error {
 	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET wg_key = CASE WHEN ? = '' THEN wg_key ELSE ? END, listen_port = ?, endpoints = ? WHERE id = ?`,
-		string(key), string(key), int(listenPort), jsonText(eps), int64(id))
+		k.String(), k.String(), int(listenPort), jsonText(eps), int64(id))
 	if err != nil {
 		return fmt.Errorf("store: update node %d: %w", id, err)
 	}
@@ -665,7 +669,7 @@ func scanRelay(r scanner) (Relay, error) {
 	if err := r.Scan(&rl.ID, &rl.Name, &rl.URL, &rl.Fingerprint, &key, &rl.SecretHash, &rl.TokenID, &created); err != nil {
 		return rl, err
 	}
-	rl.Key, rl.Created = wire.Key(key), fromUnixNano(created)
+	rl.Key, rl.Created = storedKey(key), fromUnixNano(created)
 	return rl, nil
 }
 
@@ -703,7 +707,7 @@ func (s *SQLite) RegisterRelay(ctx context.Context, r RelayRegistration) (Relay,
 				return err
 			}
 			res, err := tx.ExecContext(ctx, `INSERT INTO relays (name, url, fingerprint, relay_key, secret_hash, token_id, created) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-				r.Name, r.URL, r.Fingerprint, string(r.Key), r.SecretHash, tok.ID, unixNano(r.Now))
+				r.Name, r.URL, r.Fingerprint, r.Key.String(), r.SecretHash, tok.ID, unixNano(r.Now))
 			if err != nil {
 				return err
 			}
@@ -736,8 +740,8 @@ func (s *SQLite) RegisterRelay(ctx context.Context, r RelayRegistration) (Relay,
 }
 
 // UpdateRelay implements Store.
-func (s *SQLite) UpdateRelay(ctx context.Context, id int64, url, fingerprint string, key wire.Key) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE relays SET url = ?, fingerprint = ?, relay_key = ? WHERE id = ?`, url, fingerprint, string(key), id)
+func (s *SQLite) UpdateRelay(ctx context.Context, id int64, url, fingerprint string, k key.Public) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE relays SET url = ?, fingerprint = ?, relay_key = ? WHERE id = ?`, url, fingerprint, k.String(), id)
 	if err != nil {
 		return fmt.Errorf("store: update relay %d: %w", id, err)
 	}
@@ -767,4 +771,15 @@ func (s *SQLite) DeleteRelay(ctx context.Context, name string) error {
 		return fmt.Errorf("relay %s: %w", name, ErrNotFound)
 	}
 	return nil
+}
+
+// storedKey reads a key column. Keys are checked when they arrive, so a
+// stored one is taken as it is (rows written before the low-order check
+// still load, and such a node can then be removed).
+func storedKey(s string) key.Public {
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil || len(b) != key.Len {
+		return key.Public{}
+	}
+	return key.PublicFromRaw([key.Len]byte(b))
 }

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -80,7 +81,7 @@ type Node struct {
 	ID         wire.NodeID
 	Name       string
 	Hostname   string
-	Key        wire.Key
+	Key        key.Public
 	IPv4       netip.Addr
 	IPv6       netip.Addr
 	SecretHash []byte
@@ -119,7 +120,7 @@ type Registration struct {
 	Now         time.Time
 	Name        string
 	Hostname    string
-	Key         wire.Key
+	Key         key.Public
 	ListenPort  uint16
 	Endpoints   []netip.AddrPort
 	SecretHash  []byte // hash of the new node secret
@@ -148,7 +149,7 @@ type Relay struct {
 	Name        string
 	URL         string
 	Fingerprint string
-	Key         wire.Key // its Curve25519 public key
+	Key         key.Public // its Curve25519 public key
 	SecretHash  []byte
 	TokenID     string
 	Created     time.Time
@@ -160,7 +161,7 @@ type RelayRegistration struct {
 	Now                  time.Time
 	Name, URL            string
 	Fingerprint          string
-	Key                  wire.Key
+	Key                  key.Public
 	SecretHash           []byte // hash of the new relay secret
 }
 
@@ -243,7 +244,7 @@ type Store interface {
 	GetNode(ctx context.Context, id wire.NodeID) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)
 	// UpdateNodeNetwork sets key (if non-empty), listen port and endpoints.
-	UpdateNodeNetwork(ctx context.Context, id wire.NodeID, key wire.Key, listenPort uint16, eps []netip.AddrPort) error
+	UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error
 	SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error
 	// DeleteNode removes the node and its providers, leaving a tombstone so
 	// that its later calls can be told it was removed.
@@ -265,7 +266,7 @@ type Store interface {
 	// another key is ErrNameInUse; a node token is ErrTokenKind.
 	RegisterRelay(ctx context.Context, r RelayRegistration) (Relay, error)
 	// UpdateRelay sets what agents need to reach relay id.
-	UpdateRelay(ctx context.Context, id int64, url, fingerprint string, key wire.Key) error
+	UpdateRelay(ctx context.Context, id int64, url, fingerprint string, k key.Public) error
 	GetRelay(ctx context.Context, id int64) (Relay, error)
 	ListRelays(ctx context.Context) ([]Relay, error)
 	// DeleteRelay removes the relay of that name.

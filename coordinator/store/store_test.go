@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -30,9 +32,12 @@ func mkToken(t *testing.T, s Store, id string, reusable bool, expires time.Time)
 	}
 }
 
-func reg(s Store, tok, name string, key wire.Key) (RegisterResult, error) {
+// testKey is a distinct, stable public key for each name.
+func testKey(name string) key.Public { return key.PublicFromRaw(sha256.Sum256([]byte(name))) }
+
+func reg(s Store, tok, name, keyName string) (RegisterResult, error) {
 	return s.RegisterNode(context.Background(), Registration{
-		TokenID: tok, TokenSecret: "secret-" + tok, Name: name, Key: key, ListenPort: 41641,
+		TokenID: tok, TokenSecret: "secret-" + tok, Name: name, Key: testKey(keyName), ListenPort: 41641,
 		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}, SecretHash: HashSecret("node-" + name),
 	})
 }
@@ -116,7 +121,7 @@ func TestAllocations(t *testing.T) {
 	seen := map[netip.Addr]bool{}
 	var ids []wire.NodeID
 	for i := 0; i < 5; i++ {
-		r, err := reg(s, "r", fmt.Sprintf("n%d", i), wire.Key(fmt.Sprintf("k%d", i)))
+		r, err := reg(s, "r", fmt.Sprintf("n%d", i), (fmt.Sprintf("k%d", i)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -198,7 +203,7 @@ func TestTokenChecks(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := s.RegisterNode(context.Background(), Registration{TokenID: tc.tok, TokenSecret: tc.sec, Name: "b", Key: "kb", SecretHash: HashSecret("x")})
+			_, err := s.RegisterNode(context.Background(), Registration{TokenID: tc.tok, TokenSecret: tc.sec, Name: "b", Key: testKey("kb"), SecretHash: HashSecret("x")})
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("got %v, want %v", err, tc.want)
 			}
@@ -216,7 +221,7 @@ func TestConcurrentSingleUseToken(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, errs[i] = reg(s, "once", fmt.Sprintf("node%d", i), wire.Key(fmt.Sprintf("key%d", i)))
+			_, errs[i] = reg(s, "once", fmt.Sprintf("node%d", i), (fmt.Sprintf("key%d", i)))
 		}()
 	}
 	wg.Wait()
@@ -244,7 +249,7 @@ func TestApprovalSessionsAndEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	other, _ := s.CreateUser(ctx, User{Username: "bob", PasswordHash: "x"})
-	r := Registration{Name: "laptop", Key: "keyL", SecretHash: HashSecret("s1"), Approval: &Approval{OwnerID: u.ID}}
+	r := Registration{Name: "laptop", Key: testKey("keyL"), SecretHash: HashSecret("s1"), Approval: &Approval{OwnerID: u.ID}}
 	res, err := s.RegisterNode(ctx, r)
 	if err != nil || res.Node.OwnerID != u.ID || res.Node.TokenID != "" {
 		t.Fatalf("approved registration: %+v %v", res, err)

@@ -425,7 +425,7 @@ func (c *Console) serveApprovePage(w http.ResponseWriter, r *http.Request, v *vi
 }
 
 func approval(p *pending) *approvalView {
-	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: keyFingerprint(p.req.Key), RemoteIP: p.req.RemoteIP, Expires: p.expires}
+	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: p.req.Key.Fingerprint(), RemoteIP: p.req.RemoteIP, Expires: p.expires}
 	select {
 	case <-p.done:
 		a.Decided = true

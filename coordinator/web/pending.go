@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -31,7 +32,7 @@ var ErrTooManyPending = errors.New("web: too many registrations are waiting for 
 type PendingRequest struct {
 	Name       string
 	Hostname   string
-	Key        wire.Key
+	Key        key.Public
 	ListenPort uint16
 	Endpoints  []netip.AddrPort
 	RemoteIP   string
@@ -139,7 +140,7 @@ func (c *Console) StartPending(req PendingRequest) (wire.RegisterPending, error)
 	}
 	ps.byCode[p.code] = p
 	ps.byPoll[p.pollHash] = p
-	c.log.Info("registration waiting for approval", "name", req.Name, "remote", req.RemoteIP, "key", keyFingerprint(req.Key))
+	c.log.Info("registration waiting for approval", "name", req.Name, "remote", req.RemoteIP, "key", req.Key.Fingerprint())
 	return wire.RegisterPending{
 		AuthURL: strings.TrimRight(c.cfg.URL(), "/") + "/approve/" + p.code,
 		PollID:  pollID,

@@ -2,9 +2,6 @@ package web
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/hex"
 	"sort"
 	"strings"
 	"time"
@@ -150,7 +147,7 @@ func viewRelays(rs []RelayInfo) []ViewRelay {
 	out := make([]ViewRelay, 0, len(rs))
 	for _, r := range rs {
 		vr := ViewRelay{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, FingerprintShort: certFingerprintShort(r.Fingerprint),
-			KeyFP: keyFingerprint(r.Key), Embedded: r.Embedded}
+			KeyFP: r.Key.Fingerprint(), Embedded: r.Embedded}
 		if c := r.Counters; c != nil {
 			vr.Stats = &ViewRelayStats{Clients: c.Clients, Accepted: int64(c.Accepted), PacketsRelayed: int64(c.PacketsRelayed),
 				BytesRelayed: int64(c.BytesRelayed), Dropped: int64(c.Dropped)}
@@ -158,17 +155,6 @@ func viewRelays(rs []RelayInfo) []ViewRelay {
 		out = append(out, vr)
 	}
 	return out
-}
-
-// keyFingerprint is a short, printable identifier of a public key; the key
-// itself is public, but people compare short strings better.
-func keyFingerprint(k wire.Key) string {
-	b, err := base64.StdEncoding.DecodeString(string(k))
-	if err != nil || len(b) == 0 {
-		return ""
-	}
-	h := sha256.Sum256(b)
-	return "SHA256:" + hex.EncodeToString(h[:8])
 }
 
 // mayManage is the single rule of ownership.
@@ -215,7 +201,7 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		if !visible(n.ID) {
 			continue
 		}
-		vn := ViewNode{ID: n.ID, Name: n.Name, Hostname: n.Hostname, KeyFP: keyFingerprint(n.Key), Online: n.Online,
+		vn := ViewNode{ID: n.ID, Name: n.Name, Hostname: n.Hostname, KeyFP: n.Key.Fingerprint(), Online: n.Online,
 			Addresses: []string{}, Endpoints: []string{}, LastSeen: n.LastSeen, OwnerID: owner[n.ID], Owner: userName[owner[n.ID]],
 			Tags: append([]string{}, n.Tags...), Ephemeral: n.Ephemeral, Paths: []ViewPath{}}
 		for _, a := range n.Addresses {

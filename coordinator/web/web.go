@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -70,7 +71,7 @@ type RelayInfo struct {
 	// Fingerprint is the SHA-256 of the relay's certificate, in hex.
 	Fingerprint string
 	// Key is the relay's public key.
-	Key wire.Key
+	Key key.Public
 	// Embedded is true for the coordinator's own relay.
 	Embedded bool
 	// Counters are the relay's live counters; nil when the coordinator

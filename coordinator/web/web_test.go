@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshlink/meshlink/internal/key"
 )
 
 func TestLimiter(t *testing.T) {
@@ -89,7 +91,7 @@ func TestTemplatesParse(t *testing.T) {
 func TestViewRelays(t *testing.T) {
 	fp := strings.Repeat("AB01", 16)
 	rs := viewRelays([]RelayInfo{
-		{Name: "coordinator", URL: "https://mesh.example:8443", Fingerprint: fp, Key: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", Embedded: true,
+		{Name: "coordinator", URL: "https://mesh.example:8443", Fingerprint: fp, Key: key.NewPrivate().Public(), Embedded: true,
 			Counters: &RelayCounters{Clients: 3, Accepted: 7, PacketsRelayed: 11, BytesRelayed: 5000, Dropped: 1}},
 		{Name: "eu1", URL: "https://eu1.example:9443", Fingerprint: fp},
 	})

@@ -12,14 +12,24 @@ package key
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"strings"
+
+	"github.com/meshlink/meshlink/internal/atomicfile"
 
 	"golang.org/x/crypto/curve25519"
 )
+
+// ErrInvalid is wrapped by every error about a malformed or unusable
+// public key.
+var ErrInvalid = errors.New("not a WireGuard public key (32 bytes, standard base64)")
 
 // Len is the length of a key in bytes.
 const Len = 32
@@ -101,7 +111,7 @@ type Public struct{ k [Len]byte }
 func ParsePublic(s string) (Public, error) {
 	raw, err := decode(s)
 	if err != nil {
-		return Public{}, fmt.Errorf("key: %q is not a WireGuard public key: %w", short(s), err)
+		return Public{}, fmt.Errorf("key: %q is %w: %v", short(s), ErrInvalid, err)
 	}
 	return PublicFromBytes(raw[:])
 }
@@ -110,7 +120,7 @@ func ParsePublic(s string) (Public, error) {
 func ParsePublicUAPI(s string) (Public, error) {
 	b, err := hex.DecodeString(s)
 	if err != nil {
-		return Public{}, fmt.Errorf("key: %q is not a hex public key: %w", short(s), err)
+		return Public{}, fmt.Errorf("key: %q is %w: not hex", short(s), ErrInvalid)
 	}
 	return PublicFromBytes(b)
 }
@@ -119,11 +129,11 @@ func ParsePublicUAPI(s string) (Public, error) {
 func PublicFromBytes(b []byte) (Public, error) {
 	var pub Public
 	if len(b) != Len {
-		return pub, fmt.Errorf("key: %d bytes, want %d", len(b), Len)
+		return pub, fmt.Errorf("key: %w: %d bytes, want %d", ErrInvalid, len(b), Len)
 	}
 	copy(pub.k[:], b)
 	if lowOrder(pub.k) {
-		return Public{}, errors.New("key: low-order point (all-zero or similar): not a usable key")
+		return Public{}, fmt.Errorf("key: %w: a low-order point (all-zero or similar), which anyone could impersonate", ErrInvalid)
 	}
 	return pub, nil
 }
@@ -229,4 +239,46 @@ func lowOrder(k [Len]byte) bool {
 		}
 	}
 	return false
+}
+
+// ErrDamaged is returned by LoadOrCreateFile for a key file that does not
+// hold a private key.
+var ErrDamaged = errors.New("key: the key file is damaged")
+
+// ErrExposed is returned by LoadOrCreateFile for a key file that others
+// may read.
+var ErrExposed = errors.New("key: the key file is readable by others")
+
+// LoadOrCreateFile returns the private key kept in path (base64 and a
+// newline, mode 0600), creating the file with a new key if it is missing.
+func LoadOrCreateFile(path string) (Private, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		p := NewPrivate()
+		if err := atomicfile.WriteFile(path, []byte(p.Base64()+"\n"), 0o600); err != nil {
+			return Private{}, err
+		}
+		return p, nil
+	}
+	if err != nil {
+		return Private{}, err
+	}
+	if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return Private{}, fmt.Errorf("%w: %s has mode %v", ErrExposed, path, fi.Mode().Perm())
+	}
+	p, err := ParsePrivate(strings.TrimSpace(string(b)))
+	if err != nil {
+		return Private{}, fmt.Errorf("%w: %s: %v", ErrDamaged, path, err)
+	}
+	return p, nil
+}
+
+// Fingerprint is "SHA256:" and the first 8 bytes of the key's SHA-256 in
+// hex, the short form people compare in the console; "" for the zero key.
+func (k Public) Fingerprint() string {
+	if k.IsZero() {
+		return ""
+	}
+	h := sha256.Sum256(k.k[:])
+	return "SHA256:" + hex.EncodeToString(h[:8])
 }
