@@ -7,15 +7,13 @@ import (
 
 // Gate bounds how many packets are inside wireguard-go's pipeline in one
 // direction. wireguard-go carries every packet in a 64 KiB message buffer
-// from the moment it reads it (from the TUN device or the UDP socket) until
-// it hands it on, and its queues hold thousands of them: with nothing in
-// front, a bulk TCP stream parks its whole congestion window there, 45
-// times over (a 1.4 KB packet in a 64 KiB buffer), and an agent's RSS
-// grows past 150 MB. Whoever feeds the pipeline calls Enter before handing
-// packets over, whoever takes them out calls Leave; when the pipeline is
-// full, Enter waits, so the feeder stops reading and the backlog stays
-// where it costs its real size (the kernel's socket buffer, gVisor's send
-// buffer) and TCP's congestion control sees it.
+// until it hands it on, so with nothing in front a bulk TCP stream parks its
+// whole congestion window there at many times its size
+// (see docs/netstack-tuning.md#pipeline-gate). Whoever feeds the pipeline
+// calls Enter before handing packets over, whoever takes them out calls
+// Leave; when the pipeline is full, Enter waits, so the feeder stops reading
+// and the backlog stays where it costs its real size (the kernel's socket
+// buffer, gVisor's send buffer) and TCP's congestion control sees it.
 //
 // Packets can leave the pipeline without Leave (wireguard-go drops some:
 // keep-alives, packets that fail to decrypt, packets for unknown peers), so

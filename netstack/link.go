@@ -19,47 +19,21 @@ import (
 // tun.Device.Read drains them; tun.Device.Write injects inbound packets
 // straight into the network dispatcher.
 //
-// Why not link/channel: channel clones every packet, signals readers one
-// packet at a time through a Go channel and has no batching; here the queue
-// is a ring under a mutex (push and pop are a few pointer moves), the reader
-// is woken only on the empty→non-empty edge, and one Read drains up to a
-// whole wireguard-go batch without further synchronisation.
-//
-// Offloads, the main throughput lever for a userspace stack (per-segment TCP
-// processing dominates, not copying):
-//   - Send: the endpoint advertises gVisor software GSO, so TCP builds one
-//     large segment per send and splits it into MSS-sized packets in a
-//     single pass (tcp.sendTCPBatch), handing them to WritePackets as one
-//     list. Host-style GSO (one 64 KiB packet handed to us, split while
-//     copying into bufs in drain, like wireguard-go's tun offload) would
-//     save the per-packet PacketBuffers too; drain is where it would go
-//     ("GSO hook").
-//   - Receive: each Write batch of IPv4 packets goes through a gVisor GRO
-//     engine (stack/gro), which coalesces consecutive in-order segments of
-//     one flow so the IP and TCP layers run once per coalesced segment, not
-//     per packet. gVisor's GRO assumes a NIC with RX checksum offload: it
-//     rewrites the IPv4 total length of a coalesced packet but neither its
-//     header checksum nor its TCP checksum, and the NIC (nic.go) resets
-//     RXChecksumValidated from our capabilities, so without help every
-//     coalesced packet was dropped as malformed. groFixup recomputes both
-//     checksums of coalesced packets; gVisor still verifies every packet as
-//     before, so claiming no offload stays safe against a bad peer.
-//     IPv6 bypasses GRO: a coalesced IPv6 packet cannot be told apart from
-//     an original one by its header, so its checksum could not be fixed
-//     without a full extra pass over every packet.
-//     GRO and loss: after a lost packet, GRO coalesced the following
-//     (in-order among themselves) segments into one, so the receiver sent
-//     one duplicate ACK for them instead of one each. gVisor's sender
-//     counts a duplicate ACK only if it advertises the same window as the
-//     previous ACK, which the first one after a loss often does not (the
-//     application reads meanwhile), so with GRO most losses in small
-//     windows were only repaired by a timeout. write therefore tracks each
-//     TCP/IPv4 flow's next sequence number (flowSeqs) and, from the first
-//     segment that does not continue its flow (a segment after a hole, or
-//     a retransmission), flushes GRO and delivers the rest of the batch
-//     uncoalesced: at 5% random loss, 5.6-12 MB/s instead of 1.7-3.5 (GRO
-//     off entirely: 9-13). The bookkeeping did not measurably cost
-//     throughput on a clean path, where GRO is worth ~10%.
+// For a userspace stack per-packet work, not copying, bounds throughput, so:
+//   - The queue is a ring under a mutex, not link/channel, which clones and
+//     signals per packet: a reader is woken only when the queue becomes
+//     non-empty and drains a whole batch per Read
+//     (see docs/netstack-tuning.md#outbound-queue-a-ring-not-linkchannel).
+//   - Send: gVisor software GSO, so TCP segments a whole send in one pass
+//     (see docs/netstack-tuning.md#send-gvisor-software-gso).
+//   - Receive: IPv4 batches go through gVisor's GRO; groFixup repairs the
+//     checksums GRO leaves stale, and IPv6 bypasses it because a coalesced
+//     IPv6 packet cannot be recognised cheaply
+//     (see docs/netstack-tuning.md#receive-gro-with-checksum-repair).
+//   - From the first segment of a batch that does not continue its flow,
+//     write stops coalescing: GRO would merge the duplicate ACKs that
+//     signal the loss into one, leaving it to a timeout
+//     (see docs/netstack-tuning.md#no-gro-after-a-gap-in-a-flow).
 //
 // The endpoint also keeps TCP timestamps off every connection by rewriting
 // the SYNs that cross it (stripSynTimestamp; why: tuneTCP).
@@ -88,7 +62,7 @@ type linkEndpoint struct {
 	// so each Write borrows one for the duration of its batch.
 	gros sync.Pool
 
-	// seqs decides when write stops coalescing; see the type comment.
+	// seqs decides when write stops coalescing (see linkEndpoint).
 	seqs flowSeqs
 }
 
@@ -108,14 +82,16 @@ func newLinkEndpoint(mtu uint32, queueLen int, stats *Stats) *linkEndpoint {
 	return e
 }
 
-// groEnabled turns on receive coalescing; see the type comment.
+// groEnabled turns on receive coalescing (see linkEndpoint); false is for
+// comparing against a receive path without GRO.
 const groEnabled = true
 
 // groFixup sits between the GRO engine and gVisor's NIC. GRO validates both
 // checksums of every TCP/IPv4 packet it considers (and marks it
 // RXChecksumValidated) before coalescing it, then only rewrites the total
 // length of a coalesced packet; here the now stale checksums are
-// recomputed so that the IP and TCP layers, which verify again, accept it.
+// recomputed so that the IP and TCP layers, which verify again, accept it
+// (see docs/netstack-tuning.md#receive-gro-with-checksum-repair).
 type groFixup struct {
 	stack.NetworkDispatcher
 }
@@ -179,7 +155,7 @@ func (*linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOS
 
 // flowSeqs remembers, for recently seen inbound TCP/IPv4 flows, where each
 // flow's next segment should start, so that write can tell when a segment
-// does not follow its predecessor (see the type comment). It is a small
+// does not follow its predecessor (see linkEndpoint). It is a small
 // direct-mapped table: a collision costs at most one needless GRO flush.
 type flowSeqs struct {
 	mu    sync.Mutex
@@ -353,7 +329,7 @@ func (e *linkEndpoint) drain(bufs [][]byte, sizes []int, offset int) (int, error
 				pkt := batch[i]
 				batch[i] = nil
 				// GSO hook: a super-segment would be split here into
-				// several bufs entries.
+				// several bufs entries (docs/netstack-tuning.md#send-gvisor-software-gso).
 				if sz, ok := copyPacket(bufs[n][offset:], pkt); ok {
 					stripSynTimestamp(bufs[n][offset : offset+sz])
 					sizes[n] = sz
@@ -457,7 +433,7 @@ func (e *linkEndpoint) write(bufs [][]byte, offset int) (int, error) {
 		stripSynTimestamp(b)
 		if e.seqs.gap(b) && !bypass {
 			// Deliver what GRO holds, then the rest of the batch
-			// uncoalesced (see the type comment).
+			// uncoalesced (see linkEndpoint).
 			g.Flush()
 			bypass = true
 		}

@@ -21,9 +21,8 @@ import (
 
 const (
 	// Buffer ranges. The defaults (1 MiB) keep an idle connection cheap;
-	// the maxima (8 MiB) let one flow fill a high bandwidth-delay path:
-	// 8 MiB covers ~1 Gbit/s at 64 ms RTT, the upper end for a mesh that
-	// spans continents. gVisor's compile-time default max is 4 MiB.
+	// the maxima (8 MiB) let one flow fill a high bandwidth-delay path,
+	// ~1 Gbit/s at 64 ms RTT (see docs/netstack-tuning.md#buffer-sizes).
 	tcpBufMin     = tcp.MinBufferSize
 	tcpBufDefault = 1 << 20
 	tcpBufMax     = 8 << 20
@@ -59,76 +58,34 @@ var tcpMaxRetries = func() int {
 
 // tuneTCP applies stack-wide TCP settings, chosen for throughput over a
 // WireGuard tunnel and for recovering from random loss and path outages.
-// Numbers are from the impaired-tunnel benchmarks in impair_test.go
-// (BenchmarkLossyTransfer, BenchmarkBlackout: two stacks over wireguard-go
-// on loopback, sub-millisecond RTT unless a delay is added; "5% loss" drops
-// 5% of packets at random each way; ranges are over 2-3 runs; each A/B
-// comparison changed one setting, at the point of the tuning where it was
-// decided).
-//   - SACK: off by default in gVisor; without it one lost packet in a
-//     multi-MB window costs a round trip per hole (go-back-N-ish recovery).
-//   - Reno instead of CUBIC. gVisor's CUBIC grows the window in its
-//     TCP-friendly region by elapsed time / SRTT with SRTT floored at 1 ms,
-//     so at a sub-millisecond RTT under random loss the window stayed at 2-3
-//     segments, too few for duplicate ACKs to reveal a loss, and nearly
-//     every loss became a timeout (5% loss: ~230 timeouts per 4 MB vs
-//     25-90 with Reno). It also ignores how much one ACK covers, so after an
-//     outage (each backed-off timeout halves ssthresh, down to 2) it crawled
-//     back: 0.35-0.45 MB/s in the 5 s after a 6 s outage on a 50 ms path,
-//     Reno 14-28 MB/s. Reno was also ahead under random loss at 50 ms RTT
-//     (1%: 0.38-0.46 vs 0.27-0.34 MB/s; 5%: 0.13-0.18 vs 0.09-0.11). What
-//     CUBIC is for, regrowing the window quickly after congestion on long
-//     fat paths, showed as ~15% (20 MB/s bottleneck, 50 ms RTT, 15 s:
-//     average 14.4 vs 12.5 MB/s); that is the price of this choice.
-//   - RACK-TLP off: plain SACK + duplicate-ACK recovery. RACK would detect
-//     lost retransmissions and tail losses, but in this gVisor version when
-//     RACK declares loss right after a retransmission timeout, it enters
-//     recovery counting everything sent before the timeout as still in
-//     flight, so nothing may be sent until the next timeout, which resends
-//     one segment and repeats. After a 6 s outage about every other stream
-//     crawled at 1-8 KB/s (until the whole pre-outage window had been
-//     resent that way) instead of resuming at full speed.
-//   - Minimum RTO 10 ms instead of 200 ms. Without RACK-TLP, a loss the
-//     ACKs do not reveal (a lost retransmission or ACK, a loss in a tiny
-//     window) costs a timeout, and at a sub-millisecond RTT 200 ms is
-//     hundreds of RTTs. Above ~10 ms RTT the RTO is SRTT + 4·RTTVAR anyway,
-//     so longer paths are unaffected (measured: no extra timeouts at 50 ms).
-//   - Maximum RTO 2 s instead of 120 s. After an outage the stream waits
-//     for the next backed-off retransmission: with the defaults a 6 s
-//     outage happened to end 0.2 s before one, a 7 s outage left the stream
-//     dead for over 5 more seconds (0 bytes in the 5 s measured); now the
-//     wait is at most one 2 s interval (measured 0.2-2.1 s, either length). It also bounds
-//     a runaway RTO (see timestamps). 2 s stays above any RTT a tunnel is
-//     usable at; tcpMaxRetries keeps the give-up time at tcpGiveUp.
+// What was measured for each is in docs/netstack-tuning.md.
+//   - SACK on (gVisor's default is off): without it every hole in a large
+//     window costs a round trip (see docs/netstack-tuning.md#sack-on).
+//   - Reno, not CUBIC: at a sub-millisecond RTT gVisor's CUBIC keeps the
+//     window too small for duplicate ACKs to reveal a loss, and regrows it
+//     slowly after an outage; the price is slower regrowth after congestion
+//     on long fat paths (see docs/netstack-tuning.md#reno-instead-of-cubic).
+//   - RACK-TLP off: in this gVisor version it stalls streams after an
+//     outage (see docs/netstack-tuning.md#rack-tlp-off).
+//   - Minimum RTO 10 ms, not 200 ms: without RACK-TLP a loss the ACKs do not
+//     reveal costs a timeout, and 200 ms is hundreds of sub-millisecond RTTs
+//     (see docs/netstack-tuning.md#minimum-rto).
+//   - Maximum RTO 2 s, not 120 s: after an outage a stream waits for the
+//     next backed-off retransmission; tcpMaxRetries keeps the give-up time
+//     (see docs/netstack-tuning.md#maximum-rto-and-retries).
 //   - No TCP timestamps (the link endpoint rewrites SYNs, see
-//     stripSynTimestamp; gVisor has no option). gVisor takes an RTT sample
-//     from every ACK's timestamp echo, and after a lost ACK and a timeout
-//     the echo predates the timeout, so the sample includes it: under
-//     random loss SRTT and RTO fed each other (SRTT 0.8 s on a 0.2 ms
-//     path), and after an outage SRTT jumped to ~0.8 s. Without timestamps
-//     gVisor samples one segment per RTT from its send time (5% loss, A/B:
-//     1.1-3.5 vs 0.7-1.2 MB/s). Their other use, PAWS, guards against old
-//     segments after a sequence-number wrap, which WireGuard's replay
-//     protection and a tunnel's short queues make moot.
+//     stripSynTimestamp; gVisor has no option): gVisor's RTT samples from
+//     timestamp echoes include timeouts, so SRTT and RTO feed each other
+//     (see docs/netstack-tuning.md#no-tcp-timestamps).
 //   - The link endpoint also stops GRO from coalescing the segments that
-//     follow a loss, which hid most duplicate ACKs (see linkEndpoint).
-//   - Moderate receive buffer (auto-tuning): the window grows with the
-//     measured BDP instead of sitting at the default, and idle connections
-//     do not pin 8 MiB each.
-//   - Large send/receive ranges (see tcpBufMax).
-//   - Nagle off by default (TCPDelayEnabled false, re-asserted per endpoint):
-//     request/response protocols carried by the mesh (databases, RPC) would
-//     otherwise hit the Nagle × delayed-ACK stall of up to 200 ms. gVisor
-//     acks at least every second full segment, so bulk flows are unaffected.
-//
-// Together, versus the previous settings (CUBIC, RTO 200 ms-120 s,
-// timestamps, plain GRO): 20 MB at 5% loss and sub-ms RTT took 2.7-5 s
-// instead of not finishing in 40 s (0.02-0.07 MB/s); at 50 ms RTT, 1% and
-// 5% loss gave 0.35-0.40 and 0.15-0.16 MB/s instead of 0.28-0.31 and
-// 0.08-0.10; in the 5 s after a 6 s outage a 50 ms path carried 20-27 MB/s
-// instead of 0.2-0.34. Clean-path throughput did not change measurably.
-// Kernel TCP is still far ahead at sub-ms RTT under random loss (0.26 s
-// for the 20 MB in the namespace test), mostly thanks to RACK-TLP.
+//     follow a loss, which hid most duplicate ACKs
+//     (see docs/netstack-tuning.md#no-gro-after-a-gap-in-a-flow).
+//   - Moderate receive buffer (auto-tuning): the window follows the
+//     measured BDP, and idle connections do not pin tcpBufMax each
+//     (see docs/netstack-tuning.md#buffer-sizes).
+//   - Nagle off (TCPDelayEnabled false, re-asserted per endpoint):
+//     request/response traffic would hit the Nagle × delayed-ACK stall
+//     (see docs/netstack-tuning.md#nagle-off).
 func (s *Stack) tuneTCP() error {
 	sack := tcpip.TCPSACKEnabled(true)
 	cc := tcpip.CongestionControlOption("reno")
