@@ -6,11 +6,15 @@ import (
 	"go/parser"
 	"go/token"
 	"io"
+	"io/fs"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
+	"unicode"
 )
 
 const module = "github.com/meshlink/meshlink"
@@ -140,4 +144,105 @@ func testFilesDoc(t *testing.T, p pkg) string {
 		}
 	}
 	return ""
+}
+
+// docLink is a reference to a heading of a Markdown file under docs/, as
+// code comments and docs write it: docs/NAME.md#anchor, or (#anchor) inside
+// a Markdown file for its own headings.
+var (
+	docLink  = regexp.MustCompile(`docs/([a-z0-9-]+\.md)#([a-z0-9_-]+)`)
+	selfLink = regexp.MustCompile(`\]\(#([a-z0-9_-]+)\)`)
+)
+
+// TestDocLinks: every docs/FILE.md#anchor named in the module's Go and
+// Markdown files names a heading that exists, so that a rule in the code
+// keeps pointing at the measurements behind it.
+func TestDocLinks(t *testing.T) {
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	anchors := map[string]map[string]bool{} // doc file -> its headings' anchors
+	headings := func(doc string) map[string]bool {
+		if a, ok := anchors[doc]; ok {
+			return a
+		}
+		a := map[string]bool{}
+		b, err := os.ReadFile(filepath.Join(root, "docs", doc))
+		if err != nil {
+			anchors[doc] = nil
+			return nil
+		}
+		fence := false
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "```") {
+				fence = !fence
+			}
+			if h, ok := strings.CutPrefix(strings.TrimLeft(line, "#"), " "); ok && !fence && strings.HasPrefix(line, "#") {
+				a[slug(h)] = true
+			}
+		}
+		anchors[doc] = a
+		return a
+	}
+	checked := 0
+	err = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			if strings.HasPrefix(d.Name(), ".") && path != root {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		ext := filepath.Ext(path)
+		if ext != ".go" && ext != ".md" {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		name, _ := filepath.Rel(root, path)
+		for _, m := range docLink.FindAllStringSubmatch(string(b), -1) {
+			checked++
+			if a := headings(m[1]); a == nil {
+				t.Errorf("%s: %s: no such file", name, m[0])
+			} else if !a[m[2]] {
+				t.Errorf("%s: %s: no heading with that anchor in docs/%s", name, m[0], m[1])
+			}
+		}
+		if rel, ok := strings.CutPrefix(filepath.ToSlash(name), "docs/"); ok && ext == ".md" && !strings.Contains(rel, "/") {
+			for _, m := range selfLink.FindAllStringSubmatch(string(b), -1) {
+				checked++
+				if !headings(rel)[m[1]] {
+					t.Errorf("%s: (#%s): no heading with that anchor", name, m[1])
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if checked == 0 {
+		t.Fatal("found no links to docs/ headings: is the pattern still right?")
+	}
+}
+
+// slug is the anchor GitHub gives a Markdown heading: lower case, spaces to
+// hyphens, and every other character but letters, digits, '-' and '_'
+// dropped.
+func slug(heading string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(strings.TrimSpace(heading)) {
+		switch {
+		case r == ' ':
+			b.WriteByte('-')
+		case r == '-' || r == '_' || unicode.IsLetter(r) || unicode.IsDigit(r):
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
