@@ -31,9 +31,17 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
-// DefaultProxyRange holds the local addresses of consumed services:
-// VIP 100.100.X.Y is served at 127.100.X.Y.
-var DefaultProxyRange = netip.MustParsePrefix("127.100.0.0/16")
+// Defaults for Config fields left zero.
+const (
+	// DefaultProxyRange holds the local addresses of consumed services:
+	// VIP 100.100.X.Y is served at 127.100.X.Y.
+	DefaultProxyRange = "127.100.0.0/16"
+	// DefaultPipelinePackets is how many packets each direction of
+	// wireguard-go's pipeline may hold: a few of its 128-packet batches,
+	// each packet in a 64 KiB buffer
+	// (see docs/netstack-tuning.md#pipeline-gate).
+	DefaultPipelinePackets = 256
+)
 
 // Config configures an Agent. Zero values take the documented defaults.
 type Config struct {
@@ -84,23 +92,18 @@ type Config struct {
 	// StatsEvery is how often counters are reported to the coordinator
 	// for its console; default 10s.
 	StatsEvery time.Duration
+	// PipelinePackets bounds the packets inside each direction of
+	// wireguard-go's pipeline, and with them the agent's memory under load
+	// (netstack.Gate); DefaultPipelinePackets when 0 or less. A knob for
+	// measurements.
+	PipelinePackets int
 }
 
-// Agent is a running site. Create with New, then Start; Close stops it.
 // pipelineWait is the longest a full pipeline holds a reader back before
 // its count is assumed to have leaked (netstack.Gate).
 const pipelineWait = 50 * time.Millisecond
 
-// pipelinePackets is how many packets each direction of wireguard-go's
-// pipeline may hold: a few of its 128-packet batches. Each costs a 64 KiB
-// buffer. MESHLINK_PIPELINE_PACKETS overrides it for measurements.
-func pipelinePackets() int {
-	if n, err := strconv.Atoi(os.Getenv("MESHLINK_PIPELINE_PACKETS")); err == nil && n > 0 {
-		return n
-	}
-	return 256
-}
-
+// Agent is a running site. Create with New, then Start; Close stops it.
 type Agent struct {
 	cfg   Config
 	log   *slog.Logger
@@ -154,7 +157,7 @@ func New(cfg Config) (*Agent, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	if !cfg.ProxyRange.IsValid() {
-		cfg.ProxyRange = DefaultProxyRange
+		cfg.ProxyRange = netip.MustParsePrefix(DefaultProxyRange)
 	}
 	if !cfg.ProxyRange.Addr().Is4() || cfg.ProxyRange.Bits() > 16 || !cfg.ProxyRange.Addr().IsLoopback() {
 		return nil, fmt.Errorf("agent: --proxy-range %s must be an IPv4 loopback prefix of /16 or larger, e.g. 127.101.0.0/16", cfg.ProxyRange)
@@ -178,12 +181,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.StatsEvery == 0 {
 		cfg.StatsEvery = 10 * time.Second
 	}
+	if cfg.PipelinePackets <= 0 {
+		cfg.PipelinePackets = DefaultPipelinePackets
+	}
 	cfg.Name = wire.NormalizeName(cfg.Name)
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[key.Public]wgPeer{},
-		gateIn: netstack.NewGate(pipelinePackets(), pipelineWait), gateOut: netstack.NewGate(pipelinePackets(), pipelineWait)}
+		gateIn: netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
 	var err error
 	if a.state, err = openStateDir(cfg.StateDir); err != nil {
 		return nil, err

@@ -85,3 +85,15 @@ func TestAddExportPortConflict(t *testing.T) {
 		t.Fatalf("exports %+v", a.exports)
 	}
 }
+
+func TestPipelinePacketsDefault(t *testing.T) {
+	for _, n := range []int{0, -1} {
+		a, err := New(Config{StateDir: t.TempDir(), Coordinator: "https://127.0.0.1:1", PipelinePackets: n})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.cfg.PipelinePackets != DefaultPipelinePackets {
+			t.Errorf("PipelinePackets %d: got %d, want the default %d", n, a.cfg.PipelinePackets, DefaultPipelinePackets)
+		}
+	}
+}

@@ -469,39 +469,24 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "dns", Value: "127.0.0.1:53", Usage: "DNS listen address, or off", EnvVars: env("DNS")},
 			&cli.StringSliceFlag{Name: "dns-upstream", Usage: "resolvers for non-mesh names (default: /etc/resolv.conf)", EnvVars: env("DNS_UPSTREAM")},
 			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
-			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange.String(), Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
+			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
 			&cli.BoolFlag{Name: "relay-only", Usage: "never use direct UDP paths, always the relay (diagnosis)", EnvVars: env("RELAY_ONLY")},
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
+			// A tuning knob for measurements, not for users: hidden.
+			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := startDaemon(c)
 			if err != nil {
 				return err
 			}
-			if c.Uint("listen-port") > 65535 {
-				return fmt.Errorf("--listen-port %d: must be 0-65535", c.Uint("listen-port"))
-			}
-			pr, err := netip.ParsePrefix(c.String("proxy-range"))
+			cfg, err := agentConfig(c)
 			if err != nil {
-				return fmt.Errorf("--proxy-range %q: want a prefix such as 127.101.0.0/16", c.String("proxy-range"))
+				return err
 			}
-			var exports []agent.Export
-			for _, s := range c.StringSlice("expose") {
-				e, err := agent.ParseExport(s)
-				if err != nil {
-					return err
-				}
-				exports = append(exports, e)
-			}
-			a, err := agent.New(agent.Config{
-				StateDir: c.String("state"), Join: c.String("join"), Name: c.String("name"),
-				ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
-				Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
-				Logger: log, DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
-				Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
-				Metrics: c.String("metrics"),
-			})
+			cfg.Logger = log
+			a, err := agent.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -515,6 +500,34 @@ func agentCmd() *cli.Command {
 			return a.Close()
 		},
 	}
+}
+
+// agentConfig turns the agent command's flags into its configuration, less
+// the logger.
+func agentConfig(c *cli.Context) (agent.Config, error) {
+	if c.Uint("listen-port") > 65535 {
+		return agent.Config{}, fmt.Errorf("--listen-port %d: must be 0-65535", c.Uint("listen-port"))
+	}
+	pr, err := netip.ParsePrefix(c.String("proxy-range"))
+	if err != nil {
+		return agent.Config{}, fmt.Errorf("--proxy-range %q: want a prefix such as 127.101.0.0/16", c.String("proxy-range"))
+	}
+	var exports []agent.Export
+	for _, s := range c.StringSlice("expose") {
+		e, err := agent.ParseExport(s)
+		if err != nil {
+			return agent.Config{}, err
+		}
+		exports = append(exports, e)
+	}
+	return agent.Config{
+		StateDir: c.String("state"), Join: c.String("join"), Name: c.String("name"),
+		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
+		Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
+		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
+		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
+		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
+	}, nil
 }
 
 func exposeCmd() *cli.Command {

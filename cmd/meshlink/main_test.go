@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/meshlink/meshlink/agent"
 )
 
 // TestEveryFlagHasAnEnvironmentVariable: sidecar containers are configured
@@ -64,5 +66,45 @@ func TestFlagsAfterArguments(t *testing.T) {
 	err := app.Run(flagsFirst(app, []string{"meshlink", "expose", "web", "127.0.0.1:80", "--state", dir}))
 	if err == nil || !strings.Contains(err.Error(), "no agent is running with --state "+dir) {
 		t.Fatalf("expose with flags last: %v", err)
+	}
+}
+
+// TestAgentConfig: flags and MESHLINK_* variables reach agent.Config.
+func TestAgentConfig(t *testing.T) {
+	cases := []struct {
+		name string
+		env  map[string]string
+		args []string
+		want func(agent.Config) bool
+	}{
+		{"pipeline default", nil, nil,
+			func(c agent.Config) bool { return c.PipelinePackets == agent.DefaultPipelinePackets }},
+		{"pipeline from environment", map[string]string{"MESHLINK_PIPELINE_PACKETS": "512"}, nil,
+			func(c agent.Config) bool { return c.PipelinePackets == 512 }},
+		{"pipeline flag", nil, []string{"--pipeline-packets", "64"},
+			func(c agent.Config) bool { return c.PipelinePackets == 64 }},
+		{"proxy range default", nil, nil,
+			func(c agent.Config) bool { return c.ProxyRange.String() == agent.DefaultProxyRange }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			var got agent.Config
+			cmd := agentCmd()
+			cmd.Action = func(c *cli.Context) error {
+				var err error
+				got, err = agentConfig(c)
+				return err
+			}
+			app := &cli.App{Name: "meshlink", Commands: []*cli.Command{cmd}}
+			if err := app.Run(append([]string{"meshlink", "agent"}, tc.args...)); err != nil {
+				t.Fatal(err)
+			}
+			if !tc.want(got) {
+				t.Errorf("config %+v", got)
+			}
+		})
 	}
 }
