@@ -3,6 +3,7 @@ package layout
 import (
 	"bytes"
 	"encoding/json"
+	"go/ast"
 	"go/parser"
 	"go/token"
 	"io"
@@ -245,4 +246,47 @@ func slug(heading string) string {
 		}
 	}
 	return b.String()
+}
+
+// TestEnvironmentOnlyInCmd: configuration comes from the environment only in
+// cmd/, which turns flags and MESHLINK_* variables into config structs; the
+// libraries take config fields. Tests, and the test/ harness packages, may
+// read variables that say what a test run must not skip.
+func TestEnvironmentOnlyInCmd(t *testing.T) {
+	readers := map[string]bool{"Getenv": true, "LookupEnv": true, "Environ": true, "ExpandEnv": true}
+	for _, p := range list(t, "-deps=false", "-test=false") {
+		if under(p.ImportPath, "cmd") || under(p.ImportPath, "test") {
+			continue
+		}
+		for _, f := range p.GoFiles {
+			path := filepath.Join(p.Dir, f)
+			fset := token.NewFileSet()
+			af, err := parser.ParseFile(fset, path, nil, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			osName := ""
+			for _, imp := range af.Imports {
+				if imp.Path.Value == `"os"` {
+					osName = "os"
+					if imp.Name != nil {
+						osName = imp.Name.Name
+					}
+				}
+			}
+			if osName == "" {
+				continue
+			}
+			ast.Inspect(af, func(n ast.Node) bool {
+				sel, ok := n.(*ast.SelectorExpr)
+				if !ok {
+					return true
+				}
+				if x, ok := sel.X.(*ast.Ident); ok && x.Name == osName && readers[sel.Sel.Name] {
+					t.Errorf("%s: os.%s outside cmd/: take a config field that cmd/meshlink sets from a flag and its MESHLINK_* variable", fset.Position(sel.Pos()), sel.Sel.Name)
+				}
+				return true
+			})
+		}
+	}
 }
