@@ -20,7 +20,7 @@ import (
 	"github.com/meshlink/meshlink/netstack"
 )
 
-// The mesh addresses NewPair gives its two stacks.
+// The mesh addresses NewPairConfig gives its two stacks.
 var (
 	AddrA4 = netip.MustParseAddr("100.96.0.1")
 	AddrA6 = netip.MustParseAddr("fd7a:6d65:7368::1")
@@ -37,16 +37,10 @@ type Pair struct {
 	AB, BA *Link
 }
 
-// NewPair returns two Stacks that reach each other through WireGuard over
-// 127.0.0.1, and their IPv4 addresses (AddrA6/AddrB6 work too). Everything
-// is closed when the test ends.
-func NewPair(t testing.TB) (a, b *netstack.Stack, addrA, addrB netip.Addr) {
-	p := NewPairConfig(t, netstack.Config{}, netstack.Config{})
-	return p.A, p.B, AddrA4, AddrB4
-}
-
-// NewPairConfig is NewPair with per-side configuration; Addrs is always
-// overwritten with the pair's addresses.
+// NewPairConfig returns two Stacks, configured by cfgA and cfgB, that reach
+// each other through WireGuard over 127.0.0.1 at AddrA4/AddrA6 and
+// AddrB4/AddrB6 (Addrs is always overwritten with these). Everything is
+// closed when the test ends.
 func NewPairConfig(t testing.TB, cfgA, cfgB netstack.Config) *Pair {
 	t.Helper()
 	cfgA.Addrs = []netip.Addr{AddrA4, AddrA6}
