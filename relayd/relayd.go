@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -36,6 +35,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/meshlink/meshlink/internal/atomicfile"
+	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/relay"
@@ -375,7 +375,8 @@ func (r *Relay) Close() error {
 // follow registers (or refreshes the registration), then holds the
 // node-key stream open, reconnecting with backoff, until Close.
 func (r *Relay) follow() {
-	backoff := r.cfg.RetryMin
+	// Jitter spreads the reconnects of many relays after a coordinator restart.
+	bo := backoff.Backoff{Min: r.cfg.RetryMin, Max: r.cfg.RetryMax, Jitter: backoff.EqualJitter}
 	registered := false
 	for {
 		start := time.Now()
@@ -401,16 +402,11 @@ func (r *Relay) follow() {
 			registered = false
 		}
 		if time.Since(start) > 10*time.Second {
-			backoff = r.cfg.RetryMin
+			bo.Reset()
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := bo.Next()
 		r.log.Warn("coordinator unreachable or refusing; relaying for the last known nodes meanwhile", "err", err, "retry_in", wait.Round(time.Millisecond))
-		backoff = min(2*backoff, r.cfg.RetryMax)
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-r.ctx.Done():
-			t.Stop()
+		if !backoff.Sleep(r.ctx, wait) {
 			return
 		}
 	}
