@@ -54,16 +54,24 @@ func leakedGoroutines() string {
 }
 
 // CheckGoroutines fails t at its end if goroutines that run this module's
-// code (or that it started) are still running then. Call it first, so that
-// its check runs after every other cleanup of t. Tests of the package must
-// not run in parallel with t.
+// code (or that it started) are still running then, after a grace for
+// those that end asynchronously. Call it first, so that its check runs
+// after every other cleanup of t. Tests of the package must not run in
+// parallel with t.
 func CheckGoroutines(t testing.TB) {
 	t.Helper()
-	t.Cleanup(func() {
-		if leaked := leakedGoroutines(); leaked != "" {
-			t.Errorf("goroutines still running %v after the test:\n%s", leakGrace, leaked)
-		}
-	})
+	t.Cleanup(func() { WaitGoroutinesGone(t) })
+}
+
+// WaitGoroutinesGone fails t unless every goroutine that runs this
+// module's code (or that it started), other than those of running tests,
+// ends within a grace: what a Close that waits for its goroutines
+// promises.
+func WaitGoroutinesGone(t testing.TB) {
+	t.Helper()
+	if leaked := leakedGoroutines(); leaked != "" {
+		t.Fatalf("goroutines still running %v later:\n%s", leakGrace, leaked)
+	}
 }
 
 // Main runs a package's tests and, if they pass, fails the run when

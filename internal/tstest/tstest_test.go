@@ -95,7 +95,7 @@ func TestCheckGoroutines(t *testing.T) {
 	f := &fakeTB{TB: t}
 	CheckGoroutines(f)
 	got := f.run(func(testing.TB) { f.cleanups[0]() })
-	if len(got) != 1 || !strings.Contains(got[0], "tstest.TestCheckGoroutines") {
+	if len(got) != 1 || !strings.Contains(got[0], "tstest.TestCheckGoroutines.func1") {
 		t.Fatalf("a goroutine left running was reported as %q", got)
 	}
 	close(release)
