@@ -26,6 +26,7 @@ import (
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/dns"
+	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/netstack"
 	"github.com/meshlink/meshlink/wire"
@@ -483,7 +484,7 @@ func (a *Agent) register(ctx context.Context) error {
 		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
 		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
 	}
-	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	bo := a.retryBackoff()
 	for {
 		var resp wire.RegisterResponse
 		err := cc.call(ctx, wire.PathRegister, req, &resp)
@@ -496,9 +497,9 @@ func (a *Agent) register(ctx context.Context) error {
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("coordinator unreachable; will retry", "url", t.URL, "in", d.Round(time.Millisecond), "err", err)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 	}
@@ -521,14 +522,14 @@ func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID str
 // controlLoop follows the map stream for the agent's lifetime, reconnecting
 // with backoff. The data plane keeps the last map while disconnected.
 func (a *Agent) controlLoop() {
-	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	bo := a.retryBackoff()
 	for a.ctx.Err() == nil {
 		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: a.key.Public()}
 		first := true
 		err := a.cc.streamMap(a.ctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
 			if first {
 				first = false
-				bo.reset()
+				bo.Reset()
 				a.setConnected(true, nil)
 				a.log.Info("connected to the coordinator", "url", a.node.URL)
 				// STUN may have answered after the request was built: the
@@ -558,9 +559,9 @@ func (a *Agent) controlLoop() {
 		if errors.As(err, &ae) && (ae.Code == wire.ErrCodeNodeRemoved || ae.Code == wire.ErrCodeUnauthorized) {
 			a.log.Error("the coordinator no longer knows this node; remove the state directory and join again with a new token", "state", a.cfg.StateDir, "err", err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("lost the coordinator; the data plane keeps running; reconnecting", "in", d.Round(time.Millisecond), "err", err)
-		if !sleepCtx(a.ctx, d) {
+		if !backoff.Sleep(a.ctx, d) {
 			return
 		}
 	}

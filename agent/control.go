@@ -9,12 +9,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -219,38 +219,10 @@ func (c *controlClient) streamMap(ctx context.Context, mr wire.MapRequest, idle 
 	return errors.New("map stream closed by the coordinator")
 }
 
-// backoff yields growing, jittered delays between retries.
-type backoff struct {
-	min, max time.Duration
-	cur      time.Duration
-}
-
-func (b *backoff) next() time.Duration {
-	if b.cur == 0 {
-		b.cur = b.min
-	} else {
-		b.cur *= 2
-		if b.cur > b.max {
-			b.cur = b.max
-		}
-	}
-	// ±20% jitter so a fleet does not reconnect in lockstep.
-	j := time.Duration(float64(b.cur) * (0.8 + 0.4*rand.Float64()))
-	return j
-}
-
-func (b *backoff) reset() { b.cur = 0 }
-
-// sleepCtx waits d or until ctx is done; it reports whether d elapsed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
+// retryBackoff spaces the agent's retries towards the coordinator: RetryMin
+// doubling to RetryMax, ±20% so that a fleet does not reconnect in lockstep.
+func (a *Agent) retryBackoff() *backoff.Backoff {
+	return &backoff.Backoff{Min: a.cfg.RetryMin, Max: a.cfg.RetryMax, Jitter: backoff.Spread(0.2)}
 }
 
 // InspectToken asks the token's coordinator (pinned by the token) about it.

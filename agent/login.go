@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -78,7 +79,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
 		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
 	}
-	bo := backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	bo := a.retryBackoff()
 	var pending wire.RegisterPending
 	for {
 		status, body, err := cc.postStatus(ctx, wire.PathRegister, req)
@@ -101,9 +102,9 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("coordinator unreachable; will retry", "url", rawURL, "in", d.Round(time.Millisecond), "err", err)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 	}
@@ -111,7 +112,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 	if a.cfg.Out != nil {
 		fmt.Fprintf(a.cfg.Out, "\nTo add this node (%s) to the mesh, open\n\n    %s\n\nlog in and approve it. Waiting...\n\n", a.cfg.Name, pending.AuthURL)
 	}
-	bo.reset()
+	bo.Reset()
 	for {
 		status, body, err := cc.postStatus(ctx, wire.PathRegisterPoll, wire.RegisterPollRequest{Version: wire.ProtocolVersion, PollID: pending.PollID})
 		if err == nil && status == http.StatusOK {
@@ -131,9 +132,9 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 		if isPermanent(err) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
-		d := bo.next()
+		d := bo.Next()
 		a.log.Warn("coordinator unreachable while waiting for approval; will retry", "in", d.Round(time.Millisecond), "err", err)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 	}

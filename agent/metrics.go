@@ -1,20 +1,13 @@
 package agent
 
 import (
-	"context"
-	"errors"
-	"fmt"
-	"log/slog"
-	"net"
-	"net/http"
 	"net/netip"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -24,55 +17,35 @@ import (
 // at scrape time from Status and Services, which the agent keeps anyway:
 // the data path pays nothing for metrics.
 type metricsServer struct {
-	reg        *prometheus.Registry
 	mapLatency prometheus.Histogram
-	ln         net.Listener
-	srv        *http.Server
-	done       chan struct{} // closed when Serve returns
+	srv        *metricsserver.Server
 }
 
 // startMetrics listens on cfg.Metrics and serves /metrics until Close. It
 // does nothing when metrics are off ("" or "off").
 func (a *Agent) startMetrics() error {
-	addr := a.cfg.Metrics
-	if addr == "" || addr == "off" {
+	if metricsserver.Off(a.cfg.Metrics) {
 		return nil
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		if errors.Is(err, syscall.EADDRINUSE) {
-			return fmt.Errorf("agent: metrics listen %s: address already in use; choose another --metrics address, or --metrics off", addr)
-		}
-		return fmt.Errorf("agent: metrics listen %s: %w; choose another --metrics address (HOST:PORT), or --metrics off", addr, err)
-	}
 	m := &metricsServer{
-		reg: prometheus.NewRegistry(),
 		mapLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "meshlink_agent_netmap_update_latency_seconds",
 			Help:    "Time from the coordinator writing a network map update to this agent applying it (clocks of both hosts included).",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}),
-		ln:   ln,
-		done: make(chan struct{}),
 	}
-	m.reg.MustRegister(m.mapLatency, agentCollector{a},
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(m.mapLatency, agentCollector{a},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	errLog := slog.NewLogLogger(a.log.With("subsystem", "metrics").Handler(), slog.LevelDebug)
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
-		ErrorLog:      errLog,
-		ErrorHandling: promhttp.ContinueOnError, // one failing collector must not hide the rest
-		Timeout:       10 * time.Second,
-	}))
-	m.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, ErrorLog: errLog}
-	go func() {
-		defer close(m.done)
-		if err := m.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			a.log.Error("metrics server stopped", "err", err)
-		}
-	}()
+	srv, err := metricsserver.Start(a.ctx, metricsserver.Config{
+		Addr: a.cfg.Metrics, Gatherer: reg, Logger: a.log.With("subsystem", "metrics"),
+		Subsystem: "agent", Flag: "--metrics", ShutdownTimeout: 2 * time.Second,
+	})
+	if err != nil {
+		return err
+	}
+	m.srv = srv
 	a.metrics = m
-	a.log.Info("serving metrics", "addr", ln.Addr().String())
 	return nil
 }
 
@@ -82,12 +55,7 @@ func (m *metricsServer) close() {
 	if m == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := m.srv.Shutdown(ctx); err != nil {
-		m.srv.Close()
-	}
-	<-m.done
+	m.srv.Close()
 }
 
 // observeMap records how long map update m took to arrive.
@@ -105,8 +73,7 @@ func (a *Agent) MetricsAddr() netip.AddrPort {
 	if a.metrics == nil {
 		return netip.AddrPort{}
 	}
-	ap := a.metrics.ln.Addr().(*net.TCPAddr).AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	return a.metrics.srv.Addr()
 }
 
 var (

@@ -13,6 +13,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 )
 
@@ -67,7 +68,7 @@ type check struct {
 // waitMetrics scrapes the agent until every check holds.
 func waitMetrics(t *testing.T, a *agent.Agent, checks ...check) {
 	t.Helper()
-	harness.WaitFor(t, 10*time.Second, "metrics", func() error {
+	tstest.WaitForNil(t, 10*time.Second, "metrics", func() error {
 		fams, err := scrape(a.MetricsAddr().String())
 		if err != nil {
 			return err
@@ -129,7 +130,7 @@ func TestAgentMetrics(t *testing.T) {
 	cons := startWithMetrics(t, m, "cons", harness.AgentOptions{})
 
 	var local string
-	harness.WaitFor(t, 10*time.Second, "web consumable at cons", func() error {
+	tstest.WaitForNil(t, 10*time.Second, "web consumable at cons", func() error {
 		for _, s := range cons.Services().Consumed {
 			if s.Name == "web" && s.Listening && len(s.Providers) == 1 {
 				local = s.Local.String()

@@ -19,6 +19,7 @@ import (
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/web"
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -698,7 +699,7 @@ func TestConsoleRelays(t *testing.T) {
 		t.Fatal(err)
 	}
 	rc := relayClient(t, rl[0], na.priv, &rx)
-	waitFor(t, 5*time.Second, "relay client connected", rc.Connected)
+	tstest.WaitFor(t, 5*time.Second, "relay client connected", rc.Connected)
 	waitSnapshot(t, live, "one client on the embedded relay", func(sn web.Snapshot) bool {
 		return len(sn.Relays) == 2 && sn.Relays[0].Stats.Clients == 1 && sn.Relays[0].Stats.Accepted == 1
 	})

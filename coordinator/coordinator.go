@@ -35,6 +35,7 @@ import (
 	"github.com/meshlink/meshlink/coordinator/oidclogin"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/coordinator/web"
+	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/stun"
@@ -142,8 +143,7 @@ type Server struct {
 	adminLn    net.Listener
 	httpSrv    *http.Server
 	adminSrv   *http.Server
-	metricsLn  net.Listener // nil when metrics are off
-	metricsSrv *http.Server
+	metricsSrv *metricsserver.Server // nil when metrics are off
 	url        string
 	addr       netip.AddrPort
 	stun       *stun.Server // nil when its UDP port could not be bound
@@ -339,13 +339,13 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if err := os.Chmod(sockPath, 0o600); err != nil {
 		return fmt.Errorf("coordinator: admin socket %s: %w", sockPath, err)
 	}
-	metricsLn, err := s.listenMetrics(ctx)
+	metricsSrv, err := s.startMetrics()
 	if err != nil {
 		return err
 	}
 	defer func() {
-		if err != nil && metricsLn != nil {
-			metricsLn.Close()
+		if err != nil {
+			metricsSrv.Close()
 		}
 	}()
 
@@ -422,18 +422,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		return errors.New("coordinator: closed during Start")
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
+	s.metricsSrv = metricsSrv
 	s.wg.Add(2)
-	if metricsLn != nil {
-		s.metricsLn, s.metricsSrv = metricsLn, s.metricsServer(errLog)
-		s.wg.Add(1)
-		go func(srv *http.Server) {
-			defer s.wg.Done()
-			if err := srv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				s.log.Error("metrics server stopped", "err", err)
-			}
-		}(s.metricsSrv)
-		s.log.Info("serving metrics", "addr", metricsLn.Addr().String())
-	}
 	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
@@ -529,7 +519,7 @@ func (s *Server) Close() error {
 	if stunSrv != nil {
 		stunSrv.Close()
 	}
-	for _, srv := range []*http.Server{httpSrv, adminSrv, metricsSrv} {
+	for _, srv := range []*http.Server{httpSrv, adminSrv} {
 		if srv == nil {
 			continue
 		}
@@ -539,6 +529,7 @@ func (s *Server) Close() error {
 		}
 		cancel()
 	}
+	metricsSrv.Close()
 	s.wg.Wait()
 	return s.store.Close()
 }

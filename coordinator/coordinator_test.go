@@ -11,7 +11,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/tlscert"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -203,7 +203,7 @@ func TestMapStream(t *testing.T) {
 			}
 
 			// A keep-alive arrives on an idle stream.
-			waitFor(t, 2*time.Second, "keep-alive", func() bool {
+			tstest.WaitFor(t, 2*time.Second, "keep-alive", func() bool {
 				select {
 				case m := <-sa.msgs:
 					return m.IsKeepAlive()
@@ -489,39 +489,7 @@ func TestFirstStartOutput(t *testing.T) {
 	}
 }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines leaked by the coordinator:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-// leakedGoroutines polls until no goroutine runs code of this package other
-// than the test runner, returning their stacks if some remain after d.
-func leakedGoroutines(d time.Duration) string {
-	deadline := time.Now().Add(d)
-	for {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		var leaked []string
-		for _, g := range strings.Split(string(buf), "\n\n") {
-			if strings.Contains(g, "meshlink/coordinator.") && !strings.Contains(g, "TestMain") && !strings.Contains(g, "leakedGoroutines") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 {
-			return ""
-		}
-		if time.Now().After(deadline) {
-			return strings.Join(leaked, "\n\n")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+func TestMain(m *testing.M) { tstest.Main(m) }
 
 func TestConcurrentRegistrationSingleUseToken(t *testing.T) {
 	s := startServer(t, t.TempDir())

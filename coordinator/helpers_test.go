@@ -14,21 +14,13 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
-// testLogger routes the server's logs to t.Logf.
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Logf("%s", bytes.TrimRight(p, "\n"))
-	return len(p), nil
-}
-
 func startServer(t *testing.T, dir string, mod ...func(*Config)) *Server {
 	t.Helper()
-	cfg := Config{Listen: "127.0.0.1:0", DataDir: dir, Out: tWriter{t}}
+	cfg := Config{Listen: "127.0.0.1:0", DataDir: dir, Out: tstest.Writer(t)}
 	for _, m := range mod {
 		m(&cfg)
 	}
@@ -210,18 +202,6 @@ func (s *stream) next(t *testing.T, d time.Duration, what string, pred func(wire
 		case <-deadline.C:
 			t.Fatalf("no %s within %v", what, d)
 		}
-	}
-}
-
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for wait := time.Millisecond; !cond(); wait = min(2*wait, 50*time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(wait)
 	}
 }
 

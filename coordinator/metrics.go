@@ -2,19 +2,15 @@ package coordinator
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"log"
-	"net"
 	"net/http"
 	"net/netip"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/relay"
 )
 
@@ -84,42 +80,16 @@ func (m *metrics) mapSent(changed time.Time) {
 	}
 }
 
-// metricsOff reports whether the metrics listener is disabled.
-func metricsOff(addr string) bool { return addr == "" || addr == "off" }
-
-// listenMetrics opens the metrics listener; nil when disabled.
-func (s *Server) listenMetrics(ctx context.Context) (net.Listener, error) {
-	addr := s.cfg.MetricsListen
-	if metricsOff(addr) {
+// startMetrics serves /metrics from the server's registry until Close;
+// nil when metrics are off.
+func (s *Server) startMetrics() (*metricsserver.Server, error) {
+	if metricsserver.Off(s.cfg.MetricsListen) {
 		return nil, nil
 	}
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "tcp", addr)
-	if err != nil {
-		if errors.Is(err, syscall.EADDRINUSE) {
-			return nil, fmt.Errorf("coordinator: metrics listen %s: address already in use; choose another --metrics-listen, or --metrics-listen off", addr)
-		}
-		return nil, fmt.Errorf("coordinator: metrics listen %s: %w; choose another --metrics-listen (HOST:PORT), or --metrics-listen off", addr, err)
-	}
-	return ln, nil
-}
-
-// metricsServer serves /metrics from the server's registry. It is plain
-// HTTP on its own listener, loopback by default: scrapers rarely pin
-// certificates, and nothing in it is secret.
-func (s *Server) metricsServer(errLog *log.Logger) *http.Server {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
-		ErrorLog:      errLog,
-		ErrorHandling: promhttp.ContinueOnError, // one failing collector must not hide the rest
-		Timeout:       10 * time.Second,
-	}))
-	return &http.Server{
-		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          errLog,
-	}
+	return metricsserver.Start(s.ctx, metricsserver.Config{
+		Addr: s.cfg.MetricsListen, Gatherer: s.metrics.reg, Logger: s.log,
+		Subsystem: "coordinator", Flag: "--metrics-listen",
+	})
 }
 
 // MetricsAddr is the address /metrics is served on, valid after Start;
@@ -127,11 +97,7 @@ func (s *Server) metricsServer(errLog *log.Logger) *http.Server {
 func (s *Server) MetricsAddr() netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.metricsLn == nil {
-		return netip.AddrPort{}
-	}
-	ap := s.metricsLn.Addr().(*net.TCPAddr).AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	return s.metricsSrv.Addr()
 }
 
 func (h *hub) streamCount() int {

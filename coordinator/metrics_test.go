@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -94,25 +95,19 @@ func want(name string, cmp func(float64) (func(float64) bool, string), n float64
 func waitMetrics(t *testing.T, addr string, d time.Duration, exps ...expect) map[string]*dto.MetricFamily {
 	t.Helper()
 	var fams map[string]*dto.MetricFamily
-	var last string
-	waitFor(t, d, "metrics", func() bool {
+	tstest.WaitForNil(t, d, "metrics", func() error {
 		fams = scrape(t, addr)
 		for _, e := range exps {
 			v, err := value(fams, e.name, e.labels...)
 			if err != nil {
-				last = err.Error()
-				return false
+				return err
 			}
 			if !e.ok(v) {
-				last = fmt.Sprintf("%s%v = %v, want %s", e.name, e.labels, v, e.what)
-				return false
+				return fmt.Errorf("%s%v = %v, want %s", e.name, e.labels, v, e.what)
 			}
 		}
-		return true
+		return nil
 	})
-	if t.Failed() {
-		t.Log(last)
-	}
 	return fams
 }
 
@@ -165,7 +160,7 @@ func TestMetrics(t *testing.T) {
 	})
 	var rx relayRx
 	rc := relayClient(t, full.Full.Relays[0], na.priv, &rx)
-	waitFor(t, 5*time.Second, "relay client connected", rc.Connected)
+	tstest.WaitFor(t, 5*time.Second, "relay client connected", rc.Connected)
 
 	fams := waitMetrics(t, m, 5*time.Second,
 		want("meshlink_coordinator_nodes", eq, 2, "state", "online"),

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"log/slog"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/oidclogin/oidctest"
 	"github.com/meshlink/meshlink/coordinator/web"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -45,7 +45,7 @@ func startOIDC(t *testing.T) (*oidctest.Server, *Server) {
 		c.OIDCClientID = oidcClientID
 		c.OIDCClientSecret = oidcClientSecret
 		c.OIDCHTTPClient = op.Client() // trusts the provider's test certificate
-		c.Logger = slog.New(slog.NewTextHandler(tWriter{t}, nil))
+		c.Logger = tstest.Logger(t)
 	})
 	op.AddClient(oidctest.Client{ID: oidcClientID, Secret: oidcClientSecret,
 		RedirectURIs: []string{s.URL() + "/login/oidc/callback"}})
@@ -250,7 +250,7 @@ func TestConsoleOIDCCallbackWithoutLogin(t *testing.T) {
 func TestStartFailsWhenOIDCDiscoveryFails(t *testing.T) {
 	notOP := httptest.NewTLSServer(http.NotFoundHandler())
 	defer notOP.Close()
-	s, err := New(Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), Out: tWriter{t},
+	s, err := New(Config{Listen: "127.0.0.1:0", DataDir: t.TempDir(), Out: tstest.Writer(t),
 		OIDCIssuer: notOP.URL, OIDCClientID: oidcClientID, OIDCHTTPClient: notOP.Client()})
 	if err != nil {
 		t.Fatal(err)

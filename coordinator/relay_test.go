@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/stun"
 	"github.com/meshlink/meshlink/wire"
@@ -71,7 +71,7 @@ func relayClient(t *testing.T, r wire.Relay, priv key.Private, rx *relayRx) *rel
 	rk := r.Key
 	c := relay.NewClient(relay.ClientConfig{
 		URL: r.URL, Fingerprint: r.Fingerprint, RelayKey: rk, PrivateKey: priv,
-		Logger:   slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:   tstest.Logger(t),
 		OnPacket: rx.on, RetryMin: 10 * time.Millisecond, RetryMax: 100 * time.Millisecond,
 	})
 	c.Start()
@@ -100,7 +100,7 @@ func TestRelayThroughCoordinator(t *testing.T) {
 	var rxa, rxb relayRx
 	a := relayClient(t, emb, na.priv, &rxa)
 	b := relayClient(t, emb, nb.priv, &rxb)
-	waitFor(t, 5*time.Second, "both relay clients connected", func() bool { return a.Connected() && b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "both relay clients connected", func() bool { return a.Connected() && b.Connected() })
 	pkt := make([]byte, 1420)
 	rand.Read(pkt)
 	if err := a.Send(nb.pub, pkt); err != nil {
@@ -109,7 +109,7 @@ func TestRelayThroughCoordinator(t *testing.T) {
 	if err := b.Send(na.pub, pkt[:100]); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "packets both ways", func() bool { return rxa.n() == 1 && rxb.n() == 1 })
+	tstest.WaitFor(t, 5*time.Second, "packets both ways", func() bool { return rxa.n() == 1 && rxb.n() == 1 })
 	if rxb.src[0] != na.pub || !bytes.Equal(rxb.pkts[0], pkt) || rxa.src[0] != nb.pub || !bytes.Equal(rxa.pkts[0], pkt[:100]) {
 		t.Fatal("packets arrived altered or with the wrong source key")
 	}
@@ -118,8 +118,8 @@ func TestRelayThroughCoordinator(t *testing.T) {
 	if st, body := call(t, c, jt.URL, wire.PathLeave, &nb.cr, wire.LeaveRequest{Version: wire.ProtocolVersion}); st != http.StatusOK {
 		t.Fatalf("leave: %d %s", st, body)
 	}
-	waitFor(t, 5*time.Second, "b's relay connection closed", func() bool { return !b.Connected() })
-	waitFor(t, 5*time.Second, "b refused", func() bool { return strings.Contains(b.Stats().LastError, "not a node of this mesh") })
+	tstest.WaitFor(t, 5*time.Second, "b's relay connection closed", func() bool { return !b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "b refused", func() bool { return strings.Contains(b.Stats().LastError, "not a node of this mesh") })
 
 	// Close ends relay connections (hijacked, unseen by http.Server) promptly.
 	done := make(chan struct{})
@@ -129,7 +129,7 @@ func TestRelayThroughCoordinator(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close hangs with relay connections open")
 	}
-	waitFor(t, 5*time.Second, "a disconnected", func() bool { return !a.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "a disconnected", func() bool { return !a.Connected() })
 }
 
 func TestRelayRefusesKeysOutsideTheMesh(t *testing.T) {
@@ -143,7 +143,7 @@ func TestRelayRefusesKeysOutsideTheMesh(t *testing.T) {
 	stranger := key.NewPrivate()
 	var rx relayRx
 	cl := relayClient(t, emb, stranger, &rx)
-	waitFor(t, 5*time.Second, "refusal", func() bool { return strings.Contains(cl.Stats().LastError, "403") })
+	tstest.WaitFor(t, 5*time.Second, "refusal", func() bool { return strings.Contains(cl.Stats().LastError, "403") })
 	if cl.Connected() {
 		t.Fatal("a key outside the mesh connected to the relay")
 	}
@@ -156,7 +156,7 @@ func TestRelayRefusesKeysOutsideTheMesh(t *testing.T) {
 	otherPub := other.Public()
 	wrong.Key = otherPub
 	cl2 := relayClient(t, wrong, na.priv, &rx)
-	waitFor(t, 5*time.Second, "refusal", func() bool { return strings.Contains(cl2.Stats().LastError, "401") })
+	tstest.WaitFor(t, 5*time.Second, "refusal", func() bool { return strings.Contains(cl2.Stats().LastError, "401") })
 	if cl2.Connected() {
 		t.Fatal("connected with a proof made for another relay key")
 	}

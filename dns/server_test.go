@@ -1,12 +1,10 @@
 package dns
 
 import (
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,39 +13,9 @@ import (
 	"time"
 
 	mdns "github.com/miekg/dns"
+
+	"github.com/meshlink/meshlink/internal/tstest"
 )
-
-// tlog sends the server's logs to t.Logf.
-type tlogWriter struct{ t testing.TB }
-
-func (w tlogWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Logf("%s", strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tlogWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// checkGoroutines fails the test if goroutines started during it are still
-// running at its end (polled with a deadline: some exit asynchronously).
-func checkGoroutines(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<16)
-				t.Errorf("goroutine leak: %d before, %d after\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
-				return
-			}
-			runtime.Gosched()
-			time.Sleep(10 * time.Millisecond) // polling interval, not a wait for an event
-		}
-	})
-}
 
 func startServer(t *testing.T, cfg Config) *Server {
 	t.Helper()
@@ -55,7 +23,7 @@ func startServer(t *testing.T, cfg Config) *Server {
 		cfg.Addr = "127.0.0.1:0"
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = testLogger(t)
+		cfg.Logger = tstest.Logger(t)
 	}
 	s, err := New(cfg)
 	if err != nil {
@@ -120,7 +88,7 @@ func rrStrings(rrs []mdns.RR) []string {
 }
 
 func TestLocalAnswers(t *testing.T) {
-	checkGoroutines(t)
+	tstest.CheckGoroutines(t)
 	s := startServer(t, Config{Upstreams: []string{}})
 	s.SetZone(testZone)
 
@@ -185,7 +153,7 @@ func TestLocalAnswers(t *testing.T) {
 }
 
 func TestSetZoneSwap(t *testing.T) {
-	checkGoroutines(t)
+	tstest.CheckGoroutines(t)
 	s := startServer(t, Config{Upstreams: []string{}})
 	if r := query(t, "udp", s.Addr(), "web.mesh.internal.", mdns.TypeA); r.Rcode != mdns.RcodeNameError {
 		t.Fatalf("before SetZone: rcode %s, want NXDOMAIN", mdns.RcodeToString[r.Rcode])
@@ -267,7 +235,7 @@ func silent(t *testing.T) string {
 }
 
 func TestForward(t *testing.T) {
-	checkGoroutines(t)
+	tstest.CheckGoroutines(t)
 	good := upstream(t, exampleAnswer)
 	// truncating answers TC over UDP and in full over TCP.
 	truncating := upstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
@@ -320,7 +288,7 @@ func TestForward(t *testing.T) {
 }
 
 func TestForwardEDNS(t *testing.T) {
-	checkGoroutines(t)
+	tstest.CheckGoroutines(t)
 	var sawOpt atomic.Bool
 	up := upstream(t, func(w mdns.ResponseWriter, r *mdns.Msg) {
 		sawOpt.Store(r.IsEdns0() != nil)
@@ -449,7 +417,7 @@ func TestPortInUse(t *testing.T) {
 }
 
 func TestCloseIdempotent(t *testing.T) {
-	checkGoroutines(t)
+	tstest.CheckGoroutines(t)
 	s, err := New(Config{Addr: "127.0.0.1:0", Upstreams: []string{}})
 	if err != nil {
 		t.Fatal(err)
@@ -476,7 +444,7 @@ func TestCloseIdempotent(t *testing.T) {
 
 // Close must not wait out the upstream timeout of queries in flight.
 func TestCloseDuringForward(t *testing.T) {
-	checkGoroutines(t)
+	tstest.CheckGoroutines(t)
 	// An upstream that receives the query and never answers.
 	up, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -493,7 +461,7 @@ func TestCloseDuringForward(t *testing.T) {
 	}()
 	t.Cleanup(func() { up.Close(); <-readerDone })
 
-	s, err := New(Config{Addr: "127.0.0.1:0", Upstreams: []string{up.LocalAddr().String()}, UpstreamTimeout: time.Minute, Logger: testLogger(t)})
+	s, err := New(Config{Addr: "127.0.0.1:0", Upstreams: []string{up.LocalAddr().String()}, UpstreamTimeout: time.Minute, Logger: tstest.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

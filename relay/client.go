@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
@@ -19,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -173,26 +173,21 @@ func (c *Client) run() {
 		c.log.Error("relay disabled: its URL is not https://host:port; check the coordinator's --url")
 		return
 	}
-	backoff := c.cfg.RetryMin
-	for attempt := 0; ; attempt++ {
+	// Jitter spreads the reconnects of many agents after a restart.
+	bo := backoff.Backoff{Min: c.cfg.RetryMin, Max: c.cfg.RetryMax, Jitter: backoff.EqualJitter}
+	for {
 		start := time.Now()
 		err := c.session()
 		if c.ctx.Err() != nil {
 			return
 		}
 		if time.Since(start) >= stableSession {
-			backoff = c.cfg.RetryMin
+			bo.Reset()
 		}
 		c.setError(err)
-		// Jitter spreads the reconnects of many agents after a restart.
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := bo.Next()
 		c.log.Warn("relay connection failed; retrying", "err", err, "retry_in", wait.Round(time.Millisecond))
-		backoff = min(2*backoff, c.cfg.RetryMax)
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-c.ctx.Done():
-			t.Stop()
+		if !backoff.Sleep(c.ctx, wait) {
 			return
 		}
 	}

@@ -11,13 +11,11 @@ import (
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -28,68 +26,22 @@ import (
 	"golang.org/x/crypto/nacl/box"
 
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines leaked by the relay:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { tstest.Main(m) }
 
-// leakedGoroutines polls until no goroutine runs the relay's own (non-test)
-// code, returning their stacks if some remain after d.
-func leakedGoroutines(d time.Duration) string {
-	deadline := time.Now().Add(d)
-	for {
-		buf := make([]byte, 1<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		var leaked []string
-		for _, g := range strings.Split(string(buf), "\n\n") {
-			if strings.Contains(g, "/relay/server.go") || strings.Contains(g, "/relay/client.go") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 {
-			return ""
-		}
-		if time.Now().After(deadline) {
-			return strings.Join(leaked, "\n\n")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for wait := time.Millisecond; !cond(); wait = min(2*wait, 20*time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(wait)
-	}
-}
-
-// logBuf is a slog destination tests can search, echoing to t.Logf.
+// logBuf keeps a test relay's logs for the test to search.
 type logBuf struct {
-	t  testing.TB
-	mu sync.Mutex
+	mu sync.Mutex // guards b
 	b  bytes.Buffer
 }
 
 func (l *logBuf) Write(p []byte) (int, error) {
 	l.mu.Lock()
-	l.b.Write(p)
-	l.mu.Unlock()
-	l.t.Logf("%s", bytes.TrimRight(p, "\n"))
-	return len(p), nil
+	defer l.mu.Unlock()
+	return l.b.Write(p)
 }
 
 func (l *logBuf) contains(s string) bool {
@@ -98,9 +50,10 @@ func (l *logBuf) contains(s string) bool {
 	return strings.Contains(l.b.String(), s)
 }
 
+// newLog logs to t's output and to a buffer the test can search.
 func newLog(t testing.TB) (*slog.Logger, *logBuf) {
-	lb := &logBuf{t: t}
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
+	lb := &logBuf{}
+	return tstest.NewLogger(t, tstest.LogOptions{Tee: lb}), lb
 }
 
 func selfSigned(t testing.TB) tls.Certificate {
@@ -365,7 +318,7 @@ func TestPacketsBothWays(t *testing.T) {
 	tr := startRelay(t, ns)
 	a, ra := tr.client(t, ns[0])
 	b, rb := tr.client(t, ns[1])
-	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
 
 	sizes := []int{0, 1, 148, 1420, 9000, MaxPacket}
 	var want [][]byte
@@ -388,7 +341,7 @@ func TestPacketsBothWays(t *testing.T) {
 		rx   *rx
 		src  key.Public
 	}{{"b", rb, ns[0].key}, {"a", ra, ns[1].key}} {
-		waitFor(t, 5*time.Second, c.name+" receives all packets", func() bool { return len(c.rx.packets()) >= len(want) })
+		tstest.WaitFor(t, 5*time.Second, c.name+" receives all packets", func() bool { return len(c.rx.packets()) >= len(want) })
 		got := c.rx.packets()
 		if len(got) != len(want) {
 			t.Fatalf("%s got %d packets, want %d", c.name, len(got), len(want))
@@ -412,14 +365,14 @@ func TestSourceCannotBeSpoofed(t *testing.T) {
 	ns := newNodes(3)
 	tr := startRelay(t, ns)
 	_, rb := tr.client(t, ns[1])
-	waitFor(t, 5*time.Second, "b connected", func() bool { return tr.relay.Stats().Clients == 1 })
+	tstest.WaitFor(t, 5*time.Second, "b connected", func() bool { return tr.relay.Stats().Clients == 1 })
 	a, _ := tr.dialRaw(t, ns[0])
 	// A frame claiming to come from c, in the server's own direction: the
 	// server must ignore it.
 	a.write(t, packetFrame(FrameRecvPacket, ns[2].key, []byte("forged")))
 	// A send whose payload starts with c's key: the source is still a.
 	a.write(t, packetFrame(FrameSendPacket, ns[1].key, append(ns[2].key.AppendTo(nil), "inner"...)))
-	waitFor(t, 5*time.Second, "b receives", func() bool { return len(rb.packets()) >= 1 })
+	tstest.WaitFor(t, 5*time.Second, "b receives", func() bool { return len(rb.packets()) >= 1 })
 	got := rb.packets()
 	if len(got) != 1 || got[0].src != ns[0].key || !bytes.Equal(got[0].pkt, append(ns[2].key.AppendTo(nil), "inner"...)) {
 		t.Fatalf("b got %+v, want one packet from a", got)
@@ -430,11 +383,11 @@ func TestPeerGone(t *testing.T) {
 	ns := newNodes(2)
 	tr := startRelay(t, ns)
 	a, ra := tr.client(t, ns[0])
-	waitFor(t, 5*time.Second, "a connected", a.Connected)
+	tstest.WaitFor(t, 5*time.Second, "a connected", a.Connected)
 	if err := a.Send(ns[1].key, []byte("hello?")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "peer gone", func() bool { return len(ra.peersGone()) == 1 })
+	tstest.WaitFor(t, 5*time.Second, "peer gone", func() bool { return len(ra.peersGone()) == 1 })
 	if g := ra.peersGone()[0]; g != ns[1].key {
 		t.Fatalf("peer gone for %v, want %v", g, ns[1].key)
 	}
@@ -451,11 +404,11 @@ func TestPolicyDrops(t *testing.T) {
 	a, _ := tr.client(t, ns[0])
 	_, rb := tr.client(t, ns[1])
 	c, _ := tr.client(t, ns[2])
-	waitFor(t, 5*time.Second, "all connected", func() bool { return tr.relay.Stats().Clients == 3 && a.Connected() && c.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "all connected", func() bool { return tr.relay.Stats().Clients == 3 && a.Connected() && c.Connected() })
 	a.Send(ns[1].key, []byte("denied"))
 	c.Send(ns[1].key, []byte("allowed"))
-	waitFor(t, 5*time.Second, "c's packet", func() bool { return len(rb.packets()) >= 1 })
-	waitFor(t, 5*time.Second, "a's packet dropped", func() bool { return tr.relay.Stats().Dropped == 1 })
+	tstest.WaitFor(t, 5*time.Second, "c's packet", func() bool { return len(rb.packets()) >= 1 })
+	tstest.WaitFor(t, 5*time.Second, "a's packet dropped", func() bool { return tr.relay.Stats().Dropped == 1 })
 	if got := rb.packets(); len(got) != 1 || string(got[0].pkt) != "allowed" {
 		t.Fatalf("b got %+v", got)
 	}
@@ -514,7 +467,7 @@ func TestMalformedFrameClosesConnection(t *testing.T) {
 			}
 		})
 	}
-	waitFor(t, 5*time.Second, "protocol error logged", func() bool { return tr.logs.contains("protocol error") })
+	tstest.WaitFor(t, 5*time.Second, "protocol error logged", func() bool { return tr.logs.contains("protocol error") })
 }
 
 func TestServerRestartReconnects(t *testing.T) {
@@ -522,19 +475,19 @@ func TestServerRestartReconnects(t *testing.T) {
 	tr := startRelay(t, ns)
 	a, _ := tr.client(t, ns[0])
 	b, rb := tr.client(t, ns[1])
-	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
 	addr := tr.addr
 	tr.stop()
-	waitFor(t, 5*time.Second, "clients notice", func() bool { return !a.Connected() && !b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "clients notice", func() bool { return !a.Connected() && !b.Connected() })
 	if err := a.Send(ns[1].key, []byte("x")); !errors.Is(err, ErrNotConnected) {
 		t.Fatalf("send while down: %v, want ErrNotConnected", err)
 	}
 	tr.start(addr)
-	waitFor(t, 10*time.Second, "both reconnected", func() bool { return a.Connected() && b.Connected() && tr.relay.Stats().Clients == 2 })
+	tstest.WaitFor(t, 10*time.Second, "both reconnected", func() bool { return a.Connected() && b.Connected() && tr.relay.Stats().Clients == 2 })
 	if err := a.Send(ns[1].key, []byte("after restart")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "packet after restart", func() bool { return len(rb.packets()) == 1 })
+	tstest.WaitFor(t, 5*time.Second, "packet after restart", func() bool { return len(rb.packets()) == 1 })
 	if st := a.Stats(); st.Reconnects < 1 || st.Connects < 2 {
 		t.Fatalf("client stats %+v", st)
 	}
@@ -549,7 +502,7 @@ func TestUnknownKeyRefused(t *testing.T) {
 	}
 	before := tr.auths.Load()
 	c, _ := tr.client(t, stranger)
-	waitFor(t, 5*time.Second, "several attempts", func() bool { return tr.auths.Load() >= before+3 })
+	tstest.WaitFor(t, 5*time.Second, "several attempts", func() bool { return tr.auths.Load() >= before+3 })
 	if c.Connected() {
 		t.Fatal("connected with a key outside the mesh")
 	}
@@ -664,7 +617,7 @@ func TestWrongFingerprint(t *testing.T) {
 	tr := startRelay(t, ns)
 	before := tr.auths.Load()
 	c, _ := tr.client(t, ns[0], func(c *ClientConfig) { c.Fingerprint = strings.Repeat("ab", 32) })
-	waitFor(t, 5*time.Second, "error", func() bool { return strings.Contains(c.Stats().LastError, "fingerprint") })
+	tstest.WaitFor(t, 5*time.Second, "error", func() bool { return strings.Contains(c.Stats().LastError, "fingerprint") })
 	if tr.auths.Load() != before {
 		t.Fatal("a proof reached a server with the wrong certificate")
 	}
@@ -703,7 +656,7 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 	tr := startRelay(t, ns)
 	a, _ := tr.client(t, ns[0])
 	b, _ := tr.client(t, ns[1])
-	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
 	a.Close()
 	a.Close() // idempotent
 	if err := a.Send(ns[1].key, nil); !errors.Is(err, ErrClosed) {
@@ -711,16 +664,12 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 	}
 	tr.stop()
 	b.Close()
-	if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
-		t.Fatalf("goroutines left:\n%s", leaked)
-	}
+	tstest.WaitGoroutinesGone(t)
 	// A client that never connected closes too.
 	c := NewClient(ClientConfig{URL: "https://127.0.0.1:1", RetryMin: time.Millisecond})
 	c.Start()
 	c.Close()
-	if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
-		t.Fatalf("goroutines left:\n%s", leaked)
-	}
+	tstest.WaitGoroutinesGone(t)
 }
 
 func TestKeepAlive(t *testing.T) {
@@ -742,12 +691,12 @@ func TestSurvivesHTTPServerTimeouts(t *testing.T) {
 	})
 	a, _ := tr.client(t, ns[0])
 	b, rb := tr.client(t, ns[1])
-	waitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
+	tstest.WaitFor(t, 5*time.Second, "both connected", func() bool { return a.Connected() && b.Connected() })
 	time.Sleep(6 * short) // the point of the test: outlive the timeouts
 	if err := a.Send(ns[1].key, []byte("still here")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "packet", func() bool { return len(rb.packets()) == 1 })
+	tstest.WaitFor(t, 5*time.Second, "packet", func() bool { return len(rb.packets()) == 1 })
 	if a.Stats().Connects != 1 || b.Stats().Connects != 1 {
 		t.Fatalf("a connection was dropped: %+v %+v", a.Stats(), b.Stats())
 	}
@@ -763,13 +712,7 @@ func BenchmarkRelay(b *testing.B) {
 	var got atomic.Int64
 	a, _ := tr.client(b, ns[0])
 	tr.client(b, ns[1], func(c *ClientConfig) { c.OnPacket = func(key.Public, []byte) { got.Add(1) } })
-	deadline := time.Now().Add(5 * time.Second)
-	for tr.relay.Stats().Clients < 2 || !a.Connected() {
-		if time.Now().After(deadline) {
-			b.Fatal("clients did not connect")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	tstest.WaitFor(b, 5*time.Second, "both clients connected", func() bool { return tr.relay.Stats().Clients >= 2 && a.Connected() })
 	pkt := make([]byte, 1400)
 	const window = 128
 	b.SetBytes(int64(len(pkt)))

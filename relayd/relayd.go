@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -33,10 +32,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/meshlink/meshlink/internal/atomicfile"
+	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/relay"
 	"github.com/meshlink/meshlink/wire"
@@ -105,12 +105,11 @@ type Relay struct {
 	url       string
 	addr      netip.AddrPort
 
-	http       *http.Server
-	metricsSrv *http.Server
-	metricsLn  net.Listener
-	ctx        context.Context
-	cancel     context.CancelFunc
-	wg         sync.WaitGroup
+	http    *http.Server
+	metrics *metricsserver.Server // nil when metrics are off
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 }
 
 // New checks the configuration and loads (or creates) the relay's state.
@@ -268,11 +267,9 @@ func (r *Relay) Start() error {
 		ln.Close()
 		return fmt.Errorf("relay: --url %q must look like https://host:port", u)
 	}
-	if r.cfg.MetricsListen != "" && r.cfg.MetricsListen != "off" {
-		if err := r.startMetrics(); err != nil {
-			ln.Close()
-			return err
-		}
+	if err := r.startMetrics(); err != nil {
+		ln.Close()
+		return err
 	}
 	r.mu.Lock()
 	r.url, r.addr = u, ap
@@ -303,10 +300,10 @@ func (r *Relay) Start() error {
 	return nil
 }
 
+// startMetrics serves /metrics until Close, unless metrics are off.
 func (r *Relay) startMetrics() error {
-	ln, err := net.Listen("tcp", r.cfg.MetricsListen)
-	if err != nil {
-		return fmt.Errorf("relay: --metrics-listen %s: %w; choose another address or off", r.cfg.MetricsListen, err)
+	if metricsserver.Off(r.cfg.MetricsListen) {
+		return nil
 	}
 	reg := prometheus.NewRegistry()
 	up := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshlink_relay_coordinator_connected",
@@ -320,25 +317,19 @@ func (r *Relay) startMetrics() error {
 		Help: "Node keys the relay accepts."}, func() float64 { return float64(r.Status().Nodes) })
 	reg.MustRegister(relay.NewCollector("meshlink_relay", r.srv), up, keys,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	r.metricsLn = ln
-	r.metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		r.metricsSrv.Serve(ln)
-	}()
+	m, err := metricsserver.Start(r.ctx, metricsserver.Config{
+		Addr: r.cfg.MetricsListen, Gatherer: reg, Logger: r.log,
+		Subsystem: "relay", Flag: "--metrics-listen",
+	})
+	if err != nil {
+		return err
+	}
+	r.metrics = m
 	return nil
 }
 
 // MetricsAddr is where metrics are served, if they are.
-func (r *Relay) MetricsAddr() netip.AddrPort {
-	if r.metricsLn == nil {
-		return netip.AddrPort{}
-	}
-	return r.metricsLn.Addr().(*net.TCPAddr).AddrPort()
-}
+func (r *Relay) MetricsAddr() netip.AddrPort { return r.metrics.Addr() }
 
 // Status is what the relay knows of itself.
 type Status struct {
@@ -364,9 +355,7 @@ func (r *Relay) Close() error {
 	if r.http != nil {
 		r.http.Close()
 	}
-	if r.metricsSrv != nil {
-		r.metricsSrv.Close()
-	}
+	r.metrics.Close()
 	r.srv.Close()
 	r.wg.Wait()
 	return nil
@@ -375,7 +364,8 @@ func (r *Relay) Close() error {
 // follow registers (or refreshes the registration), then holds the
 // node-key stream open, reconnecting with backoff, until Close.
 func (r *Relay) follow() {
-	backoff := r.cfg.RetryMin
+	// Jitter spreads the reconnects of many relays after a coordinator restart.
+	bo := backoff.Backoff{Min: r.cfg.RetryMin, Max: r.cfg.RetryMax, Jitter: backoff.EqualJitter}
 	registered := false
 	for {
 		start := time.Now()
@@ -401,16 +391,11 @@ func (r *Relay) follow() {
 			registered = false
 		}
 		if time.Since(start) > 10*time.Second {
-			backoff = r.cfg.RetryMin
+			bo.Reset()
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := bo.Next()
 		r.log.Warn("coordinator unreachable or refusing; relaying for the last known nodes meanwhile", "err", err, "retry_in", wait.Round(time.Millisecond))
-		backoff = min(2*backoff, r.cfg.RetryMax)
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-r.ctx.Done():
-			t.Stop()
+		if !backoff.Sleep(r.ctx, wait) {
 			return
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -65,7 +66,7 @@ func TestJoinErrors(t *testing.T) {
 
 	t.Run("expired", func(t *testing.T) {
 		tok := m.TokenWith(coordinator.TokenOptions{Expires: time.Millisecond})
-		harness.WaitFor(t, 5*time.Second, "the token to expire", func() error {
+		tstest.WaitForNil(t, 5*time.Second, "the token to expire", func() error {
 			info, err := agent.InspectToken(context.Background(), mustParse(t, tok))
 			if err != nil {
 				return err
@@ -184,7 +185,7 @@ func TestRestartSameJoin(t *testing.T) {
 		if err != nil {
 			t.Fatalf("restart %d: %v", i, err)
 		}
-		harness.WaitFor(t, 5*time.Second, "reconnect", func() error {
+		tstest.WaitForNil(t, 5*time.Second, "reconnect", func() error {
 			if st := a.Status(); !st.Coordinator.Connected {
 				return errors.New(st.Coordinator.LastError)
 			}

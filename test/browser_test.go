@@ -14,6 +14,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -83,7 +84,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	started := make(chan error, 1)
 	go func() { started <- a.Start(context.Background()) }()
 	var approveURL string
-	harness.WaitFor(t, 10*time.Second, "the agent to print its approval URL", func() error {
+	tstest.WaitForNil(t, 10*time.Second, "the agent to print its approval URL", func() error {
 		approveURL = regexp.MustCompile(`https://\S+/approve/\S+`).FindString(out.String())
 		if approveURL == "" {
 			return errors.New("not yet: " + out.String())
@@ -181,7 +182,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	if _, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`document.querySelectorAll('tbody[data-live="relays"] tr').forEach((r) => r.dataset.stale = "1"), true`)); err != nil {
 		t.Fatal(err)
 	}
-	harness.WaitFor(t, 10*time.Second, "the relays re-rendered live", func() error {
+	tstest.WaitForNil(t, 10*time.Second, "the relays re-rendered live", func() error {
 		fresh, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`!!document.querySelector('tbody[data-live="relays"] tr[data-relay="coordinator"]:not([data-stale])')`))
 		if err != nil {
 			return err
@@ -210,7 +211,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	if _, _, err := a.Expose(context.Background(), agent.Export{Name: "shop", Target: web.addr()}); err != nil {
 		t.Fatal(err)
 	}
-	harness.WaitFor(t, 20*time.Second, "the service on the live graph", func() error {
+	tstest.WaitForNil(t, 20*time.Second, "the service on the live graph", func() error {
 		text, err := chromedp.Run(ctx, chromedp.Text(`body`))
 		if err != nil {
 			return err

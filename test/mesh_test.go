@@ -21,6 +21,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 )
 
@@ -80,7 +81,7 @@ func serviceOf(a *agent.Agent, name string) (localapi.Service, bool) {
 // waitProviders waits until a sees service name with n providers, listening.
 func waitProviders(t *testing.T, a *agent.Agent, name string, n int) localapi.Service {
 	var svc localapi.Service
-	harness.WaitFor(t, 5*time.Second, fmt.Sprintf("%s to have %d providers", name, n), func() error {
+	tstest.WaitForNil(t, 5*time.Second, fmt.Sprintf("%s to have %d providers", name, n), func() error {
 		s, ok := serviceOf(a, name)
 		if !ok {
 			return errors.New("service not in the network map")
@@ -197,7 +198,7 @@ func TestMesh(t *testing.T) {
 	t.Run("balanced across providers", func(t *testing.T) {
 		// Held-open connections: least-open-connections must alternate,
 		// once earlier connections have wound down.
-		harness.WaitFor(t, 5*time.Second, "no open connections", func() error {
+		tstest.WaitForNil(t, 5*time.Second, "no open connections", func() error {
 			if s, _ := serviceOf(a, "web"); s.Open != 0 {
 				return fmt.Errorf("%d open", s.Open)
 			}
@@ -273,7 +274,7 @@ func TestMesh(t *testing.T) {
 			t.Fatalf("went to %q", who)
 		}
 		m.StartCoordinator()
-		harness.WaitFor(t, 10*time.Second, "agents to reconnect", func() error {
+		tstest.WaitForNil(t, 10*time.Second, "agents to reconnect", func() error {
 			for _, ag := range []*agent.Agent{a, b} {
 				if st := ag.Status(); !st.Coordinator.Connected {
 					return fmt.Errorf("%s: %s", st.Self.Name, st.Coordinator.LastError)
@@ -302,7 +303,7 @@ func TestMesh(t *testing.T) {
 		if err := b.Unexpose(context.Background(), "db"); err != nil {
 			t.Fatal(err)
 		}
-		harness.WaitFor(t, 2*time.Second, "db to disappear", func() error {
+		tstest.WaitForNil(t, 2*time.Second, "db to disappear", func() error {
 			if _, ok := serviceOf(a, "db"); ok {
 				return errors.New("still listed")
 			}

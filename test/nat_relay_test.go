@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
-	"github.com/meshlink/meshlink/test/harness"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/topo"
 )
 
@@ -24,7 +24,7 @@ func TestNATStandaloneRelay(t *testing.T) {
 	m.net.Link(relayHost, m.wan, relayAddr+"/24")
 
 	var tok string
-	harness.WaitFor(t, 20*time.Second, "a relay token", func() error {
+	tstest.WaitForNil(t, 20*time.Second, "a relay token", func() error {
 		out, err := m.run(m.coord, "token", "create", "--relay", "--data", m.data)
 		tok = strings.TrimSpace(string(out))
 		return err

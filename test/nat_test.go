@@ -42,6 +42,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 	"github.com/meshlink/meshlink/test/topo"
 )
@@ -125,7 +126,7 @@ func (m *natMesh) run(h *topo.Host, args ...string) ([]byte, error) {
 func (m *natMesh) token() string {
 	m.t.Helper()
 	var tok string
-	harness.WaitFor(m.t, 20*time.Second, "a join token", func() error {
+	tstest.WaitForNil(m.t, 20*time.Second, "a join token", func() error {
 		out, err := m.run(m.coord, "token", "create", "--data", m.data)
 		tok = strings.TrimSpace(string(out))
 		return err
@@ -143,7 +144,7 @@ func (m *natMesh) startAgents() {
 		"--dns", "off", "--log-level", "debug", "--expose", "web=127.0.0.1:8000", "--expose", "sink=127.0.0.1:9000")
 	startProc(m.t, m.siteA, "agent-a", m.bin, "agent", "--join", tokA, "--name", "sitea", "--state", m.state("a"),
 		"--dns", "off", "--log-level", "debug")
-	harness.WaitFor(m.t, 30*time.Second, "web and sink at site A", func() error {
+	tstest.WaitForNil(m.t, 30*time.Second, "web and sink at site A", func() error {
 		out, err := m.run(m.siteA, "services", "--json", "--state", m.state("a"))
 		if err != nil {
 			return err
@@ -197,7 +198,7 @@ func (m *natMesh) peer() (localapi.Peer, error) {
 func (m *natMesh) waitPath(want string, within time.Duration, cond func(localapi.Peer) error) localapi.Peer {
 	m.t.Helper()
 	var p localapi.Peer
-	harness.WaitFor(m.t, within, "path "+want+" to siteb", func() error {
+	tstest.WaitForNil(m.t, within, "path "+want+" to siteb", func() error {
 		var err error
 		if p, err = m.peer(); err != nil {
 			return err
@@ -258,7 +259,7 @@ func (m *natMesh) get(ctx context.Context) (string, error) {
 func (m *natMesh) firstFetch() {
 	m.t.Helper()
 	var body string
-	harness.WaitFor(m.t, 20*time.Second, "hello through the mesh", func() error {
+	tstest.WaitForNil(m.t, 20*time.Second, "hello through the mesh", func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		var err error
@@ -325,7 +326,7 @@ func (m *natMesh) reportPath(within time.Duration) localapi.Peer {
 	m.t.Helper()
 	var p localapi.Peer
 	deadline := time.Now().Add(within)
-	harness.WaitFor(m.t, within+5*time.Second, "a direct path or the deadline", func() error {
+	tstest.WaitForNil(m.t, within+5*time.Second, "a direct path or the deadline", func() error {
 		var err error
 		if p, err = m.peer(); err != nil {
 			return err
@@ -556,7 +557,7 @@ func TestNATDirectPathDies(t *testing.T) {
 	// retransmission timeout, which doubles while nothing gets through.
 	t.Logf("status said relay %v after the cut; relay carried the stream %v after the cut (relayed %d B since)",
 		onRelay.Round(10*time.Millisecond), time.Since(cut).Round(10*time.Millisecond), p.RelayedBytes-relayedAtCut)
-	harness.WaitFor(t, 40*time.Second, "the first 20 MB at the sink", func() error {
+	tstest.WaitForNil(t, 40*time.Second, "the first 20 MB at the sink", func() error {
 		if p, err := m.peer(); err == nil {
 			sample(p)
 		}

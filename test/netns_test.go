@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 	"github.com/meshlink/meshlink/test/topo"
 )
@@ -87,7 +88,7 @@ func TestNetnsHTTPByName(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var token string
-	harness.WaitFor(t, 20*time.Second, "a join token", func() error {
+	tstest.WaitForNil(t, 20*time.Second, "a join token", func() error {
 		out, err := coord.Run(ctx, bin, "token", "create", "--data", data)
 		token = strings.TrimSpace(string(out))
 		return err
@@ -105,7 +106,7 @@ func TestNetnsHTTPByName(t *testing.T) {
 	startProc(t, siteA, "agent-a", bin, "agent", "--join", token, "--name", "sitea", "--state", filepath.Join(dir, "a"),
 		"--dns", "127.0.0.1:53", "--dns-upstream", "10.77.0.1:53")
 
-	harness.WaitFor(t, 30*time.Second, "web to reach site A", func() error {
+	tstest.WaitForNil(t, 30*time.Second, "web to reach site A", func() error {
 		out, err := siteA.Run(ctx, bin, "services", "--json", "--state", filepath.Join(dir, "a"))
 		if err != nil {
 			return err
@@ -130,7 +131,7 @@ func TestNetnsHTTPByName(t *testing.T) {
 	}
 
 	var body []byte
-	harness.WaitFor(t, 20*time.Second, "curl by name", func() error {
+	tstest.WaitForNil(t, 20*time.Second, "curl by name", func() error {
 		body, err = siteA.Run(ctx, "curl", "-sS", "--max-time", "5", "http://web.mesh.internal:8000/")
 		if err != nil {
 			return err
@@ -145,7 +146,7 @@ func TestNetnsHTTPByName(t *testing.T) {
 	// The request came through the tunnel to site B, and (on one bridge) the
 	// path between the sites becomes direct. The first packets may go over
 	// the relay while the direct path is being proven, hence the poll.
-	harness.WaitFor(t, 10*time.Second, "a direct path to site B", func() error {
+	tstest.WaitForNil(t, 10*time.Second, "a direct path to site B", func() error {
 		out, err := siteA.Run(ctx, bin, "status", "--json", "--state", filepath.Join(dir, "a"))
 		if err != nil {
 			return err

@@ -9,6 +9,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 )
 
@@ -50,7 +51,7 @@ func TestPaths(t *testing.T) {
 				t.Fatalf("greeting %q", who)
 			}
 			echoIntact(t, conn, 1<<20)
-			harness.WaitFor(t, 10*time.Second, "path "+tc.path, func() error {
+			tstest.WaitForNil(t, 10*time.Second, "path "+tc.path, func() error {
 				p, ok := peerOf(tc.a, "prov")
 				if !ok || p.Path != tc.path {
 					return fmt.Errorf("peer prov: %+v", p)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/relayd"
 	"github.com/meshlink/meshlink/test/harness"
 )
@@ -41,7 +42,7 @@ func TestStandaloneRelays(t *testing.T) {
 	tok := m.TokenWith(coordinator.TokenOptions{Relay: true, Reusable: true, Expires: time.Hour})
 	r1 := startRelay(t, m, "relay1", tok)
 	r2 := startRelay(t, m, "relay2", tok)
-	harness.WaitFor(t, 10*time.Second, "both relays following the coordinator", func() error {
+	tstest.WaitForNil(t, 10*time.Second, "both relays following the coordinator", func() error {
 		if !r1.Status().Connected || !r2.Status().Connected {
 			return fmt.Errorf("relay1 %+v, relay2 %+v", r1.Status(), r2.Status())
 		}
@@ -63,7 +64,7 @@ func TestStandaloneRelays(t *testing.T) {
 	}
 	relayedVia := func(want string) {
 		t.Helper()
-		harness.WaitFor(t, 20*time.Second, "cons relayed via "+want, func() error {
+		tstest.WaitForNil(t, 20*time.Second, "cons relayed via "+want, func() error {
 			p, ok := peerOf(cons, "prov")
 			if !ok || p.Path != "relay" || p.Relay != want {
 				return fmt.Errorf("peer prov: %+v (relays %+v)", p, cons.Status().Relays)
@@ -85,7 +86,7 @@ func TestStandaloneRelays(t *testing.T) {
 	// Which relay carries the pair depends on which one each agent had
 	// connected to first; the other is the one to fail over to.
 	var usedName string
-	harness.WaitFor(t, 20*time.Second, "cons relayed", func() error {
+	tstest.WaitForNil(t, 20*time.Second, "cons relayed", func() error {
 		p, ok := peerOf(cons, "prov")
 		if !ok || p.Path != "relay" || p.Relay == "" {
 			return fmt.Errorf("peer prov: %+v", p)
@@ -137,7 +138,7 @@ func TestStandaloneRelays(t *testing.T) {
 	if err := coordinator.RemoveRelayViaAdminSocket(rmCtx, filepath.Join(m.Dir(), "coord"), otherName); err != nil {
 		t.Fatal(err)
 	}
-	harness.WaitFor(t, 10*time.Second, otherName+" gone from the sites' maps and refused", func() error {
+	tstest.WaitForNil(t, 10*time.Second, otherName+" gone from the sites' maps and refused", func() error {
 		if n := len(prov.Status().Relays); n != 0 {
 			return fmt.Errorf("prov still lists %d relays", n)
 		}

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/meshlink/meshlink/internal/backoff"
 )
 
 // Dialer opens TCP connections across the mesh; *netstack.Stack is one.
@@ -172,20 +174,21 @@ func (c *Consumer) stopLocked(s *service) {
 
 func (c *Consumer) acceptLoop(s *service, ln net.Listener) {
 	defer c.wg.Done()
-	var delay time.Duration
+	// Temporary errors (EMFILE): back off instead of spinning. The sleep
+	// needs no context: Close closes ln, which ends the loop at the next
+	// Accept, at most a second later.
+	bo := backoff.Backoff{Min: 5 * time.Millisecond, Max: time.Second}
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Temporary errors (EMFILE): back off instead of spinning.
-			delay = min(max(delay*2, 5*time.Millisecond), time.Second)
 			c.log.Warn("accept failed", "service", s.name, "err", err)
-			time.Sleep(delay)
+			time.Sleep(bo.Next())
 			continue
 		}
-		delay = 0
+		bo.Reset()
 		if tc, ok := conn.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 		}

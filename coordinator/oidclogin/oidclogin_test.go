@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/oidclogin"
 	"github.com/meshlink/meshlink/coordinator/oidclogin/oidctest"
+	"github.com/meshlink/meshlink/internal/tstest"
 )
 
 const (
@@ -102,7 +102,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 		HTTPClient:   h.op.Client(), // trusts the httptest certificate
 		CookieKey:    []byte("0123456789abcdef0123456789abcdef"),
 		Now:          func() time.Time { return time.Now().Add(time.Duration(h.skew.Load())) },
-		Logger:       slog.New(slog.NewTextHandler(logWriter{t}, nil)),
+		Logger:       tstest.Logger(t),
 	}
 	h.login = h.newProvider()
 	return h
@@ -493,13 +493,6 @@ func readAll(t testing.TB, resp *http.Response) string {
 		t.Fatal(err)
 	}
 	return string(b)
-}
-
-type logWriter struct{ t testing.TB }
-
-func (w logWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSuffix(string(p), "\n"))
-	return len(p), nil
 }
 
 func TestNonceMismatch(t *testing.T) {

@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 )
 
@@ -162,7 +163,7 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	e.coordData = coordData
 	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData)
 	var token string
-	if err := poll(20*time.Second, func() error {
+	if err := tstest.Poll(20*time.Second, func() error {
 		out, err := exec.Command(bin, "token", "create", "--data", coordData, "--reusable").Output()
 		token = strings.TrimSpace(string(out))
 		return err
@@ -178,7 +179,7 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	e.agentPIDs["relay"] = e.start(bin, "relay", append([]string{"agent", "--name", "bench-relay", "--state", filepath.Join(dir, "relay"),
 		"--proxy-range", rangeRelay.String(), "--relay-only"}, common...)...)
 
-	if err := poll(30*time.Second, func() error {
+	if err := tstest.Poll(30*time.Second, func() error {
 		a, err := consumed(filepath.Join(dir, "a"))
 		if err != nil {
 			return err
@@ -249,17 +250,6 @@ func (e *meshEnv) close() {
 		e.greet.Close()
 	}
 	os.RemoveAll(e.dir)
-}
-
-func poll(timeout time.Duration, f func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // readRSS returns a /proc/PID/status field in MB.

@@ -19,58 +19,17 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/internal/tstest"
 )
 
-// WaitFor polls cond until it returns nil or timeout passes, then fails the
-// test with cond's last error. It never sleeps longer than needed.
-func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	delay := 5 * time.Millisecond
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s: %v", timeout, what, err)
-		}
-		time.Sleep(delay)
-		delay = min(delay*2, 200*time.Millisecond)
-	}
-}
-
-// Logger returns a logger that writes to t.Log, at debug level when
-// MESHLINK_TEST_DEBUG is set.
+// Logger returns a logger that writes to t's output, each line started by
+// name, at debug level when MESHLINK_TEST_DEBUG is set.
 func Logger(t testing.TB, name string) *slog.Logger {
 	lvl := slog.LevelInfo
 	if os.Getenv("MESHLINK_TEST_DEBUG") != "" {
 		lvl = slog.LevelDebug
 	}
-	return slog.New(slog.NewTextHandler(&tlogWriter{t: t, prefix: name + ": "}, &slog.HandlerOptions{Level: lvl}))
-}
-
-type tlogWriter struct {
-	t      testing.TB
-	prefix string
-	mu     sync.Mutex
-	done   bool
-}
-
-func (w *tlogWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		defer func() {
-			// t.Log panics after the test ended; late log lines from
-			// goroutines being torn down are dropped instead.
-			if recover() != nil {
-				w.done = true
-			}
-		}()
-		w.t.Log(w.prefix + strings.TrimRight(string(p), "\n"))
-	}
-	return len(p), nil
+	return tstest.NewLogger(t, tstest.LogOptions{Level: lvl, Prefix: name + ": "})
 }
 
 // Mesh is an in-process coordinator with agents.

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/topo"
 )
 
@@ -132,22 +133,16 @@ func exe(t *testing.T) string {
 	return p
 }
 
-// eventually polls f until it succeeds or timeout passes, and returns the
-// last error. Servers started with Command need a moment to listen, and a
-// fresh veth a moment to come up: poll instead of sleeping.
+// eventually polls f, each try bounded by 5s, until it succeeds or
+// timeout passes, and returns the last error. Servers started with Command
+// need a moment to listen, and a fresh veth a moment to come up: poll
+// instead of sleeping.
 func eventually(timeout time.Duration, f func(ctx context.Context) error) error {
-	deadline := time.Now().Add(timeout)
-	backoff := 20 * time.Millisecond
-	for {
+	return tstest.Poll(timeout, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := f(ctx)
-		cancel()
-		if err == nil || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(backoff) // backoff between polls, not a wait for a state
-		backoff = min(2*backoff, 250*time.Millisecond)
-	}
+		defer cancel()
+		return f(ctx)
+	})
 }
 
 // never checks that f keeps failing for the whole window: what a blocked
