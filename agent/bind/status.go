@@ -20,10 +20,32 @@ type PingResult struct {
 	RTT       time.Duration
 }
 
+// PathKind is how a peer is reached. Its String is the word `meshlink
+// status` and the local API show.
+type PathKind uint8
+
+const (
+	PathNone   PathKind = iota // no path: "none"
+	PathDirect                 // a direct UDP path: "direct"
+	PathRelay                  // over a relay: "relay"
+)
+
+func (k PathKind) String() string {
+	switch k {
+	case PathDirect:
+		return "direct"
+	case PathRelay:
+		return "relay"
+	}
+	return "none"
+}
+
+// MarshalText makes a PathKind read as its String in JSON and logs.
+func (k PathKind) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
+
 // PeerPath describes how a peer is reached right now.
 type PeerPath struct {
-	// Path is "direct", "relay" or "none".
-	Path string
+	Path PathKind
 	Addr netip.AddrPort
 	// Relay names the relay used (or to be used) for the peer.
 	Relay      string
@@ -42,17 +64,17 @@ func (b *Bind) Path(k key.Public) PeerPath {
 	defer b.mu.Unlock()
 	p := b.peers[k]
 	if p == nil {
-		return PeerPath{Path: "none"}
+		return PeerPath{Path: PathNone}
 	}
 	now := time.Now()
-	pp := PeerPath{Path: "none", TxDirect: p.txDirect.Load(), RxDirect: p.rxDirect.Load(), TxRelay: p.txRelay.Load(), RxRelay: p.rxRelay.Load()}
+	pp := PeerPath{Path: PathNone, TxDirect: p.txDirect.Load(), RxDirect: p.rxDirect.Load(), TxRelay: p.txRelay.Load(), RxRelay: p.rxRelay.Load()}
 	rc := b.relayFor(p, now)
 	if rc != nil {
 		pp.Relay, pp.RelayURL = rc.cfg.Name, rc.cfg.URL
 	}
 	if b.relayOnly {
 		if rc != nil {
-			pp.Path = "relay"
+			pp.Path = PathRelay
 		}
 		return pp
 	}
@@ -61,9 +83,9 @@ func (b *Bind) Path(k key.Public) PeerPath {
 	}
 	sort.Slice(pp.Candidates, func(i, j int) bool { return pp.Candidates[i].String() < pp.Candidates[j].String() })
 	if pa := p.best(now); pa != nil {
-		pp.Path, pp.Addr, pp.RTT = "direct", pa.addr, pa.rtt
+		pp.Path, pp.Addr, pp.RTT = PathDirect, pa.addr, pa.rtt
 	} else if rc != nil {
-		pp.Path = "relay"
+		pp.Path = PathRelay
 	}
 	return pp
 }
