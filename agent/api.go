@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
@@ -195,21 +196,21 @@ func (a *Agent) Status() localapi.Status {
 		if p.ID == a.nm.Self.ID {
 			continue
 		}
-		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: "none"}
+		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: bind.PathNone.String()}
 		if s := stats[p.Key.UAPI()]; s != nil {
 			lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.lastHandshake, s.rx, s.tx
 		}
 		if !p.Key.IsZero() {
 			pp := a.bind.Path(p.Key)
-			lp.Path, lp.RTT = pp.Path, localapi.Duration(pp.RTT)
+			lp.Path, lp.RTT = pp.Path.String(), localapi.Duration(pp.RTT)
 			lp.DirectBytes, lp.RelayedBytes = pp.TxDirect+pp.RxDirect, pp.TxRelay+pp.RxRelay
 			for _, c := range pp.Candidates {
 				lp.Candidates = append(lp.Candidates, c.String())
 			}
 			switch pp.Path {
-			case "direct":
+			case bind.PathDirect:
 				lp.Endpoint = pp.Addr.String()
-			case "relay":
+			case bind.PathRelay:
 				lp.Relay, lp.RelayURL = pp.Relay, pp.RelayURL
 				lp.Endpoint = "relay " + pp.Relay + " " + pp.RelayURL
 			}

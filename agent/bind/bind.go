@@ -7,25 +7,26 @@
 // WireGuard sees one virtual Endpoint per peer; Send picks the path per call.
 // Disco and STUN packets share the UDP socket with WireGuard and are
 // filtered out of the receive path.
+//
+// Files by concern: bind.go the conn.Bind adapter (Open, Send, the receive
+// functions, the maintenance loop); peer.go per-peer path state and the
+// choice of path; disco.go the ping/pong engine, discomsg.go its wire
+// format; relays.go the relay pool, relay choice and the pending queue;
+// stun.go the STUN client; status.go what the bind reports.
 package bind
 
 import (
-	"context"
-	"crypto/rand"
 	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
-	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/crypto/nacl/box"
 	"golang.zx2c4.com/wireguard/conn"
 
 	"github.com/meshlink/meshlink/internal/key"
@@ -33,24 +34,8 @@ import (
 	"github.com/meshlink/meshlink/stun"
 )
 
-// Timing of path discovery. A direct path is trusted while pongs keep
-// coming; past trustFor without one, traffic falls back to the relay.
-const (
-	searchEvery = 2 * time.Second  // ping all candidates while no path is known
-	keepEvery   = 3 * time.Second  // ping the chosen path to keep it (and the NAT) alive
-	rescanEvery = 30 * time.Second // ping the others now and then for a better path
-	trustFor    = 7 * time.Second
-	stunEvery   = 23 * time.Second
-	tick        = 500 * time.Millisecond
-
-	// A peer we keep sending to that has sent nothing back over the direct
-	// path for silentFor (TCP would have acknowledged) is probed at once;
-	// without a pong within probeWait the path is dropped, sooner than
-	// trustFor, so open connections move to the relay before TCP's
-	// retransmission timer has backed off far.
-	silentFor = 1500 * time.Millisecond
-	probeWait = time.Second
-)
+// tick is how often the maintenance loop runs (pings, probes, STUN).
+const tick = 500 * time.Millisecond
 
 // Config configures a Bind.
 type Config struct {
@@ -68,6 +53,15 @@ type Config struct {
 	// hands to WireGuard (the device's TUN writes leave it); Outbound is
 	// left by the data packets WireGuard sends. See netstack.Gate.
 	Inbound, Outbound Gate
+
+	// Inner is the UDP socket under the bind; nil is conn.NewStdNetBind().
+	// Its receive functions must report sources as *conn.StdNetEndpoint
+	// and its Send must take them, as the standard bind's do: direct paths
+	// are addressed that way. Tests pass an in-memory network.
+	Inner conn.Bind
+	// NewRelayClient makes the client for one relay; nil is relay.NewClient.
+	// Tests pass an in-memory relay.
+	NewRelayClient func(relay.ClientConfig) RelayClient
 }
 
 // Gate bounds the packets inside WireGuard's pipeline (netstack.Gate).
@@ -94,60 +88,46 @@ func dataPackets(pkts [][]byte) int {
 	return n
 }
 
-// PeerConfig is what the network map says about a peer.
-type PeerConfig struct {
-	Key       key.Public
-	Name      string
-	Endpoints []netip.AddrPort
-}
-
-// RelayConfig is one relay of the network map.
-type RelayConfig struct {
-	Name, URL, Fingerprint string
-	// Key is the relay's public key, to which the node proves its own.
-	Key key.Public
-	// RetryMin and RetryMax bound the reconnect backoff (0: defaults).
-	RetryMin, RetryMax time.Duration
-}
-
-// relayConn is one relay the bind keeps a connection to.
-type relayConn struct {
-	cfg    RelayConfig
-	client *relay.Client
-}
-
-// goneFor is how long a relay that said a peer is not connected to it is
-// passed over for that peer (another relay is tried meanwhile).
-const goneFor = 5 * time.Second
-
 // Bind implements conn.Bind.
+//
+// Time comes from the time package only (time.Now, tickers): tests run the
+// bind inside a testing/synctest bubble, whose fake clock stands in for an
+// injected one.
 type Bind struct {
-	inner  conn.Bind
-	log    *slog.Logger
-	priv   key.Private
-	pub    key.Public
-	onAddr func(netip.AddrPort)
+	// Set by New and never changed.
+	inner    conn.Bind
+	newRelay func(relay.ClientConfig) RelayClient
+	log      *slog.Logger
+	priv     key.Private
+	pub      key.Public
+	onAddr   func(netip.AddrPort)
 	// relayOnly disables direct paths (Config.RelayOnly).
 	relayOnly bool
 	// in and out gate the pipeline (Config.Inbound, Config.Outbound).
 	in, out Gate
 
-	relayCh chan relayPacket
-	kick    chan struct{}
+	relayCh chan relayPacket // relay clients -> the relay receive function
+	kick    chan struct{}    // wakes the maintenance loop
+	garbage atomic.Uint64    // undecodable disco and STUN packets
 
-	mu       sync.Mutex // guards the fields below
-	peers    map[key.Public]*peer
-	byAddr   map[netip.AddrPort]*peer
-	relays   []*relayConn // in the network map's order of preference
-	stunSrv  []netip.AddrPort
-	stunTx   map[[12]byte]time.Time
-	lastStun time.Time
-	public   netip.AddrPort
-	waiters  map[[12]byte]chan PingResult
-	openDone chan struct{} // closed by Close; nil while not open
-	loopDone chan struct{}
+	// One lock for all the path state: a send, a pong or a relay event
+	// reads and writes the peer, path and relay state together, and none
+	// holds it across I/O. Splitting it would buy little and order locks.
+	mu sync.Mutex // guards the fields below, and the unexported non-atomic fields of every peer and path reached from them
+	// peers and byAddr: per-peer path state (peer.go).
+	peers  map[key.Public]*peer
+	byAddr map[netip.AddrPort]*peer
+	// relays, in the network map's order of preference; shutdown is set
+	// for good by Shutdown (relays.go).
+	relays   []*relayConn
 	shutdown bool
-	garbage  atomic.Uint64
+	// stun is the STUN client's state (stun.go).
+	stun stunState
+	// waiters are Ping calls waiting for the pongs of their txids (disco.go).
+	waiters map[[12]byte]chan PingResult
+	// openDone is closed by Close, loopDone when the loop has stopped;
+	// both nil while the bind is not open.
+	openDone, loopDone chan struct{}
 }
 
 type relayPacket struct {
@@ -155,55 +135,23 @@ type relayPacket struct {
 	pkt []byte
 }
 
-type peer struct {
-	key    key.Public
-	name   string
-	ep     *Endpoint
-	shared [32]byte
-	paths  map[netip.AddrPort]*path
-	pings  map[[12]byte]sentPing
-	// via is the relay the peer's packets last came over: the reply goes
-	// back the same way. gone holds relays that said the peer is not on
-	// them, and when.
-	via  *relayConn
-	gone map[*relayConn]time.Time
-	// pending holds the last packets sent while no path at all existed
-	// (the first handshake of a fresh agent, before its relays connect),
-	// flushed when a relay comes up instead of waiting for WireGuard's 5 s
-	// handshake retry.
-	pending   [][]byte
-	pendingAt time.Time
-
-	lastScan                             time.Time
-	txDirect, rxDirect, txRelay, rxRelay atomic.Uint64
-	// lastRx and lastTx are when data last came from and went to the peer
-	// over a direct path; probeAt when the peer went silent and was probed.
-	lastRx, lastTx, probeAt time.Time
-}
-
-type path struct {
-	addr     netip.AddrPort
-	ep       *conn.StdNetEndpoint
-	fromMap  bool
-	lastPing time.Time
-	lastPong time.Time
-	rtt      time.Duration
-}
-
-type sentPing struct {
-	addr  netip.AddrPort // invalid for the relay
-	at    time.Time
-	relay bool
-}
-
-// New returns a Bind over the standard UDP socket.
+// New returns a Bind over the standard UDP socket (or cfg.Inner).
 func New(cfg Config) *Bind {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	inner := cfg.Inner
+	if inner == nil {
+		inner = conn.NewStdNetBind()
+	}
+	newRelay := cfg.NewRelayClient
+	if newRelay == nil {
+		newRelay = func(c relay.ClientConfig) RelayClient { return relay.NewClient(c) }
+	}
 	b := &Bind{
-		inner:     conn.NewStdNetBind(),
+		inner:     inner,
+		newRelay:  newRelay,
 		log:       log.With("subsystem", "bind"),
 		priv:      cfg.PrivateKey,
 		onAddr:    cfg.OnPublicAddr,
@@ -214,7 +162,7 @@ func New(cfg Config) *Bind {
 		kick:      make(chan struct{}, 1),
 		peers:     map[key.Public]*peer{},
 		byAddr:    map[netip.AddrPort]*peer{},
-		stunTx:    map[[12]byte]time.Time{},
+		stun:      stunState{tx: map[[12]byte]time.Time{}},
 		waiters:   map[[12]byte]chan PingResult{},
 	}
 	b.pub = cfg.PrivateKey.Public()
@@ -330,41 +278,6 @@ func (b *Bind) Shutdown() {
 	}
 }
 
-// relayFor picks the relay to reach p by: the one its packets came over,
-// else the first connected relay that has not just said p is not on it,
-// else the first connected one. Caller holds b.mu.
-func (b *Bind) relayFor(p *peer, now time.Time) *relayConn {
-	if p == nil {
-		return nil
-	}
-	if v := p.via; v != nil && v.client.Connected() && now.Sub(p.gone[v]) > goneFor {
-		return v
-	}
-	var fallback *relayConn
-	for _, rc := range b.relays {
-		if !rc.client.Connected() {
-			continue
-		}
-		if now.Sub(p.gone[rc]) > goneFor {
-			return rc
-		}
-		if fallback == nil {
-			fallback = rc
-		}
-	}
-	return fallback
-}
-
-// anyRelayConnected reports whether some relay is up. Caller holds b.mu.
-func (b *Bind) anyRelayConnected() bool {
-	for _, rc := range b.relays {
-		if rc.client.Connected() {
-			return true
-		}
-	}
-	return false
-}
-
 // filter wraps a UDP receive function: disco and STUN are handled here and
 // hidden from WireGuard; WireGuard packets from a known path are tagged with
 // their peer's endpoint.
@@ -396,13 +309,7 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 					b.handleSTUN(pkt, src)
 					sizes[i] = 0
 				default:
-					b.mu.Lock()
-					p := b.byAddr[src]
-					if p != nil {
-						p.lastRx = now
-					}
-					b.mu.Unlock()
-					if p != nil {
+					if p := b.directRx(src, now); p != nil {
 						eps[i] = p.ep
 						p.rxDirect.Add(uint64(sizes[i]))
 					}
@@ -462,28 +369,6 @@ func (b *Bind) enter(packets [][]byte, sizes []int) {
 	b.in.Enter(k)
 }
 
-// onRelayPacket is the relay clients' callback.
-func (b *Bind) onRelayPacket(rc *relayConn, src key.Public, pkt []byte) {
-	if isDisco(pkt) {
-		b.handleDisco(pkt, netip.AddrPort{}, rc)
-		return
-	}
-	b.mu.Lock()
-	if p := b.peers[src]; p != nil {
-		p.rxRelay.Add(uint64(len(pkt)))
-		if p.via != rc {
-			p.via = rc
-			delete(p.gone, rc)
-		}
-	}
-	b.mu.Unlock()
-	select {
-	case b.relayCh <- relayPacket{src: src, pkt: slices.Clone(pkt)}:
-	default:
-		// WireGuard is not keeping up; drop like a full NIC queue would.
-	}
-}
-
 // Send implements conn.Bind.
 func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if b.out != nil {
@@ -503,7 +388,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 			p.lastTx = now
 		}
 	}
-	var r *relay.Client
+	var r RelayClient
 	if rc := b.relayFor(p, now); rc != nil {
 		r = rc.client
 	}
@@ -536,14 +421,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		}
 	}
 	if p != nil && !b.relayOnly {
-		b.mu.Lock()
-		var eps []*conn.StdNetEndpoint
-		for _, pa := range p.paths {
-			if pa.fromMap {
-				eps = append(eps, pa.ep)
-			}
-		}
-		b.mu.Unlock()
+		eps := b.mapEndpoints(p)
 		for _, pep := range eps {
 			if b.inner.Send(bufs, pep) == nil {
 				sent = true
@@ -557,20 +435,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		return nil
 	}
 	if p != nil {
-		b.mu.Lock()
-		if len(b.relays) == 0 {
-			b.mu.Unlock()
-			return errors.New("bind: no path to peer (no direct address and no relay)")
-		}
-		for _, buf := range bufs {
-			if len(p.pending) == maxPending {
-				p.pending = p.pending[1:]
-			}
-			p.pending = append(p.pending, slices.Clone(buf))
-		}
-		p.pendingAt = now
-		b.mu.Unlock()
-		return nil
+		return b.holdPending(p, bufs, now)
 	}
 	return errors.New("bind: no path to peer (not in the network map)")
 }
@@ -581,208 +446,6 @@ func sizeOf(bufs [][]byte) uint64 {
 		n += uint64(len(b))
 	}
 	return n
-}
-
-// best returns the direct path to use, or nil: IPv4 before IPv6, then the
-// lowest round trip. (Measured in the namespace tests: fresh agents that
-// picked a host's IPv6 address lost their first handshake or SYN 1 time in
-// 6; none did over IPv4.) Caller holds b.mu.
-func (p *peer) best(now time.Time) *path {
-	var out *path
-	for _, pa := range p.paths {
-		if now.Sub(pa.lastPong) > trustFor {
-			continue
-		}
-		if out == nil || better(pa, out) {
-			out = pa
-		}
-	}
-	return out
-}
-
-func better(a, b *path) bool {
-	if a4, b4 := a.addr.Addr().Is4(), b.addr.Addr().Is4(); a4 != b4 {
-		return a4
-	}
-	return a.rtt < b.rtt
-}
-
-func (b *Bind) bestDirect(k key.Public) (netip.AddrPort, time.Duration) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if p := b.peers[k]; p != nil {
-		if pa := p.best(time.Now()); pa != nil {
-			return pa.addr, pa.rtt
-		}
-	}
-	return netip.AddrPort{}, 0
-}
-
-// SetPeers replaces the set of peers and their candidate addresses whole.
-func (b *Bind) SetPeers(ps []PeerConfig) {
-	b.mu.Lock()
-	want := map[key.Public]bool{}
-	for _, pc := range ps {
-		want[pc.Key] = true
-		p := b.peers[pc.Key]
-		if p == nil {
-			p = &peer{key: pc.Key, paths: map[netip.AddrPort]*path{}, pings: map[[12]byte]sentPing{}, gone: map[*relayConn]time.Time{}}
-			p.ep = &Endpoint{key: pc.Key, b: b}
-			peerPub, priv := p.key.Raw(), b.priv.Raw()
-			box.Precompute(&p.shared, &peerPub, &priv)
-			b.peers[pc.Key] = p
-		}
-		p.name = pc.Name
-		inMap := map[netip.AddrPort]bool{}
-		for _, a := range pc.Endpoints {
-			a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
-			if !a.IsValid() || a.Port() == 0 {
-				continue
-			}
-			inMap[a] = true
-			if p.paths[a] == nil {
-				p.paths[a] = &path{addr: a, ep: &conn.StdNetEndpoint{AddrPort: a}}
-				// A new candidate (the peer's fresh STUN address, say)
-				// is tried at once: the peer is punching towards us now.
-				p.lastScan = time.Time{}
-			}
-			p.paths[a].fromMap = true
-			b.byAddr[a] = p
-		}
-		for a, pa := range p.paths {
-			if !inMap[a] {
-				pa.fromMap = false
-				if time.Since(pa.lastPong) > trustFor {
-					delete(p.paths, a)
-					if b.byAddr[a] == p {
-						delete(b.byAddr, a)
-					}
-				}
-			}
-		}
-	}
-	for k, p := range b.peers {
-		if !want[k] {
-			for a := range p.paths {
-				if b.byAddr[a] == p {
-					delete(b.byAddr, a)
-				}
-			}
-			delete(b.peers, k)
-		}
-	}
-	b.mu.Unlock()
-	b.poke()
-}
-
-// maxRelays bounds the relay connections a node keeps.
-const maxRelays = 8
-
-// maxPending and pendingFor bound the packets kept while no path exists.
-const (
-	maxPending = 8
-	pendingFor = 2 * time.Second
-)
-
-// onRelayConnect sends what waited for a path over the relay just up.
-func (b *Bind) onRelayConnect(rc *relayConn) {
-	type flush struct {
-		key  key.Public
-		pkts [][]byte
-	}
-	var out []flush
-	now := time.Now()
-	b.mu.Lock()
-	for _, p := range b.peers {
-		if len(p.pending) > 0 && now.Sub(p.pendingAt) < pendingFor {
-			out = append(out, flush{p.key, p.pending})
-			p.txRelay.Add(sizeOf(p.pending))
-		}
-		p.pending = nil
-	}
-	b.mu.Unlock()
-	for _, f := range out {
-		for _, pkt := range f.pkts {
-			rc.client.Send(f.key, pkt)
-		}
-	}
-}
-
-// SetRelays keeps one connection to each relay listed (up to maxRelays),
-// reusing those that did not change and closing the others.
-func (b *Bind) SetRelays(cfgs []RelayConfig) {
-	if len(cfgs) > maxRelays {
-		cfgs = cfgs[:maxRelays]
-	}
-	b.mu.Lock()
-	if b.shutdown {
-		b.mu.Unlock()
-		return
-	}
-	old := map[RelayConfig]*relayConn{}
-	for _, rc := range b.relays {
-		old[rc.cfg] = rc
-	}
-	next := make([]*relayConn, 0, len(cfgs))
-	for _, cfg := range cfgs {
-		if rc := old[cfg]; rc != nil {
-			delete(old, cfg)
-			next = append(next, rc)
-			continue
-		}
-		rc := &relayConn{cfg: cfg}
-		rc.client = relay.NewClient(relay.ClientConfig{
-			URL: cfg.URL, Fingerprint: cfg.Fingerprint, RelayKey: cfg.Key, PrivateKey: b.priv,
-			Logger:    b.log.With("relay_name", cfg.Name),
-			OnPacket:  func(src key.Public, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
-			OnConnect: func() { b.onRelayConnect(rc) },
-			OnPeerGone: func(dst key.Public) {
-				b.mu.Lock()
-				if p := b.peers[dst]; p != nil {
-					p.gone[rc] = time.Now()
-				}
-				b.mu.Unlock()
-			},
-			RetryMin: cfg.RetryMin, RetryMax: cfg.RetryMax,
-		})
-		rc.client.Start()
-		next = append(next, rc)
-	}
-	b.relays = next
-	removed := map[*relayConn]bool{}
-	for _, rc := range old {
-		removed[rc] = true
-	}
-	for _, p := range b.peers {
-		if removed[p.via] {
-			p.via = nil
-		}
-		for rc := range p.gone {
-			if removed[rc] {
-				delete(p.gone, rc)
-			}
-		}
-	}
-	b.mu.Unlock()
-	for rc := range removed {
-		rc.client.Close()
-	}
-}
-
-// SetSTUN sets the STUN servers used to learn the public address.
-func (b *Bind) SetSTUN(servers []netip.AddrPort) {
-	b.mu.Lock()
-	b.stunSrv = slices.Clone(servers)
-	b.lastStun = time.Time{}
-	b.mu.Unlock()
-	b.poke()
-}
-
-// PublicAddr is the node's UDP address as STUN saw it, if known.
-func (b *Bind) PublicAddr() netip.AddrPort {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.public
 }
 
 func (b *Bind) poke() {
@@ -807,326 +470,29 @@ func (b *Bind) loop(done chan struct{}) {
 	}
 }
 
+// outgoing is a disco or STUN packet built under b.mu, sent after.
 type outgoing struct {
 	pkt []byte
 	to  *conn.StdNetEndpoint
 }
 
+// maintain sends what is due: pings and probes of the peers' paths, STUN
+// requests.
 func (b *Bind) maintain(now time.Time) {
 	var out []outgoing
 	b.mu.Lock()
-	for _, p := range b.peers {
-		if b.relayOnly {
-			continue
-		}
-		for id, sp := range p.pings {
-			if now.Sub(sp.at) > 10*time.Second {
-				delete(p.pings, id)
-			}
-		}
-		best := p.best(now)
-		if best != nil && now.Sub(p.lastTx) < silentFor && now.Sub(p.lastRx) > silentFor {
-			answered := best.lastPong.After(p.probeAt)
-			switch {
-			case p.probeAt.IsZero() || p.probeAt.Before(p.lastRx) || answered && now.Sub(p.probeAt) > silentFor:
-				// Silent while we send: probe the path now (again, if
-				// the last probe was answered and the silence goes on).
-				p.probeAt = now
-				best.lastPing = now
-				pkt, _ := b.pingLocked(p, best.addr, false, now)
-				out = append(out, outgoing{pkt, best.ep})
-			case !answered && now.Sub(p.probeAt) > probeWait:
-				b.log.Info("direct path silent; falling back to the relay", "peer", p.name, "addr", best.addr,
-					"silent", now.Sub(p.lastRx).Round(time.Millisecond))
-				best.lastPong = time.Time{}
-				best = nil
-			}
-		}
-		scan := best == nil && now.Sub(p.lastScan) >= searchEvery || now.Sub(p.lastScan) >= rescanEvery
-		if scan {
-			p.lastScan = now
-		}
-		for _, pa := range p.paths {
-			due := scan || (pa == best && now.Sub(pa.lastPing) >= keepEvery)
-			if !due {
-				continue
-			}
-			pa.lastPing = now
-			pkt, _ := b.pingLocked(p, pa.addr, false, now)
-			out = append(out, outgoing{pkt, pa.ep})
+	if !b.relayOnly {
+		for _, p := range b.peers {
+			out = b.maintainPeerLocked(p, now, out)
 		}
 	}
-	if len(b.stunSrv) > 0 && now.Sub(b.lastStun) >= stunEvery {
-		b.lastStun = now
-		for id, at := range b.stunTx {
-			if now.Sub(at) > time.Minute {
-				delete(b.stunTx, id)
-			}
-		}
-		for _, s := range b.stunSrv {
-			var tx [12]byte
-			rand.Read(tx[:])
-			b.stunTx[tx] = now
-			out = append(out, outgoing{stun.Request(tx), &conn.StdNetEndpoint{AddrPort: s}})
-		}
-	}
+	out = b.stunDueLocked(now, out)
 	b.mu.Unlock()
 	for _, o := range out {
 		if err := b.inner.Send([][]byte{o.pkt}, o.to); err != nil {
 			b.log.Debug("disco/STUN send failed", "to", o.to.AddrPort, "err", err)
 		}
 	}
-}
-
-// pingLocked records and builds a ping to p over addr (or the relay).
-func (b *Bind) pingLocked(p *peer, addr netip.AddrPort, viaRelay bool, now time.Time) ([]byte, [12]byte) {
-	m := discoMsg{typ: discoPing}
-	rand.Read(m.txid[:])
-	p.pings[m.txid] = sentPing{addr: addr, at: now, relay: viaRelay}
-	return sealDisco(b.pub, &p.shared, &m), m.txid
-}
-
-// handleDisco handles a disco message from src, or over relay rc when rc is
-// not nil.
-func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, rc *relayConn) {
-	viaRelay := rc != nil
-	sender := discoSender(pkt)
-	b.mu.Lock()
-	p := b.peers[sender]
-	if p == nil {
-		b.mu.Unlock()
-		b.garbage.Add(1)
-		return
-	}
-	m, err := openDisco(pkt, &p.shared)
-	if err != nil {
-		b.mu.Unlock()
-		b.garbage.Add(1)
-		return
-	}
-	now := time.Now()
-	var reply []byte
-	var pingBack []byte
-	var pa *path
-	switch m.typ {
-	case discoPing:
-		pong := discoMsg{typ: discoPong, txid: m.txid, observed: src}
-		reply = sealDisco(b.pub, &p.shared, &pong)
-		if !viaRelay {
-			// A ping from an address we did not know is a path the peer
-			// found (peer-reflexive, through its NAT): learn it and prove it
-			// from our side too.
-			pa = p.paths[src]
-			if pa == nil {
-				pa = &path{addr: src, ep: &conn.StdNetEndpoint{AddrPort: src}}
-				p.paths[src] = pa
-				b.byAddr[src] = p
-			}
-			if p.best(now) == nil && now.Sub(pa.lastPing) > time.Second/2 {
-				pa.lastPing = now
-				pingBack, _ = b.pingLocked(p, src, false, now)
-			}
-		}
-	case discoPong:
-		sp, ok := p.pings[m.txid]
-		if !ok {
-			break
-		}
-		delete(p.pings, m.txid)
-		rtt := now.Sub(sp.at)
-		res := PingResult{Peer: p.name, RTT: rtt, Relay: viaRelay}
-		if viaRelay {
-			res.RelayName = rc.cfg.Name
-		}
-		if !viaRelay && sp.addr == src {
-			pa = p.paths[src]
-			if pa != nil {
-				was := p.best(now)
-				pa.lastPong, pa.rtt = now, rtt
-				b.byAddr[src] = p
-				if was == nil {
-					b.log.Info("direct path up", "peer", p.name, "addr", src, "rtt", rtt.Round(time.Microsecond))
-				}
-			}
-			res.Addr = src
-		}
-		if w := b.waiters[m.txid]; w != nil {
-			select {
-			case w <- res:
-			default:
-			}
-		}
-	}
-	b.mu.Unlock()
-	if reply != nil {
-		if viaRelay {
-			rc.client.Send(sender, reply)
-		} else {
-			b.inner.Send([][]byte{reply}, &conn.StdNetEndpoint{AddrPort: src})
-		}
-	}
-	if pingBack != nil {
-		b.inner.Send([][]byte{pingBack}, pa.ep)
-	}
-}
-
-func (b *Bind) handleSTUN(pkt []byte, src netip.AddrPort) {
-	tx, addr, err := stun.ParseResponse(pkt)
-	if err != nil {
-		b.garbage.Add(1)
-		b.log.Debug("bad STUN response", "from", src, "err", err)
-		return
-	}
-	b.mu.Lock()
-	_, ours := b.stunTx[tx]
-	delete(b.stunTx, tx)
-	changed := ours && addr != b.public
-	if changed {
-		b.public = addr
-	}
-	cb := b.onAddr
-	b.mu.Unlock()
-	if changed {
-		b.log.Info("public UDP address (STUN)", "addr", addr, "server", src)
-		if cb != nil {
-			cb(addr)
-		}
-	}
-}
-
-// PingResult is one pong.
-type PingResult struct {
-	Peer  string
-	Addr  netip.AddrPort // direct path, or invalid for the relay
-	Relay bool
-	// RelayName names the relay the pong came over.
-	RelayName string
-	RTT       time.Duration
-}
-
-// Ping sends one disco ping to the peer over every known direct address and
-// over the relay, and returns the pongs that arrive before ctx ends.
-func (b *Bind) Ping(ctx context.Context, k key.Public) ([]PingResult, error) {
-	b.mu.Lock()
-	p := b.peers[k]
-	if p == nil {
-		b.mu.Unlock()
-		return nil, errors.New("not a peer of this node")
-	}
-	now := time.Now()
-	ch := make(chan PingResult, len(p.paths)+1)
-	var out []outgoing
-	var relayPkt []byte
-	var ids [][12]byte
-	for _, pa := range p.paths {
-		if b.relayOnly {
-			break
-		}
-		pkt, id := b.pingLocked(p, pa.addr, false, now)
-		ids = append(ids, id)
-		out = append(out, outgoing{pkt, pa.ep})
-	}
-	var r *relay.Client
-	if rc := b.relayFor(p, now); rc != nil {
-		r = rc.client
-		var id [12]byte
-		relayPkt, id = b.pingLocked(p, netip.AddrPort{}, true, now)
-		ids = append(ids, id)
-	}
-	for _, id := range ids {
-		b.waiters[id] = ch
-	}
-	b.mu.Unlock()
-	defer func() {
-		b.mu.Lock()
-		for _, id := range ids {
-			delete(b.waiters, id)
-		}
-		b.mu.Unlock()
-	}()
-	for _, o := range out {
-		b.inner.Send([][]byte{o.pkt}, o.to)
-	}
-	if relayPkt != nil {
-		r.Send(k, relayPkt)
-	}
-	var res []PingResult
-	for len(res) < len(ids) {
-		select {
-		case pr := <-ch:
-			res = append(res, pr)
-		case <-ctx.Done():
-			return res, nil
-		}
-	}
-	return res, nil
-}
-
-// PeerPath describes how a peer is reached right now.
-type PeerPath struct {
-	// Path is "direct", "relay" or "none".
-	Path string
-	Addr netip.AddrPort
-	// Relay names the relay used (or to be used) for the peer.
-	Relay      string
-	RelayURL   string
-	RTT        time.Duration
-	Candidates []netip.AddrPort
-	TxDirect   uint64
-	RxDirect   uint64
-	TxRelay    uint64
-	RxRelay    uint64
-}
-
-// Path reports the current path to a peer.
-func (b *Bind) Path(k key.Public) PeerPath {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	p := b.peers[k]
-	if p == nil {
-		return PeerPath{Path: "none"}
-	}
-	now := time.Now()
-	pp := PeerPath{Path: "none", TxDirect: p.txDirect.Load(), RxDirect: p.rxDirect.Load(), TxRelay: p.txRelay.Load(), RxRelay: p.rxRelay.Load()}
-	rc := b.relayFor(p, now)
-	if rc != nil {
-		pp.Relay, pp.RelayURL = rc.cfg.Name, rc.cfg.URL
-	}
-	if b.relayOnly {
-		if rc != nil {
-			pp.Path = "relay"
-		}
-		return pp
-	}
-	for a := range p.paths {
-		pp.Candidates = append(pp.Candidates, a)
-	}
-	sort.Slice(pp.Candidates, func(i, j int) bool { return pp.Candidates[i].String() < pp.Candidates[j].String() })
-	if pa := p.best(now); pa != nil {
-		pp.Path, pp.Addr, pp.RTT = "direct", pa.addr, pa.rtt
-	} else if rc != nil {
-		pp.Path = "relay"
-	}
-	return pp
-}
-
-// RelayStatus is one relay connection.
-type RelayStatus struct {
-	Name, URL string
-	Connected bool
-	Stats     relay.ClientStats
-}
-
-// Relays reports the relay connections, in order of preference.
-func (b *Bind) Relays() []RelayStatus {
-	b.mu.Lock()
-	rs := slices.Clone(b.relays)
-	b.mu.Unlock()
-	out := make([]RelayStatus, 0, len(rs))
-	for _, rc := range rs {
-		out = append(out, RelayStatus{Name: rc.cfg.Name, URL: rc.cfg.URL, Connected: rc.client.Connected(), Stats: rc.client.Stats()})
-	}
-	return out
 }
 
 var _ conn.Bind = (*Bind)(nil)

@@ -1,110 +1,175 @@
 package bind
 
 import (
+	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"net/netip"
+	"time"
 
-	"golang.org/x/crypto/nacl/box"
+	"golang.zx2c4.com/wireguard/conn"
 
 	"github.com/meshlink/meshlink/internal/key"
 )
 
-// Disco messages share the WireGuard UDP socket (and the relay). They let two
-// agents find a UDP path between them: each side pings every candidate
-// address of the other at once (which also opens both NATs), and a pong
-// proves the path works in both directions and measures its round trip.
-//
-// Wire format: magic (6) | sender public key (32) | nonce (24) | box(payload).
-// The box is NaCl crypto_box between the WireGuard static keys, so only the
-// claimed sender can produce a message and only the receiver can read it.
-// (Tailscale uses separate disco keys; reusing the static keys is safe for
-// box's HSalsa20-derived key and keeps the network map unchanged — noted as
-// a later refinement.)
-//
-// Payload: type (1) | txid (12) | [pong only: observed address (16 IP + 2 port)].
-const (
-	discoMagic    = "ML\xd1\x5c\x00\x01"
-	discoHeader   = len(discoMagic) + 32 + 24
-	discoPing     = 1
-	discoPong     = 2
-	maxDiscoPlain = 1 + 12 + 18
-)
+// The ping/pong engine over the messages of discomsg.go: pings go out from
+// the maintenance loop (peer.go) and from Ping; a pong proves a direct path
+// and measures it; a ping from an unknown address teaches a new path.
 
-// isDisco reports whether b is a disco message. WireGuard messages start with
-// a type 1-4 and three zero bytes, STUN with two zero bits and a cookie, so
-// the magic cannot be confused with either.
-func isDisco(b []byte) bool {
-	return len(b) >= discoHeader+box.Overhead && string(b[:len(discoMagic)]) == discoMagic
+// sentPing is a ping awaiting its pong, by txid in peer.pings.
+type sentPing struct {
+	addr  netip.AddrPort // invalid for the relay
+	at    time.Time
+	relay bool
 }
 
-type discoMsg struct {
-	typ      byte
-	txid     [12]byte
-	observed netip.AddrPort // pong: where the pinger's packet came from
+// pingLocked records and builds a ping to p over addr (or the relay).
+// Caller holds b.mu.
+func (b *Bind) pingLocked(p *peer, addr netip.AddrPort, viaRelay bool, now time.Time) ([]byte, [12]byte) {
+	m := discoMsg{typ: discoPing}
+	rand.Read(m.txid[:])
+	p.pings[m.txid] = sentPing{addr: addr, at: now, relay: viaRelay}
+	return sealDisco(b.pub, &p.shared, &m), m.txid
 }
 
-func (m *discoMsg) marshal() []byte {
-	out := make([]byte, 1+12, maxDiscoPlain)
-	out[0] = m.typ
-	copy(out[1:], m.txid[:])
-	if m.typ == discoPong {
-		ip := m.observed.Addr().As16()
-		out = append(out, ip[:]...)
-		out = binary.BigEndian.AppendUint16(out, m.observed.Port())
+// handleDisco handles a disco message from src, or over relay rc when rc is
+// not nil.
+func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, rc *relayConn) {
+	viaRelay := rc != nil
+	sender := discoSender(pkt)
+	b.mu.Lock()
+	p := b.peers[sender]
+	if p == nil {
+		b.mu.Unlock()
+		b.garbage.Add(1)
+		return
 	}
-	return out
-}
-
-var errDisco = errors.New("bad disco message")
-
-func parseDisco(b []byte) (discoMsg, error) {
-	var m discoMsg
-	if len(b) < 13 {
-		return m, errDisco
+	m, err := openDisco(pkt, &p.shared)
+	if err != nil {
+		b.mu.Unlock()
+		b.garbage.Add(1)
+		return
 	}
-	m.typ = b[0]
-	copy(m.txid[:], b[1:13])
+	now := time.Now()
+	var reply []byte
+	var pingBack []byte
+	var pa *path
 	switch m.typ {
 	case discoPing:
-	case discoPong:
-		if len(b) < 13+18 {
-			return m, errDisco
+		pong := discoMsg{typ: discoPong, txid: m.txid, observed: src}
+		reply = sealDisco(b.pub, &p.shared, &pong)
+		if !viaRelay {
+			// A ping from an address we did not know is a path the peer
+			// found (peer-reflexive, through its NAT): learn it and prove it
+			// from our side too.
+			pa = p.paths[src]
+			if pa == nil {
+				pa = newPath(src)
+				p.paths[src] = pa
+				b.byAddr[src] = p
+			}
+			if p.best(now) == nil && now.Sub(pa.lastPing) > time.Second/2 {
+				pa.lastPing = now
+				pingBack, _ = b.pingLocked(p, src, false, now)
+			}
 		}
-		var ip [16]byte
-		copy(ip[:], b[13:29])
-		m.observed = netip.AddrPortFrom(netip.AddrFrom16(ip).Unmap(), binary.BigEndian.Uint16(b[29:31]))
-	default:
-		return m, errDisco
+	case discoPong:
+		sp, ok := p.pings[m.txid]
+		if !ok {
+			break
+		}
+		delete(p.pings, m.txid)
+		rtt := now.Sub(sp.at)
+		res := PingResult{Peer: p.name, RTT: rtt, Relay: viaRelay}
+		if viaRelay {
+			res.RelayName = rc.cfg.Name
+		}
+		if !viaRelay && sp.addr == src {
+			pa = p.paths[src]
+			if pa != nil {
+				was := p.best(now)
+				pa.lastPong, pa.rtt = now, rtt
+				b.byAddr[src] = p
+				if was == nil {
+					b.log.Info("direct path up", "peer", p.name, "addr", src, "rtt", rtt.Round(time.Microsecond))
+				}
+			}
+			res.Addr = src
+		}
+		if w := b.waiters[m.txid]; w != nil {
+			select {
+			case w <- res:
+			default:
+			}
+		}
 	}
-	return m, nil
-}
-
-// seal builds a disco packet from us to the holder of shared.
-func sealDisco(self key.Public, shared *[32]byte, m *discoMsg) []byte {
-	var nonce [24]byte
-	rand.Read(nonce[:])
-	out := make([]byte, 0, discoHeader+maxDiscoPlain+box.Overhead)
-	out = append(out, discoMagic...)
-	out = self.AppendTo(out)
-	out = append(out, nonce[:]...)
-	return box.SealAfterPrecomputation(out, m.marshal(), &nonce, shared)
-}
-
-// discoSender returns the claimed sender key of a disco packet.
-func discoSender(b []byte) key.Public {
-	return key.PublicFromRaw([key.Len]byte(b[len(discoMagic):]))
-}
-
-// openDisco authenticates and decodes a disco packet with the shared key of
-// its claimed sender.
-func openDisco(b []byte, shared *[32]byte) (discoMsg, error) {
-	var nonce [24]byte
-	copy(nonce[:], b[len(discoMagic)+32:discoHeader])
-	plain, ok := box.OpenAfterPrecomputation(nil, b[discoHeader:], &nonce, shared)
-	if !ok {
-		return discoMsg{}, errDisco
+	b.mu.Unlock()
+	if reply != nil {
+		if viaRelay {
+			rc.client.Send(sender, reply)
+		} else {
+			b.inner.Send([][]byte{reply}, &conn.StdNetEndpoint{AddrPort: src})
+		}
 	}
-	return parseDisco(plain)
+	if pingBack != nil {
+		b.inner.Send([][]byte{pingBack}, pa.ep)
+	}
+}
+
+// Ping sends one disco ping to the peer over every known direct address and
+// over the relay, and returns the pongs that arrive before ctx ends.
+func (b *Bind) Ping(ctx context.Context, k key.Public) ([]PingResult, error) {
+	b.mu.Lock()
+	p := b.peers[k]
+	if p == nil {
+		b.mu.Unlock()
+		return nil, errors.New("not a peer of this node")
+	}
+	now := time.Now()
+	ch := make(chan PingResult, len(p.paths)+1)
+	var out []outgoing
+	var relayPkt []byte
+	var ids [][12]byte
+	for _, pa := range p.paths {
+		if b.relayOnly {
+			break
+		}
+		pkt, id := b.pingLocked(p, pa.addr, false, now)
+		ids = append(ids, id)
+		out = append(out, outgoing{pkt, pa.ep})
+	}
+	var r RelayClient
+	if rc := b.relayFor(p, now); rc != nil {
+		r = rc.client
+		var id [12]byte
+		relayPkt, id = b.pingLocked(p, netip.AddrPort{}, true, now)
+		ids = append(ids, id)
+	}
+	for _, id := range ids {
+		b.waiters[id] = ch
+	}
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		for _, id := range ids {
+			delete(b.waiters, id)
+		}
+		b.mu.Unlock()
+	}()
+	for _, o := range out {
+		b.inner.Send([][]byte{o.pkt}, o.to)
+	}
+	if relayPkt != nil {
+		r.Send(k, relayPkt)
+	}
+	var res []PingResult
+	for len(res) < len(ids) {
+		select {
+		case pr := <-ch:
+			res = append(res, pr)
+		case <-ctx.Done():
+			return res, nil
+		}
+	}
+	return res, nil
 }

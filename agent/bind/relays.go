@@ -1,0 +1,215 @@
+package bind
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/relay"
+)
+
+// RelayConfig is one relay of the network map.
+type RelayConfig struct {
+	Name, URL, Fingerprint string
+	// Key is the relay's public key, to which the node proves its own.
+	Key key.Public
+	// RetryMin and RetryMax bound the reconnect backoff (0: defaults).
+	RetryMin, RetryMax time.Duration
+}
+
+// RelayClient is what the bind needs of one relay connection; *relay.Client
+// is the real one (Config.NewRelayClient).
+//
+// The client is made from a relay.ClientConfig whose OnPacket, OnConnect
+// and OnPeerGone the bind sets. Contract, as relay.Client keeps it: nothing
+// happens before Start; the callbacks run on the client's own goroutines,
+// never inside a call the bind makes to it, and none runs after Close
+// returns; OnConnect runs each time a connection is up and Send works;
+// OnPeerGone when the relay says a destination is not connected to it;
+// OnPacket's pkt is valid only during the call. Send never blocks: it
+// queues a copy or fails. Close is idempotent.
+type RelayClient interface {
+	Start()
+	Send(dst key.Public, pkt []byte) error
+	Connected() bool
+	Stats() relay.ClientStats
+	Close() error
+}
+
+var _ RelayClient = (*relay.Client)(nil)
+
+// relayConn is one relay the bind keeps a connection to. Both fields are set
+// once; its identity is the key of peer.gone.
+type relayConn struct {
+	cfg    RelayConfig
+	client RelayClient
+}
+
+// goneFor is how long a relay that said a peer is not connected to it is
+// passed over for that peer (another relay is tried meanwhile).
+const goneFor = 5 * time.Second
+
+// maxRelays bounds the relay connections a node keeps.
+const maxRelays = 8
+
+// maxPending and pendingFor bound the packets kept while no path exists.
+const (
+	maxPending = 8
+	pendingFor = 2 * time.Second
+)
+
+// relayFor picks the relay to reach p by: the one its packets came over,
+// else the first connected relay that has not just said p is not on it,
+// else the first connected one. Caller holds b.mu.
+func (b *Bind) relayFor(p *peer, now time.Time) *relayConn {
+	if p == nil {
+		return nil
+	}
+	if v := p.via; v != nil && v.client.Connected() && now.Sub(p.gone[v]) > goneFor {
+		return v
+	}
+	var fallback *relayConn
+	for _, rc := range b.relays {
+		if !rc.client.Connected() {
+			continue
+		}
+		if now.Sub(p.gone[rc]) > goneFor {
+			return rc
+		}
+		if fallback == nil {
+			fallback = rc
+		}
+	}
+	return fallback
+}
+
+// onRelayPacket is the relay clients' OnPacket.
+func (b *Bind) onRelayPacket(rc *relayConn, src key.Public, pkt []byte) {
+	if isDisco(pkt) {
+		b.handleDisco(pkt, netip.AddrPort{}, rc)
+		return
+	}
+	b.mu.Lock()
+	if p := b.peers[src]; p != nil {
+		p.rxRelay.Add(uint64(len(pkt)))
+		if p.via != rc {
+			p.via = rc
+			delete(p.gone, rc)
+		}
+	}
+	b.mu.Unlock()
+	select {
+	case b.relayCh <- relayPacket{src: src, pkt: slices.Clone(pkt)}:
+	default:
+		// WireGuard is not keeping up; drop like a full NIC queue would.
+	}
+}
+
+// onPeerGone is the relay clients' OnPeerGone: rc is passed over for dst
+// for goneFor.
+func (b *Bind) onPeerGone(rc *relayConn, dst key.Public) {
+	b.mu.Lock()
+	if p := b.peers[dst]; p != nil {
+		p.gone[rc] = time.Now()
+	}
+	b.mu.Unlock()
+}
+
+// holdPending keeps bufs for p, which has no path at all, until a relay
+// connects (onRelayConnect); without any relay configured it fails.
+func (b *Bind) holdPending(p *peer, bufs [][]byte, now time.Time) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.relays) == 0 {
+		return errors.New("bind: no path to peer (no direct address and no relay)")
+	}
+	for _, buf := range bufs {
+		if len(p.pending) == maxPending {
+			p.pending = p.pending[1:]
+		}
+		p.pending = append(p.pending, slices.Clone(buf))
+	}
+	p.pendingAt = now
+	return nil
+}
+
+// onRelayConnect sends what waited for a path over the relay just up.
+func (b *Bind) onRelayConnect(rc *relayConn) {
+	type flush struct {
+		key  key.Public
+		pkts [][]byte
+	}
+	var out []flush
+	now := time.Now()
+	b.mu.Lock()
+	for _, p := range b.peers {
+		if len(p.pending) > 0 && now.Sub(p.pendingAt) < pendingFor {
+			out = append(out, flush{p.key, p.pending})
+			p.txRelay.Add(sizeOf(p.pending))
+		}
+		p.pending = nil
+	}
+	b.mu.Unlock()
+	for _, f := range out {
+		for _, pkt := range f.pkts {
+			rc.client.Send(f.key, pkt)
+		}
+	}
+}
+
+// SetRelays keeps one connection to each relay listed (up to maxRelays),
+// reusing those that did not change and closing the others.
+func (b *Bind) SetRelays(cfgs []RelayConfig) {
+	if len(cfgs) > maxRelays {
+		cfgs = cfgs[:maxRelays]
+	}
+	b.mu.Lock()
+	if b.shutdown {
+		b.mu.Unlock()
+		return
+	}
+	old := map[RelayConfig]*relayConn{}
+	for _, rc := range b.relays {
+		old[rc.cfg] = rc
+	}
+	next := make([]*relayConn, 0, len(cfgs))
+	for _, cfg := range cfgs {
+		if rc := old[cfg]; rc != nil {
+			delete(old, cfg)
+			next = append(next, rc)
+			continue
+		}
+		rc := &relayConn{cfg: cfg}
+		rc.client = b.newRelay(relay.ClientConfig{
+			URL: cfg.URL, Fingerprint: cfg.Fingerprint, RelayKey: cfg.Key, PrivateKey: b.priv,
+			Logger:     b.log.With("relay_name", cfg.Name),
+			OnPacket:   func(src key.Public, pkt []byte) { b.onRelayPacket(rc, src, pkt) },
+			OnConnect:  func() { b.onRelayConnect(rc) },
+			OnPeerGone: func(dst key.Public) { b.onPeerGone(rc, dst) },
+			RetryMin:   cfg.RetryMin, RetryMax: cfg.RetryMax,
+		})
+		rc.client.Start()
+		next = append(next, rc)
+	}
+	b.relays = next
+	removed := map[*relayConn]bool{}
+	for _, rc := range old {
+		removed[rc] = true
+	}
+	for _, p := range b.peers {
+		if removed[p.via] {
+			p.via = nil
+		}
+		for rc := range p.gone {
+			if removed[rc] {
+				delete(p.gone, rc)
+			}
+		}
+	}
+	b.mu.Unlock()
+	for rc := range removed {
+		rc.client.Close()
+	}
+}
