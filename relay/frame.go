@@ -84,13 +84,6 @@ type ServerInfo struct {
 	KeepAliveMS int64 `json:"keepalive_ms,omitempty"`
 }
 
-func short(s string) string {
-	if len(s) > 16 {
-		return s[:16] + "…"
-	}
-	return s
-}
-
 // errMalformed wraps every protocol violation by the peer.
 var errMalformed = errors.New("malformed frame")
 
