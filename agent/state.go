@@ -98,4 +98,3 @@ func (s stateDir) saveJSON(name string, v any) error {
 	}
 	return nil
 }
-
