@@ -129,10 +129,12 @@ func validKey(k key.Public) *apiError {
 	return nil
 }
 
-func validName(kind, raw string) (string, *apiError) {
+// validName normalizes and checks the name of what ("node", "service",
+// "relay": only the error message names it).
+func validName(what, raw string) (string, *apiError) {
 	name := wire.NormalizeName(raw)
 	if err := wire.ValidName(name); err != nil {
-		return "", apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s name: %v", kind, err)
+		return "", apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s name: %v", what, err)
 	}
 	return name, nil
 }
@@ -167,7 +169,7 @@ func (s *Server) recordRegisterFailures(f handlerFunc) handlerFunc {
 		e := f(w, r)
 		if e != nil && (e.status == http.StatusUnauthorized || e.status == http.StatusConflict) {
 			host, _, _ := net.SplitHostPort(r.RemoteAddr)
-			s.console.Record(store.Event{Kind: "register_failed", Actor: host, Message: e.Message})
+			s.console.Record(store.Event{Kind: store.EventRegisterFailed, Actor: host, Message: e.Message})
 		}
 		return e
 	}
@@ -227,7 +229,7 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 		s.scheduleReap(res.Node.ID)
 	}
 	if !res.Existing {
-		s.console.Record(store.Event{Kind: "join", Actor: "node " + name, Node: name, OwnerID: res.Node.OwnerID, Message: fmt.Sprintf("%s joined with token %s", name, req.TokenID)})
+		s.console.Record(store.Event{Kind: store.EventJoin, Actor: "node " + name, Node: name, OwnerID: res.Node.OwnerID, Message: fmt.Sprintf("%s joined with token %s", name, req.TokenID)})
 	}
 	writeJSON(w, http.StatusOK, wire.RegisterResponse{
 		Node:       wireNode(res.Node, s.hub.online(res.Node.ID)),
@@ -362,7 +364,7 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		}
 		s.hub.bump()
 		s.log.Info("service unexposed", "service", name, "node", node.Name)
-		s.console.Record(store.Event{Kind: "unexpose", Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s stopped providing %s", node.Name, name)})
+		s.console.Record(store.Event{Kind: store.EventUnexpose, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s stopped providing %s", node.Name, name)})
 		writeJSON(w, http.StatusOK, wire.ServiceResponse{})
 		return nil
 	}
@@ -377,7 +379,7 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 	}
 	s.hub.bump()
 	s.log.Info("service exposed", "service", name, "node", node.Name, "port", req.Port)
-	s.console.Record(store.Event{Kind: "expose", Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s provides %s on port %d", node.Name, name, req.Port)})
+	s.console.Record(store.Event{Kind: store.EventExpose, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s provides %s on port %d", node.Name, name, req.Port)})
 	snap, err := s.current(ctx)
 	if err != nil {
 		return storeErr("expose", err)
@@ -411,7 +413,7 @@ func (s *Server) serveLeave(w http.ResponseWriter, r *http.Request) *apiError {
 		return storeErr("leave", err)
 	}
 	s.log.Info("node left", "node_id", node.ID, "name", node.Name)
-	s.console.Record(store.Event{Kind: "leave", Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: node.Name + " left the mesh"})
+	s.console.Record(store.Event{Kind: store.EventLeave, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: node.Name + " left the mesh"})
 	writeJSON(w, http.StatusOK, struct{}{})
 	return nil
 }
@@ -615,6 +617,6 @@ func (s *Server) scheduleReap(id wire.NodeID) {
 			return
 		}
 		s.log.Info("ephemeral node removed after grace period", "node_id", id, "name", n.Name, "grace", s.cfg.EphemeralGrace)
-		s.console.Record(store.Event{Kind: "leave", Actor: "coordinator", Node: n.Name, OwnerID: n.OwnerID, Message: fmt.Sprintf("ephemeral %s removed after %v offline", n.Name, s.cfg.EphemeralGrace)})
+		s.console.Record(store.Event{Kind: store.EventLeave, Actor: "coordinator", Node: n.Name, OwnerID: n.OwnerID, Message: fmt.Sprintf("ephemeral %s removed after %v offline", n.Name, s.cfg.EphemeralGrace)})
 	}()
 }

@@ -601,7 +601,7 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 	}
 	s.log.Info("token created", "token_id", tok.ID, "reusable", tok.Reusable, "ephemeral", tok.Ephemeral, "expires", tok.Expires)
 	if viaAdminSocket {
-		s.console.Record(store.Event{Kind: "token_created", Actor: "admin socket", Message: "minted token " + tok.ID, OwnerID: tok.OwnerID})
+		s.console.Record(store.Event{Kind: store.EventTokenCreated, Actor: "admin socket", Message: "minted token " + tok.ID, OwnerID: tok.OwnerID})
 	}
 	return jt.String(), nil
 }

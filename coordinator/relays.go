@@ -85,7 +85,7 @@ func (s *Server) removeRelay(ctx context.Context, name string) error {
 		}
 		s.hub.bump()
 		s.log.Info("relay removed", "relay", name)
-		s.console.Record(store.Event{Kind: "relay", Actor: "admin", Message: "relay " + name + " removed"})
+		s.console.Record(store.Event{Kind: store.EventRelay, Actor: "admin", Message: "relay " + name + " removed"})
 		return nil
 	}
 	return fmt.Errorf("relay %s: %w", name, store.ErrNotFound)
@@ -231,7 +231,7 @@ func (s *Server) serveRelayRegister(w http.ResponseWriter, r *http.Request) *api
 		return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "register relay %q: %v", name, err)
 	}
 	s.log.Info("relay registered", "relay_id", rl.ID, "name", name, "url", req.URL)
-	s.console.Record(store.Event{Kind: "relay", Actor: "relay " + name, Message: fmt.Sprintf("relay %s registered at %s", name, req.URL)})
+	s.console.Record(store.Event{Kind: store.EventRelay, Actor: "relay " + name, Message: fmt.Sprintf("relay %s registered at %s", name, req.URL)})
 	s.hub.bump()
 	writeJSON(w, http.StatusOK, wire.RelayRegisterResponse{ID: uint64(rl.ID), Secret: secret})
 	return nil

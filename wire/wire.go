@@ -176,17 +176,25 @@ type StatsReport struct {
 	Peers    []PeerStats    `json:"peers,omitempty"`
 }
 
+// ServiceRole is which end of a service a node's counters are for.
+type ServiceRole string
+
+// The roles of ServiceStats.
+const (
+	RoleConsumer ServiceRole = "consumer" // local clients of a service the node consumes
+	RoleProvider ServiceRole = "provider" // mesh clients of a service the node exports
+)
+
 // ServiceStats is one service as seen by one node.
 type ServiceStats struct {
-	Name string `json:"name"`
-	// Role is "consumer" or "provider".
-	Role          string `json:"role"`
-	Open          int64  `json:"open"`
-	Total         int64  `json:"total"`
-	Failed        int64  `json:"failed,omitempty"`
-	Denied        int64  `json:"denied,omitempty"`
-	BytesSent     int64  `json:"bytes_sent"`
-	BytesReceived int64  `json:"bytes_received"`
+	Name          string      `json:"name"`
+	Role          ServiceRole `json:"role"`
+	Open          int64       `json:"open"`
+	Total         int64       `json:"total"`
+	Failed        int64       `json:"failed,omitempty"`
+	Denied        int64       `json:"denied,omitempty"`
+	BytesSent     int64       `json:"bytes_sent"`
+	BytesReceived int64       `json:"bytes_received"`
 }
 
 // PeerStats is the link to one peer as seen by one node.

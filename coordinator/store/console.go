@@ -90,7 +90,7 @@ func (s *SQLite) AddEvent(ctx context.Context, e Event) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		var id int64
 		if err := tx.QueryRowContext(ctx, `INSERT INTO events (at, kind, actor, node, message, owner_id) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
-			unixNano(e.At), e.Kind, e.Actor, e.Node, e.Message, e.OwnerID).Scan(&id); err != nil {
+			unixNano(e.At), string(e.Kind), e.Actor, e.Node, e.Message, e.OwnerID).Scan(&id); err != nil {
 			return fmt.Errorf("store: add event: %w", err)
 		}
 		// Ids only grow, so this keeps exactly the newest MaxEvents; the
@@ -119,9 +119,10 @@ func (s *SQLite) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Ev
 func scanEvent(r scanner) (Event, error) {
 	var e Event
 	var at int64
-	if err := r.Scan(&e.ID, &at, &e.Kind, &e.Actor, &e.Node, &e.Message, &e.OwnerID); err != nil {
+	var kind string
+	if err := r.Scan(&e.ID, &at, &kind, &e.Actor, &e.Node, &e.Message, &e.OwnerID); err != nil {
 		return e, err
 	}
-	e.At = fromUnixNano(at)
+	e.At, e.Kind = fromUnixNano(at), EventKind(kind)
 	return e, nil
 }

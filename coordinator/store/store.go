@@ -175,12 +175,36 @@ type Session struct {
 	Expires time.Time
 }
 
+// EventKind says what an Event records. The values are stored and shown
+// in the console (and name its CSS classes): never change one.
+type EventKind string
+
+// The kinds of Event.
+const (
+	EventJoin           EventKind = "join"            // a node joined with a token
+	EventLeave          EventKind = "leave"           // a node left, or an ephemeral one was reaped
+	EventRemove         EventKind = "remove"          // a person removed a node
+	EventExpose         EventKind = "expose"          // a node began providing a service
+	EventUnexpose       EventKind = "unexpose"        // a node stopped providing a service
+	EventRegisterFailed EventKind = "register_failed" // a registration was refused: bad token, name or key taken
+	EventApprove        EventKind = "approve"         // a person approved a node that joined without a token
+	EventDeny           EventKind = "deny"            // a person denied one
+	EventLogin          EventKind = "login"
+	EventLoginFailed    EventKind = "login_failed"
+	EventTokenCreated   EventKind = "token_created"
+	EventTokenRevoked   EventKind = "token_revoked"
+	EventUserCreated    EventKind = "user_created"
+	EventRelay          EventKind = "relay" // a standalone relay registered or was removed
+)
+
 // Event is one entry of the event log shown in the console.
 type Event struct {
 	ID   int64
 	At   time.Time
-	Kind string // join, leave, remove, expose, unexpose, register_failed, approve, deny, login, login_failed, token_created, token_revoked, user_created
-	// Actor is who did it: a username, or "node NAME".
+	Kind EventKind
+	// Actor is who did it: a username, "node NAME", "relay NAME", "admin"
+	// or "admin socket" (the CLI), "coordinator" (itself), or the address
+	// of an unauthenticated caller.
 	Actor   string
 	Node    string // node name concerned, if any
 	Message string

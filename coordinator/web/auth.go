@@ -228,7 +228,7 @@ func (c *Console) serveLogin(w http.ResponseWriter, r *http.Request) {
 			who = u.Username
 		}
 		c.log.Info("login failed", "remote", clientIP(r), "user", who)
-		c.Record(store.Event{Kind: "login_failed", Actor: clientIP(r), Message: "failed sign-in as " + who, OwnerID: u.ID})
+		c.Record(store.Event{Kind: store.EventLoginFailed, Actor: clientIP(r), Message: "failed sign-in as " + who, OwnerID: u.ID})
 		c.render(w, r, http.StatusUnauthorized, "login", &pageData{Title: "Sign in", Next: next, Username: username,
 			Error: "Wrong username or password."})
 		return
@@ -260,7 +260,7 @@ func (c *Console) startSession(w http.ResponseWriter, r *http.Request, u store.U
 	c.store.DeleteExpiredSessions(r.Context(), now)
 	http.SetCookie(w, &http.Cookie{Name: SessionCookie, Value: id, Path: "/", HttpOnly: true, Secure: true, SameSite: http.SameSiteStrictMode})
 	c.log.Info("login", "user", u.Username, "remote", clientIP(r), "how", how)
-	c.Record(store.Event{Kind: "login", Actor: u.Username, Message: how + " from " + clientIP(r), OwnerID: u.ID})
+	c.Record(store.Event{Kind: store.EventLogin, Actor: u.Username, Message: how + " from " + clientIP(r), OwnerID: u.ID})
 	return nil
 }
 

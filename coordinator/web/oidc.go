@@ -101,7 +101,7 @@ func (c *Console) serveOIDCCallback(w http.ResponseWriter, r *http.Request) {
 		// A callback without our cookie or state costs an attacker nothing,
 		// so only failures past that check go to the event log.
 		if !errors.Is(err, oidclogin.ErrNoLogin) && !errors.Is(err, oidclogin.ErrState) {
-			c.Record(store.Event{Kind: "login_failed", Actor: clientIP(r), Message: err.Error()})
+			c.Record(store.Event{Kind: store.EventLoginFailed, Actor: clientIP(r), Message: err.Error()})
 		}
 		c.render(w, r, status, "message", &pageData{Title: "Sign-in failed", Error: err.Error(), Retry: "/login/oidc"})
 		return
@@ -148,6 +148,6 @@ func (c *Console) oidcUser(ctx context.Context, id oidclogin.Identity, provider 
 		who += " (" + id.Email + ")"
 	}
 	c.log.Info("user created by oidc sign-in", "user", name, "email", id.Email)
-	c.Record(store.Event{Kind: "user_created", Actor: provider, Message: "created member " + who + " at first sign-in with " + provider, OwnerID: u.ID})
+	c.Record(store.Event{Kind: store.EventUserCreated, Actor: provider, Message: "created member " + who + " at first sign-in with " + provider, OwnerID: u.ID})
 	return u, nil
 }

@@ -214,7 +214,7 @@ func (c *Console) serveMintToken(w http.ResponseWriter, r *http.Request, v *view
 	if jt, err := wire.ParseToken(tok); err == nil {
 		id = jt.ID
 	}
-	c.Record(store.Event{Kind: "token_created", Actor: v.Username, Message: "minted token " + id, OwnerID: v.ID})
+	c.Record(store.Event{Kind: store.EventTokenCreated, Actor: v.Username, Message: "minted token " + id, OwnerID: v.ID})
 	c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Secret: tok,
 		SecretLabel: "Copy this token now; it is shown only once. Join a site with: meshlink agent --token '…'"})
 }
@@ -235,7 +235,7 @@ func (c *Console) serveRevokeToken(w http.ResponseWriter, r *http.Request, v *vi
 		return
 	}
 	c.log.Info("token revoked in console", "token_id", id, "by", v.Username)
-	c.Record(store.Event{Kind: "token_revoked", Actor: v.Username, Message: "revoked token " + id, OwnerID: tok.OwnerID})
+	c.Record(store.Event{Kind: store.EventTokenRevoked, Actor: v.Username, Message: "revoked token " + id, OwnerID: tok.OwnerID})
 	http.Redirect(w, r, "/console/tokens?done=revoked", http.StatusSeeOther)
 }
 
@@ -258,7 +258,7 @@ func (c *Console) serveRemoveNode(w http.ResponseWriter, r *http.Request, v *vie
 		return
 	}
 	c.log.Info("node removed in console", "node_id", n.ID, "name", n.Name, "by", v.Username)
-	c.Record(store.Event{Kind: "remove", Actor: v.Username, Node: n.Name, Message: "removed node " + n.Name, OwnerID: n.OwnerID})
+	c.Record(store.Event{Kind: store.EventRemove, Actor: v.Username, Node: n.Name, Message: "removed node " + n.Name, OwnerID: n.OwnerID})
 	http.Redirect(w, r, "/console?done=removed", http.StatusSeeOther)
 }
 
@@ -278,6 +278,22 @@ func (c *Console) usersPage(w http.ResponseWriter, r *http.Request, v *viewer, s
 	}
 	d.Title, d.Nav, d.Viewer, d.Users = "Users", "users", v, users
 	c.render(w, r, status, "users", d)
+}
+
+// userRole is an account's role as the users form posts it ("role") and
+// the log and the event log name it; the store keeps User.Admin.
+type userRole string
+
+const (
+	roleMember userRole = "member"
+	roleAdmin  userRole = "admin"
+)
+
+func roleOf(u store.User) userRole {
+	if u.Admin {
+		return roleAdmin
+	}
+	return roleMember
 }
 
 func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *viewer) {
@@ -300,18 +316,15 @@ func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *vie
 		c.internal(w, r, "create user", err)
 		return
 	}
-	admin := r.PostFormValue("role") == "admin"
-	u, err := c.store.CreateUser(r.Context(), store.User{Username: name, PasswordHash: string(hash), Admin: admin})
+	role := userRole(r.PostFormValue("role"))
+	u, err := c.store.CreateUser(r.Context(), store.User{Username: name, PasswordHash: string(hash), Admin: role == roleAdmin})
 	if err != nil {
 		c.internal(w, r, "create user", err)
 		return
 	}
-	role := "member"
-	if admin {
-		role = "admin"
-	}
+	role = roleOf(u)
 	c.log.Info("user created", "user", name, "role", role, "by", v.Username)
-	c.Record(store.Event{Kind: "user_created", Actor: v.Username, Message: "created " + role + " " + name, OwnerID: u.ID})
+	c.Record(store.Event{Kind: store.EventUserCreated, Actor: v.Username, Message: "created " + string(role) + " " + name, OwnerID: u.ID})
 	c.usersPage(w, r, v, http.StatusOK, &pageData{Username: name, Secret: pw,
 		SecretLabel: "Password of " + name + ", shown only this once: hand it over through a safe channel."})
 }

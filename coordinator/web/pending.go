@@ -204,7 +204,7 @@ func (c *Console) decide(ctx context.Context, p *pending, v *viewer, approve boo
 		p.state = denied
 		close(p.done)
 		c.log.Info("registration denied", "name", p.req.Name, "by", v.Username)
-		c.Record(store.Event{Kind: "deny", Actor: v.Username, Node: p.req.Name, Message: "denied node " + p.req.Name + " from " + p.req.RemoteIP, OwnerID: v.ID})
+		c.Record(store.Event{Kind: store.EventDeny, Actor: v.Username, Node: p.req.Name, Message: "denied node " + p.req.Name + " from " + p.req.RemoteIP, OwnerID: v.ID})
 		return "", nil
 	}
 	secret := randomString(32)
@@ -233,6 +233,6 @@ func (c *Console) decide(ctx context.Context, p *pending, v *viewer, approve boo
 	p.resp = wire.RegisterResponse{Node: wn, NodeSecret: secret, Domain: c.cfg.Domain}
 	close(p.done)
 	c.log.Info("registration approved", "name", p.req.Name, "node_id", res.Node.ID, "by", v.Username)
-	c.Record(store.Event{Kind: "approve", Actor: v.Username, Node: p.req.Name, Message: "approved node " + p.req.Name + " from " + p.req.RemoteIP, OwnerID: v.ID})
+	c.Record(store.Event{Kind: store.EventApprove, Actor: v.Username, Node: p.req.Name, Message: "approved node " + p.req.Name + " from " + p.req.RemoteIP, OwnerID: v.ID})
 	return "", nil
 }

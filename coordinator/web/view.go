@@ -100,11 +100,11 @@ type ViewToken struct {
 }
 
 type ViewEvent struct {
-	At      time.Time `json:"at"`
-	Kind    string    `json:"kind"`
-	Actor   string    `json:"actor"`
-	Node    string    `json:"node,omitempty"`
-	Message string    `json:"message"`
+	At      time.Time       `json:"at"`
+	Kind    store.EventKind `json:"kind"`
+	Actor   string          `json:"actor"`
+	Node    string          `json:"node,omitempty"`
+	Message string          `json:"message"`
 }
 
 // ViewRelay is one relay of the mesh.
@@ -243,9 +243,9 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		for _, s := range st.report.Services {
 			k := key{s.Name, id}
 			switch s.Role {
-			case "provider":
+			case wire.RoleProvider:
 				provStats[k] = s
-			case "consumer":
+			case wire.RoleConsumer:
 				if _, dup := consStats[k]; !dup {
 					consumersOf[s.Name] = append(consumersOf[s.Name], id)
 				}
