@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
@@ -475,7 +474,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
-		if strings.Contains(err.Error(), "UNIQUE") {
+		if errors.Is(err, store.ErrKeyInUse) {
 			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node key is already used by another node")
 		}
 		return storeErr("map", err)

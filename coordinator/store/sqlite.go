@@ -13,7 +13,8 @@ import (
 
 	"github.com/meshlink/meshlink/internal/key"
 
-	_ "modernc.org/sqlite" // registers driver "sqlite"
+	"modernc.org/sqlite" // registers driver "sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/meshlink/meshlink/wire"
 )
@@ -204,6 +205,20 @@ func (s *SQLite) tx(ctx context.Context, f func(*sql.Tx) error) error {
 
 // Close closes the database.
 func (s *SQLite) Close() error { return s.db.Close() }
+
+// isUniqueViolation reports whether err is SQLite refusing a row that
+// would repeat the value of a UNIQUE column or of a primary key.
+func isUniqueViolation(err error) bool {
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return false
+	}
+	switch se.Code() {
+	case sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+		return true
+	}
+	return false
+}
 
 func unixNano(t time.Time) int64 {
 	if t.IsZero() {
@@ -545,6 +560,10 @@ func consumeToken(ctx context.Context, tx *sql.Tx, tok Token, secret string, now
 func (s *SQLite) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error {
 	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET wg_key = CASE WHEN ? = '' THEN wg_key ELSE ? END, listen_port = ?, endpoints = ? WHERE id = ?`,
 		k.String(), k.String(), int(listenPort), jsonText(eps), int64(id))
+	if isUniqueViolation(err) {
+		// wg_key is the only UNIQUE column this sets.
+		return fmt.Errorf("store: update node %d: %w", id, ErrKeyInUse)
+	}
 	if err != nil {
 		return fmt.Errorf("store: update node %d: %w", id, err)
 	}

@@ -267,7 +267,8 @@ type Store interface {
 	RegisterNode(ctx context.Context, r Registration) (RegisterResult, error)
 	GetNode(ctx context.Context, id wire.NodeID) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)
-	// UpdateNodeNetwork sets key (if non-empty), listen port and endpoints.
+	// UpdateNodeNetwork sets key (if non-empty), listen port and endpoints;
+	// a key another node holds is ErrKeyInUse.
 	UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error
 	SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error
 	// DeleteNode removes the node and its providers, leaving a tombstone so
