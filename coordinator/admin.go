@@ -108,11 +108,10 @@ func (s *Server) adminHandler() http.Handler {
 		}
 		for _, n := range snap.nodes {
 			if n.Name == name {
-				if err := s.removeNode(r.Context(), n.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+				if err := s.removeNode(r.Context(), n.ID, change{log: "node removed by admin", attrs: []any{"node_id", n.ID, "name", n.Name}}); err != nil && !errors.Is(err, store.ErrNotFound) {
 					writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
 					return
 				}
-				s.log.Info("node removed by admin", "node_id", n.ID, "name", n.Name)
 				writeJSON(w, http.StatusOK, struct{}{})
 				return
 			}

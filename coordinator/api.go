@@ -218,17 +218,17 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	default:
 		return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "register %q: %v", name, err)
 	}
-	s.hub.bump()
 	if res.Replaced != 0 {
 		s.log.Info("ephemeral node replaced", "node_id", res.Replaced, "name", name)
 	}
-	s.log.Info("node registered", "node_id", res.Node.ID, "name", name, "existing", res.Existing, "token_id", req.TokenID)
+	c := change{log: "node registered", attrs: []any{"node_id", res.Node.ID, "name", name, "existing", res.Existing, "token_id", req.TokenID}}
+	if !res.Existing {
+		c.event = store.Event{Kind: store.EventJoin, Actor: "node " + name, Node: name, OwnerID: res.Node.OwnerID, Message: fmt.Sprintf("%s joined with token %s", name, req.TokenID)}
+	}
+	s.commit(c)
 	if res.Node.Ephemeral && !res.Existing {
 		// Removed if it never connects, too.
 		s.scheduleReap(res.Node.ID)
-	}
-	if !res.Existing {
-		s.console.Record(store.Event{Kind: store.EventJoin, Actor: "node " + name, Node: name, OwnerID: res.Node.OwnerID, Message: fmt.Sprintf("%s joined with token %s", name, req.TokenID)})
 	}
 	writeJSON(w, http.StatusOK, wire.RegisterResponse{
 		Node:       wireNode(res.Node, s.hub.online(res.Node.ID)),
@@ -361,9 +361,8 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		} else if err != nil {
 			return storeErr("unexpose", err)
 		}
-		s.hub.bump()
-		s.log.Info("service unexposed", "service", name, "node", node.Name)
-		s.console.Record(store.Event{Kind: store.EventUnexpose, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s stopped providing %s", node.Name, name)})
+		s.commit(change{log: "service unexposed", attrs: []any{"service", name, "node", node.Name},
+			event: store.Event{Kind: store.EventUnexpose, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s stopped providing %s", node.Name, name)}})
 		writeJSON(w, http.StatusOK, wire.ServiceResponse{})
 		return nil
 	}
@@ -376,9 +375,8 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		}
 		return storeErr("expose", err)
 	}
-	s.hub.bump()
-	s.log.Info("service exposed", "service", name, "node", node.Name, "port", req.Port)
-	s.console.Record(store.Event{Kind: store.EventExpose, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s provides %s on port %d", node.Name, name, req.Port)})
+	s.commit(change{log: "service exposed", attrs: []any{"service", name, "node", node.Name, "port", req.Port},
+		event: store.Event{Kind: store.EventExpose, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: fmt.Sprintf("%s provides %s on port %d", node.Name, name, req.Port)}})
 	snap, err := s.current(ctx)
 	if err != nil {
 		return storeErr("expose", err)
@@ -397,7 +395,7 @@ func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiErro
 	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, key.Public{}, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
 		return storeErr("endpoints", err)
 	}
-	s.hub.bump()
+	s.commit(change{})
 	writeJSON(w, http.StatusOK, struct{}{})
 	return nil
 }
@@ -408,23 +406,22 @@ func (s *Server) serveLeave(w http.ResponseWriter, r *http.Request) *apiError {
 	if e != nil {
 		return e
 	}
-	if err := s.removeNode(r.Context(), node.ID); err != nil {
+	if err := s.removeNode(r.Context(), node.ID, change{log: "node left", attrs: []any{"node_id", node.ID, "name", node.Name},
+		event: store.Event{Kind: store.EventLeave, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: node.Name + " left the mesh"}}); err != nil {
 		return storeErr("leave", err)
 	}
-	s.log.Info("node left", "node_id", node.ID, "name", node.Name)
-	s.console.Record(store.Event{Kind: store.EventLeave, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID, Message: node.Name + " left the mesh"})
 	writeJSON(w, http.StatusOK, struct{}{})
 	return nil
 }
 
-// removeNode deletes a node; its map stream notices and ends, and its relay
-// connection is closed.
-func (s *Server) removeNode(ctx context.Context, id wire.NodeID) error {
+// removeNode deletes a node and commits c; its map stream notices and
+// ends, and its relay connection is closed.
+func (s *Server) removeNode(ctx context.Context, id wire.NodeID, c change) error {
 	old, getErr := s.store.GetNode(ctx, id)
 	if err := s.store.DeleteNode(ctx, id); err != nil {
 		return err
 	}
-	s.hub.bump()
+	s.commit(c)
 	if getErr == nil {
 		s.disconnectRelay(old.Key)
 	}
@@ -487,9 +484,8 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}
 	st := &mapStream{node: node.ID, cancel: cancel}
 	s.hub.attach(st)
-	s.hub.bump()
+	s.commit(change{log: "map stream opened", attrs: []any{"node_id", node.ID, "name", node.Name, "remote", r.RemoteAddr}})
 	log := s.log.With("node_id", node.ID, "name", node.Name)
-	log.Info("map stream opened", "remote", r.RemoteAddr)
 	defer func() {
 		if s.hub.detach(st) {
 			// Use a fresh context: the request's is done, the store is
@@ -497,11 +493,10 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
 			s.store.SetLastSeen(dctx, node.ID, time.Now())
 			dcancel()
-			s.hub.bump()
+			s.commit(change{log: "map stream closed; node offline", attrs: []any{"node_id", node.ID, "name", node.Name}})
 			if node.Ephemeral {
 				s.scheduleReap(node.ID)
 			}
-			log.Info("map stream closed; node offline")
 		} else {
 			log.Info("map stream replaced by a newer one")
 		}
@@ -611,11 +606,10 @@ func (s *Server) scheduleReap(id wire.NodeID) {
 		if err != nil || !n.Ephemeral {
 			return
 		}
-		if err := s.removeNode(s.ctx, id); err != nil {
+		if err := s.removeNode(s.ctx, id, change{log: "ephemeral node removed after grace period", attrs: []any{"node_id", id, "name", n.Name, "grace", s.cfg.EphemeralGrace},
+			event: store.Event{Kind: store.EventLeave, Actor: "coordinator", Node: n.Name, OwnerID: n.OwnerID, Message: fmt.Sprintf("ephemeral %s removed after %v offline", n.Name, s.cfg.EphemeralGrace)}}); err != nil {
 			s.log.Error("remove ephemeral node", "node_id", id, "err", err)
 			return
 		}
-		s.log.Info("ephemeral node removed after grace period", "node_id", id, "name", n.Name, "grace", s.cfg.EphemeralGrace)
-		s.console.Record(store.Event{Kind: store.EventLeave, Actor: "coordinator", Node: n.Name, OwnerID: n.OwnerID, Message: fmt.Sprintf("ephemeral %s removed after %v offline", n.Name, s.cfg.EphemeralGrace)})
 	}()
 }

@@ -637,8 +637,8 @@ func (m consoleMesh) Changed() <-chan struct{} {
 	return ch
 }
 
-func (m consoleMesh) RemoveNode(ctx context.Context, id wire.NodeID) error {
-	return m.s.removeNode(ctx, id)
+func (m consoleMesh) RemoveNode(ctx context.Context, id wire.NodeID, ev store.Event) error {
+	return m.s.removeNode(ctx, id, change{event: ev})
 }
 
 func (m consoleMesh) CreateToken(ctx context.Context, o web.TokenRequest) (string, error) {
@@ -669,7 +669,7 @@ func (m consoleMesh) Relays(ctx context.Context) ([]web.RelayInfo, error) {
 }
 
 func (m consoleMesh) NodeRegistered(n store.Node) wire.Node {
-	m.s.hub.bump()
+	m.s.commit(change{})
 	if n.Ephemeral {
 		m.s.scheduleReap(n.ID)
 	}

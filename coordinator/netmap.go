@@ -41,7 +41,8 @@ func (h *hub) init() {
 	h.epochs = map[wire.NodeID]uint64{}
 }
 
-// bump records a change; call it after the change is committed.
+// bump starts a new generation and wakes every stream; Server.commit is
+// its only caller.
 func (h *hub) bump() {
 	h.mu.Lock()
 	h.gen++
@@ -49,6 +50,34 @@ func (h *hub) bump() {
 	close(h.wake)
 	h.wake = make(chan struct{})
 	h.mu.Unlock()
+}
+
+// change is what the coordinator says about a change of the mesh once the
+// store holds it.
+type change struct {
+	// log is the message of the coordinator's log line, with attrs; ""
+	// logs nothing.
+	log   string
+	attrs []any
+	// event is recorded in the console's event log, unless its Kind is "".
+	event store.Event
+}
+
+// commit announces a change the store has committed: a new generation of
+// the network map (every map stream recomputes and sends its delta, every
+// relay its keys), the log line, the console's event. Every write that can
+// change a map ends in commit, and only after the write succeeded: a
+// stream woken earlier could build its map without it and then sleep.
+// Events that change no map (a token minted, a registration refused) are
+// recorded directly with console.Record.
+func (s *Server) commit(c change) {
+	s.hub.bump()
+	if c.log != "" {
+		s.log.Info(c.log, c.attrs...)
+	}
+	if c.event.Kind != "" {
+		s.console.Record(c.event)
+	}
 }
 
 // changed returns the current generation and when it was bumped.

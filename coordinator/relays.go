@@ -83,9 +83,8 @@ func (s *Server) removeRelay(ctx context.Context, name string) error {
 		if st != nil {
 			st.cancel()
 		}
-		s.hub.bump()
-		s.log.Info("relay removed", "relay", name)
-		s.console.Record(store.Event{Kind: store.EventRelay, Actor: "admin", Message: "relay " + name + " removed"})
+		s.commit(change{log: "relay removed", attrs: []any{"relay", name},
+			event: store.Event{Kind: store.EventRelay, Actor: "admin", Message: "relay " + name + " removed"}})
 		return nil
 	}
 	return fmt.Errorf("relay %s: %w", name, store.ErrNotFound)
@@ -208,7 +207,7 @@ func (s *Server) serveRelayRegister(w http.ResponseWriter, r *http.Request) *api
 		if err := s.store.UpdateRelay(r.Context(), rl.ID, req.URL, req.Fingerprint, req.Key); err != nil {
 			return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "update relay %s: %v", name, err)
 		}
-		s.hub.bump()
+		s.commit(change{})
 		writeJSON(w, http.StatusOK, wire.RelayRegisterResponse{ID: uint64(rl.ID)})
 		return nil
 	}
@@ -230,9 +229,8 @@ func (s *Server) serveRelayRegister(w http.ResponseWriter, r *http.Request) *api
 	default:
 		return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "register relay %q: %v", name, err)
 	}
-	s.log.Info("relay registered", "relay_id", rl.ID, "name", name, "url", req.URL)
-	s.console.Record(store.Event{Kind: store.EventRelay, Actor: "relay " + name, Message: fmt.Sprintf("relay %s registered at %s", name, req.URL)})
-	s.hub.bump()
+	s.commit(change{log: "relay registered", attrs: []any{"relay_id", rl.ID, "name", name, "url", req.URL},
+		event: store.Event{Kind: store.EventRelay, Actor: "relay " + name, Message: fmt.Sprintf("relay %s registered at %s", name, req.URL)}})
 	writeJSON(w, http.StatusOK, wire.RelayRegisterResponse{ID: uint64(rl.ID), Secret: secret})
 	return nil
 }
@@ -252,13 +250,10 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 	defer cancel()
 	st := &relayStream{id: rl.ID, cancel: cancel}
 	s.hub.attachRelay(st)
-	s.hub.bump()
-	log := s.log.With("relay", rl.Name)
-	log.Info("relay online", "url", rl.URL)
+	s.commit(change{log: "relay online", attrs: []any{"relay", rl.Name, "url", rl.URL}})
 	defer func() {
 		if s.hub.detachRelay(st) {
-			s.hub.bump()
-			log.Info("relay offline")
+			s.commit(change{log: "relay offline", attrs: []any{"relay", rl.Name}})
 		}
 	}()
 

@@ -253,12 +253,12 @@ func (c *Console) serveRemoveNode(w http.ResponseWriter, r *http.Request, v *vie
 		c.internal(w, r, "remove", err)
 		return
 	}
-	if err := c.mesh.RemoveNode(r.Context(), n.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+	ev := store.Event{Kind: store.EventRemove, Actor: v.Username, Node: n.Name, Message: "removed node " + n.Name, OwnerID: n.OwnerID}
+	if err := c.mesh.RemoveNode(r.Context(), n.ID, ev); err != nil && !errors.Is(err, store.ErrNotFound) {
 		c.internal(w, r, "remove", err)
 		return
 	}
 	c.log.Info("node removed in console", "node_id", n.ID, "name", n.Name, "by", v.Username)
-	c.Record(store.Event{Kind: store.EventRemove, Actor: v.Username, Node: n.Name, Message: "removed node " + n.Name, OwnerID: n.OwnerID})
 	http.Redirect(w, r, "/console?done=removed", http.StatusSeeOther)
 }
 

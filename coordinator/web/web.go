@@ -49,8 +49,9 @@ type Mesh interface {
 	State(ctx context.Context) ([]wire.Node, []wire.Service, error)
 	// Changed returns a channel closed at the next change of the mesh.
 	Changed() <-chan struct{}
-	// RemoveNode removes a node; its peers lose it.
-	RemoveNode(ctx context.Context, id wire.NodeID) error
+	// RemoveNode removes a node (its peers lose it) and then records ev
+	// in the event log.
+	RemoveNode(ctx context.Context, id wire.NodeID, ev store.Event) error
 	// CreateToken mints a join token and returns its string.
 	CreateToken(ctx context.Context, o TokenRequest) (string, error)
 	// NodeRegistered is told about a node the console registered (an
