@@ -185,76 +185,33 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	if req.TokenID == "" || req.TokenSecret == "" || len(req.TokenID) > 64 || len(req.TokenSecret) > 128 {
 		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is missing or malformed; pass the whole token printed by `meshlink token create`")
 	}
-	name, e := validName("node", req.Name)
+	reg, e := registration(r, req)
 	if e != nil {
 		return e
 	}
-	if e := validKey(req.NodeKey); e != nil {
+	reg.TokenID, reg.TokenSecret = req.TokenID, req.TokenSecret
+	// A name held by an ephemeral node that is offline is free: a sidecar
+	// or a CI job is back with a new key. (An approval never replaces.)
+	reg.CanReplace = func(n store.Node) bool { return n.Ephemeral && !s.hub.online(n.ID) }
+	resp, e := s.registerNode(r.Context(), nodeRegistration{Registration: reg})
+	if e != nil {
 		return e
 	}
-	hostname := req.Hostname
-	if len(hostname) > 255 {
-		hostname = hostname[:255]
-	}
-	secret := randomSecret(32)
-	res, err := s.store.RegisterNode(r.Context(), store.Registration{
-		TokenID: req.TokenID, TokenSecret: req.TokenSecret, Now: time.Now(),
-		Name: name, Hostname: hostname, Key: req.NodeKey, ListenPort: req.ListenPort,
-		Endpoints:  endpoints(r, req.ListenPort, req.LocalEndpoints),
-		SecretHash: store.HashSecret(secret),
-		CanReplace: func(n store.Node) bool { return n.Ephemeral && !s.hub.online(n.ID) },
-	})
-	if e, ok := tokenRefusal(err, "meshlink token create"); ok {
-		return e
-	}
-	switch {
-	case err == nil:
-	case errors.Is(err, store.ErrNameInUse):
-		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the name %q is taken by another node; choose another --name, or remove the old node on the coordinator", name)
-	case errors.Is(err, store.ErrKeyInUse):
-		return apiErr(http.StatusConflict, wire.ErrCodeConflict, "this node's key is already registered under another name; keep the old name or start with a fresh state directory")
-	case errors.Is(err, context.Canceled):
-		return apiErr(http.StatusServiceUnavailable, wire.ErrCodeInternal, "request canceled")
-	default:
-		return apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "register %q: %v", name, err)
-	}
-	if res.Replaced != 0 {
-		s.log.Info("ephemeral node replaced", "node_id", res.Replaced, "name", name)
-	}
-	c := change{log: "node registered", attrs: []any{"node_id", res.Node.ID, "name", name, "existing", res.Existing, "token_id", req.TokenID}}
-	if !res.Existing {
-		c.event = store.Event{Kind: store.EventJoin, Actor: "node " + name, Node: name, OwnerID: res.Node.OwnerID, Message: fmt.Sprintf("%s joined with token %s", name, req.TokenID)}
-	}
-	s.commit(c)
-	if res.Node.Ephemeral && !res.Existing {
-		// Removed if it never connects, too.
-		s.scheduleReap(res.Node.ID)
-	}
-	writeJSON(w, http.StatusOK, wire.RegisterResponse{
-		Node:       wireNode(res.Node, s.hub.online(res.Node.ID)),
-		NodeSecret: secret,
-		Domain:     s.cfg.Domain,
-	})
+	writeJSON(w, http.StatusOK, resp)
 	return nil
 }
 
 // registerInteractive answers a registration without a token: the node
-// waits (PathRegisterPoll) until a person approves it in the console.
+// waits (PathRegisterPoll) until a person approves it in the console,
+// which registers it through consoleMesh.RegisterNode.
 func (s *Server) registerInteractive(w http.ResponseWriter, r *http.Request, req wire.RegisterRequest) *apiError {
-	name, e := validName("node", req.Name)
+	reg, e := registration(r, req)
 	if e != nil {
 		return e
 	}
-	if e := validKey(req.NodeKey); e != nil {
-		return e
-	}
-	hostname := req.Hostname
-	if len(hostname) > 255 {
-		hostname = hostname[:255]
-	}
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
-	p, err := s.console.StartPending(web.PendingRequest{Name: name, Hostname: hostname, Key: req.NodeKey, ListenPort: req.ListenPort,
-		Endpoints: endpoints(r, req.ListenPort, req.LocalEndpoints), RemoteIP: host})
+	p, err := s.console.StartPending(web.PendingRequest{Name: reg.Name, Hostname: reg.Hostname, Key: reg.Key, ListenPort: reg.ListenPort,
+		Endpoints: reg.Endpoints, RemoteIP: host})
 	if err != nil {
 		return apiErr(http.StatusTooManyRequests, wire.ErrCodeConflict, "%v", err)
 	}

@@ -250,7 +250,7 @@ func New(cfg Config) (*Server, error) {
 	s.hub.init()
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, PrivateKey: relayKey, Verify: s.relayVerify})
 	s.metrics = newMetrics(s)
-	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Domain: cfg.Domain, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait})
+	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait})
 	return s, nil
 }
 
@@ -668,12 +668,20 @@ func (m consoleMesh) Relays(ctx context.Context) ([]web.RelayInfo, error) {
 	return out, nil
 }
 
-func (m consoleMesh) NodeRegistered(n store.Node) wire.Node {
-	m.s.commit(change{})
-	if n.Ephemeral {
-		m.s.scheduleReap(n.ID)
+func (m consoleMesh) RegisterNode(ctx context.Context, a web.Approved) (wire.RegisterResponse, error) {
+	resp, e := m.s.registerNode(ctx, nodeRegistration{
+		Registration: store.Registration{Name: a.Name, Hostname: a.Hostname, Key: a.Key, ListenPort: a.ListenPort, Endpoints: a.Endpoints,
+			Approval: &store.Approval{OwnerID: a.ByID, Admin: a.ByAdmin}},
+		approver: a.By, remoteIP: a.RemoteIP,
+	})
+	switch {
+	case e == nil:
+		return resp, nil
+	case e.status == http.StatusConflict:
+		return resp, &e.Error // the agent's to fix: web.Mesh's contract
+	default:
+		return resp, errors.New(e.Message) // not a *wire.Error: internal
 	}
-	return wireNode(n, m.s.hub.online(n.ID))
 }
 
 // randomSecret returns n random bytes, base64url without padding.

@@ -113,7 +113,7 @@ type Provider struct {
 	Port    uint16
 }
 
-// Registration describes a node joining with a token.
+// Registration describes a node joining, with a token or by approval.
 type Registration struct {
 	TokenID     string
 	TokenSecret string
@@ -258,12 +258,14 @@ type Store interface {
 	ListTokens(ctx context.Context) ([]Token, error)
 	RevokeToken(ctx context.Context, id string) error
 
-	// RegisterNode validates the token (or the Approval) and creates the node in one
-	// transaction, consuming one use of the token: a single-use token
-	// creates at most one node, however many registrations race.
-	// Re-registering the same name and key with the token that created the
-	// node is idempotent and consumes nothing (an agent retrying after a
-	// lost answer).
+	// RegisterNode validates the token (or the Approval) and creates the
+	// node in one transaction, consuming one use of the token: a
+	// single-use token creates at most one node, however many
+	// registrations race. Re-registering the same name and key gives the
+	// node a new secret and keeps its ID and addresses: with the token that
+	// created it, that consumes nothing, even once the token has expired
+	// or been used up (an agent retrying after a lost answer); with
+	// another token, it takes one use of that token.
 	RegisterNode(ctx context.Context, r Registration) (RegisterResult, error)
 	GetNode(ctx context.Context, id wire.NodeID) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)

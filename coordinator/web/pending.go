@@ -38,6 +38,14 @@ type PendingRequest struct {
 	RemoteIP   string
 }
 
+// Approved is a pending request a person approved: they own the node.
+type Approved struct {
+	PendingRequest
+	By      string // the approver's username
+	ByID    int64
+	ByAdmin bool // may renew a node of the same name and key that another user owns
+}
+
 type pendingState int
 
 const (
@@ -207,32 +215,25 @@ func (c *Console) decide(ctx context.Context, p *pending, v *viewer, approve boo
 		c.Record(store.Event{Kind: store.EventDeny, Actor: v.Username, Node: p.req.Name, Message: "denied node " + p.req.Name + " from " + p.req.RemoteIP, OwnerID: v.ID})
 		return "", nil
 	}
-	secret := randomString(32)
-	res, err := c.store.RegisterNode(ctx, store.Registration{
-		Now: c.now(), Name: p.req.Name, Hostname: p.req.Hostname, Key: p.req.Key,
-		ListenPort: p.req.ListenPort, Endpoints: p.req.Endpoints, SecretHash: store.HashSecret(secret),
-		Approval: &store.Approval{OwnerID: v.ID, Admin: v.Admin},
-	})
+	resp, err := c.mesh.RegisterNode(ctx, Approved{PendingRequest: p.req, By: v.Username, ByID: v.ID, ByAdmin: v.Admin})
+	var refused *wire.Error
 	switch {
 	case err == nil:
-	case errors.Is(err, store.ErrNameInUse):
-		p.state, p.failCode = failed, wire.ErrCodeNameInUse
-		p.failMsg = fmt.Sprintf("the name %q is taken by another node; start the agent with another --name", p.req.Name)
+	case errors.As(err, &refused):
+		p.state, p.failCode, p.failMsg = failed, refused.Code, refused.Message
 		close(p.done)
-		return fmt.Sprintf("The name %q is taken by another node; the agent was told to choose another name.", p.req.Name), nil
-	case errors.Is(err, store.ErrKeyInUse):
-		p.state, p.failCode = failed, wire.ErrCodeConflict
-		p.failMsg = "this node's key is already registered under another name; keep the old name or start with a fresh state directory"
-		close(p.done)
-		return "This node's key is already registered under another name.", nil
+		switch refused.Code {
+		case wire.ErrCodeNameInUse:
+			return fmt.Sprintf("The name %q is taken by another node; the agent was told to choose another name.", p.req.Name), nil
+		case wire.ErrCodeConflict:
+			return "This node's key is already registered under another name.", nil
+		}
+		return "The node could not be registered; the agent was told: " + refused.Message, nil
 	default:
 		return "", err
 	}
-	wn := c.mesh.NodeRegistered(res.Node)
 	p.state = approved
-	p.resp = wire.RegisterResponse{Node: wn, NodeSecret: secret, Domain: c.cfg.Domain}
+	p.resp = resp
 	close(p.done)
-	c.log.Info("registration approved", "name", p.req.Name, "node_id", res.Node.ID, "by", v.Username)
-	c.Record(store.Event{Kind: store.EventApprove, Actor: v.Username, Node: p.req.Name, Message: "approved node " + p.req.Name + " from " + p.req.RemoteIP, OwnerID: v.ID})
 	return "", nil
 }

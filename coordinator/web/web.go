@@ -54,9 +54,11 @@ type Mesh interface {
 	RemoveNode(ctx context.Context, id wire.NodeID, ev store.Event) error
 	// CreateToken mints a join token and returns its string.
 	CreateToken(ctx context.Context, o TokenRequest) (string, error)
-	// NodeRegistered is told about a node the console registered (an
-	// approval); it wakes map streams and returns the node as agents see it.
-	NodeRegistered(n store.Node) wire.Node
+	// RegisterNode registers the node of an approved request, the same
+	// way a join token registers one, and returns the agent's answer. A
+	// refusal the agent must hear (the name or the key is taken) is a
+	// *wire.Error; any other error is internal.
+	RegisterNode(ctx context.Context, a Approved) (wire.RegisterResponse, error)
 	// Relays returns the relays every network map lists now, in order of
 	// preference: the embedded relay (unless disabled), then the
 	// standalone relays online. A relay coming or going is a change of the
@@ -94,8 +96,7 @@ type Config struct {
 	Store store.Store
 	Mesh  Mesh
 	// URL returns the coordinator's public base URL.
-	URL    func() string
-	Domain string
+	URL func() string
 	// Logger receives structured logs; nil discards.
 	Logger *slog.Logger
 	// PollWait is how long a registration poll is held; default 30s.
