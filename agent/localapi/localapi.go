@@ -5,13 +5,10 @@
 package localapi
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -19,6 +16,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/meshlink/meshlink/internal/unixhttp"
 )
 
 // SocketName is the socket's file name inside the state directory.
@@ -186,89 +185,63 @@ type Error struct {
 
 // Client talks to an agent's socket.
 type Client struct {
-	stateDir string
-	http     *http.Client
+	api *unixhttp.Client
 }
 
 // NewClient returns a client for the agent whose state directory is dir.
 func NewClient(dir string) *Client {
-	sock := filepath.Join(dir, SocketName)
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}}
-	return &Client{stateDir: dir, http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
-}
-
-func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, body)
-	if err != nil {
-		return err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
-			return fmt.Errorf("no agent is running with --state %s; start one with `meshlink agent --state %s`", c.stateDir, c.stateDir)
-		}
-		if errors.Is(err, os.ErrPermission) {
-			return fmt.Errorf("cannot reach the agent with --state %s: %w (run as the agent's user)", c.stateDir, err)
-		}
-		return fmt.Errorf("agent API: %w", err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return fmt.Errorf("agent API: %w", err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var e Error
-		if json.Unmarshal(b, &e) == nil && e.Message != "" {
-			return errors.New(e.Message)
-		}
-		return fmt.Errorf("agent API answered %s", resp.Status)
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			return fmt.Errorf("agent API: bad answer: %w", err)
-		}
-	}
-	return nil
+	return &Client{api: unixhttp.New(unixhttp.Config{
+		Socket: filepath.Join(dir, SocketName),
+		Host:   "agent",
+		Name:   "agent API",
+		Unreachable: func(err error) error {
+			if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
+				return fmt.Errorf("no agent is running with --state %s; start one with `meshlink agent --state %s`", dir, dir)
+			}
+			if errors.Is(err, os.ErrPermission) {
+				return fmt.Errorf("cannot reach the agent with --state %s: %w (run as the agent's user)", dir, err)
+			}
+			return fmt.Errorf("agent API: %w", err)
+		},
+		Refused: func(resp *http.Response, body []byte) error {
+			var e Error
+			if json.Unmarshal(body, &e) == nil && e.Message != "" {
+				return errors.New(e.Message)
+			}
+			return fmt.Errorf("agent API answered %s", resp.Status)
+		},
+	})}
 }
 
 // Status returns the agent's status.
 func (c *Client) Status(ctx context.Context) (*Status, error) {
 	var s Status
-	return &s, c.do(ctx, http.MethodGet, PathStatus, nil, &s)
+	return &s, c.api.Do(ctx, http.MethodGet, PathStatus, nil, &s)
 }
 
 // Services returns what the agent consumes and exports.
 func (c *Client) Services(ctx context.Context) (*Services, error) {
 	var s Services
-	return &s, c.do(ctx, http.MethodGet, PathServices, nil, &s)
+	return &s, c.api.Do(ctx, http.MethodGet, PathServices, nil, &s)
 }
 
 // Expose exports a service.
 func (c *Client) Expose(ctx context.Context, r ExposeRequest) (*ExposeResponse, error) {
 	var out ExposeResponse
-	return &out, c.do(ctx, http.MethodPost, PathExpose, r, &out)
+	return &out, c.api.Do(ctx, http.MethodPost, PathExpose, r, &out)
 }
 
 // Unexpose stops exporting a service.
 func (c *Client) Unexpose(ctx context.Context, name string) error {
-	return c.do(ctx, http.MethodPost, PathUnexpose, UnexposeRequest{Name: name}, nil)
+	return c.api.Do(ctx, http.MethodPost, PathUnexpose, UnexposeRequest{Name: name}, nil)
 }
 
 // Ping sends one round of disco pings to node over every path.
 func (c *Client) Ping(ctx context.Context, node string, timeout time.Duration) ([]PingResult, error) {
 	var out []PingResult
 	q := url.Values{"node": {node}, "timeout": {timeout.String()}}
-	return out, c.do(ctx, http.MethodGet, PathPing+"?"+q.Encode(), nil, &out)
+	// Not "return out, Do(…, &out)": the spec leaves open whether out is
+	// read before or after the call fills it.
+	err := c.api.Do(ctx, http.MethodGet, PathPing+"?"+q.Encode(), nil, &out)
+	return out, err
 }
