@@ -1,20 +1,17 @@
 package coordinator
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/unixhttp"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -129,113 +126,88 @@ func (s *Server) adminHandler() http.Handler {
 	return s.track(mux)
 }
 
-// adminCall does one request on the admin socket of dataDir, decoding a
-// 2xx answer into out and anything else into a *wire.Error.
-func adminCall(ctx context.Context, dataDir, method, path string, in, out any) error {
-	sock := filepath.Join(dataDir, adminSocket)
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		},
-		DisableKeepAlives: true,
-	}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 30 * time.Second}
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://meshlink-admin"+path, body)
-	if err != nil {
-		return err
-	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("no coordinator is running with --data %s; start `meshlink coordinator --data %s` first", dataDir, dataDir)
-		}
-		return fmt.Errorf("coordinator admin socket %s: %w", sock, err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return fmt.Errorf("coordinator admin socket %s: %w", sock, err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var we wire.Error
-		if json.Unmarshal(raw, &we) == nil && we.Code != "" {
-			return &we
-		}
-		return fmt.Errorf("coordinator admin socket: %s", resp.Status)
-	}
-	if out != nil {
-		if err := json.Unmarshal(raw, out); err != nil {
-			return fmt.Errorf("coordinator admin socket: bad answer: %w", err)
-		}
-	}
-	return nil
+// AdminClient talks to the admin socket of a coordinator running on this
+// machine, as agent/localapi.Client talks to an agent's socket; the CLI's
+// coordinator commands (token create, relays) use it.
+type AdminClient struct {
+	api *unixhttp.Client
 }
 
-// CreateTokenViaAdminSocket asks the coordinator running with dataDir for a
-// join token.
-func CreateTokenViaAdminSocket(ctx context.Context, dataDir string, o TokenOptions) (string, error) {
+// NewAdminClient returns a client for the coordinator whose data directory
+// is dataDir.
+func NewAdminClient(dataDir string) *AdminClient {
+	sock := filepath.Join(dataDir, adminSocket)
+	return &AdminClient{api: unixhttp.New(unixhttp.Config{
+		Socket: sock,
+		Host:   "meshlink-admin",
+		Name:   "coordinator admin socket",
+		Unreachable: func(err error) error {
+			if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+				return fmt.Errorf("no coordinator is running with --data %s; start `meshlink coordinator --data %s` first", dataDir, dataDir)
+			}
+			return fmt.Errorf("coordinator admin socket %s: %w", sock, err)
+		},
+		Refused: func(resp *http.Response, body []byte) error {
+			var we wire.Error
+			if json.Unmarshal(body, &we) == nil && we.Code != "" {
+				return &we
+			}
+			return fmt.Errorf("coordinator admin socket: %s", resp.Status)
+		},
+	})}
+}
+
+// CreateToken asks for a join token and returns it as printed for users.
+func (c *AdminClient) CreateToken(ctx context.Context, o TokenOptions) (string, error) {
 	var resp adminTokenResponse
-	if err := adminCall(ctx, dataDir, http.MethodPost, adminPathTokens, o, &resp); err != nil {
+	if err := c.api.Do(ctx, http.MethodPost, adminPathTokens, o, &resp); err != nil {
 		return "", err
 	}
 	return resp.Token, nil
 }
 
-// ListTokensViaAdminSocket lists every join token (never their secrets).
-func ListTokensViaAdminSocket(ctx context.Context, dataDir string) ([]wire.TokenInfo, error) {
+// Tokens lists every join token (never their secrets).
+func (c *AdminClient) Tokens(ctx context.Context) ([]wire.TokenInfo, error) {
 	var toks []wire.TokenInfo
-	err := adminCall(ctx, dataDir, http.MethodGet, adminPathTokens, nil, &toks)
+	err := c.api.Do(ctx, http.MethodGet, adminPathTokens, nil, &toks)
 	return toks, err
 }
 
-// RevokeTokenViaAdminSocket revokes the token with the given id; nodes it
-// already created stay.
-func RevokeTokenViaAdminSocket(ctx context.Context, dataDir, id string) error {
-	return adminCall(ctx, dataDir, http.MethodDelete, adminPathTokens+"/"+url.PathEscape(id), nil, nil)
+// RevokeToken revokes the token with the given id; nodes it already
+// created stay.
+func (c *AdminClient) RevokeToken(ctx context.Context, id string) error {
+	return c.api.Do(ctx, http.MethodDelete, adminPathTokens+"/"+url.PathEscape(id), nil, nil)
 }
 
-// ListNodesViaAdminSocket lists every node of the coordinator running with dataDir.
-func ListNodesViaAdminSocket(ctx context.Context, dataDir string) ([]wire.Node, error) {
+// Nodes lists every node.
+func (c *AdminClient) Nodes(ctx context.Context) ([]wire.Node, error) {
 	var nodes []wire.Node
-	err := adminCall(ctx, dataDir, http.MethodGet, adminPathNodes, nil, &nodes)
+	err := c.api.Do(ctx, http.MethodGet, adminPathNodes, nil, &nodes)
 	return nodes, err
 }
 
-// ListServicesViaAdminSocket lists the services that have at least one provider.
-func ListServicesViaAdminSocket(ctx context.Context, dataDir string) ([]wire.Service, error) {
+// RemoveNode removes the node called name; its peers lose it within a
+// second.
+func (c *AdminClient) RemoveNode(ctx context.Context, name string) error {
+	return c.api.Do(ctx, http.MethodDelete, adminPathNodes+"/"+url.PathEscape(name), nil, nil)
+}
+
+// Services lists the services that have at least one provider.
+func (c *AdminClient) Services(ctx context.Context) ([]wire.Service, error) {
 	var svcs []wire.Service
-	err := adminCall(ctx, dataDir, http.MethodGet, adminPathServices, nil, &svcs)
+	err := c.api.Do(ctx, http.MethodGet, adminPathServices, nil, &svcs)
 	return svcs, err
 }
 
-// ListRelaysViaAdminSocket lists the relays network maps carry now.
-func ListRelaysViaAdminSocket(ctx context.Context, dataDir string) ([]wire.Relay, error) {
+// Relays lists the relays network maps carry now.
+func (c *AdminClient) Relays(ctx context.Context) ([]wire.Relay, error) {
 	var rs []wire.Relay
-	err := adminCall(ctx, dataDir, http.MethodGet, adminPathRelays, nil, &rs)
+	err := c.api.Do(ctx, http.MethodGet, adminPathRelays, nil, &rs)
 	return rs, err
 }
 
-// RemoveRelayViaAdminSocket removes a standalone relay: it is unlisted at
-// once and its credentials stop working.
-func RemoveRelayViaAdminSocket(ctx context.Context, dataDir, name string) error {
-	return adminCall(ctx, dataDir, http.MethodDelete, adminPathRelays+"/"+url.PathEscape(name), nil, nil)
-}
-
-// RemoveNodeViaAdminSocket removes the node called name; its peers lose it
-// within a second.
-func RemoveNodeViaAdminSocket(ctx context.Context, dataDir, name string) error {
-	return adminCall(ctx, dataDir, http.MethodDelete, adminPathNodes+"/"+url.PathEscape(name), nil, nil)
+// RemoveRelay removes a standalone relay: it is unlisted at once and its
+// credentials stop working.
+func (c *AdminClient) RemoveRelay(ctx context.Context, name string) error {
+	return c.api.Do(ctx, http.MethodDelete, adminPathRelays+"/"+url.PathEscape(name), nil, nil)
 }

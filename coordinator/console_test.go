@@ -358,7 +358,7 @@ func TestConsoleOwnership(t *testing.T) {
 	}
 	newBrowser(t, s).login("carol", m[1])
 	// Tokens from the admin socket belong to the first admin.
-	tokStr, err := CreateTokenViaAdminSocket(ctx, s.cfg.DataDir, TokenOptions{})
+	tokStr, err := NewAdminClient(s.cfg.DataDir).CreateToken(ctx, TokenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

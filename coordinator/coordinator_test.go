@@ -358,7 +358,7 @@ func TestEphemeralOfflineNameIsReplaced(t *testing.T) {
 func TestAdminSocket(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
-	if _, err := CreateTokenViaAdminSocket(ctx, dir, TokenOptions{}); err == nil || !strings.Contains(err.Error(), "no coordinator is running with --data "+dir) {
+	if _, err := NewAdminClient(dir).CreateToken(ctx, TokenOptions{}); err == nil || !strings.Contains(err.Error(), "no coordinator is running with --data "+dir) {
 		t.Fatalf("missing socket: %v", err)
 	}
 	// A stale socket file nobody answers on is cleaned up.
@@ -368,7 +368,7 @@ func TestAdminSocket(t *testing.T) {
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close()
-	if _, err := CreateTokenViaAdminSocket(ctx, dir, TokenOptions{}); err == nil || !strings.Contains(err.Error(), "no coordinator is running") {
+	if _, err := NewAdminClient(dir).CreateToken(ctx, TokenOptions{}); err == nil || !strings.Contains(err.Error(), "no coordinator is running") {
 		t.Fatalf("stale socket: %v", err)
 	}
 
@@ -377,7 +377,7 @@ func TestAdminSocket(t *testing.T) {
 	if err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("admin socket mode: %v %v", fi.Mode(), err)
 	}
-	str, err := CreateTokenViaAdminSocket(ctx, dir, TokenOptions{Reusable: true, Expires: time.Hour, Tags: []string{"tag:ci"}})
+	str, err := NewAdminClient(dir).CreateToken(ctx, TokenOptions{Reusable: true, Expires: time.Hour, Tags: []string{"tag:ci"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,20 +391,20 @@ func TestAdminSocket(t *testing.T) {
 	c := pinnedClient(t, jt.Fingerprint, false)
 	register(t, c, jt, "via-admin")
 
-	nodes, err := ListNodesViaAdminSocket(ctx, dir)
+	nodes, err := NewAdminClient(dir).Nodes(ctx)
 	if err != nil || len(nodes) != 1 || nodes[0].Name != "via-admin" || nodes[0].Tags[0] != "tag:ci" {
 		t.Fatalf("list nodes: %+v %v", nodes, err)
 	}
-	if err := RemoveNodeViaAdminSocket(ctx, dir, "nope"); err == nil {
+	if err := NewAdminClient(dir).RemoveNode(ctx, "nope"); err == nil {
 		t.Fatal("removing an unknown node succeeded")
 	}
-	if err := RemoveNodeViaAdminSocket(ctx, dir, "via-admin"); err != nil {
+	if err := NewAdminClient(dir).RemoveNode(ctx, "via-admin"); err != nil {
 		t.Fatal(err)
 	}
-	if nodes, _ := ListNodesViaAdminSocket(ctx, dir); len(nodes) != 0 {
+	if nodes, _ := NewAdminClient(dir).Nodes(ctx); len(nodes) != 0 {
 		t.Fatalf("node not removed: %+v", nodes)
 	}
-	if svcs, err := ListServicesViaAdminSocket(ctx, dir); err != nil || len(svcs) != 0 {
+	if svcs, err := NewAdminClient(dir).Services(ctx); err != nil || len(svcs) != 0 {
 		t.Fatalf("services: %v %v", svcs, err)
 	}
 
@@ -534,7 +534,7 @@ func TestAdminRemoveEndsStreamAndRevokes(t *testing.T) {
 	sb := openMap(t, c, s.URL(), b)
 	sa.next(t, time.Second, "full", func(m wire.MapResponse) bool { return m.Full != nil })
 	sb.next(t, time.Second, "full", func(m wire.MapResponse) bool { return m.Full != nil })
-	if err := RemoveNodeViaAdminSocket(ctx, dir, "b"); err != nil {
+	if err := NewAdminClient(dir).RemoveNode(ctx, "b"); err != nil {
 		t.Fatal(err)
 	}
 	sa.next(t, time.Second, "b removed", func(m wire.MapResponse) bool { return len(m.PeersRemoved) == 1 && m.PeersRemoved[0] == b.ID })
@@ -548,11 +548,11 @@ func TestAdminRemoveEndsStreamAndRevokes(t *testing.T) {
 		t.Fatalf("removed node's map call: %d %s", st, body)
 	}
 
-	toks, err := ListTokensViaAdminSocket(ctx, dir)
+	toks, err := NewAdminClient(dir).Tokens(ctx)
 	if err != nil || len(toks) != 1 || toks[0].ID != jt.ID || toks[0].UsesLeft != -1 {
 		t.Fatalf("tokens: %+v %v", toks, err)
 	}
-	if err := RevokeTokenViaAdminSocket(ctx, dir, jt.ID); err != nil {
+	if err := NewAdminClient(dir).RevokeToken(ctx, jt.ID); err != nil {
 		t.Fatal(err)
 	}
 	st, body = call(t, c, s.URL(), wire.PathRegister, nil, wire.RegisterRequest{Version: 1, TokenID: jt.ID, TokenSecret: jt.Secret, Name: "late", NodeKey: newKey(t)})

@@ -135,7 +135,7 @@ func TestStandaloneRelays(t *testing.T) {
 	// its credentials stop working.
 	rmCtx, rmCancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer rmCancel()
-	if err := coordinator.RemoveRelayViaAdminSocket(rmCtx, filepath.Join(m.Dir(), "coord"), otherName); err != nil {
+	if err := coordinator.NewAdminClient(filepath.Join(m.Dir(), "coord")).RemoveRelay(rmCtx, otherName); err != nil {
 		t.Fatal(err)
 	}
 	tstest.WaitForNil(t, 10*time.Second, otherName+" gone from the sites' maps and refused", func() error {

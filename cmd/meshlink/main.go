@@ -291,7 +291,7 @@ func relaysCmd() *cli.Command {
 		Action: func(c *cli.Context) error {
 			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 			defer cancel()
-			rs, err := coordinator.ListRelaysViaAdminSocket(ctx, c.String("data"))
+			rs, err := coordinator.NewAdminClient(c.String("data")).Relays(ctx)
 			if err != nil {
 				return err
 			}
@@ -317,7 +317,7 @@ func relaysCmd() *cli.Command {
 				}
 				ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 				defer cancel()
-				if err := coordinator.RemoveRelayViaAdminSocket(ctx, c.String("data"), c.Args().First()); err != nil {
+				if err := coordinator.NewAdminClient(c.String("data")).RemoveRelay(ctx, c.Args().First()); err != nil {
 					return err
 				}
 				fmt.Printf("relay %s removed\n", c.Args().First())
@@ -381,7 +381,7 @@ func tokenCmd() *cli.Command {
 					}
 					ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 					defer cancel()
-					tok, err := coordinator.CreateTokenViaAdminSocket(ctx, c.String("data"), coordinator.TokenOptions{
+					tok, err := coordinator.NewAdminClient(c.String("data")).CreateToken(ctx, coordinator.TokenOptions{
 						Reusable: c.Bool("reusable"), Ephemeral: c.Bool("ephemeral"), Expires: c.Duration("expires"), Tags: tags,
 						Relay: c.Bool("relay"),
 					})
