@@ -70,10 +70,11 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle(wire.PathEndpoints, s.handle(s.serveEndpoints))
 	mux.Handle(wire.PathLeave, s.handle(s.serveLeave))
 	mux.Handle(wire.PathTokenInspect, s.handle(s.serveTokenInspect))
-	// The relay upgrades to its own protocol; it checks method and headers
-	// itself and blocks for the connection's life, tracked like a request.
 	mux.Handle(wire.PathRelayRegister, s.handle(s.serveRelayRegister))
 	mux.Handle(wire.PathRelayNodes, s.handle(s.serveRelayNodes))
+	// The embedded relay upgrades to its own protocol; it checks method and
+	// headers itself and blocks for the connection's life, tracked like a
+	// request.
 	if s.cfg.NoEmbeddedRelay {
 		mux.HandleFunc(relay.Path, func(w http.ResponseWriter, r *http.Request) {
 			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "this coordinator's embedded relay is off (--relay=false); use a relay from the network map"))
@@ -162,7 +163,8 @@ func endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []net
 }
 
 // recordRegisterFailures puts refused registrations into the console's
-// event log: rejected tokens and name conflicts, not malformed requests.
+// event log: rejected tokens (401) and a name or key already taken (409),
+// not malformed requests.
 func (s *Server) recordRegisterFailures(f handlerFunc) handlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) *apiError {
 		e := f(w, r)

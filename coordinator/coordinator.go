@@ -1,6 +1,7 @@
-// Package coordinator is meshlink's control plane: it registers nodes with
-// join tokens, keeps nodes, services and their VIPs in a store, and streams
-// each connected agent its network map as a full map followed by deltas.
+// Package coordinator is meshlink's control plane: it registers nodes (with
+// a join token, or approved in the web console), keeps nodes, services and
+// their VIPs in a store, and streams each connected agent its network map
+// as a full map followed by deltas.
 //
 // Server is embeddable: cmd/meshlink and tests build a Config, call New and
 // Start, and Close when done.
@@ -47,8 +48,8 @@ type Config struct {
 	// Listen is the HTTPS address, "10.0.0.1:8443"; "127.0.0.1:0" picks a
 	// free port. Default ":8443".
 	Listen string
-	// DataDir holds the database, the certificate and the admin socket;
-	// created 0700 if missing.
+	// DataDir holds the database, the certificate, the relay's and the
+	// OIDC cookies' keys and the admin socket; created 0700 if missing.
 	DataDir string
 	// URL is the public base URL put into tokens. Default
 	// https://<listen address> (an unspecified listen address is replaced by
@@ -580,6 +581,8 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		Tags:      tags,
 		Created:   time.Now(),
 	}
+	// No owner: the caller has no console session (the admin socket, an
+	// embedding program). The console records its own event.
 	viaAdminSocket := o.Owner == 0
 	if o.Owner == 0 {
 		owner, err := s.firstAdmin(ctx)

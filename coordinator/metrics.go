@@ -57,8 +57,9 @@ func newMetrics(s *Server) *metrics {
 	return m
 }
 
-// countRegistrations counts each registration by its outcome. Results are
-// wire error codes, a small fixed set.
+// countRegistrations counts each answer on PathRegister by its outcome:
+// "ok" (also for a node told to wait for approval) or the wire error code,
+// a small fixed set. Approvals in the console are not counted.
 func (m *metrics) countRegistrations(f handlerFunc) handlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) *apiError {
 		e := f(w, r)

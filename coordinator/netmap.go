@@ -13,10 +13,11 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
-// hub is the fan-out point of the control plane. Every change bumps a
-// generation and wakes every map stream; each stream then computes its
-// node's desired map and diffs it against what it last sent. A burst of
-// changes coalesces into one wake-up for a stream that is busy writing.
+// hub is the fan-out point of the control plane. Every committed change
+// bumps a generation and wakes every map stream (and every relay's node-key
+// stream); each stream then computes its node's desired map and diffs it
+// against what it last sent. A burst of changes coalesces into one wake-up
+// for a stream that is busy writing.
 type hub struct {
 	mu      sync.Mutex // guards the fields below
 	gen     uint64
@@ -153,8 +154,9 @@ type snapshot struct {
 
 // current returns the snapshot of the current generation, building it once
 // for all streams. The generation is read before the store, and changes
-// bump after committing, so a snapshot is never newer than its generation
-// claims; at worst a stream is woken once more than needed.
+// bump after committing (Server.commit), so a snapshot never misses a
+// change its generation claims: it may hold a newer one, whose bump then
+// only rebuilds it once more than needed.
 func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
@@ -252,8 +254,9 @@ func wireNode(n store.Node, online bool) wire.Node {
 }
 
 // diffMaps returns the delta turning prev into cur; IsKeepAlive() if none.
-// Relays are not compared: they are fixed for the coordinator's lifetime and
-// travel in the full map only (a change would need a resync with a new Full).
+// Peers and services travel one by one, changed or removed; the relay list
+// travels whole, in Relays, whenever it differs (a standalone relay came or
+// went), as an empty list rather than nil when none is left.
 func diffMaps(prev, cur *wire.NetworkMap) wire.MapResponse {
 	var m wire.MapResponse
 	if !nodeEqual(prev.Self, cur.Self) {

@@ -138,8 +138,8 @@ type Registration struct {
 type Approval struct {
 	// OwnerID is the approving user, who owns the new node.
 	OwnerID int64
-	// Admin lets the approver re-key a node of the same name and key that
-	// another user owns; members may only renew their own.
+	// Admin lets the approver renew (a new secret, same name and key) a
+	// node that another user owns; members may only renew their own.
 	Admin bool
 }
 

@@ -325,5 +325,3 @@ func (c *Console) events(ctx context.Context, v *viewer, limit int) ([]ViewEvent
 	}
 	return out, nil
 }
-
-var _ = store.MaxEvents
