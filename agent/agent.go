@@ -677,10 +677,9 @@ func (a *Agent) reconfigLocked() {
 		}
 		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port)}
 		for _, pr := range s.Providers {
-			key := strconv.FormatUint(uint64(pr.Node), 10)
 			if pr.Node == nm.Self.ID {
 				if e, ok := local[s.Name]; ok {
-					sc.Targets = append(sc.Targets, proxy.Target{Key: key, Name: nm.Self.Name, Local: e.Target, Online: true})
+					sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: nm.Self.Name, Local: e.Target, Online: true})
 				}
 				continue
 			}
@@ -689,7 +688,7 @@ func (a *Agent) reconfigLocked() {
 				continue
 			}
 			if ip := nodeAddr4(p); ip.IsValid() {
-				sc.Targets = append(sc.Targets, proxy.Target{Key: key, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online})
+				sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online})
 			}
 		}
 		svcs = append(svcs, sc)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/internal/backoff"
+	"github.com/meshlink/meshlink/wire"
 )
 
 // Dialer opens TCP connections across the mesh; *netstack.Stack is one.
@@ -24,9 +25,9 @@ type Dialer interface {
 
 // Target is one provider of a service as a consumer sees it.
 type Target struct {
-	// Key identifies the provider across reconfigs (node ID), so health and
+	// Node identifies the provider across reconfigs, so health and
 	// open-connection counts survive a new network map.
-	Key  string
+	Node wire.NodeID
 	Name string
 	// Addr is the provider's mesh address and port.
 	Addr netip.AddrPort
@@ -60,11 +61,14 @@ type ConsumerConfig struct {
 type Consumer struct {
 	cfg ConsumerConfig
 	log *slog.Logger
+	// ctx is cancelled by Close: dials to providers in flight give up.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	mu       sync.Mutex // guards the fields below
 	services map[string]*service
-	health   map[string]*health    // by Target.Key; survives reconfigs
-	conns    map[net.Conn]struct{} // local side of every open connection
+	health   map[wire.NodeID]*health // by Target.Node; survives reconfigs
+	conns    map[net.Conn]struct{}   // local side of every open connection
 	closed   bool
 
 	wg sync.WaitGroup // accept loops and connections
@@ -103,24 +107,30 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
 	return &Consumer{
 		cfg:      cfg,
 		log:      log.With("subsystem", "proxy"),
+		ctx:      ctx,
+		cancel:   cancel,
 		services: map[string]*service{},
-		health:   map[string]*health{},
+		health:   map[wire.NodeID]*health{},
 		conns:    map[net.Conn]struct{}{},
 	}
 }
 
 // Reconfig applies the desired set of services whole: listeners for services
 // that went away are closed (their open connections go on), new ones are
-// opened, and target lists are swapped in place.
-func (c *Consumer) Reconfig(want []ServiceConfig) {
+// opened, and target lists are swapped in place. Everything else is applied
+// even when a listener cannot be opened; the error names those that could
+// not, and calling Reconfig again retries them.
+func (c *Consumer) Reconfig(want []ServiceConfig) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
-		return
+		return nil
 	}
+	var errs []error
 	keep := map[string]bool{}
 	for _, w := range want {
 		keep[w.Name] = true
@@ -136,8 +146,8 @@ func (c *Consumer) Reconfig(want []ServiceConfig) {
 		t := slices.Clone(w.Targets)
 		s.targets.Store(&t)
 		for _, tg := range t {
-			if c.health[tg.Key] == nil {
-				c.health[tg.Key] = &health{}
+			if c.health[tg.Node] == nil {
+				c.health[tg.Node] = &health{}
 			}
 		}
 		if s.ln == nil {
@@ -149,6 +159,7 @@ func (c *Consumer) Reconfig(want []ServiceConfig) {
 					c.log.Error("cannot listen for service; is another program or agent using this address? give agents distinct --proxy-range", "service", w.Name, "addr", w.Listen, "err", err)
 				}
 				s.err = err
+				errs = append(errs, fmt.Errorf("proxy: service %s: %w", w.Name, err))
 				continue
 			}
 			s.ln, s.err = ln, nil
@@ -163,6 +174,7 @@ func (c *Consumer) Reconfig(want []ServiceConfig) {
 			delete(c.services, name)
 		}
 	}
+	return errors.Join(errs...)
 }
 
 func (c *Consumer) stopLocked(s *service) {
@@ -237,7 +249,7 @@ func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
 	}
 	var errs []error
 	for i, t := range targets {
-		h := c.healthOf(t.Key)
+		h := c.healthOf(t.Node)
 		h.open.Add(1)
 		timeout := c.cfg.DialTimeout
 		if i == len(targets)-1 {
@@ -267,7 +279,7 @@ func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
 }
 
 func (c *Consumer) dial(t Target, timeout time.Duration) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(c.ctx, timeout)
 	defer cancel()
 	if t.Local != "" {
 		var d net.Dialer
@@ -276,13 +288,13 @@ func (c *Consumer) dial(t Target, timeout time.Duration) (net.Conn, error) {
 	return c.cfg.Dialer.DialTCP(ctx, t.Addr)
 }
 
-func (c *Consumer) healthOf(key string) *health {
+func (c *Consumer) healthOf(node wire.NodeID) *health {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	h := c.health[key]
+	h := c.health[node]
 	if h == nil {
 		h = &health{}
-		c.health[key] = h
+		c.health[node] = h
 	}
 	return h
 }
@@ -300,7 +312,7 @@ func (c *Consumer) order(ts []Target) []Target {
 	}
 	cs := make([]cand, len(ts))
 	for i, t := range ts {
-		h := c.healthOf(t.Key)
+		h := c.healthOf(t.Node)
 		h.mu.Lock()
 		bad := now.Before(h.failUntil)
 		h.mu.Unlock()
@@ -367,7 +379,7 @@ func (c *Consumer) Status() []ServiceStatus {
 			st.Error = s.err.Error()
 		}
 		for _, t := range *s.targets.Load() {
-			h := c.health[t.Key]
+			h := c.health[t.Node]
 			ps := ProviderStatus{Name: t.Name, Addr: t.Addr, Local: t.Local != "", Online: t.Online || t.Local != "", Healthy: true}
 			if h != nil {
 				h.mu.Lock()
@@ -384,9 +396,10 @@ func (c *Consumer) Status() []ServiceStatus {
 	return out
 }
 
-// Close stops every listener and closes every open connection; Wait then
-// waits for their goroutines.
+// Close stops every listener, cancels dials in flight and closes every open
+// connection; Wait then waits for their goroutines. It is idempotent.
 func (c *Consumer) Close() {
+	c.cancel()
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()

@@ -42,6 +42,10 @@ type Provider struct {
 	cfg     ProviderConfig
 	log     *slog.Logger
 	exports atomic.Pointer[map[uint16]*export]
+	// ctx is the context of every dial to a target; Close cancels it, so
+	// a provider going away does not wait out dials to slow targets.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	mu     sync.Mutex              // guards the fields below
 	stats  map[string]*exportStats // by service name; survives SetExports
@@ -71,7 +75,9 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), stats: map[string]*exportStats{}, conns: map[net.Conn]struct{}{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), ctx: ctx, cancel: cancel,
+		stats: map[string]*exportStats{}, conns: map[net.Conn]struct{}{}}
 	empty := map[uint16]*export{}
 	p.exports.Store(&empty)
 	return p
@@ -113,7 +119,7 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 		req.Reject()
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DialTimeout)
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.DialTimeout)
 	var d net.Dialer
 	target, err := d.DialContext(ctx, "tcp", e.Target)
 	cancel()
@@ -192,8 +198,10 @@ func (p *Provider) Status() []ExportStatus {
 	return out
 }
 
-// Close closes every open connection and waits for them.
+// Close cancels dials in flight, closes every open connection and waits
+// for them. It is idempotent.
 func (p *Provider) Close() {
+	p.cancel()
 	p.mu.Lock()
 	p.closed = true
 	for c := range p.conns {

@@ -84,7 +84,7 @@ func newConsumer(t *testing.T, d Dialer, targets []Target) string {
 func TestLeastOpenConnections(t *testing.T) {
 	a, b := netip.MustParseAddrPort("100.96.0.1:80"), netip.MustParseAddrPort("100.96.0.2:80")
 	d := kernelDialer{a: greeter(t, "a"), b: greeter(t, "b")}
-	addr := newConsumer(t, d, []Target{{Key: "1", Name: "a", Addr: a, Online: true}, {Key: "2", Name: "b", Addr: b, Online: true}})
+	addr := newConsumer(t, d, []Target{{Node: 1, Name: "a", Addr: a, Online: true}, {Node: 2, Name: "b", Addr: b, Online: true}})
 	seen := map[string]int{}
 	for i := 0; i < 6; i++ {
 		c, who := greet(t, addr)
@@ -105,7 +105,7 @@ func TestFailoverSkipsDeadProvider(t *testing.T) {
 	listen := netip.MustParseAddrPort(ln.Addr().String())
 	ln.Close()
 	cons.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{
-		{Key: "9", Name: "dead", Addr: dead, Online: true}, {Key: "2", Name: "live", Addr: live, Online: true}}}})
+		{Node: 9, Name: "dead", Addr: dead, Online: true}, {Node: 2, Name: "live", Addr: live, Online: true}}}})
 	for i := 0; i < 5; i++ {
 		c, who := greet(t, listen.String())
 		c.Close()
@@ -121,7 +121,7 @@ func TestFailoverSkipsDeadProvider(t *testing.T) {
 }
 
 func TestNoProviderClosesAtOnce(t *testing.T) {
-	addr := newConsumer(t, kernelDialer{}, []Target{{Key: "1", Name: "x", Addr: netip.MustParseAddrPort("100.96.0.1:1"), Online: true}})
+	addr := newConsumer(t, kernelDialer{}, []Target{{Node: 1, Name: "x", Addr: netip.MustParseAddrPort("100.96.0.1:1"), Online: true}})
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
