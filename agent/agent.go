@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
+	"github.com/meshlink/meshlink/agent/wgcfg"
 	"github.com/meshlink/meshlink/dns"
 	"github.com/meshlink/meshlink/internal/backoff"
 	"github.com/meshlink/meshlink/internal/key"
@@ -127,16 +129,22 @@ type Agent struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	// retry asks retryLoop to apply the desired state again after a part
+	// failed to apply (buffered: one request pending is enough).
+	retry chan struct{}
+
+	goMu     sync.Mutex     // guards goClosed and wg.Add (see goroutine)
+	goClosed bool           // Close has begun: no new goroutines
+	wg       sync.WaitGroup // every goroutine started by goroutine
 
 	mu         sync.Mutex // guards the fields below
 	node       nodeState
 	nm         wire.NetworkMap
 	haveMap    bool
 	exports    []Export
-	announced  map[string]bool           // exports the coordinator has confirmed
-	wgPeers    map[key.Public]wgPeer     // what WireGuard is configured with
-	byAddr     map[netip.Addr]*wire.Node // peers by mesh address, for policy
+	announced  map[string]bool  // exports the coordinator has confirmed
+	applier    *applier         // nil before Start has the parts up
+	stun       []netip.AddrPort // the coordinator's STUN address, resolved at Start
 	listenPort uint16
 	connected  bool
 	lastErr    string
@@ -144,10 +152,6 @@ type Agent struct {
 	closed     bool
 
 	syncMu sync.Mutex // serialises export announcements
-}
-
-type wgPeer struct {
-	allowed string
 }
 
 // New checks the configuration and state directory. It opens nothing on
@@ -189,7 +193,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, wgPeers: map[key.Public]wgPeer{},
+	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, retry: make(chan struct{}, 1),
 		gateIn: netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
 	var err error
 	if a.state, err = openStateDir(cfg.StateDir); err != nil {
@@ -318,7 +322,6 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("agent: %w", err)
 	}
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow})
-	a.provider.SetExports(a.exports)
 	a.stack.SetTCPHandler(a.provider.HandleTCP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 
@@ -346,26 +349,24 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	}
 	cc := newControlClient(a.node.URL, a.node.Fingerprint)
 	cc.nodeID, cc.secret = a.node.ID, a.node.Secret
+	stun := a.resolveSTUN()
 
 	a.mu.Lock()
 	a.cc = cc
-	a.setRelayLocked()
-	if a.haveMap {
-		// The data plane comes up from the last map: the coordinator may be down.
-		a.reconfigLocked()
+	a.stun = stun
+	a.applier = &applier{log: a.log, stack: a.stack, dev: a.dev, bind: a.bind, consumer: a.consumer, provider: a.provider}
+	if a.dns != nil {
+		a.applier.dns = a.dns
 	}
+	// With a cached map the data plane comes up from it: the coordinator
+	// may be down. Without one, exports and STUN are set now, the rest
+	// when the first map arrives.
+	a.reconfigLocked()
 	a.mu.Unlock()
 
-	a.setSTUN()
-	a.wg.Add(2)
-	go func() {
-		defer a.wg.Done()
-		a.controlLoop()
-	}()
-	go func() {
-		defer a.wg.Done()
-		a.statsLoop()
-	}()
+	a.goroutine("retry", a.retryLoop)
+	a.goroutine("control", a.controlLoop)
+	a.goroutine("stats", a.statsLoop)
 	a.log.Info("agent started", "name", a.node.Name, "node", a.node.ID, "listen_port", a.listenPort, "dns", a.DNSAddr())
 	return nil
 }
@@ -385,21 +386,21 @@ func (a *Agent) startWireGuard() error {
 		}
 		return fmt.Errorf("agent: start WireGuard on UDP port %d: %w", a.cfg.ListenPort, err)
 	}
-	if err := a.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", a.key.UAPI(), a.cfg.ListenPort)); err != nil {
+	base := wgcfg.Config{PrivateKey: a.key, ListenPort: a.cfg.ListenPort}
+	if err := a.dev.IpcSet(base.ToUAPI()); err != nil {
 		return bindErr(err)
 	}
 	if err := a.dev.Up(); err != nil {
 		return bindErr(err)
 	}
 	get, err := a.dev.IpcGet()
+	if err == nil {
+		var d wgcfg.Device
+		d, err = wgcfg.Parse(get)
+		a.listenPort = d.ListenPort
+	}
 	if err != nil {
 		return fmt.Errorf("agent: read WireGuard state: %w", err)
-	}
-	for _, line := range strings.Split(get, "\n") {
-		if v, ok := strings.CutPrefix(line, "listen_port="); ok {
-			p, _ := strconv.ParseUint(v, 10, 16)
-			a.listenPort = uint16(p)
-		}
 	}
 	if a.listenPort == 0 {
 		return errors.New("agent: WireGuard did not report its UDP port")
@@ -543,11 +544,7 @@ func (a *Agent) controlLoop() {
 			}
 			a.applyMap(m)
 			if m.Full != nil {
-				a.wg.Add(1)
-				go func() {
-					defer a.wg.Done()
-					a.syncExports()
-				}()
+				a.goroutine("sync-exports", a.syncExports)
 			}
 			return nil
 		})
@@ -595,162 +592,93 @@ func (a *Agent) applyMap(m *wire.MapResponse) {
 	}
 }
 
-// reconfigLocked turns the network map into the whole desired configuration
-// of every part and applies it.
-func (a *Agent) reconfigLocked() {
-	nm := &a.nm
-	var addrs []netip.Addr
-	for _, p := range nm.Self.Addresses {
-		addrs = append(addrs, p.Addr())
+// reconfigLocked turns the network map, the exports and the configuration
+// into the whole desired state of every part and applies what changed.
+// What failed is retried by the next reconfig, or by retryLoop if no map
+// comes first. The error is the failure, if any (not errNoChanges).
+func (a *Agent) reconfigLocked() error {
+	if a.applier == nil || a.closed {
+		return nil // before Start has the parts up, or after Close
 	}
-	if err := a.stack.SetAddrs(addrs); err != nil {
-		a.log.Error("cannot set mesh addresses", "err", err)
+	in := desiredInput{Exports: a.exports, Config: a.cfg, Joined: a.node.ID != 0, STUN: a.stun}
+	if a.haveMap {
+		in.Map = &a.nm
 	}
+	d := desiredConfig(in)
+	for _, r := range d.SkippedRelays {
+		a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
+	}
+	switch err := a.applier.apply(d); {
+	case errors.Is(err, errNoChanges):
+		a.log.Debug("reconfig: no changes")
+		return nil
+	case err != nil:
+		a.log.Error("cannot apply the configuration; will retry", "err", err)
+		select {
+		case a.retry <- struct{}{}:
+		default:
+		}
+		return err
+	}
+	return nil
+}
 
-	// WireGuard peers.
-	want := map[key.Public]wgPeer{}
-	var bindPeers []bind.PeerConfig
-	byID := map[wire.NodeID]*wire.Node{}
-	a.byAddr = map[netip.Addr]*wire.Node{}
-	for i := range nm.Peers {
-		p := &nm.Peers[i]
-		if p.ID == nm.Self.ID || p.Key.IsZero() {
-			continue
+// retryLoop applies the desired state again, with backoff, after a part
+// failed to apply and no new map has come to retry it.
+func (a *Agent) retryLoop() {
+	bo := a.retryBackoff()
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-a.retry:
 		}
-		byID[p.ID] = p
-		var allowed []string
-		for _, pfx := range p.Addresses {
-			allowed = append(allowed, pfx.String())
-			a.byAddr[pfx.Addr()] = p
+		if !backoff.Sleep(a.ctx, bo.Next()) {
+			return
 		}
-		want[p.Key] = wgPeer{allowed: strings.Join(allowed, ",")}
-		bindPeers = append(bindPeers, bind.PeerConfig{Key: p.Key, Name: p.Name, Endpoints: p.Endpoints})
-	}
-	a.bind.SetPeers(bindPeers)
-	a.setRelayLocked()
-	var b strings.Builder
-	for k := range a.wgPeers {
-		if _, ok := want[k]; !ok {
-			fmt.Fprintf(&b, "public_key=%s\nremove=true\n", k.UAPI())
+		a.mu.Lock()
+		err := a.reconfigLocked() // asks for another retry if it fails
+		a.mu.Unlock()
+		if err == nil {
+			bo.Reset()
 		}
-	}
-	for k, wp := range want {
-		old, had := a.wgPeers[k]
-		if had && old == wp {
-			continue
-		}
-		fmt.Fprintf(&b, "public_key=%s\n", k.UAPI())
-		// WireGuard gets one virtual endpoint per peer; the bind picks the
-		// path (direct UDP or relay) for every packet.
-		if !had {
-			fmt.Fprintf(&b, "endpoint=%s\n", bind.EndpointString(k))
-		}
-		// No persistent keepalive: it makes both sides initiate a handshake
-		// the moment they learn of each other, the two initiations cross and
-		// each invalidates the other, costing a 5 s rekey timeout before the
-		// first packet gets through. Handshakes are started by traffic.
-		fmt.Fprintf(&b, "replace_allowed_ips=true\n")
-		for _, ip := range strings.Split(wp.allowed, ",") {
-			if ip != "" {
-				fmt.Fprintf(&b, "allowed_ip=%s\n", ip)
-			}
-		}
-	}
-	if b.Len() > 0 {
-		if err := a.dev.IpcSet(b.String()); err != nil {
-			a.log.Error("cannot apply WireGuard peers", "err", err)
-		}
-	}
-	a.wgPeers = want
-
-	// Consumed services.
-	local := map[string]Export{}
-	for _, e := range a.exports {
-		local[e.Name] = e
-	}
-	var svcs []proxy.ServiceConfig
-	zone := dns.Zone{Services: map[string]dns.Service{}, Nodes: map[string][]netip.Addr{}}
-	for _, s := range nm.Services {
-		listen := a.proxyAddr(s.VIP)
-		if !listen.IsValid() || s.Port == 0 {
-			continue
-		}
-		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port)}
-		for _, pr := range s.Providers {
-			if pr.Node == nm.Self.ID {
-				if e, ok := local[s.Name]; ok {
-					sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: nm.Self.Name, Local: e.Target, Online: true})
-				}
-				continue
-			}
-			p := byID[pr.Node]
-			if p == nil {
-				continue
-			}
-			if ip := nodeAddr4(p); ip.IsValid() {
-				sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online})
-			}
-		}
-		svcs = append(svcs, sc)
-		zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port}
-	}
-	a.consumer.Reconfig(svcs)
-
-	for _, n := range append([]wire.Node{nm.Self}, nm.Peers...) {
-		for _, p := range n.Addresses {
-			zone.Nodes[n.Name] = append(zone.Nodes[n.Name], p.Addr())
-		}
-	}
-	if a.dns != nil {
-		a.dns.SetZone(zone)
 	}
 }
 
-func nodeAddr4(n *wire.Node) netip.Addr {
-	for _, p := range n.Addresses {
-		if p.Addr().Is4() {
-			return p.Addr()
-		}
+// goroutine runs fn on a goroutine that Close waits for. Once Close has
+// begun it starts nothing and reports false. It may be called with or
+// without a.mu held.
+func (a *Agent) goroutine(name string, fn func()) bool {
+	a.goMu.Lock()
+	defer a.goMu.Unlock()
+	if a.goClosed {
+		a.log.Debug("agent closing; not starting", "routine", name)
+		return false
 	}
-	if len(n.Addresses) > 0 {
-		return n.Addresses[0].Addr()
-	}
-	return netip.Addr{}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		pprof.Do(context.Background(), pprof.Labels("meshlink", name), func(context.Context) { fn() })
+	}()
+	return true
 }
 
-// setRelayLocked keeps the bind connected to the relays of the network map.
-func (a *Agent) setRelayLocked() {
-	if a.node.ID == 0 {
-		return
-	}
-	var cfgs []bind.RelayConfig
-	for _, r := range a.nm.Relays {
-		if r.Key.IsZero() {
-			a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
-			continue
-		}
-		cfgs = append(cfgs, bind.RelayConfig{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: r.Key,
-			RetryMin: a.cfg.RetryMin, RetryMax: a.cfg.RetryMax})
-	}
-	a.bind.SetRelays(cfgs)
-}
-
-// setSTUN points the bind's STUN requests at the coordinator's UDP port
-// (same host and port number as its HTTPS).
-func (a *Agent) setSTUN() {
+// resolveSTUN finds the coordinator's STUN server: the same host and port
+// number as its HTTPS, over UDP.
+func (a *Agent) resolveSTUN() []netip.AddrPort {
 	u, err := url.Parse(a.node.URL)
 	if err != nil {
-		return
+		return nil
 	}
 	ua, err := net.ResolveUDPAddr("udp", u.Host)
 	if err != nil {
 		a.log.Warn("cannot resolve the coordinator for STUN", "host", u.Host, "err", err)
-		return
+		return nil
 	}
 	ap := ua.AddrPort()
 	// ResolveUDPAddr gives IPv4 in its 16-byte form; the bind's IPv4 socket
 	// wants the plain address.
-	a.bind.SetSTUN([]netip.AddrPort{netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())})
+	return []netip.AddrPort{netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
 }
 
 // onPublicAddr publishes the address STUN learned, so peers behind other
@@ -765,14 +693,12 @@ func (a *Agent) publishEndpoints() {
 	if cc == nil {
 		return
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
+	a.goroutine("publish-endpoints", func() {
 		req := wire.EndpointsRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates()}
 		if err := cc.call(a.ctx, wire.PathEndpoints, req, nil); err != nil {
 			a.log.Debug("cannot publish endpoints now; will on reconnect", "err", err)
 		}
-	}()
+	})
 }
 
 // endpointCandidates is what the node tells the coordinator it may be
@@ -785,43 +711,18 @@ func (a *Agent) endpointCandidates() []netip.AddrPort {
 	return append(out, a.localEndpoints()...)
 }
 
-// proxyAddr maps a service VIP into the agent's proxy range, keeping the
-// VIP's offset inside wire.ServicePrefix.
-func (a *Agent) proxyAddr(vip netip.Addr) netip.Addr {
-	if !vip.Is4() || !wire.ServicePrefix.Contains(vip) {
-		return netip.Addr{}
-	}
-	v, base := vip.As4(), a.cfg.ProxyRange.Addr().As4()
-	off := uint32(v[2])<<8 | uint32(v[3])
-	n := (uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])) + off
-	out := netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
-	if !a.cfg.ProxyRange.Contains(out) {
-		return netip.Addr{}
-	}
-	return out
-}
+// proxyAddr maps a service VIP into the agent's proxy range.
+func (a *Agent) proxyAddr(vip netip.Addr) netip.Addr { return proxyAddr(a.cfg.ProxyRange, vip) }
 
-// allow is the provider's policy check: the source address is bound to a
-// WireGuard key by cryptokey routing, so it names the peer for certain.
+// allow is the provider's policy check, against the policy last applied.
 func (a *Agent) allow(src netip.Addr, service string) (string, bool) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	p := a.byAddr[src.Unmap()]
-	if p == nil {
+	ap := a.applier
+	a.mu.Unlock()
+	if ap == nil {
 		return "", false
 	}
-	for _, s := range a.nm.Services {
-		if s.Name != service {
-			continue
-		}
-		for _, who := range s.AllowedNodes {
-			if who == "*" || who == p.Name || who == strconv.FormatUint(uint64(p.ID), 10) {
-				return p.Name, true
-			}
-		}
-		return p.Name, false
-	}
-	return p.Name, false
+	return ap.policy.Load().allow(src, service)
 }
 
 // control returns the coordinator client; before the node has joined it is
@@ -887,7 +788,9 @@ func (a *Agent) Expose(ctx context.Context, e Export) (Export, string, error) {
 	if err := a.state.saveJSON(fileServices, exports); err != nil {
 		return e, "", err
 	}
-	a.provider.SetExports(exports)
+	a.mu.Lock()
+	a.reconfigLocked()
+	a.mu.Unlock()
 	if err := a.announce(ctx, e); err != nil {
 		if isPermanent(err) {
 			return e, "", err
@@ -913,7 +816,9 @@ func (a *Agent) Unexpose(ctx context.Context, name string) error {
 	if err := a.state.saveJSON(fileServices, exports); err != nil {
 		return err
 	}
-	a.provider.SetExports(exports)
+	a.mu.Lock()
+	a.reconfigLocked()
+	a.mu.Unlock()
 	err := a.control().call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Remove: true}, nil)
 	var ae *apiError
 	if err != nil && !(errors.As(err, &ae) && ae.Code == wire.ErrCodeNotFound) && !isPermanent(err) {
@@ -936,6 +841,9 @@ func (a *Agent) Close() error {
 	}
 	a.closed = true
 	a.mu.Unlock()
+	a.goMu.Lock()
+	a.goClosed = true
+	a.goMu.Unlock()
 	if a.cancel != nil {
 		a.cancel()
 	}

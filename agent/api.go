@@ -10,12 +10,11 @@ import (
 	"net/http"
 	"os"
 	"sort"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/agent/wgcfg"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -117,57 +116,20 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-// wgPeerStats is what WireGuard reports of one peer.
-type wgPeerStats struct {
-	endpoint      string
-	lastHandshake time.Time
-	rx, tx        uint64
-}
-
-// peerStats parses wireguard-go's UAPI "get" output, keyed by hex key.
-func (a *Agent) peerStats() map[string]*wgPeerStats {
-	out := map[string]*wgPeerStats{}
+// peerStats is what WireGuard reports of each peer; empty if it cannot say.
+func (a *Agent) peerStats() map[key.Public]wgcfg.PeerStatus {
+	out := map[key.Public]wgcfg.PeerStatus{}
 	get, err := a.dev.IpcGet()
 	if err != nil {
 		return out
 	}
-	var cur *wgPeerStats
-	var sec, nsec int64
-	flush := func() {
-		if cur != nil && (sec != 0 || nsec != 0) {
-			cur.lastHandshake = time.Unix(sec, nsec)
-		}
-		sec, nsec = 0, 0
+	d, err := wgcfg.Parse(get)
+	if err != nil {
+		a.log.Debug("cannot parse WireGuard state", "err", err)
 	}
-	for _, line := range strings.Split(get, "\n") {
-		k, v, ok := strings.Cut(line, "=")
-		if !ok {
-			continue
-		}
-		switch k {
-		case "public_key":
-			flush()
-			cur = &wgPeerStats{}
-			out[v] = cur
-		case "endpoint":
-			if cur != nil {
-				cur.endpoint = v
-			}
-		case "last_handshake_time_sec":
-			sec, _ = strconv.ParseInt(v, 10, 64)
-		case "last_handshake_time_nsec":
-			nsec, _ = strconv.ParseInt(v, 10, 64)
-		case "rx_bytes":
-			if cur != nil {
-				cur.rx, _ = strconv.ParseUint(v, 10, 64)
-			}
-		case "tx_bytes":
-			if cur != nil {
-				cur.tx, _ = strconv.ParseUint(v, 10, 64)
-			}
-		}
+	for _, p := range d.Peers {
+		out[p.PublicKey] = p
 	}
-	flush()
 	return out
 }
 
@@ -197,8 +159,8 @@ func (a *Agent) Status() localapi.Status {
 			continue
 		}
 		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: bind.PathNone.String()}
-		if s := stats[p.Key.UAPI()]; s != nil {
-			lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.lastHandshake, s.rx, s.tx
+		if s, ok := stats[p.Key]; ok {
+			lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.LastHandshake, s.RxBytes, s.TxBytes
 		}
 		if !p.Key.IsZero() {
 			pp := a.bind.Path(p.Key)

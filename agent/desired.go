@@ -1,0 +1,198 @@
+package agent
+
+import (
+	"net/netip"
+	"strconv"
+
+	"github.com/meshlink/meshlink/agent/bind"
+	"github.com/meshlink/meshlink/agent/proxy"
+	"github.com/meshlink/meshlink/agent/wgcfg"
+	"github.com/meshlink/meshlink/dns"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// Desired is the whole configuration of every part of the agent for one
+// network map, as a value. desiredConfig computes it without touching a
+// device; an applier writes what differs from what is applied.
+type Desired struct {
+	// Addrs are this node's mesh addresses, served by the netstack.
+	Addrs []netip.Addr
+	// WireGuard holds the peers; the device's key and port are set once
+	// when it starts, and stay zero here.
+	WireGuard wgcfg.Config
+	// BindPeers are the peers' candidate UDP endpoints, for the bind.
+	BindPeers []bind.PeerConfig
+	// Relays the bind keeps connections to; only once the node has joined.
+	Relays []bind.RelayConfig
+	// STUN servers the bind learns its public address from.
+	STUN []netip.AddrPort
+	// Services are the consumed services: one local listener each.
+	Services []proxy.ServiceConfig
+	// Exports are the services this site provides.
+	Exports []proxy.Export
+	// Policy decides who may reach the exports.
+	Policy *policy
+	// Zone is the DNS server's mesh zone.
+	Zone dns.Zone
+
+	// SkippedRelays are relays of the map without a valid key: reported,
+	// never used.
+	SkippedRelays []wire.Relay
+}
+
+// desiredInput is everything the desired state is computed from.
+type desiredInput struct {
+	// Map is the network map; nil before the first one (or a cached one)
+	// arrived, when only exports and STUN are configured.
+	Map     *wire.NetworkMap
+	Exports []Export
+	Config  Config // ProxyRange, RetryMin, RetryMax
+	// Joined is whether the node has an ID: relays need one.
+	Joined bool
+	// STUN is the coordinator's resolved STUN address, if any.
+	STUN []netip.AddrPort
+}
+
+// desiredConfig turns a network map, the site's exports and the agent's
+// configuration into the desired state of every part. It is pure.
+func desiredConfig(in desiredInput) Desired {
+	d := Desired{Exports: in.Exports, STUN: in.STUN}
+	nm := in.Map
+	if nm == nil {
+		return d
+	}
+	for _, p := range nm.Self.Addresses {
+		d.Addrs = append(d.Addrs, p.Addr())
+	}
+
+	// Peers: WireGuard, the bind and the policy's view of who is who.
+	byID := map[wire.NodeID]*wire.Node{}
+	pol := &policy{peers: map[netip.Addr]policyPeer{}, allowed: map[string][]string{}}
+	for i := range nm.Peers {
+		p := &nm.Peers[i]
+		if p.ID == nm.Self.ID || p.Key.IsZero() {
+			continue
+		}
+		byID[p.ID] = p
+		for _, pfx := range p.Addresses {
+			pol.peers[pfx.Addr()] = policyPeer{id: p.ID, name: p.Name}
+		}
+		// WireGuard gets one virtual endpoint per peer; the bind picks the
+		// path (direct UDP or relay) for every packet.
+		d.WireGuard.Peers = append(d.WireGuard.Peers, wgcfg.Peer{PublicKey: p.Key, AllowedIPs: p.Addresses, Endpoint: bind.EndpointString(p.Key)})
+		d.BindPeers = append(d.BindPeers, bind.PeerConfig{Key: p.Key, Name: p.Name, Endpoints: p.Endpoints})
+	}
+	for _, s := range nm.Services {
+		if _, dup := pol.allowed[s.Name]; !dup {
+			pol.allowed[s.Name] = s.AllowedNodes
+		}
+	}
+	d.Policy = pol
+
+	if in.Joined {
+		for _, r := range nm.Relays {
+			if r.Key.IsZero() {
+				d.SkippedRelays = append(d.SkippedRelays, r)
+				continue
+			}
+			d.Relays = append(d.Relays, bind.RelayConfig{Name: r.Name, URL: r.URL, Fingerprint: r.Fingerprint, Key: r.Key,
+				RetryMin: in.Config.RetryMin, RetryMax: in.Config.RetryMax})
+		}
+	}
+
+	// Consumed services and their names.
+	local := map[string]Export{}
+	for _, e := range in.Exports {
+		local[e.Name] = e
+	}
+	d.Zone = dns.Zone{Services: map[string]dns.Service{}, Nodes: map[string][]netip.Addr{}}
+	for _, s := range nm.Services {
+		listen := proxyAddr(in.Config.ProxyRange, s.VIP)
+		if !listen.IsValid() || s.Port == 0 {
+			continue
+		}
+		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port)}
+		for _, pr := range s.Providers {
+			if pr.Node == nm.Self.ID {
+				if e, ok := local[s.Name]; ok {
+					sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: nm.Self.Name, Local: e.Target, Online: true})
+				}
+				continue
+			}
+			p := byID[pr.Node]
+			if p == nil {
+				continue
+			}
+			if ip := nodeAddr4(p); ip.IsValid() {
+				sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online})
+			}
+		}
+		d.Services = append(d.Services, sc)
+		d.Zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port}
+	}
+	for _, n := range append([]wire.Node{nm.Self}, nm.Peers...) {
+		for _, p := range n.Addresses {
+			d.Zone.Nodes[n.Name] = append(d.Zone.Nodes[n.Name], p.Addr())
+		}
+	}
+	return d
+}
+
+func nodeAddr4(n *wire.Node) netip.Addr {
+	for _, p := range n.Addresses {
+		if p.Addr().Is4() {
+			return p.Addr()
+		}
+	}
+	if len(n.Addresses) > 0 {
+		return n.Addresses[0].Addr()
+	}
+	return netip.Addr{}
+}
+
+// proxyAddr maps a service VIP into the proxy range rng, keeping the VIP's
+// offset inside wire.ServicePrefix.
+func proxyAddr(rng netip.Prefix, vip netip.Addr) netip.Addr {
+	if !vip.Is4() || !wire.ServicePrefix.Contains(vip) || !rng.Addr().Is4() {
+		return netip.Addr{}
+	}
+	v, base := vip.As4(), rng.Addr().As4()
+	off := uint32(v[2])<<8 | uint32(v[3])
+	n := (uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])) + off
+	out := netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+	if !rng.Contains(out) {
+		return netip.Addr{}
+	}
+	return out
+}
+
+// policy is the provider's access table. The source address of a mesh
+// connection is bound to a WireGuard key by cryptokey routing, so it names
+// the peer for certain.
+type policy struct {
+	peers   map[netip.Addr]policyPeer // by mesh address
+	allowed map[string][]string       // service name -> wire.Service.AllowedNodes
+}
+
+type policyPeer struct {
+	id   wire.NodeID
+	name string
+}
+
+// allow reports the peer's name and whether it may reach service. A nil
+// policy (no map yet) denies everything.
+func (p *policy) allow(src netip.Addr, service string) (string, bool) {
+	if p == nil {
+		return "", false
+	}
+	peer, ok := p.peers[src.Unmap()]
+	if !ok {
+		return "", false
+	}
+	for _, who := range p.allowed[service] {
+		if who == "*" || who == peer.name || who == strconv.FormatUint(uint64(peer.id), 10) {
+			return peer.name, true
+		}
+	}
+	return peer.name, false
+}
