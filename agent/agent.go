@@ -145,6 +145,7 @@ type Agent struct {
 	announced  map[string]bool  // exports the coordinator has confirmed
 	applier    *applier         // nil before Start has the parts up
 	stun       []netip.AddrPort // the coordinator's STUN address, resolved at Start
+	applyErr   string           // the last failure to apply, logged once
 	listenPort uint16
 	connected  bool
 	lastErr    string
@@ -608,12 +609,26 @@ func (a *Agent) reconfigLocked() error {
 	for _, r := range d.SkippedRelays {
 		a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
 	}
-	switch err := a.applier.apply(d); {
+	err := a.applier.apply(d)
+	if err == nil || errors.Is(err, errNoChanges) {
+		if a.applyErr != "" {
+			a.log.Info("configuration applied after earlier failures")
+		}
+		a.applyErr = ""
+	}
+	switch {
 	case errors.Is(err, errNoChanges):
 		a.log.Debug("reconfig: no changes")
 		return nil
 	case err != nil:
-		a.log.Error("cannot apply the configuration; will retry", "err", err)
+		// Once per distinct failure: a port taken by another program
+		// fails every retry the same way.
+		if msg := err.Error(); msg != a.applyErr {
+			a.applyErr = msg
+			a.log.Error("cannot apply the configuration; will retry", "err", err)
+		} else {
+			a.log.Debug("configuration still not applied; will retry", "err", err)
+		}
 		select {
 		case a.retry <- struct{}{}:
 		default:

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"log/slog"
 	"net/netip"
 	"testing"
 )
@@ -96,4 +97,18 @@ func TestPipelinePacketsDefault(t *testing.T) {
 			t.Errorf("PipelinePackets %d: got %d, want the default %d", n, a.cfg.PipelinePackets, DefaultPipelinePackets)
 		}
 	}
+}
+
+func TestGoroutineRefusedAfterClose(t *testing.T) {
+	a := &Agent{log: slog.New(slog.DiscardHandler)}
+	ran := make(chan struct{})
+	if !a.goroutine("first", func() { close(ran) }) {
+		t.Fatal("goroutine refused before Close")
+	}
+	<-ran
+	a.Close()
+	if a.goroutine("late", func() { t.Error("started after Close") }) {
+		t.Fatal("goroutine accepted after Close")
+	}
+	a.wg.Wait()
 }

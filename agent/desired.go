@@ -2,6 +2,7 @@ package agent
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
 
 	"github.com/meshlink/meshlink/agent/bind"
@@ -56,7 +57,7 @@ type desiredInput struct {
 // desiredConfig turns a network map, the site's exports and the agent's
 // configuration into the desired state of every part. It is pure.
 func desiredConfig(in desiredInput) Desired {
-	d := Desired{Exports: in.Exports, STUN: in.STUN}
+	d := Desired{Exports: slices.Clone(in.Exports), STUN: slices.Clone(in.STUN)}
 	nm := in.Map
 	if nm == nil {
 		return d

@@ -186,3 +186,40 @@ func TestSpliceHalfClose(t *testing.T) {
 		t.Fatalf("counted %d bytes sent", ctr.Sent.Load())
 	}
 }
+
+// blockingDialer never connects: a dial ends only when its context does.
+type blockingDialer struct{ started chan struct{} }
+
+func (d blockingDialer) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	d.started <- struct{}{}
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+func TestCloseCancelsDials(t *testing.T) {
+	d := blockingDialer{started: make(chan struct{}, 1)}
+	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Hour})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	if err := c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{{Node: 1, Name: "slow", Addr: netip.MustParseAddrPort("100.96.0.1:80"), Online: true}}}}); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := net.Dial("tcp", listen.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	<-d.started
+	c.Close()
+	done := make(chan struct{})
+	go func() { c.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close left a dial to a provider running")
+	}
+}
