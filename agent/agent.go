@@ -489,6 +489,7 @@ func (a *Agent) register(ctx context.Context) error {
 	bo := a.retryBackoff()
 	for {
 		var resp wire.RegisterResponse
+		req.KeyProof = a.keyProof(ctx, cc)
 		err := cc.call(ctx, wire.PathRegister, req, &resp)
 		if err == nil {
 			return a.joined(resp, t.URL, t.Fingerprint, t.ID)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -223,6 +224,19 @@ func (c *controlClient) streamMap(ctx context.Context, mr wire.MapRequest, idle 
 // doubling to RetryMax, ±20% so that a fleet does not reconnect in lockstep.
 func (a *Agent) retryBackoff() *backoff.Backoff {
 	return &backoff.Backoff{Min: a.cfg.RetryMin, Max: a.cfg.RetryMax, Jitter: backoff.Spread(0.2)}
+}
+
+// keyProof proves to the coordinator that this agent holds its node key
+// (wire.RegisterRequest.KeyProof), which renewing an existing node needs.
+// It is "" when the coordinator's key cannot be had: the registration then
+// goes ahead without, and says why if the coordinator needs it.
+func (a *Agent) keyProof(ctx context.Context, cc *controlClient) string {
+	var sk wire.ServerKey
+	if err := cc.call(ctx, wire.PathServerKey, wire.ServerKeyRequest{Version: wire.ProtocolVersion}, &sk); err != nil || sk.Key.IsZero() {
+		a.log.Debug("no coordinator key for a key proof", "err", err)
+		return ""
+	}
+	return base64.StdEncoding.EncodeToString(a.key.SealTo(sk.Key, wire.KeyProofMessage(wire.NormalizeName(a.cfg.Name), time.Now())))
 }
 
 // InspectToken asks the token's coordinator (pinned by the token) about it.

@@ -82,6 +82,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 	bo := a.retryBackoff()
 	var pending wire.RegisterPending
 	for {
+		req.KeyProof = a.keyProof(ctx, cc)
 		status, body, err := cc.postStatus(ctx, wire.PathRegister, req)
 		if err == nil {
 			if status == http.StatusAccepted && json.Unmarshal(body, &pending) == nil && pending.PollID != "" {

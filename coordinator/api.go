@@ -64,6 +64,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle(wire.PathRegister, s.handle(s.metrics.countRegistrations(s.recordRegisterFailures(s.serveRegister))))
 	mux.Handle(wire.PathRegisterPoll, s.handle(s.serveRegisterPoll))
+	mux.Handle(wire.PathServerKey, s.handle(s.serveServerKey))
 	mux.Handle(wire.PathStats, s.handle(s.serveStats))
 	mux.Handle(wire.PathMap, s.handle(s.serveMap))
 	mux.Handle(wire.PathServices, s.handle(s.serveServices))
@@ -187,7 +188,7 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	if req.TokenID == "" || req.TokenSecret == "" || len(req.TokenID) > 64 || len(req.TokenSecret) > 128 {
 		return apiErr(http.StatusUnauthorized, wire.ErrCodeTokenInvalid, "the join token is missing or malformed; pass the whole token printed by `meshlink token create`")
 	}
-	reg, e := registration(r, req)
+	reg, e := s.registration(r, req)
 	if e != nil {
 		return e
 	}
@@ -195,7 +196,8 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	// A name held by an ephemeral node that is offline is free: a sidecar
 	// or a CI job is back with a new key. (An approval never replaces.)
 	reg.CanReplace = func(n store.Node) bool { return n.Ephemeral && !s.hub.online(n.ID) }
-	resp, e := s.registerNode(r.Context(), nodeRegistration{Registration: reg})
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	resp, e := s.registerNode(r.Context(), nodeRegistration{Registration: reg, remoteIP: host})
 	if e != nil {
 		return e
 	}
@@ -207,13 +209,13 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 // waits (PathRegisterPoll) until a person approves it in the console,
 // which registers it through consoleMesh.RegisterNode.
 func (s *Server) registerInteractive(w http.ResponseWriter, r *http.Request, req wire.RegisterRequest) *apiError {
-	reg, e := registration(r, req)
+	reg, e := s.registration(r, req)
 	if e != nil {
 		return e
 	}
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
 	p, err := s.console.StartPending(web.PendingRequest{Name: reg.Name, Hostname: reg.Hostname, Key: reg.Key, ListenPort: reg.ListenPort,
-		Endpoints: reg.Endpoints, RemoteIP: host})
+		Endpoints: reg.Endpoints, RemoteIP: host, KeyProven: reg.KeyProven})
 	if err != nil {
 		return apiErr(http.StatusTooManyRequests, wire.ErrCodeConflict, "%v", err)
 	}

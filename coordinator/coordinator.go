@@ -126,7 +126,8 @@ type Server struct {
 	fingerprint string
 	hub         hub
 	relay       *relay.Server
-	relayPub    key.Public // the embedded relay's public key
+	relayPub    key.Public  // the embedded relay's public key, also the coordinator's (wire.ServerKey)
+	serverKey   key.Private // its private half: opens registration key proofs
 	metrics     *metrics
 	console     *web.Console
 
@@ -245,6 +246,7 @@ func New(cfg Config) (*Server, error) {
 		cert:        cert,
 		fingerprint: wire.CertFingerprint(cert.Certificate[0]),
 		relayPub:    relayPub,
+		serverKey:   relayKey,
 		ctx:         ctx,
 		cancel:      cancel,
 	}
@@ -674,7 +676,7 @@ func (m consoleMesh) Relays(ctx context.Context) ([]web.RelayInfo, error) {
 func (m consoleMesh) RegisterNode(ctx context.Context, a web.Approved) (wire.RegisterResponse, error) {
 	resp, e := m.s.registerNode(ctx, nodeRegistration{
 		Registration: store.Registration{Name: a.Name, Hostname: a.Hostname, Key: a.Key, ListenPort: a.ListenPort, Endpoints: a.Endpoints,
-			Approval: &store.Approval{OwnerID: a.ByID, Admin: a.ByAdmin}},
+			KeyProven: a.KeyProven, Approval: &store.Approval{OwnerID: a.ByID, Admin: a.ByAdmin}},
 		approver: a.By, remoteIP: a.RemoteIP,
 	})
 	switch {

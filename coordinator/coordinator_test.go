@@ -20,6 +20,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
@@ -39,7 +40,8 @@ func TestRegister(t *testing.T) {
 	if err := s.Store().CreateToken(ctx, store.Token{ID: "expired1", SecretHash: store.HashSecret(expiredSecret), Expires: time.Now().Add(-time.Second)}); err != nil {
 		t.Fatal(err)
 	}
-	takenKey := newKey(t)
+	takenPriv := key.NewPrivate()
+	takenKey := takenPriv.Public()
 	if st, b := call(t, c, base, wire.PathRegister, nil, wire.RegisterRequest{Version: 1, TokenID: reusable.ID, TokenSecret: reusable.Secret, Name: "taken", NodeKey: takenKey}); st != 200 {
 		t.Fatalf("register taken: %d %s", st, b)
 	}
@@ -72,7 +74,9 @@ func TestRegister(t *testing.T) {
 		{"all-zero key", withKey(req(reusable, "gamma"), "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="), 400, wire.ErrCodeBadRequest},
 		{"no key", withKey(req(reusable, "gamma"), ""), 400, wire.ErrCodeBadRequest},
 		{"name in use", req(reusable, "taken"), 409, wire.ErrCodeNameInUse},
-		{"same key again is idempotent", wire.RegisterRequest{Version: 1, TokenID: reusable.ID, TokenSecret: reusable.Secret, Name: "taken", NodeKey: takenKey}, 200, ""},
+		{"same key again without proof", wire.RegisterRequest{Version: 1, TokenID: reusable.ID, TokenSecret: reusable.Secret, Name: "taken", NodeKey: takenKey}, 409, wire.ErrCodeNameInUse},
+		{"same key again with proof renews", wire.RegisterRequest{Version: wire.ProtocolVersion, TokenID: reusable.ID, TokenSecret: reusable.Secret, Name: "taken", NodeKey: takenKey,
+			KeyProof: keyProof(takenPriv, serverKey(t, c, base), "taken", time.Now())}, 200, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

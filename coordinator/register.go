@@ -2,12 +2,14 @@ package coordinator
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -24,10 +26,10 @@ type nodeRegistration struct {
 	approver, remoteIP string
 }
 
-// registration checks what a register request says about the node and
-// collects where the node may be reached; the caller adds the authority
-// (a token or an approval).
-func registration(r *http.Request, req wire.RegisterRequest) (store.Registration, *apiError) {
+// registration checks what a register request says about the node, its key
+// proof if it carries one, and collects where the node may be reached; the
+// caller adds the authority (a token or an approval).
+func (s *Server) registration(r *http.Request, req wire.RegisterRequest) (store.Registration, *apiError) {
 	name, e := validName("node", req.Name)
 	if e != nil {
 		return store.Registration{}, e
@@ -39,8 +41,40 @@ func registration(r *http.Request, req wire.RegisterRequest) (store.Registration
 	if len(hostname) > 255 {
 		hostname = hostname[:255]
 	}
+	proven := false
+	if req.KeyProof != "" {
+		if err := s.checkKeyProof(req.KeyProof, req.NodeKey, name); err != nil {
+			return store.Registration{}, apiErr(http.StatusUnauthorized, wire.ErrCodeUnauthorized, "the node key proof does not verify: %v", err)
+		}
+		proven = true
+	}
 	return store.Registration{Name: name, Hostname: hostname, Key: req.NodeKey, ListenPort: req.ListenPort,
-		Endpoints: endpoints(r, req.ListenPort, req.LocalEndpoints)}, nil
+		Endpoints: endpoints(r, req.ListenPort, req.LocalEndpoints), KeyProven: proven}, nil
+}
+
+// checkKeyProof opens a wire.RegisterRequest.KeyProof: sealed from node's
+// key to the coordinator's, for this name, recently.
+func (s *Server) checkKeyProof(proof string, node key.Public, name string) error {
+	b, err := base64.StdEncoding.DecodeString(proof)
+	if err != nil || len(b) > 512 {
+		return errors.New("not base64 of a sealed box")
+	}
+	msg, ok := s.serverKey.OpenFrom(node, b)
+	if !ok {
+		return errors.New("it was not sealed by this node's key to this coordinator's")
+	}
+	return wire.CheckKeyProofMessage(msg, name, time.Now())
+}
+
+// serveServerKey answers the coordinator's key, to which agents seal their
+// key proofs; no credentials: it is public, and TLS vouches for it.
+func (s *Server) serveServerKey(w http.ResponseWriter, r *http.Request) *apiError {
+	var req wire.ServerKeyRequest
+	if e := decodeVersioned(w, r, &req, &req.Version, "server key"); e != nil {
+		return e
+	}
+	writeJSON(w, http.StatusOK, wire.ServerKey{Key: s.relayPub})
+	return nil
 }
 
 // registerNode is the one place a node joins the mesh, by token or by
@@ -50,14 +84,12 @@ func registration(r *http.Request, req wire.RegisterRequest) (store.Registration
 // the agent's credentials. A conflict (409) is for the agent to fix; any
 // other error is the coordinator's.
 //
-// Issue 8 (not fixed yet; behaviour kept as it was): a token registration
-// that repeats an existing node's name and public key gets that node a
-// fresh secret (store.RegisterNode, "the same node again") with any valid
-// token of any owner, which then only spends a use, or with the node's own
-// token even once it has expired or been used up; yet a public key proves
-// nothing, every network map carries it. Approvals already require the
-// node's owner or an admin. Who may renew a node is to be decided here,
-// once for both paths, and handed to the store with the Registration.
+// Renewing an existing node (the same name and key: its agent lost its
+// state, or the answer to an earlier attempt) is decided by the store's
+// mayRenew: the registrant proved it holds the node's private key
+// (KeyProven, checked in registration), and the token is the owner's and
+// valid, or the approver owns the node or is an admin. Each renewal is an
+// event with the address it came from.
 func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.RegisterResponse, *apiError) {
 	secret := randomSecret(32)
 	r := reg.Registration
@@ -81,7 +113,9 @@ func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.R
 		c.event = store.Event{Kind: store.EventJoin, Actor: "node " + r.Name, Node: r.Name, OwnerID: res.Node.OwnerID,
 			Message: fmt.Sprintf("%s joined with token %s", r.Name, r.TokenID)}
 	default:
-		c.attrs = append(c.attrs, "token_id", r.TokenID)
+		c.attrs = append(c.attrs, "token_id", r.TokenID, "remote", reg.remoteIP)
+		c.event = store.Event{Kind: store.EventRenew, Actor: "node " + r.Name, Node: r.Name, OwnerID: res.Node.OwnerID,
+			Message: fmt.Sprintf("%s proved its key and renewed its secret with token %s from %s", r.Name, r.TokenID, reg.remoteIP)}
 	}
 	s.commit(c)
 	if res.Node.Ephemeral && !res.Existing {
@@ -114,6 +148,8 @@ func registerRefusal(err error, r store.Registration) *apiError {
 			fix = "start the agent with another --name"
 		}
 		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the name %q is taken by another node; %s", r.Name, fix)
+	case errors.Is(err, store.ErrKeyUnproven):
+		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the node %q already exists with this key; renewing it needs proof of its private key, which this agent did not send: upgrade meshlink, or join under another --name", r.Name)
 	case errors.Is(err, store.ErrKeyInUse):
 		return apiErr(http.StatusConflict, wire.ErrCodeConflict, "this node's key is already registered under another name; keep the old name or start with a fresh state directory")
 	case errors.Is(err, context.Canceled):

@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"crypto/rand"
 	"crypto/subtle"
 	"crypto/tls"
 	"encoding/base64"
@@ -39,13 +38,7 @@ func sessionSecret(cs *tls.ConnectionState) ([]byte, error) {
 // makeProof seals the session secret from the node's key to the relay's:
 // base64(nonce || box).
 func makeProof(secret []byte, nodePriv key.Private, relayPub key.Public) (string, error) {
-	var nonce [24]byte
-	if _, err := rand.Read(nonce[:]); err != nil {
-		return "", err
-	}
-	rp, np := relayPub.Raw(), nodePriv.Raw()
-	sealed := box.Seal(nonce[:], secret, &nonce, &rp, &np)
-	return base64.StdEncoding.EncodeToString(sealed), nil
+	return base64.StdEncoding.EncodeToString(nodePriv.SealTo(relayPub, secret)), nil
 }
 
 // errProof is returned for every proof that does not check out; the reason
@@ -58,10 +51,7 @@ func checkProof(proof string, secret []byte, nodePub key.Public, relayPriv key.P
 	if err != nil || len(b) != 24+proofSecretLen+box.Overhead {
 		return fmt.Errorf("%w: %d bytes, want %d", errProof, len(b), 24+proofSecretLen+box.Overhead)
 	}
-	var nonce [24]byte
-	copy(nonce[:], b)
-	np, rp := nodePub.Raw(), relayPriv.Raw()
-	opened, ok := box.Open(nil, b[24:], &nonce, &np, &rp)
+	opened, ok := relayPriv.OpenFrom(nodePub, b)
 	if !ok {
 		return fmt.Errorf("%w: box does not open", errProof)
 	}

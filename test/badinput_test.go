@@ -199,6 +199,33 @@ func TestRestartSameJoin(t *testing.T) {
 	}
 }
 
+// TestRenewAfterLostCredentials: an agent that lost its node.json but kept
+// its key comes back as the same node with its own used-up single-use
+// token, by proving it holds the key (a name and public key alone no
+// longer renew a node: issue 8's takeover).
+func TestRenewAfterLostCredentials(t *testing.T) {
+	m := harness.NewMesh(t)
+	tok := m.TokenWith(coordinator.TokenOptions{})
+	cfg := m.AgentConfig("laptop", harness.AgentOptions{Token: tok})
+	a, err := harness.StartAgent(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := a.Status().Self
+	a.Close()
+	if err := os.Remove(filepath.Join(cfg.StateDir, "node.json")); err != nil {
+		t.Fatal(err)
+	}
+	a, err = harness.StartAgent(t, cfg)
+	if err != nil {
+		t.Fatalf("restart without node.json: %v", err)
+	}
+	defer a.Close()
+	if after := a.Status().Self; after.ID != before.ID || after.Addresses[0] != before.Addresses[0] {
+		t.Fatalf("came back as %+v, was %+v", after, before)
+	}
+}
+
 // TestCoordinatorDownAtStart: an agent started before its coordinator keeps
 // retrying and joins when the coordinator comes up.
 func TestCoordinatorDownAtStart(t *testing.T) {

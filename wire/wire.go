@@ -1,7 +1,8 @@
 // Package wire defines everything the agent and the coordinator say to each
 // other: the join token, the HTTPS API's request and response bodies, and the
 // network map with its incremental updates. It imports only the standard
-// library so that both sides, and fuzzers, can use it alone.
+// library and the module's leaf packages (internal/key) so that both sides,
+// and fuzzers, can use it alone.
 //
 // All bodies are JSON. Every request carries the sender's ProtocolVersion; the
 // coordinator refuses versions it does not know with 426 Upgrade Required.
@@ -20,6 +21,9 @@
 //	  proves it holds its WireGuard key (HeaderRelayNodeKey,
 //	  HeaderRelayProof) instead of sending its coordinator secret, so a
 //	  relay run by someone else never sees node credentials.
+//	5 (2026-12-01): PathServerKey and RegisterRequest.KeyProof: renewing an
+//	  existing node (same name and key) needs proof of its private key;
+//	  a public key alone, which every network map carries, no longer does.
 package wire
 
 import (
@@ -27,6 +31,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -34,7 +39,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 4
+const ProtocolVersion = 5
 
 // Default addressing of a mesh.
 var (
@@ -51,6 +56,10 @@ const (
 	// PathRegister takes a RegisterRequest (authorised by a join token) and
 	// answers a RegisterResponse.
 	PathRegister = "/api/v1/register"
+	// PathServerKey takes a ServerKeyRequest (no credentials) and answers
+	// ServerKey: the coordinator's Curve25519 key, to which a registering
+	// node seals its KeyProof. The pinned TLS certificate vouches for it.
+	PathServerKey = "/api/v1/server-key"
 	// PathMap takes a MapRequest (authorised by node credentials) and streams
 	// newline-delimited MapResponse objects: first a full map, then deltas,
 	// then keep-alives, until either side closes.
@@ -150,6 +159,50 @@ type RegisterRequest struct {
 	// Interactive asks, when there is no token, for a person to approve
 	// the node in the console (answered with RegisterPending).
 	Interactive bool `json:"interactive,omitempty"`
+	// KeyProof proves the node holds NodeKey's private key: base64 of a
+	// NaCl box from NodeKey to the coordinator's ServerKey sealing
+	// KeyProofMessage(Name, now). Needed to renew an existing node.
+	KeyProof string `json:"key_proof,omitempty"`
+}
+
+// ServerKeyRequest asks for the coordinator's key (PathServerKey).
+type ServerKeyRequest struct {
+	Version int `json:"version"`
+}
+
+// ServerKey is the coordinator's Curve25519 public key.
+type ServerKey struct {
+	Key key.Public `json:"key"`
+}
+
+// KeyProofMaxAge bounds how far a KeyProof's time may be from the
+// coordinator's clock, either way.
+const KeyProofMaxAge = 5 * time.Minute
+
+const keyProofLabel = "meshlink-register-v1"
+
+// KeyProofMessage is what a KeyProof seals: a label, the node's name and a
+// Unix time, so that a proof serves one name for a few minutes only.
+func KeyProofMessage(name string, at time.Time) []byte {
+	return fmt.Appendf(nil, "%s %s %d", keyProofLabel, name, at.Unix())
+}
+
+// CheckKeyProofMessage reports whether msg is KeyProofMessage(name, t) for
+// a t within KeyProofMaxAge of now.
+func CheckKeyProofMessage(msg []byte, name string, now time.Time) error {
+	label, rest, _ := strings.Cut(string(msg), " ")
+	gotName, unix, _ := strings.Cut(rest, " ")
+	if label != keyProofLabel || gotName != name {
+		return errors.New("key proof made for another name or purpose")
+	}
+	sec, err := strconv.ParseInt(unix, 10, 64)
+	if err != nil {
+		return errors.New("key proof has no time")
+	}
+	if d := now.Sub(time.Unix(sec, 0)); d > KeyProofMaxAge || d < -KeyProofMaxAge {
+		return fmt.Errorf("key proof is %v off the coordinator's clock (at most %v); check the clocks", d.Round(time.Second), KeyProofMaxAge)
+	}
+	return nil
 }
 
 // RegisterPending answers a RegisterRequest with Interactive set and no

@@ -462,25 +462,12 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 		case errors.Is(err, ErrNotFound):
 		case err != nil:
 			return err
-		case existing.Key == r.Key && r.Approval != nil:
-			// A person may renew a node of their own (or any, as admin);
-			// a public key is no proof, so never someone else's.
-			if !r.Approval.Admin && existing.OwnerID != r.Approval.OwnerID {
-				return ErrNameInUse
-			}
-			if _, err := tx.ExecContext(ctx, `UPDATE nodes SET secret_hash = ?, hostname = ?, listen_port = ?, endpoints = ? WHERE id = ?`,
-				r.SecretHash, r.Hostname, int(r.ListenPort), jsonText(r.Endpoints), int64(existing.ID)); err != nil {
-				return err
-			}
-			existing.SecretHash, existing.Hostname, existing.ListenPort, existing.Endpoints = r.SecretHash, r.Hostname, r.ListenPort, r.Endpoints
-			res.Node, res.Existing = existing, true
-			return nil
 		case existing.Key == r.Key:
-			// The same node again: keep its identity, hand it a new secret.
-			if existing.TokenID != tok.ID {
-				if err := consume(ctx, tx, tok, r); err != nil {
-					return err
-				}
+			// The same node again (its state was lost, or an answer was):
+			// keep its identity, hand it a new secret — only to whoever
+			// holds its private key, and only with its owner's authority.
+			if err := mayRenew(ctx, tx, existing, tok, r); err != nil {
+				return err
 			}
 			if _, err := tx.ExecContext(ctx, `UPDATE nodes SET secret_hash = ?, hostname = ?, listen_port = ?, endpoints = ? WHERE id = ?`,
 				r.SecretHash, r.Hostname, int(r.ListenPort), jsonText(r.Endpoints), int64(existing.ID)); err != nil {
@@ -533,6 +520,33 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 		return nil
 	})
 	return res, err
+}
+
+// mayRenew decides whether r may renew existing, the node of the same name
+// and key: the registrant proved it holds the key, and either a person who
+// owns the node (or an admin) approved it, or the token is the node's owner's
+// and valid now — the node's own token need not have uses left (the use was
+// this node's), any other token is checked and spends a use.
+func mayRenew(ctx context.Context, tx *sql.Tx, existing Node, tok Token, r Registration) error {
+	if !r.KeyProven {
+		return ErrKeyUnproven
+	}
+	if a := r.Approval; a != nil {
+		if !a.Admin && existing.OwnerID != a.OwnerID {
+			return ErrNameInUse
+		}
+		return nil
+	}
+	if tok.OwnerID != existing.OwnerID {
+		return ErrNameInUse
+	}
+	if existing.TokenID != tok.ID {
+		return consume(ctx, tx, tok, r)
+	}
+	if !tok.Expires.IsZero() && !r.Now.Before(tok.Expires) {
+		return ErrTokenExpired
+	}
+	return nil
 }
 
 // consume checks tok for a new use and takes one, atomically with the

@@ -25,8 +25,11 @@ var (
 	ErrTokenRevoked = errors.New("store: token revoked")
 	ErrNameInUse    = errors.New("store: name in use by another node")
 	ErrKeyInUse     = errors.New("store: key registered by another node")
-	ErrExhausted    = errors.New("store: address space exhausted")
-	ErrExists       = errors.New("store: already exists")
+	// ErrKeyUnproven refuses to renew a node for a registrant that did not
+	// prove it holds the node's private key.
+	ErrKeyUnproven = errors.New("store: renewing a node needs proof of its private key")
+	ErrExhausted   = errors.New("store: address space exhausted")
+	ErrExists      = errors.New("store: already exists")
 	// ErrTokenKind: a relay token used to join a node, or a node token
 	// used to register a relay.
 	ErrTokenKind = errors.New("store: token is of the wrong kind")
@@ -132,6 +135,10 @@ type Registration struct {
 	// Approval, when set, replaces the token: a logged-in person approved
 	// the node interactively. TokenID and TokenSecret are ignored.
 	Approval *Approval
+	// KeyProven says the registrant proved it holds Key's private key.
+	// Renewing an existing node (same name and key) needs it: the public
+	// key is in every network map, so by itself it proves nothing.
+	KeyProven bool
 }
 
 // Approval is the authority for a registration without a token.
@@ -188,6 +195,7 @@ const (
 	EventUnexpose       EventKind = "unexpose"        // a node stopped providing a service
 	EventRegisterFailed EventKind = "register_failed" // a registration was refused: bad token, name or key taken
 	EventApprove        EventKind = "approve"         // a person approved a node that joined without a token
+	EventRenew          EventKind = "renew"           // a node proved its key and got a new secret with a token
 	EventDeny           EventKind = "deny"            // a person denied one
 	EventLogin          EventKind = "login"
 	EventLoginFailed    EventKind = "login_failed"

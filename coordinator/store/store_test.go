@@ -139,8 +139,14 @@ func TestAllocations(t *testing.T) {
 	if err != nil || seen[r.Node.IPv4] {
 		t.Fatalf("re-used address: %v %v", r.Node.IPv4, err)
 	}
-	// Re-registering the same name and key is idempotent.
-	again, err := reg(s, "r", "n0", "k0")
+	// Re-registering the same name and key renews the node, for a
+	// registrant that proved it holds the key; the public key alone, which
+	// every network map carries, renews nothing.
+	if _, err := reg(s, "r", "n0", "k0"); !errors.Is(err, ErrKeyUnproven) {
+		t.Fatalf("re-register without a key proof: %v", err)
+	}
+	again, err := s.RegisterNode(context.Background(), Registration{TokenID: "r", TokenSecret: "secret-r", Name: "n0", Key: testKey("k0"),
+		SecretHash: HashSecret("node-n0-2"), KeyProven: true})
 	if err != nil || !again.Existing || again.Node.ID != ids[0] {
 		t.Fatalf("re-register: %+v %v", again, err)
 	}
@@ -249,7 +255,7 @@ func TestApprovalSessionsAndEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	other, _ := s.CreateUser(ctx, User{Username: "bob", PasswordHash: "x"})
-	r := Registration{Name: "laptop", Key: testKey("keyL"), SecretHash: HashSecret("s1"), Approval: &Approval{OwnerID: u.ID}}
+	r := Registration{Name: "laptop", Key: testKey("keyL"), SecretHash: HashSecret("s1"), Approval: &Approval{OwnerID: u.ID}, KeyProven: true}
 	res, err := s.RegisterNode(ctx, r)
 	if err != nil || res.Node.OwnerID != u.ID || res.Node.TokenID != "" {
 		t.Fatalf("approved registration: %+v %v", res, err)
@@ -262,7 +268,11 @@ func TestApprovalSessionsAndEvents(t *testing.T) {
 	if _, err := s.RegisterNode(ctx, r); !errors.Is(err, ErrNameInUse) {
 		t.Fatalf("bob renewing alice's node: %v", err)
 	}
-	r.Approval = &Approval{OwnerID: u.ID}
+	r.Approval, r.KeyProven = &Approval{OwnerID: u.ID}, false
+	if _, err := s.RegisterNode(ctx, r); !errors.Is(err, ErrKeyUnproven) {
+		t.Fatalf("alice renewing her node without a key proof: %v", err)
+	}
+	r.KeyProven = true
 	if res2, err := s.RegisterNode(ctx, r); err != nil || !res2.Existing || res2.Node.ID != res.Node.ID {
 		t.Fatalf("alice renewing her node: %+v %v", res2, err)
 	}

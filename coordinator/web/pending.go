@@ -36,6 +36,10 @@ type PendingRequest struct {
 	ListenPort uint16
 	Endpoints  []netip.AddrPort
 	RemoteIP   string
+	// KeyProven says the agent proved it holds Key's private key when it
+	// asked (wire.RegisterRequest.KeyProof): without it no approval can
+	// renew an existing node.
+	KeyProven bool
 }
 
 // Approved is a pending request a person approved: they own the node.

@@ -25,6 +25,7 @@ import (
 	"github.com/meshlink/meshlink/internal/atomicfile"
 
 	"golang.org/x/crypto/curve25519"
+	"golang.org/x/crypto/nacl/box"
 )
 
 // ErrInvalid is wrapped by every error about a malformed or unusable
@@ -281,4 +282,26 @@ func (k Public) Fingerprint() string {
 	}
 	h := sha256.Sum256(k.k[:])
 	return "SHA256:" + hex.EncodeToString(h[:8])
+}
+
+// SealTo seals msg from p to the holder of to's private key (a NaCl box):
+// nonce || box. Only that holder can open it, and opening it proves that
+// the sender holds p.
+func (p Private) SealTo(to Public, msg []byte) []byte {
+	var nonce [24]byte
+	rand.Read(nonce[:])
+	pk, sk := to.k, p.k
+	return box.Seal(nonce[:], msg, &nonce, &pk, &sk)
+}
+
+// OpenFrom opens a message SealTo sealed from the holder of from's private
+// key to p.
+func (p Private) OpenFrom(from Public, sealed []byte) ([]byte, bool) {
+	if len(sealed) < 24+box.Overhead || lowOrder(from.k) {
+		return nil, false
+	}
+	var nonce [24]byte
+	copy(nonce[:], sealed)
+	pk, sk := from.k, p.k
+	return box.Open(nil, sealed[24:], &nonce, &pk, &sk)
 }
