@@ -221,7 +221,9 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	for _, e := range cfg.Expose {
-		if err := a.addExportLocked(e); err != nil {
+		// The command line says what this site exports now: it replaces
+		// what an earlier run saved.
+		if err := a.addExportLocked(e, true); err != nil {
 			return nil, err
 		}
 	}
@@ -281,10 +283,13 @@ func checkExport(e Export) (Export, error) {
 }
 
 // addExportLocked adds or replaces an export after checking it.
-func (a *Agent) addExportLocked(e Export) error {
+func (a *Agent) addExportLocked(e Export, replace bool) error {
 	e, err := checkExport(e)
 	if err != nil {
 		return err
+	}
+	if i := slices.IndexFunc(a.exports, func(x Export) bool { return x.Name == e.Name }); i >= 0 && !replace && a.exports[i].Target != e.Target {
+		return fmt.Errorf("service %s is already exported here to %s; pass --replace to send it to %s instead", e.Name, a.exports[i].Target, e.Target)
 	}
 	out := slices.DeleteFunc(slices.Clone(a.exports), func(x Export) bool { return x.Name == e.Name })
 	for _, x := range out {
@@ -793,8 +798,18 @@ func (a *Agent) announce(ctx context.Context, e Export) error {
 
 // Expose exports a service now and saves it for later starts.
 func (a *Agent) Expose(ctx context.Context, e Export) (Export, string, error) {
+	return a.expose(ctx, e, false)
+}
+
+// Replace is Expose for a service this site may already export to another
+// target: the new target replaces the old one.
+func (a *Agent) Replace(ctx context.Context, e Export) (Export, string, error) {
+	return a.expose(ctx, e, true)
+}
+
+func (a *Agent) expose(ctx context.Context, e Export, replace bool) (Export, string, error) {
 	a.mu.Lock()
-	if err := a.addExportLocked(e); err != nil {
+	if err := a.addExportLocked(e, replace); err != nil {
 		a.mu.Unlock()
 		return e, "", err
 	}

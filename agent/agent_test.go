@@ -3,6 +3,7 @@ package agent
 import (
 	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -69,17 +70,28 @@ func TestHostLabel(t *testing.T) {
 
 func TestAddExportPortConflict(t *testing.T) {
 	a := &Agent{}
-	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:80"}); err != nil {
+	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:80"}, false); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.addExportLocked(Export{Name: "api", Target: "127.0.0.1:80"}); err == nil {
+	if err := a.addExportLocked(Export{Name: "api", Target: "127.0.0.1:80"}, false); err == nil {
 		t.Fatal("second service on mesh port 80 accepted")
 	}
-	if err := a.addExportLocked(Export{Name: "api", Target: "127.0.0.1:80", Port: 81}); err != nil {
+	if err := a.addExportLocked(Export{Name: "api", Target: "127.0.0.1:80", Port: 81}, false); err != nil {
 		t.Fatal(err)
 	}
-	// Re-exposing a name replaces it.
-	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:8080", Port: 80}); err != nil {
+	// Re-exposing a name with another target needs replace: a second
+	// `meshlink expose web …` must not silently redirect live traffic.
+	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:8080", Port: 80}, false); err == nil || !strings.Contains(err.Error(), "--replace") {
+		t.Fatalf("re-expose to another target without replace: %v", err)
+	}
+	if a.exports[1].Target != "127.0.0.1:80" {
+		t.Fatalf("refused re-expose changed the target: %+v", a.exports)
+	}
+	// The same target again is fine; with replace a new one too.
+	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:80"}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.addExportLocked(Export{Name: "web", Target: "127.0.0.1:8080", Port: 80}, true); err != nil {
 		t.Fatal(err)
 	}
 	if len(a.exports) != 2 || a.exports[1].Target != "127.0.0.1:8080" {

@@ -54,7 +54,7 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 		if !readJSON(w, r, &req) {
 			return
 		}
-		e, note, err := a.Expose(r.Context(), Export{Name: req.Name, Target: req.Target, Port: req.Port})
+		e, note, err := a.expose(r.Context(), Export{Name: req.Name, Target: req.Target, Port: req.Port}, req.Replace)
 		if err != nil {
 			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
 			return

@@ -331,6 +331,12 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q needs a port from 1 to 65535", name)
 	}
 	if _, err := s.store.ExposeService(ctx, name, node.ID, req.Port); err != nil {
+		var notOwner *store.NotOwnerError
+		if errors.As(err, &notOwner) {
+			s.console.Record(store.Event{Kind: store.EventExposeRefused, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID,
+				Message: fmt.Sprintf("%s may not provide %s: it belongs to %s", node.Name, name, s.userName(ctx, notOwner.OwnerID))})
+			return apiErr(http.StatusForbidden, wire.ErrCodeNotOwner, "service %q belongs to %s; only their nodes may provide it: choose another name", name, s.userName(ctx, notOwner.OwnerID))
+		}
 		if errors.Is(err, store.ErrExhausted) {
 			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "no service VIP is left in %s; remove unused services", wire.ServicePrefix)
 		}
@@ -573,4 +579,18 @@ func (s *Server) scheduleReap(id wire.NodeID) {
 			return
 		}
 	}()
+}
+
+// userName is how errors and events name a user: "user NAME", or the ID
+// when the user is gone.
+func (s *Server) userName(ctx context.Context, id int64) string {
+	users, err := s.store.ListUsers(ctx)
+	if err == nil {
+		for _, u := range users {
+			if u.ID == id {
+				return "user " + u.Username
+			}
+		}
+	}
+	return fmt.Sprintf("user #%d", id)
 }

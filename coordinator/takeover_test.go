@@ -112,3 +112,54 @@ func TestNodeTakeoverRefused(t *testing.T) {
 		t.Fatalf("no renew event with the source address in %+v", evs)
 	}
 }
+
+// TestServiceHijackRefused: a member's node exposing a service name an
+// admin's node provides is refused with the owner's name, is not made a
+// provider, and the attempt is an event; the owner's other nodes may
+// provide it too, and the member can use a name of their own.
+func TestServiceHijackRefused(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, t.TempDir())
+	c := pinnedClient(t, s.Fingerprint(), true)
+	mallory, err := s.Store().CreateUser(ctx, store.User{Username: "mallory", PasswordHash: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := mustToken(t, s, TokenOptions{Reusable: true})
+	_, siteb := register(t, c, admin, "siteb")
+	_, sitec := register(t, c, admin, "sitec")
+	_, rogue := register(t, c, mustToken(t, s, TokenOptions{Owner: mallory.ID}), "rogue")
+	expose := func(cr creds, name string) (int, []byte) {
+		return call(t, c, s.URL(), wire.PathServices, &cr, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: name, Port: 8000})
+	}
+	if st, body := expose(siteb, "web"); st != 200 {
+		t.Fatalf("owner exposes web: %d %s", st, body)
+	}
+	st, body := expose(rogue, "web")
+	if st != http.StatusForbidden || errCode(t, body) != wire.ErrCodeNotOwner || !strings.Contains(string(body), "user admin") {
+		t.Fatalf("member's node exposing web: %d %s, want 403 not_owner naming user admin", st, body)
+	}
+	if st, body := expose(sitec, "web"); st != 200 {
+		t.Fatalf("the owner's second node: %d %s", st, body)
+	}
+	if st, body := expose(rogue, "mallweb"); st != 200 {
+		t.Fatalf("member's own name: %d %s", st, body)
+	}
+	provs, err := s.Store().ListProviders(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range provs {
+		if p.Service == "web" && p.NodeID == rogue.ID {
+			t.Fatal("the rogue node became a provider of web")
+		}
+	}
+	evs, _ := s.Store().ListEvents(ctx, 0, 50)
+	found := false
+	for _, e := range evs {
+		found = found || e.Kind == store.EventExposeRefused && strings.Contains(e.Message, "rogue")
+	}
+	if !found {
+		t.Fatalf("no expose_refused event in %+v", evs)
+	}
+}

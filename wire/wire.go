@@ -24,6 +24,8 @@
 //	5 (2026-12-01): PathServerKey and RegisterRequest.KeyProof: renewing an
 //	  existing node (same name and key) needs proof of its private key;
 //	  a public key alone, which every network map carries, no longer does.
+//	  A service belongs to the owner of its first provider: other users'
+//	  nodes exposing it get 403 ErrCodeNotOwner.
 package wire
 
 import (
@@ -480,6 +482,8 @@ const (
 	ErrCodeNameInUse    = "name_in_use"
 	ErrCodePortInUse    = "port_in_use"
 	ErrCodeNodeRemoved  = "node_removed"
+	// ErrCodeNotOwner: the name belongs to another user (since version 5).
+	ErrCodeNotOwner = "not_owner"
 )
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }

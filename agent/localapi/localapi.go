@@ -164,6 +164,9 @@ type ExposeRequest struct {
 	Name   string `json:"name"`
 	Target string `json:"target"`
 	Port   uint16 `json:"port,omitempty"`
+	// Replace lets Target replace the target of a service this site
+	// already exports; without it that is refused.
+	Replace bool `json:"replace,omitempty"`
 }
 
 // ExposeResponse tells what happened.

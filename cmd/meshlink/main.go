@@ -538,16 +538,19 @@ func exposeCmd() *cli.Command {
 		Flags: []cli.Flag{
 			stateFlag(),
 			&cli.UintFlag{Name: "port", Usage: "port consumers use (default: the target's port)", EnvVars: env("PORT")},
+			&cli.BoolFlag{Name: "replace", Usage: "replace the target of a service this site already exports", EnvVars: env("REPLACE")},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 2 {
-				return errors.New("usage: meshlink expose NAME HOST:PORT [--port P] --state DIR")
+				return errors.New("usage: meshlink expose NAME HOST:PORT [--port P] [--replace] --state DIR")
 			}
 			if c.Uint("port") > 65535 {
 				return fmt.Errorf("--port %d: must be 1-65535", c.Uint("port"))
 			}
 			cl := newLocalClient(c)
-			r, err := cl.Expose(c.Context, localapiExpose(c.Args().Get(0), c.Args().Get(1), uint16(c.Uint("port"))))
+			req := localapiExpose(c.Args().Get(0), c.Args().Get(1), uint16(c.Uint("port")))
+			req.Replace = c.Bool("replace")
+			r, err := cl.Expose(c.Context, req)
 			if err != nil {
 				return err
 			}

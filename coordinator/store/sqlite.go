@@ -119,6 +119,11 @@ var migrations = []string{
 		token_id TEXT NOT NULL DEFAULT '',
 		created INTEGER NOT NULL
 	);`,
+	// 5: services belong to the owner of their first provider; existing
+	// ones to the owner of their lowest-numbered provider now.
+	`ALTER TABLE services ADD COLUMN owner_id INTEGER NOT NULL DEFAULT 0;
+	UPDATE services SET owner_id = COALESCE((SELECT n.owner_id FROM providers p JOIN nodes n ON n.id = p.node_id
+		WHERE p.service = services.name ORDER BY n.id LIMIT 1), 0);`,
 }
 
 // SQLite is the embedded Store.
@@ -619,7 +624,7 @@ func scanService(r scanner) (Service, error) {
 	var vip string
 	var port int
 	var created int64
-	if err := r.Scan(&sv.Name, &vip, &port, &created); err != nil {
+	if err := r.Scan(&sv.Name, &vip, &port, &created, &sv.OwnerID); err != nil {
 		return sv, err
 	}
 	sv.VIP, _ = netip.ParseAddr(vip)
@@ -631,8 +636,14 @@ func scanService(r scanner) (Service, error) {
 func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error) {
 	var sv Service
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		var owner int64
+		if err := tx.QueryRowContext(ctx, `SELECT owner_id FROM nodes WHERE id = ?`, int64(nodeID)).Scan(&owner); errors.Is(err, sql.ErrNoRows) {
+			return ErrNotFound
+		} else if err != nil {
+			return err
+		}
 		var err error
-		sv, err = scanService(tx.QueryRowContext(ctx, `SELECT name, vip, port, created FROM services WHERE name = ?`, name))
+		sv, err = scanService(tx.QueryRowContext(ctx, `SELECT name, vip, port, created, owner_id FROM services WHERE name = ?`, name))
 		if errors.Is(err, sql.ErrNoRows) {
 			idx, err := nextCounter(ctx, tx, "service_vip")
 			if err != nil {
@@ -642,13 +653,22 @@ func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.Nod
 			if err != nil {
 				return err
 			}
-			sv = Service{Name: name, VIP: vip, Port: port, Created: time.Now()}
-			if _, err := tx.ExecContext(ctx, `INSERT INTO services (name, vip, port, created) VALUES (?, ?, ?, ?)`,
-				name, vip.String(), int(port), unixNano(sv.Created)); err != nil {
+			sv = Service{Name: name, VIP: vip, Port: port, Created: time.Now(), OwnerID: owner}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO services (name, vip, port, created, owner_id) VALUES (?, ?, ?, ?, ?)`,
+				name, vip.String(), int(port), unixNano(sv.Created), owner); err != nil {
 				return err
 			}
 		} else if err != nil {
 			return err
+		} else if sv.OwnerID == 0 {
+			// Unowned (its providers were all ownerless): the first owner
+			// to provide it takes it.
+			sv.OwnerID = owner
+			if _, err := tx.ExecContext(ctx, `UPDATE services SET owner_id = ? WHERE name = ?`, owner, name); err != nil {
+				return err
+			}
+		} else if sv.OwnerID != owner {
+			return &NotOwnerError{Service: name, OwnerID: sv.OwnerID}
 		}
 		_, err = tx.ExecContext(ctx, `INSERT INTO providers (service, node_id, port) VALUES (?, ?, ?)
 			ON CONFLICT (service, node_id) DO UPDATE SET port = excluded.port`, name, int64(nodeID), int(port))
@@ -674,7 +694,7 @@ func (s *SQLite) UnexposeService(ctx context.Context, name string, nodeID wire.N
 
 // ListServices implements Store.
 func (s *SQLite) ListServices(ctx context.Context) ([]Service, error) {
-	return queryAll(ctx, s.db, scanService, `SELECT name, vip, port, created FROM services ORDER BY name`)
+	return queryAll(ctx, s.db, scanService, `SELECT name, vip, port, created, owner_id FROM services ORDER BY name`)
 }
 
 // ListProviders implements Store.

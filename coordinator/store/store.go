@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -107,6 +108,19 @@ type Service struct {
 	VIP     netip.Addr
 	Port    uint16
 	Created time.Time
+	// OwnerID is the user who owns the name: the owner of its first
+	// provider. Only nodes of that user may provide it.
+	OwnerID int64
+}
+
+// NotOwnerError refuses a node providing a service another user owns.
+type NotOwnerError struct {
+	Service string
+	OwnerID int64
+}
+
+func (e *NotOwnerError) Error() string {
+	return fmt.Sprintf("store: service %q is owned by user %d", e.Service, e.OwnerID)
 }
 
 // Provider is one node's export of a service.
@@ -192,6 +206,7 @@ const (
 	EventLeave          EventKind = "leave"           // a node left, or an ephemeral one was reaped
 	EventRemove         EventKind = "remove"          // a person removed a node
 	EventExpose         EventKind = "expose"          // a node began providing a service
+	EventExposeRefused  EventKind = "expose_refused"  // a node tried to provide a service another user owns
 	EventUnexpose       EventKind = "unexpose"        // a node stopped providing a service
 	EventRegisterFailed EventKind = "register_failed" // a registration was refused: bad token, name or key taken
 	EventApprove        EventKind = "approve"         // a person approved a node that joined without a token
@@ -269,11 +284,13 @@ type Store interface {
 	// RegisterNode validates the token (or the Approval) and creates the
 	// node in one transaction, consuming one use of the token: a
 	// single-use token creates at most one node, however many
-	// registrations race. Re-registering the same name and key gives the
-	// node a new secret and keeps its ID and addresses: with the token that
-	// created it, that consumes nothing, even once the token has expired
-	// or been used up (an agent retrying after a lost answer); with
-	// another token, it takes one use of that token.
+	// registrations race. Re-registering the same name and key renews the
+	// node (a new secret, the same ID and addresses) only for a registrant
+	// that proved it holds the key (KeyProven) and with the owner's
+	// authority: the token that created it, unexpired (its use was this
+	// node's), another valid token of the same owner (one use), or an
+	// approval by the owner or an admin; else ErrKeyUnproven or
+	// ErrNameInUse.
 	RegisterNode(ctx context.Context, r Registration) (RegisterResult, error)
 	GetNode(ctx context.Context, id wire.NodeID) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)
@@ -287,8 +304,9 @@ type Store interface {
 	// RemovedNodeSecretHash returns the secret hash of a removed node.
 	RemovedNodeSecretHash(ctx context.Context, id wire.NodeID) ([]byte, error)
 
-	// ExposeService creates the service (allocating its VIP, Port = port) if
-	// new, and upserts the provider (nodeID, port).
+	// ExposeService creates the service (allocating its VIP, Port = port,
+	// owned by the node's owner) if new, and upserts the provider (nodeID,
+	// port). A service another user owns is a *NotOwnerError.
 	ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error)
 	// UnexposeService removes the provider; ErrNotFound if it was not one.
 	UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error
