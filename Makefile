@@ -6,6 +6,15 @@ FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
 PKGS      ?= ./...
 
+# The Go toolchain that every target builds, tests and checks with. The go
+# command fetches it from the module proxy when the machine's own Go is
+# another version; `:=` overrides a GOTOOLCHAIN=local in the environment,
+# and `make GOTOOLCHAIN=...` still overrides this. go1.27.3 has the fixes
+# of go1.26.10 (crypto/x509, net/http, html/template) that go1.26.8 lacks;
+# go.mod keeps `go 1.26.8`, so the language version and GODEBUG defaults
+# stay those of 1.26 and a plain `go` on the machine's own Go still builds.
+export GOTOOLCHAIN := go1.27.3
+
 # bash with pipefail, so that a failing command on the left of a pipe fails
 # the target (fuzz lists targets through one).
 SHELL       := /bin/bash
