@@ -57,12 +57,16 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg </dev/null || exit 1; \
 	done
 
+# gofmt is the pinned toolchain's (the one on PATH may be another version);
+# `go mod tidy -diff` prints what tidy would change and fails if anything.
 lint:
-	@unformatted=$$(gofmt -l $$(find . -name '*.go' -not -path './vendor/*')); \
+	@gofmt=$$($(GO) env GOROOT)/bin/gofmt; \
+	unformatted=$$($$gofmt -l $$(find . -name '*.go' -not -path './vendor/*')); \
 	if [ -n "$$unformatted" ]; then \
 		echo "gofmt needed on:"; echo "$$unformatted"; exit 1; \
 	fi
 	$(GO) vet $(PKGS)
+	$(GO) mod tidy -diff
 
 clean:
 	rm -rf bin
