@@ -356,6 +356,11 @@ func TestPacketsBothWays(t *testing.T) {
 	if st.PacketsSent != uint64(len(want)) || st.PacketsReceived != uint64(len(want)) || st.Connects != 1 {
 		t.Fatalf("client stats %+v", st)
 	}
+	// The relay counts a packet after handing it to the receiver's writer,
+	// so a packet can arrive before it is counted.
+	tstest.WaitFor(t, 5*time.Second, "the relay to count every packet", func() bool {
+		return tr.relay.Stats().PacketsRelayed >= 2*uint64(len(want))
+	})
 	if ss := tr.relay.Stats(); ss.Clients != 2 || ss.PacketsRelayed != 2*uint64(len(want)) {
 		t.Fatalf("server stats %+v", ss)
 	}
