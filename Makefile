@@ -4,16 +4,16 @@ GO        ?= go
 BIN       ?= bin/meshlink
 FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
-# govulncheck, and the snapshot of the Go vulnerability database it checks
-# against (both modules from the module proxy; see vuln).
-VULN_VERSION   ?= v1.9.0
-VULNDB_VERSION ?= v0.0.0-20261105234957-e22db6528018
 PKGS      ?= ./...
 # The packages `make race` covers: all but those that drive the gVisor
 # netstack hard (agent, netstack, test/...), which -race slows past CI's
 # budget on 2 cores.
 RACE_PKGS ?= ./wire/... ./coordinator/... ./agent/proxy/... ./agent/bind/... \
 	./dns/... ./agent/localapi/... ./relay/... ./stun/... ./internal/...
+# govulncheck, and the snapshot of the Go vulnerability database it checks
+# against (both modules from the module proxy; see vuln).
+VULN_VERSION   ?= v1.9.0
+VULNDB_VERSION ?= v0.0.0-20261105234957-e22db6528018
 
 # The Go toolchain that every target builds, tests and checks with. The go
 # command fetches it from the module proxy when the machine's own Go is
@@ -29,12 +29,21 @@ export GOTOOLCHAIN := go1.27.3
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: all help build test bench demo fuzz lint clean
+.PHONY: all help build test race bench demo fuzz lint vuln clean
 
 all: build
 
 help:
-	@echo "targets: build test bench demo fuzz lint clean"
+	@echo "make build   bin/meshlink and bin/hello (static)"
+	@echo "make test    go vet + every test (the network-namespace tests need root)"
+	@echo "make race    go test -race on the packages that don't drive gVisor (RACE_PKGS)"
+	@echo "make lint    gofmt, go vet, go mod tidy -diff"
+	@echo "make fuzz    every fuzz target for FUZZTIME each (now $(FUZZTIME))"
+	@echo "make vuln    govulncheck $(VULN_VERSION) against golang.org/x/vulndb $(VULNDB_VERSION)"
+	@echo "make bench   mesh vs direct loopback benchmarks (BENCHTIME=$(BENCHTIME))"
+	@echo "make demo    a coordinator and two agents on this machine"
+	@echo "make clean   remove bin/ and the test cache"
+	@echo "toolchain: GOTOOLCHAIN=$(GOTOOLCHAIN) (override with make GOTOOLCHAIN=...)"
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/meshlink
