@@ -18,11 +18,11 @@ VULNDB_VERSION ?= v0.0.0-20261105234957-e22db6528018
 # The Go toolchain that every target builds, tests and checks with. The go
 # command fetches it from the module proxy when the machine's own Go is
 # another version; `:=` overrides a GOTOOLCHAIN=local in the environment,
-# and `make GOTOOLCHAIN=...` still overrides this. go1.27.3 has the fixes
-# of go1.26.10 (crypto/x509, net/http, html/template) that go1.26.8 lacks;
-# go.mod keeps `go 1.26.8`, so the language version and GODEBUG defaults
-# stay those of 1.26 and a plain `go` on the machine's own Go still builds.
-export GOTOOLCHAIN := go1.27.3
+# and `make GOTOOLCHAIN=...` still overrides this. go1.26.10 has the fixes
+# (crypto/x509, net/http, html/template) that go1.26.8 lacks, on the same
+# Go release the netstack (gVisor) is built and tested with; go.mod keeps
+# `go 1.26.8`, so a plain `go` on the machine's own Go still builds.
+export GOTOOLCHAIN := go1.26.10
 
 # bash with pipefail, so that a failing command on the left of a pipe fails
 # the target (fuzz lists targets through one).
