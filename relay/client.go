@@ -140,6 +140,9 @@ func NewClient(cfg ClientConfig) *Client {
 	c.pub = cfg.PrivateKey.Public()
 	c.tls = wire.PinnedTLSConfig(cfg.Fingerprint)
 	c.tls.NextProtos = []string{"http/1.1"}
+	// Relays and the coordinator require TLS 1.3; asking for it too means
+	// a downgraded or impostor server is refused, never spoken to.
+	c.tls.MinVersion = tls.VersionTLS13
 	if u, err := url.Parse(cfg.URL); err == nil && u.Scheme == "https" && u.Host != "" {
 		port := u.Port()
 		if port == "" {
