@@ -56,3 +56,26 @@ func TestTLSCertFlags(t *testing.T) {
 		t.Fatalf("missing key file: %v", err)
 	}
 }
+
+// TestTLS12Refused: the coordinator's HTTPS port (API, console and the
+// embedded relay) speaks TLS 1.3 only; a client that offers at most TLS 1.2
+// is refused in the handshake, before any request.
+func TestTLS12Refused(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	old, err := tls.Dial("tcp", s.Addr().String(), &tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS12})
+	if err == nil {
+		old.Close()
+		t.Fatal("a TLS 1.2-only client completed a handshake with the coordinator")
+	}
+	if !strings.Contains(err.Error(), "protocol version") {
+		t.Fatalf("TLS 1.2-only client: %v, want a protocol version alert", err)
+	}
+	conn, err := tls.Dial("tcp", s.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatalf("TLS 1.3 client: %v", err)
+	}
+	defer conn.Close()
+	if v := conn.ConnectionState().Version; v != tls.VersionTLS13 {
+		t.Fatalf("negotiated %s, want TLS 1.3", tls.VersionName(v))
+	}
+}

@@ -71,7 +71,9 @@ type ClientStats struct {
 }
 
 const (
+	// clientQueueLen and clientQueueBytes bound a client's outbound queue.
 	clientQueueLen   = 512
+	clientQueueBytes = 2 << 20
 	dialTimeout      = 15 * time.Second
 	defaultKeepAlive = 30 * time.Second
 	// stableSession is how long a connection must last for the backoff to
@@ -105,7 +107,7 @@ type Client struct {
 // session is one upgraded connection.
 type session struct {
 	conn net.Conn
-	out  chan []byte
+	out  *frameQueue
 	done chan struct{}
 	once sync.Once
 }
@@ -114,6 +116,7 @@ func (s *session) close() {
 	s.once.Do(func() {
 		close(s.done)
 		s.conn.Close()
+		s.out.close()
 	})
 }
 
@@ -137,6 +140,9 @@ func NewClient(cfg ClientConfig) *Client {
 	c.pub = cfg.PrivateKey.Public()
 	c.tls = wire.PinnedTLSConfig(cfg.Fingerprint)
 	c.tls.NextProtos = []string{"http/1.1"}
+	// Relays and the coordinator require TLS 1.3; asking for it too means
+	// a downgraded or impostor server is refused, never spoken to.
+	c.tls.MinVersion = tls.VersionTLS13
 	if u, err := url.Parse(cfg.URL); err == nil && u.Scheme == "https" && u.Host != "" {
 		port := u.Port()
 		if port == "" {
@@ -305,7 +311,7 @@ func (c *Client) session() error {
 	}
 	conn.SetDeadline(time.Time{})
 
-	s := &session{conn: conn, out: make(chan []byte, clientQueueLen), done: make(chan struct{})}
+	s := &session{conn: conn, out: newFrameQueue(clientQueueLen, clientQueueBytes, nil), done: make(chan struct{})}
 	defer s.close()
 	c.mu.Lock()
 	if c.ctx.Err() != nil {
@@ -376,7 +382,7 @@ func (c *Client) readLoop(s *session, br *bufio.Reader, buf []byte, idle time.Du
 }
 
 func (c *Client) writeLoop(s *session, keepAlive time.Duration) {
-	writeFrames(s.conn, s.out, s.done, keepAlive)
+	s.out.writeTo(s.conn, s.done, keepAlive)
 }
 
 // Send queues pkt (copied) for dst without blocking. When the client is not
@@ -397,19 +403,24 @@ func (c *Client) Send(dst key.Public, pkt []byte) error {
 		}
 		return ErrNotConnected
 	}
-	f := packetFrame(FrameSendPacket, dst, pkt)
 	select {
-	case s.out <- f:
-		c.sent.Add(1)
-		c.sentBytes.Add(uint64(len(pkt)))
-		return nil
 	case <-s.done:
 		c.dropped.Add(1)
 		return ErrNotConnected
 	default:
-		c.dropped.Add(1)
-		return ErrQueueFull
 	}
+	if !s.out.push(newPacketFrame(FrameSendPacket, dst, pkt)) {
+		c.dropped.Add(1)
+		select {
+		case <-s.done:
+			return ErrNotConnected
+		default:
+			return ErrQueueFull
+		}
+	}
+	c.sent.Add(1)
+	c.sentBytes.Add(uint64(len(pkt)))
+	return nil
 }
 
 // Connected reports whether a relay connection is up now.

@@ -26,8 +26,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"time"
 
 	"github.com/meshlink/meshlink/internal/key"
 )
@@ -144,47 +142,4 @@ func appendFrame(dst []byte, typ byte, k *key.Public, data []byte) []byte {
 // packetFrame returns a fresh frame carrying key and pkt.
 func packetFrame(typ byte, k key.Public, pkt []byte) []byte {
 	return appendFrame(make([]byte, 0, frameHeaderLen+KeyLen+len(pkt)), typ, &k, pkt)
-}
-
-var keepAliveFrame = []byte{FrameKeepAlive, 0, 0}
-
-// writeFrames drains out onto conn until done closes or a write fails,
-// batching whatever is queued into one flush and sending a keep-alive
-// whenever the queue stays idle for keepAlive. Both ends of a relay
-// connection use it. It returns nil when done closed.
-func writeFrames(conn net.Conn, out <-chan []byte, done <-chan struct{}, keepAlive time.Duration) error {
-	bw := bufio.NewWriterSize(conn, 64<<10)
-	ka := time.NewTicker(keepAlive)
-	defer ka.Stop()
-	write := func(f []byte) error {
-		conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, err := bw.Write(f)
-		return err
-	}
-	for {
-		var err error
-		select {
-		case <-done:
-			return nil
-		case f := <-out:
-			err = write(f)
-		drain:
-			for err == nil {
-				select {
-				case f := <-out:
-					err = write(f)
-				default:
-					break drain
-				}
-			}
-		case <-ka.C:
-			err = write(keepAliveFrame)
-		}
-		if err == nil {
-			err = bw.Flush()
-		}
-		if err != nil {
-			return err
-		}
-	}
 }

@@ -8,6 +8,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type Collector struct {
 	s                                                 *Server
 	clients, conns, packets, bytes, dropped, peerGone *prometheus.Desc
+	queueDropped, queued, queuedPeak                  *prometheus.Desc
 }
 
 // NewCollector returns a Collector of s's counters.
@@ -20,12 +21,16 @@ func NewCollector(prefix string, s *Server) *Collector {
 		bytes:    prometheus.NewDesc(prefix+"_bytes_total", "Packet bytes relayed between nodes (framing excluded).", nil, nil),
 		dropped:  prometheus.NewDesc(prefix+"_dropped_packets_total", "Packets the relay dropped: destination not connected, queue full, or refused by policy.", nil, nil),
 		peerGone: prometheus.NewDesc(prefix+"_peer_gone_packets_total", "Dropped packets whose destination was not connected to the relay (part of dropped).", nil, nil),
+		queueDropped: prometheus.NewDesc(prefix+"_queue_dropped_packets_total",
+			"Packets dropped because the receiver's queue or the relay's total queue budget was full (part of dropped).", nil, nil),
+		queued:     prometheus.NewDesc(prefix+"_queued_bytes", "Buffer memory held by the outbound queues of all relay connections now.", nil, nil),
+		queuedPeak: prometheus.NewDesc(prefix+"_queued_bytes_peak", "Highest buffer memory held by the outbound queues since start.", nil, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.clients, c.conns, c.packets, c.bytes, c.dropped, c.peerGone} {
+	for _, d := range []*prometheus.Desc{c.clients, c.conns, c.packets, c.bytes, c.dropped, c.peerGone, c.queueDropped, c.queued, c.queuedPeak} {
 		ch <- d
 	}
 }
@@ -39,4 +44,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(st.BytesRelayed))
 	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(st.Dropped))
 	ch <- prometheus.MustNewConstMetric(c.peerGone, prometheus.CounterValue, float64(st.PeerGone))
+	ch <- prometheus.MustNewConstMetric(c.queueDropped, prometheus.CounterValue, float64(st.QueueDropped))
+	ch <- prometheus.MustNewConstMetric(c.queued, prometheus.GaugeValue, float64(st.QueuedBytes))
+	ch <- prometheus.MustNewConstMetric(c.queuedPeak, prometheus.GaugeValue, float64(st.QueuedBytesPeak))
 }

@@ -737,3 +737,16 @@ func BenchmarkRelay(b *testing.B) {
 	el := time.Since(start)
 	b.ReportMetric(float64(b.N)/el.Seconds(), "pkts/s")
 }
+
+// TestClientRequiresTLS13: relays speak TLS 1.3 only, so a server that
+// offers at most TLS 1.2 is an impostor or a downgrade; the client refuses
+// it in the handshake, before its key proof is sent.
+func TestClientRequiresTLS13(t *testing.T) {
+	ns := newNodes(1)
+	tr := startRelayHTTP(t, ns, func(s *http.Server) { s.TLSConfig.MaxVersion = tls.VersionTLS12 })
+	c, _ := tr.client(t, ns[0])
+	tstest.WaitFor(t, 5*time.Second, "a refused handshake", func() bool { return strings.Contains(c.Stats().LastError, "protocol version") })
+	if c.Connected() || tr.auths.Load() != 0 {
+		t.Fatalf("the client spoke to a TLS 1.2 relay: connected %v, proofs checked %d", c.Connected(), tr.auths.Load())
+	}
+}

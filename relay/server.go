@@ -39,7 +39,23 @@ type ServerConfig struct {
 	// QueueLen is the per-connection outbound queue in packets, default
 	// 256; when it is full, packets to that client are dropped and counted.
 	QueueLen int
+	// QueueBytes bounds each connection's outbound queue in bytes of
+	// buffer memory, default 1 MiB (DefaultQueueBytes): a receiver that
+	// reads slowly holds at most this much of the relay's memory.
+	QueueBytes int
+	// TotalQueueBytes bounds the outbound queues of all connections
+	// together, default 64 MiB (DefaultTotalQueueBytes). When a packet
+	// would pass it, the oldest packets of the largest queue are dropped
+	// first, so that many slow receivers cannot exhaust the relay's
+	// memory and the receivers that keep up lose nothing.
+	TotalQueueBytes int64
 }
+
+// The defaults of ServerConfig.QueueBytes and TotalQueueBytes.
+const (
+	DefaultQueueBytes      = 1 << 20
+	DefaultTotalQueueBytes = 64 << 20
+)
 
 // AuthError is an authentication refusal with its HTTP status.
 type AuthError struct {
@@ -51,12 +67,21 @@ func (e *AuthError) Error() string { return fmt.Sprintf("%d %s", e.Status, e.Bod
 
 // ServerStats are a Server's counters.
 type ServerStats struct {
-	Clients        int    // connected now
-	Accepted       uint64 // connections upgraded since start
+	Clients  int    // connected now
+	Accepted uint64 // connections upgraded since start
+	// PacketsRelayed counts packets queued for their receiver; those
+	// dropped from a queue later are counted in QueueDropped too.
 	PacketsRelayed uint64
 	BytesRelayed   uint64 // packet bytes, keys and framing excluded
 	Dropped        uint64 // packets dropped: queue full, policy, or destination gone
 	PeerGone       uint64 // packets whose destination was not connected
+	// QueueDropped counts packets dropped (part of Dropped) because the
+	// receiver's queue or the total queue budget was full.
+	QueueDropped uint64
+	// QueuedBytes is the buffer memory held by outbound queues now, and
+	// QueuedBytesPeak its highest value since start; neither passes
+	// TotalQueueBytes.
+	QueuedBytes, QueuedBytesPeak int64
 }
 
 // writeTimeout bounds every write to a client, so that a client which
@@ -76,14 +101,20 @@ type Server struct {
 
 	wg sync.WaitGroup // handlers and writers
 
-	accepted, packets, bytes, dropped, gone atomic.Uint64
+	// queued is the memory of all outbound queues, never above
+	// cfg.TotalQueueBytes: a frame reserves its size here before it is
+	// queued (see enqueue).
+	queued, queuedPeak atomic.Int64
+	evictMu            sync.Mutex // one eviction at a time
+
+	accepted, packets, bytes, dropped, gone, queueDropped atomic.Uint64
 }
 
 // sconn is one client connection on the server.
 type sconn struct {
 	key  key.Public
 	conn net.Conn
-	out  chan []byte   // whole frames
+	out  *frameQueue
 	done chan struct{} // closed by close
 	once sync.Once
 }
@@ -92,22 +123,77 @@ func (c *sconn) close() {
 	c.once.Do(func() {
 		close(c.done)
 		c.conn.Close()
+		c.out.close()
 	})
 }
 
-// enqueue queues a frame without blocking and reports whether it fit.
-func (c *sconn) enqueue(f []byte) bool {
-	select {
-	case <-c.done:
-		return false
-	default:
-	}
-	select {
-	case c.out <- f:
-		return true
-	default:
+// enqueue queues f for c without blocking and reports whether it was
+// queued; a frame that is not is recycled and counted as a queue drop.
+// The frame must fit c's own budget, then the total budget, which may
+// drop older frames of the largest queue to make room.
+func (s *Server) enqueue(c *sconn, f *frame) bool {
+	n := f.size()
+	if !c.out.reserve(n) {
+		putFrame(f)
+		s.queueDrop(1)
 		return false
 	}
+	if !s.reserve(n) {
+		c.out.unreserve(n)
+		putFrame(f)
+		s.queueDrop(1)
+		return false
+	}
+	return c.out.commit(f) // on a closed queue, commit releases the bytes
+}
+
+func (s *Server) queueDrop(n int) {
+	s.dropped.Add(uint64(n))
+	s.queueDropped.Add(uint64(n))
+}
+
+// reserve takes n bytes of the total queue budget, dropping the oldest
+// frames of the largest queues while it is full, and reports false when no
+// waiting frame is left to drop.
+func (s *Server) reserve(n int) bool {
+	limit := s.cfg.TotalQueueBytes
+	for {
+		cur := s.queued.Load()
+		if cur+int64(n) <= limit {
+			if !s.queued.CompareAndSwap(cur, cur+int64(n)) {
+				continue
+			}
+			for peak := s.queuedPeak.Load(); cur+int64(n) > peak && !s.queuedPeak.CompareAndSwap(peak, cur+int64(n)); peak = s.queuedPeak.Load() {
+			}
+			return true
+		}
+		if !s.evict(int(cur + int64(n) - limit)) {
+			return false
+		}
+	}
+}
+
+// evict drops at least need bytes of waiting frames, oldest first, from
+// the largest queue, and reports whether it dropped any. Scanning every
+// client is linear, but it only happens when the budget is exhausted.
+func (s *Server) evict(need int) bool {
+	s.evictMu.Lock()
+	defer s.evictMu.Unlock()
+	var victim *sconn
+	most := 0
+	s.mu.RLock()
+	for _, c := range s.clients {
+		if w := c.out.waiting(); w > most {
+			victim, most = c, w
+		}
+	}
+	s.mu.RUnlock()
+	if victim == nil {
+		return false
+	}
+	frames, _ := victim.out.dropOldest(need)
+	s.queueDrop(frames)
+	return frames > 0
 }
 
 // NewServer returns a relay server; mount it as an http.Handler.
@@ -118,6 +204,15 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.QueueLen <= 0 {
 		cfg.QueueLen = 256
 	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = DefaultQueueBytes
+	}
+	if cfg.TotalQueueBytes <= 0 {
+		cfg.TotalQueueBytes = DefaultTotalQueueBytes
+	}
+	// Every connection can queue at least one largest frame.
+	cfg.QueueBytes = max(cfg.QueueBytes, frameClasses[len(frameClasses)-1])
+	cfg.TotalQueueBytes = max(cfg.TotalQueueBytes, int64(cfg.QueueBytes))
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -199,14 +294,20 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	c := &sconn{key: key, conn: conn, out: make(chan []byte, s.cfg.QueueLen), done: make(chan struct{})}
+	c := &sconn{key: key, conn: conn, done: make(chan struct{}),
+		out: newFrameQueue(s.cfg.QueueLen, s.cfg.QueueBytes, func(n int) { s.queued.Add(-int64(n)) })}
 	info, _ := json.Marshal(ServerInfo{Version: 1, KeepAliveMS: s.cfg.KeepAlive.Milliseconds()})
-	c.out <- appendFrame(nil, FrameServerInfo, nil, info) // first frame; the queue is empty
+	f := getFrame(frameHeaderLen + len(info))
+	f.b = appendFrame(f.b, FrameServerInfo, nil, info)
+	if !s.enqueue(c, f) { // the first frame; refused only when the budget is spent on frames being written
+		conn.Close()
+		return
+	}
 
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		conn.Close()
+		c.close()
 		return
 	}
 	old := s.clients[key]
@@ -297,7 +398,9 @@ func (s *Server) readLoop(c *sconn, br *bufio.Reader) error {
 		if to == nil {
 			s.dropped.Add(1)
 			s.gone.Add(1)
-			c.enqueue(appendFrame(make([]byte, 0, frameHeaderLen+KeyLen), FramePeerGone, &dst, nil))
+			f := getFrame(frameHeaderLen + KeyLen)
+			f.b = appendFrame(f.b, FramePeerGone, &dst, nil)
+			s.enqueue(c, f)
 			continue
 		}
 		if s.cfg.Allowed != nil && !s.cfg.Allowed(c.key, dst) {
@@ -305,8 +408,7 @@ func (s *Server) readLoop(c *sconn, br *bufio.Reader) error {
 			continue
 		}
 		// The source is the authenticated key, never one from the frame.
-		if !to.enqueue(packetFrame(FrameRecvPacket, c.key, pkt)) {
-			s.dropped.Add(1)
+		if !s.enqueue(to, newPacketFrame(FrameRecvPacket, c.key, pkt)) {
 			continue
 		}
 		s.packets.Add(1)
@@ -318,7 +420,7 @@ func (s *Server) readLoop(c *sconn, br *bufio.Reader) error {
 // sends keep-alives while the queue is idle.
 func (s *Server) writeLoop(c *sconn, log *slog.Logger) {
 	defer c.close()
-	if err := writeFrames(c.conn, c.out, c.done, s.cfg.KeepAlive); err != nil {
+	if err := c.out.writeTo(c.conn, c.done, s.cfg.KeepAlive); err != nil {
 		select {
 		case <-c.done:
 		default:
@@ -334,7 +436,8 @@ func (s *Server) Stats() ServerStats {
 	s.mu.RUnlock()
 	return ServerStats{
 		Clients: n, Accepted: s.accepted.Load(), PacketsRelayed: s.packets.Load(), BytesRelayed: s.bytes.Load(),
-		Dropped: s.dropped.Load(), PeerGone: s.gone.Load(),
+		Dropped: s.dropped.Load(), PeerGone: s.gone.Load(), QueueDropped: s.queueDropped.Load(),
+		QueuedBytes: s.queued.Load(), QueuedBytesPeak: s.queuedPeak.Load(),
 	}
 }
 

@@ -281,8 +281,9 @@ func (r *Relay) Start() error {
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		// The relay protocol is HTTP/1.1 upgrade only.
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{r.cert}, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12},
+		// The relay protocol is HTTP/1.1 upgrade only, and TLS 1.3 only, like
+		// the coordinator: nothing older needs to reach a relay.
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{r.cert}, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS13},
 		ErrorLog:  slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
 	}
 	r.wg.Add(2)
@@ -413,6 +414,7 @@ func (e *apiError) Error() string {
 // client returns an HTTP client pinned to the coordinator's certificate.
 func (r *Relay) client(fp string) *http.Client {
 	conf := wire.PinnedTLSConfig(fp)
+	conf.MinVersion = tls.VersionTLS13 // what the coordinator requires
 	return &http.Client{Transport: &http.Transport{TLSClientConfig: conf, ForceAttemptHTTP2: true,
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
 		TLSHandshakeTimeout: 10 * time.Second, ResponseHeaderTimeout: 30 * time.Second}}
