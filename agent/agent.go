@@ -63,6 +63,9 @@ type Config struct {
 	DNSFallback bool
 	// Upstreams for non-mesh DNS names; nil reads /etc/resolv.conf.
 	Upstreams []string
+	// DNSAllow lists the networks allowed to query DNS besides loopback;
+	// a DNS address that is not loopback needs it (see dns.Config.Allow).
+	DNSAllow []netip.Prefix
 	// Expose lists services to export, added to those saved in StateDir.
 	Expose []Export
 	// ProxyRange is where consumed services listen; default 127.100.0.0/16.
@@ -169,6 +172,11 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agent: --proxy-range %s must be an IPv4 loopback prefix of /16 or larger, e.g. 127.101.0.0/16", cfg.ProxyRange)
 	}
 	cfg.ProxyRange = cfg.ProxyRange.Masked()
+	if cfg.DNS != "" && cfg.DNS != "off" {
+		if err := dns.CheckListen(cfg.DNS, cfg.DNSAllow); err != nil {
+			return nil, fmt.Errorf("agent: --dns: %w", err)
+		}
+	}
 	if cfg.MapIdle == 0 {
 		cfg.MapIdle = 60 * time.Second
 	}
@@ -426,7 +434,10 @@ func (a *Agent) startDNS() error {
 	}
 	var errs []error
 	for _, t := range tries {
-		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain()})
+		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain(), Allow: a.cfg.DNSAllow})
+		if errors.Is(err, dns.ErrOpenResolver) {
+			return fmt.Errorf("agent: %w", err) // another port would not help
+		}
 		if err == nil {
 			err = s.Start()
 		}

@@ -467,6 +467,7 @@ func agentCmd() *cli.Command {
 			stateFlag(),
 			&cli.UintFlag{Name: "listen-port", Value: 0, Usage: "WireGuard UDP port (0 picks a free one)", EnvVars: env("LISTEN_PORT")},
 			&cli.StringFlag{Name: "dns", Value: "127.0.0.1:53", Usage: "DNS listen address, or off", EnvVars: env("DNS")},
+			&cli.StringSliceFlag{Name: "dns-allow", Usage: "networks allowed to query DNS besides loopback, CIDR[,CIDR...]; needed when --dns is not a loopback address", EnvVars: env("DNS_ALLOW")},
 			&cli.StringSliceFlag{Name: "dns-upstream", Usage: "resolvers for non-mesh names (default: /etc/resolv.conf)", EnvVars: env("DNS_UPSTREAM")},
 			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
@@ -512,6 +513,19 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	if err != nil {
 		return agent.Config{}, fmt.Errorf("--proxy-range %q: want a prefix such as 127.101.0.0/16", c.String("proxy-range"))
 	}
+	var dnsAllow []netip.Prefix
+	for _, s := range c.StringSlice("dns-allow") {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			if ip, ierr := netip.ParseAddr(strings.TrimSpace(s)); ierr == nil {
+				p, err = netip.PrefixFrom(ip, ip.BitLen()), nil
+			}
+		}
+		if err != nil {
+			return agent.Config{}, fmt.Errorf("--dns-allow %q: want a network such as 10.0.0.0/8 or fd00::/8 (comma-separated for several)", s)
+		}
+		dnsAllow = append(dnsAllow, p.Masked())
+	}
 	var exports []agent.Export
 	for _, s := range c.StringSlice("expose") {
 		e, err := agent.ParseExport(s)
@@ -523,7 +537,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	return agent.Config{
 		StateDir: c.String("state"), Join: c.String("join"), Name: c.String("name"),
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
-		Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
+		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
 		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
