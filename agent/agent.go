@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"path/filepath"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -52,6 +53,10 @@ type Config struct {
 	StateDir string
 	// Join is a join token; needed only the first time.
 	Join string
+	// JoinFile is the file Join was read from (--join-file), if any. A
+	// token file inside StateDir is removed once it has been spent, so the
+	// state directory keeps no token.
+	JoinFile string
 	// Name of the node; default the host name.
 	Name string
 	// ListenPort is WireGuard's UDP port; 0 picks a free one.
@@ -508,7 +513,11 @@ func (a *Agent) register(ctx context.Context) error {
 		req.KeyProof = a.keyProof(ctx, cc)
 		err := cc.call(ctx, wire.PathRegister, req, &resp)
 		if err == nil {
-			return a.joined(resp, t.URL, t.Fingerprint, t.ID)
+			if err := a.joined(resp, t.URL, t.Fingerprint, t.ID); err != nil {
+				return err
+			}
+			a.removeSpentJoinFile()
+			return nil
 		}
 		if ctx.Err() != nil {
 			return errors.New("agent: join: interrupted")
@@ -521,6 +530,26 @@ func (a *Agent) register(ctx context.Context) error {
 		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
+	}
+}
+
+// removeSpentJoinFile removes the token file once the token is spent, if it
+// lies in the state directory (a secret mounted from elsewhere is not ours
+// to remove).
+func (a *Agent) removeSpentJoinFile() {
+	if a.cfg.JoinFile == "" {
+		return
+	}
+	dir, err1 := filepath.Abs(a.cfg.StateDir)
+	f, err2 := filepath.Abs(a.cfg.JoinFile)
+	if err1 != nil || err2 != nil {
+		return
+	}
+	if rel, err := filepath.Rel(dir, f); err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return
+	}
+	if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.Warn("could not remove the spent join token file from the state directory; remove it", "file", f, "err", err)
 	}
 }
 
