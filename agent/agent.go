@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"path/filepath"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -52,6 +53,10 @@ type Config struct {
 	StateDir string
 	// Join is a join token; needed only the first time.
 	Join string
+	// JoinFile is the file Join was read from (--join-file), if any. A
+	// token file inside StateDir is removed once it has been spent, so the
+	// state directory keeps no token.
+	JoinFile string
 	// Name of the node; default the host name.
 	Name string
 	// ListenPort is WireGuard's UDP port; 0 picks a free one.
@@ -63,6 +68,9 @@ type Config struct {
 	DNSFallback bool
 	// Upstreams for non-mesh DNS names; nil reads /etc/resolv.conf.
 	Upstreams []string
+	// DNSAllow lists the networks allowed to query DNS besides loopback;
+	// a DNS address that is not loopback needs it (see dns.Config.Allow).
+	DNSAllow []netip.Prefix
 	// Expose lists services to export, added to those saved in StateDir.
 	Expose []Export
 	// ProxyRange is where consumed services listen; default 127.100.0.0/16.
@@ -169,6 +177,11 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agent: --proxy-range %s must be an IPv4 loopback prefix of /16 or larger, e.g. 127.101.0.0/16", cfg.ProxyRange)
 	}
 	cfg.ProxyRange = cfg.ProxyRange.Masked()
+	if cfg.DNS != "" && cfg.DNS != "off" {
+		if err := dns.CheckListen(cfg.DNS, cfg.DNSAllow); err != nil {
+			return nil, fmt.Errorf("agent: --dns: %w", err)
+		}
+	}
 	if cfg.MapIdle == 0 {
 		cfg.MapIdle = 60 * time.Second
 	}
@@ -426,7 +439,10 @@ func (a *Agent) startDNS() error {
 	}
 	var errs []error
 	for _, t := range tries {
-		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain()})
+		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain(), Allow: a.cfg.DNSAllow})
+		if errors.Is(err, dns.ErrOpenResolver) {
+			return fmt.Errorf("agent: %w", err) // another port would not help
+		}
 		if err == nil {
 			err = s.Start()
 		}
@@ -497,7 +513,11 @@ func (a *Agent) register(ctx context.Context) error {
 		req.KeyProof = a.keyProof(ctx, cc)
 		err := cc.call(ctx, wire.PathRegister, req, &resp)
 		if err == nil {
-			return a.joined(resp, t.URL, t.Fingerprint, t.ID)
+			if err := a.joined(resp, t.URL, t.Fingerprint, t.ID); err != nil {
+				return err
+			}
+			a.removeSpentJoinFile()
+			return nil
 		}
 		if ctx.Err() != nil {
 			return errors.New("agent: join: interrupted")
@@ -510,6 +530,26 @@ func (a *Agent) register(ctx context.Context) error {
 		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
+	}
+}
+
+// removeSpentJoinFile removes the token file once the token is spent, if it
+// lies in the state directory (a secret mounted from elsewhere is not ours
+// to remove).
+func (a *Agent) removeSpentJoinFile() {
+	if a.cfg.JoinFile == "" {
+		return
+	}
+	dir, err1 := filepath.Abs(a.cfg.StateDir)
+	f, err2 := filepath.Abs(a.cfg.JoinFile)
+	if err1 != nil || err2 != nil {
+		return
+	}
+	if rel, err := filepath.Rel(dir, f); err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return
+	}
+	if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.Warn("could not remove the spent join token file from the state directory; remove it", "file", f, "err", err)
 	}
 }
 

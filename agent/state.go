@@ -46,8 +46,8 @@ func openStateDir(dir string) (stateDir, error) {
 	if dir == "" {
 		return stateDir{}, errors.New("agent: no state directory given; pass --state DIR")
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return stateDir{}, fmt.Errorf("agent: state directory %s: %w; choose a writable --state", dir, err)
+	if err := atomicfile.MkdirPrivate(dir); err != nil {
+		return stateDir{}, fmt.Errorf("agent: state directory %s: %w; or choose another --state", dir, err)
 	}
 	// Prove it is writable now rather than after joining.
 	probe := filepath.Join(dir, ".write-test")

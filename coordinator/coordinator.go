@@ -200,8 +200,8 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("coordinator: data directory %s: %w", cfg.DataDir, err)
 	}
 	cfg.DataDir = dir
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("coordinator: cannot create data directory %s: %w; choose another --data or fix its permissions", dir, err)
+	if err := atomicfile.MkdirPrivate(dir); err != nil {
+		return nil, fmt.Errorf("coordinator: data directory %s: %w; or choose another --data", dir, err)
 	}
 	if probe, err := os.CreateTemp(dir, ".write-probe-"); err != nil {
 		return nil, fmt.Errorf("coordinator: data directory %s is not writable: %w; choose another --data or fix its permissions", dir, err)

@@ -79,3 +79,41 @@ func TestTLS12Refused(t *testing.T) {
 		t.Fatalf("negotiated %s, want TLS 1.3", tls.VersionName(v))
 	}
 }
+
+// TestDataDirPrivate: a --data directory made 0755 beforehand (mkdir, a
+// volume mount) is tightened to 0700, and every file the coordinator
+// writes in it is 0600: the database, the keys, the certificate's key. The
+// certificate itself is public.
+func TestDataDirPrivate(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	startServer(t, dir)
+	fi, err := os.Stat(dir)
+	if err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("data directory mode %04o, %v; want 0700", fi.Mode().Perm(), err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := 0
+	for _, e := range ents {
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		files++
+		if e.Name() == "cert.pem" {
+			continue
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			t.Errorf("%s has mode %04o, want 0600", e.Name(), fi.Mode().Perm())
+		}
+	}
+	if files == 0 {
+		t.Fatal("no files in the data directory")
+	}
+}

@@ -20,8 +20,24 @@ const ednsSize = 1232
 
 // ServeDNS answers one query. It never panics on a parsed message and always
 // writes a reply (a second, bare SERVFAIL only if the first cannot be sent).
+//
+// Sources outside Config.Allow, and non-loopback sources over their rate
+// limit, get no answer over UDP (REFUSED over TCP, whose handshake proves
+// the source).
 func (s *Server) ServeDNS(w mdns.ResponseWriter, r *mdns.Msg) {
 	_, overUDP := w.RemoteAddr().(*net.UDPAddr)
+	if src := addrOf(w.RemoteAddr()); !src.IsLoopback() {
+		ok := s.allowed(src)
+		if ok && overUDP {
+			ok = s.limit.allow(src)
+		}
+		if !ok {
+			if !overUDP {
+				w.WriteMsg(new(mdns.Msg).SetRcode(r, mdns.RcodeRefused))
+			}
+			return
+		}
+	}
 	resp, via := s.answer(r)
 	s.finish(resp, r, overUDP)
 	if err := w.WriteMsg(resp); err != nil {

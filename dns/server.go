@@ -57,6 +57,17 @@ type Config struct {
 	ResolvConf string
 	// Logger receives debug logs; nil discards.
 	Logger *slog.Logger
+	// Allow lists the networks whose hosts may query, besides loopback,
+	// which always may. A query from elsewhere gets no answer over UDP
+	// (answering a spoofed source would reflect at a victim) and REFUSED
+	// over TCP. Without Allow, Addr must be a loopback address: New
+	// refuses to make an open resolver.
+	Allow []netip.Prefix
+	// RateLimit and RateBurst bound the UDP responses to each
+	// non-loopback source (per IPv6 /64): a token bucket refilled at
+	// RateLimit per second holding up to RateBurst. Queries beyond it get
+	// no answer. Defaults DefaultRateLimit and DefaultRateBurst.
+	RateLimit, RateBurst int
 }
 
 // Service is what a service name resolves to: the local proxy address(es)
@@ -81,6 +92,7 @@ type Server struct {
 	timeout   time.Duration
 	cfg       Config
 	log       *slog.Logger
+	limit     *limiter
 
 	zone   atomic.Pointer[zoneIndex]
 	serial atomic.Uint32
@@ -117,6 +129,15 @@ func New(cfg Config) (*Server, error) {
 	if cfg.ResolvConf == "" {
 		cfg.ResolvConf = DefaultResolvConf
 	}
+	if err := CheckListen(cfg.Addr, cfg.Allow); err != nil {
+		return nil, err
+	}
+	if cfg.RateLimit <= 0 {
+		cfg.RateLimit = DefaultRateLimit
+	}
+	if cfg.RateBurst <= 0 {
+		cfg.RateBurst = DefaultRateBurst
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -127,6 +148,7 @@ func New(cfg Config) (*Server, error) {
 		timeout:   cfg.UpstreamTimeout,
 		cfg:       cfg,
 		log:       log.With("subsystem", "dns"),
+		limit:     newLimiter(cfg.RateLimit, cfg.RateBurst, time.Now),
 	}
 	s.mbox = "hostmaster." + domain
 	if len(s.mbox) > 254 {

@@ -53,6 +53,13 @@ const (
 	// defaultHandlerTimeout bounds how long an inbound TCP or UDP request
 	// may stay undecided before it is rejected on the handler's behalf.
 	defaultHandlerTimeout = 30 * time.Second
+
+	// defaultHandshakeTimeout bounds how long an accepted TCP request may
+	// wait for the dialer's final ACK. gVisor alone would retransmit the
+	// SYN-ACK for about two minutes, and a provider holds its connection to
+	// the real target all that time; a few seconds still cover two lost
+	// SYN-ACKs (retransmitted after 1s and 3s).
+	defaultHandshakeTimeout = 5 * time.Second
 )
 
 var (
@@ -78,6 +85,11 @@ type Config struct {
 	// HandlerTimeout bounds how long a TCP or UDP handler may take to call
 	// Accept or Reject before the request is rejected for it; 30s when 0.
 	HandlerTimeout time.Duration
+	// HandshakeTimeout bounds how long TCPRequest.Accept waits for the
+	// dialer to complete the 3-way handshake before it aborts it and
+	// fails; 5s when 0. A peer that sends SYNs and never ACKs holds
+	// nothing longer than this.
+	HandshakeTimeout time.Duration
 	// Outbound, if set, is entered by the packets Read hands to
 	// wireguard-go (Read waits while it is full); Inbound is left by the
 	// packets Write takes from it. See Gate.
@@ -104,6 +116,8 @@ type Stack struct {
 	log            *slog.Logger
 	mtu            int
 	handlerTimeout time.Duration
+	// handshakeTimeout is Config.HandshakeTimeout with its default.
+	handshakeTimeout time.Duration
 
 	stack *stack.Stack
 	link  *linkEndpoint
@@ -153,15 +167,20 @@ func New(cfg Config) (*Stack, error) {
 	if timeout <= 0 {
 		timeout = defaultHandlerTimeout
 	}
+	handshake := cfg.HandshakeTimeout
+	if handshake <= 0 {
+		handshake = defaultHandshakeTimeout
+	}
 
 	s := &Stack{
-		log:            log,
-		mtu:            mtu,
-		handlerTimeout: timeout,
-		out:            cfg.Outbound,
-		in:             cfg.Inbound,
-		events:         make(chan tun.Event, 1),
-		udpPending:     make(map[stack.TransportEndpointID]struct{}),
+		log:              log,
+		mtu:              mtu,
+		handlerTimeout:   timeout,
+		handshakeTimeout: handshake,
+		out:              cfg.Outbound,
+		in:               cfg.Inbound,
+		events:           make(chan tun.Event, 1),
+		udpPending:       make(map[stack.TransportEndpointID]struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.link = newLinkEndpoint(uint32(mtu), outboundQueueLen, &s.stats)

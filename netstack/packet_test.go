@@ -3,6 +3,7 @@ package netstack
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -290,5 +291,43 @@ func TestDialRefusedBySYNRST(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("dial not refused")
+	}
+}
+
+// TestAcceptAbortsUnfinishedHandshake performs the half-open attack on
+// Accept: a SYN whose SYN-ACK is never ACKed. Accept must give up after
+// HandshakeTimeout (gVisor alone retransmits for about two minutes), so a
+// handler holding a connection to a real target for it lets go.
+func TestAcceptAbortsUnfinishedHandshake(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	s, err := New(Config{Addrs: []netip.Addr{own4, own6}, HandshakeTimeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	errc := make(chan error, 1)
+	s.SetTCPHandler(func(r *TCPRequest) {
+		c, err := r.Accept()
+		if c != nil {
+			c.Close()
+		}
+		errc <- err
+	})
+	start := time.Now()
+	s.Write([][]byte{tcpSYN(peer4, own4, 5432)}, 0)
+	select {
+	case err := <-errc:
+		took := time.Since(start)
+		if err == nil {
+			t.Fatal("Accept succeeded without the final ACK")
+		}
+		if took < timeout {
+			t.Fatalf("Accept gave up after %v, before the %v timeout: %v", took, timeout, err)
+		}
+		if !strings.Contains(err.Error(), "did not complete the handshake") {
+			t.Fatalf("error %q does not say the handshake was not completed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept still waiting for the final ACK after 10s")
 	}
 }

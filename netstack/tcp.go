@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -251,23 +252,80 @@ type TCPRequest struct {
 	Src, Dst netip.AddrPort // remote (dialer) and local (our) endpoints
 
 	decision
-	fr *tcp.ForwarderRequest
+	fr               *tcp.ForwarderRequest
+	handshakeTimeout time.Duration
 }
 
 // Accept completes the 3-way handshake and returns the connection. It fails
-// if the request was already decided or the handshake fails.
+// if the request was already decided, the handshake fails, or the dialer
+// does not complete it within Config.HandshakeTimeout (the handshake is then
+// aborted), or the Stack closes meanwhile.
 func (r *TCPRequest) Accept() (net.Conn, error) {
 	if !r.decide() {
 		return nil, fmt.Errorf("netstack: accept tcp %v -> %v: %w", r.Src, r.Dst, ErrRequestDecided)
 	}
 	var wq waiter.Queue
+	// CreateEndpoint blocks until the handshake succeeds or fails, and
+	// gVisor retransmits the SYN-ACK for minutes to a dialer that never
+	// ACKs. It waits on wq's writable event, so notifying wq wakes it
+	// early: it then finds the endpoint unconnected, closes it (aborting
+	// the handshake) and fails. The notification is repeated, in case the
+	// first came before CreateEndpoint registered its waiter.
+	w := watchHandshake(&wq, r.handshakeTimeout)
+	unhook := context.AfterFunc(r.ctx, func() { wq.Notify(waiter.WritableEvents) })
 	ep, terr := r.fr.CreateEndpoint(&wq)
+	timedOut := w.stop()
+	unhook()
 	r.fr.Complete(false)
 	if terr != nil {
-		return nil, fmt.Errorf("netstack: accept tcp %v -> %v: %w", r.Src, r.Dst, translate(terr))
+		err := translate(terr)
+		switch {
+		case r.ctx.Err() != nil:
+			err = ErrClosed
+		case timedOut:
+			// gVisor reports our abort as ErrAborted, which reads as a
+			// closed stack; say what happened instead.
+			err = fmt.Errorf("dialer did not complete the handshake within %v: %w", r.handshakeTimeout, os.ErrDeadlineExceeded)
+		}
+		return nil, fmt.Errorf("netstack: accept tcp %v -> %v: %w", r.Src, r.Dst, err)
 	}
 	tuneEndpoint(ep)
 	return gonet.NewTCPConn(&wq, ep), nil
+}
+
+// handshakeWatch wakes a CreateEndpoint waiting on wq once timeout passes,
+// and every 100ms after that until stopped.
+type handshakeWatch struct {
+	mu       sync.Mutex // guards the fields below
+	t        *time.Timer
+	fired    bool
+	finished bool
+}
+
+func watchHandshake(wq *waiter.Queue, timeout time.Duration) *handshakeWatch {
+	w := &handshakeWatch{}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.t = time.AfterFunc(timeout, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.finished {
+			return
+		}
+		w.fired = true
+		wq.Notify(waiter.WritableEvents)
+		w.t.Reset(100 * time.Millisecond)
+	})
+	return w
+}
+
+// stop ends the watch and reports whether the timeout had passed.
+func (w *handshakeWatch) stop() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.finished = true
+	w.t.Stop()
+	return w.fired
 }
 
 // Reject answers the SYN with a RST: the dialer sees "connection refused" at
@@ -315,10 +373,11 @@ func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
 	}
 	ctx, release := s.withStack(context.Background())
 	req := &TCPRequest{
-		Src:      addrPort(id.RemoteAddress, id.RemotePort),
-		Dst:      addrPort(id.LocalAddress, id.LocalPort),
-		decision: newDecision(ctx),
-		fr:       fr,
+		Src:              addrPort(id.RemoteAddress, id.RemotePort),
+		Dst:              addrPort(id.LocalAddress, id.LocalPort),
+		decision:         newDecision(ctx),
+		fr:               fr,
+		handshakeTimeout: s.handshakeTimeout,
 	}
 	s.serve(&req.decision, release, func() { h(req) }, req.Reject, "tcp", req.Src, req.Dst)
 }

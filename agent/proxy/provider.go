@@ -32,7 +32,23 @@ type ProviderConfig struct {
 	Policy PolicyFunc
 	// DialTimeout bounds the dial of the real target; default 5s.
 	DialTimeout time.Duration
+	// MaxPendingPerPeer bounds the inbound connections from one mesh
+	// address that are between their SYN and a completed handshake (the
+	// target being dialed, or the final ACK awaited): each holds a
+	// connection to the real target, so a peer sending SYNs it never
+	// completes would otherwise open one per SYN. A SYN beyond it is
+	// refused with a RST. Default DefaultMaxPendingPerPeer.
+	MaxPendingPerPeer int
+	// MaxPendingPerExport is the same bound for all peers together, per
+	// exported service. Default DefaultMaxPendingPerExport.
+	MaxPendingPerExport int
 }
+
+// Default bounds on half-open inbound connections (ProviderConfig).
+const (
+	DefaultMaxPendingPerPeer   = 64
+	DefaultMaxPendingPerExport = 256
+)
 
 // Provider accepts connections that arrive over the mesh for exported
 // services, checks them against policy and splices them to the target.
@@ -52,6 +68,11 @@ type Provider struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 
+	pendMu sync.Mutex // guards the fields below
+	// pending counts half-open connections by source address; an entry
+	// is deleted at zero, so it holds at most the stack's in-flight SYNs.
+	pending map[netip.Addr]int
+
 	wg sync.WaitGroup
 }
 
@@ -61,9 +82,10 @@ type export struct {
 }
 
 type exportStats struct {
-	open, total, denied, failed atomic.Int64
-	ctr                         Counters
-	lastErr                     atomic.Pointer[string]
+	open, total, denied, failed, busy atomic.Int64
+	pending                           int // guarded by Provider.pendMu
+	ctr                               Counters
+	lastErr                           atomic.Pointer[string]
 }
 
 // NewProvider returns a Provider exporting nothing.
@@ -71,13 +93,19 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	if cfg.DialTimeout == 0 {
 		cfg.DialTimeout = 5 * time.Second
 	}
+	if cfg.MaxPendingPerPeer <= 0 {
+		cfg.MaxPendingPerPeer = DefaultMaxPendingPerPeer
+	}
+	if cfg.MaxPendingPerExport <= 0 {
+		cfg.MaxPendingPerExport = DefaultMaxPendingPerExport
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), ctx: ctx, cancel: cancel,
-		stats: map[string]*exportStats{}, conns: map[net.Conn]struct{}{}}
+		stats: map[string]*exportStats{}, conns: map[net.Conn]struct{}{}, pending: map[netip.Addr]int{}}
 	empty := map[uint16]*export{}
 	p.exports.Store(&empty)
 	return p
@@ -119,22 +147,17 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 		req.Reject()
 		return
 	}
-	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.DialTimeout)
-	var d net.Dialer
-	target, err := d.DialContext(ctx, "tcp", e.Target)
-	cancel()
-	if err != nil {
-		e.st.failed.Add(1)
-		msg := err.Error()
-		e.st.lastErr.Store(&msg)
-		p.log.Warn("service target refused; connection refused to the consumer", "service", e.Name, "target", e.Target, "peer", peer, "err", err)
+	src := req.Src.Addr()
+	if !p.startPending(src, e) {
+		e.st.busy.Add(1)
+		p.log.Debug("too many half-open connections; refused", "service", e.Name, "from", src, "peer", peer)
 		req.Reject()
 		return
 	}
-	conn, err := req.Accept()
+	target, conn, err := p.open(req, e)
+	p.endPending(src, e)
 	if err != nil {
-		target.Close()
-		p.log.Debug("accept failed", "service", e.Name, "err", err)
+		p.log.Debug("accept failed", "service", e.Name, "peer", peer, "err", err)
 		return
 	}
 	if tc, ok := target.(*net.TCPConn); ok {
@@ -149,6 +172,51 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 	defer e.st.open.Add(-1)
 	p.log.Debug("connection", "service", e.Name, "peer", peer)
 	Splice(conn, target, &e.st.ctr)
+}
+
+// open dials the target and then completes the handshake; it refuses the
+// request if the target does not answer. On error nothing is left open.
+func (p *Provider) open(req *netstack.TCPRequest, e *export) (target, conn net.Conn, err error) {
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.DialTimeout)
+	var d net.Dialer
+	target, err = d.DialContext(ctx, "tcp", e.Target)
+	cancel()
+	if err != nil {
+		e.st.failed.Add(1)
+		msg := err.Error()
+		e.st.lastErr.Store(&msg)
+		p.log.Warn("service target refused; connection refused to the consumer", "service", e.Name, "target", e.Target, "from", req.Src.Addr(), "err", err)
+		req.Reject()
+		return nil, nil, err
+	}
+	conn, err = req.Accept()
+	if err != nil {
+		target.Close()
+		return nil, nil, err
+	}
+	return target, conn, nil
+}
+
+// startPending counts a half-open connection from src to e, unless either
+// bound is reached.
+func (p *Provider) startPending(src netip.Addr, e *export) bool {
+	p.pendMu.Lock()
+	defer p.pendMu.Unlock()
+	if p.pending[src] >= p.cfg.MaxPendingPerPeer || e.st.pending >= p.cfg.MaxPendingPerExport {
+		return false
+	}
+	p.pending[src]++
+	e.st.pending++
+	return true
+}
+
+func (p *Provider) endPending(src netip.Addr, e *export) {
+	p.pendMu.Lock()
+	defer p.pendMu.Unlock()
+	if p.pending[src]--; p.pending[src] <= 0 {
+		delete(p.pending, src)
+	}
+	e.st.pending--
 }
 
 func (p *Provider) track(a, b net.Conn) bool {
@@ -177,8 +245,11 @@ func (p *Provider) untrack(a, b net.Conn) {
 type ExportStatus struct {
 	Export
 	Open, Total, Denied, Failed int64
-	Sent, Received              int64
-	LastError                   string
+	// Busy counts SYNs refused because too many connections were
+	// half-open (ProviderConfig.MaxPendingPerPeer, MaxPendingPerExport).
+	Busy           int64
+	Sent, Received int64
+	LastError      string
 }
 
 // Status reports the exported services sorted by name. Sent is bytes from
@@ -187,7 +258,7 @@ func (p *Provider) Status() []ExportStatus {
 	var out []ExportStatus
 	for _, e := range *p.exports.Load() {
 		s := ExportStatus{Export: e.Export, Open: e.st.open.Load(), Total: e.st.total.Load(),
-			Denied: e.st.denied.Load(), Failed: e.st.failed.Load(),
+			Denied: e.st.denied.Load(), Failed: e.st.failed.Load(), Busy: e.st.busy.Load(),
 			Sent: e.st.ctr.Sent.Load(), Received: e.st.ctr.Received.Load()}
 		if le := e.st.lastErr.Load(); le != nil {
 			s.LastError = *le

@@ -460,13 +460,15 @@ func agentCmd() *cli.Command {
 		Name:  "agent",
 		Usage: "run a site's agent in the foreground",
 		Flags: append([]cli.Flag{
-			&cli.StringFlag{Name: "join", Usage: "join token (needed the first time only)", EnvVars: env("JOIN")},
+			&cli.StringFlag{Name: "join", Usage: "join token (needed the first time only); visible to other users in ps, see --join-file", EnvVars: env("JOIN")},
+			&cli.StringFlag{Name: "join-file", Usage: "file holding the join token, instead of --join", EnvVars: env("JOIN_FILE")},
 			&cli.StringFlag{Name: "coordinator", Usage: "coordinator URL, to join by logging in instead of a token", EnvVars: env("COORDINATOR")},
 			&cli.StringFlag{Name: "fingerprint", Usage: "SHA-256 fingerprint of a self-signed coordinator's certificate (with --coordinator)", EnvVars: env("FINGERPRINT")},
 			&cli.StringFlag{Name: "name", Usage: "node name (default: the host name)", EnvVars: env("NAME")},
 			stateFlag(),
 			&cli.UintFlag{Name: "listen-port", Value: 0, Usage: "WireGuard UDP port (0 picks a free one)", EnvVars: env("LISTEN_PORT")},
 			&cli.StringFlag{Name: "dns", Value: "127.0.0.1:53", Usage: "DNS listen address, or off", EnvVars: env("DNS")},
+			&cli.StringSliceFlag{Name: "dns-allow", Usage: "networks allowed to query DNS besides loopback, CIDR[,CIDR...]; needed when --dns is not a loopback address", EnvVars: env("DNS_ALLOW")},
 			&cli.StringSliceFlag{Name: "dns-upstream", Usage: "resolvers for non-mesh names (default: /etc/resolv.conf)", EnvVars: env("DNS_UPSTREAM")},
 			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
@@ -512,6 +514,23 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 	if err != nil {
 		return agent.Config{}, fmt.Errorf("--proxy-range %q: want a prefix such as 127.101.0.0/16", c.String("proxy-range"))
 	}
+	join, err := joinToken(c)
+	if err != nil {
+		return agent.Config{}, err
+	}
+	var dnsAllow []netip.Prefix
+	for _, s := range c.StringSlice("dns-allow") {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			if ip, ierr := netip.ParseAddr(strings.TrimSpace(s)); ierr == nil {
+				p, err = netip.PrefixFrom(ip, ip.BitLen()), nil
+			}
+		}
+		if err != nil {
+			return agent.Config{}, fmt.Errorf("--dns-allow %q: want a network such as 10.0.0.0/8 or fd00::/8 (comma-separated for several)", s)
+		}
+		dnsAllow = append(dnsAllow, p.Masked())
+	}
 	var exports []agent.Export
 	for _, s := range c.StringSlice("expose") {
 		e, err := agent.ParseExport(s)
@@ -521,13 +540,45 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		exports = append(exports, e)
 	}
 	return agent.Config{
-		StateDir: c.String("state"), Join: c.String("join"), Name: c.String("name"),
+		StateDir: c.String("state"), Join: join, JoinFile: c.String("join-file"), Name: c.String("name"),
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
-		Upstreams: c.StringSlice("dns-upstream"), Expose: exports, ProxyRange: pr,
+		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
 		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
 	}, nil
+}
+
+// maxJoinFile bounds what --join-file reads; a token is a few hundred bytes.
+const maxJoinFile = 64 << 10
+
+// joinToken returns the token of --join or --join-file (at most one may be
+// given).
+func joinToken(c *cli.Context) (string, error) {
+	path := c.String("join-file")
+	if path == "" {
+		return c.String("join"), nil
+	}
+	if c.String("join") != "" {
+		return "", errors.New("--join and --join-file both given: give the token one way only (--join-file keeps it out of ps)")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("--join-file: %w; give a readable file holding the token printed by `meshlink token create`", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxJoinFile+1))
+	if err != nil {
+		return "", fmt.Errorf("--join-file %s: %w; give a readable file holding the token printed by `meshlink token create`", path, err)
+	}
+	if len(b) > maxJoinFile {
+		return "", fmt.Errorf("--join-file %s: larger than %d KiB, not a join token; give the file holding the token printed by `meshlink token create`", path, maxJoinFile>>10)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", fmt.Errorf("--join-file %s is empty; put the token printed by `meshlink token create` in it", path)
+	}
+	return tok, nil
 }
 
 func exposeCmd() *cli.Command {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -85,6 +86,12 @@ func TestAgentConfig(t *testing.T) {
 			func(c agent.Config) bool { return c.PipelinePackets == 64 }},
 		{"proxy range default", nil, nil,
 			func(c agent.Config) bool { return c.ProxyRange.String() == agent.DefaultProxyRange }},
+		{"dns allow flag", nil, []string{"--dns-allow", "10.0.0.0/8,fd00::/8", "--dns-allow", "192.0.2.7"},
+			func(c agent.Config) bool {
+				return fmt.Sprint(c.DNSAllow) == "[10.0.0.0/8 fd00::/8 192.0.2.7/32]"
+			}},
+		{"dns allow from environment", map[string]string{"MESHLINK_DNS_ALLOW": "10.1.0.0/16"}, nil,
+			func(c agent.Config) bool { return fmt.Sprint(c.DNSAllow) == "[10.1.0.0/16]" }},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -106,5 +113,32 @@ func TestAgentConfig(t *testing.T) {
 				t.Errorf("config %+v", got)
 			}
 		})
+	}
+}
+
+// TestDNSOpenResolverRefused: --dns on a non-loopback address without
+// --dns-allow would serve the world; the agent refuses to start and says
+// what to give. A bad --dns-allow is named.
+func TestDNSOpenResolverRefused(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--dns", "0.0.0.0:5353"}, "--dns-allow CIDR"},
+		{[]string{"--dns", "[::]:5353"}, "open resolver"},
+		{[]string{"--dns", "0.0.0.0:5353", "--dns-allow", "10.0.0.0/33"}, `--dns-allow "10.0.0.0/33": want a network such as 10.0.0.0/8`},
+	}
+	for _, tc := range cases {
+		args := append([]string{"meshlink", "agent", "--state", t.TempDir(), "--join", "not-a-token"}, tc.args...)
+		err := newApp().Run(args)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+	// With --dns-allow the DNS check passes and the agent goes on to the
+	// next problem: the token.
+	err := newApp().Run([]string{"meshlink", "agent", "--state", t.TempDir(), "--join", "not-a-token", "--dns", "0.0.0.0:5353", "--dns-allow", "10.0.0.0/8"})
+	if err == nil || !strings.Contains(err.Error(), "malformed join token") {
+		t.Errorf("with --dns-allow: %v, want the malformed token error", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/netip"
 	"net/url"
+	"os"
 	"time"
 
 	"github.com/meshlink/meshlink/internal/key"
@@ -145,6 +146,9 @@ func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
 	q.Set("_foreign_keys", "1")
 	q.Set("_synchronous", "NORMAL")
 	q.Set("_txlock", "immediate")
+	if err := privateDB(path); err != nil {
+		return nil, fmt.Errorf("store: open %s: %w", path, err)
+	}
 	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
@@ -159,6 +163,33 @@ func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
 	}
 	return s, nil
+}
+
+// privateDB creates the database file 0600 before SQLite does (it would use
+// 0644 less the umask), and tightens an existing one and its -wal and -shm:
+// SQLite gives those the database file's mode, and they hold every secret
+// the database does.
+func privateDB(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		fi, err := os.Stat(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			if err := os.Chmod(p, 0o600); err != nil {
+				return fmt.Errorf("%s is readable by others and cannot be made private: %w; run chmod 600 %s", p, err, p)
+			}
+		}
+	}
+	return nil
 }
 
 // SchemaVersion returns the number of applied migrations.

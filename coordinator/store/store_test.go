@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -304,5 +305,41 @@ func TestApprovalSessionsAndEvents(t *testing.T) {
 	mine, _ := s.ListEvents(ctx, u.ID, 10)
 	if len(all) != 4 || all[0].Message != "3" || len(mine) != 2 || mine[0].Message != "3" || mine[1].Message != "0" {
 		t.Fatalf("events all %+v mine %+v", all, mine)
+	}
+}
+
+// TestDatabaseFilesPrivate: SQLite would create the database 0644, readable
+// by anyone who can enter the directory; it and its -wal and -shm must be
+// 0600, also when an older version left them 0644.
+func TestDatabaseFilesPrivate(t *testing.T) {
+	for _, existing := range []bool{false, true} {
+		dir := t.TempDir()
+		db := filepath.Join(dir, "meshlink.db")
+		if existing {
+			s := openTest(t, dir)
+			s.Close()
+			for _, p := range []string{db, db + "-wal", db + "-shm"} {
+				os.Chmod(p, 0o644)
+			}
+		}
+		s := openTest(t, dir)
+		mkToken(t, s, "t1", false, time.Now().Add(time.Hour)) // a write, so the WAL exists
+		n := 0
+		for _, p := range []string{db, db + "-wal", db + "-shm"} {
+			fi, err := os.Stat(p)
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			n++
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("existing %v: %s has mode %04o, want 0600", existing, filepath.Base(p), fi.Mode().Perm())
+			}
+		}
+		if n < 2 {
+			t.Fatalf("only %d database files found", n)
+		}
 	}
 }

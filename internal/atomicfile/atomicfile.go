@@ -34,3 +34,31 @@ func WriteFile(path string, data []byte, mode os.FileMode) error {
 	}
 	return nil
 }
+
+// MkdirPrivate creates dir (and its parents) readable only by its owner, or
+// tightens an existing dir that others may read or enter to 0700: the
+// files in it are secrets, and a pre-existing 0755 directory would make any
+// file created without an explicit mode world-readable. It refuses a
+// directory it cannot tighten, and a shared sticky one such as /tmp.
+func MkdirPrivate(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if fi.Mode()&os.ModeSticky != 0 {
+		return fmt.Errorf("%s is a shared directory (sticky, like /tmp); give a directory of its own, e.g. %s", dir, filepath.Join(dir, "meshlink"))
+	}
+	if fi.Mode().Perm()&0o077 == 0 {
+		return nil
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("%s is open to other users (mode %04o) and cannot be made private: %w; run chmod 700 %s", dir, fi.Mode().Perm(), err, dir)
+	}
+	return nil
+}
