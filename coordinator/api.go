@@ -104,12 +104,18 @@ func decode(w http.ResponseWriter, r *http.Request, v any, what string) *apiErro
 		if errors.As(err, &mbe) {
 			return apiErr(http.StatusRequestEntityTooLarge, wire.ErrCodeBadRequest, "%s body is larger than %d bytes", what, maxBodyBytes)
 		}
+		if isDeadline(err) {
+			return apiErr(http.StatusRequestTimeout, wire.ErrCodeBadRequest, "%s body did not arrive in time; check the network and retry", what)
+		}
 		if errors.Is(err, key.ErrInvalid) {
 			return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body: %v", what, err)
 		}
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body is not valid JSON: %v", what, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
+		if isDeadline(err) {
+			return apiErr(http.StatusRequestTimeout, wire.ErrCodeBadRequest, "%s body did not arrive in time; check the network and retry", what)
+		}
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body has data after the JSON object", what)
 	}
 	return nil

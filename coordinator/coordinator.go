@@ -92,6 +92,15 @@ type Config struct {
 	// NoEmbeddedRelay turns the coordinator's own relay off (--relay=false):
 	// agents then use only standalone relays (`meshlink relay`).
 	NoEmbeddedRelay bool
+
+	// BodyTimeout is how long a request has to send its body once its
+	// headers are in; default 10s. Streams are bounded only while their
+	// request body arrives.
+	BodyTimeout time.Duration
+	// MaxConns caps the HTTPS connections open at once; default 8192.
+	// MaxConnsPerSource caps those from one IPv4 address or IPv6 /64;
+	// default 256. A connection over a cap is closed as it is accepted.
+	MaxConns, MaxConnsPerSource int
 }
 
 // TokenOptions describes a join token to create.
@@ -171,6 +180,15 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.EphemeralGrace <= 0 {
 		cfg.EphemeralGrace = 30 * time.Second
+	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = defaultBodyTimeout
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = defaultMaxConns
+	}
+	if cfg.MaxConnsPerSource <= 0 {
+		cfg.MaxConnsPerSource = defaultMaxConnsPerSource
 	}
 	cfg.URL = strings.TrimRight(cfg.URL, "/")
 	var urlHost string
@@ -373,7 +391,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	httpSrv := &http.Server{
-		Handler:           s.apiHandler(),
+		Handler:           limitBody(s.cfg.BodyTimeout, s.apiHandler()),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
@@ -430,7 +448,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
-		if err := httpSrv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := httpSrv.ServeTLS(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("https server stopped", "err", err)
 		}
 	}()
