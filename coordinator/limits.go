@@ -17,8 +17,8 @@ import (
 // and then trickles (or stalls) its body must not hold a handler and a
 // socket forever, and one source must not take every socket.
 const (
-	defaultBodyTimeout     = 10 * time.Second
-	defaultMaxConns        = 8192
+	defaultBodyTimeout       = 10 * time.Second
+	defaultMaxConns          = 8192
 	defaultMaxConnsPerSource = 256
 )
 
