@@ -170,14 +170,13 @@ func endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []net
 }
 
 // recordRegisterFailures puts refused registrations into the console's
-// event log: rejected tokens (401) and a name or key already taken (409),
-// not malformed requests.
+// event log, coalesced per source (recordJoinFailure): rejected tokens
+// (401) and a name or key already taken (409), not malformed requests.
 func (s *Server) recordRegisterFailures(f handlerFunc) handlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) *apiError {
 		e := f(w, r)
 		if e != nil && (e.status == http.StatusUnauthorized || e.status == http.StatusConflict) {
-			host, _, _ := net.SplitHostPort(r.RemoteAddr)
-			s.console.Record(store.Event{Kind: store.EventRegisterFailed, Actor: host, Message: e.Message})
+			s.recordJoinFailure(r.RemoteAddr, e.Message)
 		}
 		return e
 	}

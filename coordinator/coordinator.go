@@ -139,6 +139,7 @@ type Server struct {
 	serverKey   key.Private // its private half: opens registration key proofs
 	metrics     *metrics
 	console     *web.Console
+	joinFails   joinFailures
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
@@ -444,8 +445,9 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.metricsSrv = metricsSrv
-	s.wg.Add(2)
+	s.wg.Add(3)
 	s.mu.Unlock()
+	go s.summarizeJoinFailures()
 	go func() {
 		defer s.wg.Done()
 		if err := httpSrv.ServeTLS(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
