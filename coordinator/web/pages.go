@@ -428,17 +428,17 @@ func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 }
 
 func (c *Console) serveApprovePage(w http.ResponseWriter, r *http.Request, v *viewer) {
-	p := c.pending.byCodeGet(r.PathValue("code"), c.now())
+	p, exp := c.pending.byCodeGet(r.PathValue("code"), c.now())
 	if p == nil {
 		c.renderMessage(w, r, v, http.StatusNotFound, "Unknown or expired request",
-			"This approval link is unknown or has expired (links last 15 minutes). Start the agent again for a new one.")
+			"This approval link is unknown or has expired (a link lasts 5 minutes until it is first opened, 15 in all). Start the agent again for a new one.")
 		return
 	}
-	c.render(w, r, http.StatusOK, "approve", &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p)})
+	c.render(w, r, http.StatusOK, "approve", &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p, exp)})
 }
 
-func approval(p *pending) *approvalView {
-	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: p.req.Key.Fingerprint(), RemoteIP: p.req.RemoteIP, Expires: p.expires}
+func approval(p *pending, expires time.Time) *approvalView {
+	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: p.req.Key.Fingerprint(), RemoteIP: p.req.RemoteIP, Expires: expires}
 	select {
 	case <-p.done:
 		a.Decided = true
@@ -448,10 +448,10 @@ func approval(p *pending) *approvalView {
 }
 
 func (c *Console) serveApprove(w http.ResponseWriter, r *http.Request, v *viewer) {
-	p := c.pending.byCodeGet(r.PathValue("code"), c.now())
+	p, exp := c.pending.byCodeGet(r.PathValue("code"), c.now())
 	if p == nil {
 		c.renderMessage(w, r, v, http.StatusNotFound, "Unknown or expired request",
-			"This approval link is unknown or has expired (links last 15 minutes). Start the agent again for a new one.")
+			"This approval link is unknown or has expired (a link lasts 5 minutes until it is first opened, 15 in all). Start the agent again for a new one.")
 		return
 	}
 	approve := r.PostFormValue("action") == "approve"
@@ -460,7 +460,7 @@ func (c *Console) serveApprove(w http.ResponseWriter, r *http.Request, v *viewer
 		c.internal(w, r, "approve", err)
 		return
 	}
-	d := &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p)}
+	d := &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p, exp)}
 	switch {
 	case msg != "":
 		d.Error = msg
