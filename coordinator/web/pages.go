@@ -345,7 +345,8 @@ func (c *Console) serveSnapshot(w http.ResponseWriter, r *http.Request, v *viewe
 // (coalesced, and only when what this viewer sees changed), with
 // keep-alive comments in between. The embedded relay's counters change
 // with no signal, so while a relay has counters they are looked at every
-// relayEvery. It ends when the session does.
+// relayEvery. It ends when the session does. A session, a user and the
+// console have a bound on open feeds (liveSet); one over it is 429.
 func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 	const (
 		coalesce   = 250 * time.Millisecond
@@ -353,6 +354,14 @@ func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 		relayEvery = 5 * time.Second
 	)
 	ctx := r.Context()
+	release, err := c.live.acquire(string(v.session.IDHash), v.ID)
+	if err != nil {
+		// EventSource does not retry a non-200 answer: the page stays,
+		// without live updates.
+		http.Error(w, err.Error(), http.StatusTooManyRequests)
+		return
+	}
+	defer release()
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no")
