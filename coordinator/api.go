@@ -104,12 +104,18 @@ func decode(w http.ResponseWriter, r *http.Request, v any, what string) *apiErro
 		if errors.As(err, &mbe) {
 			return apiErr(http.StatusRequestEntityTooLarge, wire.ErrCodeBadRequest, "%s body is larger than %d bytes", what, maxBodyBytes)
 		}
+		if isDeadline(err) {
+			return apiErr(http.StatusRequestTimeout, wire.ErrCodeBadRequest, "%s body did not arrive in time; check the network and retry", what)
+		}
 		if errors.Is(err, key.ErrInvalid) {
 			return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body: %v", what, err)
 		}
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body is not valid JSON: %v", what, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
+		if isDeadline(err) {
+			return apiErr(http.StatusRequestTimeout, wire.ErrCodeBadRequest, "%s body did not arrive in time; check the network and retry", what)
+		}
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%s body has data after the JSON object", what)
 	}
 	return nil
@@ -164,14 +170,13 @@ func endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []net
 }
 
 // recordRegisterFailures puts refused registrations into the console's
-// event log: rejected tokens (401) and a name or key already taken (409),
-// not malformed requests.
+// event log, coalesced per source (recordJoinFailure): rejected tokens
+// (401) and a name or key already taken (409), not malformed requests.
 func (s *Server) recordRegisterFailures(f handlerFunc) handlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) *apiError {
 		e := f(w, r)
 		if e != nil && (e.status == http.StatusUnauthorized || e.status == http.StatusConflict) {
-			host, _, _ := net.SplitHostPort(r.RemoteAddr)
-			s.console.Record(store.Event{Kind: store.EventRegisterFailed, Actor: host, Message: e.Message})
+			s.recordJoinFailure(r.RemoteAddr, e.Message)
 		}
 		return e
 	}

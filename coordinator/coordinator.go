@@ -92,6 +92,15 @@ type Config struct {
 	// NoEmbeddedRelay turns the coordinator's own relay off (--relay=false):
 	// agents then use only standalone relays (`meshlink relay`).
 	NoEmbeddedRelay bool
+
+	// BodyTimeout is how long a request has to send its body once its
+	// headers are in; default 10s. Streams are bounded only while their
+	// request body arrives.
+	BodyTimeout time.Duration
+	// MaxConns caps the HTTPS connections open at once; default 8192.
+	// MaxConnsPerSource caps those from one IPv4 address or IPv6 /64;
+	// default 256. A connection over a cap is closed as it is accepted.
+	MaxConns, MaxConnsPerSource int
 }
 
 // TokenOptions describes a join token to create.
@@ -130,6 +139,7 @@ type Server struct {
 	serverKey   key.Private // its private half: opens registration key proofs
 	metrics     *metrics
 	console     *web.Console
+	joinFails   joinFailures
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
@@ -171,6 +181,15 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.EphemeralGrace <= 0 {
 		cfg.EphemeralGrace = 30 * time.Second
+	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = defaultBodyTimeout
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = defaultMaxConns
+	}
+	if cfg.MaxConnsPerSource <= 0 {
+		cfg.MaxConnsPerSource = defaultMaxConnsPerSource
 	}
 	cfg.URL = strings.TrimRight(cfg.URL, "/")
 	var urlHost string
@@ -373,7 +392,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	httpSrv := &http.Server{
-		Handler:           s.apiHandler(),
+		Handler:           limitBody(s.cfg.BodyTimeout, s.apiHandler()),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
@@ -426,11 +445,12 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.metricsSrv = metricsSrv
-	s.wg.Add(2)
+	s.wg.Add(3)
 	s.mu.Unlock()
+	go s.summarizeJoinFailures()
 	go func() {
 		defer s.wg.Done()
-		if err := httpSrv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := httpSrv.ServeTLS(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("https server stopped", "err", err)
 		}
 	}()

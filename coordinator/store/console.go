@@ -88,22 +88,25 @@ func (s *SQLite) AddEvent(ctx context.Context, e Event) error {
 		e.At = time.Now()
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		var id int64
-		if err := tx.QueryRowContext(ctx, `INSERT INTO events (at, kind, actor, node, message, owner_id) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
-			unixNano(e.At), string(e.Kind), e.Actor, e.Node, e.Message, e.OwnerID).Scan(&id); err != nil {
+		class := e.Kind.Class()
+		var seq int64
+		if err := tx.QueryRowContext(ctx, `INSERT INTO events (at, kind, actor, node, message, owner_id, class, seq)
+			VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, COALESCE((SELECT MAX(seq) FROM events WHERE class = ?7), 0) + 1) RETURNING seq`,
+			unixNano(e.At), string(e.Kind), e.Actor, e.Node, e.Message, e.OwnerID, class).Scan(&seq); err != nil {
 			return fmt.Errorf("store: add event: %w", err)
 		}
-		// Ids only grow, so this keeps exactly the newest MaxEvents; the
-		// primary key makes it a range delete.
-		_, err := tx.ExecContext(ctx, `DELETE FROM events WHERE id <= ?`, id-MaxEvents)
-		return err
+		// Only this class grew; keep exactly its newest MaxEvents.
+		if _, err := tx.ExecContext(ctx, `DELETE FROM events WHERE class = ? AND seq <= ?`, class, seq-MaxEvents); err != nil {
+			return fmt.Errorf("store: prune events: %w", err)
+		}
+		return nil
 	})
 }
 
 // ListEvents implements Store.
 func (s *SQLite) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error) {
-	if limit <= 0 || limit > MaxEvents {
-		limit = MaxEvents
+	if limit <= 0 || limit > 3*MaxEvents {
+		limit = 3 * MaxEvents // every class full
 	}
 	q := `SELECT id, at, kind, actor, node, message, owner_id FROM events`
 	args := []any{}

@@ -125,6 +125,19 @@ var migrations = []string{
 	`ALTER TABLE services ADD COLUMN owner_id INTEGER NOT NULL DEFAULT 0;
 	UPDATE services SET owner_id = COALESCE((SELECT n.owner_id FROM providers p JOIN nodes n ON n.id = p.node_id
 		WHERE p.service = services.name ORDER BY n.id LIMIT 1), 0);`,
+	// 6: events are kept per retention class (EventKind.Class), so that
+	// refusals cannot push sign-ins and approvals out of the log; seq
+	// numbers the events of a class, which makes keeping its newest a
+	// range delete.
+	`ALTER TABLE events ADD COLUMN class INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE events ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+	UPDATE events SET class = CASE
+		WHEN kind IN ('register_failed', 'login_failed', 'expose_refused') THEN 2
+		WHEN kind IN ('join', 'leave', 'expose', 'unexpose') THEN 1
+		ELSE 0 END;
+	UPDATE events SET seq = r.n FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY class ORDER BY id) AS n FROM events) AS r
+		WHERE events.id = r.id;
+	CREATE INDEX events_class ON events(class, seq);`,
 }
 
 // SQLite is the embedded Store.

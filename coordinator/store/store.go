@@ -236,7 +236,36 @@ type Event struct {
 	OwnerID int64
 }
 
-// MaxEvents bounds the event log; older entries are dropped.
+// EventClass sorts events for retention: each class keeps its newest
+// MaxEvents, so that a flood of one class (refusals anyone may cause, or a
+// member's nodes joining and leaving) cannot push another out of the log.
+// The values are stored: never change one.
+type EventClass int
+
+// The classes of Event.
+const (
+	// ClassSecurity: sign-ins, approvals and denials, renewals, tokens,
+	// users, relays, removals, and any kind not listed below.
+	ClassSecurity EventClass = 0
+	// ClassActivity: nodes joining and leaving, services coming and going.
+	ClassActivity EventClass = 1
+	// ClassFailure: refusals of unauthenticated or hostile callers.
+	ClassFailure EventClass = 2
+)
+
+// Class is the retention class of events of kind k.
+func (k EventKind) Class() EventClass {
+	switch k {
+	case EventRegisterFailed, EventLoginFailed, EventExposeRefused:
+		return ClassFailure
+	case EventJoin, EventLeave, EventExpose, EventUnexpose:
+		return ClassActivity
+	}
+	return ClassSecurity
+}
+
+// MaxEvents bounds each class of the event log (EventClass); older entries
+// of the class are dropped.
 const MaxEvents = 10000
 
 // RegisterResult says what RegisterNode did.
@@ -270,7 +299,8 @@ type Store interface {
 	// DeleteExpiredSessions removes sessions expired before now.
 	DeleteExpiredSessions(ctx context.Context, now time.Time) error
 
-	// AddEvent appends to the event log, keeping only the newest MaxEvents.
+	// AddEvent appends to the event log, keeping only the newest MaxEvents
+	// of the event's class.
 	AddEvent(ctx context.Context, e Event) error
 	// ListEvents returns up to limit events, newest first; ownerID > 0
 	// restricts them to the events of that user.

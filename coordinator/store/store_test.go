@@ -343,3 +343,42 @@ func TestDatabaseFilesPrivate(t *testing.T) {
 		}
 	}
 }
+
+// TestEventRetentionPerClass floods the log with more refusals than it
+// keeps: the sign-in and the approval recorded before stay, and the
+// refusals are cut to MaxEvents, the oldest first.
+func TestEventRetentionPerClass(t *testing.T) {
+	ctx := context.Background()
+	s, err := OpenSQLite(ctx, filepath.Join(t.TempDir(), "db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, e := range []Event{{Kind: EventLogin, Message: "signed in"}, {Kind: EventApprove, Message: "approved"}, {Kind: EventJoin, Message: "joined"}} {
+		if err := s.AddEvent(ctx, e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	const flood = MaxEvents + 50
+	for i := range flood {
+		if err := s.AddEvent(ctx, Event{Kind: EventRegisterFailed, Actor: "192.0.2.1", Message: fmt.Sprint("refusal ", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("%d refusals added in %v", flood, time.Since(start).Round(time.Millisecond))
+	evs, err := s.ListEvents(ctx, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := map[EventKind]int{}
+	for _, e := range evs {
+		kept[e.Kind]++
+	}
+	if kept[EventLogin] != 1 || kept[EventApprove] != 1 || kept[EventJoin] != 1 {
+		t.Fatalf("after %d refusals the log keeps %v; want the sign-in, the approval and the join", flood, kept)
+	}
+	if kept[EventRegisterFailed] != MaxEvents || evs[len(evs)-4].Message != "refusal 50" {
+		t.Fatalf("refusals kept: %d, oldest %q; want %d from refusal 50", kept[EventRegisterFailed], evs[len(evs)-4].Message, MaxEvents)
+	}
+}

@@ -345,7 +345,8 @@ func (c *Console) serveSnapshot(w http.ResponseWriter, r *http.Request, v *viewe
 // (coalesced, and only when what this viewer sees changed), with
 // keep-alive comments in between. The embedded relay's counters change
 // with no signal, so while a relay has counters they are looked at every
-// relayEvery. It ends when the session does.
+// relayEvery. It ends when the session does. A session, a user and the
+// console have a bound on open feeds (liveSet); one over it is 429.
 func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 	const (
 		coalesce   = 250 * time.Millisecond
@@ -353,6 +354,14 @@ func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 		relayEvery = 5 * time.Second
 	)
 	ctx := r.Context()
+	release, err := c.live.acquire(string(v.session.IDHash), v.ID)
+	if err != nil {
+		// EventSource does not retry a non-200 answer: the page stays,
+		// without live updates.
+		http.Error(w, err.Error(), http.StatusTooManyRequests)
+		return
+	}
+	defer release()
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no")
@@ -428,17 +437,17 @@ func (c *Console) serveLive(w http.ResponseWriter, r *http.Request, v *viewer) {
 }
 
 func (c *Console) serveApprovePage(w http.ResponseWriter, r *http.Request, v *viewer) {
-	p := c.pending.byCodeGet(r.PathValue("code"), c.now())
+	p, exp := c.pending.byCodeGet(r.PathValue("code"), c.now())
 	if p == nil {
 		c.renderMessage(w, r, v, http.StatusNotFound, "Unknown or expired request",
-			"This approval link is unknown or has expired (links last 15 minutes). Start the agent again for a new one.")
+			"This approval link is unknown or has expired (a link lasts 5 minutes until it is first opened, 15 in all). Start the agent again for a new one.")
 		return
 	}
-	c.render(w, r, http.StatusOK, "approve", &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p)})
+	c.render(w, r, http.StatusOK, "approve", &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p, exp)})
 }
 
-func approval(p *pending) *approvalView {
-	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: p.req.Key.Fingerprint(), RemoteIP: p.req.RemoteIP, Expires: p.expires}
+func approval(p *pending, expires time.Time) *approvalView {
+	a := &approvalView{Code: p.code, Name: p.req.Name, Hostname: p.req.Hostname, KeyFP: p.req.Key.Fingerprint(), RemoteIP: p.req.RemoteIP, Expires: expires}
 	select {
 	case <-p.done:
 		a.Decided = true
@@ -448,10 +457,10 @@ func approval(p *pending) *approvalView {
 }
 
 func (c *Console) serveApprove(w http.ResponseWriter, r *http.Request, v *viewer) {
-	p := c.pending.byCodeGet(r.PathValue("code"), c.now())
+	p, exp := c.pending.byCodeGet(r.PathValue("code"), c.now())
 	if p == nil {
 		c.renderMessage(w, r, v, http.StatusNotFound, "Unknown or expired request",
-			"This approval link is unknown or has expired (links last 15 minutes). Start the agent again for a new one.")
+			"This approval link is unknown or has expired (a link lasts 5 minutes until it is first opened, 15 in all). Start the agent again for a new one.")
 		return
 	}
 	approve := r.PostFormValue("action") == "approve"
@@ -460,7 +469,7 @@ func (c *Console) serveApprove(w http.ResponseWriter, r *http.Request, v *viewer
 		c.internal(w, r, "approve", err)
 		return
 	}
-	d := &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p)}
+	d := &pageData{Title: "Approve a node", Viewer: v, Approval: approval(p, exp)}
 	switch {
 	case msg != "":
 		d.Error = msg

@@ -18,11 +18,35 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
+// Anyone who reaches the port can ask to join, so waiting requests are
+// bounded per source network and in all, and one network's flood cannot
+// keep another's request out: when the set is full, a request from a
+// network holding fewer than the largest holder takes the place of that
+// holder's oldest undecided request.
 const (
-	pendingTTL   = 15 * time.Minute
-	maxPending   = 1000 // in all
-	maxPendingIP = 20   // from one source address
+	pendingTTL = 15 * time.Minute
+	// unopenedTTL is the life of a request whose approval page no
+	// signed-in person has opened; opening it extends it to pendingTTL.
+	unopenedTTL     = 5 * time.Minute
+	maxPending      = 1000 // in all
+	maxPendingGroup = 5    // from one source network (pendingGroup)
 )
+
+// pendingGroup is the source network of a request: the /24 of an IPv4
+// address, the /64 of an IPv6 one, which one party commonly holds whole.
+func pendingGroup(remoteIP string) netip.Prefix {
+	ip, err := netip.ParseAddr(remoteIP)
+	if err != nil {
+		return netip.Prefix{}
+	}
+	ip = ip.Unmap().WithZone("")
+	bits := 24
+	if ip.Is6() {
+		bits = 64
+	}
+	p, _ := ip.Prefix(bits)
+	return p
+}
 
 // ErrTooManyPending is returned by StartPending when the console holds as
 // many waiting registrations as it allows.
@@ -66,8 +90,13 @@ type pending struct {
 	code     string
 	pollHash string
 	req      PendingRequest
-	expires  time.Time
+	group    netip.Prefix
+	created  time.Time
 	done     chan struct{} // closed once decided
+
+	// Guarded by pendingSet.mu.
+	expires time.Time
+	opened  bool // a signed-in person opened its approval page
 
 	// Set once, before done is closed.
 	state    pendingState
@@ -110,22 +139,70 @@ func newCode() string {
 
 // sweep drops expired entries; called with mu held.
 func (ps *pendingSet) sweep(now time.Time) {
-	for k, p := range ps.byCode {
+	for _, p := range ps.byCode {
 		if now.After(p.expires) {
-			delete(ps.byCode, k)
-			delete(ps.byPoll, p.pollHash)
+			ps.remove(p)
 		}
 	}
 }
 
-func (ps *pendingSet) byCodeGet(code string, now time.Time) *pending {
+// byCodeGet returns the request with code, unexpired, and its expiry. A
+// signed-in person asking for it opens it.
+func (ps *pendingSet) byCodeGet(code string, now time.Time) (*pending, time.Time) {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	p := ps.byCode[strings.ToUpper(code)]
 	if p == nil || now.After(p.expires) {
-		return nil
+		return nil, time.Time{}
 	}
-	return p
+	if !p.opened {
+		p.opened = true
+		p.expires = p.created.Add(pendingTTL)
+	}
+	return p, p.expires
+}
+
+// expiry returns p's expiry.
+func (ps *pendingSet) expiry(p *pending) time.Time {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return p.expires
+}
+
+// remove drops p; called with mu held.
+func (ps *pendingSet) remove(p *pending) {
+	delete(ps.byCode, p.code)
+	delete(ps.byPoll, p.pollHash)
+}
+
+// makeRoom frees a place for a request from group in a full set, or says
+// there is none: the group would then hold as many as the largest.
+// Called with mu held.
+func (ps *pendingSet) makeRoom(group netip.Prefix) bool {
+	count := map[netip.Prefix]int{}
+	for _, p := range ps.byCode {
+		count[p.group]++
+	}
+	var victim *pending
+	for _, p := range ps.byCode {
+		select {
+		case <-p.done:
+			continue // decided: its agent is about to collect the answer
+		default:
+		}
+		if count[p.group] <= count[group] {
+			continue
+		}
+		if victim == nil || count[p.group] > count[victim.group] ||
+			count[p.group] == count[victim.group] && p.created.Before(victim.created) {
+			victim = p
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	ps.remove(victim)
+	return true
 }
 
 // StartPending records a registration waiting for approval and returns
@@ -136,17 +213,18 @@ func (c *Console) StartPending(req PendingRequest) (wire.RegisterPending, error)
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	ps.sweep(now)
-	fromIP := 0
+	group := pendingGroup(req.RemoteIP)
+	inGroup := 0
 	for _, p := range ps.byCode {
-		if p.req.RemoteIP == req.RemoteIP {
-			fromIP++
+		if p.group == group {
+			inGroup++
 		}
 	}
-	if len(ps.byCode) >= maxPending || fromIP >= maxPendingIP {
+	if inGroup >= maxPendingGroup || len(ps.byCode) >= maxPending && !ps.makeRoom(group) {
 		return wire.RegisterPending{}, ErrTooManyPending
 	}
 	pollID := randomString(32)
-	p := &pending{code: newCode(), pollHash: pollHash(pollID), req: req, expires: now.Add(pendingTTL), done: make(chan struct{})}
+	p := &pending{code: newCode(), pollHash: pollHash(pollID), req: req, group: group, created: now, expires: now.Add(unopenedTTL), done: make(chan struct{})}
 	for ps.byCode[p.code] != nil {
 		p.code = newCode()
 	}
@@ -169,7 +247,7 @@ func (c *Console) Poll(ctx context.Context, pollID string) (int, any) {
 	ps.mu.Lock()
 	p := ps.byPoll[pollHash(pollID)]
 	ps.mu.Unlock()
-	if p == nil || c.now().After(p.expires) {
+	if p == nil || c.now().After(ps.expiry(p)) {
 		return http.StatusForbidden, wire.Error{Code: wire.ErrCodeUnauthorized,
 			Message: "this login request is unknown or has expired; start the agent again to get a new login URL"}
 	}
@@ -183,11 +261,19 @@ func (c *Console) Poll(ctx context.Context, pollID string) (int, any) {
 	select {
 	case <-p.done:
 	default:
-		if c.now().After(p.expires) {
+		exp := ps.expiry(p)
+		if c.now().After(exp) {
 			return http.StatusForbidden, wire.Error{Code: wire.ErrCodeUnauthorized,
 				Message: "nobody approved this node in time; start the agent again to get a new login URL"}
 		}
-		return http.StatusAccepted, wire.RegisterPending{AuthURL: strings.TrimRight(c.cfg.URL(), "/") + "/approve/" + p.code, PollID: pollID, Expires: p.expires}
+		ps.mu.Lock()
+		gone := ps.byPoll[p.pollHash] != p
+		ps.mu.Unlock()
+		if gone {
+			return http.StatusForbidden, wire.Error{Code: wire.ErrCodeUnauthorized,
+				Message: "this login request was dropped to make room for others; start the agent again to get a new login URL"}
+		}
+		return http.StatusAccepted, wire.RegisterPending{AuthURL: strings.TrimRight(c.cfg.URL(), "/") + "/approve/" + p.code, PollID: pollID, Expires: exp}
 	}
 	switch p.state {
 	case approved:

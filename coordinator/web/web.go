@@ -120,6 +120,7 @@ type Console struct {
 	limiter *limiter
 	pending *pendingSet
 	stats   *statsSet
+	live    *liveSet
 	oidcP   atomic.Pointer[oidcHolder] // nil: no OIDC sign-in
 
 	mu   sync.Mutex    // guards wake
@@ -148,6 +149,7 @@ func New(cfg Config) *Console {
 		limiter: newLimiter(loginFailures, time.Minute, 10000),
 		pending: newPendingSet(),
 		stats:   newStatsSet(),
+		live:    newLiveSet(),
 		wake:    make(chan struct{}),
 	}
 	c.mux = c.routes()
