@@ -92,6 +92,11 @@ type Config struct {
 	// NoEmbeddedRelay turns the coordinator's own relay off (--relay=false):
 	// agents then use only standalone relays (`meshlink relay`).
 	NoEmbeddedRelay bool
+	// AllowLoopbackEndpoints keeps loopback addresses among the endpoints
+	// nodes publish (hidden flag --allow-loopback-endpoints): only for a
+	// whole mesh on one host, the demo and the in-process tests. Otherwise
+	// they are dropped with the other addresses no peer can reach a node by.
+	AllowLoopbackEndpoints bool
 }
 
 // TokenOptions describes a join token to create.
@@ -130,6 +135,8 @@ type Server struct {
 	serverKey   key.Private // its private half: opens registration key proofs
 	metrics     *metrics
 	console     *web.Console
+	// endpointLimit bounds how often a node changes its endpoints.
+	endpointLimit endpointLimiter
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
