@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"time"
 
@@ -147,14 +148,15 @@ func validName(what, raw string) (string, *apiError) {
 }
 
 // endpoints lists where a node may be reached: the address the coordinator
-// saw it from (on its WireGuard port), then what it reported, deduplicated.
-func endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []netip.AddrPort {
-	const max = 32
+// saw it from (on its WireGuard port), then what it reported, deduplicated,
+// without addresses others cannot reach it by (publishable), at most
+// maxNodeEndpoints.
+func (s *Server) endpoints(r *http.Request, listenPort uint16, local []netip.AddrPort) []netip.AddrPort {
 	var out []netip.AddrPort
 	seen := map[netip.AddrPort]bool{}
 	add := func(ap netip.AddrPort) {
 		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-		if !ap.IsValid() || ap.Port() == 0 || ap.Addr().IsUnspecified() || seen[ap] || len(out) >= max {
+		if !ap.IsValid() || ap.Port() == 0 || !publishable(ap.Addr(), s.cfg.AllowLoopbackEndpoints) || seen[ap] || len(out) >= maxNodeEndpoints {
 			return
 		}
 		seen[ap] = true
@@ -364,7 +366,16 @@ func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiErro
 	if e != nil {
 		return e
 	}
-	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, key.Public{}, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
+	eps := s.endpoints(r, req.ListenPort, req.LocalEndpoints)
+	if req.ListenPort == node.ListenPort && slices.Equal(eps, node.Endpoints) {
+		writeJSON(w, http.StatusOK, struct{}{}) // no change: costs nothing
+		return nil
+	}
+	if !s.endpointLimit.allow(node.ID, time.Now()) {
+		return apiErr(http.StatusTooManyRequests, wire.ErrCodeConflict,
+			"node %s changed its endpoints too often (at most %d at once, then one per %v); they are republished when its map stream reconnects", node.Name, endpointBurst, endpointEvery)
+	}
+	if err := s.store.UpdateNodeNetwork(r.Context(), node.ID, key.Public{}, req.ListenPort, eps); err != nil {
 		return storeErr("endpoints", err)
 	}
 	s.commit(change{})
@@ -442,7 +453,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
+	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, s.endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
 		if errors.Is(err, store.ErrKeyInUse) {
 			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node key is already used by another node")
 		}

@@ -101,6 +101,11 @@ type Config struct {
 	// MaxConnsPerSource caps those from one IPv4 address or IPv6 /64;
 	// default 256. A connection over a cap is closed as it is accepted.
 	MaxConns, MaxConnsPerSource int
+	// AllowLoopbackEndpoints keeps loopback addresses among the endpoints
+	// nodes publish (hidden flag --allow-loopback-endpoints): only for a
+	// whole mesh on one host, the demo and the in-process tests. Otherwise
+	// they are dropped with the other addresses no peer can reach a node by.
+	AllowLoopbackEndpoints bool
 }
 
 // TokenOptions describes a join token to create.
@@ -140,6 +145,8 @@ type Server struct {
 	metrics     *metrics
 	console     *web.Console
 	joinFails   joinFailures
+	// endpointLimit bounds how often a node changes its endpoints.
+	endpointLimit endpointLimiter
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc

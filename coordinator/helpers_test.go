@@ -20,7 +20,9 @@ import (
 
 func startServer(t *testing.T, dir string, mod ...func(*Config)) *Server {
 	t.Helper()
-	cfg := Config{Listen: "127.0.0.1:0", DataDir: dir, Out: tstest.Writer(t)}
+	// Agents of these tests are on loopback; TestEndpointsNotOwn turns
+	// this off.
+	cfg := Config{Listen: "127.0.0.1:0", DataDir: dir, Out: tstest.Writer(t), AllowLoopbackEndpoints: true}
 	for _, m := range mod {
 		m(&cfg)
 	}

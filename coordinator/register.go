@@ -49,7 +49,7 @@ func (s *Server) registration(r *http.Request, req wire.RegisterRequest) (store.
 		proven = true
 	}
 	return store.Registration{Name: name, Hostname: hostname, Key: req.NodeKey, ListenPort: req.ListenPort,
-		Endpoints: endpoints(r, req.ListenPort, req.LocalEndpoints), KeyProven: proven}, nil
+		Endpoints: s.endpoints(r, req.ListenPort, req.LocalEndpoints), KeyProven: proven}, nil
 }
 
 // checkKeyProof opens a wire.RegisterRequest.KeyProof: sealed from node's

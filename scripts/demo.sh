@@ -36,7 +36,7 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 echo "==> coordinator on https://127.0.0.1:$COORD_PORT (data in $DIR/coord)"
-"$BIN" coordinator --listen "127.0.0.1:$COORD_PORT" --data "$DIR/coord" \
+"$BIN" coordinator --listen "127.0.0.1:$COORD_PORT" --data "$DIR/coord" --allow-loopback-endpoints \
   --metrics-listen "127.0.0.1:$METRICS_PORT" >"$DIR/coord.log" 2>&1 &
 pids+=($!)
 wait_for 20 "the coordinator" "$BIN" token create --data "$DIR/coord"

@@ -108,7 +108,11 @@ type Bind struct {
 
 	relayCh chan relayPacket // relay clients -> the relay receive function
 	kick    chan struct{}    // wakes the maintenance loop
-	garbage atomic.Uint64    // undecodable disco and STUN packets
+	// Dropped input, by reason (Drops).
+	garbage  atomic.Uint64 // undecodable or unauthenticated disco and STUN packets
+	replayed atomic.Uint64 // disco messages seen before (replay window)
+	limited  atomic.Uint64 // pings from new addresses beyond the peer's budget
+	foreign  atomic.Uint64 // relayed packets from keys that are not our peers
 
 	// One lock for all the path state: a send, a pong or a relay event
 	// reads and writes the peer, path and relay state together, and none
@@ -123,6 +127,8 @@ type Bind struct {
 	shutdown bool
 	// stun is the STUN client's state (stun.go).
 	stun stunState
+	// lastStamp is the stamp of the last disco message we sealed.
+	lastStamp uint64
 	// waiters are Ping calls waiting for the pongs of their txids (disco.go).
 	waiters map[[12]byte]chan PingResult
 	// openDone is closed by Close, loopDone when the loop has stopped;

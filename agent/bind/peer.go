@@ -27,6 +27,17 @@ const (
 	// retransmission timer has backed off far.
 	silentFor = 1500 * time.Millisecond
 	probeWait = time.Second
+
+	// A candidate that has never answered is pinged at doubling intervals
+	// (up to maxBackoff) once freeMisses pings went unanswered: an address
+	// someone published that is not the peer's is not pinged for ever at
+	// the search rate. A path that once answered keeps the search rate, so
+	// it is found again within searchEvery when it comes back.
+	freeMisses = 4
+	maxBackoff = 8 * time.Second
+
+	// maxMapEndpoints bounds the candidates the network map gives a peer.
+	maxMapEndpoints = 32
 )
 
 // PeerConfig is what the network map says about a peer.
@@ -51,12 +62,21 @@ type peer struct {
 	// them, and when.
 	via  *relayConn
 	gone map[*relayConn]time.Time
+	// viaProbeAt is when we last pinged the peer over a relay its packets
+	// came over that is not via (onRelayPacket).
+	viaProbeAt time.Time
 	// pending holds the last packets sent while no path at all existed
 	// (the first handshake of a fresh agent, before its relays connect),
 	// flushed when a relay comes up instead of waiting for WireGuard's 5 s
 	// handshake retry.
 	pending   [][]byte
 	pendingAt time.Time
+
+	// replay refuses disco messages seen before; unknownCredit and
+	// unknownAt are the budget of answers to pings from new addresses.
+	replay        replayWindow
+	unknownCredit int
+	unknownAt     time.Time
 
 	lastScan time.Time
 	// lastRx and lastTx are when data last came from and went to the peer
@@ -75,6 +95,18 @@ type path struct {
 	lastPing time.Time
 	lastPong time.Time
 	rtt      time.Duration
+	misses   int  // pings sent since the last pong
+	proven   bool // it answered once
+}
+
+// backedOff reports whether a scan skips pa now: it never answered and
+// freeMisses pings went unanswered, and its doubling wait is not over.
+func (pa *path) backedOff(now time.Time) bool {
+	if pa.proven || pa.misses < freeMisses {
+		return false
+	}
+	wait := min(searchEvery<<min(pa.misses-freeMisses+1, 8), maxBackoff)
+	return now.Sub(pa.lastPing) < wait
 }
 
 func newPath(a netip.AddrPort) *path {
@@ -158,7 +190,11 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 		}
 		p.name = pc.Name
 		inMap := map[netip.AddrPort]bool{}
-		for _, a := range pc.Endpoints {
+		eps := pc.Endpoints
+		if len(eps) > maxMapEndpoints {
+			eps = eps[:maxMapEndpoints]
+		}
+		for _, a := range eps {
 			a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 			if !a.IsValid() || a.Port() == 0 {
 				continue
@@ -219,7 +255,7 @@ func (b *Bind) maintainPeerLocked(p *peer, now time.Time, out []outgoing) []outg
 			// the last probe was answered and the silence goes on).
 			p.probeAt = now
 			best.lastPing = now
-			pkt, _ := b.pingLocked(p, best.addr, false, now)
+			pkt, _ := b.pingLocked(p, best.addr, nil, now)
 			out = append(out, outgoing{pkt, best.ep})
 		case !answered && now.Sub(p.probeAt) > probeWait:
 			b.log.Info("direct path silent; falling back to the relay", "peer", p.name, "addr", best.addr,
@@ -233,12 +269,12 @@ func (b *Bind) maintainPeerLocked(p *peer, now time.Time, out []outgoing) []outg
 		p.lastScan = now
 	}
 	for _, pa := range p.paths {
-		due := scan || (pa == best && now.Sub(pa.lastPing) >= keepEvery)
+		due := scan && !pa.backedOff(now) || (pa == best && now.Sub(pa.lastPing) >= keepEvery)
 		if !due {
 			continue
 		}
 		pa.lastPing = now
-		pkt, _ := b.pingLocked(p, pa.addr, false, now)
+		pkt, _ := b.pingLocked(p, pa.addr, nil, now)
 		out = append(out, outgoing{pkt, pa.ep})
 	}
 	return out

@@ -85,25 +85,52 @@ func (b *Bind) relayFor(p *peer, now time.Time) *relayConn {
 	return fallback
 }
 
-// onRelayPacket is the relay clients' OnPacket.
+// viaProbeEvery bounds the pings sent over a relay to confirm that a peer
+// really is there when its packets arrive over another relay than before.
+const viaProbeEvery = time.Second
+
+// onRelayPacket is the relay clients' OnPacket. A relay can claim any
+// source key, so packets from keys that are not our peers are dropped, and
+// a peer's packets arriving over another relay do not move the peer's
+// replies there until that relay carries an authenticated disco message of
+// the peer (a pong to the ping sent here, or a ping of the peer's).
 func (b *Bind) onRelayPacket(rc *relayConn, src key.Public, pkt []byte) {
 	if isDisco(pkt) {
 		b.handleDisco(pkt, netip.AddrPort{}, rc)
 		return
 	}
+	var probe []byte
+	now := time.Now()
 	b.mu.Lock()
-	if p := b.peers[src]; p != nil {
+	p := b.peers[src]
+	if p != nil {
 		p.rxRelay.Add(uint64(len(pkt)))
-		if p.via != rc {
-			p.via = rc
-			delete(p.gone, rc)
+		if p.via != rc && now.Sub(p.viaProbeAt) >= viaProbeEvery {
+			p.viaProbeAt = now
+			probe, _ = b.pingLocked(p, netip.AddrPort{}, rc, now)
 		}
 	}
 	b.mu.Unlock()
+	if p == nil {
+		b.foreign.Add(1)
+		return
+	}
+	if probe != nil {
+		rc.client.Send(src, probe)
+	}
 	select {
 	case b.relayCh <- relayPacket{src: src, pkt: slices.Clone(pkt)}:
 	default:
 		// WireGuard is not keeping up; drop like a full NIC queue would.
+	}
+}
+
+// viaLocked makes rc the relay replies to p go over: rc just carried an
+// authenticated message of p's. Caller holds b.mu.
+func (b *Bind) viaLocked(p *peer, rc *relayConn) {
+	if p.via != rc {
+		p.via = rc
+		delete(p.gone, rc)
 	}
 }
 

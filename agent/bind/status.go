@@ -108,3 +108,21 @@ func (b *Bind) Relays() []RelayStatus {
 	}
 	return out
 }
+
+// DropStats counts input the bind refused, by reason.
+type DropStats struct {
+	// Garbage: disco or STUN packets that did not decode or authenticate.
+	Garbage uint64
+	// Replayed: disco messages seen before (a capture sent again).
+	Replayed uint64
+	// Limited: pings from addresses not among the peer's paths, beyond the
+	// answers the peer is allowed.
+	Limited uint64
+	// Foreign: packets a relay said came from a key that is not our peer.
+	Foreign uint64
+}
+
+// Drops reports what the bind refused so far.
+func (b *Bind) Drops() DropStats {
+	return DropStats{Garbage: b.garbage.Load(), Replayed: b.replayed.Load(), Limited: b.limited.Load(), Foreign: b.foreign.Load()}
+}

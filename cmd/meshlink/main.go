@@ -201,6 +201,7 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringFlag{Name: "oidc-client-secret", Usage: "client secret registered with --oidc-issuer (prefer --oidc-client-secret-file)", EnvVars: env("OIDC_CLIENT_SECRET")},
 			&cli.StringFlag{Name: "oidc-client-secret-file", Usage: "file holding the client secret", EnvVars: env("OIDC_CLIENT_SECRET_FILE")},
 			&cli.StringFlag{Name: "oidc-redirect-url", Usage: "callback URL registered with the provider (default URL/login/oidc/callback)", EnvVars: env("OIDC_REDIRECT_URL")},
+			&cli.BoolFlag{Name: "allow-loopback-endpoints", Hidden: true, Usage: "keep loopback addresses among the endpoints nodes publish: only for a whole mesh on one host (demo, tests)", EnvVars: env("ALLOW_LOOPBACK_ENDPOINTS")},
 			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to `meshlink relay` servers)", EnvVars: env("RELAY")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
@@ -218,7 +219,8 @@ func coordinatorCmd() *cli.Command {
 				TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
 				OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),
 				OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
-				NoEmbeddedRelay: !c.Bool("relay"),
+				NoEmbeddedRelay:        !c.Bool("relay"),
+				AllowLoopbackEndpoints: c.Bool("allow-loopback-endpoints"),
 			})
 			if err != nil {
 				return err

@@ -161,7 +161,7 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	}
 	coordData := filepath.Join(dir, "coord")
 	e.coordData = coordData
-	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData)
+	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData, "--allow-loopback-endpoints")
 	var token string
 	if err := tstest.Poll(20*time.Second, func() error {
 		out, err := exec.Command(bin, "token", "create", "--data", coordData, "--reusable").Output()

@@ -32,6 +32,7 @@ type Network struct {
 	down   map[netip.AddrPort]bool
 	delay  map[netip.AddrPort]time.Duration
 	tap    func(src, dst netip.AddrPort, pkt []byte)
+	sent   func(src, dst netip.AddrPort, pkt []byte)
 	closed bool
 }
 
@@ -86,6 +87,22 @@ func (n *Network) Tap(f func(src, dst netip.AddrPort, pkt []byte)) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.tap = f
+}
+
+// TapSent, if f is not nil, is called with every packet any socket sends,
+// whether or not anyone has its destination, before it is queued: what a
+// host put on the wire. f may call Inject. pkt is valid only during the
+// call.
+func (n *Network) TapSent(f func(src, dst netip.AddrPort, pkt []byte)) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.sent = f
+}
+
+// Inject sends pkt to dst as if from src, whoever has src (or nobody): a
+// spoofed source address, as an attacker on the path or off it can send.
+func (n *Network) Inject(src, dst netip.AddrPort, pkt []byte) {
+	n.send(src, dst, pkt)
 }
 
 // NewSocket returns a socket (a conn.Bind) reached at each of addrs. A
@@ -151,7 +168,11 @@ func (n *Network) send(src, dst netip.AddrPort, pkt []byte) {
 	q := n.queues[dst]
 	lost := n.down[src] || n.down[dst] || n.closed
 	at := time.Now().Add(n.delay[dst])
+	sent := n.sent
 	n.mu.Unlock()
+	if sent != nil {
+		sent(src, dst, pkt)
+	}
 	if lost || q == nil {
 		return
 	}

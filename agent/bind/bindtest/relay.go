@@ -82,6 +82,21 @@ func (r *Relay) Tap(f func(src, dst key.Public, pkt []byte)) {
 	r.tap = f
 }
 
+// Inject hands pkt to the connected node dst as if the node src had sent
+// it: what a hostile relay can do, since the relay names the source of
+// every frame it forwards. It reports whether dst was connected.
+func (r *Relay) Inject(src, dst key.Public, pkt []byte) bool {
+	r.mu.Lock()
+	to := r.clients[dst]
+	r.mu.Unlock()
+	if to == nil || !to.Connected() {
+		return false
+	}
+	pkt = slices.Clone(pkt)
+	to.run(func() { to.cfg.OnPacket(src, pkt) })
+	return true
+}
+
 // forward carries pkt from src to dst, or tells from that dst is not here.
 func (r *Relay) forward(from *Client, dst key.Public, pkt []byte) {
 	r.mu.Lock()
