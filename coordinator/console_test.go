@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/url"
@@ -228,9 +229,13 @@ func TestConsoleLoginRateLimit(t *testing.T) {
 	}
 	// The sixth attempt is refused even with the right password.
 	resp, body := b.post("/login", url.Values{"username": {"alice"}, "password": {"alice-password-1"}})
-	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(body, "Too many failed sign-ins") {
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(body, "Too many failed sign-ins") || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("6th attempt: %d %s", resp.StatusCode, body)
 	}
+	// Alice at another address is not locked out by those guesses.
+	other := newBrowser(t, s)
+	other.c.Transport.(*http.Transport).DialContext = (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).DialContext
+	other.login("alice", "alice-password-1")
 }
 
 func TestConsoleCSRF(t *testing.T) {

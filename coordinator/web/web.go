@@ -22,6 +22,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
@@ -117,7 +119,10 @@ type Console struct {
 	pages map[string]*template.Template
 	mux   *http.ServeMux
 
-	limiter *limiter
+	limiter *throttle
+	// compare checks a password against a bcrypt hash; tests count calls.
+	compare func(hash, password []byte) error
+	hashers chan struct{} // a slot per password comparison running
 	pending *pendingSet
 	stats   *statsSet
 	live    *liveSet
@@ -146,7 +151,9 @@ func New(cfg Config) *Console {
 		mesh:    cfg.Mesh,
 		now:     cfg.Now,
 		pages:   parsePages(),
-		limiter: newLimiter(loginFailures, time.Minute, 10000),
+		limiter: newThrottle(loginKeysMax),
+		compare: bcrypt.CompareHashAndPassword,
+		hashers: make(chan struct{}, hashersMax),
 		pending: newPendingSet(),
 		stats:   newStatsSet(),
 		live:    newLiveSet(),
