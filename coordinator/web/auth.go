@@ -109,6 +109,14 @@ func (c *Console) page(h func(http.ResponseWriter, *http.Request, *viewer)) http
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
+		if v.MustChangePassword && r.URL.Path != passwordPath {
+			if strings.HasPrefix(r.URL.Path, "/console/api/") || r.URL.Path == "/console/events" {
+				http.Error(w, "choose a new password first", http.StatusForbidden)
+				return
+			}
+			http.Redirect(w, r, passwordPath+"?next="+url.QueryEscape(r.URL.RequestURI()), http.StatusSeeOther)
+			return
+		}
 		h(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, v)), v)
 	})
 }
@@ -133,6 +141,10 @@ func (c *Console) action(h func(http.ResponseWriter, *http.Request, *viewer)) ht
 		got := r.PostFormValue("csrf")
 		if got == "" || subtle.ConstantTimeCompare([]byte(got), []byte(v.session.CSRF)) != 1 {
 			c.renderMessage(w, r, v, http.StatusForbidden, "Request refused", "The form was stale or not sent from this console; reload the page and try again.")
+			return
+		}
+		if v.MustChangePassword && r.URL.Path != passwordPath && r.URL.Path != "/logout" {
+			c.renderMessage(w, r, v, http.StatusForbidden, "Choose a new password first", "Your password was chosen for you; choose your own at "+passwordPath+" before you do anything else.")
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
@@ -271,7 +283,79 @@ func (c *Console) SignIn(w http.ResponseWriter, r *http.Request, u store.User, n
 		c.internal(w, r, "login", err)
 		return
 	}
-	http.Redirect(w, r, safeNext(next), http.StatusSeeOther)
+	next = safeNext(next)
+	if u.MustChangePassword {
+		next = passwordPath + "?next=" + url.QueryEscape(next)
+	}
+	http.Redirect(w, r, next, http.StatusSeeOther)
+}
+
+// passwordPath is the "choose a new password" page, the only one a user
+// whose password must change can open.
+const passwordPath = "/password"
+
+// Bounds of a chosen password: bcrypt reads at most 72 bytes.
+const (
+	passwordMin = 12
+	passwordMax = 72
+)
+
+func (c *Console) servePasswordPage(w http.ResponseWriter, r *http.Request, v *viewer) {
+	next := safeNext(r.URL.Query().Get("next"))
+	if !v.MustChangePassword {
+		http.Redirect(w, r, next, http.StatusSeeOther)
+		return
+	}
+	c.render(w, r, http.StatusOK, "password", &pageData{Title: "Choose a new password", Next: next, Username: v.Username})
+}
+
+func (c *Console) serveSetPassword(w http.ResponseWriter, r *http.Request, v *viewer) {
+	next := safeNext(r.PostFormValue("next"))
+	if !v.MustChangePassword {
+		http.Redirect(w, r, next, http.StatusSeeOther)
+		return
+	}
+	pw, again := r.PostFormValue("new_password"), r.PostFormValue("confirm_password")
+	fail := func(msg string) {
+		c.render(w, r, http.StatusBadRequest, "password", &pageData{Title: "Choose a new password", Next: next, Username: v.Username, Error: msg})
+	}
+	switch {
+	case len([]rune(pw)) < passwordMin:
+		fail("The new password is too short: use at least " + strconv.Itoa(passwordMin) + " characters.")
+		return
+	case len(pw) > passwordMax:
+		fail("The new password is too long: bcrypt reads at most " + strconv.Itoa(passwordMax) + " bytes.")
+		return
+	case pw != again:
+		fail("The two new passwords differ; type the same one twice.")
+		return
+	case strings.EqualFold(pw, v.Username):
+		fail("The new password is your username; choose another.")
+		return
+	}
+	if err := c.comparePassword(r.Context(), []byte(v.PasswordHash), []byte(pw)); err == nil {
+		fail("That is the password you were given; choose your own.")
+		return
+	}
+	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+	if err != nil {
+		c.internal(w, r, "set password", err)
+		return
+	}
+	// Other sessions of this account end: whoever else knew the password
+	// they were given and signed in with it loses the session.
+	if err := c.store.SetPassword(r.Context(), v.ID, string(hash), v.session.IDHash); err != nil {
+		c.internal(w, r, "set password", err)
+		return
+	}
+	u := v.User
+	u.PasswordHash, u.MustChangePassword = string(hash), false
+	if c.cfg.PasswordChanged != nil {
+		c.cfg.PasswordChanged(r.Context(), u)
+	}
+	c.log.Info("password changed", "user", u.Username, "remote", clientIP(r))
+	c.Record(store.Event{Kind: store.EventPasswordChanged, Actor: u.Username, Message: "chose a new password from " + clientIP(r), OwnerID: u.ID})
+	http.Redirect(w, r, next, http.StatusSeeOther)
 }
 
 // startSession creates a session for u, sets its cookie on w and records

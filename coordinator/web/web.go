@@ -105,6 +105,9 @@ type Config struct {
 	PollWait time.Duration
 	// Now is the clock; nil is time.Now.
 	Now func() time.Time
+	// PasswordChanged, if set, is called after u replaced a password
+	// that had to change (MustChangePassword is now false).
+	PasswordChanged func(ctx context.Context, u store.User)
 }
 
 // Console serves the web pages and holds the console's in-memory state:
@@ -175,6 +178,8 @@ func (c *Console) routes() *http.ServeMux {
 	mux.HandleFunc("GET /{$}", c.serveLoginPage)
 	mux.HandleFunc("POST /login", c.serveLogin)
 	mux.HandleFunc("POST /logout", c.serveLogout)
+	mux.Handle("GET "+passwordPath, c.page(c.servePasswordPage))
+	mux.Handle("POST "+passwordPath, c.action(c.serveSetPassword))
 	mux.HandleFunc("GET /login/oidc", c.serveOIDCBegin)
 	mux.HandleFunc("GET /login/oidc/callback", c.serveOIDCCallback)
 	mux.Handle("GET /console", c.page(c.serveOverview))

@@ -74,7 +74,7 @@ func TestSameOrigin(t *testing.T) {
 
 func TestTemplatesParse(t *testing.T) {
 	pages := parsePages()
-	for _, p := range []string{"login", "message", "overview", "graph", "services", "tokens", "events", "users", "approve"} {
+	for _, p := range []string{"login", "message", "overview", "graph", "services", "tokens", "events", "users", "approve", "password"} {
 		if pages[p] == nil {
 			t.Errorf("page %s missing", p)
 		}
