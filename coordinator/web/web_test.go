@@ -3,6 +3,7 @@ package web
 import (
 	"encoding/json"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 
@@ -106,4 +107,27 @@ func TestViewRelays(t *testing.T) {
 	if got := viewRelays(nil); got == nil || len(got) != 0 {
 		t.Fatalf("no relays: %#v, want an empty list", got)
 	}
+}
+
+// FuzzSafeNext: whatever comes in, the redirect is either the console or
+// the input, and the input only when a browser, which drops tabs and
+// newlines and reads a backslash as a slash, would still stay on this site.
+func FuzzSafeNext(f *testing.F) {
+	for _, s := range []string{"/console", "/\t/evil.example", "//evil", "/\\evil", "/approve/A?next=//x", "/%2F/x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		got := safeNext(in)
+		if got == "/console" {
+			return
+		}
+		if got != in {
+			t.Fatalf("safeNext(%q) = %q: neither the input nor /console", in, got)
+		}
+		browser := strings.NewReplacer("\t", "", "\n", "", "\r", "", "\\", "/").Replace(in)
+		u, err := url.Parse(browser)
+		if err != nil || u.Host != "" || u.Scheme != "" || strings.HasPrefix(browser, "//") {
+			t.Fatalf("safeNext accepted %q, which a browser reads as %q (host %q)", in, browser, u.Host)
+		}
+	})
 }
