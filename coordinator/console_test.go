@@ -4,10 +4,14 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/url"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -228,9 +232,13 @@ func TestConsoleLoginRateLimit(t *testing.T) {
 	}
 	// The sixth attempt is refused even with the right password.
 	resp, body := b.post("/login", url.Values{"username": {"alice"}, "password": {"alice-password-1"}})
-	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(body, "Too many failed sign-ins") {
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(body, "Too many failed sign-ins") || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("6th attempt: %d %s", resp.StatusCode, body)
 	}
+	// Alice at another address is not locked out by those guesses.
+	other := newBrowser(t, s)
+	other.c.Transport.(*http.Transport).DialContext = (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).DialContext
+	other.login("alice", "alice-password-1")
 }
 
 func TestConsoleCSRF(t *testing.T) {
@@ -720,5 +728,83 @@ func TestConsoleNoRelay(t *testing.T) {
 	}
 	if _, page := b.get("/console"); !strings.Contains(page, "No relay is online") || strings.Contains(page, `data-relay=`) {
 		t.Fatalf("overview with no relay: %s", page)
+	}
+}
+
+// TestFirstAdminMustChangePassword: the first admin's one-time password
+// (read from its file) opens only the "choose a new password" page; once a
+// new one is set the console opens, the file is gone, the one-time
+// password and any other session signed in with it stop working.
+func TestFirstAdminMustChangePassword(t *testing.T) {
+	dir := t.TempDir()
+	s := startServer(t, dir)
+	pwFile := filepath.Join(dir, AdminPasswordFile)
+	b, err := os.ReadFile(pwFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oneTime := strings.TrimSpace(string(b))
+
+	other := newBrowser(t, s) // someone else who read the file
+	other.login("admin", oneTime)
+	br := newBrowser(t, s)
+	resp := br.login("admin", oneTime)
+	if loc := resp.Header.Get("Location"); loc != "/password?next=%2Fconsole" {
+		t.Fatalf("first sign-in goes to %q, want the new-password page", loc)
+	}
+	resp, body := br.get("/console/tokens")
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/password?next=%2Fconsole%2Ftokens" {
+		t.Fatalf("console before the change: %d %q", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	if resp, _ := br.get("/console/api/snapshot"); resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("snapshot before the change: %d", resp.StatusCode)
+	}
+	resp, body = br.get("/password?next=%2Fconsole%2Ftokens")
+	m := regexp.MustCompile(`name="csrf" value="([^"]+)"`).FindStringSubmatch(body)
+	if resp.StatusCode != 200 || m == nil || !strings.Contains(body, "Choose a new password") {
+		t.Fatalf("password page: %d %s", resp.StatusCode, body)
+	}
+	csrf := m[1]
+	if resp, body := br.post("/console/tokens", url.Values{"csrf": {csrf}}); resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "Choose a new password first") {
+		t.Fatalf("mint a token before the change: %d %s", resp.StatusCode, body)
+	}
+	for _, tc := range []struct{ pw, again, want string }{
+		{"short", "short", "too short"},
+		{strings.Repeat("x", 73), strings.Repeat("x", 73), "too long"},
+		{"a-new-password-1", "a-new-password-2", "differ"},
+		{oneTime, oneTime, "the password you were given"},
+	} {
+		resp, body := br.post("/password", url.Values{"csrf": {csrf}, "new_password": {tc.pw}, "confirm_password": {tc.again}})
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, tc.want) {
+			t.Fatalf("new password %q/%q: %d, want 400 saying %q: %s", tc.pw, tc.again, resp.StatusCode, tc.want, body)
+		}
+	}
+	if _, err := os.Stat(pwFile); err != nil {
+		t.Fatalf("the file went before the password changed: %v", err)
+	}
+	resp, _ = br.post("/password", url.Values{"csrf": {csrf}, "new_password": {"admins-own-password"}, "confirm_password": {"admins-own-password"}, "next": {"/console/tokens"}})
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/console/tokens" {
+		t.Fatalf("set password: %d %q", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	if resp, body := br.get("/console/tokens"); resp.StatusCode != 200 || !strings.Contains(body, `action="/console/tokens"`) {
+		t.Fatalf("console after the change: %d %s", resp.StatusCode, body)
+	}
+	if _, err := os.Stat(pwFile); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("password file after the change: %v", err)
+	}
+	if resp, _ := other.get("/console"); resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(resp.Header.Get("Location"), "/?next=") {
+		t.Fatalf("the other session after the change: %d %q, want signed out", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	if resp, _ := newBrowser(t, s).post("/login", url.Values{"username": {"admin"}, "password": {oneTime}}); resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("one-time password after the change: %d", resp.StatusCode)
+	}
+	if resp := newBrowser(t, s).login("admin", "admins-own-password"); resp.Header.Get("Location") != "/console" {
+		t.Fatalf("new password signs in to %q", resp.Header.Get("Location"))
+	}
+	// A restart does not bring the file back.
+	s.Close()
+	s = startServer(t, dir)
+	if _, err := os.Stat(pwFile); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("password file after a restart: %v", err)
 	}
 }

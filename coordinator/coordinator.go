@@ -68,7 +68,7 @@ type Config struct {
 	// the self-signed one kept in DataDir.
 	TLSCert, TLSKey string
 	// Out receives the messages a person starting the coordinator must see
-	// (URL, first admin password); nil discards.
+	// (URL, where the first admin password is); nil discards.
 	Out io.Writer
 	// MetricsListen is where Prometheus metrics are served over plain HTTP
 	// at /metrics, "127.0.0.1:9090"; "127.0.0.1:0" picks a free port. ""
@@ -129,6 +129,12 @@ const (
 	adminSocket  = "admin.sock"
 	maxBodyBytes = 1 << 20
 )
+
+// AdminPasswordFile is the file in the data directory (mode 0600) that
+// holds the first admin's one-time password, from the first start until
+// the admin replaces it at first sign-in. The password is never printed:
+// output and logs are read by more people than the data directory.
+const AdminPasswordFile = "admin-password.txt"
 
 // Server is a running (or ready to run) coordinator.
 type Server struct {
@@ -279,7 +285,8 @@ func New(cfg Config) (*Server, error) {
 	s.hub.init()
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, PrivateKey: relayKey, Verify: s.relayVerify})
 	s.metrics = newMetrics(s)
-	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait})
+	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait,
+		PasswordChanged: s.passwordChanged})
 	return s, nil
 }
 
@@ -417,20 +424,10 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		BaseContext:       func(net.Listener) context.Context { return s.ctx },
 	}
 
-	// The first admin account is created once the URL is known, so that the
-	// one-time password is printed next to where to use it.
-	if n, err := s.store.CountUsers(ctx); err != nil {
-		return fmt.Errorf("coordinator: %w", err)
-	} else if n == 0 {
-		pw := randomSecret(18)
-		hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
-		if err != nil {
-			return fmt.Errorf("coordinator: hash admin password: %w", err)
-		}
-		if _, err := s.store.CreateUser(ctx, store.User{Username: "admin", PasswordHash: string(hash), Admin: true}); err != nil {
-			return fmt.Errorf("coordinator: %w", err)
-		}
-		fmt.Fprintf(s.out, "meshlink coordinator: first start in %s\n  admin account: username admin, password %s\n  (shown only this once; sign in at %s)\n", s.cfg.DataDir, pw, u)
+	// The first admin account is created once the URL is known, so that
+	// where to use its one-time password is printed next to where it is.
+	if err := s.firstStart(ctx, u); err != nil {
+		return err
 	}
 
 	// STUN answers on the UDP port matching the HTTPS one, so that agents
@@ -636,6 +633,61 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		s.console.Record(store.Event{Kind: store.EventTokenCreated, Actor: "admin socket", Message: "minted token " + tok.ID, OwnerID: tok.OwnerID})
 	}
 	return jt.String(), nil
+}
+
+// firstStart creates the first admin, with a one-time password in
+// AdminPasswordFile that must be changed at first sign-in, when there is no
+// account yet; otherwise it removes a password file left behind by an
+// admin who has changed the password.
+func (s *Server) firstStart(ctx context.Context, u string) error {
+	pwFile := filepath.Join(s.cfg.DataDir, AdminPasswordFile)
+	n, err := s.store.CountUsers(ctx)
+	if err != nil {
+		return fmt.Errorf("coordinator: %w", err)
+	}
+	if n > 0 {
+		if _, err := os.Stat(pwFile); err == nil {
+			if id, err := s.firstAdmin(ctx); err == nil && id != 0 {
+				if a, err := s.store.GetUserByID(ctx, id); err == nil && !a.MustChangePassword {
+					s.removeAdminPasswordFile()
+				}
+			}
+		}
+		return nil
+	}
+	pw := randomSecret(18)
+	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+	if err != nil {
+		return fmt.Errorf("coordinator: hash admin password: %w", err)
+	}
+	// The file first: an account whose password nobody can read would
+	// need a new data directory.
+	if err := atomicfile.WriteFile(pwFile, []byte(pw+"\n"), 0o600); err != nil {
+		return fmt.Errorf("coordinator: admin password: %w; check that --data %s is writable", err, s.cfg.DataDir)
+	}
+	if _, err := s.store.CreateUser(ctx, store.User{Username: "admin", PasswordHash: string(hash), Admin: true, MustChangePassword: true}); err != nil {
+		os.Remove(pwFile)
+		return fmt.Errorf("coordinator: %w", err)
+	}
+	fmt.Fprintf(s.out, "meshlink coordinator: first start in %s\n  admin account: username admin, password in %s\n  (sign in at %s and choose a new password; the file is removed then)\n", s.cfg.DataDir, pwFile, u)
+	return nil
+}
+
+// passwordChanged is the console's Config.PasswordChanged: once the first
+// admin has replaced the one-time password, its file goes.
+func (s *Server) passwordChanged(ctx context.Context, u store.User) {
+	if id, err := s.firstAdmin(ctx); err == nil && id == u.ID {
+		s.removeAdminPasswordFile()
+	}
+}
+
+func (s *Server) removeAdminPasswordFile() {
+	pwFile := filepath.Join(s.cfg.DataDir, AdminPasswordFile)
+	if err := os.Remove(pwFile); err == nil {
+		s.log.Info("removed the first admin's one-time password file", "path", pwFile)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("remove the first admin's one-time password file; delete it by hand", "path", pwFile, "err", err)
+	}
 }
 
 // firstAdmin is the owner of what the admin socket creates: the oldest

@@ -461,14 +461,20 @@ func TestFirstStartOutput(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := out.String()
-	_, after, _ := strings.Cut(first, "password ")
-	pw, _, _ := strings.Cut(after, "\n")
+	// The output names the password's file, never the password.
+	pwFile := filepath.Join(dir, AdminPasswordFile)
+	b, err := os.ReadFile(pwFile)
+	pw := strings.TrimSpace(string(b))
+	if fi, serr := os.Stat(pwFile); err != nil || serr != nil || fi.Mode().Perm() != 0o600 || len(pw) < 16 {
+		t.Fatalf("admin password file %s: %v %v %v", pwFile, fi.Mode(), err, serr)
+	}
 	u, err := s.Store().GetUser(context.Background(), "admin")
-	if err != nil || !u.Admin || bcrypt.CompareHashAndPassword([]byte(u.PasswordHash), []byte(pw)) != nil {
-		t.Fatalf("admin account does not match the printed password %q: %+v %v", pw, u, err)
+	if err != nil || !u.Admin || !u.MustChangePassword || bcrypt.CompareHashAndPassword([]byte(u.PasswordHash), []byte(pw)) != nil {
+		t.Fatalf("admin account does not match the password file: %+v %v", u, err)
 	}
 	s.Close()
-	if !strings.Contains(first, "password ") || !strings.Contains(first, "meshlink coordinator listening on "+s.URL()+" (fingerprint "+s.Fingerprint()+")") {
+	if strings.Contains(first, pw) || !strings.Contains(first, "admin account: username admin, password in "+pwFile+"\n") ||
+		!strings.Contains(first, "meshlink coordinator listening on "+s.URL()+" (fingerprint "+s.Fingerprint()+")") {
 		t.Fatalf("first start output: %q", first)
 	}
 	for _, f := range []string{"key.pem", "meshlink.db"} {

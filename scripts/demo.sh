@@ -84,7 +84,7 @@ The mesh is up. Try, in another terminal:
   $BIN services --state $DIR/a
   $BIN ping site-b --state $DIR/a
   curl -s http://127.0.0.1:$METRICS_PORT/metrics | grep ^meshlink_
-  open https://127.0.0.1:$COORD_PORT/ (console; admin password in $DIR/coord.log)
+  open https://127.0.0.1:$COORD_PORT/ (console: user admin, one-time password in $DIR/coord/admin-password.txt)
   $BIN expose ssh 127.0.0.1:22 --state $DIR/b     # then: $BIN services --state $DIR/a
 Logs: $DIR/*.log. Ctrl-C stops the demo.
 TXT

@@ -14,6 +14,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/coordinator"
 	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 	"github.com/meshlink/meshlink/wire"
@@ -58,7 +59,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	exe := chromium(t)
 	m := harness.NewMesh(t)
 	if m.AdminPassword == "" {
-		t.Fatal("the coordinator printed no admin password at first start")
+		t.Fatal("the coordinator wrote no admin password file at first start")
 	}
 	artifacts, _ := filepath.Abs(filepath.Join("artifacts", t.Name()))
 	os.MkdirAll(artifacts, 0o755)
@@ -122,12 +123,35 @@ func TestConsoleInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	shot(ctx, "1-login")
+	// The one-time password opens only "choose a new password".
 	if err := chromedp.Do(ctx,
 		chromedp.Submit(`input[name=password]`),
-		chromedp.WaitReady(`form[action="/logout"]`),
+		chromedp.WaitVisible(`input[name=new_password]`),
 	); err != nil {
 		shot(ctx, "2-login-failed")
 		t.Fatalf("login: %v", err)
+	}
+	const newPassword = "the-admins-own-password"
+	if err := chromedp.Do(ctx,
+		chromedp.SendKeys(`input[name=new_password]`, newPassword),
+		chromedp.SendKeys(`input[name=confirm_password]`, newPassword),
+	); err != nil {
+		t.Fatal(err)
+	}
+	shot(ctx, "2-new-password")
+	if err := chromedp.Do(ctx,
+		chromedp.Submit(`input[name=confirm_password]`),
+		// The password page has a sign-out form too: wait for the overview.
+		chromedp.WaitReady(`tbody[data-live="relays"]`),
+	); err != nil {
+		shot(ctx, "2-new-password-failed")
+		t.Fatalf("new password: %v", err)
+	}
+	if loc, err := chromedp.Run(ctx, chromedp.Location()); err != nil || !strings.HasSuffix(loc, "/console") {
+		t.Fatalf("after the new password the browser is at %q (%v), want the console", loc, err)
+	}
+	if _, err := os.Stat(filepath.Join(m.Dir(), "coord", coordinator.AdminPasswordFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the one-time password file after the change: %v", err)
 	}
 	shot(ctx, "2-console")
 

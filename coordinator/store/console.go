@@ -11,16 +11,16 @@ import (
 // This file holds what the web console needs from the SQLite store: users
 // by id, sessions and the event log.
 
-const userCols = `id, username, password_hash, admin, created`
+const userCols = `id, username, password_hash, admin, created, must_change_password`
 
 func scanUser(r scanner) (User, error) {
 	var u User
-	var admin int
+	var admin, mustChange int
 	var created int64
-	if err := r.Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created); err != nil {
+	if err := r.Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created, &mustChange); err != nil {
 		return u, err
 	}
-	u.Admin, u.Created = admin != 0, fromUnixNano(created)
+	u.Admin, u.Created, u.MustChangePassword = admin != 0, fromUnixNano(created), mustChange != 0
 	return u, nil
 }
 

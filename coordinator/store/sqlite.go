@@ -138,6 +138,9 @@ var migrations = []string{
 	UPDATE events SET seq = r.n FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY class ORDER BY id) AS n FROM events) AS r
 		WHERE events.id = r.id;
 	CREATE INDEX events_class ON events(class, seq);`,
+	// 7: a password someone else chose (the first admin's, a member's
+	// from the console) must be replaced at the next sign-in.
+	`ALTER TABLE users ADD COLUMN must_change_password INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // SQLite is the embedded Store.
@@ -300,8 +303,8 @@ func (s *SQLite) CreateUser(ctx context.Context, u User) (User, error) {
 	if u.Created.IsZero() {
 		u.Created = time.Now()
 	}
-	res, err := s.db.ExecContext(ctx, `INSERT INTO users (username, password_hash, admin, created) VALUES (?, ?, ?, ?)`,
-		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created))
+	res, err := s.db.ExecContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password) VALUES (?, ?, ?, ?, ?)`,
+		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword))
 	if err != nil {
 		return u, fmt.Errorf("store: create user %q: %w", u.Username, err)
 	}
@@ -311,16 +314,41 @@ func (s *SQLite) CreateUser(ctx context.Context, u User) (User, error) {
 
 // GetUser implements Store.
 func (s *SQLite) GetUser(ctx context.Context, username string) (User, error) {
-	var u User
-	var admin int
-	var created int64
-	err := s.db.QueryRowContext(ctx, `SELECT id, username, password_hash, admin, created FROM users WHERE username = ?`, username).
-		Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created)
+	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE username = ?`, username))
 	if errors.Is(err, sql.ErrNoRows) {
 		return u, fmt.Errorf("user %q: %w", username, ErrNotFound)
 	}
-	u.Admin, u.Created = admin != 0, fromUnixNano(created)
 	return u, err
+}
+
+// SetPassword implements Store.
+func (s *SQLite) SetPassword(ctx context.Context, id int64, hash string, keep []byte) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("store: set password of user %d: %w", id, err)
+	}
+	defer tx.Rollback()
+	res, err := tx.ExecContext(ctx, `UPDATE users SET password_hash = ?, must_change_password = 0 WHERE id = ?`, hash, id)
+	if err != nil {
+		return fmt.Errorf("store: set password of user %d: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("user %d: %w", id, ErrNotFound)
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM sessions WHERE user_id = ? AND id_hash != ?`, id, nonNilBytes(keep)); err != nil {
+		return fmt.Errorf("store: set password of user %d: end sessions: %w", id, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("store: set password of user %d: %w", id, err)
+	}
+	return nil
+}
+
+func nonNilBytes(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
 }
 
 // CountUsers implements Store.

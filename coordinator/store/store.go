@@ -43,6 +43,10 @@ type User struct {
 	PasswordHash string
 	Admin        bool
 	Created      time.Time
+	// MustChangePassword: the password was chosen by someone else (the
+	// first admin's at first start, a member's by an admin); the console
+	// shows nothing but "choose a new password" until it is replaced.
+	MustChangePassword bool
 }
 
 // Token is a join token as stored: only the SHA-256 of its secret is kept.
@@ -202,22 +206,23 @@ type EventKind string
 
 // The kinds of Event.
 const (
-	EventJoin           EventKind = "join"            // a node joined with a token
-	EventLeave          EventKind = "leave"           // a node left, or an ephemeral one was reaped
-	EventRemove         EventKind = "remove"          // a person removed a node
-	EventExpose         EventKind = "expose"          // a node began providing a service
-	EventExposeRefused  EventKind = "expose_refused"  // a node tried to provide a service another user owns
-	EventUnexpose       EventKind = "unexpose"        // a node stopped providing a service
-	EventRegisterFailed EventKind = "register_failed" // a registration was refused: bad token, name or key taken
-	EventApprove        EventKind = "approve"         // a person approved a node that joined without a token
-	EventRenew          EventKind = "renew"           // a node proved its key and got a new secret with a token
-	EventDeny           EventKind = "deny"            // a person denied one
-	EventLogin          EventKind = "login"
-	EventLoginFailed    EventKind = "login_failed"
-	EventTokenCreated   EventKind = "token_created"
-	EventTokenRevoked   EventKind = "token_revoked"
-	EventUserCreated    EventKind = "user_created"
-	EventRelay          EventKind = "relay" // a standalone relay registered or was removed
+	EventJoin            EventKind = "join"            // a node joined with a token
+	EventLeave           EventKind = "leave"           // a node left, or an ephemeral one was reaped
+	EventRemove          EventKind = "remove"          // a person removed a node
+	EventExpose          EventKind = "expose"          // a node began providing a service
+	EventExposeRefused   EventKind = "expose_refused"  // a node tried to provide a service another user owns
+	EventUnexpose        EventKind = "unexpose"        // a node stopped providing a service
+	EventRegisterFailed  EventKind = "register_failed" // a registration was refused: bad token, name or key taken
+	EventApprove         EventKind = "approve"         // a person approved a node that joined without a token
+	EventRenew           EventKind = "renew"           // a node proved its key and got a new secret with a token
+	EventDeny            EventKind = "deny"            // a person denied one
+	EventLogin           EventKind = "login"
+	EventLoginFailed     EventKind = "login_failed"
+	EventTokenCreated    EventKind = "token_created"
+	EventTokenRevoked    EventKind = "token_revoked"
+	EventUserCreated     EventKind = "user_created"
+	EventPasswordChanged EventKind = "password_changed"
+	EventRelay           EventKind = "relay" // a standalone relay registered or was removed
 )
 
 // Event is one entry of the event log shown in the console.
@@ -287,6 +292,10 @@ type Store interface {
 	CountUsers(ctx context.Context) (int, error)
 	GetUserByID(ctx context.Context, id int64) (User, error)
 	ListUsers(ctx context.Context) ([]User, error)
+	// SetPassword replaces the password hash of user id, clears
+	// MustChangePassword and ends every session of the user but the one
+	// whose id hash is keep (the session that changed it; nil: none).
+	SetPassword(ctx context.Context, id int64, hash string, keep []byte) error
 
 	// CreateSession stores a new console session.
 	CreateSession(ctx context.Context, s Session) error

@@ -382,3 +382,36 @@ func TestEventRetentionPerClass(t *testing.T) {
 		t.Fatalf("refusals kept: %d, oldest %q; want %d from refusal 50", kept[EventRegisterFailed], evs[len(evs)-4].Message, MaxEvents)
 	}
 }
+
+func TestSetPasswordClearsMustChange(t *testing.T) {
+	s := openTest(t, t.TempDir())
+	ctx := context.Background()
+	u, err := s.CreateUser(ctx, User{Username: "admin", PasswordHash: "old", Admin: true, MustChangePassword: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.GetUser(ctx, "admin"); err != nil || !got.MustChangePassword || got.PasswordHash != "old" {
+		t.Fatalf("created %+v %v", got, err)
+	}
+	now := time.Now()
+	for _, id := range []string{"this", "other"} {
+		if err := s.CreateSession(ctx, Session{IDHash: HashSecret(id), UserID: u.ID, CSRF: "c", Expires: now.Add(time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.SetPassword(ctx, u.ID, "new", HashSecret("this")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetSession(ctx, HashSecret("this"), now); err != nil {
+		t.Fatalf("the changing session ended: %v", err)
+	}
+	if _, err := s.GetSession(ctx, HashSecret("other"), now); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("another session of the user survived the change: %v", err)
+	}
+	if got, err := s.GetUserByID(ctx, u.ID); err != nil || got.MustChangePassword || got.PasswordHash != "new" {
+		t.Fatalf("after SetPassword %+v %v", got, err)
+	}
+	if err := s.SetPassword(ctx, u.ID+100, "x", nil); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("SetPassword of no user: %v", err)
+	}
+}

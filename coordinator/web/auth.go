@@ -6,9 +6,11 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"errors"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -23,9 +25,10 @@ const (
 	SessionCookie = "meshlink_session"
 	sessionIdle   = 12 * time.Hour
 	sessionMax    = 7 * 24 * time.Hour
-	// loginFailures per minute per client IP and per username; the next
-	// attempt gets 429.
-	loginFailures = 5
+	// hashersMax bounds the password comparisons running at once (each
+	// is ~50ms of a core), and hashWait how long an attempt queues for one.
+	hashersMax = 4
+	hashWait   = 10 * time.Second
 )
 
 // dummyHash is compared against when the username is unknown, so that a
@@ -106,6 +109,14 @@ func (c *Console) page(h func(http.ResponseWriter, *http.Request, *viewer)) http
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
+		if v.MustChangePassword && r.URL.Path != passwordPath {
+			if strings.HasPrefix(r.URL.Path, "/console/api/") || r.URL.Path == "/console/events" {
+				http.Error(w, "choose a new password first", http.StatusForbidden)
+				return
+			}
+			http.Redirect(w, r, passwordPath+"?next="+url.QueryEscape(r.URL.RequestURI()), http.StatusSeeOther)
+			return
+		}
 		h(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, v)), v)
 	})
 }
@@ -130,6 +141,10 @@ func (c *Console) action(h func(http.ResponseWriter, *http.Request, *viewer)) ht
 		got := r.PostFormValue("csrf")
 		if got == "" || subtle.ConstantTimeCompare([]byte(got), []byte(v.session.CSRF)) != 1 {
 			c.renderMessage(w, r, v, http.StatusForbidden, "Request refused", "The form was stale or not sent from this console; reload the page and try again.")
+			return
+		}
+		if v.MustChangePassword && r.URL.Path != passwordPath && r.URL.Path != "/logout" {
+			c.renderMessage(w, r, v, http.StatusForbidden, "Choose a new password first", "Your password was chosen for you; choose your own at "+passwordPath+" before you do anything else.")
 			return
 		}
 		w.Header().Set("Cache-Control", "no-store")
@@ -168,10 +183,24 @@ func clientIP(r *http.Request) string {
 	return host
 }
 
-// safeNext keeps a post-login redirect on this site.
+// safeNext keeps a post-login redirect on this site: a path with one
+// leading slash, nothing a browser would read as another host. Browsers
+// drop tabs and newlines from URLs and read a backslash as a slash, so
+// "/\t/evil.example" is "//evil.example" to them: any control byte,
+// space, backslash or non-ASCII byte is refused, not just "//" and "/\\".
 func safeNext(next string) string {
-	if !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") || strings.ContainsAny(next, "\\\r\n") || len(next) > 512 {
-		return "/console"
+	const home = "/console"
+	if len(next) > 512 || !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") {
+		return home
+	}
+	for i := 0; i < len(next); i++ {
+		if b := next[i]; b <= ' ' || b >= 0x7f || b == '\\' {
+			return home
+		}
+	}
+	u, err := url.Parse(next)
+	if err != nil || u.Scheme != "" || u.Host != "" || u.Opaque != "" || u.User != nil || !strings.HasPrefix(u.Path, "/") || strings.HasPrefix(u.Path, "//") {
+		return home
 	}
 	return next
 }
@@ -202,25 +231,34 @@ func (c *Console) serveLogin(w http.ResponseWriter, r *http.Request) {
 	if len(username) > 64 {
 		username = username[:64]
 	}
-	ipKey, userKey := "ip:"+clientIP(r), "user:"+strings.ToLower(username)
-	now := c.now()
-	if !c.limiter.allowed(ipKey, now) || !c.limiter.allowed(userKey, now) {
-		c.log.Warn("login rate limited", "remote", clientIP(r))
+	source := sourceOf(r.RemoteAddr)
+	// The attempt is counted before the password is hashed: a burst of
+	// parallel guesses gets no more evaluations than the free ones.
+	if wait, ok := c.limiter.reserve(source, strings.ToLower(username), c.now()); !ok {
+		// Debug: a flood must not flood the log too. The failures that
+		// led here were logged and recorded.
+		c.log.Debug("login rate limited", "remote", clientIP(r), "wait", wait)
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 		c.render(w, r, http.StatusTooManyRequests, "login", &pageData{Title: "Sign in", Next: next, Username: username,
-			Error: "Too many failed sign-ins. Wait a minute, then try again."})
+			Error: "Too many failed sign-ins from here. Wait " + waitText(wait) + ", then try again."})
 		return
 	}
 	u, err := c.store.GetUser(r.Context(), username)
-	hash := dummyHash()
-	if err == nil {
-		hash = []byte(u.PasswordHash)
-	} else if !errors.Is(err, store.ErrNotFound) {
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		c.internal(w, r, "login", err)
 		return
 	}
-	if bcrypt.CompareHashAndPassword(hash, []byte(password)) != nil || err != nil || password == "" {
-		c.limiter.fail(ipKey, now)
-		c.limiter.fail(userKey, now)
+	// An unknown user, or one with no password (signs in by OIDC only),
+	// costs the same comparison as a wrong password, against a dummy hash.
+	hash, hasPassword := []byte(u.PasswordHash), err == nil
+	if _, cerr := bcrypt.Cost(hash); cerr != nil {
+		hash, hasPassword = dummyHash(), false
+	}
+	if cerr := c.comparePassword(r.Context(), hash, []byte(password)); cerr != nil || !hasPassword || password == "" {
+		if errors.Is(cerr, errBusy) {
+			c.renderMessage(w, r, nil, http.StatusServiceUnavailable, "Busy", "The coordinator is checking many sign-ins at once; try again in a minute.")
+			return
+		}
 		// An unknown username is not repeated anywhere: people type
 		// passwords into the username field.
 		who := "an unknown user"
@@ -233,6 +271,7 @@ func (c *Console) serveLogin(w http.ResponseWriter, r *http.Request) {
 			Error: "Wrong username or password."})
 		return
 	}
+	c.limiter.succeeded(source, strings.ToLower(username))
 	c.SignIn(w, r, u, next)
 }
 
@@ -244,7 +283,79 @@ func (c *Console) SignIn(w http.ResponseWriter, r *http.Request, u store.User, n
 		c.internal(w, r, "login", err)
 		return
 	}
-	http.Redirect(w, r, safeNext(next), http.StatusSeeOther)
+	next = safeNext(next)
+	if u.MustChangePassword {
+		next = passwordPath + "?next=" + url.QueryEscape(next)
+	}
+	http.Redirect(w, r, next, http.StatusSeeOther)
+}
+
+// passwordPath is the "choose a new password" page, the only one a user
+// whose password must change can open.
+const passwordPath = "/password"
+
+// Bounds of a chosen password: bcrypt reads at most 72 bytes.
+const (
+	passwordMin = 12
+	passwordMax = 72
+)
+
+func (c *Console) servePasswordPage(w http.ResponseWriter, r *http.Request, v *viewer) {
+	next := safeNext(r.URL.Query().Get("next"))
+	if !v.MustChangePassword {
+		http.Redirect(w, r, next, http.StatusSeeOther)
+		return
+	}
+	c.render(w, r, http.StatusOK, "password", &pageData{Title: "Choose a new password", Next: next, Username: v.Username})
+}
+
+func (c *Console) serveSetPassword(w http.ResponseWriter, r *http.Request, v *viewer) {
+	next := safeNext(r.PostFormValue("next"))
+	if !v.MustChangePassword {
+		http.Redirect(w, r, next, http.StatusSeeOther)
+		return
+	}
+	pw, again := r.PostFormValue("new_password"), r.PostFormValue("confirm_password")
+	fail := func(msg string) {
+		c.render(w, r, http.StatusBadRequest, "password", &pageData{Title: "Choose a new password", Next: next, Username: v.Username, Error: msg})
+	}
+	switch {
+	case len([]rune(pw)) < passwordMin:
+		fail("The new password is too short: use at least " + strconv.Itoa(passwordMin) + " characters.")
+		return
+	case len(pw) > passwordMax:
+		fail("The new password is too long: bcrypt reads at most " + strconv.Itoa(passwordMax) + " bytes.")
+		return
+	case pw != again:
+		fail("The two new passwords differ; type the same one twice.")
+		return
+	case strings.EqualFold(pw, v.Username):
+		fail("The new password is your username; choose another.")
+		return
+	}
+	if err := c.comparePassword(r.Context(), []byte(v.PasswordHash), []byte(pw)); err == nil {
+		fail("That is the password you were given; choose your own.")
+		return
+	}
+	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+	if err != nil {
+		c.internal(w, r, "set password", err)
+		return
+	}
+	// Other sessions of this account end: whoever else knew the password
+	// they were given and signed in with it loses the session.
+	if err := c.store.SetPassword(r.Context(), v.ID, string(hash), v.session.IDHash); err != nil {
+		c.internal(w, r, "set password", err)
+		return
+	}
+	u := v.User
+	u.PasswordHash, u.MustChangePassword = string(hash), false
+	if c.cfg.PasswordChanged != nil {
+		c.cfg.PasswordChanged(r.Context(), u)
+	}
+	c.log.Info("password changed", "user", u.Username, "remote", clientIP(r))
+	c.Record(store.Event{Kind: store.EventPasswordChanged, Actor: u.Username, Message: "chose a new password from " + clientIP(r), OwnerID: u.ID})
+	http.Redirect(w, r, next, http.StatusSeeOther)
 }
 
 // startSession creates a session for u, sets its cookie on w and records
@@ -272,60 +383,33 @@ func (c *Console) serveLogout(w http.ResponseWriter, r *http.Request) {
 	}).ServeHTTP(w, r)
 }
 
-// limiter counts failures per key in fixed windows. Its memory is bounded:
-// when full, expired windows are swept, then arbitrary entries dropped (the
-// per-IP key still limits whoever floods usernames).
-type limiter struct {
-	limit  int
-	window time.Duration
-	max    int
+var errBusy = errors.New("web: too many password comparisons waiting")
 
-	mu      sync.Mutex // guards entries
-	entries map[string]*window
-}
-
-type window struct {
-	start    time.Time
-	failures int
-}
-
-func newLimiter(limit int, win time.Duration, max int) *limiter {
-	return &limiter{limit: limit, window: win, max: max, entries: map[string]*window{}}
-}
-
-func (l *limiter) allowed(key string, now time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	e := l.entries[key]
-	return e == nil || now.Sub(e.start) >= l.window || e.failures < l.limit
-}
-
-func (l *limiter) fail(key string, now time.Time) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	e := l.entries[key]
-	if e != nil && now.Sub(e.start) < l.window {
-		e.failures++
-		return
+// comparePassword runs c.compare with at most hashersMax running at once,
+// waiting at most hashWait for a turn.
+func (c *Console) comparePassword(ctx context.Context, hash, password []byte) error {
+	t := time.NewTimer(hashWait)
+	defer t.Stop()
+	select {
+	case c.hashers <- struct{}{}:
+	case <-t.C:
+		return errBusy
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	if e == nil && len(l.entries) >= l.max {
-		for k, x := range l.entries {
-			if now.Sub(x.start) >= l.window {
-				delete(l.entries, k)
-			}
-		}
-		for k := range l.entries {
-			if len(l.entries) < l.max {
-				break
-			}
-			delete(l.entries, k)
-		}
-	}
-	l.entries[key] = &window{start: now, failures: 1}
+	defer func() { <-c.hashers }()
+	return c.compare(hash, password)
 }
 
-func (l *limiter) size() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.entries)
+// waitText says d in whole seconds or minutes, rounded up.
+func waitText(d time.Duration) string {
+	if d <= time.Minute {
+		s := int(math.Ceil(d.Seconds()))
+		if s == 1 {
+			return "a second"
+		}
+		return strconv.Itoa(s) + " seconds"
+	}
+	m := int(math.Ceil(d.Minutes()))
+	return strconv.Itoa(m) + " minutes"
 }

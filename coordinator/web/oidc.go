@@ -27,8 +27,9 @@ var _ OIDCProvider = (*oidclogin.Provider)(nil)
 type oidcHolder struct{ p OIDCProvider }
 
 // oidcPasswordHash is stored as the password hash of accounts created by an
-// OIDC sign-in. It is not a bcrypt hash, so bcrypt.CompareHashAndPassword
-// fails for every password: those accounts can never sign in with one.
+// OIDC sign-in. It is not a bcrypt hash, so those accounts can never sign in
+// with a password; the password form compares against a dummy hash instead,
+// so that trying costs the same time as for any other account.
 const oidcPasswordHash = "!oidc-sign-in-only"
 
 // SetOIDC enables sign-in with p (nil disables it). The coordinator calls

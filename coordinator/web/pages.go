@@ -317,7 +317,8 @@ func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *vie
 		return
 	}
 	role := userRole(r.PostFormValue("role"))
-	u, err := c.store.CreateUser(r.Context(), store.User{Username: name, PasswordHash: string(hash), Admin: role == roleAdmin})
+	// The admin knows this password: the member replaces it at first sign-in.
+	u, err := c.store.CreateUser(r.Context(), store.User{Username: name, PasswordHash: string(hash), Admin: role == roleAdmin, MustChangePassword: true})
 	if err != nil {
 		c.internal(w, r, "create user", err)
 		return
@@ -326,7 +327,7 @@ func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *vie
 	c.log.Info("user created", "user", name, "role", role, "by", v.Username)
 	c.Record(store.Event{Kind: store.EventUserCreated, Actor: v.Username, Message: "created " + string(role) + " " + name, OwnerID: u.ID})
 	c.usersPage(w, r, v, http.StatusOK, &pageData{Username: name, Secret: pw,
-		SecretLabel: "Password of " + name + ", shown only this once: hand it over through a safe channel."})
+		SecretLabel: "One-time password of " + name + ", shown only this once: hand it over through a safe channel; " + name + " chooses their own at first sign-in."})
 }
 
 func (c *Console) serveSnapshot(w http.ResponseWriter, r *http.Request, v *viewer) {

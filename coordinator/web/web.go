@@ -22,6 +22,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
@@ -103,6 +105,9 @@ type Config struct {
 	PollWait time.Duration
 	// Now is the clock; nil is time.Now.
 	Now func() time.Time
+	// PasswordChanged, if set, is called after u replaced a password
+	// that had to change (MustChangePassword is now false).
+	PasswordChanged func(ctx context.Context, u store.User)
 }
 
 // Console serves the web pages and holds the console's in-memory state:
@@ -117,7 +122,10 @@ type Console struct {
 	pages map[string]*template.Template
 	mux   *http.ServeMux
 
-	limiter *limiter
+	limiter *throttle
+	// compare checks a password against a bcrypt hash; tests count calls.
+	compare func(hash, password []byte) error
+	hashers chan struct{} // a slot per password comparison running
 	pending *pendingSet
 	stats   *statsSet
 	live    *liveSet
@@ -146,7 +154,9 @@ func New(cfg Config) *Console {
 		mesh:    cfg.Mesh,
 		now:     cfg.Now,
 		pages:   parsePages(),
-		limiter: newLimiter(loginFailures, time.Minute, 10000),
+		limiter: newThrottle(loginKeysMax),
+		compare: bcrypt.CompareHashAndPassword,
+		hashers: make(chan struct{}, hashersMax),
 		pending: newPendingSet(),
 		stats:   newStatsSet(),
 		live:    newLiveSet(),
@@ -168,6 +178,8 @@ func (c *Console) routes() *http.ServeMux {
 	mux.HandleFunc("GET /{$}", c.serveLoginPage)
 	mux.HandleFunc("POST /login", c.serveLogin)
 	mux.HandleFunc("POST /logout", c.serveLogout)
+	mux.Handle("GET "+passwordPath, c.page(c.servePasswordPage))
+	mux.Handle("POST "+passwordPath, c.action(c.serveSetPassword))
 	mux.HandleFunc("GET /login/oidc", c.serveOIDCBegin)
 	mux.HandleFunc("GET /login/oidc/callback", c.serveOIDCCallback)
 	mux.Handle("GET /console", c.page(c.serveOverview))

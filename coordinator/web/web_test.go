@@ -2,38 +2,13 @@ package web
 
 import (
 	"encoding/json"
-	"fmt"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/meshlink/meshlink/internal/key"
 )
-
-func TestLimiter(t *testing.T) {
-	now := time.Unix(1000, 0)
-	l := newLimiter(5, time.Minute, 100)
-	for i := 0; i < 5; i++ {
-		if !l.allowed("k", now) {
-			t.Fatalf("refused after %d failures", i)
-		}
-		l.fail("k", now)
-	}
-	if l.allowed("k", now.Add(59*time.Second)) {
-		t.Fatal("allowed after 5 failures within the window")
-	}
-	if !l.allowed("k", now.Add(time.Minute)) {
-		t.Fatal("still refused after the window")
-	}
-	// Memory stays bounded however many keys fail.
-	for i := 0; i < 1000; i++ {
-		l.fail(fmt.Sprint("spray", i), now)
-	}
-	if n := l.size(); n > 100 {
-		t.Fatalf("limiter holds %d entries, bound 100", n)
-	}
-}
 
 func TestSafeNext(t *testing.T) {
 	tests := []struct{ in, want string }{
@@ -44,6 +19,25 @@ func TestSafeNext(t *testing.T) {
 		{"/\\evil.example", "/console"},
 		{"https://evil.example/", "/console"},
 		{"javascript:alert(1)", "/console"},
+		// Browsers drop tab, newline and carriage return, and read a
+		// backslash as a slash: each of these would be //evil.example.
+		{"/\t/evil.example", "/console"},
+		{"/\v/evil.example", "/console"},
+		{"/ /evil.example", "/console"},
+		{"/\x00/evil.example", "/console"},
+		{"/\n/evil.example", "/console"},
+		{"/\r/evil.example", "/console"},
+		{"/\x7f/evil.example", "/console"},
+		{"/\u00a0/evil.example", "/console"},
+		{"/\\/evil.example", "/console"},
+		{"/x\\evil", "/console"},
+		{"/%2F/evil.example", "/console"},
+		{"///evil.example", "/console"},
+		{"http:/evil.example", "/console"},
+		{"evil.example", "/console"},
+		{"/" + strings.Repeat("a", 600), "/console"},
+		{"/console/graph#x", "/console/graph#x"},
+		{"/approve/ABCD-EFGH?a=%2F%2F", "/approve/ABCD-EFGH?a=%2F%2F"},
 	}
 	for _, tc := range tests {
 		if got := safeNext(tc.in); got != tc.want {
@@ -81,7 +75,7 @@ func TestSameOrigin(t *testing.T) {
 
 func TestTemplatesParse(t *testing.T) {
 	pages := parsePages()
-	for _, p := range []string{"login", "message", "overview", "graph", "services", "tokens", "events", "users", "approve"} {
+	for _, p := range []string{"login", "message", "overview", "graph", "services", "tokens", "events", "users", "approve", "password"} {
 		if pages[p] == nil {
 			t.Errorf("page %s missing", p)
 		}
@@ -113,4 +107,27 @@ func TestViewRelays(t *testing.T) {
 	if got := viewRelays(nil); got == nil || len(got) != 0 {
 		t.Fatalf("no relays: %#v, want an empty list", got)
 	}
+}
+
+// FuzzSafeNext: whatever comes in, the redirect is either the console or
+// the input, and the input only when a browser, which drops tabs and
+// newlines and reads a backslash as a slash, would still stay on this site.
+func FuzzSafeNext(f *testing.F) {
+	for _, s := range []string{"/console", "/\t/evil.example", "//evil", "/\\evil", "/approve/A?next=//x", "/%2F/x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		got := safeNext(in)
+		if got == "/console" {
+			return
+		}
+		if got != in {
+			t.Fatalf("safeNext(%q) = %q: neither the input nor /console", in, got)
+		}
+		browser := strings.NewReplacer("\t", "", "\n", "", "\r", "", "\\", "/").Replace(in)
+		u, err := url.Parse(browser)
+		if err != nil || u.Host != "" || u.Scheme != "" || strings.HasPrefix(browser, "//") {
+			t.Fatalf("safeNext accepted %q, which a browser reads as %q (host %q)", in, browser, u.Host)
+		}
+	})
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"strings"
 	"sync"
@@ -38,8 +37,10 @@ type Mesh struct {
 	dir   string
 	Coord *coordinator.Server
 	addr  string
-	// AdminPassword is the first admin's one-time password, as printed at
-	// the coordinator's first start.
+	// AdminPassword is the first admin's one-time password, read from
+	// coordinator.AdminPasswordFile in the data directory after a start
+	// (until the admin replaces it); the console asks for a new one at the
+	// first sign-in with it.
 	AdminPassword string
 	// mod adjusts the coordinator's configuration at every start.
 	mod func(*coordinator.Config)
@@ -61,18 +62,15 @@ func NewMeshWith(t testing.TB, mod func(*coordinator.Config)) *Mesh {
 	return m
 }
 
-var passwordRE = regexp.MustCompile(`password:? (\S+)`)
-
 // StartCoordinator (re)starts the coordinator on the same data directory and
 // port as before.
 func (m *Mesh) StartCoordinator() {
 	mesh := m
 	m.t.Helper()
-	var out strings.Builder
 	cfg := coordinator.Config{
 		Listen: m.addr, DataDir: filepath.Join(m.dir, "coord"), Logger: Logger(m.t, "coordinator"),
 		AllowLoopbackEndpoints: true, // the whole mesh is on loopback
-		KeepAlive:              2 * time.Second, Out: &out,
+		KeepAlive:              2 * time.Second, Out: tstest.Writer(m.t),
 	}
 	if m.mod != nil {
 		m.mod(&cfg)
@@ -84,8 +82,8 @@ func (m *Mesh) StartCoordinator() {
 	if err := s.Start(context.Background()); err != nil {
 		m.t.Fatal(err)
 	}
-	if m := passwordRE.FindStringSubmatch(out.String()); m != nil {
-		mesh.AdminPassword = m[1]
+	if b, err := os.ReadFile(filepath.Join(cfg.DataDir, coordinator.AdminPasswordFile)); err == nil {
+		mesh.AdminPassword = strings.TrimSpace(string(b))
 	}
 	m.Coord = s
 	m.addr = s.Addr().String()
