@@ -25,7 +25,8 @@
 //	  existing node (same name and key) needs proof of its private key;
 //	  a public key alone, which every network map carries, no longer does.
 //	  A service belongs to the owner of its first provider: other users'
-//	  nodes exposing it get 403 ErrCodeNotOwner.
+//	  nodes exposing it get 403 ErrCodeNotOwner. NodePrefix4 is
+//	  100.96.0.0/14 (was /12, which contained ServicePrefix).
 package wire
 
 import (
@@ -43,9 +44,13 @@ import (
 // ProtocolVersion is the version of this package's contract. It only grows.
 const ProtocolVersion = 5
 
-// Default addressing of a mesh.
+// Default addressing of a mesh. The node and service prefixes are disjoint
+// (TestPrefixesDisjoint): a node address must never equal a service VIP.
+// Until version 5 nodes had 100.96.0.0/12, which contains the service
+// prefix; nodes are numbered from the start, so every address handed out
+// before (the first 262,142) is inside the /14.
 var (
-	NodePrefix4   = netip.MustParsePrefix("100.96.0.0/12")
+	NodePrefix4   = netip.MustParsePrefix("100.96.0.0/14")
 	NodePrefix6   = netip.MustParsePrefix("fd7a:6d65:7368::/48")
 	ServicePrefix = netip.MustParsePrefix("100.100.0.0/16")
 )

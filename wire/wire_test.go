@@ -164,3 +164,14 @@ func TestApply(t *testing.T) {
 		t.Fatalf("peers %+v", nm.Peers)
 	}
 }
+
+// TestPrefixesDisjoint: no node address can be a service VIP (issue 9's
+// address plan: 100.96.0.0/12 used to contain 100.100.0.0/16).
+func TestPrefixesDisjoint(t *testing.T) {
+	if NodePrefix4.Overlaps(ServicePrefix) {
+		t.Fatalf("node prefix %v overlaps the service prefix %v", NodePrefix4, ServicePrefix)
+	}
+	if NodePrefix6.Overlaps(ServicePrefix) || !NodePrefix4.Addr().Is4() || !NodePrefix6.Addr().Is6() {
+		t.Fatal("bad prefix families")
+	}
+}

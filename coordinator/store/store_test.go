@@ -89,7 +89,7 @@ func TestAllocations(t *testing.T) {
 	}{
 		{"first", 1, "100.96.0.1", "fd7a:6d65:7368::1"},
 		{"256th", 256, "100.96.1.0", "fd7a:6d65:7368::100"},
-		{"last", 1<<20 - 2, "100.111.255.254", "fd7a:6d65:7368::f:fffe"},
+		{"last", 1<<18 - 2, "100.99.255.254", "fd7a:6d65:7368::3:fffe"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -99,7 +99,7 @@ func TestAllocations(t *testing.T) {
 			}
 		})
 	}
-	if _, _, err := NodeAddrs(1<<20 - 1); !errors.Is(err, ErrExhausted) {
+	if _, _, err := NodeAddrs(1<<18 - 1); !errors.Is(err, ErrExhausted) {
 		t.Fatalf("broadcast address allocated: %v", err)
 	}
 	vips := []struct {
