@@ -203,6 +203,9 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringFlag{Name: "oidc-redirect-url", Usage: "callback URL registered with the provider (default URL/login/oidc/callback)", EnvVars: env("OIDC_REDIRECT_URL")},
 			&cli.BoolFlag{Name: "allow-loopback-endpoints", Hidden: true, Usage: "keep loopback addresses among the endpoints nodes publish: only for a whole mesh on one host (demo, tests)", EnvVars: env("ALLOW_LOOPBACK_ENDPOINTS")},
 			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to `meshlink relay` servers)", EnvVars: env("RELAY")},
+			&cli.IntFlag{Name: "max-conns", Value: 8192, Usage: "HTTPS connections open at once, in all", EnvVars: env("MAX_CONNS")},
+			&cli.IntFlag{Name: "max-conns-per-source", Value: 256, Usage: "HTTPS connections open at once from one IPv4 address or IPv6 /64 (raise it for many agents behind one NAT)", EnvVars: env("MAX_CONNS_PER_SOURCE")},
+			&cli.DurationFlag{Name: "body-timeout", Value: 10 * time.Second, Usage: "time a request has to send its body", EnvVars: env("BODY_TIMEOUT")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := startDaemon(c)
@@ -221,6 +224,8 @@ func coordinatorCmd() *cli.Command {
 				OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
 				NoEmbeddedRelay:        !c.Bool("relay"),
 				AllowLoopbackEndpoints: c.Bool("allow-loopback-endpoints"),
+				MaxConns:               c.Int("max-conns"), MaxConnsPerSource: c.Int("max-conns-per-source"),
+				BodyTimeout: c.Duration("body-timeout"),
 			})
 			if err != nil {
 				return err
