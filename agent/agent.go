@@ -603,6 +603,9 @@ func (a *Agent) controlLoop() {
 		if errors.As(err, &ae) && (ae.Code == wire.ErrCodeNodeRemoved || ae.Code == wire.ErrCodeUnauthorized) {
 			a.log.Error("the coordinator no longer knows this node; remove the state directory and join again with a new token", "state", a.cfg.StateDir, "err", err)
 		}
+		if errors.As(err, &ae) && ae.Code == wire.ErrCodeNodeRemoved {
+			a.forgetMesh()
+		}
 		d := bo.Next()
 		a.log.Warn("lost the coordinator; the data plane keeps running; reconnecting", "in", d.Round(time.Millisecond), "err", err)
 		if !backoff.Sleep(a.ctx, d) {
@@ -619,6 +622,24 @@ func (a *Agent) setConnected(ok bool, err error) {
 		a.lastErr = err.Error()
 	} else {
 		a.lastErr = ""
+	}
+}
+
+// forgetMesh drops every peer, service and relay from the map once the
+// coordinator said this node was removed: the peers have dropped it
+// already, and what it still had open through the mesh is closed now
+// (applier.closeLeft) rather than left to hang until TCP gives up. The
+// cache is overwritten too, so a restart does not bring them back.
+func (a *Agent) forgetMesh() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed || !a.haveMap || len(a.nm.Peers)+len(a.nm.Services)+len(a.nm.Relays) == 0 {
+		return
+	}
+	a.nm.Peers, a.nm.Services, a.nm.Relays = nil, nil, nil
+	a.reconfigLocked()
+	if err := a.state.saveJSON(fileNetmap, a.nm); err != nil {
+		a.log.Warn("cannot cache the network map", "err", err)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/agent/wgcfg"
 	"github.com/meshlink/meshlink/dns"
+	"github.com/meshlink/meshlink/wire"
 )
 
 // errNoChanges is what apply reports when everything desired is applied
@@ -37,11 +38,15 @@ type (
 		SetRelays([]bind.RelayConfig)
 		SetSTUN([]netip.AddrPort)
 	}
+	// The proxies also close the connections of peers that left the map
+	// (closeLeft).
 	consumerConfigurer interface {
 		Reconfig([]proxy.ServiceConfig) error
+		CloseTo(keep func(wire.NodeID) bool) int
 	}
 	exportSetter interface {
 		SetExports([]proxy.Export)
+		CloseFrom(keep func(src netip.Addr) bool) int
 	}
 	zoneSetter interface {
 		SetZone(dns.Zone)
@@ -73,6 +78,7 @@ type applier struct {
 // parts (which it will try again) joined in one error.
 func (ap *applier) apply(next Desired) error {
 	prev := &ap.applied
+	oldPolicy := prev.Policy
 	var errs []error
 	changed := false
 	// step applies one part when it differs, and records it only if that
@@ -125,6 +131,9 @@ func (ap *applier) apply(next Desired) error {
 		}),
 		func() { prev.Zone = next.Zone })
 	prev.SkippedRelays = next.SkippedRelays
+	// Last, when the new policy and targets are in place, so nothing new
+	// reaches a peer that left while its connections are closed.
+	ap.closeLeft(oldPolicy, next.Policy)
 
 	if len(errs) > 0 {
 		return errors.Join(errs...)
@@ -133,6 +142,36 @@ func (ap *applier) apply(next Desired) error {
 		return errNoChanges
 	}
 	return nil
+}
+
+// closeLeft closes the proxied connections to and from the peers in old
+// that are not in next: a node removed from the mesh is cut off at once,
+// not when its TCP connections time out (WireGuard forgetting a peer
+// closes nothing in the netstack). A nil next (no map) closes nothing.
+func (ap *applier) closeLeft(old, next *policy) {
+	if old == nil || next == nil {
+		return
+	}
+	var left []string
+	for _, p := range old.peers {
+		if !next.hasNode(p.id) && !slices.Contains(left, p.name) {
+			left = append(left, p.name)
+		}
+	}
+	goneAddr := false
+	for a := range old.peers {
+		if _, ok := next.peers[a]; !ok {
+			goneAddr = true
+		}
+	}
+	if len(left) == 0 && !goneAddr {
+		return
+	}
+	out := ap.consumer.CloseTo(next.hasNode)
+	in := ap.provider.CloseFrom(func(src netip.Addr) bool { _, ok := next.peers[src]; return ok })
+	if out+in > 0 && ap.log != nil {
+		ap.log.Info("closed the connections of peers that left the network map", "peers", left, "outbound", out, "inbound", in)
+	}
 }
 
 // setWireGuard sends the device the difference between what it has and

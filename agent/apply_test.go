@@ -22,6 +22,12 @@ type parts struct {
 	listErr error    // returned by the next consumer Reconfig, then cleared
 	zone    dns.Zone
 	exports []proxy.Export
+	// open and openFrom are the providers and sources of open proxied
+	// connections; closedTo and closedFrom what the last close call cut.
+	open       []wire.NodeID
+	openFrom   []netip.Addr
+	closedTo   []wire.NodeID
+	closedFrom []netip.Addr
 }
 
 func (f *parts) SetAddrs([]netip.Addr) error { f.calls = append(f.calls, "addrs"); return nil }
@@ -43,6 +49,27 @@ func (f *parts) Reconfig([]proxy.ServiceConfig) error {
 	err := f.listErr
 	f.listErr = nil
 	return err
+}
+
+func (f *parts) CloseTo(keep func(wire.NodeID) bool) int {
+	f.calls = append(f.calls, "close to")
+	f.closedTo = nil
+	for _, id := range f.open {
+		if !keep(id) {
+			f.closedTo = append(f.closedTo, id)
+		}
+	}
+	return len(f.closedTo)
+}
+func (f *parts) CloseFrom(keep func(netip.Addr) bool) int {
+	f.calls = append(f.calls, "close from")
+	f.closedFrom = nil
+	for _, a := range f.openFrom {
+		if !keep(a) {
+			f.closedFrom = append(f.closedFrom, a)
+		}
+	}
+	return len(f.closedFrom)
 }
 
 func (f *parts) take() []string { c := f.calls; f.calls = nil; return c }
@@ -145,11 +172,36 @@ func TestApply(t *testing.T) {
 		if err := ap.apply(desired(&wire.NetworkMap{Self: self})); err != nil {
 			t.Fatal(err)
 		}
-		if got := f.take(); !slices.Equal(got, []string{"bind peers", "wireguard", "dns"}) {
+		if got := f.take(); !slices.Equal(got, []string{"bind peers", "wireguard", "dns", "close to", "close from"}) {
 			t.Fatalf("calls %v", got)
 		}
 		if s, want := f.sets[len(f.sets)-1], "public_key="+b.Key.UAPI()+"\nremove=true\n"; s != want {
 			t.Fatalf("sent %q, want %q", s, want)
+		}
+	})
+
+	t.Run("a peer that leaves the map has its connections closed, the others keep theirs", func(t *testing.T) {
+		ap, f := newTestApplier()
+		both := &wire.NetworkMap{Self: self, Peers: []wire.Node{b, c}, Services: []wire.Service{web}}
+		if err := ap.apply(desired(both)); err != nil {
+			t.Fatal(err)
+		}
+		f.open = []wire.NodeID{b.ID, c.ID}
+		f.openFrom = []netip.Addr{b.Addresses[0].Addr(), c.Addresses[0].Addr()}
+		f.take()
+		if err := ap.apply(desired(&wire.NetworkMap{Self: self, Peers: []wire.Node{c}})); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(f.closedTo, []wire.NodeID{b.ID}) || !slices.Equal(f.closedFrom, []netip.Addr{b.Addresses[0].Addr()}) {
+			t.Fatalf("closed to %v from %v, want only b's", f.closedTo, f.closedFrom)
+		}
+		// A map that only adds peers closes nothing.
+		f.take()
+		if err := ap.apply(desired(both)); err != nil {
+			t.Fatal(err)
+		}
+		if got := f.take(); slices.Contains(got, "close to") || slices.Contains(got, "close from") {
+			t.Fatalf("a peer joining closed connections: calls %v", got)
 		}
 	})
 

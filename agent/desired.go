@@ -180,6 +180,16 @@ type policyPeer struct {
 	name string
 }
 
+// hasNode reports whether the node with id is a peer in this policy.
+func (p *policy) hasNode(id wire.NodeID) bool {
+	for _, pp := range p.peers {
+		if pp.id == id {
+			return true
+		}
+	}
+	return false
+}
+
 // allow reports the peer's name and whether it may reach service. A nil
 // policy (no map yet) denies everything.
 func (p *policy) allow(src netip.Addr, service string) (string, bool) {

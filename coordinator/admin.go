@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/unixhttp"
@@ -74,7 +75,16 @@ func (s *Server) adminHandler() http.Handler {
 			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
 			return
 		}
-		writeJSON(w, http.StatusOK, append([]wire.Node{}, snap.nodes...))
+		owners, err := s.nodeOwners(r.Context())
+		if err != nil {
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		out := make([]NodeInfo, 0, len(snap.nodes))
+		for _, n := range snap.nodes {
+			out = append(out, NodeInfo{Node: n, Owner: owners[n.ID]})
+		}
+		writeJSON(w, http.StatusOK, out)
 	})
 	mux.HandleFunc("GET "+adminPathRelays, func(w http.ResponseWriter, r *http.Request) {
 		snap, err := s.current(r.Context())
@@ -179,9 +189,49 @@ func (c *AdminClient) RevokeToken(ctx context.Context, id string) error {
 	return c.api.Do(ctx, http.MethodDelete, adminPathTokens+"/"+url.PathEscape(id), nil, nil)
 }
 
+// NodeInfo is a node as the admin socket lists it: the network map's view
+// and what only an administrator sees.
+type NodeInfo struct {
+	wire.Node
+	// Owner is the user name of the node's owner; empty for nodes only
+	// admins manage (joined with an admin token).
+	Owner string `json:"owner,omitempty"`
+	// KeyExpiry is when the node's key stops being accepted; nil is never
+	// (keys do not expire yet).
+	KeyExpiry *time.Time `json:"key_expiry"`
+}
+
+// nodeOwners maps each node with an owner to the owner's user name.
+func (s *Server) nodeOwners(ctx context.Context) (map[wire.NodeID]string, error) {
+	nodes, err := s.store.ListNodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	users, err := s.store.ListUsers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	names := make(map[int64]string, len(users))
+	for _, u := range users {
+		names[u.ID] = u.Username
+	}
+	out := map[wire.NodeID]string{}
+	for _, n := range nodes {
+		if n.OwnerID == 0 {
+			continue
+		}
+		if name, ok := names[n.OwnerID]; ok {
+			out[n.ID] = name
+		} else {
+			out[n.ID] = fmt.Sprintf("user #%d", n.OwnerID)
+		}
+	}
+	return out, nil
+}
+
 // Nodes lists every node.
-func (c *AdminClient) Nodes(ctx context.Context) ([]wire.Node, error) {
-	var nodes []wire.Node
+func (c *AdminClient) Nodes(ctx context.Context) ([]NodeInfo, error) {
+	var nodes []NodeInfo
 	err := c.api.Do(ctx, http.MethodGet, adminPathNodes, nil, &nodes)
 	return nodes, err
 }

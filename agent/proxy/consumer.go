@@ -68,8 +68,10 @@ type Consumer struct {
 	mu       sync.Mutex // guards the fields below
 	services map[string]*service
 	health   map[wire.NodeID]*health // by Target.Node; survives reconfigs
-	conns    map[net.Conn]struct{}   // local side of every open connection
-	closed   bool
+	// conns holds the local side of every open connection, with the
+	// provider it was carried to once one accepted it (CloseTo).
+	conns  map[net.Conn]*openConn
+	closed bool
 
 	wg sync.WaitGroup // accept loops and connections
 }
@@ -84,6 +86,12 @@ type service struct {
 	total   atomic.Int64
 	failed  atomic.Int64
 	ctr     Counters
+}
+
+// openConn is one open connection as CloseTo sees it.
+type openConn struct {
+	remote net.Conn // nil until a provider accepted it
+	target Target
 }
 
 // health is passive health of one provider.
@@ -115,7 +123,7 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 		cancel:   cancel,
 		services: map[string]*service{},
 		health:   map[wire.NodeID]*health{},
-		conns:    map[net.Conn]struct{}{},
+		conns:    map[net.Conn]*openConn{},
 	}
 }
 
@@ -210,12 +218,13 @@ func (c *Consumer) acceptLoop(s *service, ln net.Listener) {
 			conn.Close()
 			return
 		}
-		c.conns[conn] = struct{}{}
+		oc := &openConn{}
+		c.conns[conn] = oc
 		c.wg.Add(1)
 		c.mu.Unlock()
 		go func() {
 			defer c.wg.Done()
-			c.serve(s, conn)
+			c.serve(s, conn, oc)
 			c.mu.Lock()
 			delete(c.conns, conn)
 			c.mu.Unlock()
@@ -224,7 +233,7 @@ func (c *Consumer) acceptLoop(s *service, ln net.Listener) {
 }
 
 // serve carries one local connection to the first provider that accepts it.
-func (c *Consumer) serve(s *service, local net.Conn) {
+func (c *Consumer) serve(s *service, local net.Conn, oc *openConn) {
 	s.total.Add(1)
 	s.open.Add(1)
 	defer s.open.Add(-1)
@@ -236,6 +245,9 @@ func (c *Consumer) serve(s *service, local net.Conn) {
 		return
 	}
 	defer h.open.Add(-1)
+	c.mu.Lock()
+	oc.remote, oc.target = remote, t
+	c.mu.Unlock()
 	c.log.Debug("connection", "service", s.name, "provider", t.Name, "from", local.RemoteAddr())
 	Splice(local, remote, &s.ctr)
 }
@@ -336,6 +348,28 @@ func (c *Consumer) order(ts []Target) []Target {
 		out[i] = cs[i].t
 	}
 	return out
+}
+
+// CloseTo closes every open connection carried through the mesh to a
+// provider node keep rejects, both the local application's side and the
+// mesh side, and reports how many it closed. Connections to a provider on
+// this node itself (Target.Local) are never closed. The agent calls it
+// when peers leave the network map: a removed provider's connections
+// would otherwise hang until TCP gives up, since WireGuard forgetting the
+// peer closes nothing.
+func (c *Consumer) CloseTo(keep func(node wire.NodeID) bool) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for local, oc := range c.conns {
+		if oc.remote == nil || oc.target.Local != "" || keep(oc.target.Node) {
+			continue
+		}
+		local.Close()
+		oc.remote.Close()
+		n++
+	}
+	return n
 }
 
 // ServiceStatus describes one consumed service.

@@ -63,9 +63,11 @@ type Provider struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	mu     sync.Mutex              // guards the fields below
-	stats  map[string]*exportStats // by service name; survives SetExports
-	conns  map[net.Conn]struct{}
+	mu    sync.Mutex              // guards the fields below
+	stats map[string]*exportStats // by service name; survives SetExports
+	// conns holds both sides of every open connection, each with the mesh
+	// address the connection came from (CloseFrom).
+	conns  map[net.Conn]netip.Addr
 	closed bool
 
 	pendMu sync.Mutex // guards the fields below
@@ -105,7 +107,7 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), ctx: ctx, cancel: cancel,
-		stats: map[string]*exportStats{}, conns: map[net.Conn]struct{}{}, pending: map[netip.Addr]int{}}
+		stats: map[string]*exportStats{}, conns: map[net.Conn]netip.Addr{}, pending: map[netip.Addr]int{}}
 	empty := map[uint16]*export{}
 	p.exports.Store(&empty)
 	return p
@@ -163,7 +165,7 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 	if tc, ok := target.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 	}
-	if !p.track(conn, target) {
+	if !p.track(src, conn, target) {
 		return
 	}
 	defer p.untrack(conn, target)
@@ -219,7 +221,7 @@ func (p *Provider) endPending(src netip.Addr, e *export) {
 	e.st.pending--
 }
 
-func (p *Provider) track(a, b net.Conn) bool {
+func (p *Provider) track(src netip.Addr, a, b net.Conn) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -227,8 +229,9 @@ func (p *Provider) track(a, b net.Conn) bool {
 		b.Close()
 		return false
 	}
-	p.conns[a] = struct{}{}
-	p.conns[b] = struct{}{}
+	src = src.Unmap()
+	p.conns[a] = src
+	p.conns[b] = src
 	p.wg.Add(1)
 	return true
 }
@@ -239,6 +242,26 @@ func (p *Provider) untrack(a, b net.Conn) {
 	delete(p.conns, b)
 	p.mu.Unlock()
 	p.wg.Done()
+}
+
+// CloseFrom closes every open connection whose mesh source address keep
+// rejects, both its mesh side and its side to the target, and reports how
+// many connections it closed. The agent calls it when peers leave the
+// network map: WireGuard forgetting a peer stops its packets but leaves
+// the netstack's TCP connections (and the target's) open until they time
+// out, so a removed node would otherwise keep what it had open.
+func (p *Provider) CloseFrom(keep func(src netip.Addr) bool) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for c, src := range p.conns {
+		if !keep(src) {
+			c.Close()
+			n++
+		}
+	}
+	// Both sides of each connection are tracked: count connections.
+	return n / 2
 }
 
 // ExportStatus describes one exported service.

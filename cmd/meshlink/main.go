@@ -113,6 +113,7 @@ func newApp() *cli.App {
 			tokenCmd(),
 			relayCmd(),
 			relaysCmd(),
+			nodesCmd(),
 			agentCmd(),
 			exposeCmd(),
 			unexposeCmd(),
