@@ -344,8 +344,14 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 				Message: fmt.Sprintf("%s may not provide %s: it belongs to %s", node.Name, name, s.userName(ctx, notOwner.OwnerID))})
 			return apiErr(http.StatusForbidden, wire.ErrCodeNotOwner, "service %q belongs to %s; only their nodes may provide it: choose another name", name, s.userName(ctx, notOwner.OwnerID))
 		}
+		var quota *store.QuotaError
+		if errors.As(err, &quota) {
+			s.console.Record(store.Event{Kind: store.EventExposeRefused, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID,
+				Message: fmt.Sprintf("%s may not provide %s: it provides %d services, the limit", node.Name, name, quota.Limit)})
+			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node %s provides %d services, the limit; unexpose one or ask the admin to raise --max-services-per-node", node.Name, quota.Limit)
+		}
 		if errors.Is(err, store.ErrExhausted) {
-			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "no service VIP is left in %s; remove unused services", wire.ServicePrefix)
+			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "no service VIP is left in %s; unexpose unused services (a service without providers is deleted after --service-grace)", wire.ServicePrefix)
 		}
 		return storeErr("expose", err)
 	}

@@ -106,6 +106,21 @@ type Config struct {
 	// whole mesh on one host, the demo and the in-process tests. Otherwise
 	// they are dropped with the other addresses no peer can reach a node by.
 	AllowLoopbackEndpoints bool
+
+	// MaxServicesPerNode bounds the services one node provides
+	// (--max-services-per-node); default 64, at most the number of VIPs.
+	MaxServicesPerNode int
+	// ServiceGrace is how long a service without providers keeps its name
+	// and VIP before it is deleted and the VIP may go to a new service
+	// (--service-grace); default 24h.
+	ServiceGrace time.Duration
+	// NodeAddressQuarantine is how long the addresses of a removed node
+	// stay unused (--node-address-quarantine), so that a new node never
+	// gets an address an old peer may still route to the removed one;
+	// default 24h.
+	NodeAddressQuarantine time.Duration
+	// nodePoolSize, when set, bounds the node addresses (tests).
+	nodePoolSize int64
 }
 
 // TokenOptions describes a join token to create.
@@ -204,6 +219,24 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxConnsPerSource <= 0 {
 		cfg.MaxConnsPerSource = defaultMaxConnsPerSource
 	}
+	if cfg.MaxServicesPerNode < 0 || cfg.MaxServicesPerNode > maxServicesPerNode {
+		return nil, fmt.Errorf("coordinator: --max-services-per-node %d is out of range; choose 1 to %d", cfg.MaxServicesPerNode, maxServicesPerNode)
+	}
+	if cfg.MaxServicesPerNode == 0 {
+		cfg.MaxServicesPerNode = defaultMaxServicesPerNode
+	}
+	if cfg.ServiceGrace < 0 {
+		return nil, fmt.Errorf("coordinator: --service-grace %v is negative; use a duration such as 24h", cfg.ServiceGrace)
+	}
+	if cfg.ServiceGrace == 0 {
+		cfg.ServiceGrace = defaultServiceGrace
+	}
+	if cfg.NodeAddressQuarantine < 0 {
+		return nil, fmt.Errorf("coordinator: --node-address-quarantine %v is negative; use a duration such as 24h", cfg.NodeAddressQuarantine)
+	}
+	if cfg.NodeAddressQuarantine == 0 {
+		cfg.NodeAddressQuarantine = store.DefaultNodeQuarantine
+	}
 	cfg.URL = strings.TrimRight(cfg.URL, "/")
 	var urlHost string
 	if cfg.URL != "" {
@@ -265,7 +298,8 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	relayPub := relayKey.Public()
-	st, err := store.OpenSQLite(context.Background(), filepath.Join(dir, dbFile))
+	st, err := store.OpenSQLiteOptions(context.Background(), filepath.Join(dir, dbFile), store.Options{
+		MaxServicesPerNode: cfg.MaxServicesPerNode, NodeQuarantine: cfg.NodeAddressQuarantine, NodePoolSize: cfg.nodePoolSize})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
@@ -449,9 +483,13 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.metricsSrv = metricsSrv
-	s.wg.Add(3)
+	s.wg.Add(4)
 	s.mu.Unlock()
 	go s.summarizeJoinFailures()
+	go func() {
+		defer s.wg.Done()
+		s.deleteIdleServices()
+	}()
 	go func() {
 		defer s.wg.Done()
 		if err := httpSrv.ServeTLS(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -525,6 +563,31 @@ func loadOrCreateKey(path string) ([]byte, error) {
 		return nil, err
 	}
 	return key, nil
+}
+
+// deleteIdleServices deletes, until the server closes, the services that
+// have had no provider for ServiceGrace, checking a few times per grace
+// period (at most every minute), so a service lives at most a quarter
+// grace beyond it.
+func (s *Server) deleteIdleServices() {
+	every := max(min(s.cfg.ServiceGrace/4, time.Minute), time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		gone, err := s.store.DeleteIdleServices(s.ctx, s.cfg.ServiceGrace)
+		if err != nil && s.ctx.Err() == nil {
+			s.log.Warn("deleting idle services", "err", err)
+		}
+		for _, name := range gone {
+			s.commit(change{log: "service deleted: no provider within the grace period", attrs: []any{"service", name, "grace", s.cfg.ServiceGrace},
+				event: store.Event{Kind: store.EventUnexpose, Actor: "coordinator", Message: fmt.Sprintf("%s deleted after %v without a provider; its VIP may go to a new service", name, s.cfg.ServiceGrace)}})
+		}
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Close stops serving, ends every map stream, waits for the server's

@@ -22,6 +22,16 @@ const (
 	defaultMaxConnsPerSource = 256
 )
 
+// Bounds of what nodes hold in the store: one node must not take every
+// service VIP (each is also a listener on every agent), and services left
+// without providers must not hold theirs forever.
+const (
+	defaultMaxServicesPerNode = 64
+	// maxServicesPerNode is the number of service VIPs.
+	maxServicesPerNode  = 254 * 256
+	defaultServiceGrace = 24 * time.Hour
+)
+
 // sourceOf groups a remote address for the per-source connection cap: an
 // IPv4 address (a NAT may hide a whole site behind one), or the /64 of an
 // IPv6 address (whoever has one address of a /64 usually has all of it).

@@ -152,6 +152,8 @@ func registerRefusal(err error, r store.Registration) *apiError {
 		return apiErr(http.StatusConflict, wire.ErrCodeNameInUse, "the node %q already exists with this key; renewing it needs proof of its private key, which this agent did not send: upgrade meshlink, or join under another --name", r.Name)
 	case errors.Is(err, store.ErrKeyInUse):
 		return apiErr(http.StatusConflict, wire.ErrCodeConflict, "this node's key is already registered under another name; keep the old name or start with a fresh state directory")
+	case errors.Is(err, store.ErrExhausted):
+		return apiErr(http.StatusServiceUnavailable, wire.ErrCodeConflict, "no node address is free in %s (removed nodes' addresses are held for --node-address-quarantine); remove unused nodes, or retry once the quarantine has passed", wire.NodePrefix4)
 	case errors.Is(err, context.Canceled):
 		return apiErr(http.StatusServiceUnavailable, wire.ErrCodeInternal, "request canceled")
 	default:

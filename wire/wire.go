@@ -402,7 +402,9 @@ type Node struct {
 // Service is a named TCP service and the nodes providing it.
 type Service struct {
 	Name string `json:"name"`
-	// VIP is stable for the service's name for the life of the mesh.
+	// VIP is stable for the service's name while it has a provider and
+	// through the coordinator's --service-grace without one; after that
+	// the service is deleted and its VIP may go to a new service.
 	VIP netip.Addr `json:"vip"`
 	// Port is the port consumers connect to locally.
 	Port      uint16     `json:"port"`

@@ -207,6 +207,9 @@ func coordinatorCmd() *cli.Command {
 			&cli.IntFlag{Name: "max-conns", Value: 8192, Usage: "HTTPS connections open at once, in all", EnvVars: env("MAX_CONNS")},
 			&cli.IntFlag{Name: "max-conns-per-source", Value: 256, Usage: "HTTPS connections open at once from one IPv4 address or IPv6 /64 (raise it for many agents behind one NAT)", EnvVars: env("MAX_CONNS_PER_SOURCE")},
 			&cli.DurationFlag{Name: "body-timeout", Value: 10 * time.Second, Usage: "time a request has to send its body", EnvVars: env("BODY_TIMEOUT")},
+			&cli.IntFlag{Name: "max-services-per-node", Value: 64, Usage: "services one node may provide (each takes a VIP and a listener on every agent)", EnvVars: env("MAX_SERVICES_PER_NODE")},
+			&cli.DurationFlag{Name: "service-grace", Value: 24 * time.Hour, Usage: "how long a service without providers keeps its name and VIP before it is deleted", EnvVars: env("SERVICE_GRACE")},
+			&cli.DurationFlag{Name: "node-address-quarantine", Value: 24 * time.Hour, Usage: "how long a removed node's addresses stay unused before a new node may get them", EnvVars: env("NODE_ADDRESS_QUARANTINE")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := startDaemon(c)
@@ -217,6 +220,14 @@ func coordinatorCmd() *cli.Command {
 			if err != nil {
 				return err
 			}
+			if n := c.Int("max-services-per-node"); n < 1 {
+				return fmt.Errorf("--max-services-per-node %d: a node must be allowed at least 1 service; choose 1 to %d", n, 254*256)
+			}
+			for _, f := range []string{"service-grace", "node-address-quarantine"} {
+				if d := c.Duration(f); d <= 0 {
+					return fmt.Errorf("--%s %v must be positive; use a duration such as 24h", f, d)
+				}
+			}
 			s, err := coordinator.New(coordinator.Config{
 				Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
 				Domain: c.String("domain"), Logger: log, Out: os.Stdout,
@@ -226,7 +237,9 @@ func coordinatorCmd() *cli.Command {
 				NoEmbeddedRelay:        !c.Bool("relay"),
 				AllowLoopbackEndpoints: c.Bool("allow-loopback-endpoints"),
 				MaxConns:               c.Int("max-conns"), MaxConnsPerSource: c.Int("max-conns-per-source"),
-				BodyTimeout: c.Duration("body-timeout"),
+				BodyTimeout:        c.Duration("body-timeout"),
+				MaxServicesPerNode: c.Int("max-services-per-node"), ServiceGrace: c.Duration("service-grace"),
+				NodeAddressQuarantine: c.Duration("node-address-quarantine"),
 			})
 			if err != nil {
 				return err

@@ -141,11 +141,56 @@ var migrations = []string{
 	// 7: a password someone else chose (the first admin's, a member's
 	// from the console) must be replaced at the next sign-in.
 	`ALTER TABLE users ADD COLUMN must_change_password INTEGER NOT NULL DEFAULT 0;`,
+	// 8: reuse of VIPs and node addresses. idle_since is when a service
+	// lost its last provider (0: it has one, or was not stamped yet;
+	// DeleteIdleServices stamps those); a tombstone keeps the removed
+	// node's addresses for their quarantine ('' once they were reused, and
+	// for nodes removed before this migration, whose addresses are never
+	// reused).
+	`ALTER TABLE services ADD COLUMN idle_since INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE removed_nodes ADD COLUMN ipv4 TEXT NOT NULL DEFAULT '';
+	ALTER TABLE removed_nodes ADD COLUMN ipv6 TEXT NOT NULL DEFAULT '';
+	CREATE INDEX services_idle ON services(idle_since);
+	CREATE INDEX removed_nodes_removed ON removed_nodes(removed);`,
+}
+
+// Options tune an SQLite store; the zero value is the default for each.
+type Options struct {
+	// Now is the clock of idle and removal times; nil is time.Now.
+	Now func() time.Time
+	// MaxServicesPerNode bounds the services one node provides; exposing
+	// one more is a *QuotaError. 0: no bound but the VIP space.
+	MaxServicesPerNode int
+	// NodeQuarantine is how long the addresses of a removed node stay
+	// unused, so that no new node gets an address an old peer may still
+	// route to the removed one; default DefaultNodeQuarantine.
+	NodeQuarantine time.Duration
+	// NodePoolSize bounds the node address indices handed out (1 to
+	// NodePoolSize); 0 or more than wire.NodePrefix4 holds is all of it.
+	// Tests make it small.
+	NodePoolSize int64
+}
+
+// DefaultNodeQuarantine is the default Options.NodeQuarantine.
+const DefaultNodeQuarantine = 24 * time.Hour
+
+// maxNodePool is the number of node addresses in wire.NodePrefix4 (less
+// the network and broadcast addresses).
+var maxNodePool = int64(1)<<(32-wire.NodePrefix4.Bits()) - 2
+
+// QuotaError refuses a node a service over Options.MaxServicesPerNode.
+type QuotaError struct {
+	Limit int
+}
+
+func (e *QuotaError) Error() string {
+	return fmt.Sprintf("store: the node provides %d services, the limit", e.Limit)
 }
 
 // SQLite is the embedded Store.
 type SQLite struct {
-	db *sql.DB
+	db   *sql.DB
+	opts Options // defaults applied; read-only after open
 }
 
 var _ Store = (*SQLite)(nil)
@@ -153,6 +198,23 @@ var _ Store = (*SQLite)(nil)
 // OpenSQLite opens (creating if needed) the database at path and applies
 // pending migrations.
 func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
+	return OpenSQLiteOptions(ctx, path, Options{})
+}
+
+// OpenSQLiteOptions is OpenSQLite with options.
+func OpenSQLiteOptions(ctx context.Context, path string, o Options) (*SQLite, error) {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.NodeQuarantine <= 0 {
+		o.NodeQuarantine = DefaultNodeQuarantine
+	}
+	if o.NodePoolSize <= 0 || o.NodePoolSize > maxNodePool {
+		o.NodePoolSize = maxNodePool
+	}
+	if o.MaxServicesPerNode < 0 {
+		o.MaxServicesPerNode = 0
+	}
 	// _txlock=immediate: every transaction takes the write lock up front, so
 	// two writers never deadlock upgrading read locks (SQLITE_BUSY); the
 	// busy timeout makes the second one wait instead.
@@ -173,7 +235,7 @@ func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
 	// SQLite has one writer; a few readers are plenty at this scale.
 	db.SetMaxOpenConns(4)
 	db.SetMaxIdleConns(4)
-	s := &SQLite{db: db}
+	s := &SQLite{db: db, opts: o}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
@@ -488,26 +550,71 @@ func (s *SQLite) ListNodes(ctx context.Context) ([]Node, error) {
 	return queryAll(ctx, s.db, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
 }
 
-func nextCounter(ctx context.Context, tx *sql.Tx, name string) (int64, error) {
-	var v int64
-	err := tx.QueryRowContext(ctx, `UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value`, name).Scan(&v)
-	return v, err
+// allocNodeAddrs hands out the addresses of a new node: a never-used index
+// while the pool has one, then the addresses of the node removed longest
+// ago, once its quarantine has passed.
+func (s *SQLite) allocNodeAddrs(ctx context.Context, tx *sql.Tx, now time.Time) (v4, v6 netip.Addr, err error) {
+	var idx int64
+	err = tx.QueryRowContext(ctx, `UPDATE counters SET value = value + 1 WHERE name = 'node_addr' AND value < ? RETURNING value`,
+		s.opts.NodePoolSize).Scan(&idx)
+	if err == nil {
+		return NodeAddrs(idx)
+	}
+	if !errors.Is(err, sql.ErrNoRows) {
+		return v4, v6, err
+	}
+	var id int64
+	var a4, a6 string
+	err = tx.QueryRowContext(ctx, `SELECT id, ipv4, ipv6 FROM removed_nodes
+		WHERE ipv4 != '' AND removed <= ? AND ipv4 NOT IN (SELECT ipv4 FROM nodes)
+		ORDER BY removed, id LIMIT 1`, unixNano(now.Add(-s.opts.NodeQuarantine))).Scan(&id, &a4, &a6)
+	if errors.Is(err, sql.ErrNoRows) {
+		return v4, v6, ErrExhausted
+	} else if err != nil {
+		return v4, v6, err
+	}
+	// The tombstone stays (its node's calls still get node_removed); its
+	// addresses are the new node's now.
+	if _, err := tx.ExecContext(ctx, `UPDATE removed_nodes SET ipv4 = '', ipv6 = '' WHERE id = ?`, id); err != nil {
+		return v4, v6, err
+	}
+	if v4, err = netip.ParseAddr(a4); err != nil {
+		return v4, v6, fmt.Errorf("removed node %d: stored address: %w", id, err)
+	}
+	if v6, err = netip.ParseAddr(a6); err != nil {
+		return v4, v6, fmt.Errorf("removed node %d: stored address: %w", id, err)
+	}
+	return v4, v6, nil
 }
 
 func deleteNode(ctx context.Context, tx *sql.Tx, n Node, now time.Time) error {
+	// Services this node was the last provider of begin their grace.
+	if _, err := tx.ExecContext(ctx, `UPDATE services SET idle_since = ?
+		WHERE idle_since = 0 AND name IN (SELECT service FROM providers WHERE node_id = ?)
+		AND NOT EXISTS (SELECT 1 FROM providers p WHERE p.service = services.name AND p.node_id != ?)`,
+		unixNano(now), int64(n.ID), int64(n.ID)); err != nil {
+		return err
+	}
 	if _, err := tx.ExecContext(ctx, `DELETE FROM nodes WHERE id = ?`, int64(n.ID)); err != nil {
 		return err
 	}
-	_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO removed_nodes (id, name, secret_hash, removed) VALUES (?, ?, ?, ?)`,
-		int64(n.ID), n.Name, n.SecretHash, unixNano(now))
+	_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO removed_nodes (id, name, secret_hash, removed, ipv4, ipv6) VALUES (?, ?, ?, ?, ?, ?)`,
+		int64(n.ID), n.Name, n.SecretHash, unixNano(now), addrText(n.IPv4), addrText(n.IPv6))
 	return err
+}
+
+func addrText(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }
 
 // RegisterNode implements Store.
 func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResult, error) {
 	var res RegisterResult
 	if r.Now.IsZero() {
-		r.Now = time.Now()
+		r.Now = s.opts.Now()
 	}
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		res = RegisterResult{}
@@ -571,11 +678,7 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 				return err
 			}
 		}
-		idx, err := nextCounter(ctx, tx, "node_addr")
-		if err != nil {
-			return err
-		}
-		v4, v6, err := NodeAddrs(idx)
+		v4, v6, err := s.allocNodeAddrs(ctx, tx, r.Now)
 		if err != nil {
 			return err
 		}
@@ -677,7 +780,7 @@ func (s *SQLite) DeleteNode(ctx context.Context, id wire.NodeID) error {
 		if err != nil {
 			return err
 		}
-		return deleteNode(ctx, tx, n, time.Now())
+		return deleteNode(ctx, tx, n, s.opts.Now())
 	})
 }
 
@@ -714,18 +817,26 @@ func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.Nod
 		} else if err != nil {
 			return err
 		}
+		if max := s.opts.MaxServicesPerNode; max > 0 {
+			// Counted inside the write transaction, so racing exposes
+			// cannot overshoot; re-exposing a service it provides (a new
+			// port) is not one more.
+			var others int
+			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM providers WHERE node_id = ? AND service != ?`, int64(nodeID), name).Scan(&others); err != nil {
+				return err
+			}
+			if others >= max {
+				return &QuotaError{Limit: max}
+			}
+		}
 		var err error
 		sv, err = scanService(tx.QueryRowContext(ctx, `SELECT name, vip, port, created, owner_id FROM services WHERE name = ?`, name))
 		if errors.Is(err, sql.ErrNoRows) {
-			idx, err := nextCounter(ctx, tx, "service_vip")
+			vip, err := lowestFreeVIP(ctx, tx)
 			if err != nil {
 				return err
 			}
-			vip, err := ServiceVIP(idx - 1)
-			if err != nil {
-				return err
-			}
-			sv = Service{Name: name, VIP: vip, Port: port, Created: time.Now(), OwnerID: owner}
+			sv = Service{Name: name, VIP: vip, Port: port, Created: s.opts.Now(), OwnerID: owner}
 			if _, err := tx.ExecContext(ctx, `INSERT INTO services (name, vip, port, created, owner_id) VALUES (?, ?, ?, ?, ?)`,
 				name, vip.String(), int(port), unixNano(sv.Created), owner); err != nil {
 				return err
@@ -742,6 +853,9 @@ func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.Nod
 		} else if sv.OwnerID != owner {
 			return &NotOwnerError{Service: name, OwnerID: sv.OwnerID}
 		}
+		if _, err := tx.ExecContext(ctx, `UPDATE services SET idle_since = 0 WHERE name = ? AND idle_since != 0`, name); err != nil {
+			return err
+		}
 		_, err = tx.ExecContext(ctx, `INSERT INTO providers (service, node_id, port) VALUES (?, ?, ?)
 			ON CONFLICT (service, node_id) DO UPDATE SET port = excluded.port`, name, int64(nodeID), int(port))
 		return err
@@ -752,16 +866,108 @@ func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.Nod
 	return sv, nil
 }
 
+// vipSpace is the number of service VIPs (ServiceVIP's indices).
+var vipSpace = int64(1) << (32 - wire.ServicePrefix.Bits()) / 256 * 254
+
+// serviceVIPIndex inverts ServiceVIP.
+func serviceVIPIndex(a netip.Addr) (int64, bool) {
+	if !a.Is4() || !wire.ServicePrefix.Contains(a) {
+		return 0, false
+	}
+	b, base := a.As4(), wire.ServicePrefix.Addr().As4()
+	n := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	m := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+	off := n - m
+	third, fourth := int64(off>>8), int64(off&0xff)
+	if fourth == 0 || fourth == 255 {
+		return 0, false
+	}
+	return third*254 + fourth - 1, true
+}
+
+// lowestFreeVIP returns the VIP of the lowest index no service holds, so
+// that the VIPs of deleted services are reused. New services are rare
+// (bounded per node), so a scan of the VIP column is cheap enough.
+func lowestFreeVIP(ctx context.Context, tx *sql.Tx) (netip.Addr, error) {
+	rows, err := tx.QueryContext(ctx, `SELECT vip FROM services`)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	defer rows.Close()
+	used := make([]bool, vipSpace)
+	for rows.Next() {
+		var v string
+		if err := rows.Scan(&v); err != nil {
+			return netip.Addr{}, err
+		}
+		if a, err := netip.ParseAddr(v); err == nil {
+			if i, ok := serviceVIPIndex(a); ok && i < vipSpace {
+				used[i] = true
+			}
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return netip.Addr{}, err
+	}
+	for i, u := range used {
+		if !u {
+			return ServiceVIP(int64(i))
+		}
+	}
+	return netip.Addr{}, ErrExhausted
+}
+
 // UnexposeService implements Store.
 func (s *SQLite) UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM providers WHERE service = ? AND node_id = ?`, name, int64(nodeID))
-	if err != nil {
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `DELETE FROM providers WHERE service = ? AND node_id = ?`, name, int64(nodeID))
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return fmt.Errorf("provider of %q: %w", name, ErrNotFound)
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE services SET idle_since = ? WHERE name = ? AND idle_since = 0
+			AND NOT EXISTS (SELECT 1 FROM providers p WHERE p.service = services.name)`, unixNano(s.opts.Now()), name)
+		return err
+	})
+	if err != nil && !errors.Is(err, ErrNotFound) {
 		return fmt.Errorf("store: unexpose %q: %w", name, err)
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("provider of %q: %w", name, ErrNotFound)
+	return err
+}
+
+// DeleteIdleServices implements Store.
+func (s *SQLite) DeleteIdleServices(ctx context.Context, grace time.Duration) ([]string, error) {
+	now := s.opts.Now()
+	var names []string
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		names = nil
+		// Services without providers and no stamp (from before migration
+		// 8) start their grace now.
+		if _, err := tx.ExecContext(ctx, `UPDATE services SET idle_since = ? WHERE idle_since = 0
+			AND NOT EXISTS (SELECT 1 FROM providers p WHERE p.service = services.name)`, unixNano(now)); err != nil {
+			return err
+		}
+		rows, err := tx.QueryContext(ctx, `DELETE FROM services WHERE idle_since != 0 AND idle_since <= ?
+			AND NOT EXISTS (SELECT 1 FROM providers p WHERE p.service = services.name) RETURNING name`, unixNano(now.Add(-grace)))
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var n string
+			if err := rows.Scan(&n); err != nil {
+				return err
+			}
+			names = append(names, n)
+		}
+		return rows.Err()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("store: delete idle services: %w", err)
 	}
-	return nil
+	return names, nil
 }
 
 // ListServices implements Store.

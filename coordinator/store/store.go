@@ -105,8 +105,9 @@ type Node struct {
 	OwnerID int64
 }
 
-// Service is a named service. Its row and VIP outlive its providers so that
-// the VIP stays stable across unexpose/expose and restarts.
+// Service is a named service. Its row and VIP outlive its providers for a
+// grace period (DeleteIdleServices) so that the VIP stays stable across
+// unexpose/expose and restarts.
 type Service struct {
 	Name    string
 	VIP     netip.Addr
@@ -338,17 +339,25 @@ type Store interface {
 	UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error
 	SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error
 	// DeleteNode removes the node and its providers, leaving a tombstone so
-	// that its later calls can be told it was removed.
+	// that its later calls can be told it was removed; the tombstone holds
+	// the node's addresses through their quarantine, after which a new
+	// node may get them once the pool has no never-used address left.
 	DeleteNode(ctx context.Context, id wire.NodeID) error
 	// RemovedNodeSecretHash returns the secret hash of a removed node.
 	RemovedNodeSecretHash(ctx context.Context, id wire.NodeID) ([]byte, error)
 
 	// ExposeService creates the service (allocating its VIP, Port = port,
 	// owned by the node's owner) if new, and upserts the provider (nodeID,
-	// port). A service another user owns is a *NotOwnerError.
+	// port). A service another user owns is a *NotOwnerError; one more
+	// service than the store's per-node bound is a *QuotaError. A new
+	// service gets the lowest free VIP.
 	ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error)
 	// UnexposeService removes the provider; ErrNotFound if it was not one.
 	UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error
+	// DeleteIdleServices deletes the services that have had no provider
+	// for grace or longer, freeing their VIPs for later services, and
+	// returns their names.
+	DeleteIdleServices(ctx context.Context, grace time.Duration) ([]string, error)
 	ListServices(ctx context.Context) ([]Service, error)
 	ListProviders(ctx context.Context) ([]Provider, error)
 
