@@ -24,7 +24,33 @@ const (
 	adminPathNodes    = "/admin/v1/nodes"
 	adminPathServices = "/admin/v1/services"
 	adminPathRelays   = "/admin/v1/relays"
+	adminPathUsers    = "/admin/v1/users"
 )
+
+// UserInfo is an account as the admin socket lists it.
+type UserInfo struct {
+	Name  string `json:"name"`
+	Admin bool   `json:"admin"`
+	// MustChangePassword: the one-time password has not been replaced yet.
+	MustChangePassword bool      `json:"must_change_password"`
+	Created            time.Time `json:"created"`
+	// Nodes is how many nodes the user owns.
+	Nodes int `json:"nodes"`
+}
+
+// NewUser is a user created on the admin socket, with the one-time
+// password to hand over; it must be changed at first sign-in.
+type NewUser struct {
+	Name     string `json:"name"`
+	Admin    bool   `json:"admin"`
+	Password string `json:"password,omitempty"`
+}
+
+// RemovedUser says what removing a user took with it.
+type RemovedUser struct {
+	TokensRevoked []string `json:"tokens_revoked"`
+	NodesRemoved  []string `json:"nodes_removed"`
+}
 
 type adminTokenResponse struct {
 	Token string `json:"token"`
@@ -37,6 +63,17 @@ func (s *Server) adminHandler() http.Handler {
 		if e := decode(w, r, &o, "token create"); e != nil {
 			writeError(w, e)
 			return
+		}
+		if o.User != "" {
+			u, err := s.store.GetUser(r.Context(), wire.NormalizeName(o.User))
+			if errors.Is(err, store.ErrNotFound) {
+				writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no user named %q; list them with `meshlink users list` or create one with `meshlink users add %s`", o.User, o.User))
+				return
+			} else if err != nil {
+				writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+				return
+			}
+			o.Owner = u.ID
 		}
 		tok, err := s.CreateToken(r.Context(), o)
 		if err != nil {
@@ -133,7 +170,105 @@ func (s *Server) adminHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, append([]wire.Service{}, snap.services...))
 	})
+	s.adminUsers(mux)
 	return s.track(mux)
+}
+
+// adminUsers serves the accounts part of the admin API.
+func (s *Server) adminUsers(mux *http.ServeMux) {
+	mux.HandleFunc("POST "+adminPathUsers, func(w http.ResponseWriter, r *http.Request) {
+		var nu NewUser
+		if e := decode(w, r, &nu, "users add"); e != nil {
+			writeError(w, e)
+			return
+		}
+		name := wire.NormalizeName(nu.Name)
+		if err := wire.ValidName(name); err != nil {
+			writeError(w, apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "user name %q: %v", nu.Name, err))
+			return
+		}
+		u, pw, err := s.console.CreateUser(r.Context(), name, nu.Admin, "admin socket")
+		if errors.Is(err, store.ErrExists) {
+			writeError(w, apiErr(http.StatusConflict, wire.ErrCodeConflict, "there is already a user %q; see `meshlink users list`", name))
+			return
+		} else if err != nil {
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		writeJSON(w, http.StatusOK, NewUser{Name: u.Username, Admin: u.Admin, Password: pw})
+	})
+	mux.HandleFunc("GET "+adminPathUsers, func(w http.ResponseWriter, r *http.Request) {
+		users, err := s.store.ListUsers(r.Context())
+		if err != nil {
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		nodes, err := s.store.ListNodes(r.Context())
+		if err != nil {
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		owned := map[int64]int{}
+		for _, n := range nodes {
+			owned[n.OwnerID]++
+		}
+		out := make([]UserInfo, 0, len(users))
+		for _, u := range users {
+			out = append(out, UserInfo{Name: u.Username, Admin: u.Admin, MustChangePassword: u.MustChangePassword, Created: u.Created, Nodes: owned[u.ID]})
+		}
+		writeJSON(w, http.StatusOK, out)
+	})
+	mux.HandleFunc("DELETE "+adminPathUsers+"/{name}", func(w http.ResponseWriter, r *http.Request) {
+		name := wire.NormalizeName(r.PathValue("name"))
+		res, err := s.removeUser(r.Context(), name)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no user named %q; list them with `meshlink users list`", name))
+		case errors.Is(err, store.ErrLastAdmin):
+			writeError(w, apiErr(http.StatusConflict, wire.ErrCodeConflict, "%s is the last admin; make another admin first (`meshlink users add NAME --admin`), then remove %s", name, name))
+		case err != nil:
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+		default:
+			writeJSON(w, http.StatusOK, res)
+		}
+	})
+}
+
+// removeUser removes an account and cuts off what it owned: its tokens
+// are revoked, its sessions end, and its nodes are removed (their peers
+// lose them, the agents are told they were removed), since a departed
+// user's machines must not stay in the mesh on their authority. Services
+// it owned become unowned, for the next owner to provide.
+func (s *Server) removeUser(ctx context.Context, name string) (RemovedUser, error) {
+	res := RemovedUser{TokensRevoked: []string{}, NodesRemoved: []string{}}
+	u, err := s.store.GetUser(ctx, name)
+	if err != nil {
+		return res, err
+	}
+	revoked, err := s.store.DeleteUser(ctx, u.ID)
+	if err != nil {
+		return res, err
+	}
+	res.TokensRevoked = append(res.TokensRevoked, revoked...)
+	s.log.Info("user removed", "user", name, "tokens_revoked", len(revoked))
+	s.console.Record(store.Event{Kind: store.EventUserRemoved, Actor: "admin socket", Message: fmt.Sprintf("removed user %s; revoked %d tokens", name, len(revoked))})
+	// The user row is gone and its tokens revoked, so no new node can
+	// join on its authority while these are removed.
+	nodes, err := s.store.ListNodes(ctx)
+	if err != nil {
+		return res, err
+	}
+	for _, n := range nodes {
+		if n.OwnerID != u.ID {
+			continue
+		}
+		ev := store.Event{Kind: store.EventRemove, Actor: "admin socket", Node: n.Name, Message: "removed with its owner " + name}
+		if err := s.removeNode(ctx, n.ID, change{log: "node removed with its owner", attrs: []any{"node_id", n.ID, "name", n.Name, "user", name}, event: ev}); err != nil && !errors.Is(err, store.ErrNotFound) {
+			return res, fmt.Errorf("remove node %s of user %s: %w", n.Name, name, err)
+		}
+		res.NodesRemoved = append(res.NodesRemoved, n.Name)
+	}
+	return res, nil
 }
 
 // AdminClient talks to the admin socket of a coordinator running on this
@@ -247,6 +382,28 @@ func (c *AdminClient) Services(ctx context.Context) ([]wire.Service, error) {
 	var svcs []wire.Service
 	err := c.api.Do(ctx, http.MethodGet, adminPathServices, nil, &svcs)
 	return svcs, err
+}
+
+// AddUser creates an account with a one-time password (in the result)
+// that must be changed at first sign-in.
+func (c *AdminClient) AddUser(ctx context.Context, name string, admin bool) (NewUser, error) {
+	var nu NewUser
+	err := c.api.Do(ctx, http.MethodPost, adminPathUsers, NewUser{Name: name, Admin: admin}, &nu)
+	return nu, err
+}
+
+// Users lists every account.
+func (c *AdminClient) Users(ctx context.Context) ([]UserInfo, error) {
+	var us []UserInfo
+	err := c.api.Do(ctx, http.MethodGet, adminPathUsers, nil, &us)
+	return us, err
+}
+
+// RemoveUser removes an account, revokes its tokens and removes its nodes.
+func (c *AdminClient) RemoveUser(ctx context.Context, name string) (RemovedUser, error) {
+	var ru RemovedUser
+	err := c.api.Do(ctx, http.MethodDelete, adminPathUsers+"/"+url.PathEscape(name), nil, &ru)
+	return ru, err
 }
 
 // Relays lists the relays network maps carry now.

@@ -121,6 +121,10 @@ type Config struct {
 	NodeAddressQuarantine time.Duration
 	// nodePoolSize, when set, bounds the node addresses (tests).
 	nodePoolSize int64
+	// MembersCannotMintTokens leaves minting join tokens in the console to
+	// admins (--members-can-mint-tokens=false); members then join sites
+	// with tokens an admin gives them, or by approval.
+	MembersCannotMintTokens bool
 }
 
 // TokenOptions describes a join token to create.
@@ -135,6 +139,9 @@ type TokenOptions struct {
 	// Relay makes a token that registers a standalone relay instead of
 	// joining a node.
 	Relay bool `json:"relay,omitempty"`
+	// User names the owner on the admin socket (`token create --user`);
+	// "" is the first admin. An unknown name is refused.
+	User string `json:"user,omitempty"`
 }
 
 const (
@@ -320,7 +327,7 @@ func New(cfg Config) (*Server, error) {
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, PrivateKey: relayKey, Verify: s.relayVerify})
 	s.metrics = newMetrics(s)
 	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait,
-		PasswordChanged: s.passwordChanged})
+		PasswordChanged: s.passwordChanged, MembersCannotMintTokens: cfg.MembersCannotMintTokens})
 	return s, nil
 }
 

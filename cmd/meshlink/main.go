@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -111,6 +112,7 @@ func newApp() *cli.App {
 		Commands: []*cli.Command{
 			coordinatorCmd(),
 			tokenCmd(),
+			usersCmd(),
 			relayCmd(),
 			relaysCmd(),
 			nodesCmd(),
@@ -210,37 +212,19 @@ func coordinatorCmd() *cli.Command {
 			&cli.IntFlag{Name: "max-services-per-node", Value: 64, Usage: "services one node may provide (each takes a VIP and a listener on every agent)", EnvVars: env("MAX_SERVICES_PER_NODE")},
 			&cli.DurationFlag{Name: "service-grace", Value: 24 * time.Hour, Usage: "how long a service without providers keeps its name and VIP before it is deleted", EnvVars: env("SERVICE_GRACE")},
 			&cli.DurationFlag{Name: "node-address-quarantine", Value: 24 * time.Hour, Usage: "how long a removed node's addresses stay unused before a new node may get them", EnvVars: env("NODE_ADDRESS_QUARANTINE")},
+			&cli.BoolFlag{Name: "members-can-mint-tokens", Value: true, Usage: "members may mint join tokens in the console (false: only admins; members get tokens from an admin or join by approval)", EnvVars: env("MEMBERS_CAN_MINT_TOKENS")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			log, err := startDaemon(c)
 			if err != nil {
 				return err
 			}
-			secret, err := oidcSecret(c)
+			cfg, err := coordinatorConfig(c)
 			if err != nil {
 				return err
 			}
-			if n := c.Int("max-services-per-node"); n < 1 {
-				return fmt.Errorf("--max-services-per-node %d: a node must be allowed at least 1 service; choose 1 to %d", n, 254*256)
-			}
-			for _, f := range []string{"service-grace", "node-address-quarantine"} {
-				if d := c.Duration(f); d <= 0 {
-					return fmt.Errorf("--%s %v must be positive; use a duration such as 24h", f, d)
-				}
-			}
-			s, err := coordinator.New(coordinator.Config{
-				Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
-				Domain: c.String("domain"), Logger: log, Out: os.Stdout,
-				TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
-				OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),
-				OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
-				NoEmbeddedRelay:        !c.Bool("relay"),
-				AllowLoopbackEndpoints: c.Bool("allow-loopback-endpoints"),
-				MaxConns:               c.Int("max-conns"), MaxConnsPerSource: c.Int("max-conns-per-source"),
-				BodyTimeout:        c.Duration("body-timeout"),
-				MaxServicesPerNode: c.Int("max-services-per-node"), ServiceGrace: c.Duration("service-grace"),
-				NodeAddressQuarantine: c.Duration("node-address-quarantine"),
-			})
+			cfg.Logger, cfg.Out = log, os.Stdout
+			s, err := coordinator.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -255,6 +239,37 @@ func coordinatorCmd() *cli.Command {
 			return s.Close()
 		},
 	}
+}
+
+// coordinatorConfig turns the coordinator command's flags into its Config
+// (without Logger and Out).
+func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
+	secret, err := oidcSecret(c)
+	if err != nil {
+		return coordinator.Config{}, err
+	}
+	if n := c.Int("max-services-per-node"); n < 1 {
+		return coordinator.Config{}, fmt.Errorf("--max-services-per-node %d: a node must be allowed at least 1 service; choose 1 to %d", n, 254*256)
+	}
+	for _, f := range []string{"service-grace", "node-address-quarantine"} {
+		if d := c.Duration(f); d <= 0 {
+			return coordinator.Config{}, fmt.Errorf("--%s %v must be positive; use a duration such as 24h", f, d)
+		}
+	}
+	return coordinator.Config{
+		Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
+		Domain:  c.String("domain"),
+		TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
+		OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),
+		OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
+		NoEmbeddedRelay:        !c.Bool("relay"),
+		AllowLoopbackEndpoints: c.Bool("allow-loopback-endpoints"),
+		MaxConns:               c.Int("max-conns"), MaxConnsPerSource: c.Int("max-conns-per-source"),
+		BodyTimeout:             c.Duration("body-timeout"),
+		MembersCannotMintTokens: !c.Bool("members-can-mint-tokens"),
+		MaxServicesPerNode:      c.Int("max-services-per-node"), ServiceGrace: c.Duration("service-grace"),
+		NodeAddressQuarantine: c.Duration("node-address-quarantine"),
+	}, nil
 }
 
 func relayCmd() *cli.Command {
@@ -348,6 +363,101 @@ func relaysCmd() *cli.Command {
 	}
 }
 
+func usersCmd() *cli.Command {
+	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
+	admin := func(c *cli.Context) (*coordinator.AdminClient, context.Context, context.CancelFunc) {
+		ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+		return coordinator.NewAdminClient(c.String("data")), ctx, cancel
+	}
+	return &cli.Command{
+		Name:  "users",
+		Usage: "add, list and remove console accounts (talks to the coordinator running with --data)",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "add",
+				Usage:     "create an account and print its one-time password, to be changed at first sign-in",
+				ArgsUsage: "NAME",
+				Flags: []cli.Flag{data,
+					&cli.BoolFlag{Name: "admin", Usage: "the user manages accounts and every node (default: a member)", EnvVars: env("USER_ADMIN")},
+				},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return cli.Exit("usage: meshlink users add NAME [--admin] --data DIR", 2)
+					}
+					ac, ctx, cancel := admin(c)
+					defer cancel()
+					nu, err := ac.AddUser(ctx, c.Args().First(), c.Bool("admin"))
+					if err != nil {
+						return err
+					}
+					role := "member"
+					if nu.Admin {
+						role = "admin"
+					}
+					fmt.Printf("user %s created (%s)\none-time password: %s\n%s must choose a new password at first sign-in; hand this one over through a safe channel.\n", nu.Name, role, nu.Password, nu.Name)
+					return nil
+				},
+			},
+			{
+				Name:  "list",
+				Usage: "list the accounts",
+				Flags: []cli.Flag{data,
+					&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
+				},
+				Action: func(c *cli.Context) error {
+					ac, ctx, cancel := admin(c)
+					defer cancel()
+					us, err := ac.Users(ctx)
+					if err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						enc := json.NewEncoder(os.Stdout)
+						enc.SetIndent("", "  ")
+						return enc.Encode(us)
+					}
+					tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+					fmt.Fprintln(tw, "NAME\tROLE\tNODES\tSTATE\tCREATED")
+					for _, u := range us {
+						role, state := "member", "active"
+						if u.Admin {
+							role = "admin"
+						}
+						if u.MustChangePassword {
+							state = "must change password"
+						}
+						fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", u.Name, role, u.Nodes, state, u.Created.Format(time.DateTime))
+					}
+					return tw.Flush()
+				},
+			},
+			{
+				Name:      "remove",
+				Usage:     "remove an account: its tokens are revoked, its sessions end and its nodes are removed",
+				ArgsUsage: "NAME",
+				Flags:     []cli.Flag{data},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return cli.Exit("usage: meshlink users remove NAME --data DIR", 2)
+					}
+					ac, ctx, cancel := admin(c)
+					defer cancel()
+					ru, err := ac.RemoveUser(ctx, c.Args().First())
+					if err != nil {
+						return err
+					}
+					fmt.Printf("user %s removed; %d token(s) revoked, %d node(s) removed", c.Args().First(), len(ru.TokensRevoked), len(ru.NodesRemoved))
+					if len(ru.NodesRemoved) > 0 {
+						fmt.Printf(": %s", strings.Join(ru.NodesRemoved, ", "))
+					}
+					fmt.Println()
+					return nil
+				},
+			},
+		},
+	}
+}
+
 // oidcSecret is --oidc-client-secret or the contents of
 // --oidc-client-secret-file (trailing whitespace trimmed), not both.
 func oidcSecret(c *cli.Context) (string, error) {
@@ -384,6 +494,7 @@ func tokenCmd() *cli.Command {
 					&cli.BoolFlag{Name: "ephemeral", Usage: "nodes joined with it are removed when they go away", EnvVars: env("TOKEN_EPHEMERAL")},
 					&cli.StringSliceFlag{Name: "tags", Usage: "tags given to nodes joined with it (a,b)", EnvVars: env("TOKEN_TAGS")},
 					&cli.BoolFlag{Name: "relay", Usage: "a token that registers a standalone relay (`meshlink relay --join`), not a node", EnvVars: env("TOKEN_RELAY")},
+					&cli.StringFlag{Name: "user", Usage: "the user who owns the token and the nodes it joins (default: the first admin)", EnvVars: env("TOKEN_USER")},
 				},
 				Action: func(c *cli.Context) error {
 					if c.Duration("expires") < 0 {
@@ -404,7 +515,7 @@ func tokenCmd() *cli.Command {
 					defer cancel()
 					tok, err := coordinator.NewAdminClient(c.String("data")).CreateToken(ctx, coordinator.TokenOptions{
 						Reusable: c.Bool("reusable"), Ephemeral: c.Bool("ephemeral"), Expires: c.Duration("expires"), Tags: tags,
-						Relay: c.Bool("relay"),
+						Relay: c.Bool("relay"), User: c.String("user"),
 					})
 					if err != nil {
 						return err

@@ -406,6 +406,55 @@ func (s *SQLite) SetPassword(ctx context.Context, id int64, hash string, keep []
 	return nil
 }
 
+// DeleteUser implements Store.
+func (s *SQLite) DeleteUser(ctx context.Context, id int64) ([]string, error) {
+	var revoked []string
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		var admin int
+		if err := tx.QueryRowContext(ctx, `SELECT admin FROM users WHERE id = ?`, id).Scan(&admin); errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("user %d: %w", id, ErrNotFound)
+		} else if err != nil {
+			return err
+		}
+		if admin != 0 {
+			var others int
+			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM users WHERE admin != 0 AND id != ?`, id).Scan(&others); err != nil {
+				return err
+			}
+			if others == 0 {
+				return ErrLastAdmin
+			}
+		}
+		rows, err := tx.QueryContext(ctx, `UPDATE tokens SET revoked = 1 WHERE owner_id = ? AND revoked = 0 RETURNING id`, id)
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			var tid string
+			if err := rows.Scan(&tid); err != nil {
+				rows.Close()
+				return err
+			}
+			revoked = append(revoked, tid)
+		}
+		if err := rows.Close(); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM sessions WHERE user_id = ?`, id); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE services SET owner_id = 0 WHERE owner_id = ?`, id); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `DELETE FROM users WHERE id = ?`, id)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("store: delete user %d: %w", id, err)
+	}
+	return revoked, nil
+}
+
 func nonNilBytes(b []byte) []byte {
 	if b == nil {
 		return []byte{}

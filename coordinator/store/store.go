@@ -34,6 +34,9 @@ var (
 	// ErrTokenKind: a relay token used to join a node, or a node token
 	// used to register a relay.
 	ErrTokenKind = errors.New("store: token is of the wrong kind")
+	// ErrLastAdmin refuses to remove the only admin account: nobody could
+	// manage users, approve nodes or mint tokens for others any more.
+	ErrLastAdmin = errors.New("store: the last admin cannot be removed")
 )
 
 // User is a local account.
@@ -223,6 +226,7 @@ const (
 	EventTokenRevoked    EventKind = "token_revoked"
 	EventUserCreated     EventKind = "user_created"
 	EventPasswordChanged EventKind = "password_changed"
+	EventUserRemoved     EventKind = "user_removed"
 	EventRelay           EventKind = "relay" // a standalone relay registered or was removed
 )
 
@@ -297,6 +301,12 @@ type Store interface {
 	// MustChangePassword and ends every session of the user but the one
 	// whose id hash is keep (the session that changed it; nil: none).
 	SetPassword(ctx context.Context, id int64, hash string, keep []byte) error
+	// DeleteUser removes user id in one transaction: its tokens are
+	// revoked, its sessions end, and services it owned become unowned
+	// (the next owner to provide one takes it). Its nodes stay and keep
+	// OwnerID id, for the caller to remove. Removing the last admin is
+	// ErrLastAdmin. It returns the ids of the tokens it revoked.
+	DeleteUser(ctx context.Context, id int64) (revoked []string, err error)
 
 	// CreateSession stores a new console session.
 	CreateSession(ctx context.Context, s Session) error

@@ -2,6 +2,7 @@ package web
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,6 +41,11 @@ type pageData struct {
 	Retry string
 	// Refresh sends the browser on to /console (after an OIDC sign-in).
 	Refresh bool
+	// NoMint: the viewer may not mint tokens (a member, with
+	// Config.MembersCannotMintTokens); the Tokens page says so.
+	NoMint bool
+	// Status is the HTTP status of a snapPage; 0 is 200.
+	Status int
 }
 
 type approvalView struct {
@@ -149,7 +155,11 @@ func (c *Console) snapPage(w http.ResponseWriter, r *http.Request, v *viewer, pa
 		d = &pageData{}
 	}
 	d.Title, d.Nav, d.Viewer, d.Snap = title, nav, v, snap
-	c.render(w, r, http.StatusOK, page, d)
+	status := http.StatusOK
+	if d.Status != 0 {
+		status = d.Status
+	}
+	c.render(w, r, status, page, d)
 }
 
 func (c *Console) serveOverview(w http.ResponseWriter, r *http.Request, v *viewer) {
@@ -166,8 +176,11 @@ func (c *Console) serveServices(w http.ResponseWriter, r *http.Request, v *viewe
 }
 
 func (c *Console) serveTokens(w http.ResponseWriter, r *http.Request, v *viewer) {
-	c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Notice: noticeFrom(r)})
+	c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Notice: noticeFrom(r), NoMint: !c.canMint(v)})
 }
+
+// canMint says whether v may mint join tokens in the console.
+func (c *Console) canMint(v *viewer) bool { return v.Admin || !c.cfg.MembersCannotMintTokens }
 
 func (c *Console) serveEventLog(w http.ResponseWriter, r *http.Request, v *viewer) {
 	c.snapPage(w, r, v, "events", "events", "Events", 500, nil)
@@ -186,6 +199,11 @@ func noticeFrom(r *http.Request) string {
 }
 
 func (c *Console) serveMintToken(w http.ResponseWriter, r *http.Request, v *viewer) {
+	if !c.canMint(v) {
+		c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{NoMint: true, Status: http.StatusForbidden,
+			Error: "Only admins mint join tokens on this coordinator; ask an admin for one."})
+		return
+	}
 	o := TokenRequest{OwnerID: v.ID, Reusable: r.PostFormValue("reusable") != "", Ephemeral: r.PostFormValue("ephemeral") != ""}
 	fail := func(msg string) {
 		c.snapPage(w, r, v, "tokens", "tokens", "Join tokens", 0, &pageData{Error: msg})
@@ -296,6 +314,31 @@ func roleOf(u store.User) userRole {
 	return roleMember
 }
 
+// CreateUser creates the account name (already validated) with a
+// one-time password, which it returns: the user must replace it at first
+// sign-in. actor is who asked, for the event log. An existing name is
+// store.ErrExists.
+func (c *Console) CreateUser(ctx context.Context, name string, admin bool, actor string) (store.User, string, error) {
+	if _, err := c.store.GetUser(ctx, name); err == nil {
+		return store.User{}, "", fmt.Errorf("user %q: %w", name, store.ErrExists)
+	}
+	pw := randomString(15)
+	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+	if err != nil {
+		return store.User{}, "", err
+	}
+	// Whoever created it knows this password: the user replaces it at
+	// first sign-in.
+	u, err := c.store.CreateUser(ctx, store.User{Username: name, PasswordHash: string(hash), Admin: admin, MustChangePassword: true})
+	if err != nil {
+		return store.User{}, "", err
+	}
+	role := roleOf(u)
+	c.log.Info("user created", "user", name, "role", role, "by", actor)
+	c.Record(store.Event{Kind: store.EventUserCreated, Actor: actor, Message: "created " + string(role) + " " + name, OwnerID: u.ID})
+	return u, pw, nil
+}
+
 func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *viewer) {
 	if !v.Admin {
 		c.renderMessage(w, r, v, http.StatusForbidden, "Admins only", "Only an admin manages accounts.")
@@ -306,26 +349,15 @@ func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *vie
 		c.usersPage(w, r, v, http.StatusBadRequest, &pageData{Error: "Username: " + err.Error()})
 		return
 	}
-	if _, err := c.store.GetUser(r.Context(), name); err == nil {
+	u, pw, err := c.CreateUser(r.Context(), name, userRole(r.PostFormValue("role")) == roleAdmin, v.Username)
+	if errors.Is(err, store.ErrExists) {
 		c.usersPage(w, r, v, http.StatusConflict, &pageData{Error: "There is already a user " + name + "."})
 		return
-	}
-	pw := randomString(15)
-	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
-	if err != nil {
+	} else if err != nil {
 		c.internal(w, r, "create user", err)
 		return
 	}
-	role := userRole(r.PostFormValue("role"))
-	// The admin knows this password: the member replaces it at first sign-in.
-	u, err := c.store.CreateUser(r.Context(), store.User{Username: name, PasswordHash: string(hash), Admin: role == roleAdmin, MustChangePassword: true})
-	if err != nil {
-		c.internal(w, r, "create user", err)
-		return
-	}
-	role = roleOf(u)
-	c.log.Info("user created", "user", name, "role", role, "by", v.Username)
-	c.Record(store.Event{Kind: store.EventUserCreated, Actor: v.Username, Message: "created " + string(role) + " " + name, OwnerID: u.ID})
+	name = u.Username
 	c.usersPage(w, r, v, http.StatusOK, &pageData{Username: name, Secret: pw,
 		SecretLabel: "One-time password of " + name + ", shown only this once: hand it over through a safe channel; " + name + " chooses their own at first sign-in."})
 }

@@ -108,6 +108,9 @@ type Config struct {
 	// PasswordChanged, if set, is called after u replaced a password
 	// that had to change (MustChangePassword is now false).
 	PasswordChanged func(ctx context.Context, u store.User)
+	// MembersCannotMintTokens leaves minting join tokens in the console to
+	// admins (--members-can-mint-tokens=false).
+	MembersCannotMintTokens bool
 }
 
 // Console serves the web pages and holds the console's in-memory state:
