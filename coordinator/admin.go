@@ -32,8 +32,10 @@ type UserInfo struct {
 	Name  string `json:"name"`
 	Admin bool   `json:"admin"`
 	// MustChangePassword: the one-time password has not been replaced yet.
-	MustChangePassword bool      `json:"must_change_password"`
-	Created            time.Time `json:"created"`
+	MustChangePassword bool `json:"must_change_password"`
+	// Pending: created by an OIDC sign-in, awaiting an admin's approval.
+	Pending bool      `json:"pending,omitempty"`
+	Created time.Time `json:"created"`
 	// Nodes is how many nodes the user owns.
 	Nodes int `json:"nodes"`
 }
@@ -65,7 +67,7 @@ func (s *Server) adminHandler() http.Handler {
 			return
 		}
 		if o.User != "" {
-			u, err := s.store.GetUser(r.Context(), wire.NormalizeName(o.User))
+			u, err := s.userNamed(r.Context(), o.User)
 			if errors.Is(err, store.ErrNotFound) {
 				writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no user named %q; list them with `meshlink users list` or create one with `meshlink users add %s`", o.User, o.User))
 				return
@@ -214,12 +216,27 @@ func (s *Server) adminUsers(mux *http.ServeMux) {
 		}
 		out := make([]UserInfo, 0, len(users))
 		for _, u := range users {
-			out = append(out, UserInfo{Name: u.Username, Admin: u.Admin, MustChangePassword: u.MustChangePassword, Created: u.Created, Nodes: owned[u.ID]})
+			out = append(out, UserInfo{Name: u.Username, Admin: u.Admin, MustChangePassword: u.MustChangePassword, Pending: u.Pending, Created: u.Created, Nodes: owned[u.ID]})
 		}
 		writeJSON(w, http.StatusOK, out)
 	})
+	mux.HandleFunc("POST "+adminPathUsers+"/{name}/approve", func(w http.ResponseWriter, r *http.Request) {
+		name := r.PathValue("name")
+		u, err := s.userNamed(r.Context(), name)
+		if err == nil {
+			_, err = s.console.ApproveUser(r.Context(), u.ID, "admin socket")
+		}
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no user named %q; list them with `meshlink users list`", name))
+		case err != nil:
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+		default:
+			writeJSON(w, http.StatusOK, struct{}{})
+		}
+	})
 	mux.HandleFunc("DELETE "+adminPathUsers+"/{name}", func(w http.ResponseWriter, r *http.Request) {
-		name := wire.NormalizeName(r.PathValue("name"))
+		name := r.PathValue("name")
 		res, err := s.removeUser(r.Context(), name)
 		switch {
 		case errors.Is(err, store.ErrNotFound):
@@ -234,6 +251,16 @@ func (s *Server) adminUsers(mux *http.ServeMux) {
 	})
 }
 
+// userNamed finds the account called name as typed (OIDC accounts,
+// "oidc:ISSUER#SUBJECT", keep the provider's case), else as normalized.
+func (s *Server) userNamed(ctx context.Context, name string) (store.User, error) {
+	u, err := s.store.GetUser(ctx, name)
+	if errors.Is(err, store.ErrNotFound) && wire.NormalizeName(name) != name {
+		u, err = s.store.GetUser(ctx, wire.NormalizeName(name))
+	}
+	return u, err
+}
+
 // removeUser removes an account and cuts off what it owned: its tokens
 // are revoked, its sessions end, and its nodes are removed (their peers
 // lose them, the agents are told they were removed), since a departed
@@ -241,10 +268,11 @@ func (s *Server) adminUsers(mux *http.ServeMux) {
 // it owned become unowned, for the next owner to provide.
 func (s *Server) removeUser(ctx context.Context, name string) (RemovedUser, error) {
 	res := RemovedUser{TokensRevoked: []string{}, NodesRemoved: []string{}}
-	u, err := s.store.GetUser(ctx, name)
+	u, err := s.userNamed(ctx, name)
 	if err != nil {
 		return res, err
 	}
+	name = u.Username
 	revoked, err := s.store.DeleteUser(ctx, u.ID)
 	if err != nil {
 		return res, err
@@ -397,6 +425,12 @@ func (c *AdminClient) Users(ctx context.Context) ([]UserInfo, error) {
 	var us []UserInfo
 	err := c.api.Do(ctx, http.MethodGet, adminPathUsers, nil, &us)
 	return us, err
+}
+
+// ApproveUser lets a pending account (first OIDC sign-in under
+// --oidc-new-users=pending) sign in.
+func (c *AdminClient) ApproveUser(ctx context.Context, name string) error {
+	return c.api.Do(ctx, http.MethodPost, adminPathUsers+"/"+url.PathEscape(name)+"/approve", struct{}{}, nil)
 }
 
 // RemoveUser removes an account, revokes its tokens and removes its nodes.

@@ -89,6 +89,15 @@ type Config struct {
 	// OIDCHTTPClient makes the calls to the provider; nil is
 	// http.DefaultClient.
 	OIDCHTTPClient *http.Client
+	// OIDCAllowedDomains (--oidc-allowed-domains) admits only identities
+	// whose verified email is at one of these domains; OIDCAllowedGroups
+	// (--oidc-allowed-groups) only those whose "groups" claim holds one
+	// of these. Empty admits all. Both are checked at every sign-in.
+	OIDCAllowedDomains, OIDCAllowedGroups []string
+	// OIDCNewUsersPending (--oidc-new-users=pending) creates the account
+	// of a first OIDC sign-in as pending: it cannot sign in until an admin
+	// approves it (Users page, `meshlink users approve`).
+	OIDCNewUsersPending bool
 	// NoEmbeddedRelay turns the coordinator's own relay off (--relay=false):
 	// agents then use only standalone relays (`meshlink relay`).
 	NoEmbeddedRelay bool
@@ -327,7 +336,8 @@ func New(cfg Config) (*Server, error) {
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, PrivateKey: relayKey, Verify: s.relayVerify})
 	s.metrics = newMetrics(s)
 	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait,
-		PasswordChanged: s.passwordChanged, MembersCannotMintTokens: cfg.MembersCannotMintTokens})
+		PasswordChanged: s.passwordChanged, MembersCannotMintTokens: cfg.MembersCannotMintTokens,
+		OIDC: web.OIDCPolicy{AllowedDomains: cfg.OIDCAllowedDomains, AllowedGroups: cfg.OIDCAllowedGroups, NewUsersPending: cfg.OIDCNewUsersPending}})
 	return s, nil
 }
 

@@ -39,13 +39,23 @@ var oidcCarol = oidctest.User{
 // users in with it, the client registered with the coordinator's callback.
 func startOIDC(t *testing.T) (*oidctest.Server, *Server) {
 	t.Helper()
-	op := oidctest.NewServer(t, oidcCarol)
+	return startOIDCWith(t, nil, oidcCarol)
+}
+
+// startOIDCWith is startOIDC with these provider users and mod applied to
+// the coordinator's Config.
+func startOIDCWith(t *testing.T, mod func(*Config), users ...oidctest.User) (*oidctest.Server, *Server) {
+	t.Helper()
+	op := oidctest.NewServer(t, users...)
 	s := startServer(t, t.TempDir(), func(c *Config) {
 		c.OIDCIssuer = op.Issuer
 		c.OIDCClientID = oidcClientID
 		c.OIDCClientSecret = oidcClientSecret
 		c.OIDCHTTPClient = op.Client() // trusts the provider's test certificate
 		c.Logger = tstest.Logger(t)
+		if mod != nil {
+			mod(c)
+		}
 	})
 	op.AddClient(oidctest.Client{ID: oidcClientID, Secret: oidcClientSecret,
 		RedirectURIs: []string{s.URL() + "/login/oidc/callback"}})

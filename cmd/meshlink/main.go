@@ -204,6 +204,9 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringFlag{Name: "oidc-client-secret", Usage: "client secret registered with --oidc-issuer (prefer --oidc-client-secret-file)", EnvVars: env("OIDC_CLIENT_SECRET")},
 			&cli.StringFlag{Name: "oidc-client-secret-file", Usage: "file holding the client secret", EnvVars: env("OIDC_CLIENT_SECRET_FILE")},
 			&cli.StringFlag{Name: "oidc-redirect-url", Usage: "callback URL registered with the provider (default URL/login/oidc/callback)", EnvVars: env("OIDC_REDIRECT_URL")},
+			&cli.StringSliceFlag{Name: "oidc-allowed-domains", Usage: "admit only OIDC identities whose verified email is at one of these domains (a.com,b.org)", EnvVars: env("OIDC_ALLOWED_DOMAINS")},
+			&cli.StringSliceFlag{Name: "oidc-allowed-groups", Usage: "admit only OIDC identities whose groups claim holds one of these (g1,g2)", EnvVars: env("OIDC_ALLOWED_GROUPS")},
+			&cli.StringFlag{Name: "oidc-new-users", Value: "member", Usage: "account of a first OIDC sign-in: member, or pending (an admin approves it first)", EnvVars: env("OIDC_NEW_USERS")},
 			&cli.BoolFlag{Name: "allow-loopback-endpoints", Hidden: true, Usage: "keep loopback addresses among the endpoints nodes publish: only for a whole mesh on one host (demo, tests)", EnvVars: env("ALLOW_LOOPBACK_ENDPOINTS")},
 			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to `meshlink relay` servers)", EnvVars: env("RELAY")},
 			&cli.IntFlag{Name: "max-conns", Value: 8192, Usage: "HTTPS connections open at once, in all", EnvVars: env("MAX_CONNS")},
@@ -256,7 +259,29 @@ func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
 			return coordinator.Config{}, fmt.Errorf("--%s %v must be positive; use a duration such as 24h", f, d)
 		}
 	}
+	var pending bool
+	switch v := c.String("oidc-new-users"); v {
+	case "member":
+	case "pending":
+		pending = true
+	default:
+		return coordinator.Config{}, fmt.Errorf("--oidc-new-users %q: want member or pending", v)
+	}
+	domains, err := listFlag(c, "oidc-allowed-domains", func(d string) error {
+		if strings.ContainsAny(d, "@/: ") || !strings.Contains(d, ".") {
+			return errors.New("want a domain such as example.com")
+		}
+		return nil
+	})
+	if err != nil {
+		return coordinator.Config{}, err
+	}
+	groups, err := listFlag(c, "oidc-allowed-groups", nil)
+	if err != nil {
+		return coordinator.Config{}, err
+	}
 	return coordinator.Config{
+		OIDCAllowedDomains: domains, OIDCAllowedGroups: groups, OIDCNewUsersPending: pending,
 		Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
 		Domain:  c.String("domain"),
 		TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
@@ -270,6 +295,26 @@ func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
 		MaxServicesPerNode:      c.Int("max-services-per-node"), ServiceGrace: c.Duration("service-grace"),
 		NodeAddressQuarantine: c.Duration("node-address-quarantine"),
 	}, nil
+}
+
+// listFlag splits a list flag given as a,b or repeated, dropping empty
+// items; check, if set, vets each.
+func listFlag(c *cli.Context, name string, check func(string) error) ([]string, error) {
+	var out []string
+	for _, v := range c.StringSlice(name) {
+		for _, x := range strings.Split(v, ",") {
+			if x = strings.TrimSpace(x); x == "" {
+				continue
+			}
+			if check != nil {
+				if err := check(x); err != nil {
+					return nil, fmt.Errorf("--%s %q: %w", name, x, err)
+				}
+			}
+			out = append(out, x)
+		}
+	}
+	return out, nil
 }
 
 func relayCmd() *cli.Command {
@@ -423,12 +468,32 @@ func usersCmd() *cli.Command {
 						if u.Admin {
 							role = "admin"
 						}
-						if u.MustChangePassword {
+						if u.Pending {
+							state = "pending approval"
+						} else if u.MustChangePassword {
 							state = "must change password"
 						}
 						fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", u.Name, role, u.Nodes, state, u.Created.Format(time.DateTime))
 					}
 					return tw.Flush()
+				},
+			},
+			{
+				Name:      "approve",
+				Usage:     "let an account created by an OIDC sign-in under --oidc-new-users=pending sign in",
+				ArgsUsage: "NAME",
+				Flags:     []cli.Flag{data},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return cli.Exit("usage: meshlink users approve NAME --data DIR (names are in `meshlink users list`)", 2)
+					}
+					ac, ctx, cancel := admin(c)
+					defer cancel()
+					if err := ac.ApproveUser(ctx, c.Args().First()); err != nil {
+						return err
+					}
+					fmt.Printf("user %s approved; they may sign in now\n", c.Args().First())
+					return nil
 				},
 			},
 			{

@@ -146,6 +146,17 @@ func TestCoordinatorConfig(t *testing.T) {
 		{"members-can-mint-tokens flag", nil, []string{"--members-can-mint-tokens=false"}, func(c coordinator.Config) bool { return c.MembersCannotMintTokens }},
 		{"members-can-mint-tokens from environment", map[string]string{"MESHLINK_MEMBERS_CAN_MINT_TOKENS": "false"}, nil,
 			func(c coordinator.Config) bool { return c.MembersCannotMintTokens }},
+		{"oidc defaults", nil, nil, func(c coordinator.Config) bool {
+			return c.OIDCAllowedDomains == nil && c.OIDCAllowedGroups == nil && !c.OIDCNewUsersPending
+		}},
+		{"oidc policy flags", nil, []string{"--oidc-allowed-domains", "a.com,b.org", "--oidc-allowed-groups", "g1", "--oidc-allowed-groups", "g2", "--oidc-new-users=pending"},
+			func(c coordinator.Config) bool {
+				return strings.Join(c.OIDCAllowedDomains, " ") == "a.com b.org" && strings.Join(c.OIDCAllowedGroups, " ") == "g1 g2" && c.OIDCNewUsersPending
+			}},
+		{"oidc policy from environment", map[string]string{"MESHLINK_OIDC_ALLOWED_DOMAINS": "a.com", "MESHLINK_OIDC_ALLOWED_GROUPS": "ops", "MESHLINK_OIDC_NEW_USERS": "pending"}, nil,
+			func(c coordinator.Config) bool {
+				return strings.Join(c.OIDCAllowedDomains, " ") == "a.com" && strings.Join(c.OIDCAllowedGroups, " ") == "ops" && c.OIDCNewUsersPending
+			}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -167,5 +178,23 @@ func TestCoordinatorConfig(t *testing.T) {
 				t.Errorf("config %+v", got)
 			}
 		})
+	}
+}
+
+func TestCoordinatorConfigErrors(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--oidc-new-users", "admin"}, `--oidc-new-users "admin": want member or pending`},
+		{[]string{"--oidc-allowed-domains", "a.com,@b.org"}, `--oidc-allowed-domains "@b.org": want a domain such as example.com`},
+	}
+	for _, tc := range cases {
+		cmd := coordinatorCmd()
+		cmd.Action = func(c *cli.Context) error { _, err := coordinatorConfig(c); return err }
+		app := &cli.App{Name: "meshlink", Commands: []*cli.Command{cmd}}
+		if err := app.Run(append([]string{"meshlink", "coordinator"}, tc.args...)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v, want %q", tc.args, err, tc.want)
+		}
 	}
 }

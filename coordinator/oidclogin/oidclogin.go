@@ -118,6 +118,9 @@ type Identity struct {
 	Email         string // may be empty if the provider does not share it
 	EmailVerified bool
 	Name          string
+	// Groups is the "groups" claim (ID token, else userinfo); nil when the
+	// provider sends none.
+	Groups []string
 }
 
 // Username is the local account name for this identity:
@@ -365,6 +368,7 @@ func (p *Provider) finish(r *http.Request) (Identity, error) {
 		EmailVerified flexBool `json:"email_verified"`
 		Name          string   `json:"name"`
 		Preferred     string   `json:"preferred_username"`
+		Groups        []string `json:"groups"`
 	}
 	if err := idt.Claims(&claims); err != nil {
 		return Identity{}, fmt.Errorf("%w: malformed claims", ErrToken)
@@ -375,10 +379,11 @@ func (p *Provider) finish(r *http.Request) (Identity, error) {
 		Email:         claims.Email,
 		EmailVerified: bool(claims.EmailVerified),
 		Name:          claims.Name,
+		Groups:        claims.Groups,
 	}
 	// Many providers put only sub in the ID token of the code flow and
 	// the profile behind the userinfo endpoint.
-	if (id.Email == "" || id.Name == "") && p.op.UserInfoEndpoint() != "" {
+	if (id.Email == "" || id.Name == "" || id.Groups == nil) && p.op.UserInfoEndpoint() != "" {
 		p.fillFromUserInfo(cctx, tok, &id)
 	}
 	if id.Name == "" {
@@ -404,9 +409,13 @@ func (p *Provider) fillFromUserInfo(ctx context.Context, tok *oauth2.Token, id *
 		return
 	}
 	var extra struct {
-		Name string `json:"name"`
+		Name   string   `json:"name"`
+		Groups []string `json:"groups"`
 	}
 	_ = ui.Claims(&extra)
+	if id.Groups == nil {
+		id.Groups = extra.Groups
+	}
 	if id.Email == "" && ui.Email != "" {
 		id.Email, id.EmailVerified = ui.Email, ui.EmailVerified
 	}

@@ -9,6 +9,7 @@ import (
 	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"reflect"
 	"regexp"
 	"strings"
 	"sync"
@@ -34,6 +35,7 @@ var alice = oidctest.User{
 	Email:         "alice@example.com",
 	EmailVerified: true,
 	Name:          "Alice Example",
+	Groups:        []string{"ops", "dev"},
 }
 
 // harness is a provider plus a console-like relying party serving
@@ -216,8 +218,9 @@ func TestSignIn(t *testing.T) {
 				Email:         alice.Email,
 				EmailVerified: true,
 				Name:          alice.Name,
+				Groups:        alice.Groups,
 			}
-			if got != want {
+			if !reflect.DeepEqual(got, want) {
 				t.Errorf("identity = %+v, want %+v", got, want)
 			}
 			if u, want := got.Username(), "oidc:"+h.op.Issuer+"#"+alice.Subject; u != want {

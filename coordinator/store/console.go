@@ -11,16 +11,16 @@ import (
 // This file holds what the web console needs from the SQLite store: users
 // by id, sessions and the event log.
 
-const userCols = `id, username, password_hash, admin, created, must_change_password`
+const userCols = `id, username, password_hash, admin, created, must_change_password, pending`
 
 func scanUser(r scanner) (User, error) {
 	var u User
-	var admin, mustChange int
+	var admin, mustChange, pending int
 	var created int64
-	if err := r.Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created, &mustChange); err != nil {
+	if err := r.Scan(&u.ID, &u.Username, &u.PasswordHash, &admin, &created, &mustChange, &pending); err != nil {
 		return u, err
 	}
-	u.Admin, u.Created, u.MustChangePassword = admin != 0, fromUnixNano(created), mustChange != 0
+	u.Admin, u.Created, u.MustChangePassword, u.Pending = admin != 0, fromUnixNano(created), mustChange != 0, pending != 0
 	return u, nil
 }
 

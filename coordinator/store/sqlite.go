@@ -152,6 +152,9 @@ var migrations = []string{
 	ALTER TABLE removed_nodes ADD COLUMN ipv6 TEXT NOT NULL DEFAULT '';
 	CREATE INDEX services_idle ON services(idle_since);
 	CREATE INDEX removed_nodes_removed ON removed_nodes(removed);`,
+	// 9: accounts an OIDC sign-in created under --oidc-new-users=pending
+	// wait for an admin's approval before they can sign in.
+	`ALTER TABLE users ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Options tune an SQLite store; the zero value is the default for each.
@@ -365,8 +368,8 @@ func (s *SQLite) CreateUser(ctx context.Context, u User) (User, error) {
 	if u.Created.IsZero() {
 		u.Created = time.Now()
 	}
-	res, err := s.db.ExecContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password) VALUES (?, ?, ?, ?, ?)`,
-		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword))
+	res, err := s.db.ExecContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password, pending) VALUES (?, ?, ?, ?, ?, ?)`,
+		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword), b2i(u.Pending))
 	if err != nil {
 		return u, fmt.Errorf("store: create user %q: %w", u.Username, err)
 	}
@@ -402,6 +405,18 @@ func (s *SQLite) SetPassword(ctx context.Context, id int64, hash string, keep []
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("store: set password of user %d: %w", id, err)
+	}
+	return nil
+}
+
+// ApproveUser implements Store.
+func (s *SQLite) ApproveUser(ctx context.Context, id int64) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE users SET pending = 0 WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("store: approve user %d: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("user %d: %w", id, ErrNotFound)
 	}
 	return nil
 }

@@ -50,6 +50,9 @@ type User struct {
 	// first admin's at first start, a member's by an admin); the console
 	// shows nothing but "choose a new password" until it is replaced.
 	MustChangePassword bool
+	// Pending: created by an OIDC sign-in under --oidc-new-users=pending;
+	// it cannot sign in until an admin approves it (ApproveUser).
+	Pending bool
 }
 
 // Token is a join token as stored: only the SHA-256 of its secret is kept.
@@ -227,6 +230,7 @@ const (
 	EventUserCreated     EventKind = "user_created"
 	EventPasswordChanged EventKind = "password_changed"
 	EventUserRemoved     EventKind = "user_removed"
+	EventUserApproved    EventKind = "user_approved"
 	EventRelay           EventKind = "relay" // a standalone relay registered or was removed
 )
 
@@ -301,6 +305,8 @@ type Store interface {
 	// MustChangePassword and ends every session of the user but the one
 	// whose id hash is keep (the session that changed it; nil: none).
 	SetPassword(ctx context.Context, id int64, hash string, keep []byte) error
+	// ApproveUser clears Pending: the user may sign in from now on.
+	ApproveUser(ctx context.Context, id int64) error
 	// DeleteUser removes user id in one transaction: its tokens are
 	// revoked, its sessions end, and services it owned become unowned
 	// (the next owner to provide one takes it). Its nodes stay and keep

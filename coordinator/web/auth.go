@@ -78,7 +78,8 @@ func (c *Console) session(r *http.Request) (*viewer, error) {
 		return nil, nil
 	}
 	u, err := c.store.GetUserByID(r.Context(), se.UserID)
-	if errors.Is(err, store.ErrNotFound) {
+	if errors.Is(err, store.ErrNotFound) || (err == nil && u.Pending) {
+		// Removed, or not approved yet: no session can act for it.
 		return nil, nil
 	} else if err != nil {
 		return nil, err
@@ -361,6 +362,9 @@ func (c *Console) serveSetPassword(w http.ResponseWriter, r *http.Request, v *vi
 // startSession creates a session for u, sets its cookie on w and records
 // the login; how says how u signed in ("signed in with example.com").
 func (c *Console) startSession(w http.ResponseWriter, r *http.Request, u store.User, how string) error {
+	if u.Pending {
+		return errors.New("web: a pending account cannot start a session")
+	}
 	now := c.now()
 	id := randomString(32)
 	se := store.Session{IDHash: store.HashSecret(id), UserID: u.ID, CSRF: randomString(24), Created: now, Expires: now.Add(sessionIdle)}

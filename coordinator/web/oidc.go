@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
+	"strings"
 
 	"github.com/meshlink/meshlink/coordinator/oidclogin"
 	"github.com/meshlink/meshlink/coordinator/store"
@@ -107,9 +109,22 @@ func (c *Console) serveOIDCCallback(w http.ResponseWriter, r *http.Request) {
 		c.render(w, r, status, "message", &pageData{Title: "Sign-in failed", Error: err.Error(), Retry: "/login/oidc"})
 		return
 	}
+	if why := c.cfg.OIDC.refuse(id); why != "" {
+		c.log.Info("oidc sign-in refused by policy", "remote", clientIP(r), "email", id.Email, "reason", why)
+		c.Record(store.Event{Kind: store.EventLoginFailed, Actor: clientIP(r), Message: "sign-in with " + p.Name() + " refused: " + why})
+		c.render(w, r, http.StatusForbidden, "message", &pageData{Title: "Sign-in refused",
+			Error: "This coordinator does not admit your account: " + why + ". Ask an admin of this coordinator if you should have access."})
+		return
+	}
 	u, err := c.oidcUser(r.Context(), id, p.Name())
 	if err != nil {
 		c.internal(w, r, "oidc user", err)
+		return
+	}
+	if u.Pending {
+		c.log.Info("oidc sign-in of a pending account", "user", u.Username, "email", id.Email)
+		c.render(w, r, http.StatusForbidden, "message", &pageData{Title: "Awaiting approval",
+			Error: "Your account was created and awaits approval by an admin (on the Users page, or `meshlink users approve`). Sign in again once it is approved."})
 		return
 	}
 	how := "signed in with " + p.Name()
@@ -136,7 +151,7 @@ func (c *Console) oidcUser(ctx context.Context, id oidclogin.Identity, provider 
 	if err == nil || !errors.Is(err, store.ErrNotFound) {
 		return u, err
 	}
-	u, err = c.store.CreateUser(ctx, store.User{Username: name, PasswordHash: oidcPasswordHash, Admin: false})
+	u, err = c.store.CreateUser(ctx, store.User{Username: name, PasswordHash: oidcPasswordHash, Admin: false, Pending: c.cfg.OIDC.NewUsersPending})
 	if err != nil {
 		// Two first sign-ins of one person at once: the other one won.
 		if u2, err2 := c.store.GetUser(ctx, name); err2 == nil {
@@ -148,7 +163,29 @@ func (c *Console) oidcUser(ctx context.Context, id oidclogin.Identity, provider 
 	if id.Email != "" {
 		who += " (" + id.Email + ")"
 	}
-	c.log.Info("user created by oidc sign-in", "user", name, "email", id.Email)
-	c.Record(store.Event{Kind: store.EventUserCreated, Actor: provider, Message: "created member " + who + " at first sign-in with " + provider, OwnerID: u.ID})
+	state := "member"
+	if u.Pending {
+		state = "pending member"
+	}
+	c.log.Info("user created by oidc sign-in", "user", name, "email", id.Email, "pending", u.Pending)
+	c.Record(store.Event{Kind: store.EventUserCreated, Actor: provider, Message: "created " + state + " " + who + " at first sign-in with " + provider, OwnerID: u.ID})
 	return u, nil
+}
+
+// refuse says why the policy does not admit id, or "" if it does.
+func (p OIDCPolicy) refuse(id oidclogin.Identity) string {
+	if len(p.AllowedDomains) > 0 {
+		at := strings.LastIndexByte(id.Email, '@')
+		if id.Email == "" || !id.EmailVerified || at < 0 {
+			return "it has no verified email address, and only addresses at " + strings.Join(p.AllowedDomains, ", ") + " are admitted"
+		}
+		domain := strings.ToLower(id.Email[at+1:])
+		if !slices.ContainsFunc(p.AllowedDomains, func(d string) bool { return strings.EqualFold(d, domain) }) {
+			return "its email domain " + domain + " is not one of " + strings.Join(p.AllowedDomains, ", ")
+		}
+	}
+	if len(p.AllowedGroups) > 0 && !slices.ContainsFunc(id.Groups, func(g string) bool { return slices.Contains(p.AllowedGroups, g) }) {
+		return "it is in none of the groups " + strings.Join(p.AllowedGroups, ", ")
+	}
+	return ""
 }

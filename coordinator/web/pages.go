@@ -339,6 +339,48 @@ func (c *Console) CreateUser(ctx context.Context, name string, admin bool, actor
 	return u, pw, nil
 }
 
+// serveApproveUser lets a pending account (an OIDC sign-in under
+// --oidc-new-users=pending) sign in.
+func (c *Console) serveApproveUser(w http.ResponseWriter, r *http.Request, v *viewer) {
+	if !v.Admin {
+		c.renderMessage(w, r, v, http.StatusForbidden, "Admins only", "Only an admin manages accounts.")
+		return
+	}
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil {
+		c.usersPage(w, r, v, http.StatusNotFound, &pageData{Error: "No such user."})
+		return
+	}
+	u, err := c.ApproveUser(r.Context(), id, v.Username)
+	if errors.Is(err, store.ErrNotFound) {
+		c.usersPage(w, r, v, http.StatusNotFound, &pageData{Error: "No such user."})
+		return
+	} else if err != nil {
+		c.internal(w, r, "approve user", err)
+		return
+	}
+	c.usersPage(w, r, v, http.StatusOK, &pageData{Notice: u.Username + " is approved and may sign in."})
+}
+
+// ApproveUser lets the pending user id sign in; actor is who approved,
+// for the event log.
+func (c *Console) ApproveUser(ctx context.Context, id int64, actor string) (store.User, error) {
+	u, err := c.store.GetUserByID(ctx, id)
+	if err != nil {
+		return u, err
+	}
+	if !u.Pending {
+		return u, nil
+	}
+	if err := c.store.ApproveUser(ctx, id); err != nil {
+		return u, err
+	}
+	u.Pending = false
+	c.log.Info("user approved", "user", u.Username, "by", actor)
+	c.Record(store.Event{Kind: store.EventUserApproved, Actor: actor, Message: "approved " + u.Username, OwnerID: u.ID})
+	return u, nil
+}
+
 func (c *Console) serveCreateUser(w http.ResponseWriter, r *http.Request, v *viewer) {
 	if !v.Admin {
 		c.renderMessage(w, r, v, http.StatusForbidden, "Admins only", "Only an admin manages accounts.")

@@ -111,6 +111,26 @@ type Config struct {
 	// MembersCannotMintTokens leaves minting join tokens in the console to
 	// admins (--members-can-mint-tokens=false).
 	MembersCannotMintTokens bool
+	// OIDC is who may sign in with the OIDC provider; the zero value
+	// admits every identity as a member.
+	OIDC OIDCPolicy
+}
+
+// OIDCPolicy restricts OIDC sign-in (--oidc-allowed-domains,
+// --oidc-allowed-groups, --oidc-new-users). It is checked at every
+// sign-in, not only the first, so narrowing it shuts out existing
+// accounts too.
+type OIDCPolicy struct {
+	// AllowedDomains, if any, admit only identities whose verified email
+	// is at one of these domains (exactly; "example.com" does not admit
+	// "sub.example.com").
+	AllowedDomains []string
+	// AllowedGroups, if any, admit only identities whose "groups" claim
+	// holds one of them.
+	AllowedGroups []string
+	// NewUsersPending creates accounts at first sign-in as pending: they
+	// cannot sign in until an admin approves them.
+	NewUsersPending bool
 }
 
 // Console serves the web pages and holds the console's in-memory state:
@@ -195,6 +215,7 @@ func (c *Console) routes() *http.ServeMux {
 	mux.Handle("GET /console/log", c.page(c.serveEventLog))
 	mux.Handle("GET /console/users", c.page(c.serveUsers))
 	mux.Handle("POST /console/users", c.action(c.serveCreateUser))
+	mux.Handle("POST /console/users/{id}/approve", c.action(c.serveApproveUser))
 	mux.Handle("GET /console/events", c.page(c.serveLive))
 	mux.Handle("GET /console/api/snapshot", c.page(c.serveSnapshot))
 	mux.Handle("GET /approve/{code}", c.page(c.serveApprovePage))

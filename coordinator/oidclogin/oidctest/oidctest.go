@@ -35,6 +35,8 @@ type User struct {
 	Email                       string
 	EmailVerified               bool
 	Name                        string
+	// Groups, if set, is sent as the "groups" claim with the profile.
+	Groups []string
 }
 
 // Client is a registered relying party.
@@ -317,6 +319,9 @@ func (s *storage) setUserinfo(ui *oidc.UserInfo, subject string, scopes []string
 			ui.Email, ui.EmailVerified = u.Email, oidc.Bool(u.EmailVerified)
 		case oidc.ScopeProfile:
 			ui.Name, ui.PreferredUsername = u.Name, u.Username
+			if u.Groups != nil {
+				ui.AppendClaims("groups", u.Groups)
+			}
 		}
 	}
 	return nil
