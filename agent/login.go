@@ -39,7 +39,7 @@ func probeFingerprint(ctx context.Context, rawURL string) (string, error) {
 	if u.Port() == "" {
 		host = net.JoinHostPort(u.Hostname(), "443")
 	}
-	d := tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true, ServerName: u.Hostname()}}
+	d := tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true, ServerName: u.Hostname(), MinVersion: tls.VersionTLS13}}
 	c, err := d.DialContext(ctx, "tcp", host)
 	if err != nil {
 		return "", fmt.Errorf("coordinator %s unreachable: %w", rawURL, err)
