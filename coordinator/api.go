@@ -457,6 +457,15 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	if e != nil {
 		return e
 	}
+	rekey := !req.NodeKey.IsZero() && req.NodeKey != node.Key
+	if rekey {
+		if e := s.checkRekey(node, req); e != nil {
+			host, _, _ := net.SplitHostPort(r.RemoteAddr)
+			s.console.Record(store.Event{Kind: store.EventRekeyRefused, Actor: host, Node: node.Name, OwnerID: node.OwnerID,
+				Message: fmt.Sprintf("refused a key change of %s from %s: %s", node.Name, host, e.Message)})
+			return e
+		}
+	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, s.endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
@@ -465,8 +474,12 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 		return storeErr("map", err)
 	}
-	if !req.NodeKey.IsZero() && req.NodeKey != node.Key {
+	if rekey {
 		s.disconnectRelay(node.Key) // it re-authenticates with the new key
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		s.commit(change{log: "node key rotated", attrs: []any{"node_id", node.ID, "name", node.Name, "old_key", node.Key.Short(), "new_key", req.NodeKey.Short(), "remote", host},
+			event: store.Event{Kind: store.EventRekey, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID,
+				Message: fmt.Sprintf("%s proved its old and new key and rotated to %s from %s", node.Name, req.NodeKey.Short(), host)}})
 	}
 	if err := s.store.SetLastSeen(ctx, node.ID, time.Now()); err != nil {
 		return storeErr("map", err)

@@ -143,8 +143,15 @@ type stream struct {
 
 func openMap(t testing.TB, c *http.Client, base string, cr creds) *stream {
 	t.Helper()
+	return openMapReq(t, c, base, cr, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641})
+}
+
+// openMapReq opens a map stream with mr, failing the test unless it is
+// accepted.
+func openMapReq(t testing.TB, c *http.Client, base string, cr creds, mr wire.MapRequest) *stream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	raw, _ := json.Marshal(wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641})
+	raw, _ := json.Marshal(mr)
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+wire.PathMap, bytes.NewReader(raw))
 	req.Header.Set(wire.HeaderNodeID, strconv.FormatUint(uint64(cr.ID), 10))
 	req.Header.Set(wire.HeaderNodeSecret, cr.Secret)

@@ -55,15 +55,50 @@ func (s *Server) registration(r *http.Request, req wire.RegisterRequest) (store.
 // checkKeyProof opens a wire.RegisterRequest.KeyProof: sealed from node's
 // key to the coordinator's, for this name, recently.
 func (s *Server) checkKeyProof(proof string, node key.Public, name string) error {
-	b, err := base64.StdEncoding.DecodeString(proof)
-	if err != nil || len(b) > 512 {
-		return errors.New("not base64 of a sealed box")
-	}
-	msg, ok := s.serverKey.OpenFrom(node, b)
-	if !ok {
-		return errors.New("it was not sealed by this node's key to this coordinator's")
+	msg, err := s.openProof(proof, node)
+	if err != nil {
+		return err
 	}
 	return wire.CheckKeyProofMessage(msg, name, time.Now())
+}
+
+// openProof opens a base64 sealed box from one node key to the
+// coordinator's.
+func (s *Server) openProof(proof string, from key.Public) ([]byte, error) {
+	b, err := base64.StdEncoding.DecodeString(proof)
+	if err != nil || len(b) > 512 {
+		return nil, errors.New("not base64 of a sealed box")
+	}
+	msg, ok := s.serverKey.OpenFrom(from, b)
+	if !ok {
+		return nil, errors.New("it was not sealed by that key to this coordinator's")
+	}
+	return msg, nil
+}
+
+// checkRekey authorises a key change on the map stream
+// (wire.MapRequest.OldKeyProof and NewKeyProof): the node secret got the
+// caller this far, but it is a bearer credential, so the change also needs
+// the current key's holder to consent and the new key's holder to exist.
+func (s *Server) checkRekey(node store.Node, req wire.MapRequest) *apiError {
+	if req.OldKeyProof == "" || req.NewKeyProof == "" {
+		return apiErr(http.StatusForbidden, wire.ErrCodeUnauthorized,
+			"changing node %q's key needs proofs from both the current and the new key (old_key_proof, new_key_proof); the node secret alone is not enough: rotate with `meshlink rotate-key` on the node, or upgrade its agent", node.Name)
+	}
+	now := time.Now()
+	for _, p := range []struct {
+		which, proof string
+		from         key.Public
+	}{{"current", req.OldKeyProof, node.Key}, {"new", req.NewKeyProof, req.NodeKey}} {
+		msg, err := s.openProof(p.proof, p.from)
+		if err == nil {
+			err = wire.CheckRekeyProofMessage(msg, node.Name, node.Key, req.NodeKey, now)
+		}
+		if err != nil {
+			return apiErr(http.StatusForbidden, wire.ErrCodeUnauthorized, "changing node %q's key: the %s key's proof does not verify: %v", node.Name, p.which, err)
+		}
+	}
+	return nil
 }
 
 // serveServerKey answers the coordinator's key, to which agents seal their

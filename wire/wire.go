@@ -27,6 +27,11 @@
 //	  A service belongs to the owner of its first provider: other users'
 //	  nodes exposing it get 403 ErrCodeNotOwner. NodePrefix4 is
 //	  100.96.0.0/14 (was /12, which contained ServicePrefix).
+//	6 (2026-12-08): a key change on PathMap (MapRequest.NodeKey other
+//	  than the stored key) needs MapRequest.OldKeyProof and NewKeyProof,
+//	  both over RekeyProofMessage; the node secret alone no longer
+//	  re-points a node's addresses at another key (403 ErrCodeUnauthorized
+//	  otherwise). A MapRequest with the stored key, or none, needs no proof.
 package wire
 
 import (
@@ -42,7 +47,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 5
+const ProtocolVersion = 6
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -202,6 +207,33 @@ func CheckKeyProofMessage(msg []byte, name string, now time.Time) error {
 	if label != keyProofLabel || gotName != name {
 		return errors.New("key proof made for another name or purpose")
 	}
+	return checkProofTime(unix, now)
+}
+
+const rekeyProofLabel = "meshlink-rekey-v1"
+
+// RekeyProofMessage is what MapRequest.OldKeyProof and NewKeyProof seal:
+// a label, the node's name, both keys and a Unix time, so that a proof
+// authorises this one change of this node for a few minutes only.
+func RekeyProofMessage(name string, oldKey, newKey key.Public, at time.Time) []byte {
+	return fmt.Appendf(nil, "%s %s %s %s %d", rekeyProofLabel, name, oldKey, newKey, at.Unix())
+}
+
+// CheckRekeyProofMessage reports whether msg is RekeyProofMessage(name,
+// oldKey, newKey, t) for a t within KeyProofMaxAge of now.
+func CheckRekeyProofMessage(msg []byte, name string, oldKey, newKey key.Public, now time.Time) error {
+	f := strings.Split(string(msg), " ")
+	if len(f) != 5 || f[0] != rekeyProofLabel || f[1] != name {
+		return errors.New("key proof made for another name or purpose")
+	}
+	if f[2] != oldKey.String() || f[3] != newKey.String() {
+		return errors.New("key proof made for another pair of keys")
+	}
+	return checkProofTime(f[4], now)
+}
+
+// checkProofTime checks a proof's Unix time against now.
+func checkProofTime(unix string, now time.Time) error {
 	sec, err := strconv.ParseInt(unix, 10, 64)
 	if err != nil {
 		return errors.New("key proof has no time")
@@ -283,8 +315,17 @@ type MapRequest struct {
 	// ListenPort and LocalEndpoints refresh what RegisterRequest said.
 	ListenPort     uint16           `json:"listen_port"`
 	LocalEndpoints []netip.AddrPort `json:"local_endpoints,omitempty"`
-	// NodeKey lets the node rotate or re-announce its key.
+	// NodeKey re-announces the node's key, or rotates it: a key other
+	// than the stored one is taken only with both proofs below.
 	NodeKey key.Public `json:"node_key"`
+	// OldKeyProof and NewKeyProof (version 6) authorise a key change:
+	// base64 of NaCl boxes to the coordinator's ServerKey, from the
+	// node's current key and from NodeKey respectively, each sealing
+	// RekeyProofMessage(name, current key, NodeKey, now). The node secret
+	// alone is a bearer credential; a thief holding it must not be able to
+	// move the node's addresses to a key of his own.
+	OldKeyProof string `json:"old_key_proof,omitempty"`
+	NewKeyProof string `json:"new_key_proof,omitempty"`
 }
 
 // MapResponse is one message on the map stream. Exactly one of the shapes is

@@ -231,7 +231,9 @@ const (
 	EventPasswordChanged EventKind = "password_changed"
 	EventUserRemoved     EventKind = "user_removed"
 	EventUserApproved    EventKind = "user_approved"
-	EventRelay           EventKind = "relay" // a standalone relay registered or was removed
+	EventRelay           EventKind = "relay"         // a standalone relay registered or was removed
+	EventRekey           EventKind = "rekey"         // a node proved its old and new key and rotated
+	EventRekeyRefused    EventKind = "rekey_refused" // a key change without valid proofs of both keys
 )
 
 // Event is one entry of the event log shown in the console.
@@ -270,7 +272,7 @@ const (
 // Class is the retention class of events of kind k.
 func (k EventKind) Class() EventClass {
 	switch k {
-	case EventRegisterFailed, EventLoginFailed, EventExposeRefused:
+	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused:
 		return ClassFailure
 	case EventJoin, EventLeave, EventExpose, EventUnexpose:
 		return ClassActivity
