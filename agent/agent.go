@@ -159,8 +159,13 @@ type Agent struct {
 	lastErr    string
 	lastMap    time.Time
 	closed     bool
+	// rekey is a key rotation waiting for controlLoop (RotateKey);
+	// streamCancel ends the map stream open now.
+	rekey        *rekey
+	streamCancel context.CancelFunc
 
 	syncMu sync.Mutex // serialises export announcements
+	rotMu  sync.Mutex // serialises key rotations
 }
 
 // New checks the configuration and state directory. It opens nothing on
@@ -572,11 +577,28 @@ func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID str
 func (a *Agent) controlLoop() {
 	bo := a.retryBackoff()
 	for a.ctx.Err() == nil {
-		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: a.key.Public()}
+		a.mu.Lock()
+		cur, rk := a.key, a.rekey
+		sctx, scancel := context.WithCancel(a.ctx)
+		a.streamCancel = scancel
+		a.mu.Unlock()
+		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: cur.Public()}
+		if rk != nil {
+			mr.NodeKey, mr.OldKeyProof, mr.NewKeyProof = rk.priv.Public(), rk.old, rk.new
+		}
 		first := true
-		err := a.cc.streamMap(a.ctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
+		err := a.cc.streamMap(sctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
 			if first {
 				first = false
+				if rk != nil {
+					// Accepted: the coordinator holds the new key now.
+					err := a.switchKey(rk)
+					a.mu.Lock()
+					a.rekey = nil
+					a.mu.Unlock()
+					rk.done <- err
+					rk = nil
+				}
 				bo.Reset()
 				a.setConnected(true, nil)
 				a.log.Info("connected to the coordinator", "url", a.node.URL)
@@ -595,8 +617,21 @@ func (a *Agent) controlLoop() {
 			}
 			return nil
 		})
+		scancel()
+		a.mu.Lock()
+		pending := a.rekey
+		if rk != nil && pending == rk {
+			a.rekey = nil // refused: keep the old key
+		}
+		a.mu.Unlock()
+		if rk != nil {
+			rk.done <- err
+		}
 		if a.ctx.Err() != nil {
 			return
+		}
+		if pending != nil && pending != rk {
+			continue // RotateKey ended the stream to open it with the new key
 		}
 		a.setConnected(false, err)
 		var ae *apiError

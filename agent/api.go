@@ -84,6 +84,14 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
+	mux.HandleFunc("POST "+localapi.PathRotateKey, func(w http.ResponseWriter, r *http.Request) {
+		k, err := a.RotateKey(r.Context())
+		if err != nil {
+			writeJSON(w, http.StatusBadGateway, localapi.Error{Message: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, localapi.RotateKeyResponse{Key: k.String()})
+	})
 	s := &apiServer{ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)

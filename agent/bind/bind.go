@@ -98,8 +98,6 @@ type Bind struct {
 	inner    conn.Bind
 	newRelay func(relay.ClientConfig) RelayClient
 	log      *slog.Logger
-	priv     key.Private
-	pub      key.Public
 	onAddr   func(netip.AddrPort)
 	// relayOnly disables direct paths (Config.RelayOnly).
 	relayOnly bool
@@ -118,6 +116,9 @@ type Bind struct {
 	// reads and writes the peer, path and relay state together, and none
 	// holds it across I/O. Splitting it would buy little and order locks.
 	mu sync.Mutex // guards the fields below, and the unexported non-atomic fields of every peer and path reached from them
+	// priv and pub are the node's key, changed by SetPrivateKey.
+	priv key.Private
+	pub  key.Public
 	// peers and byAddr: per-peer path state (peer.go).
 	peers  map[key.Public]*peer
 	byAddr map[netip.AddrPort]*peer

@@ -2,6 +2,7 @@ package bind
 
 import (
 	"errors"
+	"golang.org/x/crypto/nacl/box"
 	"net/netip"
 	"slices"
 	"time"
@@ -239,4 +240,31 @@ func (b *Bind) SetRelays(cfgs []RelayConfig) {
 	for rc := range removed {
 		rc.client.Close()
 	}
+}
+
+// SetPrivateKey switches the bind to a new node key (a rotation): disco
+// messages are sealed with it from now on, and every relay connection is
+// opened again, authenticated by the new key (the relay serves the node
+// under its new key only).
+func (b *Bind) SetPrivateKey(k key.Private) {
+	b.mu.Lock()
+	if b.shutdown {
+		b.mu.Unlock()
+		return
+	}
+	b.priv, b.pub = k, k.Public()
+	priv := k.Raw()
+	for _, p := range b.peers {
+		peerPub := p.key.Raw()
+		box.Precompute(&p.shared, &peerPub, &priv)
+	}
+	cfgs := make([]RelayConfig, 0, len(b.relays))
+	for _, rc := range b.relays {
+		cfgs = append(cfgs, rc.cfg)
+	}
+	b.mu.Unlock()
+	// Closing them all, then listing them again, makes SetRelays open a
+	// fresh connection to each with the new key.
+	b.SetRelays(nil)
+	b.SetRelays(cfgs)
 }

@@ -30,6 +30,9 @@ const (
 	PathExpose   = "/v1/expose"
 	PathUnexpose = "/v1/unexpose"
 	PathPing     = "/v1/ping" // ?node=NAME&timeout=2s
+	// PathRotateKey (POST) rotates the node's WireGuard key; answers
+	// RotateKeyResponse once the coordinator took the new key.
+	PathRotateKey = "/v1/rotate-key"
 )
 
 // Status is the answer to PathStatus.
@@ -247,4 +250,16 @@ func (c *Client) Ping(ctx context.Context, node string, timeout time.Duration) (
 	// read before or after the call fills it.
 	err := c.api.Do(ctx, http.MethodGet, PathPing+"?"+q.Encode(), nil, &out)
 	return out, err
+}
+
+// RotateKeyResponse answers PathRotateKey.
+type RotateKeyResponse struct {
+	// Key is the node's new public key.
+	Key string `json:"key"`
+}
+
+// RotateKey asks the agent to rotate its node key.
+func (c *Client) RotateKey(ctx context.Context) (*RotateKeyResponse, error) {
+	var out RotateKeyResponse
+	return &out, c.api.Do(ctx, http.MethodPost, PathRotateKey, struct{}{}, &out)
 }

@@ -122,6 +122,7 @@ func newApp() *cli.App {
 			servicesCmd(),
 			statusCmd(),
 			pingCmd(),
+			rotateKeyCmd(),
 		},
 		ExitErrHandler: func(c *cli.Context, err error) {},
 	}

@@ -214,3 +214,21 @@ func pingCmd() *cli.Command {
 		},
 	}
 }
+
+func rotateKeyCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "rotate-key",
+		Usage: "give the running agent a new WireGuard key (proved to the coordinator with the old one); connections through the mesh survive",
+		Flags: []cli.Flag{stateFlag()},
+		Action: func(c *cli.Context) error {
+			ctx, cancel := signalContext()
+			defer cancel()
+			res, err := newLocalClient(c).RotateKey(ctx)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("rotated the node key; new public key %s\n", res.Key)
+			return nil
+		},
+	}
+}
