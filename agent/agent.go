@@ -26,6 +26,7 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 
 	"github.com/meshlink/meshlink/agent/bind"
+	"github.com/meshlink/meshlink/agent/localproxy"
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/agent/wgcfg"
 	"github.com/meshlink/meshlink/dns"
@@ -108,6 +109,12 @@ type Config struct {
 	// (netstack.Gate); DefaultPipelinePackets when 0 or less. A knob for
 	// measurements.
 	PipelinePackets int
+	// SOCKS5 and HTTPProxy are where the local SOCKS5 and HTTP proxies
+	// listen ("127.0.0.1:1080", "127.0.0.1:3128"); "" or "off" is off.
+	// Mesh names go through the mesh, other names direct.
+	SOCKS5, HTTPProxy string
+	// ProxyMeshOnly makes those proxies refuse names outside the mesh.
+	ProxyMeshOnly bool
 }
 
 // pipelineWait is the longest a full pipeline holds a reader back before
@@ -128,6 +135,7 @@ type Agent struct {
 	dns      *dns.Server
 	consumer *proxy.Consumer
 	provider *proxy.Provider
+	local    *localproxy.Server // nil when neither local proxy is on
 	api      *apiServer
 	metrics  *metricsServer // nil when metrics are off
 	cc       *controlClient
@@ -350,6 +358,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 
 	if err := a.startWireGuard(); err != nil {
+		return err
+	}
+	if err := a.startLocalProxy(); err != nil {
 		return err
 	}
 	if err := a.startDNS(); err != nil {
@@ -977,6 +988,9 @@ func (a *Agent) Close() error {
 	a.metrics.close() // first: a scrape reads the parts closed below
 	if a.api != nil {
 		a.api.close()
+	}
+	if a.local != nil {
+		a.local.Close() // before the consumer it dials through
 	}
 	if a.consumer != nil {
 		a.consumer.Close()

@@ -237,7 +237,7 @@ func (c *Consumer) serve(s *service, local net.Conn, oc *openConn) {
 	s.total.Add(1)
 	s.open.Add(1)
 	defer s.open.Add(-1)
-	remote, t, h, err := c.dialAny(s)
+	remote, t, h, err := c.dialAny(c.ctx, s)
 	if err != nil {
 		s.failed.Add(1)
 		c.log.Warn("no provider could take the connection; closing it", "service", s.name, "err", err)
@@ -254,7 +254,7 @@ func (c *Consumer) serve(s *service, local net.Conn, oc *openConn) {
 
 // dialAny tries the providers in order of preference; the returned health's
 // open count has been incremented for the caller.
-func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
+func (c *Consumer) dialAny(ctx context.Context, s *service) (net.Conn, Target, *health, error) {
 	targets := c.order(*s.targets.Load())
 	if len(targets) == 0 {
 		return nil, Target{}, nil, fmt.Errorf("service %s has no providers", s.name)
@@ -269,7 +269,7 @@ func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
 			// (a lost first handshake costs WireGuard a 5 s retry).
 			timeout *= 3
 		}
-		conn, err := c.dial(t, timeout)
+		conn, err := c.dial(ctx, t, timeout)
 		if err == nil {
 			h.mu.Lock()
 			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
@@ -290,14 +290,68 @@ func (c *Consumer) dialAny(s *service) (net.Conn, Target, *health, error) {
 	return nil, Target{}, nil, errors.Join(errs...)
 }
 
-func (c *Consumer) dial(t Target, timeout time.Duration) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(c.ctx, timeout)
+func (c *Consumer) dial(ctx context.Context, t Target, timeout time.Duration) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	// Close cancels dials in flight whatever context the caller passed.
+	stop := context.AfterFunc(c.ctx, cancel)
+	defer stop()
 	if t.Local != "" {
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", t.Local)
 	}
 	return c.cfg.Dialer.DialTCP(ctx, t.Addr)
+}
+
+// ErrUnknownService is returned by DialService for a name the network map
+// does not list as a consumed service.
+var ErrUnknownService = errors.New("proxy: unknown service")
+
+// DialService opens a connection to a provider of the consumed service
+// name, chosen and failed over exactly as for a connection accepted by the
+// service's local listener, and counted in its status. The connection
+// counts as open at its provider until it is closed. Local proxies (SOCKS5,
+// HTTP) use it so that every path into the mesh shares one provider choice.
+func (c *Consumer) DialService(ctx context.Context, name string) (net.Conn, error) {
+	c.mu.Lock()
+	s := c.services[name]
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return nil, net.ErrClosed
+	}
+	if s == nil {
+		return nil, fmt.Errorf("%w %q", ErrUnknownService, name)
+	}
+	s.total.Add(1)
+	remote, _, h, err := c.dialAny(ctx, s)
+	if err != nil {
+		s.failed.Add(1)
+		return nil, fmt.Errorf("proxy: service %s: %w", name, err)
+	}
+	s.open.Add(1)
+	return &serviceConn{Conn: remote, done: func() { s.open.Add(-1); h.open.Add(-1) }}, nil
+}
+
+// serviceConn gives back its counts once, at the first Close.
+type serviceConn struct {
+	net.Conn
+	once sync.Once
+	done func()
+}
+
+func (sc *serviceConn) Close() error {
+	err := sc.Conn.Close()
+	sc.once.Do(sc.done)
+	return err
+}
+
+// CloseWrite passes a half-close on when the connection supports it (Splice).
+func (sc *serviceConn) CloseWrite() error {
+	if cw, ok := sc.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return sc.Conn.Close()
 }
 
 func (c *Consumer) healthOf(node wire.NodeID) *health {

@@ -672,6 +672,9 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
 			&cli.BoolFlag{Name: "relay-only", Usage: "never use direct UDP paths, always the relay (diagnosis)", EnvVars: env("RELAY_ONLY")},
+			&cli.StringFlag{Name: "socks5", Usage: "serve a SOCKS5 proxy on this address (e.g. 127.0.0.1:1080): mesh names through the mesh, others direct; default off", EnvVars: env("SOCKS5")},
+			&cli.StringFlag{Name: "http-proxy", Usage: "serve an HTTP proxy (CONNECT and http:// URLs) on this address (e.g. 127.0.0.1:3128); default off", EnvVars: env("HTTP_PROXY")},
+			&cli.BoolFlag{Name: "proxy-mesh-only", Usage: "the --socks5 and --http-proxy proxies refuse names outside the mesh", EnvVars: env("PROXY_MESH_ONLY")},
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
 			// A tuning knob for measurements, not for users: hidden.
 			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
@@ -742,6 +745,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
 		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
+		SOCKS5: c.String("socks5"), HTTPProxy: c.String("http-proxy"), ProxyMeshOnly: c.Bool("proxy-mesh-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
 	}, nil
