@@ -120,6 +120,7 @@ func newApp() *cli.App {
 			exposeCmd(),
 			unexposeCmd(),
 			servicesCmd(),
+			connectCmd(),
 			statusCmd(),
 			pingCmd(),
 			rotateKeyCmd(),

@@ -52,6 +52,8 @@ func TestFlagsAfterArguments(t *testing.T) {
 		{"meshlink unexpose web --state=./b", "meshlink unexpose --state=./b -- web"},
 		{"meshlink ping siteb --state ./a -c 1", "meshlink ping --state ./a -c 1 -- siteb"},
 		{"meshlink services --json --state ./a", "meshlink services --json --state ./a"},
+		{"meshlink connect web --state ./a --listen 127.0.0.1:9000", "meshlink connect --state ./a --listen 127.0.0.1:9000 -- web"},
+		{"meshlink connect --stdio ssh --state ./a", "meshlink connect --stdio --state ./a -- ssh"},
 		{"meshlink token inspect TOKEN", "meshlink token inspect -- TOKEN"},
 		{"meshlink agent --join T --expose a=1:2 --expose b=3:4", "meshlink agent --join T --expose a=1:2 --expose b=3:4"},
 	}
