@@ -46,6 +46,7 @@ func (s *Server) startHTTP() {
 	s.httpSrv = &http.Server{
 		Handler:           &httpHandler{s: s, rp: rp},
 		ReadHeaderTimeout: s.cfg.HandshakeTimeout,
+		BaseContext:       func(net.Listener) context.Context { return s.ctx },
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
@@ -84,6 +85,13 @@ type httpHandler struct {
 }
 
 func (h *httpHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// http.Server.Close does not wait for handlers: the Server does, and
+	// its ctx (BaseContext) ends their dials and forwards.
+	if !h.s.goAdd() {
+		http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	defer h.s.wg.Done()
 	if r.Method == http.MethodConnect {
 		h.s.connect(w, r)
 		return
@@ -123,13 +131,7 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// A hijacked connection is no longer the http.Server's: the Server
-	// owns it from here, and Close ends it.
-	if !s.goAdd() {
-		remote.Close()
-		http.Error(w, "shutting down", http.StatusServiceUnavailable)
-		return
-	}
-	defer s.wg.Done()
+	// tracks it from here, and Close ends it.
 	c, rw, err := hj.Hijack()
 	if err != nil {
 		remote.Close()

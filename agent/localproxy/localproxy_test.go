@@ -419,3 +419,38 @@ func (l nopListener) Close() error {
 	return nil
 }
 func (nopListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+// TestCloseEndsTunnels: Close returns with tunnels open, and their clients
+// see the connection end.
+func TestCloseEndsTunnels(t *testing.T) {
+	web := startWeb(t)
+	s, err := New(Config{SOCKS5: "127.0.0.1:0", HTTP: "127.0.0.1:0", Mesh: fakeMesh{target: web.Listener.Addr().String()}, Logger: tstest.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, _ := xproxy.SOCKS5("tcp", s.SOCKS5Addr().String(), nil, xproxy.Direct)
+	socksConn, err := d.Dial("tcp", "web.mesh.internal:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer socksConn.Close()
+	httpConn, err := net.Dial("tcp", s.HTTPAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer httpConn.Close()
+	fmt.Fprintf(httpConn, "CONNECT web.mesh.internal:80 HTTP/1.1\r\nHost: web.mesh.internal:80\r\n\r\n")
+	br := bufio.NewReader(httpConn)
+	if resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"}); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	s.Close()
+	s.Close() // idempotent
+	for name, r := range map[string]io.Reader{"socks5": socksConn, "connect": br} {
+		socksConn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		httpConn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := r.Read(make([]byte, 1)); err != io.EOF {
+			t.Errorf("%s tunnel after Close: %v, want EOF", name, err)
+		}
+	}
+}

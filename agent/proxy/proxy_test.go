@@ -223,3 +223,56 @@ func TestCloseCancelsDials(t *testing.T) {
 		t.Fatal("Close left a dial to a provider running")
 	}
 }
+
+// TestDialService: the exported dial shares the listener's provider
+// choice (failover past a dead provider, least open connections) and gives
+// its open count back at Close; an unknown name is ErrUnknownService.
+func TestDialService(t *testing.T) {
+	dead, a, b := netip.MustParseAddrPort("100.96.0.9:80"), netip.MustParseAddrPort("100.96.0.1:80"), netip.MustParseAddrPort("100.96.0.2:80")
+	d := kernelDialer{a: greeter(t, "a"), b: greeter(t, "b")}
+	cons := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Second})
+	defer func() { cons.Close(); cons.Wait() }()
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	cons.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{
+		{Node: 9, Name: "dead", Addr: dead, Online: true}, {Node: 1, Name: "a", Addr: a, Online: true}, {Node: 2, Name: "b", Addr: b, Online: true}}}})
+	ctx := context.Background()
+	if _, err := cons.DialService(ctx, "nope"); !errors.Is(err, ErrUnknownService) {
+		t.Fatalf("DialService(nope) = %v, want ErrUnknownService", err)
+	}
+	seen := map[string]int{}
+	var conns []net.Conn
+	for i := 0; i < 4; i++ {
+		c, err := cons.DialService(ctx, "web")
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[strings.TrimSpace(line)]++
+	}
+	if seen["a"] != 2 || seen["b"] != 2 {
+		t.Fatalf("connections per provider %v, want 2 and 2", seen)
+	}
+	if st := cons.Status()[0]; st.Open != 4 {
+		t.Fatalf("open %d, want 4", st.Open)
+	}
+	for _, c := range conns {
+		c.Close()
+		c.Close() // counted back once
+	}
+	st := cons.Status()[0]
+	if st.Open != 0 {
+		t.Fatalf("open %d after Close, want 0", st.Open)
+	}
+	for _, p := range st.Providers {
+		if p.Open != 0 {
+			t.Fatalf("provider %s: %d open after Close", p.Name, p.Open)
+		}
+	}
+}
