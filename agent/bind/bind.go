@@ -398,6 +398,9 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	var r RelayClient
 	if rc := b.relayFor(p, now); rc != nil {
 		r = rc.client
+		if direct == nil && p != nil && p.via == nil {
+			p.keepUnconfirmed(rc, bufs, now)
+		}
 	}
 	b.mu.Unlock()
 	if direct != nil {

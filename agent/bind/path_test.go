@@ -499,13 +499,19 @@ func TestPeerGoneNextRelay(t *testing.T) {
 			t.Fatalf("before any answer, b would be reached via %q, want r1 (the first)", pp.Relay)
 		}
 
-		// The first packet goes to r1, which says b is not there.
+		// The first packet goes to r1, which says b is not there: it goes
+		// again over r2 at once (no relay was confirmed for b yet), so a
+		// handshake is not left to WireGuard's 5 s retry.
 		if err := a.send(t, b, data(1)); err != nil {
 			t.Fatal(err)
 		}
+		b.expect(t, 1, time.Second)
 		settle()
+		if got := h.wire.of(1); !slices.Equal(got, []string{"relay r2"}) {
+			t.Errorf("packet 1 went %v, want relay r2 (r1 has no b)", got)
+		}
 		if got := b.received(t); len(got) != 0 {
-			t.Fatalf("b received %v over r1, which it is not on", got)
+			t.Fatalf("b received %v more: packet 1 arrived twice", got)
 		}
 		if pp := pathOf(a, b); pp.Path != bind.PathRelay || pp.Relay != "r2" {
 			t.Fatalf("after r1 said b is not there, path to b = %v via %q, want relay r2", pp.Path, pp.Relay)

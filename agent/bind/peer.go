@@ -71,6 +71,15 @@ type peer struct {
 	// handshake retry.
 	pending   [][]byte
 	pendingAt time.Time
+	// unconfirmed holds the last packets sent over unconfirmedVia while no
+	// relay is confirmed for the peer (via is nil): if that relay answers
+	// that the peer is not on it, they go again over the next one at once,
+	// instead of waiting for WireGuard's 5 s handshake retry. A relay is
+	// confirmed only by an authenticated disco message, never by a frame
+	// claiming the peer's key.
+	unconfirmed    [][]byte
+	unconfirmedVia *relayConn
+	unconfirmedAt  time.Time
 
 	// replay refuses disco messages seen before; unknownCredit and
 	// unknownAt are the budget of answers to pings from new addresses.

@@ -138,11 +138,39 @@ func (b *Bind) viaLocked(p *peer, rc *relayConn) {
 // onPeerGone is the relay clients' OnPeerGone: rc is passed over for dst
 // for goneFor.
 func (b *Bind) onPeerGone(rc *relayConn, dst key.Public) {
+	now := time.Now()
+	var resend [][]byte
+	var next *relayConn
 	b.mu.Lock()
 	if p := b.peers[dst]; p != nil {
-		p.gone[rc] = time.Now()
+		p.gone[rc] = now
+		if p.unconfirmedVia == rc && now.Sub(p.unconfirmedAt) < pendingFor {
+			if next = b.relayFor(p, now); next != nil && next != rc {
+				resend = p.unconfirmed
+				p.txRelay.Add(sizeOf(resend))
+			}
+		}
+		p.unconfirmed, p.unconfirmedVia = nil, nil
 	}
 	b.mu.Unlock()
+	for _, pkt := range resend {
+		next.client.Send(dst, pkt)
+	}
+}
+
+// keepUnconfirmed remembers the last packets sent over rc while no relay
+// is confirmed for p (see peer.unconfirmed). The caller holds b.mu.
+func (p *peer) keepUnconfirmed(rc *relayConn, bufs [][]byte, now time.Time) {
+	if p.unconfirmedVia != rc {
+		p.unconfirmed = p.unconfirmed[:0]
+	}
+	for _, buf := range bufs {
+		if len(p.unconfirmed) == maxPending {
+			p.unconfirmed = p.unconfirmed[1:]
+		}
+		p.unconfirmed = append(p.unconfirmed, slices.Clone(buf))
+	}
+	p.unconfirmedVia, p.unconfirmedAt = rc, now
 }
 
 // holdPending keeps bufs for p, which has no path at all, until a relay
