@@ -144,8 +144,10 @@ func TestReplayedPingIgnored(t *testing.T) {
 				}
 			}
 		})
-		peer(a, b, b4)
+		// b knows a before a pings: the captured ping is one b took (a
+		// ping b never saw is, rightly, no replay to it).
 		peer(b, a, a4)
+		peer(a, b, b4)
 		waitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
 		mu.Lock()
 		ping := captured
