@@ -17,6 +17,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 )
 
 // sentCounter counts what one address sends, by destination.
@@ -148,7 +149,7 @@ func TestReplayedPingIgnored(t *testing.T) {
 		// ping b never saw is, rightly, no replay to it).
 		peer(b, a, a4)
 		peer(a, b, b4)
-		waitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
+		tstest.WaitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
 		mu.Lock()
 		ping := captured
 		mu.Unlock()
@@ -203,7 +204,7 @@ func TestRelayForgedSource(t *testing.T) {
 		peer(b, a)
 		a.b.SetRelays([]bind.RelayConfig{relayConfig(r1), relayConfig(r2)})
 		b.b.SetRelays([]bind.RelayConfig{relayConfig(r1)}) // b is not on r2
-		waitFor(t, time.Second, "a's relays connect", func() bool {
+		tstest.WaitFor(t, time.Second, "a's relays connect", func() bool {
 			rs := a.b.Relays()
 			return len(rs) == 2 && rs[0].Connected && rs[1].Connected
 		})

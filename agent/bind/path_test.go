@@ -27,6 +27,7 @@ import (
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/bind/bindtest"
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 )
 
 var (
@@ -232,19 +233,6 @@ func (n *node) received(t *testing.T) []int {
 	}
 }
 
-// waitFor polls cond on the fake clock until it holds, or fails after
-// within.
-func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("not within %v: %s", within, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // settle lets every packet in flight land (links here are at most 20ms).
 func settle() {
 	time.Sleep(100 * time.Millisecond)
@@ -270,7 +258,7 @@ func TestIPv4First(t *testing.T) {
 		b := h.addNode("b", b4, b6)
 		peer(a, b, b4, b6)
 		peer(b, a, a4, a6)
-		waitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
+		tstest.WaitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
 
 		// Both paths answer, IPv6 faster: what `meshlink ping` shows.
 		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
@@ -320,7 +308,7 @@ func TestSilentPathDropped(t *testing.T) {
 		peer(b, a, a4)
 		a.b.SetRelays([]bind.RelayConfig{relayConfig(r)})
 		b.b.SetRelays([]bind.RelayConfig{relayConfig(r)})
-		waitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
+		tstest.WaitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
 
 		seq := 0
 		next := func() int {
@@ -381,7 +369,7 @@ func TestRelayThenDirect(t *testing.T) {
 		peer(b, a, a4)
 		a.b.SetRelays([]bind.RelayConfig{relayConfig(r)})
 		b.b.SetRelays([]bind.RelayConfig{relayConfig(r)})
-		waitFor(t, 5*time.Second, "a reaches b over the relay", func() bool { return pathOf(a, b).Path == bind.PathRelay })
+		tstest.WaitFor(t, 5*time.Second, "a reaches b over the relay", func() bool { return pathOf(a, b).Path == bind.PathRelay })
 
 		seq := 0
 		next := func() int {
@@ -491,7 +479,7 @@ func TestPeerGoneNextRelay(t *testing.T) {
 		peer(b, a)
 		a.b.SetRelays([]bind.RelayConfig{relayConfig(r1), relayConfig(r2)})
 		b.b.SetRelays([]bind.RelayConfig{relayConfig(r2)}) // b is not on r1
-		waitFor(t, time.Second, "a's relays connect", func() bool {
+		tstest.WaitFor(t, time.Second, "a's relays connect", func() bool {
 			rs := a.b.Relays()
 			return len(rs) == 2 && rs[0].Connected && rs[1].Connected
 		})
