@@ -149,7 +149,9 @@ func TestReplayedPingIgnored(t *testing.T) {
 		// ping b never saw is, rightly, no replay to it).
 		peer(b, a, a4)
 		peer(a, b, b4)
-		tstest.WaitFor(t, 5*time.Second, "a finds a direct path to b", func() bool { return pathOf(a, b).Path == bind.PathDirect })
+		tstest.WaitFor(t, 5*time.Second, "a and b find direct paths to each other", func() bool {
+			return pathOf(a, b).Path == bind.PathDirect && pathOf(b, a).Path == bind.PathDirect
+		})
 		mu.Lock()
 		ping := captured
 		mu.Unlock()
