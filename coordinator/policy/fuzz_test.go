@@ -1,0 +1,38 @@
+package policy_test
+
+import (
+	"testing"
+
+	"github.com/meshlink/meshlink/coordinator/policy"
+)
+
+// FuzzParse: no input crashes the parser, and whatever it accepts the
+// evaluator and the test runner handle.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(example))
+	f.Add([]byte(policy.Default))
+	f.Add([]byte(`{"rules":[{"from":["*"],"to":["web"],"action":"deny"}]}`))
+	f.Add([]byte("groups:\n  a: &x [user:a]\n  b: *x\n"))
+	f.Add([]byte("rules:\n  - from: [autogroup:self]\n    to: ['*']\ntests:\n  - from: node:x\n    allow: ['*']\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, err := policy.Parse("fuzz.yaml", data)
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("an error without a message")
+			}
+			return
+		}
+		prs := []policy.Principal{{}, {Node: "n", User: "alice", Admin: true}, {Node: "t", Tags: []string{"ci", "db"}}}
+		for _, pr := range prs {
+			for _, svc := range []string{"web", "db", ""} {
+				d := p.Decide(pr, svc, "alice")
+				if d.Rule >= len(p.Rules) {
+					t.Fatalf("rule %d of %d", d.Rule, len(p.Rules))
+				}
+				p.CanProvide(pr, svc)
+				p.CanGiveTag(pr, svc)
+			}
+		}
+		_ = p.Run(policy.Offline{P: p})
+	})
+}
