@@ -25,6 +25,7 @@ const (
 	adminPathServices = "/admin/v1/services"
 	adminPathRelays   = "/admin/v1/relays"
 	adminPathUsers    = "/admin/v1/users"
+	adminPathPolicy   = "/admin/v1/policy"
 )
 
 // UserInfo is an account as the admin socket lists it.
@@ -173,6 +174,7 @@ func (s *Server) adminHandler() http.Handler {
 		writeJSON(w, http.StatusOK, append([]wire.Service{}, snap.services...))
 	})
 	s.adminUsers(mux)
+	s.adminPolicy(mux)
 	return s.track(mux)
 }
 

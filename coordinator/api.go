@@ -337,7 +337,11 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 	if req.Port == 0 {
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q needs a port from 1 to 65535", name)
 	}
-	if _, err := s.store.ExposeService(ctx, name, node.ID, req.Port); err != nil {
+	listed, refused := s.checkProvide(ctx, node, name)
+	if refused != nil {
+		return refused
+	}
+	if _, err := s.store.ExposeServiceAs(ctx, name, node.ID, req.Port, listed); err != nil {
 		var notOwner *store.NotOwnerError
 		if errors.As(err, &notOwner) {
 			s.console.Record(store.Event{Kind: store.EventExposeRefused, Actor: "node " + node.Name, Node: node.Name, OwnerID: node.OwnerID,

@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -206,6 +207,10 @@ type Server struct {
 
 	snapMu sync.Mutex // guards snap; held while building one
 	snap   *snapshot
+
+	// policy is the access policy in force; SetPolicy replaces it whole.
+	policy   atomic.Pointer[activePolicy]
+	policyMu sync.Mutex // serialises SetPolicy
 }
 
 // New opens the store in cfg.DataDir and loads or creates the certificate.
@@ -333,6 +338,11 @@ func New(cfg Config) (*Server, error) {
 		cancel:      cancel,
 	}
 	s.hub.init()
+	if err := s.loadPolicy(ctx); err != nil {
+		st.Close()
+		cancel()
+		return nil, err
+	}
 	s.relay = relay.NewServer(relay.ServerConfig{Logger: cfg.Logger, PrivateKey: relayKey, Verify: s.relayVerify})
 	s.metrics = newMetrics(s)
 	s.console = web.New(web.Config{Store: st, Mesh: consoleMesh{s}, URL: s.URL, Logger: cfg.Logger, PollWait: cfg.RegisterPollWait,
@@ -698,6 +708,20 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		o.Owner = owner
 	}
 	tok.OwnerID = o.Owner
+	if !o.Relay {
+		if err := s.checkTags(ctx, o.Owner, tags); err != nil {
+			var te *TagError
+			if errors.As(err, &te) {
+				actor := "admin socket"
+				if !viaAdminSocket {
+					actor = s.userName(ctx, o.Owner)
+				}
+				s.console.Record(store.Event{Kind: store.EventTokenRefused, Actor: actor, OwnerID: o.Owner,
+					Message: fmt.Sprintf("refused a token with tag:%s for %s: %s", te.Tag, s.userName(ctx, o.Owner), te.Why)})
+			}
+			return "", fmt.Errorf("coordinator: %w", err)
+		}
+	}
 	secret := randomSecret(32)
 	tok.SecretHash = store.HashSecret(secret)
 	jt := wire.JoinToken{URL: u, Fingerprint: s.fingerprint, ID: tok.ID, Secret: secret}

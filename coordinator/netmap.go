@@ -5,9 +5,11 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
+	"github.com/meshlink/meshlink/coordinator/policy"
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
@@ -150,6 +152,18 @@ type snapshot struct {
 	services []wire.Service // with at least one provider, by name
 	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
+	// access filters each node's map by the policy; nil when the policy
+	// lets every node reach every service (every map is the whole mesh).
+	access *accessTable
+}
+
+// accessTable is the policy evaluated for every node and service of a
+// snapshot.
+type accessTable struct {
+	reach map[wire.NodeID][]int // indices into snapshot.services a node may reach
+	// peers: the nodes each node may reach a service of, or that may
+	// reach one of its services. Symmetric.
+	peers map[wire.NodeID]map[wire.NodeID]bool
 }
 
 // current returns the snapshot of the current generation, building it once
@@ -204,8 +218,63 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 			Name: sv.Name, VIP: sv.VIP, Port: sv.Port, Providers: ps, AllowedNodes: []string{"*"},
 		})
 	}
+	if pol := s.currentPolicy().p; !pol.AllowsAll() {
+		users, err := s.store.ListUsers(ctx)
+		if err != nil {
+			return nil, err
+		}
+		snap.access = evaluateAccess(pol, nodes, users, svcs, snap.services)
+	}
 	s.snap = snap
 	return snap, nil
+}
+
+// evaluateAccess decides, for every node and service, whether the node
+// may reach it, and fills each service's AllowedNodes with the IDs of
+// those that may (what its providers enforce).
+func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, svcs []store.Service, services []wire.Service) *accessTable {
+	byID := make(map[int64]store.User, len(users))
+	for _, u := range users {
+		byID[u.ID] = u
+	}
+	owner := make(map[string]string, len(svcs))
+	for _, sv := range svcs {
+		owner[sv.Name] = byID[sv.OwnerID].Username
+	}
+	prs := make([]policy.Principal, len(nodes))
+	for i, n := range nodes {
+		prs[i] = nodePrincipal(n, byID)
+	}
+	t := &accessTable{reach: map[wire.NodeID][]int{}, peers: map[wire.NodeID]map[wire.NodeID]bool{}}
+	link := func(a, b wire.NodeID) {
+		if a == b {
+			return
+		}
+		for _, p := range [2][2]wire.NodeID{{a, b}, {b, a}} {
+			m := t.peers[p[0]]
+			if m == nil {
+				m = map[wire.NodeID]bool{}
+				t.peers[p[0]] = m
+			}
+			m[p[1]] = true
+		}
+	}
+	for si := range services {
+		sv := &services[si]
+		allowed := []string{}
+		for ni, n := range nodes {
+			if !pol.Decide(prs[ni], sv.Name, owner[sv.Name]).Allow {
+				continue
+			}
+			allowed = append(allowed, strconv.FormatUint(uint64(n.ID), 10))
+			t.reach[n.ID] = append(t.reach[n.ID], si)
+			for _, p := range sv.Providers {
+				link(n.ID, p.Node)
+			}
+		}
+		sv.AllowedNodes = allowed
+	}
+	return t
 }
 
 // mapFor is the network map of node id, or false if the node is gone.
@@ -215,6 +284,10 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 		return nil, false
 	}
 	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Peers: make([]wire.Node, 0, len(sn.nodes)-1), Services: sn.services, Relays: sn.relays}
+	if sn.access != nil {
+		sn.filter(nm, id)
+		return nm, true
+	}
 	for _, n := range sn.nodes {
 		if n.ID != id {
 			nm.Peers = append(nm.Peers, n)
@@ -224,6 +297,32 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 		nm.Services = []wire.Service{}
 	}
 	return nm, true
+}
+
+// filter fills nm with what node id may know under the policy: the
+// services it may reach or provides, the peers it may reach or that may
+// reach it. Of a service it only consumes, it learns no other consumer:
+// AllowedNodes names itself.
+func (sn *snapshot) filter(nm *wire.NetworkMap, id wire.NodeID) {
+	peers := sn.access.peers[id]
+	for _, n := range sn.nodes {
+		if n.ID != id && peers[n.ID] {
+			nm.Peers = append(nm.Peers, n)
+		}
+	}
+	reach := sn.access.reach[id]
+	self := []string{strconv.FormatUint(uint64(id), 10)}
+	nm.Services = []wire.Service{}
+	for si, sv := range sn.services {
+		provides := slices.ContainsFunc(sv.Providers, func(p wire.Provider) bool { return p.Node == id })
+		switch {
+		case provides:
+			nm.Services = append(nm.Services, sv)
+		case slices.Contains(reach, si):
+			sv.AllowedNodes = self
+			nm.Services = append(nm.Services, sv)
+		}
+	}
 }
 
 func (sn *snapshot) service(name string) (wire.Service, bool) {

@@ -450,8 +450,11 @@ type Service struct {
 	// Port is the port consumers connect to locally.
 	Port      uint16     `json:"port"`
 	Providers []Provider `json:"providers"`
-	// AllowedNodes lists who may connect; "*" is every node of the mesh.
-	// Providers enforce it on every inbound connection.
+	// AllowedNodes lists who may connect; "*" is every node of the mesh,
+	// otherwise the decimal IDs of the nodes the access policy lets in
+	// (possibly none). Providers enforce it on every inbound connection.
+	// Under a policy, a node's map holds only the services it may reach
+	// or provides, and of one it only consumes AllowedNodes names itself.
 	AllowedNodes []string `json:"allowed_nodes"`
 }
 

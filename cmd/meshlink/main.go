@@ -116,6 +116,7 @@ func newApp() *cli.App {
 			relayCmd(),
 			relaysCmd(),
 			nodesCmd(),
+			policyCmd(),
 			agentCmd(),
 			exposeCmd(),
 			unexposeCmd(),

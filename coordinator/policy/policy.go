@@ -25,7 +25,7 @@ import (
 )
 
 // MaxSize bounds a policy file in bytes.
-const MaxSize = 1 << 20
+const MaxSize = 256 << 10
 
 // Limits on what one policy may hold, so that evaluating it stays cheap.
 const (

@@ -155,6 +155,14 @@ var migrations = []string{
 	// 9: accounts an OIDC sign-in created under --oidc-new-users=pending
 	// wait for an admin's approval before they can sign in.
 	`ALTER TABLE users ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;`,
+	// 10: the access policy, one row: its text as set (comments kept),
+	// when and by whom. No row: the allow-all default.
+	`CREATE TABLE policy (
+		id INTEGER PRIMARY KEY CHECK (id = 1),
+		text TEXT NOT NULL,
+		updated INTEGER NOT NULL,
+		updated_by TEXT NOT NULL DEFAULT ''
+	);`,
 }
 
 // Options tune an SQLite store; the zero value is the default for each.
@@ -871,8 +879,38 @@ func scanService(r scanner) (Service, error) {
 	return sv, nil
 }
 
+// GetPolicy implements Store.
+func (s *SQLite) GetPolicy(ctx context.Context) (StoredPolicy, error) {
+	var p StoredPolicy
+	var updated int64
+	err := s.db.QueryRowContext(ctx, `SELECT text, updated, updated_by FROM policy WHERE id = 1`).Scan(&p.Text, &updated, &p.UpdatedBy)
+	if errors.Is(err, sql.ErrNoRows) {
+		return p, ErrNotFound
+	} else if err != nil {
+		return p, fmt.Errorf("store: get policy: %w", err)
+	}
+	p.Updated = fromUnixNano(updated)
+	return p, nil
+}
+
+// SetPolicy implements Store.
+func (s *SQLite) SetPolicy(ctx context.Context, p StoredPolicy) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO policy (id, text, updated, updated_by) VALUES (1, ?, ?, ?)
+		ON CONFLICT (id) DO UPDATE SET text = excluded.text, updated = excluded.updated, updated_by = excluded.updated_by`,
+		p.Text, unixNano(p.Updated), p.UpdatedBy)
+	if err != nil {
+		return fmt.Errorf("store: set policy: %w", err)
+	}
+	return nil
+}
+
 // ExposeService implements Store.
 func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error) {
+	return s.ExposeServiceAs(ctx, name, nodeID, port, false)
+}
+
+// ExposeServiceAs implements Store.
+func (s *SQLite) ExposeServiceAs(ctx context.Context, name string, nodeID wire.NodeID, port uint16, policyOwned bool) (Service, error) {
 	var sv Service
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		var owner int64
@@ -914,7 +952,7 @@ func (s *SQLite) ExposeService(ctx context.Context, name string, nodeID wire.Nod
 			if _, err := tx.ExecContext(ctx, `UPDATE services SET owner_id = ? WHERE name = ?`, owner, name); err != nil {
 				return err
 			}
-		} else if sv.OwnerID != owner {
+		} else if sv.OwnerID != owner && !policyOwned {
 			return &NotOwnerError{Service: name, OwnerID: sv.OwnerID}
 		}
 		if _, err := tx.ExecContext(ctx, `UPDATE services SET idle_since = 0 WHERE name = ? AND idle_since != 0`, name); err != nil {

@@ -234,7 +234,16 @@ const (
 	EventRelay           EventKind = "relay"         // a standalone relay registered or was removed
 	EventRekey           EventKind = "rekey"         // a node proved its old and new key and rotated
 	EventRekeyRefused    EventKind = "rekey_refused" // a key change without valid proofs of both keys
+	EventPolicy          EventKind = "policy"        // a person set the access policy
+	EventTokenRefused    EventKind = "token_refused" // a token with tags its minter may not give
 )
+
+// StoredPolicy is the access policy's text as set, with when and by whom.
+type StoredPolicy struct {
+	Text      string
+	Updated   time.Time
+	UpdatedBy string
+}
 
 // Event is one entry of the event log shown in the console.
 type Event struct {
@@ -272,7 +281,7 @@ const (
 // Class is the retention class of events of kind k.
 func (k EventKind) Class() EventClass {
 	switch k {
-	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused:
+	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused, EventTokenRefused:
 		return ClassFailure
 	case EventJoin, EventLeave, EventExpose, EventUnexpose:
 		return ClassActivity
@@ -370,6 +379,15 @@ type Store interface {
 	// service than the store's per-node bound is a *QuotaError. A new
 	// service gets the lowest free VIP.
 	ExposeService(ctx context.Context, name string, nodeID wire.NodeID, port uint16) (Service, error)
+	// ExposeServiceAs is ExposeService; policyOwned skips the first
+	// provider's ownership (the access policy lists who may provide the
+	// name, and the caller checked it).
+	ExposeServiceAs(ctx context.Context, name string, nodeID wire.NodeID, port uint16, policyOwned bool) (Service, error)
+	// GetPolicy returns the access policy as last set; ErrNotFound if it
+	// never was (the default applies).
+	GetPolicy(ctx context.Context) (StoredPolicy, error)
+	// SetPolicy replaces the access policy.
+	SetPolicy(ctx context.Context, p StoredPolicy) error
 	// UnexposeService removes the provider; ErrNotFound if it was not one.
 	UnexposeService(ctx context.Context, name string, nodeID wire.NodeID) error
 	// DeleteIdleServices deletes the services that have had no provider

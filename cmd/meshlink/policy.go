@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/coordinator/policy"
+	"github.com/meshlink/meshlink/wire"
+)
+
+func policyCmd() *cli.Command {
+	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
+	admin := func(c *cli.Context) (*coordinator.AdminClient, context.Context, context.CancelFunc) {
+		ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+		return coordinator.NewAdminClient(c.String("data")), ctx, cancel
+	}
+	return &cli.Command{
+		Name:  "policy",
+		Usage: "show, set, check or explain the mesh's access policy (who may reach which service)",
+		Subcommands: []*cli.Command{{
+			Name:  "get",
+			Usage: "print the policy in force (talks to the coordinator running with --data)",
+			Flags: []cli.Flag{data, &cli.BoolFlag{Name: "json", Usage: "print JSON: the text with when and by whom it was set", EnvVars: env("JSON")}},
+			Action: func(c *cli.Context) error {
+				ac, ctx, cancel := admin(c)
+				defer cancel()
+				pi, err := ac.Policy(ctx)
+				if err != nil {
+					return err
+				}
+				if c.Bool("json") {
+					return printJSON(pi)
+				}
+				fmt.Print(pi.Text)
+				return nil
+			},
+		}, {
+			Name:      "set",
+			Usage:     "check FILE (syntax, references, its tests against the mesh) and make it the policy in force; prints the access it grants and revokes",
+			ArgsUsage: "FILE",
+			Flags:     []cli.Flag{data, &cli.BoolFlag{Name: "json", Usage: "print the change as JSON", EnvVars: env("JSON")}},
+			Action: func(c *cli.Context) error {
+				file, text, err := readPolicyArg(c, "meshlink policy set FILE --data DIR")
+				if err != nil {
+					return err
+				}
+				ac, ctx, cancel := admin(c)
+				defer cancel()
+				pc, err := ac.SetPolicy(ctx, file, text)
+				if err != nil {
+					return cli.Exit(fmt.Sprintf("policy not set (the policy in force is unchanged):\n%v", policyErrText(err)), 1)
+				}
+				if c.Bool("json") {
+					return printJSON(pc)
+				}
+				writePolicyChange(os.Stdout, pc)
+				return nil
+			},
+		}, {
+			Name:      "check",
+			Usage:     "check FILE offline: syntax, references and its tests (users are members, tags stand alone); no coordinator needed",
+			ArgsUsage: "FILE",
+			Action: func(c *cli.Context) error {
+				file, text, err := readPolicyArg(c, "meshlink policy check FILE")
+				if err != nil {
+					return err
+				}
+				p, err := policy.Parse(file, []byte(text))
+				if err == nil {
+					err = p.Run(policy.Offline{P: p})
+				}
+				if err != nil {
+					return cli.Exit(err.Error(), 1)
+				}
+				fmt.Printf("%s: ok (%d rules, %d tests passed)\n", file, len(p.Rules), len(p.Tests))
+				return nil
+			},
+		}, {
+			Name:  "explain",
+			Usage: "say whether a node or user may reach a service, and which rule decides",
+			Flags: []cli.Flag{data,
+				&cli.StringFlag{Name: "from", Required: true, Usage: "a node name, or user:NAME, tag:NAME, node:NAME"},
+				&cli.StringFlag{Name: "to", Required: true, Usage: "a service name"},
+				&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
+			},
+			Action: func(c *cli.Context) error {
+				ac, ctx, cancel := admin(c)
+				defer cancel()
+				ex, err := ac.ExplainPolicy(ctx, c.String("from"), c.String("to"))
+				if err != nil {
+					return err
+				}
+				if c.Bool("json") {
+					return printJSON(ex)
+				}
+				verdict := "denied"
+				if ex.Allow {
+					verdict = "allowed"
+				}
+				by := "no rule matched"
+				if ex.Rule > 0 {
+					by = fmt.Sprintf("rule %d (line %d)", ex.Rule, ex.Line)
+				}
+				fmt.Printf("%s → %s: %s by %s: %s\n", ex.From, ex.Service, verdict, by, ex.Why)
+				return nil
+			},
+		}},
+	}
+}
+
+// readPolicyArg reads the FILE argument ("-" is standard input).
+func readPolicyArg(c *cli.Context, usage string) (file, text string, err error) {
+	if c.NArg() != 1 {
+		return "", "", cli.Exit("usage: "+usage, 2)
+	}
+	file = c.Args().First()
+	var b []byte
+	if file == "-" {
+		b, err = io.ReadAll(io.LimitReader(os.Stdin, policy.MaxSize+1))
+		file = "stdin"
+	} else {
+		b, err = os.ReadFile(file)
+	}
+	if err != nil {
+		return "", "", cli.Exit(fmt.Sprintf("read the policy: %v", err), 1)
+	}
+	return file, string(b), nil
+}
+
+// policyErrText is the coordinator's message without its error code.
+func policyErrText(err error) string {
+	var we *wire.Error
+	if errors.As(err, &we) {
+		return we.Message
+	}
+	return err.Error()
+}
+
+func writePolicyChange(w io.Writer, pc coordinator.PolicyChange) {
+	fmt.Fprintln(w, "policy set.")
+	if pc.Unchanged {
+		fmt.Fprintln(w, "no node gains or loses access to any service now provided.")
+		return
+	}
+	for _, g := range pc.Granted {
+		fmt.Fprintln(w, "+ "+g)
+	}
+	for _, r := range pc.Revoked {
+		fmt.Fprintln(w, "- "+r)
+	}
+}

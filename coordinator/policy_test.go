@@ -1,0 +1,242 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+const threeUsersPolicy = `groups:
+  dev: [user:alice, user:bob]
+tagOwners:
+  db: [user:carol]
+services:
+  db:
+    owners: [tag:db]
+rules:
+  - from: [group:dev]
+    to: [web]
+  - from: [user:carol]
+    to: ["*"]
+tests:
+  - from: user:bob
+    allow: [web]
+    deny: [db]
+`
+
+// policyMesh is a coordinator with three members (alice, bob, carol), a
+// node of each, alice's web and a db node tagged db by carol.
+type policyMesh struct {
+	s                         *Server
+	c                         *http.Client
+	web1, bobs, carols, db1   creds
+	webSt, bobSt, carSt, dbSt *stream
+}
+
+func newPolicyMesh(t *testing.T) *policyMesh {
+	t.Helper()
+	ctx := context.Background()
+	s := startServer(t, t.TempDir())
+	c := pinnedClient(t, s.Fingerprint(), true)
+	ids := map[string]int64{}
+	for _, name := range []string{"alice", "bob", "carol"} {
+		u, err := s.Store().CreateUser(ctx, store.User{Username: name, PasswordHash: "x"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[name] = u.ID
+	}
+	m := &policyMesh{s: s, c: c}
+	_, m.web1 = register(t, c, mustToken(t, s, TokenOptions{Owner: ids["alice"]}), "web1")
+	_, m.bobs = register(t, c, mustToken(t, s, TokenOptions{Owner: ids["bob"]}), "bobs")
+	_, m.carols = register(t, c, mustToken(t, s, TokenOptions{Owner: ids["carol"]}), "carols")
+	// Before any policy names tag db, only an admin may give it.
+	if _, err := s.CreateToken(ctx, TokenOptions{Owner: ids["carol"], Tags: []string{"db"}}); err == nil || !strings.Contains(err.Error(), "only an admin may give it") {
+		t.Fatalf("carol's db token under the default policy: %v", err)
+	}
+	if _, err := s.SetPolicy(ctx, "p.yaml", threeUsersPolicy, "test"); err != nil {
+		t.Fatalf("set policy: %v", err)
+	}
+	// Now tagOwners lets carol give tag db; bob may not.
+	if _, err := s.CreateToken(ctx, TokenOptions{Owner: ids["bob"], Tags: []string{"db"}}); err == nil || !strings.Contains(err.Error(), "tagOwners lets only user:carol give tag:db") {
+		t.Fatalf("bob minting a db token: %v, want refused naming carol", err)
+	}
+	_, m.db1 = register(t, c, mustToken(t, s, TokenOptions{Owner: ids["carol"], Tags: []string{"db"}}), "db1")
+	if st, body := expose(t, c, s.URL(), m.web1, "web", 8000); st != 200 {
+		t.Fatalf("alice exposes web: %d %s", st, body)
+	}
+	if st, body := expose(t, c, s.URL(), m.db1, "db", 5432); st != 200 {
+		t.Fatalf("the db node exposes db: %d %s", st, body)
+	}
+	m.webSt, m.bobSt = openMap(t, c, s.URL(), m.web1), openMap(t, c, s.URL(), m.bobs)
+	m.carSt, m.dbSt = openMap(t, c, s.URL(), m.carols), openMap(t, c, s.URL(), m.db1)
+	return m
+}
+
+func peerNames(nm wire.NetworkMap) []string {
+	var out []string
+	for _, p := range nm.Peers {
+		out = append(out, p.Name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func serviceNames(nm wire.NetworkMap) []string {
+	var out []string
+	for _, sv := range nm.Services {
+		out = append(out, sv.Name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func allowedOf(nm wire.NetworkMap, svc string) []string {
+	for _, sv := range nm.Services {
+		if sv.Name == svc {
+			return sv.AllowedNodes
+		}
+	}
+	return nil
+}
+
+func idStr(cr creds) string { return strconv.FormatUint(uint64(cr.ID), 10) }
+
+// TestPolicyFiltersMaps: each node learns only the services it may reach
+// or provides and the peers on the other end of them; a provider's map
+// says exactly who may connect; a change reaches every stream at once.
+func TestPolicyFiltersMaps(t *testing.T) {
+	m := newPolicyMesh(t)
+	want := func(st *stream, who string, peers, svcs []string) wire.NetworkMap {
+		t.Helper()
+		return mapOf(t, st, who+"'s map", func(nm wire.NetworkMap) bool {
+			return slices.Equal(peerNames(nm), peers) && slices.Equal(serviceNames(nm), svcs)
+		})
+	}
+	bob := want(m.bobSt, "bob", []string{"web1"}, []string{"web"})
+	if got := allowedOf(bob, "web"); !slices.Equal(got, []string{idStr(m.bobs)}) {
+		t.Errorf("bob's map names %v as allowed to web; a consumer learns no other consumer", got)
+	}
+	web := want(m.webSt, "web1", []string{"bobs", "carols"}, []string{"web"})
+	if got, exp := allowedOf(web, "web"), []string{idStr(m.web1), idStr(m.bobs), idStr(m.carols)}; !slices.Equal(got, exp) {
+		t.Errorf("web1 (the provider) enforces %v, want %v", got, exp)
+	}
+	db := want(m.dbSt, "db1", []string{"carols"}, []string{"db"})
+	if got := allowedOf(db, "db"); !slices.Equal(got, []string{idStr(m.carols)}) {
+		t.Errorf("db1 enforces %v, want only carols", got)
+	}
+	want(m.carSt, "carol", []string{"db1", "web1"}, []string{"db", "web"})
+
+	// Bob leaves the dev group: his map loses web and web1, web1's allow
+	// table loses him.
+	start := time.Now()
+	pc, err := m.s.SetPolicy(context.Background(), "p.yaml", strings.Replace(threeUsersPolicy, "[user:alice, user:bob]", "[user:alice]", 1)+"", "test")
+	if err == nil {
+		t.Fatal("a policy whose own test fails (bob must reach web) was accepted")
+	}
+	var pe *PolicyError
+	if !errors.As(err, &pe) || !strings.Contains(err.Error(), "p.yaml:15: test 1 failed: user:bob to web is denied") {
+		t.Fatalf("failing test refused with %v", err)
+	}
+	noBob := strings.Replace(strings.Replace(threeUsersPolicy, "[user:alice, user:bob]", "[user:alice]", 1), "allow: [web]\n    deny: [db]", "deny: [web, db]", 1)
+	pc, err = m.s.SetPolicy(context.Background(), "p.yaml", noBob, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pc.Revoked) != 1 || pc.Revoked[0] != "node:bobs (user:bob) may no longer reach web" || len(pc.Granted) != 0 {
+		t.Errorf("change = %+v", pc)
+	}
+	want(m.bobSt, "bob after the change", nil, nil)
+	t.Logf("the policy change reached bob's map stream in %v", time.Since(start))
+	web = want(m.webSt, "web1 after the change", []string{"carols"}, []string{"web"})
+	if got := allowedOf(web, "web"); slices.Contains(got, idStr(m.bobs)) {
+		t.Errorf("web1 still lets bob in: %v", got)
+	}
+
+	// Explain says which rule decides.
+	ex, err := m.s.Explain(context.Background(), "carols", "db")
+	if err != nil || !ex.Allow || ex.Rule != 2 || !strings.Contains(ex.Why, "belongs to user:carol") {
+		t.Errorf("explain carols → db = %+v, %v", ex, err)
+	}
+	ex, err = m.s.Explain(context.Background(), "bobs", "web")
+	if err != nil || ex.Allow || ex.Rule != 0 || !strings.Contains(ex.Why, "denied by default") {
+		t.Errorf("explain bobs → web = %+v, %v", ex, err)
+	}
+	if _, err := m.s.Explain(context.Background(), "nobody", "web"); err == nil || !strings.Contains(err.Error(), `no node named "nobody"`) {
+		t.Errorf("explain for a missing node: %v", err)
+	}
+}
+
+// TestPolicyServiceOwners: services.db.owners decides who provides db
+// (tag:db), whoever joined the node; a member's untagged node is refused
+// with the policy's reason.
+func TestPolicyServiceOwners(t *testing.T) {
+	m := newPolicyMesh(t)
+	st, body := expose(t, m.c, m.s.URL(), m.bobs, "db", 5432)
+	if st != http.StatusForbidden || errCode(t, body) != wire.ErrCodeNotOwner {
+		t.Fatalf("bob's node exposing db: %d %s, want 403 not_owner", st, body)
+	}
+	var e wire.Error
+	json.Unmarshal(body, &e)
+	if want := `service "db": the policy lets only tag:db provide db, and node:bobs (user:bob) is not among them`; !strings.HasPrefix(e.Message, want) {
+		t.Errorf("refusal %q\nwant it to start %q", e.Message, want)
+	}
+	// Carol's own untagged node is not tag:db either.
+	if st, _ := expose(t, m.c, m.s.URL(), m.carols, "db", 5432); st != http.StatusForbidden {
+		t.Errorf("carol's untagged node exposing db: %d, want 403", st)
+	}
+}
+
+// TestPolicyBadInput: a policy with mistakes is refused with file, line
+// and reason, and the policy in force does not change.
+func TestPolicyBadInput(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	ctx := context.Background()
+	before := s.Policy()
+	if !before.Default || !strings.Contains(before.Text, `from: ["*"]`) {
+		t.Fatalf("a fresh coordinator's policy: %+v", before)
+	}
+	for _, tc := range []struct{ text, want string }{
+		{"rules:\n  - from: [group:ops]\n    to: [web]\n", `bad.yaml:2: "group:ops": no group "ops" is defined under groups`},
+		{"rules: [\n", "bad.yaml:"},
+		{"rulez: []\n", `bad.yaml:1: unknown field "rulez"`},
+		{"tests:\n  - from: node:ghost\n    allow: [web]\n", `bad.yaml:2: test 1: no node named "ghost"`},
+	} {
+		_, err := s.SetPolicy(ctx, "bad.yaml", tc.text, "test")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("SetPolicy(%q) = %v, want %q", tc.text, err, tc.want)
+		}
+	}
+	if after := s.Policy(); after != before {
+		t.Errorf("the policy changed: %+v", after)
+	}
+	// And through the admin socket, as the CLI sees it.
+	_, err := NewAdminClient(s.cfg.DataDir).SetPolicy(ctx, "bad.yaml", "rules:\n  - from: [user:]\n    to: [web]\n")
+	var we *wire.Error
+	if !errors.As(err, &we) || we.Code != wire.ErrCodeBadRequest || !strings.Contains(we.Message, `bad.yaml:2: "user:": a user name is 1 to 128 characters`) {
+		t.Errorf("admin socket: %v", err)
+	}
+}
+
+// TestPolicySurvivesRestart: the policy is stored.
+func TestPolicySurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	s := startServer(t, dir)
+	if _, err := s.SetPolicy(context.Background(), "p.yaml", "rules:\n  - from: [autogroup:admin]\n    to: [\"*\"]\n", "test"); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s2 := startServer(t, dir)
+	if p := s2.Policy(); p.Default || !strings.Contains(p.Text, "autogroup:admin") || p.UpdatedBy != "test" {
+		t.Fatalf("after a restart: %+v", p)
+	}
+}
