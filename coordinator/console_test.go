@@ -285,6 +285,14 @@ func TestConsoleOwnership(t *testing.T) {
 	bb.login("bob", "bob-password-1")
 	br.login("root", "root-password-1")
 
+	// A member gives only the tags the policy's tagOwners gives them.
+	form := url.Values{"csrf": {ba.csrf()}, "expires": {"1h"}, "tags": {"tag:a"}}
+	if resp, body := ba.post("/console/tokens", form); resp.StatusCode != 200 || !strings.Contains(body, "tag:a has no owners in the policy&#39;s tagOwners; only an admin may give it") {
+		t.Fatalf("alice minting tag:a under the default policy: %d, page without the refusal", resp.StatusCode)
+	}
+	if _, err := s.SetPolicy(ctx, "p.yaml", "tagOwners:\n  a: [user:alice]\n", "test"); err != nil {
+		t.Fatal(err)
+	}
 	// Tokens minted in the console register nodes through the real API.
 	ta := ba.mintToken(url.Values{"tags": {"tag:a"}})
 	tb := bb.mintToken(nil)

@@ -820,6 +820,28 @@ func (m consoleMesh) State(ctx context.Context) ([]wire.Node, []wire.Service, er
 	return snap.nodes, snap.services, nil
 }
 
+func (m consoleMesh) Policy(ctx context.Context) (web.PolicyView, error) {
+	pi := m.s.Policy()
+	acc, err := m.s.AccessMatrix(ctx, nil)
+	if err != nil {
+		return web.PolicyView{}, err
+	}
+	pv := web.PolicyView{Text: pi.Text, Updated: pi.Updated, UpdatedBy: pi.UpdatedBy, Default: pi.Default, Services: acc.Services}
+	for _, row := range acc.Rows {
+		pv.Rows = append(pv.Rows, web.PolicyRow{Node: row.Node, Owner: row.Owner, OwnerID: row.OwnerID, Allow: row.Allow})
+	}
+	return pv, nil
+}
+
+func (m consoleMesh) SetPolicy(ctx context.Context, text, by string) (web.PolicyChange, error) {
+	pc, err := m.s.SetPolicy(ctx, "policy", text, by)
+	var pe *PolicyError
+	if errors.As(err, &pe) {
+		return web.PolicyChange{}, &web.PolicyRejected{Problems: pe.Error()}
+	}
+	return web.PolicyChange{Granted: pc.Granted, Revoked: pc.Revoked}, err
+}
+
 func (m consoleMesh) Changed() <-chan struct{} {
 	_, ch := m.s.hub.watch()
 	return ch

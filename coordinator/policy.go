@@ -192,7 +192,7 @@ func (s *Server) directory(ctx context.Context) (*directory, error) {
 // nodePrincipal is what the policy selects node n by: a tagged node is
 // owned by its tags, an untagged one by the user who joined it.
 func nodePrincipal(n store.Node, users map[int64]store.User) policy.Principal {
-	pr := policy.Principal{Node: n.Name, Tags: n.Tags}
+	pr := policy.Principal{Node: n.Name, Tags: policyTags(n.Tags)}
 	if len(n.Tags) == 0 {
 		if u, ok := users[n.OwnerID]; ok {
 			pr.User, pr.Admin = u.Username, u.Admin
@@ -266,8 +266,9 @@ type Access struct {
 
 // AccessRow is one node's line of the matrix.
 type AccessRow struct {
-	Node  string
-	Owner string
+	Node    string
+	Owner   string
+	OwnerID int64
 	Allow []bool // by Access.Services
 }
 
@@ -292,7 +293,7 @@ func (s *Server) AccessMatrix(ctx context.Context, visible func(store.Node) bool
 			continue
 		}
 		pr := nodePrincipal(n, dir.users)
-		row := AccessRow{Node: n.Name, Owner: strings.TrimPrefix(pr.String(), "node:"+n.Name+" ")}
+		row := AccessRow{Node: n.Name, OwnerID: n.OwnerID, Owner: strings.TrimPrefix(pr.String(), "node:"+n.Name+" ")}
 		row.Owner = strings.Trim(row.Owner, "()")
 		for i, name := range a.Services {
 			row.Allow = append(row.Allow, p.Decide(pr, name, owners[i]).Allow)
@@ -349,7 +350,7 @@ func (s *Server) checkTags(ctx context.Context, ownerID int64, tags []string) er
 		}
 		minter.User, minter.Admin = users[i].Username, users[i].Admin
 	}
-	for _, t := range tags {
+	for _, t := range policyTags(tags) {
 		if ok, why := p.CanGiveTag(minter, t); !ok {
 			return &TagError{Tag: t, Why: why}
 		}
@@ -437,4 +438,17 @@ func (c *AdminClient) ExplainPolicy(ctx context.Context, from, to string) (Expla
 	var ex Explanation
 	err := c.api.Do(ctx, http.MethodPost, adminPathPolicy+"/explain", policyExplainRequest{From: from, To: to}, &ex)
 	return ex, err
+}
+
+// policyTags are tags as the policy names them: a token's "tag:ci" and
+// "ci" are one tag, ci.
+func policyTags(tags []string) []string {
+	if len(tags) == 0 {
+		return nil
+	}
+	out := make([]string, len(tags))
+	for i, t := range tags {
+		out[i] = strings.TrimPrefix(t, "tag:")
+	}
+	return out
 }

@@ -86,8 +86,8 @@ func policyCmd() *cli.Command {
 			Name:  "explain",
 			Usage: "say whether a node or user may reach a service, and which rule decides",
 			Flags: []cli.Flag{data,
-				&cli.StringFlag{Name: "from", Required: true, Usage: "a node name, or user:NAME, tag:NAME, node:NAME"},
-				&cli.StringFlag{Name: "to", Required: true, Usage: "a service name"},
+				&cli.StringFlag{Name: "from", Required: true, Usage: "a node name, or user:NAME, tag:NAME, node:NAME", EnvVars: env("POLICY_FROM")},
+				&cli.StringFlag{Name: "to", Required: true, Usage: "a service name", EnvVars: env("POLICY_TO")},
 				&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
 			},
 			Action: func(c *cli.Context) error {

@@ -46,6 +46,7 @@ type pageData struct {
 	NoMint bool
 	// Status is the HTTP status of a snapPage; 0 is 200.
 	Status int
+	Policy *policyData
 }
 
 type approvalView struct {

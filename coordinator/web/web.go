@@ -66,6 +66,7 @@ type Mesh interface {
 	// standalone relays online. A relay coming or going is a change of the
 	// mesh (Changed).
 	Relays(ctx context.Context) ([]RelayInfo, error)
+	policyMesh
 }
 
 // RelayInfo is one relay of the mesh. Everything in it is public: agents
@@ -213,6 +214,8 @@ func (c *Console) routes() *http.ServeMux {
 	mux.Handle("POST /console/tokens/{id}/revoke", c.action(c.serveRevokeToken))
 	mux.Handle("POST /console/nodes/{id}/remove", c.action(c.serveRemoveNode))
 	mux.Handle("GET /console/log", c.page(c.serveEventLog))
+	mux.Handle("GET /console/policy", c.page(c.servePolicy))
+	mux.Handle("POST /console/policy", c.action(c.serveSetPolicy))
 	mux.Handle("GET /console/users", c.page(c.serveUsers))
 	mux.Handle("POST /console/users", c.action(c.serveCreateUser))
 	mux.Handle("POST /console/users/{id}/approve", c.action(c.serveApproveUser))
