@@ -269,7 +269,7 @@ type AccessRow struct {
 	Node    string
 	Owner   string
 	OwnerID int64
-	Allow []bool // by Access.Services
+	Allow   []bool // by Access.Services
 }
 
 // AccessMatrix evaluates the policy in force for every node and provided
