@@ -246,5 +246,54 @@ func TestConsoleInBrowser(t *testing.T) {
 		return nil
 	})
 	shot(ctx, "6-graph")
+
+	// Edit the access policy: a mistake is shown with its line and
+	// changes nothing; a good one is saved, says what access it takes
+	// away, and the matrix shows it.
+	if err := chromedp.Do(ctx,
+		chromedp.Navigate(base+"/console/policy"),
+		chromedp.WaitVisible(`#policy-matrix`),
+		chromedp.SetValue(`#policy-text`, "rules:\n  - from: [group:ops]\n    to: [shop]\n"),
+		chromedp.Click(`#policy-save`),
+		chromedp.WaitVisible(`#policy-problems`),
+	); err != nil {
+		t.Fatalf("submit a bad policy: %v", err)
+	}
+	problems, err := chromedp.Run(ctx, chromedp.Text(`#policy-problems`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(problems, `policy:2: "group:ops": no group "ops" is defined under groups`) {
+		t.Errorf("the page says %q", problems)
+	}
+	if p := m.Coord.Policy(); !p.Default {
+		t.Errorf("a refused policy changed the one in force: %+v", p)
+	}
+	shot(ctx, "7-policy-refused")
+	if err := chromedp.Do(ctx,
+		chromedp.SetValue(`#policy-text`, "groups:\n  ops: [user:nobody]\nrules:\n  - from: [group:ops]\n    to: [shop]\n"),
+		chromedp.Click(`#policy-save`),
+		chromedp.WaitVisible(`#policy-saved`),
+	); err != nil {
+		t.Fatalf("submit a good policy: %v", err)
+	}
+	saved, err := chromedp.Run(ctx, chromedp.Text(`#policy-saved`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(saved, "may no longer reach shop") {
+		t.Errorf("the saved notice says %q", saved)
+	}
+	matrix, err := chromedp.Run(ctx, chromedp.Text(`#policy-matrix`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lm := strings.ToLower(matrix); !strings.Contains(lm, "shop") || !strings.Contains(lm, "deny") || strings.Contains(lm, "allow") {
+		t.Errorf("the matrix after the change: %q", matrix)
+	}
+	if p := m.Coord.Policy(); p.Default || p.UpdatedBy != "admin" {
+		t.Errorf("the policy in force after saving: %+v", p)
+	}
+	shot(ctx, "8-policy-saved")
 	t.Logf("screenshots in %s", artifacts)
 }
