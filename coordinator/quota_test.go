@@ -112,3 +112,36 @@ func TestIdleServiceDeletedAndVIPReused(t *testing.T) {
 		t.Fatalf("new service got %v, want the freed %v", fresh.Service.VIP, old.Service.VIP)
 	}
 }
+
+// TestPortChangePropagates: re-exposing a service on another --port
+// changes the port every consumer listens on.
+func TestPortChangePropagates(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	c := pinnedClient(t, s.Fingerprint(), false)
+	jt := mustToken(t, s, TokenOptions{Reusable: true})
+	_, prov := register(t, c, jt, "prov")
+	_, cons := register(t, c, jt, "cons")
+	if st, body := expose(t, c, s.URL(), prov, "web", 8000); st != http.StatusOK {
+		t.Fatalf("expose: %d %s", st, body)
+	}
+	st := openMap(t, c, s.URL(), cons)
+	portOf := func(nm wire.NetworkMap) uint16 {
+		for _, sv := range nm.Services {
+			if sv.Name == "web" {
+				return sv.Port
+			}
+		}
+		return 0
+	}
+	var nm wire.NetworkMap
+	st.next(t, 10*time.Second, "web on 8000", func(m wire.MapResponse) bool { nm.Apply(&m); return portOf(nm) == 8000 })
+	if code, body := expose(t, c, s.URL(), prov, "web", 9000); code != http.StatusOK {
+		t.Fatalf("re-expose: %d %s", code, body)
+	}
+	st.next(t, 10*time.Second, "web on 9000", func(m wire.MapResponse) bool { nm.Apply(&m); return portOf(nm) == 9000 })
+	for _, sv := range nm.Services {
+		if sv.Name == "web" && (len(sv.Providers) != 1 || sv.Providers[0].Port != 9000) {
+			t.Errorf("providers after the change: %+v", sv.Providers)
+		}
+	}
+}

@@ -958,6 +958,14 @@ func (s *SQLite) ExposeServiceAs(ctx context.Context, name string, nodeID wire.N
 		if _, err := tx.ExecContext(ctx, `UPDATE services SET idle_since = 0 WHERE name = ? AND idle_since != 0`, name); err != nil {
 			return err
 		}
+		if sv.Port != port {
+			// A new --port is the port consumers use from now on: the
+			// latest expose names it.
+			sv.Port = port
+			if _, err := tx.ExecContext(ctx, `UPDATE services SET port = ? WHERE name = ?`, int(port), name); err != nil {
+				return err
+			}
+		}
 		_, err = tx.ExecContext(ctx, `INSERT INTO providers (service, node_id, port) VALUES (?, ?, ?)
 			ON CONFLICT (service, node_id) DO UPDATE SET port = excluded.port`, name, int64(nodeID), int(port))
 		return err
