@@ -239,7 +239,7 @@ func (s *Server) adminUsers(mux *http.ServeMux) {
 	})
 	mux.HandleFunc("DELETE "+adminPathUsers+"/{name}", func(w http.ResponseWriter, r *http.Request) {
 		name := r.PathValue("name")
-		res, err := s.removeUser(r.Context(), name)
+		res, err := s.removeUser(r.Context(), name, "admin socket")
 		switch {
 		case errors.Is(err, store.ErrNotFound):
 			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no user named %q; list them with `meshlink users list`", name))
@@ -268,7 +268,7 @@ func (s *Server) userNamed(ctx context.Context, name string) (store.User, error)
 // lose them, the agents are told they were removed), since a departed
 // user's machines must not stay in the mesh on their authority. Services
 // it owned become unowned, for the next owner to provide.
-func (s *Server) removeUser(ctx context.Context, name string) (RemovedUser, error) {
+func (s *Server) removeUser(ctx context.Context, name, actor string) (RemovedUser, error) {
 	res := RemovedUser{TokensRevoked: []string{}, NodesRemoved: []string{}}
 	u, err := s.userNamed(ctx, name)
 	if err != nil {
@@ -281,7 +281,7 @@ func (s *Server) removeUser(ctx context.Context, name string) (RemovedUser, erro
 	}
 	res.TokensRevoked = append(res.TokensRevoked, revoked...)
 	s.log.Info("user removed", "user", name, "tokens_revoked", len(revoked))
-	s.console.Record(store.Event{Kind: store.EventUserRemoved, Actor: "admin socket", Message: fmt.Sprintf("removed user %s; revoked %d tokens", name, len(revoked))})
+	s.console.Record(store.Event{Kind: store.EventUserRemoved, Actor: actor, Message: fmt.Sprintf("removed user %s; revoked %d tokens", name, len(revoked))})
 	// The user row is gone and its tokens revoked, so no new node can
 	// join on its authority while these are removed.
 	nodes, err := s.store.ListNodes(ctx)
@@ -292,7 +292,7 @@ func (s *Server) removeUser(ctx context.Context, name string) (RemovedUser, erro
 		if n.OwnerID != u.ID {
 			continue
 		}
-		ev := store.Event{Kind: store.EventRemove, Actor: "admin socket", Node: n.Name, Message: "removed with its owner " + name}
+		ev := store.Event{Kind: store.EventRemove, Actor: actor, Node: n.Name, Message: "removed with its owner " + name}
 		if err := s.removeNode(ctx, n.ID, change{log: "node removed with its owner", attrs: []any{"node_id", n.ID, "name", n.Name, "user", name}, event: ev}); err != nil && !errors.Is(err, store.ErrNotFound) {
 			return res, fmt.Errorf("remove node %s of user %s: %w", n.Name, name, err)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -814,5 +816,42 @@ func TestFirstAdminMustChangePassword(t *testing.T) {
 	s = startServer(t, dir)
 	if _, err := os.Stat(pwFile); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("password file after a restart: %v", err)
+	}
+}
+
+// TestConsoleRemoveUser: an admin removes a member in the console; the
+// member's tokens are revoked and nodes removed. A member cannot, and an
+// admin cannot remove their own account while signed in with it.
+func TestConsoleRemoveUser(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	ctx := context.Background()
+	alice := addUser(t, s, "alice", "alice-password-1", false)
+	root := addUser(t, s, "root", "root-password-1", true)
+	api := pinnedClient(t, s.Fingerprint(), false)
+	ba, br := newBrowser(t, s), newBrowser(t, s)
+	ba.login("alice", "alice-password-1")
+	br.login("root", "root-password-1")
+	_, cr := register(t, api, ba.mintToken(nil), "alice-1")
+
+	path := func(id int64) string { return fmt.Sprintf("/console/users/%d/remove", id) }
+	if resp, _ := ba.post(path(root.ID), url.Values{"csrf": {ba.csrf()}}); resp.StatusCode != http.StatusForbidden {
+		t.Errorf("a member removing an admin: %d, want 403", resp.StatusCode)
+	}
+	if resp, body := br.post(path(root.ID), url.Values{"csrf": {br.csrf()}}); resp.StatusCode != http.StatusConflict || !strings.Contains(body, "cannot remove your own account") {
+		t.Errorf("an admin removing themself: %d", resp.StatusCode)
+	}
+	resp, body := br.post(path(alice.ID), url.Values{"csrf": {br.csrf()}})
+	if resp.StatusCode != 200 || !strings.Contains(body, "Removed alice: 1 tokens revoked; nodes removed from the mesh: alice-1.") {
+		t.Fatalf("remove alice: %d %s", resp.StatusCode, body)
+	}
+	if _, err := s.Store().GetUser(ctx, "alice"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("alice still exists: %v", err)
+	}
+	if st, body := call(t, api, s.URL(), wire.PathEndpoints, &cr, wire.EndpointsRequest{Version: wire.ProtocolVersion, ListenPort: 1}); st != http.StatusUnauthorized {
+		t.Errorf("alice's node after her removal: %d %s", st, body)
+	}
+	evs, _ := s.Store().ListEvents(ctx, 0, 20)
+	if len(evs) == 0 || !slices.ContainsFunc(evs, func(e store.Event) bool { return e.Kind == store.EventUserRemoved && e.Actor == "root" }) {
+		t.Errorf("no user_removed event by root in %+v", evs)
 	}
 }

@@ -842,6 +842,15 @@ func (m consoleMesh) SetPolicy(ctx context.Context, text, by string) (web.Policy
 	return web.PolicyChange{Granted: pc.Granted, Revoked: pc.Revoked}, err
 }
 
+func (m consoleMesh) RemoveUser(ctx context.Context, id int64, actor string) (web.RemovedUser, error) {
+	u, err := m.s.store.GetUserByID(ctx, id)
+	if err != nil {
+		return web.RemovedUser{}, err
+	}
+	ru, err := m.s.removeUser(ctx, u.Username, actor)
+	return web.RemovedUser{Name: u.Username, TokensRevoked: ru.TokensRevoked, NodesRemoved: ru.NodesRemoved}, err
+}
+
 func (m consoleMesh) Changed() <-chan struct{} {
 	_, ch := m.s.hub.watch()
 	return ch

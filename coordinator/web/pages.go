@@ -363,6 +363,42 @@ func (c *Console) serveApproveUser(w http.ResponseWriter, r *http.Request, v *vi
 	c.usersPage(w, r, v, http.StatusOK, &pageData{Notice: u.Username + " is approved and may sign in."})
 }
 
+// serveRemoveUser removes an account and what it owned, as `meshlink
+// users remove` does. An admin cannot remove their own account here (sign
+// in as another admin), nor the last admin.
+func (c *Console) serveRemoveUser(w http.ResponseWriter, r *http.Request, v *viewer) {
+	if !v.Admin {
+		c.renderMessage(w, r, v, http.StatusForbidden, "Admins only", "Only an admin manages accounts.")
+		return
+	}
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil {
+		c.usersPage(w, r, v, http.StatusNotFound, &pageData{Error: "No such user."})
+		return
+	}
+	if id == v.ID {
+		c.usersPage(w, r, v, http.StatusConflict, &pageData{Error: "You cannot remove your own account while signed in with it; sign in as another admin."})
+		return
+	}
+	ru, err := c.mesh.RemoveUser(r.Context(), id, v.Username)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		c.usersPage(w, r, v, http.StatusNotFound, &pageData{Error: "No such user."})
+		return
+	case errors.Is(err, store.ErrLastAdmin):
+		c.usersPage(w, r, v, http.StatusConflict, &pageData{Error: ru.Name + " is the last admin; make another admin first."})
+		return
+	case err != nil:
+		c.internal(w, r, "remove user", err)
+		return
+	}
+	msg := fmt.Sprintf("Removed %s: %d tokens revoked", ru.Name, len(ru.TokensRevoked))
+	if len(ru.NodesRemoved) > 0 {
+		msg += "; nodes removed from the mesh: " + strings.Join(ru.NodesRemoved, ", ")
+	}
+	c.usersPage(w, r, v, http.StatusOK, &pageData{Notice: msg + "."})
+}
+
 // ApproveUser lets the pending user id sign in; actor is who approved,
 // for the event log.
 func (c *Console) ApproveUser(ctx context.Context, id int64, actor string) (store.User, error) {

@@ -66,7 +66,18 @@ type Mesh interface {
 	// standalone relays online. A relay coming or going is a change of the
 	// mesh (Changed).
 	Relays(ctx context.Context) ([]RelayInfo, error)
+	// RemoveUser removes account id with what it owned (its tokens are
+	// revoked, its nodes removed); store.ErrLastAdmin keeps the last
+	// admin. actor is who asked, for the event log.
+	RemoveUser(ctx context.Context, id int64, actor string) (RemovedUser, error)
 	policyMesh
+}
+
+// RemovedUser says what removing an account took with it.
+type RemovedUser struct {
+	Name          string
+	TokensRevoked []string
+	NodesRemoved  []string
 }
 
 // RelayInfo is one relay of the mesh. Everything in it is public: agents
@@ -219,6 +230,7 @@ func (c *Console) routes() *http.ServeMux {
 	mux.Handle("GET /console/users", c.page(c.serveUsers))
 	mux.Handle("POST /console/users", c.action(c.serveCreateUser))
 	mux.Handle("POST /console/users/{id}/approve", c.action(c.serveApproveUser))
+	mux.Handle("POST /console/users/{id}/remove", c.action(c.serveRemoveUser))
 	mux.Handle("GET /console/events", c.page(c.serveLive))
 	mux.Handle("GET /console/api/snapshot", c.page(c.serveSnapshot))
 	mux.Handle("GET /approve/{code}", c.page(c.serveApprovePage))
