@@ -106,6 +106,9 @@ func TestPolicyEnforced(t *testing.T) {
 	if _, rcode := queryA(t, bob.DNSAddr(), "web.mesh.internal"); rcode != 3 {
 		t.Errorf("bob's DNS for web.mesh.internal: rcode %d, want NXDOMAIN (3)", rcode)
 	}
+	if _, rcode := queryA(t, bob.DNSAddr(), "alice-site.node.mesh.internal"); rcode != 3 {
+		t.Errorf("bob's DNS for alice-site.node.mesh.internal: rcode %d, want NXDOMAIN (3)", rcode)
+	}
 	if hasPeer(bob, "alice-site") {
 		t.Error("bob's agent has alice-site as a peer")
 	}
