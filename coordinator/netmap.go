@@ -239,7 +239,7 @@ func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, 
 	}
 	owner := make(map[string]string, len(svcs))
 	for _, sv := range svcs {
-		owner[sv.Name] = byID[sv.OwnerID].Username
+		owner[sv.Name] = serviceOwner(pol, sv, byID)
 	}
 	prs := make([]policy.Principal, len(nodes))
 	for i, n := range nodes {

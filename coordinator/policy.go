@@ -94,6 +94,7 @@ func (s *Server) SetPolicy(ctx context.Context, file, text, by string) (PolicyCh
 	if err != nil {
 		return PolicyChange{}, err
 	}
+	dir.pol = p
 	if err := p.Run(dir); err != nil {
 		return PolicyChange{}, asPolicyError(err)
 	}
@@ -147,7 +148,8 @@ func (s *Server) Explain(ctx context.Context, from, service string) (Explanation
 	if err != nil {
 		return Explanation{}, err
 	}
-	d := s.currentPolicy().p.Decide(pr, service, dir.ServiceOwner(service))
+	dir.pol = s.currentPolicy().p
+	d := dir.pol.Decide(pr, service, dir.ServiceOwner(service))
 	return Explanation{From: pr.String(), Service: service, Allow: d.Allow, Rule: d.Rule + 1, Line: d.Line, Why: d.Why}, nil
 }
 
@@ -159,6 +161,7 @@ type directory struct {
 	nodes    []store.Node
 	services []store.Service
 	provided map[string]bool // services with a provider now
+	pol      *policy.Policy  // whose service owners ServiceOwner reports
 }
 
 func (s *Server) directory(ctx context.Context) (*directory, error) {
@@ -223,13 +226,30 @@ func (d *directory) Principal(sel string) (policy.Principal, error) {
 	return policy.Principal{}, fmt.Errorf("%q names no node or user: use NODE, user:NAME, tag:NAME or node:NAME", sel)
 }
 
+// ServiceOwner implements policy.Directory, for the policy being tested
+// (d.pol; the one in force when unset).
 func (d *directory) ServiceOwner(service string) string {
 	for _, sv := range d.services {
 		if sv.Name == service {
-			return d.users[sv.OwnerID].Username
+			return serviceOwner(d.pol, sv, d.users)
 		}
 	}
 	return ""
+}
+
+// serviceOwner is the user who owns sv's name for autogroup:self: the
+// first user among its owners when the policy lists them (none when only
+// tags or groups own it), else the user of its first provider.
+func serviceOwner(p *policy.Policy, sv store.Service, users map[int64]store.User) string {
+	if owners := p.ServiceOwners(sv.Name); owners != nil {
+		for _, o := range owners {
+			if name, ok := strings.CutPrefix(o.S, "user:"); ok {
+				return name
+			}
+		}
+		return ""
+	}
+	return users[sv.OwnerID].Username
 }
 
 // diff lists who gains and loses which service, over the nodes and
@@ -242,8 +262,8 @@ func (d *directory) diff(old, cur *policy.Policy) PolicyChange {
 			if !d.provided[sv.Name] {
 				continue
 			}
-			owner := d.users[sv.OwnerID].Username
-			was, is := old.Decide(pr, sv.Name, owner).Allow, cur.Decide(pr, sv.Name, owner).Allow
+			was := old.Decide(pr, sv.Name, serviceOwner(old, sv, d.users)).Allow
+			is := cur.Decide(pr, sv.Name, serviceOwner(cur, sv, d.users)).Allow
 			switch {
 			case is && !was:
 				c.Granted = append(c.Granted, fmt.Sprintf("%s may now reach %s", pr, sv.Name))
@@ -285,7 +305,7 @@ func (s *Server) AccessMatrix(ctx context.Context, visible func(store.Node) bool
 	for _, sv := range dir.services {
 		if dir.provided[sv.Name] {
 			a.Services = append(a.Services, sv.Name)
-			owners = append(owners, dir.users[sv.OwnerID].Username)
+			owners = append(owners, serviceOwner(p, sv, dir.users))
 		}
 	}
 	for _, n := range dir.nodes {

@@ -240,3 +240,29 @@ func TestPolicySurvivesRestart(t *testing.T) {
 		t.Fatalf("after a restart: %+v", p)
 	}
 }
+
+// TestPolicyAutogroupSelf: autogroup:self lets a user reach the services
+// they own; a service the policy gives to a tag belongs to no user, so the
+// person who joined its tagged provider gains nothing by it.
+func TestPolicyAutogroupSelf(t *testing.T) {
+	m := newPolicyMesh(t)
+	ctx := context.Background()
+	self := "tagOwners:\n  db: [user:carol]\nservices:\n  db:\n    owners: [tag:db]\nrules:\n  - from: [autogroup:self]\n    to: [\"*\"]\n"
+	if _, err := m.s.SetPolicy(ctx, "self.yaml", self, "test"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		from, to string
+		allow    bool
+	}{
+		{"web1", "web", true},   // alice's node, alice's web
+		{"bobs", "web", false},  // bob owns no web
+		{"carols", "db", false}, // db belongs to tag:db, not to carol who joined db1
+		{"db1", "db", false},    // a tagged node has no self
+	} {
+		ex, err := m.s.Explain(ctx, tc.from, tc.to)
+		if err != nil || ex.Allow != tc.allow {
+			t.Errorf("%s → %s: %+v %v, want allow=%v", tc.from, tc.to, ex, err, tc.allow)
+		}
+	}
+}
