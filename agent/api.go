@@ -320,7 +320,10 @@ func (a *Agent) Ping(ctx context.Context, target string, timeout time.Duration) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	res, err := a.bind.Ping(ctx, p.Key)
+	// A direct pong is the answer: the path in use once it exists.
+	res, err := a.bind.PingUntil(ctx, p.Key, func(rs []bind.PingResult) bool {
+		return slices.ContainsFunc(rs, func(r bind.PingResult) bool { return !r.Relay })
+	})
 	noReply := func(why string) error {
 		if !p.Online {
 			seen := "never seen by the coordinator"
