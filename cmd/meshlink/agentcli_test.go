@@ -295,3 +295,32 @@ func TestExposeFlagsAreTheDesiredSet(t *testing.T) {
 		t.Fatalf("exports after restart %v, want web (flag) and added (runtime), db gone", got)
 	}
 }
+
+// TestTokenInspect: inspect says it asks the token's coordinator;
+// --offline decodes only, and --json carries null for what it did not ask.
+func TestTokenInspect(t *testing.T) {
+	m := harness.NewMesh(t)
+	tok := m.Token()
+	stdout, stderr, code := runMain(t, "token", "inspect", tok)
+	if code != 0 || !strings.Contains(stderr, "asking the coordinator at https://") || !strings.Contains(stderr, "--offline decodes it only") ||
+		!strings.Contains(stdout, "uses left:   unlimited (reusable)") {
+		t.Errorf("inspect: exit %d\n%s%s", code, stdout, stderr)
+	}
+	stdout, stderr, code = runMain(t, "token", "inspect", "--offline", tok)
+	if code != 0 || stderr != "" || !strings.Contains(stdout, "uses left:   unknown (--offline") || !strings.Contains(stdout, "coordinator: https://") {
+		t.Errorf("inspect --offline: exit %d\n%s%s", code, stdout, stderr)
+	}
+	on := jsonObject(t, "token", "inspect", tok, "--json")
+	hasKeys(t, "token inspect", on, map[string]string{"coordinator": "string", "fingerprint": "string", "id": "string", "expires": "string",
+		"expired": "bool", "checked": "bool", "error": "null", "uses_left": "number", "reusable": "bool", "ephemeral": "bool",
+		"relay": "bool", "revoked": "bool", "tags": "array"})
+	if on["checked"] != true || on["uses_left"] != float64(-1) {
+		t.Errorf("inspect --json: %v", on)
+	}
+	off := jsonObject(t, "token", "inspect", tok, "--json", "--offline")
+	hasKeys(t, "token inspect --offline", off, map[string]string{"checked": "bool", "error": "null", "uses_left": "null", "reusable": "null"})
+	// The coordinator gone: still decoded, and the reason said.
+	m.StopCoordinator()
+	down := jsonObject(t, "token", "inspect", tok, "--json")
+	hasKeys(t, "token inspect, coordinator down", down, map[string]string{"checked": "bool", "error": "string", "uses_left": "null"})
+}

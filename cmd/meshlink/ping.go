@@ -98,8 +98,8 @@ func (p pinger) run(ctx context.Context) (*pingReport, error) {
 	for i := 0; p.count == 0 || i < p.count; i++ {
 		start := time.Now()
 		res, err := p.ping(ctx, p.target, p.timeout)
-		if ctx.Err() != nil {
-			break
+		if err != nil && ctx.Err() != nil {
+			break // Ctrl-C
 		}
 		if err != nil {
 			var le *localapi.Error
