@@ -68,7 +68,10 @@ func TestPinger(t *testing.T) {
 	// Ctrl-C ends it without an error once something answered.
 	ctx, cancel := context.WithCancel(context.Background())
 	p := pinger{target: "b", count: 0, timeout: time.Second, out: &bytes.Buffer{}, every: time.Hour,
-		ping: func(context.Context, string, time.Duration) ([]localapi.PingResult, error) { cancel(); return relay, nil }}
+		ping: func(context.Context, string, time.Duration) ([]localapi.PingResult, error) {
+			cancel()
+			return relay, nil
+		}}
 	if _, err := p.run(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		t.Errorf("interrupted after a pong: %v", err)
 	}
