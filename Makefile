@@ -29,7 +29,13 @@ export GOTOOLCHAIN := go1.26.10
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: all help build test race bench demo fuzz lint vuln clean
+# What `meshlink version` reports: stamped from git by the build target
+# (a binary built without them reads Go's VCS stamp, else says "dev").
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS  = -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
+.PHONY: all help build test race bench demo fuzz lint vuln clean docs
 
 all: build
 
@@ -42,11 +48,12 @@ help:
 	@echo "make vuln    govulncheck $(VULN_VERSION) against golang.org/x/vulndb $(VULNDB_VERSION)"
 	@echo "make bench   mesh vs direct loopback benchmarks (BENCHTIME=$(BENCHTIME))"
 	@echo "make demo    a coordinator and two agents on this machine"
+	@echo "make docs    docs/cli.md and docs/man/*.1 from the CLI definitions"
 	@echo "make clean   remove bin/ and the test cache"
 	@echo "toolchain: GOTOOLCHAIN=$(GOTOOLCHAIN) (override with make GOTOOLCHAIN=...)"
 
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/meshlink
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/meshlink
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/hello ./examples/hello
 
 # -race is left out on purpose: on 2 cores with the gVisor netstack it makes
@@ -62,6 +69,11 @@ race:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./test/bench/
+
+# The CLI reference, generated from the urfave/cli definitions; a test in
+# cmd/meshlink fails when the checked-in files differ from what this writes.
+docs:
+	$(GO) run ./cmd/meshlink gen-docs docs
 
 demo: build
 	./scripts/demo.sh

@@ -72,7 +72,11 @@ type Config struct {
 	// DNSAllow lists the networks allowed to query DNS besides loopback;
 	// a DNS address that is not loopback needs it (see dns.Config.Allow).
 	DNSAllow []netip.Prefix
-	// Expose lists services to export, added to those saved in StateDir.
+	// Expose lists the services to export that the configuration itself
+	// names (--expose): the whole of them, so one dropped from it is no
+	// longer exported at the next start. Those added at runtime (Expose)
+	// are saved in StateDir and come back at each start, but one of the
+	// same name here takes its place.
 	Expose []Export
 	// ProxyRange is where consumed services listen; default 127.100.0.0/16.
 	ProxyRange netip.Prefix
@@ -158,6 +162,7 @@ type Agent struct {
 	nm         wire.NetworkMap
 	haveMap    bool
 	exports    []Export
+	fromConfig map[string]bool  // exports that Config.Expose set (not saved)
 	announced  map[string]bool  // exports the coordinator has confirmed
 	applier    *applier         // nil before Start has the parts up
 	stun       []netip.AddrPort // the coordinator's STUN address, resolved at Start
@@ -166,14 +171,19 @@ type Agent struct {
 	connected  bool
 	lastErr    string
 	lastMap    time.Time
+	joinURL    string    // the coordinator being joined, before node.URL is known
+	retryAt    time.Time // when the next attempt to reach the coordinator is due
 	closed     bool
+	left       bool          // Leave removed the node: nothing more is saved
+	leftCh     chan struct{} // closed by Leave
 	// rekey is a key rotation waiting for controlLoop (RotateKey);
 	// streamCancel ends the map stream open now.
 	rekey        *rekey
 	streamCancel context.CancelFunc
 
-	syncMu sync.Mutex // serialises export announcements
-	rotMu  sync.Mutex // serialises key rotations
+	syncMu  sync.Mutex // serialises export announcements
+	leaveMu sync.Mutex // serialises Leave
+	rotMu   sync.Mutex // serialises key rotations
 }
 
 // New checks the configuration and state directory. It opens nothing on
@@ -220,7 +230,8 @@ func New(cfg Config) (*Agent, error) {
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, retry: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, fromConfig: map[string]bool{},
+		retry: make(chan struct{}, 1), leftCh: make(chan struct{}),
 		gateIn: netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
 	var err error
 	if a.state, err = openStateDir(cfg.StateDir); err != nil {
@@ -248,10 +259,12 @@ func New(cfg Config) (*Agent, error) {
 	}
 	for _, e := range cfg.Expose {
 		// The command line says what this site exports now: it replaces
-		// what an earlier run saved.
+		// what an earlier run saved under the same name.
 		if err := a.addExportLocked(e, true); err != nil {
 			return nil, err
 		}
+		e, _ = checkExport(e)
+		a.fromConfig[e.Name] = true
 	}
 	if a.haveMap, err = a.state.loadJSON(fileNetmap, &a.nm); err != nil {
 		a.log.Warn("ignoring cached network map", "err", err)
@@ -338,7 +351,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 			a.Close()
 		}
 	}()
-	if err := a.state.saveJSON(fileServices, a.exports); err != nil {
+	if err := a.state.saveJSON(fileServices, a.runtimeExports(a.exports)); err != nil {
 		return err
 	}
 	a.api, err = startAPI(a, a.state.path(fileAPI))
@@ -523,6 +536,7 @@ func (a *Agent) register(ctx context.Context) error {
 		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
 		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
 	}
+	a.noteJoining(t.URL)
 	bo := a.retryBackoff()
 	for {
 		var resp wire.RegisterResponse
@@ -542,6 +556,7 @@ func (a *Agent) register(ctx context.Context) error {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 		d := bo.Next()
+		a.noteRetry(t.URL, err, d)
 		a.log.Warn("coordinator unreachable; will retry", "url", t.URL, "in", d.Round(time.Millisecond), "err", err)
 		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
@@ -653,6 +668,7 @@ func (a *Agent) controlLoop() {
 			a.forgetMesh()
 		}
 		d := bo.Next()
+		a.noteRetry("", err, d)
 		a.log.Warn("lost the coordinator; the data plane keeps running; reconnecting", "in", d.Round(time.Millisecond), "err", err)
 		if !backoff.Sleep(a.ctx, d) {
 			return
@@ -664,6 +680,9 @@ func (a *Agent) setConnected(ok bool, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.connected = ok
+	if ok {
+		a.retryAt = time.Time{}
+	}
 	if err != nil {
 		a.lastErr = err.Error()
 	} else {
@@ -693,7 +712,7 @@ func (a *Agent) forgetMesh() {
 func (a *Agent) applyMap(m *wire.MapResponse) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.closed {
+	if a.closed || a.left {
 		return
 	}
 	a.nm.Apply(m)
@@ -916,12 +935,17 @@ func (a *Agent) Replace(ctx context.Context, e Export) (Export, string, error) {
 
 func (a *Agent) expose(ctx context.Context, e Export, replace bool) (Export, string, error) {
 	a.mu.Lock()
+	if a.left {
+		a.mu.Unlock()
+		return e, "", errLeft
+	}
 	if err := a.addExportLocked(e, replace); err != nil {
 		a.mu.Unlock()
 		return e, "", err
 	}
 	e, _ = checkExport(e)
-	exports := slices.Clone(a.exports)
+	delete(a.fromConfig, e.Name) // set at runtime now: saved for later starts
+	exports := a.runtimeExports(a.exports)
 	a.mu.Unlock()
 	if err := a.state.saveJSON(fileServices, exports); err != nil {
 		return e, "", err
@@ -948,7 +972,8 @@ func (a *Agent) Unexpose(ctx context.Context, name string) error {
 		return fmt.Errorf("this site does not export a service named %q; `meshlink services` lists them", name)
 	}
 	a.exports = slices.Delete(slices.Clone(a.exports), i, i+1)
-	exports := slices.Clone(a.exports)
+	delete(a.fromConfig, name)
+	exports := a.runtimeExports(a.exports)
 	delete(a.announced, name)
 	a.mu.Unlock()
 	if err := a.state.saveJSON(fileServices, exports); err != nil {
@@ -988,6 +1013,14 @@ func (a *Agent) Close() error {
 	a.metrics.close() // first: a scrape reads the parts closed below
 	if a.api != nil {
 		a.api.close()
+	}
+	a.mu.Lock()
+	left := a.left
+	a.mu.Unlock()
+	if left {
+		// Leave emptied the state directory; with the socket gone it
+		// goes too, unless something else of the user's is in it.
+		os.Remove(a.cfg.StateDir)
 	}
 	if a.local != nil {
 		a.local.Close() // before the consumer it dials through

@@ -8,8 +8,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
+	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/meshlink/meshlink/agent/bind"
@@ -68,7 +71,12 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 		}
 		res, err := a.Ping(r.Context(), r.URL.Query().Get("node"), timeout)
 		if err != nil {
-			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
+			e := localapi.Error{Message: err.Error()}
+			var pe *pingError
+			if errors.As(err, &pe) {
+				e.Code = pe.code
+			}
+			writeJSON(w, http.StatusBadRequest, e)
 			return
 		}
 		writeJSON(w, http.StatusOK, res)
@@ -83,6 +91,18 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 			return
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	mux.HandleFunc("POST "+localapi.PathLeave, func(w http.ResponseWriter, r *http.Request) {
+		var req localapi.LeaveRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		res, err := a.Leave(r.Context(), req.Force)
+		if err != nil {
+			writeJSON(w, http.StatusBadGateway, localapi.Error{Message: err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, localapi.LeaveResponse{Name: res.Name, Note: res.Note})
 	})
 	mux.HandleFunc("POST "+localapi.PathRotateKey, func(w http.ResponseWriter, r *http.Request) {
 		k, err := a.RotateKey(r.Context())
@@ -149,11 +169,12 @@ func (a *Agent) Status() localapi.Status {
 	st := localapi.Status{
 		Self: localapi.Node{ID: uint64(a.nm.Self.ID), Name: a.nm.Self.Name, Addresses: a.nm.Self.Addresses,
 			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.Public())},
-		ListenPort:  a.listenPort,
-		DNS:         a.DNSAddr(),
-		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap},
-		Peers:       []localapi.Peer{},
-		Relays:      []localapi.Relay{},
+		ListenPort: a.listenPort,
+		DNS:        a.DNSAddr(),
+		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap,
+			Joining: a.node.ID == 0, RetryAt: a.retryAt},
+		Peers:  []localapi.Peer{},
+		Relays: []localapi.Relay{},
 	}
 	for _, r := range a.bind.Relays() {
 		st.Relays = append(st.Relays, localapi.Relay{Name: r.Name, URL: r.URL, Connected: r.Connected, LastError: r.Stats.LastError,
@@ -161,6 +182,12 @@ func (a *Agent) Status() localapi.Status {
 	}
 	if st.Self.Name == "" {
 		st.Self.Name, st.Self.ID = a.node.Name, uint64(a.node.ID)
+	}
+	if st.Self.Name == "" {
+		st.Self.Name = a.cfg.Name
+	}
+	if st.Coordinator.URL == "" {
+		st.Coordinator.URL = a.joinURL
 	}
 	for _, p := range a.nm.Peers {
 		if p.ID == a.nm.Self.ID {
@@ -212,6 +239,13 @@ func (a *Agent) Services() localapi.Services {
 	for k, v := range a.announced {
 		announced[k] = v
 	}
+	source := map[string]string{}
+	for _, e := range a.exports {
+		source[e.Name] = localapi.SourceRuntime
+		if a.fromConfig[e.Name] {
+			source[e.Name] = localapi.SourceFlag
+		}
+	}
 	a.mu.Unlock()
 	for _, s := range a.consumer.Status() {
 		ls := localapi.Service{Name: s.Name, VIP: vips[s.Name].VIP, Local: s.Listen, Listening: s.Listening, Error: s.Error,
@@ -227,30 +261,81 @@ func (a *Agent) Services() localapi.Services {
 	}
 	for _, e := range a.provider.Status() {
 		out.Exported = append(out.Exported, localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: announced[e.Name],
-			Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed, Sent: e.Sent, Received: e.Received, LastError: e.LastError})
+			Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed, Sent: e.Sent, Received: e.Received, LastError: e.LastError,
+			Source: source[e.Name]})
 	}
 	return out
 }
 
-// Ping sends disco pings to the named peer over every path it has.
-func (a *Agent) Ping(ctx context.Context, node string, timeout time.Duration) ([]localapi.PingResult, error) {
-	node = wire.NormalizeName(node)
-	a.mu.Lock()
-	var k key.Public
+// pingError is a Ping failure with its localapi code.
+type pingError struct {
+	code string
+	msg  string
+}
+
+func (e *pingError) Error() string { return e.msg }
+
+// findPeer finds the peer that target names: its node name, its name in
+// the mesh's DNS domain (NAME.mesh.internal), or one of its mesh IPs.
+// Called with a.mu held.
+func (a *Agent) findPeerLocked(target string) (wire.Node, error) {
+	t := strings.TrimSuffix(strings.ToLower(strings.TrimSpace(target)), ".")
+	ip, ipErr := netip.ParseAddr(t)
+	name := wire.NormalizeName(strings.TrimSuffix(t, "."+strings.ToLower(a.domain())))
 	for _, p := range a.nm.Peers {
-		if p.Name == node {
-			k = p.Key
+		if ipErr == nil {
+			for _, pfx := range p.Addresses {
+				if pfx.Addr() == ip.Unmap() || pfx.Addr() == ip {
+					return p, nil
+				}
+			}
+			continue
+		}
+		if p.Name == name {
+			return p, nil
 		}
 	}
+	if ipErr == nil && slices.ContainsFunc(a.nm.Self.Addresses, func(p netip.Prefix) bool { return p.Addr() == ip }) ||
+		ipErr != nil && name == a.nm.Self.Name && name != "" {
+		return wire.Node{}, &pingError{localapi.CodeNoPeer, fmt.Sprintf("%s is this node; ping another (`meshlink status` lists the peers)", target)}
+	}
+	return wire.Node{}, &pingError{localapi.CodeNoPeer, fmt.Sprintf("no peer %q in this site's network map (give a node name, NAME.%s or a mesh IP; `meshlink status` lists them)", target, a.domain())}
+}
+
+// Ping sends one round of disco pings to the peer target names (node
+// name, FQDN or mesh IP) over every path it has.
+func (a *Agent) Ping(ctx context.Context, target string, timeout time.Duration) ([]localapi.PingResult, error) {
+	a.mu.Lock()
+	p, err := a.findPeerLocked(target)
 	a.mu.Unlock()
-	if k.IsZero() {
-		return nil, fmt.Errorf("no peer named %q; `meshlink status` lists them", node)
+	if err != nil {
+		return nil, err
+	}
+	if p.Key.IsZero() {
+		return nil, &pingError{localapi.CodeNoReply, fmt.Sprintf("%s has no key in the network map yet; try again shortly", p.Name)}
+	}
+	ip := ""
+	if len(p.Addresses) > 0 {
+		ip = p.Addresses[0].Addr().String()
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	res, err := a.bind.Ping(ctx, k)
+	// A direct pong is the answer: the path in use once it exists.
+	res, err := a.bind.PingUntil(ctx, p.Key, func(rs []bind.PingResult) bool {
+		return slices.ContainsFunc(rs, func(r bind.PingResult) bool { return !r.Relay })
+	})
+	noReply := func(why string) error {
+		if !p.Online {
+			seen := "never seen by the coordinator"
+			if !p.LastSeen.IsZero() {
+				seen = "last seen " + time.Since(p.LastSeen).Round(time.Second).String() + " ago"
+			}
+			return &pingError{localapi.CodeNoReply, fmt.Sprintf("%s is offline (%s); %s", p.Name, seen, why)}
+		}
+		return &pingError{localapi.CodeNoReply, fmt.Sprintf("%s: %s", p.Name, why)}
+	}
 	if err != nil {
-		return nil, err
+		return nil, noReply(err.Error())
 	}
 	out := []localapi.PingResult{}
 	for _, r := range res {
@@ -258,10 +343,10 @@ func (a *Agent) Ping(ctx context.Context, node string, timeout time.Duration) ([
 		if !r.Relay {
 			path = "direct " + r.Addr.String()
 		}
-		out = append(out, localapi.PingResult{Peer: node, Path: path, RTT: localapi.Duration(r.RTT)})
+		out = append(out, localapi.PingResult{Peer: p.Name, Path: path, RTT: localapi.Duration(r.RTT), Direct: !r.Relay, IP: ip})
 	}
 	if len(out) == 0 {
-		return nil, errors.New("no reply within " + timeout.String())
+		return nil, noReply("no reply within " + timeout.String())
 	}
 	return out, nil
 }

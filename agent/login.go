@@ -79,6 +79,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
 		ListenPort: a.listenPort, LocalEndpoints: a.localEndpoints(),
 	}
+	a.noteJoining(rawURL)
 	bo := a.retryBackoff()
 	var pending wire.RegisterPending
 	for {
@@ -104,6 +105,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 		d := bo.Next()
+		a.noteRetry(rawURL, err, d)
 		a.log.Warn("coordinator unreachable; will retry", "url", rawURL, "in", d.Round(time.Millisecond), "err", err)
 		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
@@ -134,6 +136,7 @@ func (a *Agent) registerInteractive(ctx context.Context) error {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 		d := bo.Next()
+		a.noteRetry(rawURL, err, d)
 		a.log.Warn("coordinator unreachable while waiting for approval; will retry", "in", d.Round(time.Millisecond), "err", err)
 		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)

@@ -213,6 +213,13 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, rc *relayConn) {
 // Ping sends one disco ping to the peer over every known direct address and
 // over the relay, and returns the pongs that arrive before ctx ends.
 func (b *Bind) Ping(ctx context.Context, k key.Public) ([]PingResult, error) {
+	return b.PingUntil(ctx, k, nil)
+}
+
+// PingUntil is Ping that returns as soon as enough(the pongs so far) is
+// true, rather than waiting for every path (a relay that will not answer
+// holds Ping until ctx ends). A nil enough waits for every path.
+func (b *Bind) PingUntil(ctx context.Context, k key.Public, enough func([]PingResult) bool) ([]PingResult, error) {
 	b.mu.Lock()
 	p := b.peers[k]
 	if p == nil {
@@ -261,6 +268,9 @@ func (b *Bind) Ping(ctx context.Context, k key.Public) ([]PingResult, error) {
 		select {
 		case pr := <-ch:
 			res = append(res, pr)
+			if enough != nil && enough(res) {
+				return res, nil
+			}
 		case <-ctx.Done():
 			return res, nil
 		}

@@ -33,7 +33,22 @@ const (
 	// PathRotateKey (POST) rotates the node's WireGuard key; answers
 	// RotateKeyResponse once the coordinator took the new key.
 	PathRotateKey = "/v1/rotate-key"
+	// PathLeave (POST) takes a LeaveRequest: the node leaves the mesh, its
+	// state is deleted and the agent stops. Answers LeaveResponse.
+	PathLeave = "/v1/leave"
 )
+
+// Error codes of answers that callers tell apart (Error.Code).
+const (
+	// CodeNoPeer: the node named is not in this site's network map.
+	CodeNoPeer = "no_peer"
+	// CodeNoReply: the peer did not answer in time.
+	CodeNoReply = "no_reply"
+)
+
+// ErrNoAgent is what every call fails with (errors.Is) when no agent
+// listens on the state directory's socket.
+var ErrNoAgent = errors.New("no agent is running")
 
 // Status is the answer to PathStatus.
 type Status struct {
@@ -72,6 +87,12 @@ type Coordinator struct {
 	Connected bool      `json:"connected"`
 	LastError string    `json:"last_error,omitempty"`
 	LastMap   time.Time `json:"last_map,omitempty"`
+	// Joining is true while the node has not joined yet (URL is the
+	// coordinator it is joining).
+	Joining bool `json:"joining,omitempty"`
+	// RetryAt is when the next attempt to reach the coordinator is due
+	// while it cannot be reached; zero when none is pending.
+	RetryAt time.Time `json:"retry_at,omitzero"`
 }
 
 // Peer is another site as WireGuard sees it.
@@ -111,8 +132,12 @@ func (d *Duration) UnmarshalText(b []byte) error {
 // PingResult is one pong answering `meshlink ping`.
 type PingResult struct {
 	Peer string   `json:"peer"`
-	Path string   `json:"path"` // "direct 1.2.3.4:41641" or "relay"
+	Path string   `json:"path"` // "direct 1.2.3.4:41641" or "relay NAME"
 	RTT  Duration `json:"rtt"`
+	// Direct is true for a pong over a direct UDP path.
+	Direct bool `json:"direct,omitempty"`
+	// IP is the peer's first mesh address.
+	IP string `json:"ip,omitempty"`
 }
 
 // Services is the answer to PathServices.
@@ -160,7 +185,17 @@ type Export struct {
 	Sent      int64  `json:"sent_bytes"`
 	Received  int64  `json:"received_bytes"`
 	LastError string `json:"last_error,omitempty"`
+	// Source is SourceFlag for an export the agent's --expose flags set,
+	// SourceRuntime for one added with `meshlink expose` (saved in the
+	// state directory).
+	Source string `json:"source,omitempty"`
 }
+
+// Sources of an export.
+const (
+	SourceFlag    = "flag"
+	SourceRuntime = "runtime"
+)
 
 // ExposeRequest asks the agent to export a service.
 type ExposeRequest struct {
@@ -184,10 +219,37 @@ type UnexposeRequest struct {
 	Name string `json:"name"`
 }
 
-// Error is the body of every error answer.
+// Error is the body of every error answer, and the error a Client
+// returns for one.
 type Error struct {
 	Message string `json:"message"`
+	// Code, if set, is one of the Code constants.
+	Code string `json:"code,omitempty"`
 }
+
+func (e *Error) Error() string { return e.Message }
+
+// LeaveRequest asks the agent to leave the mesh.
+type LeaveRequest struct {
+	// Force deletes the node's state even if the coordinator cannot be
+	// told (the node then stays listed there until removed).
+	Force bool `json:"force,omitempty"`
+}
+
+// LeaveResponse answers PathLeave.
+type LeaveResponse struct {
+	Name string `json:"name"`
+	Note string `json:"note,omitempty"`
+}
+
+// noAgentError is ErrNoAgent for one state directory.
+type noAgentError struct{ dir string }
+
+func (e *noAgentError) Error() string {
+	return fmt.Sprintf("no agent is running with --state %s; start one with `meshlink agent --state %s`", e.dir, e.dir)
+}
+
+func (e *noAgentError) Is(target error) bool { return target == ErrNoAgent }
 
 // Client talks to an agent's socket.
 type Client struct {
@@ -202,7 +264,7 @@ func NewClient(dir string) *Client {
 		Name:   "agent API",
 		Unreachable: func(err error) error {
 			if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
-				return fmt.Errorf("no agent is running with --state %s; start one with `meshlink agent --state %s`", dir, dir)
+				return &noAgentError{dir}
 			}
 			if errors.Is(err, os.ErrPermission) {
 				return fmt.Errorf("cannot reach the agent with --state %s: %w (run as the agent's user)", dir, err)
@@ -212,7 +274,7 @@ func NewClient(dir string) *Client {
 		Refused: func(resp *http.Response, body []byte) error {
 			var e Error
 			if json.Unmarshal(body, &e) == nil && e.Message != "" {
-				return errors.New(e.Message)
+				return &e
 			}
 			return fmt.Errorf("agent API answered %s", resp.Status)
 		},
@@ -262,4 +324,10 @@ type RotateKeyResponse struct {
 func (c *Client) RotateKey(ctx context.Context) (*RotateKeyResponse, error) {
 	var out RotateKeyResponse
 	return &out, c.api.Do(ctx, http.MethodPost, PathRotateKey, struct{}{}, &out)
+}
+
+// Leave asks the agent to leave the mesh and delete its state.
+func (c *Client) Leave(ctx context.Context, force bool) (*LeaveResponse, error) {
+	var out LeaveResponse
+	return &out, c.api.Do(ctx, http.MethodPost, PathLeave, LeaveRequest{Force: force}, &out)
 }

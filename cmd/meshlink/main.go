@@ -29,28 +29,22 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
-var version = "dev"
-
 func env(name string) []string { return []string{"MESHLINK_" + name} }
 
 func main() {
 	app := newApp()
-	if err := app.Run(flagsFirst(app, os.Args)); err != nil {
-		fmt.Fprintf(os.Stderr, "meshlink: %v\n", err)
-		os.Exit(1)
-	}
+	os.Exit(report(app.Run(flagsFirst(app, os.Args)), os.Stderr))
 }
 
 // flagsFirst moves a command's flags ahead of its positional arguments, so
 // `meshlink expose web 127.0.0.1:80 --state ./b` works as documented (the
 // flag parser stops at the first argument otherwise). A "--" ends flags.
 func flagsFirst(app *cli.App, args []string) []string {
-	if len(args) < 2 {
+	if len(args) < 2 || args[len(args)-1] == "--generate-bash-completion" {
 		return args
 	}
 	cmds := app.Commands
-	i := 1
+	i := skipFlags(app.Flags, args, 1)
 	var cmd *cli.Command
 	for i < len(args) {
 		var next *cli.Command
@@ -68,13 +62,7 @@ func flagsFirst(app *cli.App, args []string) []string {
 	if cmd == nil || len(cmd.Subcommands) > 0 {
 		return args
 	}
-	takesValue := map[string]bool{}
-	for _, f := range cmd.Flags {
-		_, isBool := f.(*cli.BoolFlag)
-		for _, n := range f.Names() {
-			takesValue[n] = !isBool
-		}
-	}
+	takesValue := valueFlags(cmd.Flags)
 	var flags, pos []string
 	rest := args[i:]
 	for j := 0; j < len(rest); j++ {
@@ -86,7 +74,12 @@ func flagsFirst(app *cli.App, args []string) []string {
 		if len(a) > 1 && a[0] == '-' {
 			flags = append(flags, a)
 			name := strings.TrimLeft(a, "-")
-			if !strings.Contains(name, "=") && takesValue[name] && j+1 < len(rest) {
+			if !strings.Contains(name, "=") && takesValue[name] {
+				if j+1 == len(rest) {
+					// Its value is missing: let the flag parser say so
+					// rather than take the "--" below for it.
+					return append(append(append([]string{}, args[:i]...), flags[:len(flags)-1]...), a)
+				}
 				j++
 				flags = append(flags, rest[j])
 			}
@@ -103,12 +96,45 @@ func flagsFirst(app *cli.App, args []string) []string {
 	return out
 }
 
+// valueFlags tells, by name, which of flags take a value.
+func valueFlags(flags []cli.Flag) map[string]bool {
+	takesValue := map[string]bool{}
+	for _, f := range flags {
+		_, isBool := f.(*cli.BoolFlag)
+		for _, n := range f.Names() {
+			takesValue[n] = !isBool
+		}
+	}
+	return takesValue
+}
+
+// skipFlags returns the index of the first argument from i on that is not
+// one of flags (the global flags before the command) or its value.
+func skipFlags(flags []cli.Flag, args []string, i int) int {
+	takesValue := valueFlags(flags)
+	for i < len(args) {
+		a := args[i]
+		if a == "--" || len(a) < 2 || a[0] != '-' {
+			return i
+		}
+		name := strings.TrimLeft(a, "-")
+		i++
+		if !strings.Contains(name, "=") && takesValue[name] {
+			i++
+		}
+	}
+	return i
+}
+
 // newApp builds the command line; a test walks it.
 func newApp() *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:    "meshlink",
 		Usage:   "connect services across sites over an encrypted WireGuard overlay",
-		Version: version,
+		Version: buildInfo().Version,
+		// Global flags, given before the command: meshlink --state DIR status.
+		Flags:                []cli.Flag{stateFlag()},
+		EnableBashCompletion: true,
 		Commands: []*cli.Command{
 			coordinatorCmd(),
 			tokenCmd(),
@@ -125,9 +151,22 @@ func newApp() *cli.App {
 			statusCmd(),
 			pingCmd(),
 			rotateKeyCmd(),
+			leaveCmd(),
+			versionCmd(),
+			completionCmd(),
+			docsCmd(),
 		},
 		ExitErrHandler: func(c *cli.Context, err error) {},
+		OnUsageError:   onUsageError,
 	}
+	app.Action = func(c *cli.Context) error {
+		if c.NArg() > 0 {
+			return unknownCommand(c, app.Commands, c.Args().First())
+		}
+		return cli.ShowAppHelp(c)
+	}
+	checkCommands(app.Commands)
+	return app
 }
 
 // logFlags are taken by the long-running commands.
@@ -211,7 +250,7 @@ func coordinatorCmd() *cli.Command {
 			&cli.StringSliceFlag{Name: "oidc-allowed-groups", Usage: "admit only OIDC identities whose groups claim holds one of these (g1,g2)", EnvVars: env("OIDC_ALLOWED_GROUPS")},
 			&cli.StringFlag{Name: "oidc-new-users", Value: "member", Usage: "account of a first OIDC sign-in: member, or pending (an admin approves it first)", EnvVars: env("OIDC_NEW_USERS")},
 			&cli.BoolFlag{Name: "allow-loopback-endpoints", Hidden: true, Usage: "keep loopback addresses among the endpoints nodes publish: only for a whole mesh on one host (demo, tests)", EnvVars: env("ALLOW_LOOPBACK_ENDPOINTS")},
-			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to `meshlink relay` servers)", EnvVars: env("RELAY")},
+			&cli.BoolFlag{Name: "relay", Value: true, Usage: "serve the embedded relay (--relay=false leaves relaying to standalone \"meshlink relay\" servers)", EnvVars: env("RELAY")},
 			&cli.IntFlag{Name: "max-conns", Value: 8192, Usage: "HTTPS connections open at once, in all", EnvVars: env("MAX_CONNS")},
 			&cli.IntFlag{Name: "max-conns-per-source", Value: 256, Usage: "HTTPS connections open at once from one IPv4 address or IPv6 /64 (raise it for many agents behind one NAT)", EnvVars: env("MAX_CONNS_PER_SOURCE")},
 			&cli.DurationFlag{Name: "body-timeout", Value: 10 * time.Second, Usage: "time a request has to send its body", EnvVars: env("BODY_TIMEOUT")},
@@ -227,7 +266,7 @@ func coordinatorCmd() *cli.Command {
 			}
 			cfg, err := coordinatorConfig(c)
 			if err != nil {
-				return err
+				return usageErrorf("meshlink coordinator: %v", err)
 			}
 			cfg.Logger, cfg.Out = log, os.Stdout
 			s, err := coordinator.New(cfg)
@@ -371,13 +410,16 @@ func relaysCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "relays",
 		Usage: "list or remove the relays the coordinator hands out (talks to the coordinator running with --data)",
-		Flags: []cli.Flag{data},
+		Flags: []cli.Flag{data, jsonFlag()},
 		Action: func(c *cli.Context) error {
 			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 			defer cancel()
 			rs, err := coordinator.NewAdminClient(c.String("data")).Relays(ctx)
 			if err != nil {
 				return err
+			}
+			if c.Bool("json") {
+				return printJSON(relaysJSON(rs))
 			}
 			if len(rs) == 0 {
 				fmt.Println("no relay online (the embedded one is off and no `meshlink relay` follows this coordinator)")
@@ -561,7 +603,7 @@ func tokenCmd() *cli.Command {
 					&cli.DurationFlag{Name: "expires", Value: 24 * time.Hour, Usage: "validity (0 for never)", EnvVars: env("TOKEN_EXPIRES")},
 					&cli.BoolFlag{Name: "ephemeral", Usage: "nodes joined with it are removed when they go away", EnvVars: env("TOKEN_EPHEMERAL")},
 					&cli.StringSliceFlag{Name: "tags", Usage: "tags given to nodes joined with it (a,b)", EnvVars: env("TOKEN_TAGS")},
-					&cli.BoolFlag{Name: "relay", Usage: "a token that registers a standalone relay (`meshlink relay --join`), not a node", EnvVars: env("TOKEN_RELAY")},
+					&cli.BoolFlag{Name: "relay", Usage: "a token that registers a standalone relay (meshlink relay --join), not a node", EnvVars: env("TOKEN_RELAY")},
 					&cli.StringFlag{Name: "user", Usage: "the user who owns the token and the nodes it joins (default: the first admin)", EnvVars: env("TOKEN_USER")},
 				},
 				Action: func(c *cli.Context) error {
@@ -594,65 +636,13 @@ func tokenCmd() *cli.Command {
 			},
 			{
 				Name:      "inspect",
-				Usage:     "print a token's coordinator, expiry and uses left",
+				Usage:     "print a token's coordinator and expiry, and ask that coordinator for its uses left (--offline: decode only)",
 				ArgsUsage: "TOKEN",
-				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return errors.New("usage: meshlink token inspect TOKEN")
-					}
-					t, err := wire.ParseToken(c.Args().First())
-					if err != nil {
-						return err
-					}
-					fmt.Printf("coordinator: %s\n", t.URL)
-					fmt.Printf("fingerprint: %s\n", t.Fingerprint)
-					fmt.Printf("id:          %s\n", t.ID)
-					ctx, cancel := context.WithTimeout(c.Context, 10*time.Second)
-					defer cancel()
-					info, err := agent.InspectToken(ctx, t)
-					if err != nil {
-						exp := "never"
-						if !t.ExpiresAt().IsZero() {
-							exp = t.ExpiresAt().Format(time.RFC3339)
-						}
-						fmt.Printf("expires:     %s\n", exp)
-						fmt.Printf("uses left:   unknown (%v)\n", err)
-						return nil
-					}
-					exp := "never"
-					if !info.Expires.IsZero() {
-						exp = info.Expires.Format(time.RFC3339)
-						if time.Now().After(info.Expires) {
-							exp += " (expired)"
-						}
-					}
-					fmt.Printf("expires:     %s\n", exp)
-					uses := fmt.Sprint(info.UsesLeft)
-					if info.UsesLeft < 0 {
-						uses = "unlimited (reusable)"
-					}
-					fmt.Printf("uses left:   %s\n", uses)
-					if info.Relay {
-						fmt.Printf("kind:        relay (meshlink relay --join)\n")
-					}
-					if info.Ephemeral {
-						fmt.Printf("ephemeral:   yes\n")
-					}
-					if len(info.Tags) > 0 {
-						fmt.Printf("tags:        %s\n", strings.Join(info.Tags, ","))
-					}
-					if info.Revoked {
-						fmt.Printf("revoked:     yes\n")
-					}
-					return nil
-				},
+				Flags:     tokenInspectFlags(),
+				Action:    tokenInspect,
 			},
 		},
 	}
-}
-
-func stateFlag() cli.Flag {
-	return &cli.StringFlag{Name: "state", Value: "./meshlink-state", Usage: "the agent's state directory", EnvVars: env("STATE")}
 }
 
 func agentCmd() *cli.Command {
@@ -688,7 +678,7 @@ func agentCmd() *cli.Command {
 			}
 			cfg, err := agentConfig(c)
 			if err != nil {
-				return err
+				return usageErrorf("meshlink agent: %v", err)
 			}
 			cfg.Logger = log
 			a, err := agent.New(cfg)
@@ -700,8 +690,12 @@ func agentCmd() *cli.Command {
 			if err := a.Start(ctx); err != nil {
 				return err
 			}
-			<-ctx.Done()
-			log.Info("shutting down")
+			select {
+			case <-ctx.Done():
+				log.Info("shutting down")
+			case <-a.Left(): // meshlink leave
+				log.Info("left the mesh; stopping")
+			}
 			return a.Close()
 		},
 	}
@@ -743,7 +737,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		exports = append(exports, e)
 	}
 	return agent.Config{
-		StateDir: c.String("state"), Join: join, JoinFile: c.String("join-file"), Name: c.String("name"),
+		StateDir: stateDir(c), Join: join, JoinFile: c.String("join-file"), Name: c.String("name"),
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
 		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
@@ -796,11 +790,11 @@ func exposeCmd() *cli.Command {
 			&cli.BoolFlag{Name: "replace", Usage: "replace the target of a service this site already exports", EnvVars: env("REPLACE")},
 		},
 		Action: func(c *cli.Context) error {
-			if c.NArg() != 2 {
-				return errors.New("usage: meshlink expose NAME HOST:PORT [--port P] [--replace] --state DIR")
+			if err := wantArgs(c, 2, "NAME HOST:PORT"); err != nil {
+				return err
 			}
 			if c.Uint("port") > 65535 {
-				return fmt.Errorf("--port %d: must be 1-65535", c.Uint("port"))
+				return usageErrorf("meshlink expose: --port %d: must be 1-65535", c.Uint("port"))
 			}
 			cl := newLocalClient(c)
 			req := localapiExpose(c.Args().Get(0), c.Args().Get(1), uint16(c.Uint("port")))
@@ -825,8 +819,8 @@ func unexposeCmd() *cli.Command {
 		ArgsUsage: "NAME",
 		Flags:     []cli.Flag{stateFlag()},
 		Action: func(c *cli.Context) error {
-			if c.NArg() != 1 {
-				return errors.New("usage: meshlink unexpose NAME --state DIR")
+			if err := wantArgs(c, 1, "NAME"); err != nil {
+				return err
 			}
 			if err := newLocalClient(c).Unexpose(c.Context, c.Args().First()); err != nil {
 				return err

@@ -13,7 +13,7 @@ import (
 	"github.com/meshlink/meshlink/agent/localapi"
 )
 
-func newLocalClient(c *cli.Context) *localapi.Client { return localapi.NewClient(c.String("state")) }
+func newLocalClient(c *cli.Context) *localapi.Client { return localapi.NewClient(stateDir(c)) }
 
 func localapiExpose(name, target string, port uint16) localapi.ExposeRequest {
 	return localapi.ExposeRequest{Name: name, Target: target, Port: port}
@@ -29,14 +29,17 @@ func servicesCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "services",
 		Usage: "list the services this site can reach and those it exports",
-		Flags: []cli.Flag{stateFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")}},
+		Flags: []cli.Flag{stateFlag(), jsonFlag()},
 		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
 			s, err := newLocalClient(c).Services(c.Context)
 			if err != nil {
 				return err
 			}
 			if c.Bool("json") {
-				return printJSON(s)
+				return printJSON(toServicesJSON(s))
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERVICE\tLOCAL ADDRESS\tPROVIDERS\tOPEN\tSTATE")
@@ -64,9 +67,13 @@ func servicesCmd() *cli.Command {
 			if len(s.Exported) > 0 {
 				fmt.Println()
 				tw = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "EXPORTED\tTARGET\tMESH PORT\tOPEN\tTOTAL\tDENIED\tANNOUNCED")
+				fmt.Fprintln(tw, "EXPORTED\tTARGET\tMESH PORT\tOPEN\tTOTAL\tDENIED\tANNOUNCED\tSET BY")
 				for _, e := range s.Exported {
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%v\n", e.Name, e.Target, e.Port, e.Open, e.Total, e.Denied, e.Announced)
+					by := "meshlink expose (saved)"
+					if exportSource(e) == localapi.SourceFlag {
+						by = "agent --expose"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%v\t%s\n", e.Name, e.Target, e.Port, e.Open, e.Total, e.Denied, e.Announced, by)
 				}
 				tw.Flush()
 			}
@@ -79,33 +86,34 @@ func statusCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
 		Usage: "show this node, its coordinator and its peers",
-		Flags: []cli.Flag{stateFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")}},
+		Flags: []cli.Flag{stateFlag(), jsonFlag()},
 		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
 			s, err := newLocalClient(c).Status(c.Context)
 			if err != nil {
 				return err
 			}
+			now := time.Now()
 			if c.Bool("json") {
-				return printJSON(s)
+				return printJSON(toStatusJSON(s, now))
 			}
 			var addrs []string
 			for _, a := range s.Self.Addresses {
 				addrs = append(addrs, a.Addr().String())
 			}
-			fmt.Printf("node:        %s (id %d) %s\n", s.Self.Name, s.Self.ID, strings.Join(addrs, " "))
+			if s.Coordinator.Joining {
+				fmt.Printf("node:        %s (not joined yet)\n", s.Self.Name)
+			} else {
+				fmt.Printf("node:        %s (id %d) %s\n", s.Self.Name, s.Self.ID, strings.Join(addrs, " "))
+			}
 			fmt.Printf("key:         %s\n", s.Self.Key)
 			fmt.Printf("udp port:    %d\n", s.ListenPort)
 			if s.DNS != "" {
 				fmt.Printf("dns:         %s\n", s.DNS)
 			}
-			cs := "connected"
-			if !s.Coordinator.Connected {
-				cs = "disconnected"
-				if s.Coordinator.LastError != "" {
-					cs += " (" + s.Coordinator.LastError + ")"
-				}
-			}
-			fmt.Printf("coordinator: %s %s\n", s.Coordinator.URL, cs)
+			fmt.Printf("coordinator: %s\n", coordinatorLine(s.Coordinator, now))
 			for i, r := range s.Relays {
 				label := "relays:     "
 				if i > 0 {
@@ -165,54 +173,6 @@ func bytesStr(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
-
-func pingCmd() *cli.Command {
-	return &cli.Command{
-		Name:      "ping",
-		Usage:     "send mesh pings to a node and show each reply's path and time",
-		ArgsUsage: "NODE",
-		Flags: []cli.Flag{
-			stateFlag(),
-			&cli.IntFlag{Name: "count", Aliases: []string{"c"}, Value: 4, Usage: "rounds of pings (0: until interrupted)", EnvVars: env("PING_COUNT")},
-			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Second, Usage: "wait for replies per round", EnvVars: env("PING_TIMEOUT")},
-		},
-		Action: func(c *cli.Context) error {
-			if c.NArg() != 1 {
-				return fmt.Errorf("usage: meshlink ping NODE [--count N] --state DIR")
-			}
-			node := c.Args().First()
-			cl := newLocalClient(c)
-			ctx, cancel := signalContext()
-			defer cancel()
-			got := 0
-			for i := 0; c.Int("count") == 0 || i < c.Int("count"); i++ {
-				if i > 0 {
-					select {
-					case <-ctx.Done():
-						return nil
-					case <-time.After(time.Second):
-					}
-				}
-				res, err := cl.Ping(ctx, node, c.Duration("timeout"))
-				if err != nil {
-					if ctx.Err() != nil {
-						return nil
-					}
-					fmt.Printf("%s: %v\n", node, err)
-					continue
-				}
-				for _, r := range res {
-					got++
-					fmt.Printf("pong from %s via %s in %s\n", r.Peer, r.Path, time.Duration(r.RTT).Round(time.Microsecond))
-				}
-			}
-			if got == 0 {
-				return fmt.Errorf("no reply from %s", node)
-			}
-			return nil
-		},
-	}
 }
 
 func rotateKeyCmd() *cli.Command {
