@@ -95,6 +95,9 @@ func (s *Server) answer(r *mdns.Msg) (*mdns.Msg, string) {
 		s.answerLocal(resp, q)
 		return resp, "mesh"
 	}
+	if s.localReverse(resp, q, s.zone.Load()) {
+		return resp, "mesh-reverse"
+	}
 	if up, via := s.forward(r); up != nil {
 		return up, via
 	}

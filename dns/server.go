@@ -6,8 +6,10 @@
 //	NAME.mesh.internal          A/AAAA  the service's local proxy address(es)
 //	_NAME._tcp.mesh.internal    SRV     port of the service, target NAME.mesh.internal.
 //	NODE.node.mesh.internal     A/AAAA  the node's mesh IPs
+//	PTR of a mesh address       PTR     NODE.node.mesh.internal. or NAME.mesh.internal.
 //
-// Every other name is forwarded to the upstream resolvers (by default those
+// Reverse names inside Zone.Local (node, VIP and proxy ranges) are answered
+// here, NXDOMAIN when unknown, and never forwarded. Every other name is forwarded to the upstream resolvers (by default those
 // of /etc/resolv.conf), so the server can be the only resolver an
 // application is given.
 package dns
@@ -75,12 +77,20 @@ type Config struct {
 type Service struct {
 	Addrs []netip.Addr
 	Port  uint16
+	// VIP is the service's virtual IP on the mesh (100.100.X.Y); its PTR,
+	// like that of each of Addrs, is NAME.DOMAIN.
+	VIP netip.Addr
 }
 
 // Zone is the mesh's part of the name space, replaced whole by SetZone.
 type Zone struct {
 	Services map[string]Service      // key: service name, lowercase, e.g. "web"
 	Nodes    map[string][]netip.Addr // key: node name, lowercase; mesh IPs (v4 and v6)
+	// Local are the address ranges whose reverse names (PTR under
+	// in-addr.arpa and ip6.arpa) are answered here and never forwarded:
+	// the node prefixes, the service VIPs and the local proxy range. An
+	// address in them with no service or node answers NXDOMAIN.
+	Local []netip.Prefix
 }
 
 // Server is the embedded DNS server. Create it with New, then Start; Close
