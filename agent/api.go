@@ -152,6 +152,7 @@ func (a *Agent) Status() localapi.Status {
 			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.Public())},
 		ListenPort:  a.listenPort,
 		DNS:         a.DNSAddr(),
+		DNSDomain:   a.dnsDomain(),
 		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap},
 		Peers:       []localapi.Peer{},
 		Relays:      []localapi.Relay{},

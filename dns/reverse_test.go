@@ -2,6 +2,8 @@ package dns
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -121,4 +123,53 @@ func FuzzReverseName(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestSystemResolverUpstreams: when this server is the system resolver
+// (resolv.conf names only 127.0.0.1 and it listens on 127.0.0.1:53), names
+// outside the mesh go to the upstreams remembered from before, and never
+// back to itself; with none remembered it has none (and warns), and an
+// explicit upstream that is itself is left out.
+func TestSystemResolverUpstreams(t *testing.T) {
+	good := upstream(t, exampleAnswer)
+	conf := filepath.Join(t.TempDir(), "resolv.conf")
+	os.WriteFile(conf, []byte("nameserver 127.0.0.1\n"), 0o644)
+	self := netip.MustParseAddrPort("127.0.0.1:53")
+	pick := func(cfg Config) (*Server, []string) {
+		cfg.Logger = tstest.Logger(t)
+		s, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		s.addr = self // as if bound there: a test cannot count on port 53
+		ups := s.pickUpstreams()
+		s.ups.Store(&ups)
+		return s, ups
+	}
+
+	s, ups := pick(Config{ResolvConf: conf, Remembered: []string{"127.0.0.1:53", good}})
+	if !slices.Equal(ups, []string{good}) {
+		t.Fatalf("upstreams %q, want only the remembered %s (never itself)", ups, good)
+	}
+	if got := s.ResolvConfUpstreams(); len(got) != 0 {
+		t.Fatalf("ResolvConfUpstreams %q: resolv.conf named only this server", got)
+	}
+	w := &memWriter{}
+	s.ServeDNS(w, new(mdns.Msg).SetQuestion("example.com.", mdns.TypeA))
+	if got := rrStrings(w.msg.Answer); !slices.Equal(got, []string{"A 192.0.2.1"}) {
+		t.Fatalf("example.com through the remembered upstream: %v", got)
+	}
+
+	if _, ups := pick(Config{ResolvConf: conf}); len(ups) != 0 {
+		t.Fatalf("upstreams %q with nothing remembered, want none", ups)
+	}
+	if _, ups := pick(Config{Upstreams: []string{"127.0.0.1:53", good}}); !slices.Equal(ups, []string{good}) {
+		t.Fatalf("--dns-upstream naming itself: %q, want only %s", ups, good)
+	}
+	// What resolv.conf names besides itself is what the agent remembers.
+	os.WriteFile(conf, []byte("nameserver 127.0.0.1\nnameserver 192.0.2.53\n"), 0o644)
+	if s, ups := pick(Config{ResolvConf: conf, Remembered: []string{good}}); !slices.Equal(ups, []string{"192.0.2.53:53"}) || !slices.Equal(s.ResolvConfUpstreams(), ups) {
+		t.Fatalf("upstreams %q, remembered %q; want resolv.conf's 192.0.2.53:53", ups, s.ResolvConfUpstreams())
+	}
 }

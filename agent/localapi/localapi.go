@@ -37,9 +37,12 @@ const (
 
 // Status is the answer to PathStatus.
 type Status struct {
-	Self        Node        `json:"self"`
-	ListenPort  uint16      `json:"listen_port"`
-	DNS         string      `json:"dns,omitempty"`
+	Self       Node   `json:"self"`
+	ListenPort uint16 `json:"listen_port"`
+	DNS        string `json:"dns,omitempty"`
+	// DNSDomain is the mesh domain the DNS server answers for (with DNS;
+	// `meshlink dns install` points the system resolver's split DNS at it).
+	DNSDomain   string      `json:"dns_domain,omitempty"`
 	Coordinator Coordinator `json:"coordinator"`
 	// Relays are the relays of the network map, in order of preference.
 	Relays []Relay `json:"relays"`
