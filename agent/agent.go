@@ -469,7 +469,8 @@ func (a *Agent) startDNS() error {
 		}
 		if err == nil {
 			if t != addr {
-				a.log.Warn("DNS address unavailable; serving elsewhere (set --dns to choose)", "wanted", addr, "serving", s.Addr(), "err", errors.Join(errs...))
+				a.log.Warn("DNS address unavailable; serving elsewhere (set --dns to choose; `sudo meshlink dns install --state DIR` makes the system resolver send mesh names here)",
+					"wanted", addr, "serving", s.Addr(), "err", errors.Join(errs...))
 			}
 			a.dns = s
 			// Remembered for when this server becomes the system resolver

@@ -122,6 +122,7 @@ func newApp() *cli.App {
 			unexposeCmd(),
 			servicesCmd(),
 			connectCmd(),
+			dnsCmd(),
 			statusCmd(),
 			pingCmd(),
 			rotateKeyCmd(),
