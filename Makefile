@@ -1,6 +1,12 @@
 # meshlink build, test and CI entry points. `make help` lists them.
 
-GO        ?= go
+# The go command: the one on PATH, else the official tarball's place
+# (/usr/local/go/bin, which a fresh shell or sudo's PATH may lack).
+ifeq ($(origin GO),undefined)
+GO := $(or $(shell command -v go 2>/dev/null),$(wildcard /usr/local/go/bin/go),go)
+endif
+# make install puts bin/meshlink in $(DESTDIR)$(PREFIX)/bin.
+PREFIX    ?= /usr/local
 BIN       ?= bin/meshlink
 FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
@@ -35,12 +41,13 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS  = -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: all help build test race bench demo fuzz lint vuln clean docs
+.PHONY: all help build install test race bench demo fuzz lint vuln clean docs
 
 all: build
 
 help:
 	@echo "make build   bin/meshlink and bin/hello (static)"
+	@echo "make install bin/meshlink to $(DESTDIR)$(PREFIX)/bin (builds it first if missing)"
 	@echo "make test    go vet + every test (the network-namespace tests need root)"
 	@echo "make race    go test -race on the packages that don't drive gVisor (RACE_PKGS)"
 	@echo "make lint    gofmt, go vet, go mod tidy -diff"
@@ -55,6 +62,13 @@ help:
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/meshlink
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/hello ./examples/hello
+
+# Builds only when bin/meshlink is missing, so that `make build && sudo
+# make install` does not build again as root.
+install:
+	@[ -x $(BIN) ] || $(MAKE) build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/meshlink
 
 # -race is left out on purpose: on 2 cores with the gVisor netstack it makes
 # the suite several times slower than CI's budget allows; `make race` runs

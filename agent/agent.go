@@ -466,9 +466,14 @@ func (a *Agent) startDNS() error {
 		host, _, _ := net.SplitHostPort(addr)
 		tries = append(tries, net.JoinHostPort(host, "5353"), net.JoinHostPort(host, "0"))
 	}
+	var remembered []string
+	if _, err := a.state.loadJSON(fileUpstreams, &remembered); err != nil {
+		a.log.Debug("ignoring remembered DNS upstreams", "err", err)
+	}
 	var errs []error
 	for _, t := range tries {
-		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain(), Allow: a.cfg.DNSAllow})
+		s, err := dns.New(dns.Config{Addr: t, Logger: a.cfg.Logger, Upstreams: a.cfg.Upstreams, Domain: a.domain(), Allow: a.cfg.DNSAllow,
+			Remembered: remembered})
 		if errors.Is(err, dns.ErrOpenResolver) {
 			return fmt.Errorf("agent: %w", err) // another port would not help
 		}
@@ -477,9 +482,17 @@ func (a *Agent) startDNS() error {
 		}
 		if err == nil {
 			if t != addr {
-				a.log.Warn("DNS address unavailable; serving elsewhere (set --dns to choose)", "wanted", addr, "serving", s.Addr(), "err", errors.Join(errs...))
+				a.log.Warn("DNS address unavailable; serving elsewhere (set --dns to choose; `sudo meshlink dns install --state DIR` makes the system resolver send mesh names here)",
+					"wanted", addr, "serving", s.Addr(), "err", errors.Join(errs...))
 			}
 			a.dns = s
+			// Remembered for when this server becomes the system resolver
+			// (`meshlink dns install`, or 127.0.0.1 in resolv.conf).
+			if found := s.ResolvConfUpstreams(); len(found) > 0 && !slices.Equal(found, remembered) {
+				if err := a.state.saveJSON(fileUpstreams, found); err != nil {
+					a.log.Warn("cannot remember the DNS upstreams", "err", err)
+				}
+			}
 			return nil
 		}
 		errs = append(errs, err)
@@ -492,6 +505,14 @@ func (a *Agent) domain() string {
 		return a.nm.Domain
 	}
 	return wire.DefaultDomain
+}
+
+// dnsDomain is the domain the DNS server answers for, "" when DNS is off.
+func (a *Agent) dnsDomain() string {
+	if a.dns == nil {
+		return ""
+	}
+	return a.dns.Domain()
 }
 
 // DNSAddr returns the DNS server's address, or "" when DNS is off.

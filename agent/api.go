@@ -17,6 +17,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/agent/wgcfg"
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
@@ -171,6 +172,7 @@ func (a *Agent) Status() localapi.Status {
 			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.Public())},
 		ListenPort: a.listenPort,
 		DNS:        a.DNSAddr(),
+		DNSDomain:  a.dnsDomain(),
 		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap,
 			Joining: a.node.ID == 0, RetryAt: a.retryAt},
 		Peers:  []localapi.Peer{},
@@ -249,7 +251,13 @@ func (a *Agent) Services() localapi.Services {
 	a.mu.Unlock()
 	for _, s := range a.consumer.Status() {
 		ls := localapi.Service{Name: s.Name, VIP: vips[s.Name].VIP, Local: s.Listen, Listening: s.Listening, Error: s.Error,
-			Open: s.Open, Total: s.Total, Failed: s.Failed, Sent: s.Sent, Received: s.Received, Providers: []localapi.Provider{}}
+			Open: s.Open, Total: s.Total, Failed: s.Failed, Sent: s.Sent, Received: s.Received, Providers: []localapi.Provider{},
+			Port: s.Wanted.Port()}
+		if s.Listening && s.Listen.Port() != s.Wanted.Port() {
+			ls.FallbackPort = s.Listen.Port()
+			ls.Note = fmt.Sprintf("port %d needs privileges the agent lacks: served on %d (port+10000) instead; for port %d run `%s` and restart the agent",
+				s.Wanted.Port(), s.Listen.Port(), s.Wanted.Port(), proxy.SetcapHint)
+		}
 		for _, p := range s.Providers {
 			addr := p.Addr.String()
 			if p.Local {

@@ -40,8 +40,11 @@ type (
 	}
 	// The proxies also close the connections of peers that left the map
 	// (closeLeft).
+	// Bound says where each listening service is served (its address, or
+	// its proxy.FallbackPort), for the DNS zone's SRV ports.
 	consumerConfigurer interface {
 		Reconfig([]proxy.ServiceConfig) error
+		Bound() map[string]netip.AddrPort
 		CloseTo(keep func(wire.NodeID) bool) int
 	}
 	exportSetter interface {
@@ -123,13 +126,15 @@ func (ap *applier) apply(next Desired) error {
 	step("consumed services", reflect.DeepEqual(prev.Services, next.Services),
 		func() error { return ap.consumer.Reconfig(next.Services) },
 		func() { prev.Services = next.Services })
-	step("DNS zone", reflect.DeepEqual(prev.Zone, next.Zone),
+	// After the services: SRV answers give the port each is served on.
+	zone := zoneWithBound(next.Zone, ap.consumer.Bound())
+	step("DNS zone", reflect.DeepEqual(prev.Zone, zone),
 		ok(func() {
 			if ap.dns != nil {
-				ap.dns.SetZone(next.Zone)
+				ap.dns.SetZone(zone)
 			}
 		}),
-		func() { prev.Zone = next.Zone })
+		func() { prev.Zone = zone })
 	prev.SkippedRelays = next.SkippedRelays
 	// Last, when the new policy and targets are in place, so nothing new
 	// reaches a peer that left while its connections are closed.
@@ -142,6 +147,30 @@ func (ap *applier) apply(next Desired) error {
 		return errNoChanges
 	}
 	return nil
+}
+
+// zoneWithBound is z with each service's port replaced by the port its
+// local listener is bound to, where that differs (a privileged port served
+// on its proxy.FallbackPort): an SRV answer then names the port that works.
+func zoneWithBound(z dns.Zone, bound map[string]netip.AddrPort) dns.Zone {
+	changed := false
+	for name, svc := range z.Services {
+		if b, ok := bound[name]; ok && b.Port() != svc.Port {
+			changed = true
+		}
+	}
+	if !changed {
+		return z
+	}
+	out := z
+	out.Services = make(map[string]dns.Service, len(z.Services))
+	for name, svc := range z.Services {
+		if b, ok := bound[name]; ok {
+			svc.Port = b.Port()
+		}
+		out.Services[name] = svc
+	}
+	return out
 }
 
 // closeLeft closes the proxied connections to and from the peers in old

@@ -21,6 +21,7 @@ type parts struct {
 	setErr  error    // returned by the next IpcSet, then cleared
 	listErr error    // returned by the next consumer Reconfig, then cleared
 	zone    dns.Zone
+	bound   map[string]netip.AddrPort // what Bound reports
 	exports []proxy.Export
 	// open and openFrom are the providers and sources of open proxied
 	// connections; closedTo and closedFrom what the last close call cut.
@@ -50,6 +51,8 @@ func (f *parts) Reconfig([]proxy.ServiceConfig) error {
 	f.listErr = nil
 	return err
 }
+
+func (f *parts) Bound() map[string]netip.AddrPort { return f.bound }
 
 func (f *parts) CloseTo(keep func(wire.NodeID) bool) int {
 	f.calls = append(f.calls, "close to")
@@ -106,6 +109,26 @@ func TestApply(t *testing.T) {
 		}
 		if got := f.take(); len(got) != 0 {
 			t.Fatalf("unchanged state written again: %v", got)
+		}
+	})
+
+	t.Run("SRV ports follow a privileged port's fallback", func(t *testing.T) {
+		ap, f := newTestApplier()
+		ap.apply(desired(nm))
+		if got := f.zone.Services["web"].Port; got != 80 {
+			t.Fatalf("zone port %d, want the service's 80", got)
+		}
+		f.take()
+		// The consumer could not bind port 80 and serves 10080 instead.
+		f.bound = map[string]netip.AddrPort{"web": netip.MustParseAddrPort("127.100.0.7:10080")}
+		if err := ap.apply(desired(nm)); err != nil {
+			t.Fatal(err)
+		}
+		if got := f.zone.Services["web"].Port; got != 10080 {
+			t.Fatalf("zone port %d after the fallback, want 10080", got)
+		}
+		if got := f.take(); !slices.Equal(got, []string{"dns"}) {
+			t.Fatalf("the fallback wrote %v, want the zone only", got)
 		}
 	})
 

@@ -106,7 +106,9 @@ func desiredConfig(in desiredInput) Desired {
 	for _, e := range in.Exports {
 		local[e.Name] = e
 	}
-	d.Zone = dns.Zone{Services: map[string]dns.Service{}, Nodes: map[string][]netip.Addr{}}
+	// Reverse names of mesh addresses are answered by the agent alone.
+	d.Zone = dns.Zone{Services: map[string]dns.Service{}, Nodes: map[string][]netip.Addr{},
+		Local: []netip.Prefix{wire.NodePrefix4, wire.NodePrefix6, wire.ServicePrefix, in.Config.ProxyRange}}
 	for _, s := range nm.Services {
 		listen := proxyAddr(in.Config.ProxyRange, s.VIP)
 		if !listen.IsValid() || s.Port == 0 {
@@ -129,7 +131,7 @@ func desiredConfig(in desiredInput) Desired {
 			}
 		}
 		d.Services = append(d.Services, sc)
-		d.Zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port}
+		d.Zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port, VIP: s.VIP}
 	}
 	for _, n := range append([]wire.Node{nm.Self}, nm.Peers...) {
 		for _, p := range n.Addresses {

@@ -105,9 +105,15 @@ func TestDesiredConfig(t *testing.T) {
 				if !reflect.DeepEqual(d.Services, want) {
 					t.Errorf("services %+v, want %+v", d.Services, want)
 				}
-				wantZone := dns.Service{Addrs: []netip.Addr{netip.MustParseAddr("127.100.0.7")}, Port: 80}
+				wantZone := dns.Service{Addrs: []netip.Addr{netip.MustParseAddr("127.100.0.7")}, Port: 80, VIP: web.VIP}
 				if got := d.Zone.Services["web"]; !reflect.DeepEqual(got, wantZone) {
 					t.Errorf("DNS for web %+v, want %+v", got, wantZone)
+				}
+				// PTRs of node, VIP and proxy addresses stay local.
+				for _, a := range []string{"100.96.0.9", "fd7a:6d65:7368::9", "100.100.0.7", "127.100.0.7"} {
+					if !slices.ContainsFunc(d.Zone.Local, func(p netip.Prefix) bool { return p.Contains(netip.MustParseAddr(a)) }) {
+						t.Errorf("zone's local ranges %v leave out %s", d.Zone.Local, a)
+					}
 				}
 			},
 		},

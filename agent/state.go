@@ -22,6 +22,9 @@ const (
 	fileServices = "services.json" // what this site exports
 	fileNetmap   = "netmap.json"   // last network map, so the data plane starts without the coordinator
 	fileAPI      = "api.sock"      // local API for the CLI
+	// fileUpstreams holds the resolvers last found in /etc/resolv.conf,
+	// used once the agent's DNS is the system resolver (dns.Config.Remembered).
+	fileUpstreams = "dns-upstreams.json"
 )
 
 // nodeState is what node.json holds.

@@ -35,7 +35,8 @@ func (a *Agent) statsReport() wire.StatsReport {
 	r := wire.StatsReport{Version: wire.ProtocolVersion}
 	sv := a.Services()
 	for _, s := range sv.Consumed {
-		r.Services = append(r.Services, wire.ServiceStats{Name: s.Name, Role: wire.RoleConsumer, Open: s.Open, Total: s.Total, Failed: s.Failed, BytesSent: s.Sent, BytesReceived: s.Received})
+		r.Services = append(r.Services, wire.ServiceStats{Name: s.Name, Role: wire.RoleConsumer, Open: s.Open, Total: s.Total, Failed: s.Failed, BytesSent: s.Sent, BytesReceived: s.Received,
+			LocalPort: s.FallbackPort})
 	}
 	for _, e := range sv.Exported {
 		r.Services = append(r.Services, wire.ServiceStats{Name: e.Name, Role: wire.RoleProvider, Open: e.Open, Total: e.Total, Failed: e.Failed, Denied: e.Denied, BytesSent: e.Received, BytesReceived: e.Sent})

@@ -72,6 +72,8 @@ func FuzzServeDNS(f *testing.F) {
 		{"laptop.node.mesh.internal.", mdns.TypeAAAA},
 		{"mesh.internal.", mdns.TypeANY},
 		{"x.y.z.mesh.internal.", mdns.TypeA},
+		{"7.0.100.127.in-addr.arpa.", mdns.TypePTR},
+		{"2.0.96.100.in-addr.arpa.", mdns.TypeANY},
 	} {
 		m := new(mdns.Msg).SetQuestion(q.name, q.qtype)
 		b, _ := m.Pack()
@@ -96,6 +98,7 @@ func FuzzServeDNS(f *testing.F) {
 		many = append(many, netip.AddrFrom4([4]byte{127, 100, 1, byte(i)}), netip.AddrFrom16([16]byte{0xfd, 15: byte(i)}))
 	}
 	zone.Services["big"] = Service{Addrs: many, Port: 1}
+	zone.Local = []netip.Prefix{netip.MustParsePrefix("100.96.0.0/14"), netip.MustParsePrefix("127.100.0.0/16"), netip.MustParsePrefix("fd00::/8")}
 	s.SetZone(zone)
 
 	f.Fuzz(func(t *testing.T, b []byte, tcp bool) {

@@ -95,6 +95,9 @@ func (s *Server) answer(r *mdns.Msg) (*mdns.Msg, string) {
 		s.answerLocal(resp, q)
 		return resp, "mesh"
 	}
+	if s.localReverse(resp, q, s.zone.Load()) {
+		return resp, "mesh-reverse"
+	}
 	if up, via := s.forward(r); up != nil {
 		return up, via
 	}
@@ -306,6 +309,25 @@ func isSelf(ap, self netip.AddrPort) bool {
 	if ap.Port() != self.Port() {
 		return false
 	}
-	a, s := ap.Addr().WithZone(""), self.Addr().WithZone("")
-	return a == s || (s.IsUnspecified() && (a.IsLoopback() || a.IsUnspecified()))
+	a, s := ap.Addr().Unmap().WithZone(""), self.Addr().Unmap().WithZone("")
+	if a == s || (s.IsUnspecified() && (a.IsLoopback() || a.IsUnspecified())) {
+		return true
+	}
+	// A wildcard listener also answers on every address of the host.
+	return s.IsUnspecified() && isLocalAddr(a)
+}
+
+// isLocalAddr reports whether a is assigned to one of this host's
+// interfaces.
+func isLocalAddr(a netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return false
+	}
+	for _, ia := range addrs {
+		if p, err := netip.ParsePrefix(ia.String()); err == nil && p.Addr().Unmap().WithZone("") == a {
+			return true
+		}
+	}
+	return false
 }

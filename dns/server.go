@@ -6,8 +6,10 @@
 //	NAME.mesh.internal          A/AAAA  the service's local proxy address(es)
 //	_NAME._tcp.mesh.internal    SRV     port of the service, target NAME.mesh.internal.
 //	NODE.node.mesh.internal     A/AAAA  the node's mesh IPs
+//	PTR of a mesh address       PTR     NODE.node.mesh.internal. or NAME.mesh.internal.
 //
-// Every other name is forwarded to the upstream resolvers (by default those
+// Reverse names inside Zone.Local (node, VIP and proxy ranges) are answered
+// here, NXDOMAIN when unknown, and never forwarded. Every other name is forwarded to the upstream resolvers (by default those
 // of /etc/resolv.conf), so the server can be the only resolver an
 // application is given.
 package dns
@@ -19,6 +21,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -55,6 +58,12 @@ type Config struct {
 	UpstreamTimeout time.Duration
 	// ResolvConf is read when Upstreams is nil; default /etc/resolv.conf.
 	ResolvConf string
+	// Remembered are upstreams an earlier run found in ResolvConf
+	// (ResolvConfUpstreams; the agent keeps them in its state directory).
+	// They are used when Upstreams is nil and ResolvConf names no resolver
+	// but this server: once it is the system resolver, resolv.conf no
+	// longer says where other names go.
+	Remembered []string
 	// Logger receives debug logs; nil discards.
 	Logger *slog.Logger
 	// Allow lists the networks whose hosts may query, besides loopback,
@@ -75,12 +84,20 @@ type Config struct {
 type Service struct {
 	Addrs []netip.Addr
 	Port  uint16
+	// VIP is the service's virtual IP on the mesh (100.100.X.Y); its PTR,
+	// like that of each of Addrs, is NAME.DOMAIN.
+	VIP netip.Addr
 }
 
 // Zone is the mesh's part of the name space, replaced whole by SetZone.
 type Zone struct {
 	Services map[string]Service      // key: service name, lowercase, e.g. "web"
 	Nodes    map[string][]netip.Addr // key: node name, lowercase; mesh IPs (v4 and v6)
+	// Local are the address ranges whose reverse names (PTR under
+	// in-addr.arpa and ip6.arpa) are answered here and never forwarded:
+	// the node prefixes, the service VIPs and the local proxy range. An
+	// address in them with no service or node answers NXDOMAIN.
+	Local []netip.Prefix
 }
 
 // Server is the embedded DNS server. Create it with New, then Start; Close
@@ -97,6 +114,8 @@ type Server struct {
 	zone   atomic.Pointer[zoneIndex]
 	serial atomic.Uint32
 	ups    atomic.Pointer[[]string] // upstream "host:port" list, set by New or Start
+	// fromConf is what Start found in ResolvConf (never this server).
+	fromConf atomic.Pointer[[]string]
 
 	// ctx is cancelled by Close so that in-flight forwards stop waiting.
 	ctx    context.Context
@@ -186,14 +205,7 @@ func (s *Server) Start() error {
 	s.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	s.addr = netip.AddrPortFrom(s.addr.Addr().Unmap(), s.addr.Port())
 
-	if s.cfg.Upstreams == nil {
-		ups, err := upstreamsFromResolvConf(s.cfg.ResolvConf, s.addr)
-		if err != nil {
-			// Not fatal: mesh names still work; others get SERVFAIL.
-			s.log.Warn("no upstream resolvers; names outside the mesh will fail", "resolv_conf", s.cfg.ResolvConf, "err", err)
-		}
-		s.ups.Store(&ups)
-	}
+	s.ups.Store(new(s.pickUpstreams()))
 
 	s.udp = &mdns.Server{PacketConn: pc, Handler: s, UDPSize: ednsSize}
 	s.tcp = &mdns.Server{Listener: ln, Handler: s}
@@ -219,6 +231,67 @@ func (s *Server) Start() error {
 	s.log.Debug("listening", "addr", s.addr.String(), "domain", s.domain, "upstreams", *s.ups.Load())
 	return nil
 }
+
+// pickUpstreams decides, once the address is bound, where names outside
+// the mesh go: Upstreams if given, else ResolvConf's resolvers, else the
+// Remembered ones; never this server itself, which would loop. It warns
+// when that leaves none.
+func (s *Server) pickUpstreams() []string {
+	drop := func(ups []string, why string) []string {
+		out := []string{}
+		for _, u := range ups {
+			if ap, err := netip.ParseAddrPort(u); err == nil && isSelf(ap, s.addr) {
+				s.log.Warn("leaving out an upstream resolver that is this server itself (it would loop)", "upstream", u, "from", why)
+				continue
+			}
+			out = append(out, u)
+		}
+		return out
+	}
+	if s.cfg.Upstreams != nil {
+		ups := drop(*s.ups.Load(), "--dns-upstream")
+		if len(ups) == 0 && len(s.cfg.Upstreams) > 0 {
+			s.log.Warn("no upstream resolver besides this server; names outside the mesh will fail (SERVFAIL); give another --dns-upstream", "domain", s.domain)
+		}
+		return ups
+	}
+	ups, err := upstreamsFromResolvConf(s.cfg.ResolvConf, s.addr)
+	s.fromConf.Store(&ups)
+	if len(ups) > 0 {
+		return ups
+	}
+	if rem, rerr := normalizeUpstreams(s.cfg.Remembered); rerr == nil && len(rem) > 0 {
+		if rem = drop(rem, "remembered"); len(rem) > 0 {
+			s.log.Info("resolv.conf names no resolver but this server (it is the system resolver): forwarding other names to the upstreams found there before",
+				"resolv_conf", s.cfg.ResolvConf, "upstreams", rem)
+			return rem
+		}
+	}
+	if err != nil {
+		// Not fatal: mesh names still work; others get SERVFAIL.
+		s.log.Warn("no upstream resolvers; names outside the mesh will fail (SERVFAIL); give --dns-upstream", "resolv_conf", s.cfg.ResolvConf, "err", err)
+	} else {
+		s.log.Warn("this server is the system resolver (resolv.conf names only it) and knows no other: names outside the mesh will fail (SERVFAIL); give --dns-upstream ADDR",
+			"resolv_conf", s.cfg.ResolvConf, "domain", s.domain)
+	}
+	return []string{}
+}
+
+// ResolvConfUpstreams returns the resolvers Start found in ResolvConf,
+// leaving out this server; nil when Upstreams was given. The agent
+// remembers them for a later start (Config.Remembered).
+func (s *Server) ResolvConfUpstreams() []string {
+	if p := s.fromConf.Load(); p != nil {
+		return slices.Clone(*p)
+	}
+	return nil
+}
+
+// Domain returns the mesh domain, without the trailing dot.
+func (s *Server) Domain() string { return strings.TrimSuffix(s.domain, ".") }
+
+// Upstreams returns where names outside the mesh are forwarded.
+func (s *Server) Upstreams() []string { return slices.Clone(*s.ups.Load()) }
 
 // listen binds UDP then TCP on the same port. With port 0 the kernel's UDP
 // choice may be taken for TCP, so that case retries a few times.

@@ -2,6 +2,7 @@ package dns
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 
 	mdns "github.com/miekg/dns"
@@ -19,6 +20,8 @@ type zoneIndex struct {
 	serial   uint32
 	services map[string]Service // lowercase label → service
 	nodes    map[string][]netip.Addr
+	ptr      map[netip.Addr]string // address → FQDN, for PTR
+	local    []netip.Prefix        // ranges whose reverse names stay here
 }
 
 // SetZone replaces the mesh zone. Queries see either the old zone or the new
@@ -28,6 +31,15 @@ func (s *Server) SetZone(z Zone) {
 		serial:   s.serial.Add(1),
 		services: make(map[string]Service, len(z.Services)),
 		nodes:    make(map[string][]netip.Addr, len(z.Nodes)),
+		ptr:      map[netip.Addr]string{},
+	}
+	for _, p := range z.Local {
+		if p.IsValid() && p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		if p.IsValid() {
+			idx.local = append(idx.local, p.Masked())
+		}
 	}
 	for name, svc := range z.Services {
 		key, ok := label(name)
@@ -35,7 +47,13 @@ func (s *Server) SetZone(z Zone) {
 			s.log.Debug("skipping service with unusable name", "service", name)
 			continue
 		}
-		idx.services[key] = Service{Addrs: cleanAddrs(svc.Addrs), Port: svc.Port}
+		svc := Service{Addrs: cleanAddrs(svc.Addrs), Port: svc.Port, VIP: svc.VIP.Unmap()}
+		idx.services[key] = svc
+		for _, a := range append(slices.Clone(svc.Addrs), svc.VIP) {
+			if a.IsValid() {
+				idx.ptr[a] = key + "." + s.domain
+			}
+		}
 	}
 	for name, addrs := range z.Nodes {
 		key, ok := label(name)
@@ -44,6 +62,11 @@ func (s *Server) SetZone(z Zone) {
 			continue
 		}
 		idx.nodes[key] = cleanAddrs(addrs)
+		for _, a := range idx.nodes[key] {
+			if _, taken := idx.ptr[a]; !taken {
+				idx.ptr[a] = key + "." + nodeLabel + "." + s.domain
+			}
+		}
 	}
 	s.zone.Store(idx)
 }

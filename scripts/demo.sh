@@ -2,6 +2,11 @@
 # A whole local mesh to try: a coordinator, two sites (site-a consumes,
 # site-b exports a web server as "web"), all on this machine, no root.
 # Ctrl-C stops everything. MESHLINK_DEMO_ONESHOT=1 checks it works and exits.
+#
+# Ports (environment): COORD_PORT (8443), WEB_PORT (8000), METRICS_PORT
+# (9090), and site-a's DNS_PORT (5353), SOCKS_PORT (1080) and
+# HTTP_PROXY_PORT (3128). Those three, when not given, move to the next
+# free port if taken (mDNS often holds 5353), and the demo prints them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,8 +15,29 @@ HELLO=${HELLO:-bin/hello}
 DIR=${DEMO_DIR:-demo}
 COORD_PORT=${COORD_PORT:-8443}
 WEB_PORT=${WEB_PORT:-8000}
-DNS_PORT=${DNS_PORT:-5353}
 METRICS_PORT=${METRICS_PORT:-9090}
+
+# busy PORT: something listens on TCP or UDP PORT (ss from iproute2; without
+# it only TCP can be checked).
+busy() {
+  if command -v ss >/dev/null 2>&1; then
+    [[ -n $(ss -Hlntu "sport = :$1" 2>/dev/null) ]]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+# free_port PORT: PORT, or the first free one of the next 100.
+free_port() {
+  local p=$1
+  while busy "$p"; do
+    p=$((p + 1))
+    ((p < $1 + 100)) || { echo "demo: no free port in $1-$p; set it in the environment" >&2; exit 1; }
+  done
+  echo "$p"
+}
+DNS_PORT=${DNS_PORT:-$(free_port 5353)}
+SOCKS_PORT=${SOCKS_PORT:-$(free_port 1080)}
+HTTP_PROXY_PORT=${HTTP_PROXY_PORT:-$(free_port 3128)}
 
 [[ -x $BIN && -x $HELLO ]] || { echo "build first: make build"; exit 1; }
 rm -rf "$DIR"
@@ -52,8 +78,9 @@ echo "==> site-b exports it as 'web'"
   --proxy-range "${PROXY_RANGE_B:-127.102.0.0/16}" --expose "web=127.0.0.1:$WEB_PORT" >"$DIR/site-b.log" 2>&1 &
 pids+=($!)
 
-echo "==> site-a consumes, DNS on 127.0.0.1:$DNS_PORT"
+echo "==> site-a consumes: DNS on 127.0.0.1:$DNS_PORT (DNS_PORT), SOCKS5 on 127.0.0.1:$SOCKS_PORT, HTTP proxy on 127.0.0.1:$HTTP_PROXY_PORT"
 "$BIN" agent --join "$TOKEN" --name site-a --state "$DIR/a" --dns "127.0.0.1:$DNS_PORT" \
+  --socks5 "127.0.0.1:$SOCKS_PORT" --http-proxy "127.0.0.1:$HTTP_PROXY_PORT" \
   --proxy-range "${PROXY_RANGE_A:-127.100.0.0/16}" >"$DIR/site-a.log" 2>&1 &
 pids+=($!)
 
@@ -70,6 +97,9 @@ fi
 echo "\$ curl http://$IP:$WEB_PORT/"
 curl -sS --max-time 10 "http://$IP:$WEB_PORT/"
 echo
+echo "\$ curl --socks5-hostname 127.0.0.1:$SOCKS_PORT http://web.mesh.internal:$WEB_PORT/"
+curl -sS --max-time 10 --socks5-hostname "127.0.0.1:$SOCKS_PORT" "http://web.mesh.internal:$WEB_PORT/"
+echo
 "$BIN" status --state "$DIR/a"
 
 if [[ ${MESHLINK_DEMO_ONESHOT:-} == 1 ]]; then
@@ -80,9 +110,12 @@ cat <<TXT
 The mesh is up. Try, in another terminal:
   dig @127.0.0.1 -p $DNS_PORT web.mesh.internal
   curl http://$IP:$WEB_PORT/
+  curl --socks5-hostname 127.0.0.1:$SOCKS_PORT http://web.mesh.internal:$WEB_PORT/   # no DNS setup needed
+  curl -x http://127.0.0.1:$HTTP_PROXY_PORT http://web.mesh.internal:$WEB_PORT/
   $BIN status --state $DIR/a
   $BIN services --state $DIR/a
   $BIN ping site-b --state $DIR/a
+  $BIN dns install --state $DIR/a --dry-run   # what `sudo meshlink dns install` would set up: mesh names for every program
   curl -s http://127.0.0.1:$METRICS_PORT/metrics | grep ^meshlink_
   open https://127.0.0.1:$COORD_PORT/ (console: user admin, one-time password in $DIR/coord/admin-password.txt)
   $BIN expose ssh 127.0.0.1:22 --state $DIR/b     # then: $BIN services --state $DIR/a

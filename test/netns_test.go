@@ -22,8 +22,20 @@ import (
 // test, keeping its output in a log file shown on failure.
 func startProc(t *testing.T, h *topo.Host, logName string, name string, args ...string) *exec.Cmd {
 	t.Helper()
+	cmd, _ := startCmd(t, h, logName, nil, name, args...)
+	return cmd
+}
+
+// startCmd is startProc with setup (working directory, environment, user)
+// done by prepare before the command starts; it also returns the path of
+// the command's log.
+func startCmd(t *testing.T, h *topo.Host, logName string, prepare func(*exec.Cmd), name string, args ...string) (*exec.Cmd, string) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := h.Command(ctx, name, args...)
+	if prepare != nil {
+		prepare(cmd)
+	}
 	logPath := filepath.Join(t.TempDir(), logName+".log")
 	f, err := os.Create(logPath)
 	if err != nil {
@@ -50,7 +62,7 @@ func startProc(t *testing.T, h *topo.Host, logName string, name string, args ...
 			t.Logf("--- %s log ---\n%s", logName, b)
 		}
 	})
-	return cmd
+	return cmd, logPath
 }
 
 // TestNetnsHTTPByName runs the built binary as real processes: a coordinator

@@ -287,6 +287,10 @@ type ServiceStats struct {
 	Denied        int64       `json:"denied,omitempty"`
 	BytesSent     int64       `json:"bytes_sent"`
 	BytesReceived int64       `json:"bytes_received"`
+	// LocalPort is set by a consumer that serves the service locally on
+	// another port than the service's: its port is below 1024 and the agent
+	// may not bind it, so it listens on port+10000. Older agents omit it.
+	LocalPort uint16 `json:"local_port,omitempty"`
 }
 
 // PeerStats is the link to one peer as seen by one node.

@@ -52,9 +52,12 @@ var ErrNoAgent = errors.New("no agent is running")
 
 // Status is the answer to PathStatus.
 type Status struct {
-	Self        Node        `json:"self"`
-	ListenPort  uint16      `json:"listen_port"`
-	DNS         string      `json:"dns,omitempty"`
+	Self       Node   `json:"self"`
+	ListenPort uint16 `json:"listen_port"`
+	DNS        string `json:"dns,omitempty"`
+	// DNSDomain is the mesh domain the DNS server answers for (with DNS;
+	// `meshlink dns install` points the system resolver's split DNS at it).
+	DNSDomain   string      `json:"dns_domain,omitempty"`
 	Coordinator Coordinator `json:"coordinator"`
 	// Relays are the relays of the network map, in order of preference.
 	Relays []Relay `json:"relays"`
@@ -148,17 +151,26 @@ type Services struct {
 
 // Service is a service this site can reach.
 type Service struct {
-	Name      string         `json:"name"`
-	VIP       netip.Addr     `json:"vip"`
-	Local     netip.AddrPort `json:"local"`
-	Listening bool           `json:"listening"`
-	Error     string         `json:"error,omitempty"`
-	Providers []Provider     `json:"providers"`
-	Open      int64          `json:"open"`
-	Total     int64          `json:"total"`
-	Failed    int64          `json:"failed"`
-	Sent      int64          `json:"sent_bytes"`
-	Received  int64          `json:"received_bytes"`
+	Name string     `json:"name"`
+	VIP  netip.Addr `json:"vip"`
+	// Local is where this site serves the service: its local address on
+	// Port, or on FallbackPort when Port needs privileges the agent lacks.
+	Local netip.AddrPort `json:"local"`
+	// Port is the service's own port, as in the network map.
+	Port uint16 `json:"port"`
+	// FallbackPort is set when Local is not on Port: the port is below
+	// 1024 and the agent may not bind it, so it serves Port+10000 instead
+	// (proxy.FallbackPort). Note says how to get the real port.
+	FallbackPort uint16     `json:"fallback_port,omitempty"`
+	Note         string     `json:"note,omitempty"`
+	Listening    bool       `json:"listening"`
+	Error        string     `json:"error,omitempty"`
+	Providers    []Provider `json:"providers"`
+	Open         int64      `json:"open"`
+	Total        int64      `json:"total"`
+	Failed       int64      `json:"failed"`
+	Sent         int64      `json:"sent_bytes"`
+	Received     int64      `json:"received_bytes"`
 }
 
 // Provider is one site providing a service.

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/meshlink/meshlink/internal/backoff"
@@ -78,7 +79,8 @@ type Consumer struct {
 
 type service struct {
 	name    string
-	listen  netip.AddrPort
+	listen  netip.AddrPort // the address the network map asks for
+	bound   netip.AddrPort // where ln listens: listen, or its FallbackPort
 	ln      net.Listener
 	err     error                    // why the listener is not up
 	targets atomic.Pointer[[]Target] // swapped by Reconfig, read per connection
@@ -161,19 +163,20 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 		if s.ln == nil {
 			// Retried on every reconfig until it works: a port taken by
 			// another program is reported in status, not fatal.
-			ln, err := c.cfg.Listen(w.Listen)
+			ln, err := c.listen(w.Name, w.Listen)
 			if err != nil {
 				if s.err == nil || s.err.Error() != err.Error() {
-					c.log.Error("cannot listen for service; is another program or agent using this address? give agents distinct --proxy-range", "service", w.Name, "addr", w.Listen, "err", err)
+					c.log.Error("cannot listen for service; will retry", "service", w.Name, "addr", w.Listen, "err", err)
 				}
 				s.err = err
 				errs = append(errs, fmt.Errorf("proxy: service %s: %w", w.Name, err))
 				continue
 			}
 			s.ln, s.err = ln, nil
+			s.bound = addrPortOf(ln.Addr(), w.Listen)
 			c.wg.Add(1)
 			go c.acceptLoop(s, ln)
-			c.log.Debug("consuming service", "service", w.Name, "addr", w.Listen)
+			c.log.Debug("consuming service", "service", w.Name, "addr", s.bound)
 		}
 	}
 	for name, s := range c.services {
@@ -183,6 +186,80 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// FallbackPort is where a service whose port p needs privileges (below
+// 1024) listens when this process may not bind p: p+10000, so port 80 is
+// served on 10080, 22 on 10022, 443 on 10443. The rule is fixed so that
+// the port stays the same across restarts and on every site; other ports
+// are returned unchanged.
+func FallbackPort(p uint16) uint16 {
+	if p == 0 || p >= 1024 {
+		return p
+	}
+	return p + 10000
+}
+
+// SetcapHint is the command that lets meshlink bind ports below 1024
+// itself, for messages that explain a FallbackPort.
+const SetcapHint = "sudo setcap cap_net_bind_service=+ep $(command -v meshlink)"
+
+// listen opens the local listener of a service at addr or, when its port
+// needs privileges this process lacks, at the same address on
+// FallbackPort. The errors say which flag or command helps.
+func (c *Consumer) listen(name string, addr netip.AddrPort) (net.Listener, error) {
+	ln, err := c.cfg.Listen(addr)
+	if err == nil {
+		return ln, nil
+	}
+	if !errors.Is(err, syscall.EACCES) || FallbackPort(addr.Port()) == addr.Port() {
+		return nil, listenError(addr, err)
+	}
+	alt := netip.AddrPortFrom(addr.Addr(), FallbackPort(addr.Port()))
+	ln, err2 := c.cfg.Listen(alt)
+	if err2 != nil {
+		return nil, fmt.Errorf("port %d needs privileges and the fallback port %d is not free either (%w); free %s, or let meshlink bind low ports: %s",
+			addr.Port(), alt.Port(), err2, alt, SetcapHint)
+	}
+	c.log.Warn("service port needs privileges; serving it on the fallback port instead (SRV answers and `meshlink services` say so)",
+		"service", name, "port", addr.Port(), "serving", alt.String(), "for_the_real_port", SetcapHint)
+	return ln, nil
+}
+
+// listenError explains why a service's local address cannot be opened.
+func listenError(addr netip.AddrPort, err error) error {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("%s is already in use by another program or agent; give each agent on a host its own --proxy-range (e.g. 127.101.0.0/16): %w", addr, err)
+	case errors.Is(err, syscall.EACCES):
+		return fmt.Errorf("not allowed to listen on %s: %w", addr, err)
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return fmt.Errorf("address %s is not on this host (only Linux serves all of 127/8); choose another --proxy-range: %w", addr, err)
+	}
+	return fmt.Errorf("listen on %s: %w", addr, err)
+}
+
+// addrPortOf is the address a listener reports, or def if it is not TCP.
+func addrPortOf(a net.Addr, def netip.AddrPort) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return def
+}
+
+// Bound reports where each listening service is served, by name: its
+// address from the network map, or the same address on FallbackPort.
+func (c *Consumer) Bound() map[string]netip.AddrPort {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[string]netip.AddrPort, len(c.services))
+	for name, s := range c.services {
+		if s.ln != nil {
+			out[name] = s.bound
+		}
+	}
+	return out
 }
 
 func (c *Consumer) stopLocked(s *service) {
@@ -428,8 +505,11 @@ func (c *Consumer) CloseTo(keep func(node wire.NodeID) bool) int {
 
 // ServiceStatus describes one consumed service.
 type ServiceStatus struct {
-	Name      string
+	Name string
+	// Listen is where the service is served: Wanted, or Wanted's address
+	// on FallbackPort when its port needs privileges this process lacks.
 	Listen    netip.AddrPort
+	Wanted    netip.AddrPort
 	Listening bool
 	Error     string
 	Open      int64
@@ -459,9 +539,12 @@ func (c *Consumer) Status() []ServiceStatus {
 	var out []ServiceStatus
 	for _, s := range c.services {
 		st := ServiceStatus{
-			Name: s.name, Listen: s.listen, Listening: s.ln != nil,
+			Name: s.name, Listen: s.listen, Wanted: s.listen, Listening: s.ln != nil,
 			Open: s.open.Load(), Total: s.total.Load(), Failed: s.failed.Load(),
 			Sent: s.ctr.Sent.Load(), Received: s.ctr.Received.Load(),
+		}
+		if s.ln != nil {
+			st.Listen = s.bound
 		}
 		if s.err != nil {
 			st.Error = s.err.Error()

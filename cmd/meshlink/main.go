@@ -148,6 +148,7 @@ func newApp() *cli.App {
 			unexposeCmd(),
 			servicesCmd(),
 			connectCmd(),
+			dnsCmd(),
 			statusCmd(),
 			pingCmd(),
 			rotateKeyCmd(),

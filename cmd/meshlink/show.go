@@ -43,6 +43,7 @@ func servicesCmd() *cli.Command {
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERVICE\tLOCAL ADDRESS\tPROVIDERS\tOPEN\tSTATE")
+			var notes []string // how to get the real port of a privileged one
 			for _, sv := range s.Consumed {
 				var ps []string
 				for _, p := range sv.Providers {
@@ -58,12 +59,19 @@ func servicesCmd() *cli.Command {
 					ps = append(ps, st)
 				}
 				state := "ok"
-				if !sv.Listening {
+				switch {
+				case !sv.Listening:
 					state = "not listening: " + sv.Error
+				case sv.FallbackPort != 0:
+					state = fmt.Sprintf("ok, on port %d: port %d needs privileges", sv.FallbackPort, sv.Port)
+					notes = append(notes, sv.Name+": "+sv.Note)
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", sv.Name, sv.Local, strings.Join(ps, ","), sv.Open, state)
 			}
 			tw.Flush()
+			for _, n := range notes {
+				fmt.Println(n)
+			}
 			if len(s.Exported) > 0 {
 				fmt.Println()
 				tw = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)

@@ -84,6 +84,10 @@ type ViewEnd struct {
 	Failed        int64       `json:"failed"`
 	BytesSent     int64       `json:"bytes_sent"`
 	BytesReceived int64       `json:"bytes_received"`
+	// LocalPort, for a consumer, is the port it serves the service on
+	// when that is not the service's own (a privileged port it may not
+	// bind, served on port+10000).
+	LocalPort uint16 `json:"local_port,omitempty"`
 }
 
 type ViewToken struct {
@@ -276,7 +280,9 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		sort.Slice(ids, func(i, j int) bool { return names[ids[i]] < names[ids[j]] })
 		for _, id := range ids {
 			s := consStats[key{sv.Name, id}]
-			vs.Consumers = append(vs.Consumers, end(id, s))
+			e := end(id, s)
+			e.LocalPort = s.LocalPort
+			vs.Consumers = append(vs.Consumers, e)
 			cOpen, cTotal, cBytes = cOpen+s.Open, cTotal+s.Total, cBytes+s.BytesSent+s.BytesReceived
 			vs.Failed += s.Failed + s.Denied
 		}

@@ -82,7 +82,7 @@
         el("td", null, v.port),
         el("td", { class: "small" }, v.providers.map((p) => el("div", null, p.name + ":" + p.port + " ", p.online ? pill("ok", "up") : pill("off", "down"))),
           v.hidden_providers ? el("div", { class: "muted" }, "+" + v.hidden_providers + " other site(s)") : null),
-        el("td", { class: "small" }, v.consumers.length ? v.consumers.map((c) => el("div", null, c.name + " ", muted(c.open + " open"))) : muted("—")),
+        el("td", { class: "small" }, v.consumers.length ? v.consumers.map((c) => el("div", null, c.name + " ", muted(c.open + " open"), c.local_port ? [" ", el("span", { class: "pill", title: "port " + v.port + " needs privileges at this site: served on " + c.local_port + "; setcap cap_net_bind_service=+ep on meshlink gives it the real port" }, "local port " + c.local_port)] : null)) : muted("—")),
         el("td", null, v.open),
         el("td", null, v.total, v.failed ? [" ", pill("bad", v.failed + " failed")] : null),
         el("td", null, bytes(v.bytes)),
