@@ -88,6 +88,9 @@ type consumedJSON struct {
 	Name          string         `json:"name"`
 	VIP           netip.Addr     `json:"vip"`
 	Local         netip.AddrPort `json:"local"`
+	Port          uint16         `json:"port"`
+	FallbackPort  *uint16        `json:"fallback_port"` // null: served on port
+	Note          *string        `json:"note"`
 	Listening     bool           `json:"listening"`
 	LastError     *string        `json:"last_error"`
 	Providers     []providerJSON `json:"providers"`
@@ -206,8 +209,12 @@ func toStatusJSON(s *localapi.Status, now time.Time) statusJSON {
 func toServicesJSON(s *localapi.Services) servicesJSON {
 	out := servicesJSON{Consumed: []consumedJSON{}, Exported: []exportedJSON{}}
 	for _, sv := range s.Consumed {
-		c := consumedJSON{Name: sv.Name, VIP: sv.VIP, Local: sv.Local, Listening: sv.Listening, LastError: orNull(sv.Error),
+		c := consumedJSON{Name: sv.Name, VIP: sv.VIP, Local: sv.Local, Port: sv.Port, Note: orNull(sv.Note), Listening: sv.Listening, LastError: orNull(sv.Error),
 			Providers: []providerJSON{}, Open: sv.Open, Total: sv.Total, Failed: sv.Failed, SentBytes: sv.Sent, ReceivedBytes: sv.Received}
+		if sv.FallbackPort != 0 {
+			fp := sv.FallbackPort
+			c.FallbackPort = &fp
+		}
 		for _, p := range sv.Providers {
 			c.Providers = append(c.Providers, providerJSON{Name: p.Name, Addr: p.Addr, Local: p.Local, Online: p.Online, Healthy: p.Healthy,
 				Open: p.Open, LastError: orNull(p.LastError)})
