@@ -162,11 +162,12 @@ func TestAuthenticatedCalls(t *testing.T) {
 			}
 		})
 	}
-	// The service kept the port of its first provider and got the first VIP.
+	// Its only provider's new --port is the service's port now; it kept
+	// the first VIP.
 	st, body := call(t, c, base, wire.PathServices, &a, wire.ServiceRequest{Version: 1, Name: "db", Port: 6000})
 	var sr wire.ServiceResponse
 	json.Unmarshal(body, &sr)
-	if st != 200 || sr.Service.VIP.String() != "100.100.0.1" || sr.Service.Port != 5432 || len(sr.Service.Providers) != 1 || sr.Service.Providers[0].Port != 6000 {
+	if st != 200 || sr.Service.VIP.String() != "100.100.0.1" || sr.Service.Port != 6000 || len(sr.Service.Providers) != 1 || sr.Service.Providers[0].Port != 6000 {
 		t.Fatalf("service: %d %s", st, body)
 	}
 	var info wire.TokenInfo

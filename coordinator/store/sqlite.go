@@ -959,11 +959,18 @@ func (s *SQLite) ExposeServiceAs(ctx context.Context, name string, nodeID wire.N
 			return err
 		}
 		if sv.Port != port {
-			// A new --port is the port consumers use from now on: the
-			// latest expose names it.
-			sv.Port = port
-			if _, err := tx.ExecContext(ctx, `UPDATE services SET port = ? WHERE name = ?`, int(port), name); err != nil {
+			// A new --port from the service's only provider is the port
+			// consumers use from now on; with other providers the service
+			// keeps its port (each provider has its own).
+			var others int
+			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM providers WHERE service = ? AND node_id != ?`, name, int64(nodeID)).Scan(&others); err != nil {
 				return err
+			}
+			if others == 0 {
+				sv.Port = port
+				if _, err := tx.ExecContext(ctx, `UPDATE services SET port = ? WHERE name = ?`, int(port), name); err != nil {
+					return err
+				}
 			}
 		}
 		_, err = tx.ExecContext(ctx, `INSERT INTO providers (service, node_id, port) VALUES (?, ?, ?)

@@ -166,9 +166,17 @@ func TestAllocations(t *testing.T) {
 	if err := s.UnexposeService(ctx, "web", ids[0]); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second unexpose: %v", err)
 	}
+	// The VIP stays; the port is the one its only provider names now.
 	sv3, _ := s.ExposeService(ctx, "web", ids[2], 8080)
-	if sv3.VIP != sv1.VIP || sv3.Port != 80 {
-		t.Fatalf("VIP/port changed: %+v vs %+v", sv3, sv1)
+	if sv3.VIP != sv1.VIP || sv3.Port != 8080 {
+		t.Fatalf("VIP changed or port not the only provider's: %+v vs %+v", sv3, sv1)
+	}
+	// A second provider on another port leaves the service's port alone.
+	if sv4, _ := s.ExposeService(ctx, "web", ids[1], 9090); sv4.Port != 8080 {
+		t.Fatalf("a second provider moved the port: %+v", sv4)
+	}
+	if err := s.UnexposeService(ctx, "web", ids[1]); err != nil {
+		t.Fatal(err)
 	}
 	// Deleting a node removes its providers and leaves a tombstone.
 	if err := s.DeleteNode(ctx, ids[1]); err != nil {
