@@ -56,9 +56,9 @@ type denialNames struct {
 }
 
 // add folds one checked denial into the table at now and returns the
-// event to record now, if one is due. full is true when a new pair found
-// no room.
-func (d *denialEvents) add(p denialPair, dn wire.Denial, names denialNames, now time.Time) (ev store.Event, record, full bool) {
+// event to record now, if one is due, and how many denials were new. full
+// is true when a new pair found no room.
+func (d *denialEvents) add(p denialPair, dn wire.Denial, names denialNames, now time.Time) (ev store.Event, record, full bool, n int64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.byPair == nil {
@@ -69,26 +69,26 @@ func (d *denialEvents) add(p denialPair, dn wire.Denial, names denialNames, now 
 		if len(d.byPair) >= maxDenialPairs {
 			d.expireLocked(now)
 			if len(d.byPair) >= maxDenialPairs {
-				return store.Event{}, false, true
+				return store.Event{}, false, true, 0
 			}
 		}
 		st = &denialState{}
 		d.byPair[p] = st
 	}
-	n := dn.Count
+	n = dn.Count
 	if st.first.Equal(dn.First) && dn.Count >= st.seen {
 		n = dn.Count - st.seen // the same series: only what is new
 	}
 	st.first, st.seen = dn.First, dn.Count
 	if n == 0 {
-		return store.Event{}, false, false
+		return store.Event{}, false, false, 0
 	}
 	st.touched, st.names = now, names
 	st.pending += n
 	if !st.evented.IsZero() && now.Sub(st.evented) < denialWindow {
-		return store.Event{}, false, false
+		return store.Event{}, false, false, n
 	}
-	return st.takeLocked(p, now), true, false
+	return st.takeLocked(p, now), true, false, n
 }
 
 // takeLocked returns the pair's event for its pending count and starts a
@@ -181,10 +181,13 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 		}
 		seen[p] = true
 		names := denialNames{provider: node.Name, source: snap.nodes[i].Name, owner: node.OwnerID}
-		ev, record, full := s.denials.add(p, dn, names, now)
+		ev, record, full, n := s.denials.add(p, dn, names, now)
 		if full {
 			drop(fmt.Sprintf("more than %d pairs of provider, service and source are tracked", maxDenialPairs))
 			continue
+		}
+		if n > 0 {
+			s.metrics.denied.WithLabelValues(dn.Service).Add(float64(n))
 		}
 		if record {
 			s.console.Record(ev)
