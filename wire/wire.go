@@ -290,8 +290,8 @@ type Denial struct {
 	// clock). A series ends when the pair has been quiet for a while; the
 	// next one has a new First and counts from 1 again.
 	Count int64     `json:"count"`
-	First time.Time `json:"first"`
-	Last  time.Time `json:"last"`
+	First time.Time `json:"first,omitzero"`
+	Last  time.Time `json:"last,omitzero"`
 }
 
 // ServiceRole is which end of a service a node's counters are for.
