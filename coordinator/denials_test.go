@@ -119,6 +119,13 @@ func TestStatsDenials(t *testing.T) {
 			evs[0].Node != "cons" || evs[0].Actor != "node prov" {
 			t.Fatalf("events %+v; want one for the 5 denials", evs)
 		}
+		// The console's event log shows it like the others.
+		addUser(t, s, "root", "root-password-1", true)
+		br := newBrowser(t, s)
+		br.login("root", "root-password-1")
+		if _, page := br.get("/console/log"); !strings.Contains(page, `<span class="pill ev-denied">denied</span>`) || !strings.Contains(page, "prov refused 5 connections from cons to db") {
+			t.Fatalf("the event log page lacks the denied event:\n%s", page)
+		}
 		valid.Count, valid.Last = 55, first.Add(time.Second)
 		if st, body := report(valid); st != 200 {
 			t.Fatalf("report: %d %s", st, body)
