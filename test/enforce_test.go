@@ -23,9 +23,10 @@ import (
 const enforceLimit = time.Second
 
 // allowOnly returns a map filter that narrows service's AllowedNodes to
-// who (node IDs or names; none denies every node). The coordinator lists
-// "*" for every service; a filter at the provider's agent stands for an
-// access policy computed by it.
+// who (node IDs or names; none denies every node). Set at the provider
+// only, it leaves the consumers' maps as they were, so what refuses or
+// closes their connections is the provider's enforcement alone (the
+// coordinator's policy narrows both: TestPolicyRevokeClosesOpenConnection).
 func allowOnly(service string, who ...string) func(*wire.NetworkMap) {
 	return func(nm *wire.NetworkMap) {
 		for i := range nm.Services {
@@ -104,6 +105,35 @@ func TestPolicyChangeClosesDisallowed(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestPolicyRevokeClosesOpenConnection drives the same change through the
+// coordinator's access policy: site-a and site-c may reach stream, each
+// has a stream open, then the policy keeps site-c only. Site-a's stream
+// closes within enforceLimit at both ends (its provider no longer allows
+// it, and its own map loses the service), site-c's keeps carrying bytes.
+func TestPolicyRevokeClosesOpenConnection(t *testing.T) {
+	m, _, srv := enforceMesh(t)
+	ctx := context.Background()
+	policy := func(from ...string) string {
+		return fmt.Sprintf("rules:\n  - from: [%s]\n    to: [stream]\n", strings.Join(from, ", "))
+	}
+	if _, err := m.Coord.SetPolicy(ctx, "policy.yaml", policy("node:site-a", "node:site-c"), "test"); err != nil {
+		t.Fatal(err)
+	}
+	a := m.AddAgent("site-a", harness.AgentOptions{})
+	c := m.AddAgent("site-c", harness.AgentOptions{})
+	connA, _ := openStream(t, a)
+	connC, _ := openStream(t, c)
+
+	start := time.Now()
+	if _, err := m.Coord.SetPolicy(ctx, "policy.yaml", policy("node:site-c"), "test"); err != nil {
+		t.Fatal(err)
+	}
+	app := waitAppClosedWithin(t, connA, start, enforceLimit)
+	service := waitServiceClosedWithin(t, srv, start, enforceLimit)
+	t.Logf("policy revoked site-a: its application side closed after %v, the service side after %v", app.Round(time.Millisecond), service.Round(time.Millisecond))
+	echoIntact(t, connC, 1<<20)
 }
 
 // TestDeniedConnectionsCountedAndReported: site-b's map allows no node to

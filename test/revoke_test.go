@@ -229,8 +229,9 @@ func TestUnexposeCutsConsumersOff(t *testing.T) {
 // as a provider of the service (as a coordinator's access policy does for
 // a node it no longer lets reach it) while the provider itself still
 // allows the connection; the consumer closes its connection to site-b
-// within cutOffLimit, at both ends. The map is narrowed at the agent
-// (Agent.SetMapFilter): the coordinator does not filter maps by policy.
+// within cutOffLimit, at both ends. The map is narrowed at the consumer
+// only (Agent.SetMapFilter), so the consumer's own closing is what is
+// tested: the provider still allows the connection.
 func TestProviderLeavesConsumerMap(t *testing.T) {
 	_, a, _, srv, conn, local := revokeSetup(t)
 	start := time.Now()
