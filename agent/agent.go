@@ -143,6 +143,9 @@ type Agent struct {
 	api      *apiServer
 	metrics  *metricsServer // nil when metrics are off
 	cc       *controlClient
+	// denials counts and logs the provider's refusals by policy, and
+	// feeds StatsReport.Denials.
+	denials *denials
 	// gateIn and gateOut bound the packets inside wireguard-go's pipeline,
 	// and with them the agent's memory under load (netstack.Gate).
 	gateIn, gateOut *netstack.Gate
@@ -180,6 +183,9 @@ type Agent struct {
 	// streamCancel ends the map stream open now.
 	rekey        *rekey
 	streamCancel context.CancelFunc
+	// mapFilter, when set, edits a copy of every map before it is applied
+	// (SetMapFilter).
+	mapFilter func(*wire.NetworkMap)
 
 	syncMu  sync.Mutex // serialises export announcements
 	leaveMu sync.Mutex // serialises Leave
@@ -232,7 +238,8 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, fromConfig: map[string]bool{},
 		retry: make(chan struct{}, 1), leftCh: make(chan struct{}),
-		gateIn: netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
+		denials: newDenials(log.With("subsystem", "provider"), time.Now),
+		gateIn:  netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
 	var err error
 	if a.state, err = openStateDir(cfg.StateDir); err != nil {
 		return nil, err
@@ -366,7 +373,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow})
+	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied})
 	a.stack.SetTCPHandler(a.provider.HandleTCP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 
@@ -757,6 +764,11 @@ func (a *Agent) reconfigLocked() error {
 	in := desiredInput{Exports: a.exports, Config: a.cfg, Joined: a.node.ID != 0, STUN: a.stun}
 	if a.haveMap {
 		in.Map = &a.nm
+		if a.mapFilter != nil {
+			nm := cloneMap(a.nm)
+			a.mapFilter(&nm)
+			in.Map = &nm
+		}
 	}
 	d := desiredConfig(in)
 	for _, r := range d.SkippedRelays {
@@ -891,6 +903,46 @@ func (a *Agent) allow(src netip.Addr, service string) (string, bool) {
 		return "", false
 	}
 	return ap.policy.Load().allow(src, service)
+}
+
+// denied is the provider's Config.Denied: it names the source by the
+// policy in force and counts the denial.
+func (a *Agent) denied(src netip.Addr, service string) {
+	a.mu.Lock()
+	ap := a.applier
+	a.mu.Unlock()
+	var pol *policy
+	if ap != nil {
+		pol = ap.policy.Load()
+	}
+	peer, known, _ := pol.decide(src, service)
+	a.denials.add(service, peer, known, src)
+}
+
+// SetMapFilter makes the agent apply every network map as f edits it: f
+// gets a copy of the map as the coordinator sent it, and may change it
+// (for instance narrow a service's AllowedNodes, or drop a provider). The
+// current map is applied again at once; nil removes the filter. It is for
+// tests that need maps the coordinator does not make, and for diagnosis;
+// the map cached on disk and shown in status stays the coordinator's.
+func (a *Agent) SetMapFilter(f func(*wire.NetworkMap)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.mapFilter = f
+	a.reconfigLocked()
+}
+
+// cloneMap copies nm deeply enough for a filter to edit its peers,
+// services and their lists without touching nm.
+func cloneMap(nm wire.NetworkMap) wire.NetworkMap {
+	nm.Peers = slices.Clone(nm.Peers)
+	nm.Services = slices.Clone(nm.Services)
+	for i := range nm.Services {
+		nm.Services[i].Providers = slices.Clone(nm.Services[i].Providers)
+		nm.Services[i].AllowedNodes = slices.Clone(nm.Services[i].AllowedNodes)
+	}
+	nm.Relays = slices.Clone(nm.Relays)
+	return nm
 }
 
 // control returns the coordinator client; before the node has joined it is

@@ -47,9 +47,11 @@ type (
 		Bound() map[string]netip.AddrPort
 		CloseTo(keep func(wire.NodeID) bool) int
 	}
+	// The provider closes the inbound connections policy no longer
+	// allows (enforce): why returns the reason, "" to keep one.
 	exportSetter interface {
 		SetExports([]proxy.Export)
-		CloseFrom(keep func(src netip.Addr) bool) int
+		CloseIf(why func(src netip.Addr, service string) string) int
 	}
 	zoneSetter interface {
 		SetZone(dns.Zone)
@@ -81,7 +83,7 @@ type applier struct {
 // parts (which it will try again) joined in one error.
 func (ap *applier) apply(next Desired) error {
 	prev := &ap.applied
-	oldPolicy := prev.Policy
+	oldPolicy, oldExports := prev.Policy, prev.Exports
 	var errs []error
 	changed := false
 	// step applies one part when it differs, and records it only if that
@@ -137,8 +139,10 @@ func (ap *applier) apply(next Desired) error {
 		func() { prev.Zone = zone })
 	prev.SkippedRelays = next.SkippedRelays
 	// Last, when the new policy and targets are in place, so nothing new
-	// reaches a peer that left while its connections are closed.
+	// reaches a peer that left, or is no longer allowed, while its
+	// connections are closed.
 	ap.closeLeft(oldPolicy, next.Policy)
+	ap.enforce(oldPolicy, next.Policy, oldExports, next.Exports)
 
 	if len(errs) > 0 {
 		return errors.Join(errs...)
@@ -173,10 +177,11 @@ func zoneWithBound(z dns.Zone, bound map[string]netip.AddrPort) dns.Zone {
 	return out
 }
 
-// closeLeft closes the proxied connections to and from the peers in old
-// that are not in next: a node removed from the mesh is cut off at once,
-// not when its TCP connections time out (WireGuard forgetting a peer
-// closes nothing in the netstack). A nil next (no map) closes nothing.
+// closeLeft closes the consumer's connections to the peers in old that are
+// not in next: a node removed from the mesh is cut off at once, not when
+// its TCP connections time out (WireGuard forgetting a peer closes nothing
+// in the netstack). The connections from them are enforce's. A nil next
+// (no map) closes nothing.
 func (ap *applier) closeLeft(old, next *policy) {
 	if old == nil || next == nil {
 		return
@@ -196,11 +201,37 @@ func (ap *applier) closeLeft(old, next *policy) {
 	if len(left) == 0 && !goneAddr {
 		return
 	}
-	out := ap.consumer.CloseTo(next.hasNode)
-	in := ap.provider.CloseFrom(func(src netip.Addr) bool { _, ok := next.peers[src]; return ok })
-	if out+in > 0 && ap.log != nil {
-		ap.log.Info("closed the connections of peers that left the network map", "peers", left, "outbound", out, "inbound", in)
+	if out := ap.consumer.CloseTo(next.hasNode); out > 0 && ap.log != nil {
+		ap.log.Info("closed the connections to peers that left the network map", "peers", left, "outbound", out)
 	}
+}
+
+// enforce closes the inbound connections that the policy or the exports
+// in force before allowed and next no longer do: a connection is checked
+// when it is accepted, and again whenever a map may change the answer. The
+// provider logs each closure with its service, node and reason. A nil
+// next (no map) closes nothing; nor does a map that only adds (peers,
+// services, exports), so the common change costs no walk of the table.
+func (ap *applier) enforce(old, next *policy, oldExports, nextExports []proxy.Export) {
+	if old == nil || next == nil || (!next.narrower(old) && !exportGone(oldExports, nextExports)) {
+		return
+	}
+	in := ap.provider.CloseIf(func(src netip.Addr, service string) string {
+		return next.closeReason(src, service, nextExports)
+	})
+	if in > 0 && ap.log != nil {
+		ap.log.Info("closed inbound connections the network map no longer allows", "connections", in)
+	}
+}
+
+// exportGone reports whether a service of old is not in next.
+func exportGone(old, next []proxy.Export) bool {
+	for _, o := range old {
+		if !slices.ContainsFunc(next, func(e proxy.Export) bool { return e.Name == o.Name }) {
+			return true
+		}
+	}
+	return false
 }
 
 // setWireGuard sends the device the difference between what it has and

@@ -29,6 +29,10 @@ type parts struct {
 	openFrom   []netip.Addr
 	closedTo   []wire.NodeID
 	closedFrom []netip.Addr
+	// openService is the service of every connection in openFrom;
+	// reasons are why each of closedFrom was closed.
+	openService string
+	reasons     []string
 }
 
 func (f *parts) SetAddrs([]netip.Addr) error { f.calls = append(f.calls, "addrs"); return nil }
@@ -64,12 +68,14 @@ func (f *parts) CloseTo(keep func(wire.NodeID) bool) int {
 	}
 	return len(f.closedTo)
 }
-func (f *parts) CloseFrom(keep func(netip.Addr) bool) int {
+func (f *parts) CloseIf(why func(netip.Addr, string) string) int {
 	f.calls = append(f.calls, "close from")
 	f.closedFrom = nil
+	f.reasons = nil
 	for _, a := range f.openFrom {
-		if !keep(a) {
+		if r := why(a, f.openService); r != "" {
 			f.closedFrom = append(f.closedFrom, a)
+			f.reasons = append(f.reasons, r)
 		}
 	}
 	return len(f.closedFrom)
@@ -87,6 +93,7 @@ func TestApply(t *testing.T) {
 	web := wire.Service{Name: "web", VIP: netip.MustParseAddr("100.100.0.7"), Port: 80, Providers: []wire.Provider{{Node: 2, Port: 80}}, AllowedNodes: []string{"*"}}
 	nm := &wire.NetworkMap{Self: self, Peers: []wire.Node{b}, Services: []wire.Service{web}}
 	stun := []netip.AddrPort{netip.MustParseAddrPort("203.0.113.1:443")}
+	webExport := Export{Name: "web", Target: "127.0.0.1:8080", Port: 80}
 	desired := func(nm *wire.NetworkMap, exports ...Export) Desired {
 		return desiredConfig(desiredInput{Map: nm, Exports: exports, Config: testCfg, Joined: true, STUN: stun})
 	}
@@ -206,25 +213,64 @@ func TestApply(t *testing.T) {
 	t.Run("a peer that leaves the map has its connections closed, the others keep theirs", func(t *testing.T) {
 		ap, f := newTestApplier()
 		both := &wire.NetworkMap{Self: self, Peers: []wire.Node{b, c}, Services: []wire.Service{web}}
-		if err := ap.apply(desired(both)); err != nil {
+		if err := ap.apply(desired(both, webExport)); err != nil {
 			t.Fatal(err)
 		}
 		f.open = []wire.NodeID{b.ID, c.ID}
 		f.openFrom = []netip.Addr{b.Addresses[0].Addr(), c.Addresses[0].Addr()}
+		f.openService = "web"
 		f.take()
-		if err := ap.apply(desired(&wire.NetworkMap{Self: self, Peers: []wire.Node{c}})); err != nil {
+		if err := ap.apply(desired(&wire.NetworkMap{Self: self, Peers: []wire.Node{c}, Services: []wire.Service{web}}, webExport)); err != nil {
 			t.Fatal(err)
+		}
+		if !slices.Equal(f.reasons, []string{"the peer left the network map"}) {
+			t.Fatalf("reasons %q", f.reasons)
 		}
 		if !slices.Equal(f.closedTo, []wire.NodeID{b.ID}) || !slices.Equal(f.closedFrom, []netip.Addr{b.Addresses[0].Addr()}) {
 			t.Fatalf("closed to %v from %v, want only b's", f.closedTo, f.closedFrom)
 		}
 		// A map that only adds peers closes nothing.
 		f.take()
-		if err := ap.apply(desired(both)); err != nil {
+		if err := ap.apply(desired(both, webExport)); err != nil {
 			t.Fatal(err)
 		}
 		if got := f.take(); slices.Contains(got, "close to") || slices.Contains(got, "close from") {
 			t.Fatalf("a peer joining closed connections: calls %v", got)
+		}
+	})
+
+	t.Run("a node a service no longer allows has its connections to it closed, the others keep theirs", func(t *testing.T) {
+		ap, f := newTestApplier()
+		both := &wire.NetworkMap{Self: self, Peers: []wire.Node{b, c}, Services: []wire.Service{web}}
+		if err := ap.apply(desired(both, webExport)); err != nil {
+			t.Fatal(err)
+		}
+		f.openFrom = []netip.Addr{b.Addresses[0].Addr(), c.Addresses[0].Addr()}
+		f.openService = "web"
+		f.take()
+		onlyC := web
+		onlyC.AllowedNodes = []string{"3"} // c, by node ID
+		if err := ap.apply(desired(&wire.NetworkMap{Self: self, Peers: []wire.Node{b, c}, Services: []wire.Service{onlyC}}, webExport)); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(f.closedFrom, []netip.Addr{b.Addresses[0].Addr()}) || len(f.closedTo) != 0 {
+			t.Fatalf("closed from %v, to %v; want only b's inbound", f.closedFrom, f.closedTo)
+		}
+		if !slices.Equal(f.reasons, []string{"the network map no longer allows this node to reach the service"}) {
+			t.Fatalf("reasons %q", f.reasons)
+		}
+		// Adding an export changes no one's access: nothing is checked.
+		f.take()
+		db := Export{Name: "db", Target: "127.0.0.1:5432", Port: 5432}
+		ap.apply(desired(&wire.NetworkMap{Self: self, Peers: []wire.Node{b, c}, Services: []wire.Service{onlyC}}, webExport, db))
+		if got := f.take(); slices.Contains(got, "close from") {
+			t.Fatalf("adding an export checked open connections: calls %v", got)
+		}
+		// Withdrawing web closes what is left of it.
+		f.openFrom = []netip.Addr{c.Addresses[0].Addr()}
+		ap.apply(desired(&wire.NetworkMap{Self: self, Peers: []wire.Node{b, c}, Services: []wire.Service{onlyC}}, db))
+		if !slices.Equal(f.closedFrom, f.openFrom) || !slices.Equal(f.reasons, []string{"the service is no longer exported here"}) {
+			t.Fatalf("after unexposing web: closed %v for %q", f.closedFrom, f.reasons)
 		}
 	})
 

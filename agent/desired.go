@@ -195,17 +195,57 @@ func (p *policy) hasNode(id wire.NodeID) bool {
 // allow reports the peer's name and whether it may reach service. A nil
 // policy (no map yet) denies everything.
 func (p *policy) allow(src netip.Addr, service string) (string, bool) {
+	peer, _, ok := p.decide(src, service)
+	return peer.name, ok
+}
+
+// decide reports who src is (known false: no peer of the map has it) and
+// whether it may reach service.
+func (p *policy) decide(src netip.Addr, service string) (peer policyPeer, known, ok bool) {
 	if p == nil {
-		return "", false
+		return policyPeer{}, false, false
 	}
-	peer, ok := p.peers[src.Unmap()]
-	if !ok {
-		return "", false
+	peer, known = p.peers[src.Unmap()]
+	if !known {
+		return peer, false, false
 	}
 	for _, who := range p.allowed[service] {
 		if who == "*" || who == peer.name || who == strconv.FormatUint(uint64(peer.id), 10) {
-			return peer.name, true
+			return peer, true, true
 		}
 	}
-	return peer.name, false
+	return peer, true, false
+}
+
+// narrower reports whether p may deny a connection old allowed: a peer
+// address of old is gone or names another node, or a service's allowed
+// nodes changed.
+func (p *policy) narrower(old *policy) bool {
+	for a, op := range old.peers {
+		if np, ok := p.peers[a]; !ok || np != op {
+			return true
+		}
+	}
+	for svc, who := range old.allowed {
+		if !slices.Equal(who, p.allowed[svc]) {
+			return true
+		}
+	}
+	return false
+}
+
+// closeReason says why a connection from src to service, open under an
+// earlier policy, may not go on under p with exports, or "" if it may.
+func (p *policy) closeReason(src netip.Addr, service string, exports []proxy.Export) string {
+	if !slices.ContainsFunc(exports, func(e proxy.Export) bool { return e.Name == service }) {
+		return "the service is no longer exported here"
+	}
+	_, known, ok := p.decide(src, service)
+	switch {
+	case !known:
+		return "the peer left the network map"
+	case !ok:
+		return "the network map no longer allows this node to reach the service"
+	}
+	return ""
 }

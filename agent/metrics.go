@@ -94,7 +94,9 @@ var (
 	descSvcDialFail = prometheus.NewDesc("meshlink_agent_service_dial_failures_total",
 		"Connections that failed to open, by role: consumer (no provider reachable) or provider (the local target refused or timed out).", []string{"service", "role"}, nil)
 	descSvcDenied = prometheus.NewDesc("meshlink_agent_service_denied_total",
-		"Connections to an exported service refused by policy.", []string{"service"}, nil)
+		"Connections to an exported service refused by policy (the same count as meshlink_agent_connections_denied_total).", []string{"service"}, nil)
+	descConnDenied = prometheus.NewDesc("meshlink_agent_connections_denied_total",
+		"Inbound connections to an exported service refused by policy: the source node is not among the service's allowed nodes in the network map.", []string{"service"}, nil)
 )
 
 // agentCollector reads Status and Services at scrape time. Labels are peer
@@ -103,7 +105,7 @@ type agentCollector struct{ a *Agent }
 
 func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnected, descPeers, descPeerPathBytes, descPeerWGBytes,
-		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied} {
+		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied, descConnDenied} {
 		ch <- d
 	}
 }
@@ -159,5 +161,6 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, e := range svcs.Exported {
 		service(e.Name, "provider", e.Total, e.Open, e.Sent, e.Received, e.Failed)
 		counter(descSvcDenied, float64(e.Denied), e.Name)
+		counter(descConnDenied, float64(e.Denied), e.Name)
 	}
 }

@@ -41,6 +41,7 @@ func (a *Agent) statsReport() wire.StatsReport {
 	for _, e := range sv.Exported {
 		r.Services = append(r.Services, wire.ServiceStats{Name: e.Name, Role: wire.RoleProvider, Open: e.Open, Total: e.Total, Failed: e.Failed, Denied: e.Denied, BytesSent: e.Received, BytesReceived: e.Sent})
 	}
+	r.Denials = a.denials.report()
 	for _, p := range a.Status().Peers {
 		ps := wire.PeerStats{Node: wire.NodeID(p.ID), Path: p.Path, DirectBytes: p.DirectBytes, RelayedBytes: p.RelayedBytes, RTTMicros: time.Duration(p.RTT).Microseconds()}
 		if p.Path == "direct" {

@@ -273,7 +273,21 @@ func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 	if e != nil {
 		return e
 	}
+	// An honest agent sends at most wire.MaxDenials: a report with more
+	// is refused whole, so nothing of it is stored.
+	if len(req.Denials) > wire.MaxDenials {
+		s.log.Warn("refused a stats report with too many denials", "node", node.Name, "denials", len(req.Denials), "max", wire.MaxDenials)
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "stats report carries %d denials, more than %d; upgrade the agent", len(req.Denials), wire.MaxDenials)
+	}
+	if len(req.Denials) > 0 {
+		snap, err := s.current(r.Context())
+		if err != nil {
+			return storeErr("stats", err)
+		}
+		s.recordDenials(node, snap, req.Denials)
+	}
 	// Counters feed the console only: map streams are not woken.
+	req.Denials = nil
 	s.console.ReportStats(node.ID, req)
 	writeJSON(w, http.StatusOK, struct{}{})
 	return nil

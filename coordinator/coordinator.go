@@ -183,6 +183,7 @@ type Server struct {
 	metrics     *metrics
 	console     *web.Console
 	joinFails   joinFailures
+	denials     denialEvents // reported denials, coalesced into events
 	// endpointLimit bounds how often a node changes its endpoints.
 	endpointLimit endpointLimiter
 

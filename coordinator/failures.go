@@ -102,17 +102,23 @@ func (s *Server) flushJoinFailures() {
 }
 
 // summarizeJoinFailures flushes every failWindow until the server closes,
-// then once more.
+// then once more; and writes the denials whose window has passed
+// (flushDenials) every tenth of a denialWindow.
 func (s *Server) summarizeJoinFailures() {
 	defer s.wg.Done()
 	t := time.NewTicker(failWindow)
 	defer t.Stop()
+	dt := time.NewTicker(denialWindow / 10)
+	defer dt.Stop()
 	for {
 		select {
 		case <-t.C:
 			s.flushJoinFailures()
+		case <-dt.C:
+			s.flushDenials()
 		case <-s.ctx.Done():
 			s.flushJoinFailures()
+			s.flushDenials()
 			return
 		}
 	}

@@ -16,6 +16,12 @@ import (
 // fuzzServer is a coordinator whose handlers are driven in-process, with one
 // registered node.
 func fuzzServer(f *testing.F) (http.Handler, creds) {
+	_, h, cr := fuzzCoordinator(f)
+	return h, cr
+}
+
+// fuzzCoordinator is fuzzServer with the server itself.
+func fuzzCoordinator(f *testing.F) (*Server, http.Handler, creds) {
 	s, err := New(Config{Listen: "127.0.0.1:0", DataDir: f.TempDir(), URL: "https://127.0.0.1:1"})
 	if err != nil {
 		f.Fatal(err)
@@ -31,7 +37,17 @@ func fuzzServer(f *testing.F) (http.Handler, creds) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	return s.apiHandler(), creds{res.Node.ID, "node-secret"}
+	return s, s.apiHandler(), creds{res.Node.ID, "node-secret"}
+}
+
+// fuzzPost sends body to path with the node credentials cr.
+func fuzzPost(h http.Handler, cr creds, path string, body []byte) *httptest.ResponseRecorder {
+	req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
+	req.Header.Set(wire.HeaderNodeID, strconv.FormatUint(uint64(cr.ID), 10))
+	req.Header.Set(wire.HeaderNodeSecret, cr.Secret)
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	return rec
 }
 
 func addSeeds(f *testing.F) {
@@ -63,11 +79,7 @@ func FuzzServicesBody(f *testing.F) {
 	addSeeds(f)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		for _, path := range []string{wire.PathServices, wire.PathEndpoints} {
-			req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
-			req.Header.Set(wire.HeaderNodeID, strconv.FormatUint(uint64(cr.ID), 10))
-			req.Header.Set(wire.HeaderNodeSecret, cr.Secret)
-			rec := httptest.NewRecorder()
-			h.ServeHTTP(rec, req)
+			rec := fuzzPost(h, cr, path, body)
 			if rec.Code >= 500 || rec.Code >= 300 && rec.Code < 400 {
 				t.Fatalf("%s(%q) = %d %s", path, body, rec.Code, rec.Body)
 			}

@@ -25,6 +25,7 @@ type metrics struct {
 	registrations *prometheus.CounterVec // by result
 	mapUpdates    prometheus.Counter
 	mapLatency    prometheus.Histogram
+	denied        *prometheus.CounterVec // by service
 }
 
 // latencyBuckets span a change fanned out on loopback (sub-millisecond) to
@@ -47,11 +48,15 @@ func newMetrics(s *Server) *metrics {
 			Help:    "Time from a change being committed to the update carrying it being written on a map stream (the newest change, when several coalesce into one update).",
 			Buckets: latencyBuckets,
 		}),
+		denied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlink_coordinator_connections_denied_total",
+			Help: "Connections providers reported refusing by policy, by service (only reports that passed validation: a service the provider provides, a source node of the mesh).",
+		}, []string{"service"}),
 	}
 	// Seen from the first scrape, so that rate() works from the first
 	// success on.
 	m.registrations.WithLabelValues("ok")
-	m.reg.MustRegister(m.registrations, m.mapUpdates, m.mapLatency, serverCollector{s},
+	m.reg.MustRegister(m.registrations, m.mapUpdates, m.mapLatency, m.denied, serverCollector{s},
 		relay.NewCollector("meshlink_coordinator_relay", s.relay),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -16,6 +16,7 @@ import (
 	"github.com/meshlink/meshlink/coordinator"
 	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
+	"github.com/meshlink/meshlink/wire"
 )
 
 // cutOffLimit is how soon a removed node must lose what it had open.
@@ -92,7 +93,13 @@ func removeNode(t *testing.T, m *harness.Mesh, name string) time.Time {
 // than cutOffLimit; it returns the time taken since start.
 func waitAppClosed(t *testing.T, conn net.Conn, start time.Time) time.Duration {
 	t.Helper()
-	conn.SetReadDeadline(start.Add(cutOffLimit))
+	return waitAppClosedWithin(t, conn, start, cutOffLimit)
+}
+
+// waitAppClosedWithin is waitAppClosed with its own limit.
+func waitAppClosedWithin(t *testing.T, conn net.Conn, start time.Time, limit time.Duration) time.Duration {
+	t.Helper()
+	conn.SetReadDeadline(start.Add(limit))
 	buf := make([]byte, 1024)
 	for {
 		n, err := conn.Read(buf)
@@ -104,7 +111,7 @@ func waitAppClosed(t *testing.T, conn net.Conn, start time.Time) time.Duration {
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			t.Fatalf("the application's connection is still open %v after the removal", cutOffLimit)
+			t.Fatalf("the application's connection is still open %v after the change", limit)
 		}
 		if err != nil {
 			return time.Since(start)
@@ -115,11 +122,17 @@ func waitAppClosed(t *testing.T, conn net.Conn, start time.Time) time.Duration {
 // waitServiceClosed waits until the service's side of the connection ends.
 func waitServiceClosed(t *testing.T, srv *streamServer, start time.Time) time.Duration {
 	t.Helper()
+	return waitServiceClosedWithin(t, srv, start, cutOffLimit)
+}
+
+// waitServiceClosedWithin is waitServiceClosed with its own limit.
+func waitServiceClosedWithin(t *testing.T, srv *streamServer, start time.Time, limit time.Duration) time.Duration {
+	t.Helper()
 	select {
 	case <-srv.ended:
 		return time.Since(start)
-	case <-time.After(time.Until(start.Add(cutOffLimit))):
-		t.Fatalf("the service's connection is still open %v after the removal", cutOffLimit)
+	case <-time.After(time.Until(start.Add(limit))):
+		t.Fatalf("the service's connection is still open %v after the change", limit)
 		return 0
 	}
 }
@@ -187,4 +200,53 @@ func TestRemoveProviderCutsItOff(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestUnexposeCutsConsumersOff: the providing site stops exporting the
+// service while a stream runs; the consumer's connection closes within
+// cutOffLimit at both ends instead of lingering until TCP gives up, and
+// the consumer loses the service.
+func TestUnexposeCutsConsumersOff(t *testing.T) {
+	_, a, b, srv, conn, _ := revokeSetup(t)
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.Unexpose(ctx, "stream"); err != nil {
+		t.Fatal(err)
+	}
+	app := waitAppClosed(t, conn, start)
+	service := waitServiceClosed(t, srv, start)
+	t.Logf("stream unexposed at site-b: application side closed after %v, service side after %v", app.Round(time.Millisecond), service.Round(time.Millisecond))
+	tstest.WaitForNil(t, cutOffLimit, "site-a to lose the service", func() error {
+		if _, ok := serviceOf(a, "stream"); ok {
+			return errors.New("stream still consumed")
+		}
+		return nil
+	})
+}
+
+// TestProviderLeavesConsumerMap: the consumer's map stops listing site-b
+// as a provider of the service (as a coordinator's access policy does for
+// a node it no longer lets reach it) while the provider itself still
+// allows the connection; the consumer closes its connection to site-b
+// within cutOffLimit, at both ends. The map is narrowed at the consumer
+// only (Agent.SetMapFilter), so the consumer's own closing is what is
+// tested: the provider still allows the connection.
+func TestProviderLeavesConsumerMap(t *testing.T) {
+	_, a, _, srv, conn, local := revokeSetup(t)
+	start := time.Now()
+	a.SetMapFilter(func(nm *wire.NetworkMap) {
+		for i := range nm.Services {
+			if nm.Services[i].Name == "stream" {
+				nm.Services[i].Providers = nil
+			}
+		}
+	})
+	app := waitAppClosed(t, conn, start)
+	service := waitServiceClosed(t, srv, start)
+	t.Logf("site-b left site-a's map for stream: application side closed after %v, service side after %v", app.Round(time.Millisecond), service.Round(time.Millisecond))
+	if c, greeting, err := dialGreeting(local); err == nil {
+		c.Close()
+		t.Fatalf("site-a still reaches stream without a provider (greeting %q)", greeting)
+	}
 }

@@ -32,6 +32,10 @@
 //	  both over RekeyProofMessage; the node secret alone no longer
 //	  re-points a node's addresses at another key (403 ErrCodeUnauthorized
 //	  otherwise). A MapRequest with the stored key, or none, needs no proof.
+//	7 (2026-12-01): StatsReport.Denials: a provider reports the connections
+//	  it refused by policy, per (service, source node), at most MaxDenials;
+//	  the coordinator records them as console events. A provider closes
+//	  open connections a new map no longer allows.
 package wire
 
 import (
@@ -47,7 +51,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 6
+const ProtocolVersion = 7
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -266,6 +270,28 @@ type StatsReport struct {
 	Version  int            `json:"version"`
 	Services []ServiceStats `json:"services,omitempty"`
 	Peers    []PeerStats    `json:"peers,omitempty"`
+	// Denials (version 7) are the provider's recent refusals by policy,
+	// most recent first, at most MaxDenials: the coordinator ignores a
+	// report with more.
+	Denials []Denial `json:"denials,omitempty"`
+}
+
+// MaxDenials bounds StatsReport.Denials.
+const MaxDenials = 64
+
+// Denial counts the connections from one node to one service that the
+// reporting provider refused by policy.
+type Denial struct {
+	// Service is a service the reporting node provides.
+	Service string `json:"service"`
+	// Node is the source node.
+	Node NodeID `json:"node"`
+	// Count is how many were refused from First to Last (the agent's
+	// clock). A series ends when the pair has been quiet for a while; the
+	// next one has a new First and counts from 1 again.
+	Count int64     `json:"count"`
+	First time.Time `json:"first,omitzero"`
+	Last  time.Time `json:"last,omitzero"`
 }
 
 // ServiceRole is which end of a service a node's counters are for.

@@ -69,9 +69,10 @@ type Consumer struct {
 	mu       sync.Mutex // guards the fields below
 	services map[string]*service
 	health   map[wire.NodeID]*health // by Target.Node; survives reconfigs
-	// conns holds the local side of every open connection, with the
-	// provider it was carried to once one accepted it (CloseTo).
-	conns  map[net.Conn]*openConn
+	// conns holds every open connection, with the provider it was
+	// carried to once one accepted it (CloseTo, Reconfig); one per
+	// accepted local connection or DialService.
+	conns  map[*openConn]struct{}
 	closed bool
 
 	wg sync.WaitGroup // accept loops and connections
@@ -90,10 +91,23 @@ type service struct {
 	ctr     Counters
 }
 
-// openConn is one open connection as CloseTo sees it.
+// openConn is one open connection as CloseTo and Reconfig see it.
 type openConn struct {
-	remote net.Conn // nil until a provider accepted it
-	target Target
+	service string
+	local   net.Conn // the application's side; nil for DialService
+	remote  net.Conn // nil until a provider accepted it
+	target  Target
+}
+
+// close ends the connection at both ends: the application sees it end
+// (for DialService, its user does, at its next read or write).
+func (oc *openConn) close() {
+	if oc.local != nil {
+		oc.local.Close()
+	}
+	if oc.remote != nil {
+		oc.remote.Close()
+	}
 }
 
 // health is passive health of one provider.
@@ -125,13 +139,17 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 		cancel:   cancel,
 		services: map[string]*service{},
 		health:   map[wire.NodeID]*health{},
-		conns:    map[net.Conn]*openConn{},
+		conns:    map[*openConn]struct{}{},
 	}
 }
 
 // Reconfig applies the desired set of services whole: listeners for services
-// that went away are closed (their open connections go on), new ones are
-// opened, and target lists are swapped in place. Everything else is applied
+// that went away are closed, new ones are opened, and target lists are
+// swapped in place. Open connections carried to a provider that is no
+// longer a target of their service (the provider left, stopped providing
+// it, or the service left the map) are closed at both ends: they would
+// otherwise hang until TCP gives up on a provider that no longer answers,
+// or go on where policy no longer lets them. Everything else is applied
 // even when a listener cannot be opened; the error names those that could
 // not, and calling Reconfig again retries them.
 func (c *Consumer) Reconfig(want []ServiceConfig) error {
@@ -185,6 +203,7 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 			delete(c.services, name)
 		}
 	}
+	c.closeGoneTargetsLocked(want)
 	return errors.Join(errs...)
 }
 
@@ -262,6 +281,37 @@ func (c *Consumer) Bound() map[string]netip.AddrPort {
 	return out
 }
 
+// closeGoneTargetsLocked closes the open connections whose provider is no
+// longer among their service's targets in want.
+func (c *Consumer) closeGoneTargetsLocked(want []ServiceConfig) {
+	targets := make(map[string]map[wire.NodeID]bool, len(want))
+	for _, w := range want {
+		m := make(map[wire.NodeID]bool, len(w.Targets))
+		for _, t := range w.Targets {
+			m[t.Node] = true
+		}
+		targets[w.Name] = m
+	}
+	for oc := range c.conns {
+		if oc.remote == nil {
+			continue
+		}
+		nodes, ok := targets[oc.service]
+		reason := ""
+		switch {
+		case !ok:
+			reason = "the service left the network map"
+		case !nodes[oc.target.Node]:
+			reason = "the provider no longer provides the service to this node"
+		default:
+			continue
+		}
+		oc.close()
+		delete(c.conns, oc)
+		c.log.Info("closed a connection to a provider that is gone", "service", oc.service, "provider", oc.target.Name, "node", oc.target.Node, "reason", reason)
+	}
+}
+
 func (c *Consumer) stopLocked(s *service) {
 	if s.ln != nil {
 		s.ln.Close()
@@ -295,15 +345,15 @@ func (c *Consumer) acceptLoop(s *service, ln net.Listener) {
 			conn.Close()
 			return
 		}
-		oc := &openConn{}
-		c.conns[conn] = oc
+		oc := &openConn{service: s.name, local: conn}
+		c.conns[oc] = struct{}{}
 		c.wg.Add(1)
 		c.mu.Unlock()
 		go func() {
 			defer c.wg.Done()
 			c.serve(s, conn, oc)
 			c.mu.Lock()
-			delete(c.conns, conn)
+			delete(c.conns, oc)
 			c.mu.Unlock()
 		}()
 	}
@@ -322,11 +372,36 @@ func (c *Consumer) serve(s *service, local net.Conn, oc *openConn) {
 		return
 	}
 	defer h.open.Add(-1)
-	c.mu.Lock()
-	oc.remote, oc.target = remote, t
-	c.mu.Unlock()
+	if why := c.attach(oc, remote, t); why != "" {
+		remote.Close()
+		local.Close()
+		c.log.Info("closed a connection to a provider that is gone", "service", s.name, "provider", t.Name, "node", t.Node, "reason", why)
+		return
+	}
 	c.log.Debug("connection", "service", s.name, "provider", t.Name, "from", local.RemoteAddr())
 	Splice(local, remote, &s.ctr)
+}
+
+// attach records that oc was carried to t over remote, unless the
+// consumer closed or t stopped being a target of the service while it was
+// dialed (Reconfig skips connections without a provider yet, so it is
+// checked again here, under the same lock): then it says why, and the
+// caller closes it.
+func (c *Consumer) attach(oc *openConn, remote net.Conn, t Target) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return "the proxy is closing"
+	}
+	s := c.services[oc.service]
+	if s == nil {
+		return "the service left the network map while it was dialed"
+	}
+	if !slices.ContainsFunc(*s.targets.Load(), func(x Target) bool { return x.Node == t.Node }) {
+		return "the provider left the service while it was dialed"
+	}
+	oc.remote, oc.target = remote, t
+	return ""
 }
 
 // dialAny tries the providers in order of preference; the returned health's
@@ -401,13 +476,31 @@ func (c *Consumer) DialService(ctx context.Context, name string) (net.Conn, erro
 		return nil, fmt.Errorf("%w %q", ErrUnknownService, name)
 	}
 	s.total.Add(1)
-	remote, _, h, err := c.dialAny(ctx, s)
+	remote, t, h, err := c.dialAny(ctx, s)
 	if err != nil {
 		s.failed.Add(1)
 		return nil, fmt.Errorf("proxy: service %s: %w", name, err)
 	}
+	oc := &openConn{service: name}
+	c.mu.Lock()
+	c.conns[oc] = struct{}{}
+	c.mu.Unlock()
+	if why := c.attach(oc, remote, t); why != "" {
+		c.mu.Lock()
+		delete(c.conns, oc)
+		c.mu.Unlock()
+		remote.Close()
+		h.open.Add(-1)
+		return nil, fmt.Errorf("proxy: service %s: %s", name, why)
+	}
 	s.open.Add(1)
-	return &serviceConn{Conn: remote, done: func() { s.open.Add(-1); h.open.Add(-1) }}, nil
+	return &serviceConn{Conn: remote, done: func() {
+		c.mu.Lock()
+		delete(c.conns, oc)
+		c.mu.Unlock()
+		s.open.Add(-1)
+		h.open.Add(-1)
+	}}, nil
 }
 
 // serviceConn gives back its counts once, at the first Close.
@@ -492,12 +585,13 @@ func (c *Consumer) CloseTo(keep func(node wire.NodeID) bool) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
-	for local, oc := range c.conns {
+	for oc := range c.conns {
 		if oc.remote == nil || oc.target.Local != "" || keep(oc.target.Node) {
 			continue
 		}
-		local.Close()
-		oc.remote.Close()
+		oc.close()
+		delete(c.conns, oc)
+		c.log.Info("closed a connection to a provider that is gone", "service", oc.service, "provider", oc.target.Name, "node", oc.target.Node, "reason", "the provider left the network map")
 		n++
 	}
 	return n
@@ -580,8 +674,12 @@ func (c *Consumer) Close() {
 	for _, s := range c.services {
 		c.stopLocked(s)
 	}
-	for conn := range c.conns {
-		conn.Close()
+	for oc := range c.conns {
+		if oc.local != nil {
+			oc.local.Close()
+		} else if oc.remote != nil {
+			oc.remote.Close()
+		}
 	}
 	c.mu.Unlock()
 }

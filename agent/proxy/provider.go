@@ -42,12 +42,23 @@ type ProviderConfig struct {
 	// MaxPendingPerExport is the same bound for all peers together, per
 	// exported service. Default DefaultMaxPendingPerExport.
 	MaxPendingPerExport int
+	// MaxOpenPerExport bounds the open connections of one exported
+	// service, and with them the table CloseIf walks; a SYN beyond it is
+	// refused with a RST and counted as busy. Default
+	// DefaultMaxOpenPerExport.
+	MaxOpenPerExport int
+	// Denied, if set, is told of every connection Policy refused (after
+	// it was counted); it logs and reports them, rate-limited. Without
+	// it denials are logged at debug level only: a peer may cause any
+	// number of them.
+	Denied func(src netip.Addr, service string)
 }
 
 // Default bounds on half-open inbound connections (ProviderConfig).
 const (
 	DefaultMaxPendingPerPeer   = 64
 	DefaultMaxPendingPerExport = 256
+	DefaultMaxOpenPerExport    = 16384
 )
 
 // Provider accepts connections that arrive over the mesh for exported
@@ -65,9 +76,9 @@ type Provider struct {
 
 	mu    sync.Mutex              // guards the fields below
 	stats map[string]*exportStats // by service name; survives SetExports
-	// conns holds both sides of every open connection, each with the mesh
-	// address the connection came from (CloseFrom).
-	conns  map[net.Conn]netip.Addr
+	// conns holds every open connection (CloseIf); at most
+	// MaxOpenPerExport (plus those half-open) per export.
+	conns  map[*inbound]struct{}
 	closed bool
 
 	pendMu sync.Mutex // guards the fields below
@@ -76,6 +87,14 @@ type Provider struct {
 	pending map[netip.Addr]int
 
 	wg sync.WaitGroup
+}
+
+// inbound is one open connection as CloseIf sees it.
+type inbound struct {
+	mesh, target net.Conn
+	src          netip.Addr // the mesh source address, unmapped
+	service      string
+	peer         string // the peer's name when it was accepted, for logs
 }
 
 type export struct {
@@ -101,13 +120,16 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	if cfg.MaxPendingPerExport <= 0 {
 		cfg.MaxPendingPerExport = DefaultMaxPendingPerExport
 	}
+	if cfg.MaxOpenPerExport <= 0 {
+		cfg.MaxOpenPerExport = DefaultMaxOpenPerExport
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), ctx: ctx, cancel: cancel,
-		stats: map[string]*exportStats{}, conns: map[net.Conn]netip.Addr{}, pending: map[netip.Addr]int{}}
+		stats: map[string]*exportStats{}, conns: map[*inbound]struct{}{}, pending: map[netip.Addr]int{}}
 	empty := map[uint16]*export{}
 	p.exports.Store(&empty)
 	return p
@@ -143,16 +165,22 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 	if p.cfg.Policy != nil {
 		peer, ok = p.cfg.Policy(req.Src.Addr(), e.Name)
 	}
+	src := req.Src.Addr()
 	if !ok {
 		e.st.denied.Add(1)
-		p.log.Warn("connection denied by policy", "service", e.Name, "from", req.Src.Addr(), "peer", peer)
+		if p.cfg.Denied != nil {
+			p.cfg.Denied(src, e.Name)
+		} else {
+			p.log.Debug("connection denied by policy", "service", e.Name, "from", src, "peer", peer)
+		}
 		req.Reject()
 		return
 	}
-	src := req.Src.Addr()
-	if !p.startPending(src, e) {
+	// The bound is checked before the connection is counted open, so up
+	// to MaxPendingPerExport more may pass it at once: still bounded.
+	if e.st.open.Load() >= int64(p.cfg.MaxOpenPerExport) || !p.startPending(src, e) {
 		e.st.busy.Add(1)
-		p.log.Debug("too many half-open connections; refused", "service", e.Name, "from", src, "peer", peer)
+		p.log.Debug("too many open or half-open connections; refused", "service", e.Name, "from", src, "peer", peer)
 		req.Reject()
 		return
 	}
@@ -165,15 +193,48 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 	if tc, ok := target.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 	}
-	if !p.track(src, conn, target) {
+	in := &inbound{mesh: conn, target: target, src: src.Unmap(), service: e.Name, peer: peer}
+	if !p.track(in) {
 		return
 	}
-	defer p.untrack(conn, target)
+	defer p.untrack(in)
 	e.st.total.Add(1)
 	e.st.open.Add(1)
 	defer e.st.open.Add(-1)
+	// The policy or the exports may have changed while the target was
+	// dialed, after CloseIf last looked at the table: asked again now that
+	// the connection is in it, every change is seen by one of the two.
+	if why := p.stillAllowed(in); why != "" {
+		p.closeLogged(in, why)
+		return
+	}
 	p.log.Debug("connection", "service", e.Name, "peer", peer)
 	Splice(conn, target, &e.st.ctr)
+}
+
+// exported reports whether service is exported now.
+func (p *Provider) exported(service string) bool {
+	for _, e := range *p.exports.Load() {
+		if e.Name == service {
+			return true
+		}
+	}
+	return false
+}
+
+// stillAllowed returns why the open connection in may not go on under the
+// policy and exports in force now, or "".
+func (p *Provider) stillAllowed(in *inbound) string {
+	if !p.exported(in.service) {
+		return "the service is no longer exported here"
+	}
+	if p.cfg.Policy == nil {
+		return "no policy"
+	}
+	if _, ok := p.cfg.Policy(in.src, in.service); !ok {
+		return "no longer allowed by policy"
+	}
+	return ""
 }
 
 // open dials the target and then completes the handshake; it refuses the
@@ -221,47 +282,66 @@ func (p *Provider) endPending(src netip.Addr, e *export) {
 	e.st.pending--
 }
 
-func (p *Provider) track(src netip.Addr, a, b net.Conn) bool {
+func (p *Provider) track(in *inbound) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		a.Close()
-		b.Close()
+		in.mesh.Close()
+		in.target.Close()
 		return false
 	}
-	src = src.Unmap()
-	p.conns[a] = src
-	p.conns[b] = src
+	p.conns[in] = struct{}{}
 	p.wg.Add(1)
 	return true
 }
 
-func (p *Provider) untrack(a, b net.Conn) {
+func (p *Provider) untrack(in *inbound) {
 	p.mu.Lock()
-	delete(p.conns, a)
-	delete(p.conns, b)
+	delete(p.conns, in)
 	p.mu.Unlock()
 	p.wg.Done()
 }
 
-// CloseFrom closes every open connection whose mesh source address keep
-// rejects, both its mesh side and its side to the target, and reports how
-// many connections it closed. The agent calls it when peers leave the
-// network map: WireGuard forgetting a peer stops its packets but leaves
-// the netstack's TCP connections (and the target's) open until they time
-// out, so a removed node would otherwise keep what it had open.
-func (p *Provider) CloseFrom(keep func(src netip.Addr) bool) int {
+// closeLogged closes both sides of in and says why.
+func (p *Provider) closeLogged(in *inbound, why string) {
+	in.mesh.Close()
+	in.target.Close()
+	p.log.Info("closed a connection that is no longer allowed", "service", in.service, "node", in.peer, "from", in.src, "reason", why)
+}
+
+// CloseIf closes every open connection for which why returns a reason
+// (not ""), both its mesh side (the consumer sees it end) and its side to
+// the target, logs each with its service, peer and reason, and reports how
+// many it closed. The agent calls it when a new network map changes who
+// may reach what: a connection is checked when it is accepted, and again
+// whenever the answer may have changed, so what policy no longer allows
+// does not go on until the peers close it.
+func (p *Provider) CloseIf(why func(src netip.Addr, service string) string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	n := 0
-	for c, src := range p.conns {
-		if !keep(src) {
-			c.Close()
+	for in := range p.conns {
+		if r := why(in.src, in.service); r != "" {
+			p.closeLogged(in, r)
+			delete(p.conns, in) // untrack finds it gone; a second CloseIf skips it
 			n++
 		}
 	}
-	// Both sides of each connection are tracked: count connections.
-	return n / 2
+	return n
+}
+
+// CloseFrom closes every open connection whose mesh source address keep
+// rejects, as CloseIf does, and reports how many it closed: a node removed
+// from the mesh is cut off at once, since WireGuard forgetting a peer
+// stops its packets but leaves the netstack's TCP connections (and the
+// target's) open until they time out.
+func (p *Provider) CloseFrom(keep func(src netip.Addr) bool) int {
+	return p.CloseIf(func(src netip.Addr, _ string) string {
+		if keep(src) {
+			return ""
+		}
+		return "the peer left the network map"
+	})
 }
 
 // ExportStatus describes one exported service.
@@ -298,8 +378,9 @@ func (p *Provider) Close() {
 	p.cancel()
 	p.mu.Lock()
 	p.closed = true
-	for c := range p.conns {
-		c.Close()
+	for in := range p.conns {
+		in.mesh.Close()
+		in.target.Close()
 	}
 	p.mu.Unlock()
 	p.wg.Wait()

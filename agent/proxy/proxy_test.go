@@ -276,3 +276,76 @@ func TestDialService(t *testing.T) {
 		}
 	}
 }
+
+// TestReconfigClosesConnectionsToGoneProvider: a connection through the
+// listener and one from DialService to provider a, and one each to b. A
+// map that drops a from the service closes a's two at once (the
+// application reads EOF) while b's keep carrying bytes; a map without the
+// service closes the rest.
+func TestReconfigClosesConnectionsToGoneProvider(t *testing.T) {
+	a, b := netip.MustParseAddrPort("100.96.0.1:80"), netip.MustParseAddrPort("100.96.0.2:80")
+	d := kernelDialer{a: greeter(t, "a"), b: greeter(t, "b")}
+	cons := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Second})
+	defer func() { cons.Close(); cons.Wait() }()
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	ta, tb := Target{Node: 1, Name: "a", Addr: a, Online: true}, Target{Node: 2, Name: "b", Addr: b, Online: true}
+	cons.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{ta, tb}}})
+	byWho := map[string][]net.Conn{}
+	for range 2 {
+		c, who := greet(t, listen.String())
+		defer c.Close()
+		byWho[who] = append(byWho[who], c)
+		dc, err := cons.DialService(context.Background(), "web")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dc.Close()
+		dc.SetDeadline(time.Now().Add(5 * time.Second))
+		line, err := bufio.NewReader(dc).ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		byWho[strings.TrimSpace(line)] = append(byWho[strings.TrimSpace(line)], dc)
+	}
+	if len(byWho["a"]) != 2 || len(byWho["b"]) != 2 {
+		t.Fatalf("connections per provider: a %d, b %d; want 2 each", len(byWho["a"]), len(byWho["b"]))
+	}
+	closed := func(c net.Conn) bool {
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, err := c.Read(make([]byte, 1))
+		var ne net.Error
+		return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+	}
+	echo := func(c net.Conn) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping\n")); err != nil {
+			return err
+		}
+		got := make([]byte, 5)
+		_, err := io.ReadFull(c, got)
+		if err == nil && string(got) != "ping\n" {
+			err = fmt.Errorf("echoed %q", got)
+		}
+		return err
+	}
+
+	cons.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{tb}}})
+	for i, c := range byWho["a"] {
+		if !closed(c) {
+			t.Fatalf("connection %d to a still open after a left the service", i)
+		}
+	}
+	for i, c := range byWho["b"] {
+		if err := echo(c); err != nil {
+			t.Fatalf("connection %d to b broke when a left: %v", i, err)
+		}
+	}
+	cons.Reconfig(nil)
+	for i, c := range byWho["b"] {
+		if !closed(c) {
+			t.Fatalf("connection %d to b still open after the service left the map", i)
+		}
+	}
+}

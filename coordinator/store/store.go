@@ -236,6 +236,7 @@ const (
 	EventRekeyRefused    EventKind = "rekey_refused" // a key change without valid proofs of both keys
 	EventPolicy          EventKind = "policy"        // a person set the access policy
 	EventTokenRefused    EventKind = "token_refused" // a token with tags its minter may not give
+	EventDenied          EventKind = "denied"        // a provider refused connections by policy (coalesced per minute)
 )
 
 // StoredPolicy is the access policy's text as set, with when and by whom.
@@ -274,14 +275,15 @@ const (
 	ClassSecurity EventClass = 0
 	// ClassActivity: nodes joining and leaving, services coming and going.
 	ClassActivity EventClass = 1
-	// ClassFailure: refusals of unauthenticated or hostile callers.
+	// ClassFailure: refusals of unauthenticated or hostile callers, and
+	// connections providers refused by policy.
 	ClassFailure EventClass = 2
 )
 
 // Class is the retention class of events of kind k.
 func (k EventKind) Class() EventClass {
 	switch k {
-	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused, EventTokenRefused:
+	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused, EventTokenRefused, EventDenied:
 		return ClassFailure
 	case EventJoin, EventLeave, EventExpose, EventUnexpose:
 		return ClassActivity

@@ -1,0 +1,206 @@
+package coordinator
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/wire"
+)
+
+// Providers report the connections they refused by policy
+// (wire.StatsReport.Denials), every few seconds and as running totals. They
+// become console events, at most one per (provider, service, source node)
+// and denialWindow: the first denial of a pair is recorded when it is
+// reported, later ones are counted into the pair's next event, written
+// when the window has passed (by the next report or flushDenials).
+const (
+	denialWindow = time.Minute
+	// denialKeep is how long a pair without new denials is remembered,
+	// to tell a repeated report from new denials; well beyond the time an
+	// agent goes on reporting a quiet pair.
+	denialKeep = 10 * time.Minute
+	// maxDenialPairs bounds the table; denials of pairs beyond it (a mesh
+	// with very many of them at once) are dropped with a log line.
+	maxDenialPairs = 8192
+	// maxDenialCount bounds one reported count: more than any agent could
+	// refuse, small enough that sums cannot overflow.
+	maxDenialCount = 1 << 40
+)
+
+type denialPair struct {
+	provider, source wire.NodeID
+	service          string
+}
+
+type denialState struct {
+	first   time.Time // the agent's series (wire.Denial.First)
+	seen    int64     // the series' count at the last report
+	evented time.Time // when the last event was recorded
+	pending int64     // denials since, not in an event yet
+	touched time.Time // the last report that counted new denials
+	names   denialNames
+}
+
+// denialEvents coalesces reported denials into events.
+type denialEvents struct {
+	mu     sync.Mutex // guards byPair
+	byPair map[denialPair]*denialState
+}
+
+// denialNames is who a denial concerns, for the event.
+type denialNames struct {
+	provider, source string
+	owner            int64 // the provider's owner
+}
+
+// add folds one checked denial into the table at now and returns the
+// event to record now, if one is due, and how many denials were new. full
+// is true when a new pair found no room.
+func (d *denialEvents) add(p denialPair, dn wire.Denial, names denialNames, now time.Time) (ev store.Event, record, full bool, n int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.byPair == nil {
+		d.byPair = map[denialPair]*denialState{}
+	}
+	st := d.byPair[p]
+	if st == nil {
+		if len(d.byPair) >= maxDenialPairs {
+			d.expireLocked(now)
+			if len(d.byPair) >= maxDenialPairs {
+				return store.Event{}, false, true, 0
+			}
+		}
+		st = &denialState{}
+		d.byPair[p] = st
+	}
+	n = dn.Count
+	if st.first.Equal(dn.First) && dn.Count >= st.seen {
+		n = dn.Count - st.seen // the same series: only what is new
+	}
+	st.first, st.seen = dn.First, dn.Count
+	if n == 0 {
+		return store.Event{}, false, false, 0
+	}
+	st.touched, st.names = now, names
+	st.pending += n
+	if !st.evented.IsZero() && now.Sub(st.evented) < denialWindow {
+		return store.Event{}, false, false, n
+	}
+	return st.takeLocked(p, now), true, false, n
+}
+
+// takeLocked returns the pair's event for its pending count and starts a
+// new window.
+func (st *denialState) takeLocked(p denialPair, now time.Time) store.Event {
+	n := st.names
+	what := "connections"
+	if st.pending == 1 {
+		what = "connection"
+	}
+	ev := store.Event{Kind: store.EventDenied, Actor: "node " + n.provider, Node: n.source, OwnerID: n.owner,
+		Message: fmt.Sprintf("%s refused %d %s from %s to %s: the policy does not allow %s to reach it", n.provider, st.pending, what, n.source, p.service, n.source)}
+	st.evented, st.pending = now, 0
+	return ev
+}
+
+// flush returns the events of pairs whose window has passed with denials
+// pending, and forgets pairs quiet for denialKeep.
+func (d *denialEvents) flush(now time.Time) []store.Event {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var evs []store.Event
+	for p, st := range d.byPair {
+		if st.pending > 0 && now.Sub(st.evented) >= denialWindow {
+			evs = append(evs, st.takeLocked(p, now))
+		}
+	}
+	d.expireLocked(now)
+	return evs
+}
+
+func (d *denialEvents) expireLocked(now time.Time) {
+	for p, st := range d.byPair {
+		if st.pending == 0 && now.Sub(st.touched) >= denialKeep {
+			delete(d.byPair, p)
+		}
+	}
+}
+
+// len is the number of pairs remembered.
+func (d *denialEvents) len() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.byPair)
+}
+
+// recordDenials checks the denials node reported against the mesh as the
+// coordinator knows it and records what is due. An agent's report is
+// never trusted: an entry must name a service node provides and another
+// node of the mesh, with a sane count and times; other entries are
+// dropped, with one log line per report.
+func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial) {
+	provides := map[string]bool{}
+	for _, sv := range snap.services {
+		for _, p := range sv.Providers {
+			if p.Node == node.ID {
+				provides[sv.Name] = true
+			}
+		}
+	}
+	now := time.Now()
+	seen := map[denialPair]bool{}
+	var dropped int
+	var why string
+	drop := func(reason string) {
+		if dropped == 0 {
+			why = reason
+		}
+		dropped++
+	}
+	for _, dn := range ds {
+		i, known := snap.byID[dn.Node]
+		p := denialPair{provider: node.ID, source: dn.Node, service: dn.Service}
+		switch {
+		case !provides[dn.Service]:
+			drop(fmt.Sprintf("service %.63q is not one the node provides", dn.Service))
+			continue
+		case !known || dn.Node == node.ID:
+			drop(fmt.Sprintf("node %d is not another node of the mesh", dn.Node))
+			continue
+		case dn.Count < 1 || dn.Count > maxDenialCount:
+			drop(fmt.Sprintf("count %d is out of range", dn.Count))
+			continue
+		case dn.First.IsZero() || dn.Last.Before(dn.First):
+			drop("its times are missing or out of order")
+			continue
+		case seen[p]:
+			drop("it repeats a pair of the same report")
+			continue
+		}
+		seen[p] = true
+		names := denialNames{provider: node.Name, source: snap.nodes[i].Name, owner: node.OwnerID}
+		ev, record, full, n := s.denials.add(p, dn, names, now)
+		if full {
+			drop(fmt.Sprintf("more than %d pairs of provider, service and source are tracked", maxDenialPairs))
+			continue
+		}
+		if n > 0 {
+			s.metrics.denied.WithLabelValues(dn.Service).Add(float64(n))
+		}
+		if record {
+			s.console.Record(ev)
+		}
+	}
+	if dropped > 0 {
+		s.log.Warn("ignored denials in a stats report", "node", node.Name, "ignored", dropped, "of", len(ds), "first_reason", why)
+	}
+}
+
+// flushDenials records the events whose window has passed.
+func (s *Server) flushDenials() {
+	for _, e := range s.denials.flush(time.Now()) {
+		s.console.Record(e)
+	}
+}
