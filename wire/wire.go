@@ -32,6 +32,13 @@
 //	  both over RekeyProofMessage; the node secret alone no longer
 //	  re-points a node's addresses at another key (403 ErrCodeUnauthorized
 //	  otherwise). A MapRequest with the stored key, or none, needs no proof.
+//	7 (2026-12-15): node keys expire. Node.KeyExpiry (on Self and peers)
+//	  is when the coordinator stops accepting the node's key; every
+//	  registration and rekey moves it to now plus the coordinator's
+//	  --node-key-expiry (or the shorter one of the node's join token).
+//	  An expired node is dropped from every other map, and its map
+//	  stream, rekey and other calls are refused with 403
+//	  ErrCodeKeyExpired; agents rotate their keys well before.
 package wire
 
 import (
@@ -47,7 +54,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 6
+const ProtocolVersion = 7
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -442,6 +449,15 @@ type Node struct {
 	LastSeen  time.Time        `json:"last_seen,omitempty"`
 	Tags      []string         `json:"tags,omitempty"`
 	Ephemeral bool             `json:"ephemeral,omitempty"`
+	// KeyExpiry (version 7) is when the coordinator stops accepting Key:
+	// the node must rotate it before (MapRequest with proofs), or it is
+	// dropped from every map and must join again. Zero: never.
+	KeyExpiry time.Time `json:"key_expiry,omitzero"`
+}
+
+// KeyExpired reports whether n's key has expired at now.
+func (n *Node) KeyExpired(now time.Time) bool {
+	return !n.KeyExpiry.IsZero() && !now.Before(n.KeyExpiry)
 }
 
 // Service is a named TCP service and the nodes providing it.
@@ -539,6 +555,9 @@ const (
 	ErrCodeNodeRemoved  = "node_removed"
 	// ErrCodeNotOwner: the name belongs to another user (since version 5).
 	ErrCodeNotOwner = "not_owner"
+	// ErrCodeKeyExpired: the node's key expired before it was rotated;
+	// the node must join again (since version 7).
+	ErrCodeKeyExpired = "key_expired"
 )
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
