@@ -141,7 +141,7 @@ func TestAuthenticatedCalls(t *testing.T) {
 		{"expose port 0", wire.PathServices, &a, wire.ServiceRequest{Version: 1, Name: "web"}, 400, wire.ErrCodeBadRequest},
 		{"expose bad name", wire.PathServices, &a, wire.ServiceRequest{Version: 1, Name: "-web", Port: 80}, 400, wire.ErrCodeBadRequest},
 		{"unexpose not provided", wire.PathServices, &b, wire.ServiceRequest{Version: 1, Name: "db", Remove: true}, 404, wire.ErrCodeNotFound},
-		{"services version", wire.PathServices, &a, wire.ServiceRequest{Version: 7, Name: "db", Port: 1}, 426, wire.ErrCodeVersion},
+		{"services version", wire.PathServices, &a, wire.ServiceRequest{Version: wire.ProtocolVersion + 1, Name: "db", Port: 1}, 426, wire.ErrCodeVersion},
 		{"endpoints", wire.PathEndpoints, &b, wire.EndpointsRequest{Version: 1, ListenPort: 1000}, 200, ""},
 		{"endpoints garbled", wire.PathEndpoints, &b, []byte("{{"), 400, wire.ErrCodeBadRequest},
 		{"leave", wire.PathLeave, &b, wire.LeaveRequest{Version: 1}, 200, ""},
