@@ -187,6 +187,13 @@ type Agent struct {
 	// (SetMapFilter).
 	mapFilter func(*wire.NetworkMap)
 
+	// keyExpired: the coordinator refused the node because its key
+	// expired (wire.ErrCodeKeyExpired); it must join again.
+	keyExpired bool
+
+	// expiryChanged wakes rotateLoop when the map's key expiry changed.
+	expiryChanged chan struct{}
+
 	syncMu  sync.Mutex // serialises export announcements
 	leaveMu sync.Mutex // serialises Leave
 	rotMu   sync.Mutex // serialises key rotations
@@ -237,7 +244,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, fromConfig: map[string]bool{},
-		retry: make(chan struct{}, 1), leftCh: make(chan struct{}),
+		retry: make(chan struct{}, 1), leftCh: make(chan struct{}), expiryChanged: make(chan struct{}, 1),
 		denials: newDenials(log.With("subsystem", "provider"), time.Now),
 		gateIn:  netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
 	var err error
@@ -250,6 +257,18 @@ func New(cfg Config) (*Agent, error) {
 	joined, err := a.state.loadJSON(fileNode, &a.node)
 	if err != nil {
 		return nil, err
+	}
+	if a.rekey, err = a.state.loadPendingRekey(a.key); err != nil {
+		return nil, err
+	}
+	if a.rekey != nil {
+		if !joined {
+			// No node, so the coordinator holds no key of it.
+			os.Remove(a.state.path(fileKeyNext))
+			a.rekey = nil
+		} else {
+			a.log.Info("resuming an interrupted key rotation: the coordinator may hold the new key already", "new_key", a.rekey.priv.Public().Short())
+		}
 	}
 	if cfg.Join != "" {
 		t, err := wire.ParseToken(cfg.Join)
@@ -422,6 +441,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.goroutine("retry", a.retryLoop)
 	a.goroutine("control", a.controlLoop)
 	a.goroutine("stats", a.statsLoop)
+	a.goroutine("rotate", a.rotateLoop)
 	a.log.Info("agent started", "name", a.node.Name, "node", a.node.ID, "listen_port", a.listenPort, "dns", a.DNSAddr())
 	return nil
 }
@@ -622,6 +642,7 @@ func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID str
 	a.nm.Self = resp.Node
 	a.nm.Domain = resp.Domain
 	a.mu.Unlock()
+	a.wakeRotation()
 	a.log.Info("joined the mesh", "name", resp.Node.Name, "node", resp.Node.ID, "addresses", resp.Node.Addresses)
 	return nil
 }
@@ -637,58 +658,77 @@ func (a *Agent) controlLoop() {
 		a.streamCancel = scancel
 		a.mu.Unlock()
 		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: cur.Public()}
+		var err error
+		if rk != nil && rk.server.IsZero() {
+			// A resumed rotation: proofs need the coordinator's key.
+			var sk wire.ServerKey
+			if err = a.cc.call(sctx, wire.PathServerKey, wire.ServerKeyRequest{Version: wire.ProtocolVersion}, &sk); err == nil && sk.Key.IsZero() {
+				err = errors.New("the coordinator sent no key")
+			}
+			rk.server = sk.Key
+		}
 		if rk != nil {
-			mr.NodeKey, mr.OldKeyProof, mr.NewKeyProof = rk.priv.Public(), rk.old, rk.new
+			rk.mapRequest(&mr, cur, a.node.Name)
 		}
 		first := true
-		err := a.cc.streamMap(sctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
-			if first {
-				first = false
-				if rk != nil {
-					// Accepted: the coordinator holds the new key now.
-					err := a.switchKey(rk)
-					a.mu.Lock()
-					a.rekey = nil
-					a.mu.Unlock()
-					rk.done <- err
-					rk = nil
+		if err == nil {
+			err = a.cc.streamMap(sctx, mr, a.cfg.MapIdle, func(m *wire.MapResponse) error {
+				if first {
+					first = false
+					if rk != nil {
+						// Accepted: the coordinator holds the new key now
+						// (it took it, or had already).
+						err := a.switchKey(rk)
+						a.mu.Lock()
+						a.rekey = nil
+						a.mu.Unlock()
+						rk.done <- err
+						rk = nil
+					}
+					bo.Reset()
+					a.setConnected(true, nil)
+					a.log.Info("connected to the coordinator", "url", a.node.URL)
+					// STUN may have answered after the request was built: the
+					// stream's request would then have replaced a fresher list.
+					if !slices.Equal(mr.LocalEndpoints, a.endpointCandidates()) {
+						a.publishEndpoints()
+					}
 				}
-				bo.Reset()
-				a.setConnected(true, nil)
-				a.log.Info("connected to the coordinator", "url", a.node.URL)
-				// STUN may have answered after the request was built: the
-				// stream's request would then have replaced a fresher list.
-				if !slices.Equal(mr.LocalEndpoints, a.endpointCandidates()) {
-					a.publishEndpoints()
+				if m.IsKeepAlive() {
+					return nil
 				}
-			}
-			if m.IsKeepAlive() {
+				a.applyMap(m)
+				if m.Full != nil {
+					a.goroutine("sync-exports", a.syncExports)
+				}
 				return nil
-			}
-			a.applyMap(m)
-			if m.Full != nil {
-				a.goroutine("sync-exports", a.syncExports)
-			}
-			return nil
-		})
+			})
+		}
 		scancel()
 		a.mu.Lock()
 		pending := a.rekey
-		if rk != nil && pending == rk {
-			a.rekey = nil // refused: keep the old key
+		refused := rk != nil && pending == rk && isPermanent(err)
+		if refused {
+			// Refused for good (not merely unanswered: then the
+			// coordinator may hold the new key, and the next attempt
+			// finds out): keep the old key, and try it at once.
+			a.rekey = nil
 		}
 		a.mu.Unlock()
-		if rk != nil {
-			rk.done <- err
+		if refused {
+			a.dropRekey(rk, err)
 		}
 		if a.ctx.Err() != nil {
 			return
 		}
-		if pending != nil && pending != rk {
-			continue // RotateKey ended the stream to open it with the new key
+		if refused || pending != nil && pending != rk {
+			continue // reconnect at once: with the old key, or RotateKey's new one
 		}
 		a.setConnected(false, err)
 		var ae *apiError
+		if errors.As(err, &ae) && ae.Code == wire.ErrCodeKeyExpired {
+			a.expired(err)
+		}
 		if errors.As(err, &ae) && (ae.Code == wire.ErrCodeNodeRemoved || ae.Code == wire.ErrCodeUnauthorized) {
 			a.log.Error("the coordinator no longer knows this node; remove the state directory and join again with a new token", "state", a.cfg.StateDir, "err", err)
 		}
@@ -704,9 +744,26 @@ func (a *Agent) controlLoop() {
 	}
 }
 
+// expired handles the coordinator's word that the node's key expired: the
+// peers have dropped the node already, so the agent drops them too
+// (forgetMesh), and says once what to do.
+func (a *Agent) expired(err error) {
+	a.mu.Lock()
+	was := a.keyExpired
+	a.keyExpired = true
+	a.mu.Unlock()
+	if !was {
+		a.log.Error("this node's key expired: the coordinator refuses it and its peers dropped it; join again", "state", a.cfg.StateDir, "err", err)
+	}
+	a.forgetMesh()
+}
+
 func (a *Agent) setConnected(ok bool, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if ok {
+		a.keyExpired = false
+	}
 	a.connected = ok
 	if ok {
 		a.retryAt = time.Time{}
@@ -743,7 +800,11 @@ func (a *Agent) applyMap(m *wire.MapResponse) {
 	if a.closed || a.left {
 		return
 	}
+	expiry := a.nm.Self.KeyExpiry
 	a.nm.Apply(m)
+	if !a.nm.Self.KeyExpiry.Equal(expiry) {
+		a.wakeRotation()
+	}
 	a.haveMap = true
 	a.lastMap = time.Now()
 	a.reconfigLocked()

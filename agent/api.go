@@ -169,7 +169,8 @@ func (a *Agent) Status() localapi.Status {
 	defer a.mu.Unlock()
 	st := localapi.Status{
 		Self: localapi.Node{ID: uint64(a.nm.Self.ID), Name: a.nm.Self.Name, Addresses: a.nm.Self.Addresses,
-			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.Public())},
+			Endpoints: a.nm.Self.Endpoints, Key: shortKey(a.key.Public()),
+			KeyExpiry: a.nm.Self.KeyExpiry, KeyExpired: a.keyExpired || a.nm.Self.KeyExpired(time.Now())},
 		ListenPort: a.listenPort,
 		DNS:        a.DNSAddr(),
 		DNSDomain:  a.dnsDomain(),

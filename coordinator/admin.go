@@ -122,7 +122,12 @@ func (s *Server) adminHandler() http.Handler {
 		}
 		out := make([]NodeInfo, 0, len(snap.nodes))
 		for _, n := range snap.nodes {
-			out = append(out, NodeInfo{Node: n, Owner: owners[n.ID]})
+			ni := NodeInfo{Node: n, Owner: owners[n.ID]}
+			if !n.KeyExpiry.IsZero() {
+				exp := n.KeyExpiry
+				ni.KeyExpiry = &exp
+			}
+			out = append(out, ni)
 		}
 		writeJSON(w, http.StatusOK, out)
 	})
@@ -164,6 +169,17 @@ func (s *Server) adminHandler() http.Handler {
 			}
 		}
 		writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no node named %q; list them with `meshlink nodes`", name))
+	})
+	mux.HandleFunc("POST "+adminPathNodes+"/{name}/expire", func(w http.ResponseWriter, r *http.Request) {
+		name := r.PathValue("name")
+		if err := s.ExpireNode(r.Context(), name, "admin socket"); errors.Is(err, store.ErrNotFound) {
+			writeError(w, apiErr(http.StatusNotFound, wire.ErrCodeNotFound, "no node named %q; list them with `meshlink nodes`", wire.NormalizeName(name)))
+			return
+		} else if err != nil {
+			writeError(w, apiErr(http.StatusInternalServerError, wire.ErrCodeInternal, "%v", err))
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
 	})
 	mux.HandleFunc("GET "+adminPathServices, func(w http.ResponseWriter, r *http.Request) {
 		snap, err := s.current(r.Context())
@@ -361,8 +377,9 @@ type NodeInfo struct {
 	// Owner is the user name of the node's owner; empty for nodes only
 	// admins manage (joined with an admin token).
 	Owner string `json:"owner,omitempty"`
-	// KeyExpiry is when the node's key stops being accepted; nil is never
-	// (keys do not expire yet).
+	// KeyExpiry is when the node's key stops being accepted; nil is never.
+	// It shadows wire.Node's field of the same JSON name, which omits
+	// never.
 	KeyExpiry *time.Time `json:"key_expiry"`
 }
 
@@ -405,6 +422,12 @@ func (c *AdminClient) Nodes(ctx context.Context) ([]NodeInfo, error) {
 // second.
 func (c *AdminClient) RemoveNode(ctx context.Context, name string) error {
 	return c.api.Do(ctx, http.MethodDelete, adminPathNodes+"/"+url.PathEscape(name), nil, nil)
+}
+
+// ExpireNode makes the key of the node called name expire now: its peers
+// drop it within seconds and it must join again.
+func (c *AdminClient) ExpireNode(ctx context.Context, name string) error {
+	return c.api.Do(ctx, http.MethodPost, adminPathNodes+"/"+url.PathEscape(name)+"/expire", struct{}{}, nil)
 }
 
 // Services lists the services that have at least one provider.

@@ -201,8 +201,17 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	}
 	reg.TokenID, reg.TokenSecret = req.TokenID, req.TokenSecret
 	// A name held by an ephemeral node that is offline is free: a sidecar
-	// or a CI job is back with a new key. (An approval never replaces.)
-	reg.CanReplace = func(n store.Node) bool { return n.Ephemeral && !s.hub.online(n.ID) }
+	// or a CI job is back with a new key. So is the name of a node whose
+	// key expired, for a token of the node's owner: the machine joins
+	// again. (An approval never replaces.)
+	tokOwner := int64(-1)
+	if tok, err := s.store.GetToken(r.Context(), req.TokenID); err == nil && store.HashMatches(tok.SecretHash, req.TokenSecret) {
+		tokOwner = tok.OwnerID
+	}
+	now := time.Now()
+	reg.CanReplace = func(n store.Node) bool {
+		return n.Ephemeral && !s.hub.online(n.ID) || n.KeyExpired(now) && n.OwnerID == tokOwner
+	}
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
 	resp, e := s.registerNode(r.Context(), nodeRegistration{Registration: reg, remoteIP: host})
 	if e != nil {
@@ -332,6 +341,9 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 	if e != nil {
 		return e
 	}
+	if node.KeyExpired(time.Now()) && !req.Remove {
+		return keyExpired(node)
+	}
 	name, e := validName("service", req.Name)
 	if e != nil {
 		return e
@@ -389,6 +401,9 @@ func (s *Server) serveEndpoints(w http.ResponseWriter, r *http.Request) *apiErro
 	node, e := s.authDecode(w, r, &req, &req.Version, "endpoints")
 	if e != nil {
 		return e
+	}
+	if node.KeyExpired(time.Now()) {
+		return keyExpired(node)
 	}
 	eps := s.endpoints(r, req.ListenPort, req.LocalEndpoints)
 	if req.ListenPort == node.ListenPort && slices.Equal(eps, node.Endpoints) {
@@ -475,6 +490,10 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	if e != nil {
 		return e
 	}
+	if node.KeyExpired(time.Now()) {
+		// Refused before a rekey: an expired key may not vouch for a new one.
+		return keyExpired(node)
+	}
 	rekey := !req.NodeKey.IsZero() && req.NodeKey != node.Key
 	if rekey {
 		if e := s.checkRekey(node, req); e != nil {
@@ -486,10 +505,18 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	if err := s.store.UpdateNodeNetwork(ctx, node.ID, req.NodeKey, req.ListenPort, s.endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
-		if errors.Is(err, store.ErrKeyInUse) {
-			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node key is already used by another node")
+	if rekey {
+		// The key and its new expiry at once: a rotation whose answer is
+		// lost is one the agent finds done when it reconnects.
+		if err := s.store.UpdateNodeKey(ctx, node.ID, req.NodeKey, s.keyExpiryFrom(node, time.Now())); err != nil {
+			if errors.Is(err, store.ErrKeyInUse) {
+				return apiErr(http.StatusConflict, wire.ErrCodeConflict, "node key is already used by another node")
+			}
+			return storeErr("map", err)
 		}
+		s.wakeExpiry()
+	}
+	if err := s.store.UpdateNodeNetwork(ctx, node.ID, key.Public{}, req.ListenPort, s.endpoints(r, req.ListenPort, req.LocalEndpoints)); err != nil {
 		return storeErr("map", err)
 	}
 	if rekey {
@@ -539,6 +566,11 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			if ctx.Err() == nil {
 				log.Error("map stream: build map", "err", err)
 			}
+			return nil
+		}
+		if snap.expired[node.ID] {
+			// The agent reconnects and is told why (keyExpired).
+			log.Info("map stream: node key expired")
 			return nil
 		}
 		nm, ok := snap.mapFor(node.ID, s.cfg.Domain)

@@ -129,6 +129,11 @@ type Config struct {
 	// gets an address an old peer may still route to the removed one;
 	// default 24h.
 	NodeAddressQuarantine time.Duration
+	// NodeKeyExpiry is how long a node's key is accepted after its
+	// registration or its last rotation (--node-key-expiry); agents
+	// rotate well before. Default DefaultNodeKeyExpiry; negative: keys
+	// never expire (--node-key-expiry 0). A token may set a shorter one.
+	NodeKeyExpiry time.Duration
 	// nodePoolSize, when set, bounds the node addresses (tests).
 	nodePoolSize int64
 	// MembersCannotMintTokens leaves minting join tokens in the console to
@@ -152,7 +157,14 @@ type TokenOptions struct {
 	// User names the owner on the admin socket (`token create --user`);
 	// "" is the first admin. An unknown name is refused.
 	User string `json:"user,omitempty"`
+	// KeyExpiry is the key lifetime of the nodes the token joins
+	// (`token create --key-expiry`); 0 is the coordinator's
+	// --node-key-expiry, which also caps a longer one.
+	KeyExpiry time.Duration `json:"key_expiry,omitempty"`
 }
+
+// DefaultNodeKeyExpiry is the default Config.NodeKeyExpiry: 180 days.
+const DefaultNodeKeyExpiry = 180 * 24 * time.Hour
 
 const (
 	dbFile       = "meshlink.db"
@@ -212,6 +224,13 @@ type Server struct {
 	// policy is the access policy in force; SetPolicy replaces it whole.
 	policy   atomic.Pointer[activePolicy]
 	policyMu sync.Mutex // serialises SetPolicy
+
+	// expiryWake wakes expireKeys (buffered: one pending is enough).
+	expiryWake chan struct{}
+	expiryMu   sync.Mutex // guards expiryAnnounced
+	// expiryAnnounced holds, per node whose key expiry was announced (an
+	// event, a new map), the expiry it was announced at.
+	expiryAnnounced map[wire.NodeID]time.Time
 }
 
 // New opens the store in cfg.DataDir and loads or creates the certificate.
@@ -258,6 +277,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.NodeAddressQuarantine == 0 {
 		cfg.NodeAddressQuarantine = store.DefaultNodeQuarantine
+	}
+	if cfg.NodeKeyExpiry == 0 {
+		cfg.NodeKeyExpiry = DefaultNodeKeyExpiry
 	}
 	cfg.URL = strings.TrimRight(cfg.URL, "/")
 	var urlHost string
@@ -337,6 +359,9 @@ func New(cfg Config) (*Server, error) {
 		serverKey:   relayKey,
 		ctx:         ctx,
 		cancel:      cancel,
+
+		expiryWake:      make(chan struct{}, 1),
+		expiryAnnounced: map[wire.NodeID]time.Time{},
 	}
 	s.hub.init()
 	if err := s.loadPolicy(ctx); err != nil {
@@ -511,9 +536,13 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.metricsSrv = metricsSrv
-	s.wg.Add(4)
+	s.wg.Add(5)
 	s.mu.Unlock()
 	go s.summarizeJoinFailures()
+	go func() {
+		defer s.wg.Done()
+		s.expireKeys()
+	}()
 	go func() {
 		defer s.wg.Done()
 		s.deleteIdleServices()
@@ -677,6 +706,12 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 	if o.Expires < 0 {
 		return "", errors.New("coordinator: token expiry must not be negative")
 	}
+	if o.KeyExpiry < 0 || o.KeyExpiry > 0 && o.KeyExpiry < time.Second {
+		return "", fmt.Errorf("coordinator: node key expiry %v must be at least 1s, or 0 for the coordinator's (%v)", o.KeyExpiry, s.keyLifetime(0))
+	}
+	if o.Relay && o.KeyExpiry != 0 {
+		return "", errors.New("coordinator: a relay token joins no node: it takes no node key expiry")
+	}
 	tags := make([]string, 0, len(o.Tags))
 	for _, t := range o.Tags {
 		t = strings.TrimSpace(t)
@@ -697,6 +732,7 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 		Relay:     o.Relay,
 		Tags:      tags,
 		Created:   time.Now(),
+		KeyExpiry: o.KeyExpiry,
 	}
 	// No owner: the caller has no console session (the admin socket, an
 	// embedding program). The console records its own event.
@@ -733,7 +769,7 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 	if err := s.store.CreateToken(ctx, tok); err != nil {
 		return "", fmt.Errorf("coordinator: %w", err)
 	}
-	s.log.Info("token created", "token_id", tok.ID, "reusable", tok.Reusable, "ephemeral", tok.Ephemeral, "expires", tok.Expires)
+	s.log.Info("token created", "token_id", tok.ID, "reusable", tok.Reusable, "ephemeral", tok.Ephemeral, "expires", tok.Expires, "node_key_expiry", s.keyLifetime(tok.KeyExpiry))
 	if viaAdminSocket {
 		s.console.Record(store.Event{Kind: store.EventTokenCreated, Actor: "admin socket", Message: "minted token " + tok.ID, OwnerID: tok.OwnerID})
 	}
@@ -862,7 +898,7 @@ func (m consoleMesh) RemoveNode(ctx context.Context, id wire.NodeID, ev store.Ev
 }
 
 func (m consoleMesh) CreateToken(ctx context.Context, o web.TokenRequest) (string, error) {
-	return m.s.CreateToken(ctx, TokenOptions{Owner: o.OwnerID, Reusable: o.Reusable, Ephemeral: o.Ephemeral, Expires: o.Expires, Tags: o.Tags})
+	return m.s.CreateToken(ctx, TokenOptions{Owner: o.OwnerID, Reusable: o.Reusable, Ephemeral: o.Ephemeral, Expires: o.Expires, Tags: o.Tags, KeyExpiry: o.KeyExpiry})
 }
 
 // Relays lists the relays of the current maps; the embedded one, first

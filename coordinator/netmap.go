@@ -152,6 +152,9 @@ type snapshot struct {
 	services []wire.Service // with at least one provider, by name
 	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
+	// expired holds the nodes whose keys had expired when the snapshot
+	// was built: no other map lists them, nor does keys or a service.
+	expired map[wire.NodeID]bool
 	// access filters each node's map by the policy; nil when the policy
 	// lets every node reach every service (every map is the whole mesh).
 	access *accessTable
@@ -195,10 +198,15 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays}
+	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays, expired: map[wire.NodeID]bool{}}
+	now := time.Now()
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
 		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))
+		if n.KeyExpired(now) {
+			snap.expired[n.ID] = true
+			continue
+		}
 		if !n.Key.IsZero() {
 			snap.keys = append(snap.keys, n.Key)
 		}
@@ -206,6 +214,9 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	slices.SortFunc(snap.keys, key.Public.Compare)
 	byService := map[string][]wire.Provider{}
 	for _, p := range provs {
+		if snap.expired[p.NodeID] {
+			continue
+		}
 		byService[p.Service] = append(byService[p.Service], wire.Provider{Node: p.NodeID, Port: p.Port})
 	}
 	for _, sv := range svcs {
@@ -289,7 +300,7 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 		return nm, true
 	}
 	for _, n := range sn.nodes {
-		if n.ID != id {
+		if n.ID != id && !sn.expired[n.ID] {
 			nm.Peers = append(nm.Peers, n)
 		}
 	}
@@ -306,7 +317,7 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 func (sn *snapshot) filter(nm *wire.NetworkMap, id wire.NodeID) {
 	peers := sn.access.peers[id]
 	for _, n := range sn.nodes {
-		if n.ID != id && peers[n.ID] {
+		if n.ID != id && peers[n.ID] && !sn.expired[n.ID] {
 			nm.Peers = append(nm.Peers, n)
 		}
 	}
@@ -338,7 +349,7 @@ func wireNode(n store.Node, online bool) wire.Node {
 	w := wire.Node{
 		ID: n.ID, Name: n.Name, Hostname: n.Hostname, Key: n.Key,
 		Endpoints: n.Endpoints, Online: online, LastSeen: n.LastSeen,
-		Tags: n.Tags, Ephemeral: n.Ephemeral,
+		Tags: n.Tags, Ephemeral: n.Ephemeral, KeyExpiry: n.KeyExpiry,
 	}
 	if n.IPv4.IsValid() {
 		w.Addresses = append(w.Addresses, netip.PrefixFrom(n.IPv4, 32))
@@ -405,7 +416,7 @@ func nodeEqual(a, b wire.Node) bool {
 	return a.ID == b.ID && a.Name == b.Name && a.Hostname == b.Hostname && a.Key == b.Key &&
 		slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.Endpoints, b.Endpoints) &&
 		a.Online == b.Online && a.LastSeen.Equal(b.LastSeen) && slices.Equal(a.Tags, b.Tags) &&
-		a.Ephemeral == b.Ephemeral
+		a.Ephemeral == b.Ephemeral && a.KeyExpiry.Equal(b.KeyExpiry)
 }
 
 func serviceEqual(a, b wire.Service) bool {

@@ -130,6 +130,7 @@ func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.R
 	r := reg.Registration
 	r.Now = time.Now()
 	r.SecretHash = store.HashSecret(secret)
+	r.KeyLifetime = s.keyLifetime(0)
 	res, err := s.store.RegisterNode(ctx, r)
 	if e := registerRefusal(err, r); e != nil {
 		return wire.RegisterResponse{}, e
@@ -153,6 +154,7 @@ func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.R
 			Message: fmt.Sprintf("%s proved its key and renewed its secret with token %s from %s", r.Name, r.TokenID, reg.remoteIP)}
 	}
 	s.commit(c)
+	s.wakeExpiry()
 	if res.Node.Ephemeral && !res.Existing {
 		// Removed if it never connects, too.
 		s.scheduleReap(res.Node.ID)

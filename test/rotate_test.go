@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -42,49 +44,7 @@ func TestRotateKeyKeepsStreams(t *testing.T) {
 	}
 	defer conn.Close()
 
-	// The stream: 16 KiB rounds, each checked as it comes back.
-	var echoed atomic.Int64
-	stop := make(chan struct{})
-	errc := make(chan error, 1)
-	go func() {
-		out, in := make([]byte, 16<<10), make([]byte, 16<<10)
-		for {
-			select {
-			case <-stop:
-				errc <- nil
-				return
-			default:
-			}
-			rand.Read(out)
-			conn.SetDeadline(time.Now().Add(30 * time.Second))
-			if _, err := conn.Write(out); err != nil {
-				errc <- fmt.Errorf("write after %d bytes: %w", echoed.Load(), err)
-				return
-			}
-			if _, err := io.ReadFull(conn, in); err != nil {
-				errc <- fmt.Errorf("read after %d bytes: %w", echoed.Load(), err)
-				return
-			}
-			if !bytes.Equal(in, out) {
-				errc <- fmt.Errorf("bytes came back altered after %d bytes", echoed.Load())
-				return
-			}
-			echoed.Add(int64(len(in)))
-		}
-	}()
-	waitEchoed := func(what string, n int64) {
-		tstest.WaitForNil(t, 30*time.Second, what, func() error {
-			select {
-			case err := <-errc:
-				t.Fatalf("stream: %v", err)
-			default:
-			}
-			if got := echoed.Load(); got < n {
-				return fmt.Errorf("%d of %d bytes echoed", got, n)
-			}
-			return nil
-		})
-	}
+	echoed, waitEchoed, stop := runStream(t, conn)
 	waitEchoed("1 MiB before the rotation", 1<<20)
 
 	oldKey := a.Status().Self.Key
@@ -114,10 +74,76 @@ func TestRotateKeyKeepsStreams(t *testing.T) {
 	after := echoed.Load()
 	// 1 MiB more, all of it sent once site-b knew only the new key.
 	waitEchoed("1 MiB after the rotation", after+1<<20)
-	close(stop)
-	if err := <-errc; err != nil {
-		t.Fatalf("stream: %v", err)
-	}
+	stop()
 	t.Logf("rotation took %v; %d bytes echoed intact in all, %d during the rotation, %d after site-b had the new key",
 		time.Since(start).Round(time.Millisecond), echoed.Load(), after-before, echoed.Load()-after)
+}
+
+// runStream keeps conn (to an echo service) busy with 16 KiB rounds, each
+// checked as it comes back. echoed counts the bytes echoed intact;
+// waitEchoed waits until n have been, failing the test if the stream
+// broke; stop ends the stream and fails the test if it had broken.
+func runStream(t *testing.T, conn net.Conn) (echoed *atomic.Int64, waitEchoed func(what string, n int64), stop func()) {
+	echoed = new(atomic.Int64)
+	quit := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		out, in := make([]byte, 16<<10), make([]byte, 16<<10)
+		for {
+			select {
+			case <-quit:
+				errc <- nil
+				return
+			default:
+			}
+			rand.Read(out)
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
+			if _, err := conn.Write(out); err != nil {
+				errc <- fmt.Errorf("write after %d bytes: %w", echoed.Load(), err)
+				return
+			}
+			if _, err := io.ReadFull(conn, in); err != nil {
+				errc <- fmt.Errorf("read after %d bytes: %w", echoed.Load(), err)
+				return
+			}
+			if !bytes.Equal(in, out) {
+				errc <- fmt.Errorf("bytes came back altered after %d bytes", echoed.Load())
+				return
+			}
+			echoed.Add(int64(len(in)))
+		}
+	}()
+	var failed error
+	waitEchoed = func(what string, n int64) {
+		t.Helper()
+		tstest.WaitForNil(t, 30*time.Second, what, func() error {
+			select {
+			case err := <-errc:
+				failed = err
+				t.Fatalf("stream: %v", err)
+			default:
+			}
+			if got := echoed.Load(); got < n {
+				return fmt.Errorf("%d of %d bytes echoed", got, n)
+			}
+			return nil
+		})
+	}
+	var once sync.Once
+	stop = func() {
+		t.Helper()
+		once.Do(func() {
+			close(quit)
+			if failed == nil {
+				failed = <-errc
+			}
+		})
+		if failed != nil {
+			t.Fatalf("stream: %v", failed)
+		}
+	}
+	t.Cleanup(func() {
+		once.Do(func() { close(quit); conn.Close() })
+	})
+	return echoed, waitEchoed, stop
 }

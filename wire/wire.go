@@ -27,7 +27,7 @@
 //	  A service belongs to the owner of its first provider: other users'
 //	  nodes exposing it get 403 ErrCodeNotOwner. NodePrefix4 is
 //	  100.96.0.0/14 (was /12, which contained ServicePrefix).
-//	6 (2026-12-08): a key change on PathMap (MapRequest.NodeKey other
+//	6 (2026-12-01): a key change on PathMap (MapRequest.NodeKey other
 //	  than the stored key) needs MapRequest.OldKeyProof and NewKeyProof,
 //	  both over RekeyProofMessage; the node secret alone no longer
 //	  re-points a node's addresses at another key (403 ErrCodeUnauthorized
@@ -36,6 +36,13 @@
 //	  it refused by policy, per (service, source node), at most MaxDenials;
 //	  the coordinator records them as console events. A provider closes
 //	  open connections a new map no longer allows.
+//	8 (2026-12-01): node keys expire. Node.KeyExpiry (on Self and peers)
+//	  is when the coordinator stops accepting the node's key; every
+//	  registration and rekey moves it to now plus the coordinator's
+//	  --node-key-expiry (or the shorter one of the node's join token).
+//	  An expired node is dropped from every other map, and its map
+//	  stream, rekey and other calls are refused with 403
+//	  ErrCodeKeyExpired; agents rotate their keys well before.
 package wire
 
 import (
@@ -51,7 +58,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 7
+const ProtocolVersion = 8
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -468,6 +475,15 @@ type Node struct {
 	LastSeen  time.Time        `json:"last_seen,omitempty"`
 	Tags      []string         `json:"tags,omitempty"`
 	Ephemeral bool             `json:"ephemeral,omitempty"`
+	// KeyExpiry (version 7) is when the coordinator stops accepting Key:
+	// the node must rotate it before (MapRequest with proofs), or it is
+	// dropped from every map and must join again. Zero: never.
+	KeyExpiry time.Time `json:"key_expiry,omitzero"`
+}
+
+// KeyExpired reports whether n's key has expired at now.
+func (n *Node) KeyExpired(now time.Time) bool {
+	return !n.KeyExpiry.IsZero() && !now.Before(n.KeyExpiry)
 }
 
 // Service is a named TCP service and the nodes providing it.
@@ -565,6 +581,9 @@ const (
 	ErrCodeNodeRemoved  = "node_removed"
 	// ErrCodeNotOwner: the name belongs to another user (since version 5).
 	ErrCodeNotOwner = "not_owner"
+	// ErrCodeKeyExpired: the node's key expired before it was rotated;
+	// the node must join again (since version 7).
+	ErrCodeKeyExpired = "key_expired"
 )
 
 func (e *Error) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }

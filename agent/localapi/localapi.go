@@ -82,6 +82,12 @@ type Node struct {
 	Addresses []netip.Prefix   `json:"addresses"`
 	Endpoints []netip.AddrPort `json:"endpoints,omitempty"`
 	Key       string           `json:"key"`
+	// KeyExpiry is when the coordinator stops accepting the key (the
+	// agent rotates it before); zero: never.
+	KeyExpiry time.Time `json:"key_expiry,omitzero"`
+	// KeyExpired: the key expired before it was rotated; the coordinator
+	// refuses the node and its peers dropped it: it must join again.
+	KeyExpired bool `json:"key_expired,omitempty"`
 }
 
 // Coordinator is the state of the control connection.

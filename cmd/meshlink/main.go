@@ -258,6 +258,7 @@ func coordinatorCmd() *cli.Command {
 			&cli.IntFlag{Name: "max-services-per-node", Value: 64, Usage: "services one node may provide (each takes a VIP and a listener on every agent)", EnvVars: env("MAX_SERVICES_PER_NODE")},
 			&cli.DurationFlag{Name: "service-grace", Value: 24 * time.Hour, Usage: "how long a service without providers keeps its name and VIP before it is deleted", EnvVars: env("SERVICE_GRACE")},
 			&cli.DurationFlag{Name: "node-address-quarantine", Value: 24 * time.Hour, Usage: "how long a removed node's addresses stay unused before a new node may get them", EnvVars: env("NODE_ADDRESS_QUARANTINE")},
+			&cli.DurationFlag{Name: "node-key-expiry", Value: coordinator.DefaultNodeKeyExpiry, Usage: "how long a node's key is accepted after it joined or last rotated (agents rotate before; a token may set a shorter one); 0 for never", EnvVars: env("NODE_KEY_EXPIRY")},
 			&cli.BoolFlag{Name: "members-can-mint-tokens", Value: true, Usage: "members may mint join tokens in the console (false: only admins; members get tokens from an admin or join by approval)", EnvVars: env("MEMBERS_CAN_MINT_TOKENS")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
@@ -302,6 +303,13 @@ func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
 			return coordinator.Config{}, fmt.Errorf("--%s %v must be positive; use a duration such as 24h", f, d)
 		}
 	}
+	keyExpiry := c.Duration("node-key-expiry")
+	switch {
+	case keyExpiry < 0 || keyExpiry > 0 && keyExpiry < time.Second:
+		return coordinator.Config{}, fmt.Errorf("--node-key-expiry %v: use a duration of 1s or more such as 4320h (180 days), or 0 for keys that never expire", keyExpiry)
+	case keyExpiry == 0:
+		keyExpiry = -1 // Config: negative is never, zero the default
+	}
 	var pending bool
 	switch v := c.String("oidc-new-users"); v {
 	case "member":
@@ -337,6 +345,7 @@ func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
 		MembersCannotMintTokens: !c.Bool("members-can-mint-tokens"),
 		MaxServicesPerNode:      c.Int("max-services-per-node"), ServiceGrace: c.Duration("service-grace"),
 		NodeAddressQuarantine: c.Duration("node-address-quarantine"),
+		NodeKeyExpiry:         keyExpiry,
 	}, nil
 }
 
@@ -606,10 +615,14 @@ func tokenCmd() *cli.Command {
 					&cli.StringSliceFlag{Name: "tags", Usage: "tags given to nodes joined with it (a,b)", EnvVars: env("TOKEN_TAGS")},
 					&cli.BoolFlag{Name: "relay", Usage: "a token that registers a standalone relay (meshlink relay --join), not a node", EnvVars: env("TOKEN_RELAY")},
 					&cli.StringFlag{Name: "user", Usage: "the user who owns the token and the nodes it joins (default: the first admin)", EnvVars: env("TOKEN_USER")},
+					&cli.DurationFlag{Name: "key-expiry", Usage: "key lifetime of the nodes it joins, if shorter than the coordinator's --node-key-expiry (a longer one is capped to it); 0 for the coordinator's", EnvVars: env("TOKEN_KEY_EXPIRY")},
 				},
 				Action: func(c *cli.Context) error {
 					if c.Duration("expires") < 0 {
 						return errors.New("--expires must not be negative")
+					}
+					if d := c.Duration("key-expiry"); d < 0 || d > 0 && d < time.Second {
+						return fmt.Errorf("--key-expiry %v: use a duration of 1s or more such as 720h, or 0 for the coordinator's --node-key-expiry", d)
 					}
 					var tags []string
 					for _, t := range c.StringSlice("tags") {
@@ -626,7 +639,7 @@ func tokenCmd() *cli.Command {
 					defer cancel()
 					tok, err := coordinator.NewAdminClient(c.String("data")).CreateToken(ctx, coordinator.TokenOptions{
 						Reusable: c.Bool("reusable"), Ephemeral: c.Bool("ephemeral"), Expires: c.Duration("expires"), Tags: tags,
-						Relay: c.Bool("relay"), User: c.String("user"),
+						Relay: c.Bool("relay"), User: c.String("user"), KeyExpiry: c.Duration("key-expiry"),
 					})
 					if err != nil {
 						return err

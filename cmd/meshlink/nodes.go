@@ -19,7 +19,7 @@ func nodesCmd() *cli.Command {
 	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
 	return &cli.Command{
 		Name:  "nodes",
-		Usage: "list or remove the nodes of the mesh (talks to the coordinator running with --data)",
+		Usage: "list, expire or remove the nodes of the mesh (talks to the coordinator running with --data)",
 		Flags: []cli.Flag{data, &cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")}},
 		Action: func(c *cli.Context) error {
 			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
@@ -31,6 +31,23 @@ func nodesCmd() *cli.Command {
 			return writeNodes(os.Stdout, nodes, c.Bool("json"), time.Now())
 		},
 		Subcommands: []*cli.Command{{
+			Name:      "expire",
+			Usage:     "make a node's key expire now: every peer drops it and it must join again",
+			ArgsUsage: "NAME",
+			Flags:     []cli.Flag{data},
+			Action: func(c *cli.Context) error {
+				if c.NArg() != 1 {
+					return cli.Exit("usage: meshlink nodes expire NAME --data DIR (names as `meshlink nodes` lists them)", 2)
+				}
+				ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+				defer cancel()
+				if err := coordinator.NewAdminClient(c.String("data")).ExpireNode(ctx, c.Args().First()); err != nil {
+					return err
+				}
+				fmt.Printf("node %s's key expired; its peers drop it, and it joins again with a new token and state directory\n", c.Args().First())
+				return nil
+			},
+		}, {
 			Name:      "remove",
 			Usage:     "revoke a node: every peer drops it, its open connections through the mesh close, and its secret stops working",
 			ArgsUsage: "NAME",
@@ -90,6 +107,9 @@ func writeNodes(w io.Writer, nodes []coordinator.NodeInfo, asJSON bool, now time
 		expiry := "never"
 		if n.KeyExpiry != nil {
 			expiry = n.KeyExpiry.UTC().Format(time.RFC3339)
+			if !now.Before(*n.KeyExpiry) {
+				expiry += " (expired)"
+			}
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, owner, tags, strings.Join(addrs, ","), online, seen, expiry)
 	}

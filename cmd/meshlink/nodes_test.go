@@ -21,6 +21,11 @@ func TestWriteNodes(t *testing.T) {
 		{Node: wire.Node{ID: 2, Name: "laptop", LastSeen: now.Add(-90 * time.Minute),
 			Addresses: []netip.Prefix{netip.MustParsePrefix("100.96.0.2/32")}}},
 	}
+	soon, past := now.Add(30*24*time.Hour), now.Add(-time.Minute)
+	expiring := []coordinator.NodeInfo{
+		{Node: wire.Node{ID: 3, Name: "ci", Addresses: []netip.Prefix{netip.MustParsePrefix("100.96.0.3/32")}}, KeyExpiry: &soon},
+		{Node: wire.Node{ID: 4, Name: "old", Addresses: []netip.Prefix{netip.MustParsePrefix("100.96.0.4/32")}}, KeyExpiry: &past},
+	}
 	tests := []struct {
 		name  string
 		nodes []coordinator.NodeInfo
@@ -30,6 +35,11 @@ func TestWriteNodes(t *testing.T) {
 			"NAME OWNER TAGS ADDRESSES ONLINE LAST SEEN KEY EXPIRY",
 			"db-1 alice tag:db,tag:prod 100.96.0.1,fd7a:115c:a1e0::1 yes now never",
 			"laptop - - 100.96.0.2 no 1h ago never",
+		}},
+		{"key expiry", expiring, []string{
+			"NAME OWNER TAGS ADDRESSES ONLINE LAST SEEN KEY EXPIRY",
+			"ci - - 100.96.0.3 no never 2026-05-31T12:00:00Z",
+			"old - - 100.96.0.4 no never 2026-05-01T11:59:00Z (expired)",
 		}},
 		{"none", nil, []string{"no nodes yet; join one with `meshlink token create` and `meshlink agent --join TOKEN`"}},
 	}
@@ -66,6 +76,13 @@ func TestWriteNodes(t *testing.T) {
 		}
 		if addrs, _ := got[0]["addresses"].([]any); len(addrs) != 2 || addrs[0] != "100.96.0.1/32" {
 			t.Fatalf("addresses %v", got[0]["addresses"])
+		}
+		buf.Reset()
+		if err := writeNodes(&buf, expiring, true, now); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(buf.String(), `"key_expiry": "2026-05-31T12:00:00Z"`) {
+			t.Fatalf("key_expiry not RFC 3339 in\n%s", buf.String())
 		}
 		buf.Reset()
 		if err := writeNodes(&buf, nil, true, now); err != nil || strings.TrimSpace(buf.String()) != "[]" {

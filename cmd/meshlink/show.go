@@ -117,6 +117,7 @@ func statusCmd() *cli.Command {
 				fmt.Printf("node:        %s (id %d) %s\n", s.Self.Name, s.Self.ID, strings.Join(addrs, " "))
 			}
 			fmt.Printf("key:         %s\n", s.Self.Key)
+			fmt.Printf("key expiry:  %s\n", keyExpiry(s.Self, time.Now()))
 			fmt.Printf("udp port:    %d\n", s.ListenPort)
 			if s.DNS != "" {
 				fmt.Printf("dns:         %s\n", s.DNS)
@@ -198,5 +199,21 @@ func rotateKeyCmd() *cli.Command {
 			fmt.Printf("rotated the node key; new public key %s\n", res.Key)
 			return nil
 		},
+	}
+}
+
+// keyExpiry says when the node's key expires, or that it has and what to do.
+func keyExpiry(n localapi.Node, now time.Time) string {
+	switch {
+	case n.KeyExpired:
+		at := ""
+		if !n.KeyExpiry.IsZero() {
+			at = " at " + n.KeyExpiry.UTC().Format(time.RFC3339)
+		}
+		return "EXPIRED" + at + ": the coordinator refuses this node and its peers dropped it; join again (meshlink agent --join TOKEN with a new --state, or by web login)"
+	case n.KeyExpiry.IsZero():
+		return "never"
+	default:
+		return fmt.Sprintf("%s (in %s; rotated automatically before)", n.KeyExpiry.UTC().Format(time.RFC3339), ago(n.KeyExpiry.Sub(now)))
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -146,6 +147,10 @@ func TestCoordinatorConfig(t *testing.T) {
 		{"members-can-mint-tokens flag", nil, []string{"--members-can-mint-tokens=false"}, func(c coordinator.Config) bool { return c.MembersCannotMintTokens }},
 		{"members-can-mint-tokens from environment", map[string]string{"MESHLINK_MEMBERS_CAN_MINT_TOKENS": "false"}, nil,
 			func(c coordinator.Config) bool { return c.MembersCannotMintTokens }},
+		{"node key expiry default", nil, nil, func(c coordinator.Config) bool { return c.NodeKeyExpiry == 4320*time.Hour }},
+		{"node key expiry 0 is never", nil, []string{"--node-key-expiry", "0"}, func(c coordinator.Config) bool { return c.NodeKeyExpiry < 0 }},
+		{"node key expiry from environment", map[string]string{"MESHLINK_NODE_KEY_EXPIRY": "720h"}, nil,
+			func(c coordinator.Config) bool { return c.NodeKeyExpiry == 720*time.Hour }},
 		{"oidc defaults", nil, nil, func(c coordinator.Config) bool {
 			return c.OIDCAllowedDomains == nil && c.OIDCAllowedGroups == nil && !c.OIDCNewUsersPending
 		}},
@@ -188,6 +193,7 @@ func TestCoordinatorConfigErrors(t *testing.T) {
 	}{
 		{[]string{"--oidc-new-users", "admin"}, `--oidc-new-users "admin": want member or pending`},
 		{[]string{"--oidc-allowed-domains", "a.com,@b.org"}, `--oidc-allowed-domains "@b.org": want a domain such as example.com`},
+		{[]string{"--node-key-expiry", "-1h"}, `--node-key-expiry -1h0m0s: use a duration of 1s or more such as 4320h (180 days), or 0 for keys that never expire`},
 	}
 	for _, tc := range cases {
 		cmd := coordinatorCmd()

@@ -163,6 +163,13 @@ var migrations = []string{
 		updated INTEGER NOT NULL,
 		updated_by TEXT NOT NULL DEFAULT ''
 	);`,
+	// 11: node keys expire. nodes.key_expiry is when the node's key stops
+	// being accepted (0: never), nodes.key_lifetime and tokens.key_expiry
+	// the lifetime a token set for the nodes it joins (0: the
+	// coordinator's), in nanoseconds.
+	`ALTER TABLE nodes ADD COLUMN key_expiry INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE nodes ADD COLUMN key_lifetime INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE tokens ADD COLUMN key_expiry INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Options tune an SQLite store; the zero value is the default for each.
@@ -497,9 +504,9 @@ func (s *SQLite) CreateToken(ctx context.Context, t Token) error {
 	if t.Created.IsZero() {
 		t.Created = time.Now()
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created), t.OwnerID, b2i(t.Relay))
+	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay, key_expiry)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created), t.OwnerID, b2i(t.Relay), int64(t.KeyExpiry))
 	if err != nil {
 		return fmt.Errorf("store: create token: %w", err)
 	}
@@ -533,16 +540,17 @@ func queryAll[T any](ctx context.Context, db *sql.DB, scan func(scanner) (T, err
 	return out, rows.Err()
 }
 
-const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay`
+const tokenCols = `id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay, key_expiry`
 
 func scanToken(r scanner) (Token, error) {
 	var t Token
 	var reusable, ephemeral, revoked, relay int
 	var tags string
-	var expires, created int64
-	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created, &t.OwnerID, &relay); err != nil {
+	var expires, created, keyExpiry int64
+	if err := r.Scan(&t.ID, &t.SecretHash, &reusable, &ephemeral, &tags, &expires, &t.Uses, &revoked, &created, &t.OwnerID, &relay, &keyExpiry); err != nil {
 		return t, err
 	}
+	t.KeyExpiry = time.Duration(keyExpiry)
 	t.Reusable, t.Ephemeral, t.Revoked, t.Relay = reusable != 0, ephemeral != 0, revoked != 0, relay != 0
 	t.Expires, t.Created = fromUnixNano(expires), fromUnixNano(created)
 	_ = json.Unmarshal([]byte(tags), &t.Tags)
@@ -583,18 +591,19 @@ func (s *SQLite) RevokeToken(ctx context.Context, id string) error {
 	return nil
 }
 
-const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id`
+const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id, key_expiry, key_lifetime`
 
 func scanNode(r scanner) (Node, error) {
 	var n Node
 	var id int64
 	var key, v4, v6, tags, eps string
 	var eph int
-	var created, lastSeen int64
+	var created, lastSeen, keyExpiry, keyLifetime int64
 	var port int
-	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID); err != nil {
+	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID, &keyExpiry, &keyLifetime); err != nil {
 		return n, err
 	}
+	n.KeyExpiry, n.KeyLifetime = fromUnixNano(keyExpiry), time.Duration(keyLifetime)
 	n.ID, n.Key, n.Ephemeral = wire.NodeID(id), storedKey(key), eph != 0
 	n.Created, n.LastSeen, n.ListenPort = fromUnixNano(created), fromUnixNano(lastSeen), uint16(port)
 	n.IPv4, _ = netip.ParseAddr(v4)
@@ -758,12 +767,16 @@ func (s *SQLite) RegisterNode(ctx context.Context, r Registration) (RegisterResu
 			Name: r.Name, Hostname: r.Hostname, Key: r.Key, IPv4: v4, IPv6: v6,
 			SecretHash: r.SecretHash, TokenID: tok.ID, Tags: tok.Tags, Ephemeral: tok.Ephemeral,
 			Created: r.Now, ListenPort: r.ListenPort, Endpoints: r.Endpoints, OwnerID: tok.OwnerID,
+			KeyLifetime: tok.KeyExpiry,
+		}
+		if l := KeyLifetime(r.KeyLifetime, n.KeyLifetime); l > 0 {
+			n.KeyExpiry = r.Now.Add(l)
 		}
 		var id int64
-		err = tx.QueryRowContext(ctx, `INSERT INTO nodes (name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING id`,
+		err = tx.QueryRowContext(ctx, `INSERT INTO nodes (name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id, key_expiry, key_lifetime)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?) RETURNING id`,
 			n.Name, n.Hostname, n.Key.String(), v4.String(), v6.String(), n.SecretHash, n.TokenID, jsonText(nonNil(n.Tags)),
-			b2i(n.Ephemeral), unixNano(n.Created), int(n.ListenPort), jsonText(n.Endpoints), n.OwnerID).Scan(&id)
+			b2i(n.Ephemeral), unixNano(n.Created), int(n.ListenPort), jsonText(n.Endpoints), n.OwnerID, unixNano(n.KeyExpiry), int64(n.KeyLifetime)).Scan(&id)
 		if err != nil {
 			return err
 		}
@@ -830,6 +843,36 @@ func (s *SQLite) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Pu
 		// wg_key is the only UNIQUE column this sets.
 		return fmt.Errorf("store: update node %d: %w", id, ErrKeyInUse)
 	}
+	if err != nil {
+		return fmt.Errorf("store: update node %d: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("node %d: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// UpdateNodeKey implements Store.
+func (s *SQLite) UpdateNodeKey(ctx context.Context, id wire.NodeID, k key.Public, expiry time.Time) error {
+	if k.IsZero() {
+		return fmt.Errorf("store: update node %d: no key", id)
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET wg_key = ?, key_expiry = ? WHERE id = ?`, k.String(), unixNano(expiry), int64(id))
+	if isUniqueViolation(err) {
+		return fmt.Errorf("store: update node %d: %w", id, ErrKeyInUse)
+	}
+	if err != nil {
+		return fmt.Errorf("store: update node %d: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("node %d: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// SetNodeKeyExpiry implements Store.
+func (s *SQLite) SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry time.Time) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET key_expiry = ? WHERE id = ?`, unixNano(expiry), int64(id))
 	if err != nil {
 		return fmt.Errorf("store: update node %d: %w", id, err)
 	}

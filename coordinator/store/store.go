@@ -71,6 +71,9 @@ type Token struct {
 	OwnerID int64
 	// Relay marks a token that registers a standalone relay, not a node.
 	Relay bool
+	// KeyExpiry is the key lifetime of the nodes the token joins, when
+	// shorter than the coordinator's (KeyLifetime); 0: the coordinator's.
+	KeyExpiry time.Duration
 }
 
 // Check validates t for a new registration at now with the given secret.
@@ -109,6 +112,31 @@ type Node struct {
 	// OwnerID is the user the node belongs to: the owner of the token that
 	// created it, or the person who approved it. 0: admins only.
 	OwnerID int64
+	// KeyExpiry is when the node's key stops being accepted; zero: never.
+	// Registration and every rekey set it to now plus the node's lifetime
+	// (KeyLifetime).
+	KeyExpiry time.Time
+	// KeyLifetime is the key lifetime the node's token set (0: the
+	// coordinator's); the coordinator's caps it.
+	KeyLifetime time.Duration
+}
+
+// KeyExpired reports whether n's key has expired at now.
+func (n Node) KeyExpired(now time.Time) bool {
+	return !n.KeyExpiry.IsZero() && !now.Before(n.KeyExpiry)
+}
+
+// KeyLifetime is the lifetime of a node's key: the coordinator's
+// (0: never) capped by the node's own from its token (0: none); 0 is never.
+func KeyLifetime(coordinator, node time.Duration) time.Duration {
+	switch {
+	case node <= 0:
+		return max(coordinator, 0)
+	case coordinator <= 0:
+		return node
+	default:
+		return min(coordinator, node)
+	}
 }
 
 // Service is a named service. Its row and VIP outlive its providers for a
@@ -160,6 +188,9 @@ type Registration struct {
 	// Approval, when set, replaces the token: a logged-in person approved
 	// the node interactively. TokenID and TokenSecret are ignored.
 	Approval *Approval
+	// KeyLifetime is the coordinator's key lifetime (0: never): a new
+	// node's key expires at Now plus it, or plus its token's shorter one.
+	KeyLifetime time.Duration
 	// KeyProven says the registrant proved it holds Key's private key.
 	// Renewing an existing node (same name and key) needs it: the public
 	// key is in every network map, so by itself it proves nothing.
@@ -237,6 +268,7 @@ const (
 	EventPolicy          EventKind = "policy"        // a person set the access policy
 	EventTokenRefused    EventKind = "token_refused" // a token with tags its minter may not give
 	EventDenied          EventKind = "denied"        // a provider refused connections by policy (coalesced per minute)
+	EventKeyExpired      EventKind = "key_expired"   // a node's key expired (or an admin expired it): its peers dropped it
 )
 
 // StoredPolicy is the access policy's text as set, with when and by whom.
@@ -366,6 +398,11 @@ type Store interface {
 	// UpdateNodeNetwork sets key (if non-empty), listen port and endpoints;
 	// a key another node holds is ErrKeyInUse.
 	UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error
+	// UpdateNodeKey sets the node's key and its expiry (zero: never) at
+	// once, for a rotation; a key another node holds is ErrKeyInUse.
+	UpdateNodeKey(ctx context.Context, id wire.NodeID, k key.Public, expiry time.Time) error
+	// SetNodeKeyExpiry sets when the node's key expires (zero: never).
+	SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry time.Time) error
 	SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error
 	// DeleteNode removes the node and its providers, leaving a tombstone so
 	// that its later calls can be told it was removed; the tombstone holds

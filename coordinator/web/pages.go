@@ -217,6 +217,14 @@ func (c *Console) serveMintToken(w http.ResponseWriter, r *http.Request, v *view
 		}
 		o.Expires = d
 	}
+	if e := strings.TrimSpace(r.PostFormValue("key_expiry")); e != "" {
+		d, err := time.ParseDuration(e)
+		if err != nil || d < time.Second {
+			fail("Node key expiry must be a duration such as 24h or 720h, or empty for the coordinator's.")
+			return
+		}
+		o.KeyExpiry = d
+	}
 	for _, t := range strings.FieldsFunc(r.PostFormValue("tags"), func(r rune) bool { return r == ',' || r == ' ' }) {
 		o.Tags = append(o.Tags, t)
 	}

@@ -42,6 +42,10 @@ type ViewNode struct {
 	OwnerID   int64       `json:"owner_id"`
 	Tags      []string    `json:"tags"`
 	Ephemeral bool        `json:"ephemeral"`
+	// KeyExpiry is when the node's key expires (zero: never); KeyExpired
+	// says it has.
+	KeyExpiry  time.Time `json:"key_expiry"`
+	KeyExpired bool      `json:"key_expired"`
 	// Paths are the links to peers as this node last reported them.
 	Paths   []ViewPath `json:"paths"`
 	StatsAt time.Time  `json:"stats_at,omitempty"`
@@ -207,7 +211,8 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		}
 		vn := ViewNode{ID: n.ID, Name: n.Name, Hostname: n.Hostname, KeyFP: n.Key.Fingerprint(), Online: n.Online,
 			Addresses: []string{}, Endpoints: []string{}, LastSeen: n.LastSeen, OwnerID: owner[n.ID], Owner: userName[owner[n.ID]],
-			Tags: append([]string{}, n.Tags...), Ephemeral: n.Ephemeral, Paths: []ViewPath{}}
+			Tags: append([]string{}, n.Tags...), Ephemeral: n.Ephemeral, Paths: []ViewPath{},
+			KeyExpiry: n.KeyExpiry, KeyExpired: n.KeyExpired(time.Now())}
 		for _, a := range n.Addresses {
 			vn.Addresses = append(vn.Addresses, a.Addr().String())
 		}

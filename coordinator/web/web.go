@@ -42,6 +42,9 @@ type TokenRequest struct {
 	Ephemeral bool
 	Expires   time.Duration // 0: never
 	Tags      []string
+	// KeyExpiry is the key lifetime of the nodes the token joins; 0 is
+	// the coordinator's (which caps a longer one).
+	KeyExpiry time.Duration
 }
 
 // Mesh is what the console needs from the coordinator.

@@ -60,10 +60,11 @@
           p.relay ? [" ", muted("via"), " ", el("span", { class: "via" }, p.relay)] : null,
           p.rtt_us ? [" ", muted(p.rtt_us + " µs")] : null)) : muted("no report yet")),
         el("td", { class: "small" }, n.online ? "now" : ago(n.last_seen)),
+        el("td", { class: "small" }, n.key_expired ? [pill("off", "expired"), " "] : null, when(n.key_expiry)),
         el("td", null, n.owner || muted("—")),
         el("td", { class: "small" }, n.tags.map((t) => [el("span", { class: "tag" }, t), " "])),
         el("td", null, postButton("/console/nodes/" + n.id + "/remove", "Remove", "Remove " + n.name + " from the mesh?")),
-      )), 9, "No sites yet. Mint a join token on the Tokens page and start meshlink agent with it.");
+      )), 10, "No sites yet. Mint a join token on the Tokens page and start meshlink agent with it.");
       const none = () => el("td", { class: "muted", title: "a standalone relay keeps its own counters" }, "—");
       fill("relays", (s.relays || []).map((r) => el("tr", { "data-relay": r.name },
         el("td", null, el("strong", null, r.name), " ", r.embedded ? pill("ok", "embedded") : pill("", "standalone")),
