@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"time"
@@ -53,6 +54,9 @@ type denialEvents struct {
 type denialNames struct {
 	provider, source string
 	owner            int64 // the provider's owner
+	// rule says which rule of the policy in force decides, as
+	// policyVerdict words it.
+	rule string
 }
 
 // add folds one checked denial into the table at now and returns the
@@ -100,7 +104,7 @@ func (st *denialState) takeLocked(p denialPair, now time.Time) store.Event {
 		what = "connection"
 	}
 	ev := store.Event{Kind: store.EventDenied, Actor: "node " + n.provider, Node: n.source, OwnerID: n.owner,
-		Message: fmt.Sprintf("%s refused %d %s from %s to %s: the policy does not allow %s to reach it", n.provider, st.pending, what, n.source, p.service, n.source)}
+		Message: fmt.Sprintf("%s refused %d %s from %s to %s: %s", n.provider, st.pending, what, n.source, p.service, n.rule)}
 	st.evented, st.pending = now, 0
 	return ev
 }
@@ -150,6 +154,7 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 		}
 	}
 	now := time.Now()
+	verdict := s.policyVerdicts()
 	seen := map[denialPair]bool{}
 	var dropped int
 	var why string
@@ -180,7 +185,7 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 			continue
 		}
 		seen[p] = true
-		names := denialNames{provider: node.Name, source: snap.nodes[i].Name, owner: node.OwnerID}
+		names := denialNames{provider: node.Name, source: snap.nodes[i].Name, owner: node.OwnerID, rule: verdict(snap.nodes[i].Name, dn.Service)}
 		ev, record, full, n := s.denials.add(p, dn, names, now)
 		if full {
 			drop(fmt.Sprintf("more than %d pairs of provider, service and source are tracked", maxDenialPairs))
@@ -202,5 +207,36 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 func (s *Server) flushDenials() {
 	for _, e := range s.denials.flush(time.Now()) {
 		s.console.Record(e)
+	}
+}
+
+// policyVerdicts returns a function that says, in words for the event
+// log, which rule of the policy in force denies node the service; the
+// mesh is read once, lazily, for all the calls.
+func (s *Server) policyVerdicts() func(node, service string) string {
+	var dir *directory
+	var derr error
+	return func(node, service string) string {
+		if dir == nil && derr == nil {
+			ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+			dir, derr = s.directory(ctx)
+			cancel()
+		}
+		if derr != nil {
+			return "the policy does not allow it"
+		}
+		dir.pol = s.currentPolicy().p
+		pr, err := dir.Principal("node:" + node)
+		if err != nil {
+			return "the policy does not allow it"
+		}
+		d := dir.pol.Decide(pr, service, dir.ServiceOwner(service))
+		switch {
+		case d.Allow:
+			return "the policy in force allows it (the provider still had an older map)"
+		case d.Rule >= 0:
+			return fmt.Sprintf("denied by rule %d (line %d) of the policy: %s", d.Rule+1, d.Line, d.Why)
+		}
+		return d.Why
 	}
 }

@@ -108,6 +108,10 @@ func TestStatsDenials(t *testing.T) {
 	})
 
 	t.Run("one event per pair and minute, with the count", func(t *testing.T) {
+		// The event names what in the policy denies it.
+		if _, err := s.SetPolicy(context.Background(), "p.yaml", "rules:\n  - from: [node:prov]\n    to: [\"*\"]\n", "test"); err != nil {
+			t.Fatal(err)
+		}
 		valid := wire.Denial{Service: "db", Node: rc.Node.ID, Count: 5, First: first, Last: first}
 		for range 3 { // the agent reports the same totals again and again
 			if st, body := report(valid); st != 200 {
@@ -115,7 +119,7 @@ func TestStatsDenials(t *testing.T) {
 			}
 		}
 		evs := deniedEvents(t, s)
-		if len(evs) != 1 || evs[0].Message != "prov refused 5 connections from cons to db: the policy does not allow cons to reach it" ||
+		if len(evs) != 1 || evs[0].Message != "prov refused 5 connections from cons to db: no rule lets node:cons (user:admin) reach db: denied by default" ||
 			evs[0].Node != "cons" || evs[0].Actor != "node prov" {
 			t.Fatalf("events %+v; want one for the 5 denials", evs)
 		}
