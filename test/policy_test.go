@@ -181,3 +181,50 @@ func providerPort(t *testing.T, m *harness.Mesh, name string) uint16 {
 	t.Fatalf("no provider of %s", name)
 	return 0
 }
+
+// TestPolicyTagsAndRotation: a node joined with a tagged token is selected
+// by its tag, not by the member who minted the token; the member's own
+// untagged node is not; the tagged node keeps its access across a key
+// rotation (the policy names nodes, providers check keys).
+func TestPolicyTagsAndRotation(t *testing.T) {
+	m := harness.NewMesh(t)
+	ctx := context.Background()
+	alice, err := m.Coord.Store().CreateUser(ctx, store.User{Username: "alice", PasswordHash: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol := "tagOwners:\n  ci: [user:alice]\nrules:\n  - from: [tag:ci]\n    to: [web]\n"
+	if _, err := m.Coord.SetPolicy(ctx, "policy.yaml", pol, "test"); err != nil {
+		t.Fatal(err)
+	}
+	web := startStreamServer(t)
+	m.AddAgent("site", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.ln.Addr().String()}}})
+	runner := m.AddAgent("ci-runner", harness.AgentOptions{Token: m.TokenWith(coordinator.TokenOptions{Owner: alice.ID, Tags: []string{"tag:ci"}, Expires: time.Hour})})
+	laptop := m.AddAgent("alice-laptop", harness.AgentOptions{Token: m.TokenWith(coordinator.TokenOptions{Owner: alice.ID, Expires: time.Hour})})
+
+	dial := func() {
+		t.Helper()
+		s := waitProviders(t, runner, "web", 1)
+		c, greeting, err := dialGreeting(s.Local.String())
+		if err != nil || greeting != "hello" {
+			t.Fatalf("the tagged runner → web: %q %v", greeting, err)
+		}
+		echoIntact(t, c, 16<<10)
+		c.Close()
+	}
+	dial()
+	tstest.WaitFor(t, 5*time.Second, "alice's laptop to have its map", func() bool { return laptop.Status().Coordinator.Connected })
+	if _, ok := serviceOf(laptop, "web"); ok {
+		t.Error("alice's untagged laptop lists web; only tag:ci may reach it")
+	}
+	if ex, err := m.Coord.Explain(ctx, "alice-laptop", "web"); err != nil || ex.Allow {
+		t.Errorf("explain alice-laptop → web: %+v %v", ex, err)
+	}
+
+	old := runner.Status().Self.Key
+	if _, err := runner.RotateKey(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tstest.WaitFor(t, 10*time.Second, "the runner's new key", func() bool { return runner.Status().Self.Key != old })
+	dial()
+}
