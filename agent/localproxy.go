@@ -10,6 +10,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent/localproxy"
 	"github.com/meshlink/meshlink/agent/proxy"
+	"github.com/meshlink/meshlink/wire"
 )
 
 func (a *Agent) startLocalProxy() error {
@@ -92,4 +93,47 @@ func (m agentMesh) DialNode(ctx context.Context, name string, port uint16) (net.
 		return nil, fmt.Errorf("%w: node %q", localproxy.ErrUnknownName, name)
 	}
 	return m.a.stack.DialTCP(ctx, netip.AddrPortFrom(ip, port))
+}
+
+// DialAddr dials a mesh address: a peer's mesh IP through the netstack
+// (the peer's provider decides what it accepts), this node's own on
+// loopback, a service VIP through the consumer like its name. Other
+// addresses in the mesh's prefixes are unknown names; the rest is not the
+// mesh's.
+func (m agentMesh) DialAddr(ctx context.Context, addr netip.AddrPort) (net.Conn, bool, error) {
+	ip := addr.Addr()
+	m.a.mu.Lock()
+	var self, peer bool
+	var service string
+	for _, p := range m.a.nm.Self.Addresses {
+		self = self || p.Addr() == ip
+	}
+	for i := range m.a.nm.Peers {
+		if p := &m.a.nm.Peers[i]; !p.Key.IsZero() {
+			for _, pfx := range p.Addresses {
+				peer = peer || pfx.Addr() == ip
+			}
+		}
+	}
+	for _, sv := range m.a.nm.Services {
+		if sv.VIP == ip {
+			service = sv.Name
+		}
+	}
+	m.a.mu.Unlock()
+	switch {
+	case self:
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), addr.Port()).String())
+		return c, true, err
+	case peer:
+		c, err := m.a.stack.DialTCP(ctx, addr)
+		return c, true, err
+	case service != "":
+		c, err := m.DialService(ctx, service)
+		return c, true, err
+	case wire.NodePrefix4.Contains(ip) || wire.NodePrefix6.Contains(ip) || wire.ServicePrefix.Contains(ip):
+		return nil, true, fmt.Errorf("%w: %s is no node or service this site may reach", localproxy.ErrUnknownName, ip)
+	}
+	return nil, false, nil
 }

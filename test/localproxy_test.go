@@ -76,6 +76,14 @@ func TestLocalProxies(t *testing.T) {
 			if err != nil || code != 200 || !bytes.Equal(got, body) {
 				t.Fatalf("GET %s through %s: %d, %d bytes, %v; want 200 and B's %d bytes intact", u, tc.name, code, len(got), err, len(body))
 			}
+			// So does its mesh IP, and the service's VIP.
+			for _, host := range []string{meshIP(t, a, "site-b") + ":" + port, waitProviders(t, a, "web", 1).VIP.String() + ":8000"} {
+				u := "http://" + host + "/"
+				code, got, err = get(tc.tr, u)
+				if err != nil || code != 200 || !bytes.Equal(got, body) {
+					t.Fatalf("GET %s through %s: %d, %d bytes, %v; want 200 and B's %d bytes intact", u, tc.name, code, len(got), err, len(body))
+				}
+			}
 		})
 	}
 
@@ -90,6 +98,9 @@ func TestLocalProxies(t *testing.T) {
 		if _, err := d.Dial("tcp", "nope.mesh.internal:80"); err == nil || !isSOCKSReply(err, "host unreachable") {
 			t.Errorf("SOCKS5, unknown mesh name: %v, want reply 0x04 (host unreachable)", err)
 		}
+		if _, err := d.Dial("tcp", "100.96.3.3:80"); err == nil || !isSOCKSReply(err, "host unreachable") {
+			t.Errorf("SOCKS5, a mesh address of no node: %v, want reply 0x04 (host unreachable)", err)
+		}
 		if code, _, err := get(viaHTTP, "http://nope.mesh.internal/"); err != nil || code != http.StatusBadGateway {
 			t.Errorf("HTTP proxy, unknown mesh name: %d %v, want 502", code, err)
 		}
@@ -100,4 +111,20 @@ func TestLocalProxies(t *testing.T) {
 func isSOCKSReply(err error, msg string) bool {
 	var oe *net.OpError
 	return errors.As(err, &oe) && bytes.Contains([]byte(fmt.Sprint(oe.Err)), []byte(msg))
+}
+
+// meshIP is the IPv4 mesh address of the peer called name in a's status.
+func meshIP(t *testing.T, a *agent.Agent, name string) string {
+	t.Helper()
+	for _, p := range a.Status().Peers {
+		if p.Name == name {
+			for _, pfx := range p.Addresses {
+				if pfx.Addr().Is4() {
+					return pfx.Addr().String()
+				}
+			}
+		}
+	}
+	t.Fatalf("no peer %s in %+v", name, a.Status().Peers)
+	return ""
 }

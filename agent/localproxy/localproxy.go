@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/http"
 	"strconv"
 	"strings"
@@ -40,6 +41,10 @@ type Mesh interface {
 	DialService(ctx context.Context, name string) (net.Conn, error)
 	// DialNode connects to port on the node's mesh address.
 	DialNode(ctx context.Context, name string, port uint16) (net.Conn, error)
+	// DialAddr connects to a mesh address (a node's IP, or a service's
+	// VIP) through the mesh; ok is false when addr is no mesh address
+	// (the caller then dials it directly, unless MeshOnly).
+	DialAddr(ctx context.Context, addr netip.AddrPort) (c net.Conn, ok bool, err error)
 }
 
 // Defaults for Config fields left zero.
@@ -197,6 +202,12 @@ func (s *Server) untrack(c net.Conn) {
 // the mesh, anything else directly unless MeshOnly. A service name ignores
 // port: the service's own port is used.
 func (s *Server) Dial(ctx context.Context, host string, port uint16) (net.Conn, error) {
+	if ip, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
+		c, ok, err := s.cfg.Mesh.DialAddr(ctx, netip.AddrPortFrom(ip.Unmap().WithZone(""), port))
+		if ok {
+			return c, err
+		}
+	}
 	kind, name := classify(host, s.cfg.Mesh.Domain())
 	switch kind {
 	case nameService:

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -31,6 +32,15 @@ func (m fakeMesh) DialService(ctx context.Context, name string) (net.Conn, error
 	}
 	var d net.Dialer
 	return d.DialContext(ctx, "tcp", m.target)
+}
+
+// DialAddr: 100.96.0.2 is node b.
+func (m fakeMesh) DialAddr(ctx context.Context, addr netip.AddrPort) (net.Conn, bool, error) {
+	if addr.Addr() != netip.MustParseAddr("100.96.0.2") {
+		return nil, false, nil
+	}
+	c, err := m.DialNode(ctx, "b", addr.Port())
+	return c, true, err
 }
 
 func (m fakeMesh) DialNode(ctx context.Context, name string, port uint16) (net.Conn, error) {
