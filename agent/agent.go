@@ -380,10 +380,6 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.state.saveJSON(fileServices, a.runtimeExports(a.exports)); err != nil {
 		return err
 	}
-	a.api, err = startAPI(a, a.state.path(fileAPI))
-	if err != nil {
-		return err
-	}
 	var addrs []netip.Addr
 	for _, p := range a.nm.Self.Addresses {
 		addrs = append(addrs, p.Addr())
@@ -395,6 +391,12 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied})
 	a.stack.SetTCPHandler(a.provider.HandleTCP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
+	// The local API after what its handlers read (status while joining
+	// works: the join comes later).
+	a.api, err = startAPI(a, a.state.path(fileAPI))
+	if err != nil {
+		return err
+	}
 
 	if err := a.startWireGuard(); err != nil {
 		return err

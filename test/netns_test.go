@@ -163,12 +163,21 @@ func TestNetnsHTTPByName(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		var st localapi.Status
+		// `status --json` as scripts read it.
+		var st struct {
+			Peers []struct {
+				Name          string  `json:"name"`
+				Path          string  `json:"path"`
+				Endpoint      *string `json:"endpoint"`
+				ReceivedBytes uint64  `json:"received_bytes"`
+			} `json:"peers"`
+		}
 		if err := json.Unmarshal(out, &st); err != nil {
 			return err
 		}
-		if len(st.Peers) != 1 || st.Peers[0].Name != "siteb" || st.Peers[0].RxBytes == 0 || !strings.HasPrefix(st.Peers[0].Endpoint, "10.77.0.3:") {
-			return fmt.Errorf("site A's peers: %+v", st.Peers)
+		if len(st.Peers) != 1 || st.Peers[0].Name != "siteb" || st.Peers[0].ReceivedBytes == 0 || st.Peers[0].Path != "direct" ||
+			st.Peers[0].Endpoint == nil || !strings.HasPrefix(*st.Peers[0].Endpoint, "10.77.0.3:") {
+			return fmt.Errorf("site A's peers: %s", out)
 		}
 		return nil
 	})

@@ -66,10 +66,20 @@ func revokeSetup(t *testing.T) (m *harness.Mesh, a, b *agent.Agent, srv *streamS
 	b = m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "stream", Target: srv.ln.Addr().String()}}})
 	a = m.AddAgent("site-a", harness.AgentOptions{})
 	svc := waitProviders(t, a, "stream", 1)
-	conn, greeting, err := dialGreeting(svc.Local.String())
-	if err != nil || greeting != "hello" {
-		t.Fatalf("connect through the mesh: %q %v", greeting, err)
-	}
+	// The first connection may race the first WireGuard handshake on a
+	// loaded machine (the harness's dial timeout is 1 s): retry it.
+	tstest.WaitForNil(t, 15*time.Second, "a first connection through the mesh", func() error {
+		c, greeting, err := dialGreeting(svc.Local.String())
+		if err != nil {
+			return err
+		}
+		if greeting != "hello" {
+			c.Close()
+			return fmt.Errorf("greeting %q", greeting)
+		}
+		conn = c
+		return nil
+	})
 	t.Cleanup(func() { conn.Close() })
 	echoIntact(t, conn, 64<<10)
 	return m, a, b, srv, conn, svc.Local.String()
