@@ -228,3 +228,31 @@ func TestPolicyTagsAndRotation(t *testing.T) {
 	tstest.WaitFor(t, 10*time.Second, "the runner's new key", func() bool { return runner.Status().Self.Key != old })
 	dial()
 }
+
+// TestPortChangeReachesConsumers: the provider re-exposes its service on
+// another --port; the consumer's local listener moves to it and carries
+// bytes there.
+func TestPortChangeReachesConsumers(t *testing.T) {
+	m := harness.NewMesh(t)
+	web := startStreamServer(t)
+	b := m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.ln.Addr().String(), Port: 8000}}})
+	a := m.AddAgent("site-a", harness.AgentOptions{})
+	if s := waitProviders(t, a, "web", 1); s.Local.Port() != 8000 {
+		t.Fatalf("web at site A on %v, want port 8000", s.Local)
+	}
+	if _, _, err := b.Expose(context.Background(), agent.Export{Name: "web", Target: web.ln.Addr().String(), Port: 9000}); err != nil {
+		t.Fatal(err)
+	}
+	var local string
+	tstest.WaitFor(t, 10*time.Second, "site A to serve web on port 9000", func() bool {
+		s, ok := serviceOf(a, "web")
+		local = s.Local.String()
+		return ok && s.Listening && s.Local.Port() == 9000
+	})
+	c, greeting, err := dialGreeting(local)
+	if err != nil || greeting != "hello" {
+		t.Fatalf("web on its new port: %q %v", greeting, err)
+	}
+	echoIntact(t, c, 16<<10)
+	c.Close()
+}
