@@ -121,6 +121,9 @@ func TestExitCodes(t *testing.T) {
 		{"bad agent flag", []string{"agent", "--state", nowhere, "--proxy-range", "nope"}, 2, `--proxy-range "nope"`},
 		{"no agent", []string{"status", "--state", nowhere}, 1, "meshlink: no agent is running with --state " + nowhere},
 		{"no coordinator", []string{"nodes", "--data", nowhere}, 1, "meshlink: "},
+		{"policy explain without --to", []string{"policy", "explain", "--from", "x"}, 2, "meshlink: usage: meshlink policy explain --from NODE|user:NAME --to SERVICE --data DIR"},
+		{"policy set without a file", []string{"policy", "set"}, 2, "meshlink: usage: meshlink policy set FILE --data DIR"},
+		{"policy check of a missing file", []string{"policy", "check", nowhere}, 1, "meshlink: read the policy: open " + nowhere},
 		{"version", []string{"version"}, 0, ""},
 	}
 	for _, tc := range cases {

@@ -86,11 +86,14 @@ func policyCmd() *cli.Command {
 			Name:  "explain",
 			Usage: "say whether a node or user may reach a service, and which rule decides",
 			Flags: []cli.Flag{data,
-				&cli.StringFlag{Name: "from", Required: true, Usage: "a node name, or user:NAME, tag:NAME, node:NAME", EnvVars: env("POLICY_FROM")},
-				&cli.StringFlag{Name: "to", Required: true, Usage: "a service name", EnvVars: env("POLICY_TO")},
+				&cli.StringFlag{Name: "from", Usage: "a node name, or user:NAME, tag:NAME, node:NAME", EnvVars: env("POLICY_FROM")},
+				&cli.StringFlag{Name: "to", Usage: "a service name", EnvVars: env("POLICY_TO")},
 				&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
 			},
 			Action: func(c *cli.Context) error {
+				if c.String("from") == "" || c.String("to") == "" || c.NArg() > 0 {
+					return cli.Exit("usage: meshlink policy explain --from NODE|user:NAME --to SERVICE --data DIR", 2)
+				}
 				ac, ctx, cancel := admin(c)
 				defer cancel()
 				ex, err := ac.ExplainPolicy(ctx, c.String("from"), c.String("to"))
