@@ -32,24 +32,6 @@ func (d nsDialer) Dial(network, addr string) (net.Conn, error) {
 	return d.h.Dial(context.Background(), network, addr)
 }
 
-// greetEcho serves ln: a greeting line, then an echo.
-func greetEcho(t *testing.T, ln net.Listener, greeting string) {
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintln(c, greeting)
-				io.Copy(c, c)
-			}()
-		}
-	}()
-}
-
 // TestNetnsPolicy: real processes in namespaces, the policy set with the
 // CLI. A member's site that the policy does not let reach web gets
 // NXDOMAIN for it, and a connection it makes around its map (SOCKS5 to
@@ -115,7 +97,7 @@ func TestNetnsPolicy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		greetEcho(t, ln, greeting)
+		serveStream(t, ln, greeting)
 	}
 	startProc(t, siteB, "agent-b", bin, "agent", "--join", tokenB, "--name", "siteb", "--state", filepath.Join(dir, "b"),
 		"--dns", "off", "--expose", "web=127.0.0.1:8000,pub=127.0.0.1:8001", "--metrics", "127.0.0.1:9091")

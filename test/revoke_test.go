@@ -35,6 +35,12 @@ func startStreamServer(t *testing.T) *streamServer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveStream(t, ln, "hello")
+}
+
+// serveStream is startStreamServer on ln (a listener in a namespace, say)
+// with another greeting.
+func serveStream(t *testing.T, ln net.Listener, greeting string) *streamServer {
 	s := &streamServer{ln: ln, ended: make(chan struct{}, 16)}
 	s.wg.Add(1)
 	go func() {
@@ -48,7 +54,7 @@ func startStreamServer(t *testing.T) *streamServer {
 			go func() {
 				defer s.wg.Done()
 				defer c.Close()
-				fmt.Fprintln(c, "hello")
+				fmt.Fprintln(c, greeting)
 				io.Copy(c, c)
 				s.ended <- struct{}{}
 			}()
