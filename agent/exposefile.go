@@ -39,11 +39,11 @@ type exposeEntry struct {
 // ParseExposeFile decodes an expose file: a YAML list of services, each
 // with name and target (HOST:PORT) and optionally port, as in
 //
-//	- name: db
-//	  target: 10.1.2.3:5432
-//	- name: legacy-web
-//	  target: 10.1.2.9:80
-//	  port: 8080
+//   - name: db
+//     target: 10.1.2.3:5432
+//   - name: legacy-web
+//     target: 10.1.2.9:80
+//     port: 8080
 //
 // Decoding is strict: an unknown or repeated key, a duplicate name or port,
 // or a bad target is an error that names the entry. An empty file or an
