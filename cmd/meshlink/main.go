@@ -154,6 +154,7 @@ func newApp() *cli.App {
 			rotateKeyCmd(),
 			leaveCmd(),
 			versionCmd(),
+			healthcheckCmd(),
 			completionCmd(),
 			docsCmd(),
 		},
