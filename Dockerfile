@@ -3,7 +3,7 @@
 #   make image                      (docker or podman; stamps version and commit)
 #   docker build --build-arg VERSION=$(git describe --tags --always) \
 #                --build-arg COMMIT=$(git rev-parse HEAD) -t meshlink .
-# Running it: docs/container.md.
+# Running it: docs/deploy.md.
 
 ARG GO_IMAGE=golang:1.26
 FROM ${GO_IMAGE} AS build
