@@ -1,16 +1,50 @@
 # syntax=docker/dockerfile:1
-# Builds meshlink as one static binary and ships it alone.
+# meshlink as one static binary in a distroless image, running as non-root.
+#   make image                      (docker or podman; stamps version and commit)
+#   docker build --build-arg VERSION=$(git describe --tags --always) \
+#                --build-arg COMMIT=$(git rev-parse HEAD) -t meshlink .
+# Running it: docs/deploy.md.
 
-FROM golang:1.26 AS build
+ARG GO_IMAGE=golang:1.26
+FROM ${GO_IMAGE} AS build
+# The toolchain the Makefile pins; the go command fetches it if the image's
+# Go is another 1.26 release.
+ARG GOTOOLCHAIN=go1.26.10
+ENV GOTOOLCHAIN=${GOTOOLCHAIN} CGO_ENABLED=0 GOOS=linux
 WORKDIR /src
 # Modules first, so that the download layer is cached across source changes.
 COPY go.mod go.sum ./
 RUN go mod download
+# .dockerignore keeps .git, bin/, state directories and keys out of this.
 COPY . .
-RUN CGO_ENABLED=0 GOOS=linux go build -trimpath -ldflags='-s -w' -o /out/meshlink ./cmd/meshlink
+ARG VERSION=dev
+ARG COMMIT=unknown
+RUN go build -trimpath -ldflags="-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/meshlink ./cmd/meshlink \
+	&& /out/meshlink version \
+	&& mkdir -p /out/state/coordinator /out/state/agent
 
 # distroless/static: no shell or libc, but CA certificates (for the
 # coordinator's OIDC provider), /etc/passwd and tzdata, which scratch lacks.
 FROM gcr.io/distroless/static-debian12:nonroot
+ARG VERSION=dev
+LABEL org.opencontainers.image.title="meshlink" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="https://github.com/meshlink/meshlink"
 COPY --from=build /out/meshlink /meshlink
+# State lives on the volume, so a recreated container is the same node (an
+# agent) or the same mesh (a coordinator): no name_in_use at the next start.
+COPY --from=build --chown=65532:65532 /out/state /var/lib/meshlink
+ENV MESHLINK_DATA=/var/lib/meshlink/coordinator \
+    MESHLINK_STATE=/var/lib/meshlink/agent
+VOLUME ["/var/lib/meshlink"]
+USER 65532:65532
+# The coordinator: HTTPS (API, console, embedded relay) and STUN on the
+# same port number over UDP; Prometheus metrics with --metrics-listen
+# 0.0.0.0:9090. It listens on loopback unless told --listen 0.0.0.0:8443.
+EXPOSE 8443/tcp 8443/udp 9090/tcp
+# The coordinator's /healthz by default; an agent container sets
+# MESHLINK_HEALTHCHECK_URL=http://127.0.0.1:9099/healthz with
+# MESHLINK_HEALTH_LISTEN=127.0.0.1:9099.
+HEALTHCHECK --interval=30s --timeout=6s --start-period=10s --retries=3 CMD ["/meshlink", "healthcheck"]
 ENTRYPOINT ["/meshlink"]
+CMD ["--help"]

@@ -5,8 +5,15 @@
 ifeq ($(origin GO),undefined)
 GO := $(or $(shell command -v go 2>/dev/null),$(wildcard /usr/local/go/bin/go),go)
 endif
-# make install puts bin/meshlink in $(DESTDIR)$(PREFIX)/bin.
+# make install puts bin/meshlink in $(DESTDIR)$(PREFIX)/bin, the man pages,
+# the shell completions and the systemd units under it.
 PREFIX    ?= /usr/local
+MANDIR    ?= $(PREFIX)/share/man
+UNITDIR   ?= $(PREFIX)/lib/systemd/system
+# make image: the tag, and the container engine (docker, else podman).
+IMAGE     ?= meshlink:$(VERSION)
+ENGINE    ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+GOARCH_   := $(shell $(GO) env GOARCH 2>/dev/null || echo amd64)
 BIN       ?= bin/meshlink
 FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
@@ -41,13 +48,15 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS  = -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: all help build install test race bench demo fuzz lint vuln clean docs
+.PHONY: all help build install image tarball test race bench demo fuzz lint vuln clean docs
 
 all: build
 
 help:
 	@echo "make build   bin/meshlink and bin/hello (static)"
-	@echo "make install bin/meshlink to $(DESTDIR)$(PREFIX)/bin (builds it first if missing)"
+	@echo "make install bin/meshlink, man pages, completions, systemd units under $(DESTDIR)$(PREFIX)"
+	@echo "make image   the container image $(IMAGE) with docker or podman"
+	@echo "make tarball dist/meshlink-VERSION-linux-ARCH.tar.gz and its SHA256SUMS"
 	@echo "make test    go vet + every test (the network-namespace tests need root)"
 	@echo "make race    go test -race on the packages that don't drive gVisor (RACE_PKGS)"
 	@echo "make lint    gofmt, go vet, go mod tidy -diff"
@@ -64,11 +73,44 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/hello ./examples/hello
 
 # Builds only when bin/meshlink is missing, so that `make build && sudo
-# make install` does not build again as root.
+# make install` does not build again as root. The man pages are the
+# checked-in docs/man (make docs writes them); the completions come from
+# the binary; the units' ExecStart is pointed at $(PREFIX)/bin.
 install:
 	@[ -x $(BIN) ] || $(MAKE) build
-	install -d $(DESTDIR)$(PREFIX)/bin
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions \
+		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/meshlink
+	install -m 0644 docs/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	$(BIN) completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/meshlink
+	$(BIN) completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_meshlink
+	$(BIN) completion fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/meshlink.fish
+	for u in deploy/systemd/*.service; do \
+		sed 's|/usr/local/bin/meshlink|$(PREFIX)/bin/meshlink|' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
+	done
+
+# The container image (Dockerfile), stamped like make build. Needs a
+# running docker daemon or podman.
+image:
+	@[ -n "$(ENGINE)" ] || { echo "make image: neither docker nor podman is installed" >&2; exit 1; }
+	@$(ENGINE) info >/dev/null 2>&1 || { echo "make image: $(ENGINE) is installed but cannot reach its daemon (is it running?)" >&2; exit 1; }
+	$(ENGINE) build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) --build-arg GOTOOLCHAIN=$(GOTOOLCHAIN) -t $(IMAGE) .
+
+# A release tarball of what make install lays out under /usr/local, with
+# SHA256SUMS beside it. Reproducible: sorted, root-owned, dated by the commit.
+DIST    := dist/meshlink-$(VERSION)-linux-$(GOARCH_)
+tarball: build
+	rm -rf $(DIST) $(DIST).tar.gz
+	$(MAKE) install DESTDIR=$(CURDIR)/$(DIST)/stage PREFIX=/usr/local
+	mv $(DIST)/stage/usr/local/* $(DIST)/ && rm -rf $(DIST)/stage
+	cp README.md $(DIST)/
+	tar --sort=name --owner=0 --group=0 --numeric-owner \
+		--mtime=@$$(git log -1 --format=%ct 2>/dev/null || echo 0) \
+		-C dist -czf $(DIST).tar.gz $(notdir $(DIST))
+	cd dist && sha256sum $(notdir $(DIST)).tar.gz > SHA256SUMS && cat SHA256SUMS
 
 # -race is left out on purpose: on 2 cores with the gVisor netstack it makes
 # the suite several times slower than CI's budget allows; `make race` runs
@@ -129,5 +171,5 @@ vuln:
 	$(GO) run golang.org/x/vuln/cmd/govulncheck@$(VULN_VERSION) -db "file://$(CURDIR)/bin/vulndb" $(PKGS)
 
 clean:
-	rm -rf bin
+	rm -rf bin dist
 	$(GO) clean -testcache

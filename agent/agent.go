@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -119,6 +120,14 @@ type Config struct {
 	SOCKS5, HTTPProxy string
 	// ProxyMeshOnly makes those proxies refuse names outside the mesh.
 	ProxyMeshOnly bool
+	// HealthListen is where /healthz and /readyz are served over plain
+	// HTTP, "127.0.0.1:9099"; "" or "off" disables them (sidecar.go).
+	HealthListen string
+	// ExposeFile is a YAML list of services to export, read at start and
+	// again whenever it changes (exposefile.go); "" for none.
+	ExposeFile string
+	// ExposeFileEvery is how often ExposeFile is read again; default 2s.
+	ExposeFileEvery time.Duration
 }
 
 // pipelineWait is the longest a full pipeline holds a reader back before
@@ -142,6 +151,9 @@ type Agent struct {
 	local    *localproxy.Server // nil when neither local proxy is on
 	api      *apiServer
 	metrics  *metricsServer // nil when metrics are off
+	health   *healthServer  // nil when health endpoints are off; set under mu
+	// draining refuses new inbound mesh connections (Shutdown).
+	draining atomic.Bool
 	cc       *controlClient
 	// denials counts and logs the provider's refusals by policy, and
 	// feeds StatsReport.Denials.
@@ -166,6 +178,8 @@ type Agent struct {
 	haveMap    bool
 	exports    []Export
 	fromConfig map[string]bool  // exports that Config.Expose set (not saved)
+	fromFile   map[string]bool  // exports that Config.ExposeFile set (not saved)
+	exposeLast []byte           // the expose file as last applied
 	announced  map[string]bool  // exports the coordinator has confirmed
 	applier    *applier         // nil before Start has the parts up
 	stun       []netip.AddrPort // the coordinator's STUN address, resolved at Start
@@ -190,6 +204,9 @@ type Agent struct {
 	// keyExpired: the coordinator refused the node because its key
 	// expired (wire.ErrCodeKeyExpired); it must join again.
 	keyExpired bool
+	// removed: the coordinator said this node was removed (an admin, or
+	// a newer ephemeral node of the same name replaced it).
+	removed bool
 
 	// expiryChanged wakes rotateLoop when the map's key expiry changed.
 	expiryChanged chan struct{}
@@ -292,6 +309,16 @@ func New(cfg Config) (*Agent, error) {
 		e, _ = checkExport(e)
 		a.fromConfig[e.Name] = true
 	}
+	if cfg.ExposeFile != "" {
+		b, es, err := readExposeFile(cfg.ExposeFile)
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		if err := a.setFileExports(es); err != nil {
+			return nil, fmt.Errorf("agent: --expose-from-file %s: %w", cfg.ExposeFile, err)
+		}
+		a.exposeLast = b
+	}
 	if a.haveMap, err = a.state.loadJSON(fileNetmap, &a.nm); err != nil {
 		a.log.Warn("ignoring cached network map", "err", err)
 		a.haveMap = false
@@ -389,7 +416,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("agent: %w", err)
 	}
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied})
-	a.stack.SetTCPHandler(a.provider.HandleTCP)
+	a.stack.SetTCPHandler(a.handleTCP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 	// The local API after what its handlers read (status while joining
 	// works: the join comes later).
@@ -409,6 +436,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	}
 	// After the data plane: a scrape reads its status.
 	if err := a.startMetrics(); err != nil {
+		return err
+	}
+	if err := a.startHealth(); err != nil {
 		return err
 	}
 
@@ -444,6 +474,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.goroutine("control", a.controlLoop)
 	a.goroutine("stats", a.statsLoop)
 	a.goroutine("rotate", a.rotateLoop)
+	if a.cfg.ExposeFile != "" {
+		a.goroutine("expose-file", func() { a.exposeFileLoop(a.exposeLast) })
+	}
 	a.log.Info("agent started", "name", a.node.Name, "node", a.node.ID, "listen_port", a.listenPort, "dns", a.DNSAddr())
 	return nil
 }
@@ -735,6 +768,9 @@ func (a *Agent) controlLoop() {
 			a.log.Error("the coordinator no longer knows this node; remove the state directory and join again with a new token", "state", a.cfg.StateDir, "err", err)
 		}
 		if errors.As(err, &ae) && ae.Code == wire.ErrCodeNodeRemoved {
+			a.mu.Lock()
+			a.removed = true // Ready says so
+			a.mu.Unlock()
 			a.forgetMesh()
 		}
 		d := bo.Next()
@@ -1147,6 +1183,10 @@ func (a *Agent) Close() error {
 		a.cancel()
 	}
 	a.metrics.close() // first: a scrape reads the parts closed below
+	a.mu.Lock()
+	hs := a.health
+	a.mu.Unlock()
+	hs.close()
 	if a.api != nil {
 		a.api.close()
 	}

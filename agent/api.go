@@ -248,6 +248,9 @@ func (a *Agent) Services() localapi.Services {
 		if a.fromConfig[e.Name] {
 			source[e.Name] = localapi.SourceFlag
 		}
+		if a.fromFile[e.Name] {
+			source[e.Name] = localapi.SourceFile
+		}
 	}
 	a.mu.Unlock()
 	for _, s := range a.consumer.Status() {

@@ -153,7 +153,7 @@ func removeNodeState(sd stateDir) error {
 func (a *Agent) runtimeExports(exports []Export) []Export {
 	out := []Export{}
 	for _, e := range exports {
-		if !a.fromConfig[e.Name] {
+		if !a.fromConfig[e.Name] && !a.fromFile[e.Name] {
 			out = append(out, e)
 		}
 	}

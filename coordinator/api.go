@@ -204,13 +204,19 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	// or a CI job is back with a new key. So is the name of a node whose
 	// key expired, for a token of the node's owner: the machine joins
 	// again. (An approval never replaces.)
-	tokOwner := int64(-1)
+	// An ephemeral node is replaced even while it looks online by a
+	// registration with the very token that made it: a pod recreated
+	// under the same name whose predecessor's stream has not timed out
+	// yet (its network vanished with the pod). The newest wins; the old
+	// one's stream ends with node_removed.
+	tokOwner, sameToken := int64(-1), false
 	if tok, err := s.store.GetToken(r.Context(), req.TokenID); err == nil && store.HashMatches(tok.SecretHash, req.TokenSecret) {
-		tokOwner = tok.OwnerID
+		tokOwner, sameToken = tok.OwnerID, tok.Ephemeral
 	}
 	now := time.Now()
 	reg.CanReplace = func(n store.Node) bool {
-		return n.Ephemeral && !s.hub.online(n.ID) || n.KeyExpired(now) && n.OwnerID == tokOwner
+		return n.Ephemeral && (!s.hub.online(n.ID) || sameToken && n.TokenID == req.TokenID) ||
+			n.KeyExpired(now) && n.OwnerID == tokOwner
 	}
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
 	resp, e := s.registerNode(r.Context(), nodeRegistration{Registration: reg, remoteIP: host})

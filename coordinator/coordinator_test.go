@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -357,6 +358,43 @@ func TestEphemeralOfflineNameIsReplaced(t *testing.T) {
 	r2, _ := register(t, c, eph, "sidecar")
 	if r1.Node.ID == r2.Node.ID {
 		t.Fatal("offline ephemeral node was not replaced")
+	}
+}
+
+// TestEphemeralOnlineNameReplacedBySameToken: a pod recreated under the
+// same name while its predecessor still looks online (its network went
+// away with it) replaces it with the very token that joined it; another
+// ephemeral token of the same owner does not, and gets name_in_use.
+func TestEphemeralOnlineNameReplacedBySameToken(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *Config) { c.EphemeralGrace = time.Hour })
+	c := pinnedClient(t, s.Fingerprint(), false)
+	eph := mustToken(t, s, TokenOptions{Ephemeral: true, Reusable: true})
+	other := mustToken(t, s, TokenOptions{Ephemeral: true, Reusable: true})
+	r1, cr1 := register(t, c, eph, "web-0")
+	st1 := openMap(t, c, eph.URL, cr1)
+	st1.next(t, 5*time.Second, "the first map", func(m wire.MapResponse) bool { return m.Full != nil })
+
+	st, body := call(t, c, other.URL, wire.PathRegister, nil, wire.RegisterRequest{
+		Version: wire.ProtocolVersion, TokenID: other.ID, TokenSecret: other.Secret, Name: "web-0", NodeKey: newKey(t), ListenPort: 41641,
+	})
+	if st != http.StatusConflict || errCode(t, body) != wire.ErrCodeNameInUse {
+		t.Fatalf("another token on an online ephemeral name: %d %s; want 409 name_in_use", st, body)
+	}
+	r2, _ := register(t, c, eph, "web-0")
+	if r2.Node.ID == r1.Node.ID {
+		t.Fatal("the online ephemeral node was not replaced by its own token")
+	}
+	// The old stream ends: its node is gone.
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case _, ok := <-st1.msgs:
+			if !ok {
+				return
+			}
+		case <-deadline:
+			t.Fatal("the replaced node's map stream did not end")
+		}
 	}
 }
 

@@ -213,6 +213,8 @@ type Export struct {
 const (
 	SourceFlag    = "flag"
 	SourceRuntime = "runtime"
+	// SourceFile is an export read from --expose-from-file.
+	SourceFile = "file"
 )
 
 // ExposeRequest asks the agent to export a service.

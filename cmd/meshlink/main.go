@@ -154,6 +154,7 @@ func newApp() *cli.App {
 			rotateKeyCmd(),
 			leaveCmd(),
 			versionCmd(),
+			healthcheckCmd(),
 			completionCmd(),
 			docsCmd(),
 		},
@@ -684,7 +685,7 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
 			// A tuning knob for measurements, not for users: hidden.
 			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
-		}, logFlags()...),
+		}, append(agentSidecarFlags(), logFlags()...)...),
 		Action: func(c *cli.Context) error {
 			log, err := startDaemon(c)
 			if err != nil {
@@ -706,7 +707,10 @@ func agentCmd() *cli.Command {
 			}
 			select {
 			case <-ctx.Done():
-				log.Info("shutting down")
+				// A second Ctrl-C or SIGTERM now stops at once.
+				cancel()
+				log.Info("shutting down (a second signal stops at once)", "drain_timeout", c.Duration("drain-timeout"))
+				return stopAgent(a, c.Duration("drain-timeout"), log)
 			case <-a.Left(): // meshlink leave
 				log.Info("left the mesh; stopping")
 			}
@@ -750,7 +754,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		}
 		exports = append(exports, e)
 	}
-	return agent.Config{
+	cfg := agent.Config{
 		StateDir: stateDir(c), Join: join, JoinFile: c.String("join-file"), Name: c.String("name"),
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
@@ -758,7 +762,8 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		SOCKS5: c.String("socks5"), HTTPProxy: c.String("http-proxy"), ProxyMeshOnly: c.Bool("proxy-mesh-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
-	}, nil
+	}
+	return cfg, sidecarConfig(c, &cfg)
 }
 
 // maxJoinFile bounds what --join-file reads; a token is a few hundred bytes.
