@@ -47,8 +47,7 @@
 //	  Version (set by ServiceRequest's fields of the same names) and
 //	  Health, HealthError (reported by the provider on PathHealth in a
 //	  HealthReport); Service.Split, Locality, Affinity (from the policy
-//	  file's services section); Node.Region (RegisterRequest.Region,
-//	  refreshed by MapRequest.Region).
+//	  file's services section); Node.Region (MapRequest.Region).
 package wire
 
 import (
@@ -195,9 +194,6 @@ type RegisterRequest struct {
 	// NaCl box from NodeKey to the coordinator's ServerKey sealing
 	// KeyProofMessage(Name, now). Needed to renew an existing node.
 	KeyProof string `json:"key_proof,omitempty"`
-	// Region is the node's region label (version 7), for services whose
-	// policy prefers providers in the consumer's region; "" is none.
-	Region string `json:"region,omitempty"`
 }
 
 // ServerKeyRequest asks for the coordinator's key (PathServerKey).
@@ -375,8 +371,9 @@ type MapRequest struct {
 	// move the node's addresses to a key of his own.
 	OldKeyProof string `json:"old_key_proof,omitempty"`
 	NewKeyProof string `json:"new_key_proof,omitempty"`
-	// Region refreshes RegisterRequest.Region (version 7): a node
-	// restarted with another --region is moved there.
+	// Region (version 7) is the node's region label, for services whose
+	// policy prefers providers in the consumer's region; "" is none. Sent
+	// on every stream, so a node restarted with another --region moves.
 	Region string `json:"region,omitempty"`
 }
 
