@@ -98,7 +98,7 @@ const (
 	// PathEndpoints takes an EndpointsRequest (node credentials).
 	PathEndpoints = "/api/v1/endpoints"
 	// PathHealth takes a HealthReport (node credentials): the health of
-	// the calling node's own exports (version 7). Rate-limited per node.
+	// the calling node's own exports (version 9). Rate-limited per node.
 	PathHealth = "/api/v1/health"
 	// PathTokenInspect takes a TokenInspectRequest and answers TokenInfo.
 	PathTokenInspect = "/api/v1/token/inspect"
@@ -371,7 +371,7 @@ type MapRequest struct {
 	// move the node's addresses to a key of his own.
 	OldKeyProof string `json:"old_key_proof,omitempty"`
 	NewKeyProof string `json:"new_key_proof,omitempty"`
-	// Region (version 7) is the node's region label, for services whose
+	// Region (version 9) is the node's region label, for services whose
 	// policy prefers providers in the consumer's region; "" is none. Sent
 	// on every stream, so a node restarted with another --region moves.
 	Region string `json:"region,omitempty"`
@@ -516,16 +516,16 @@ type Service struct {
 	// Under a policy, a node's map holds only the services it may reach
 	// or provides, and of one it only consumes AllowedNodes names itself.
 	AllowedNodes []string `json:"allowed_nodes"`
-	// Split (version 7), when set, shares new connections between the
+	// Split (version 9), when set, shares new connections between the
 	// providers' versions by these percentages (they sum to 100),
 	// overriding the providers' weights. A version it does not name gets
 	// none while a named one has a healthy provider.
 	Split map[string]int `json:"split,omitempty"`
-	// Locality (version 7) is LocalitySameSite or LocalitySameRegion:
+	// Locality (version 9) is LocalitySameSite or LocalitySameRegion:
 	// consumers prefer providers on their own node or in their region,
 	// failing over to the others when none of those is healthy.
 	Locality string `json:"locality,omitempty"`
-	// Affinity (version 7) is AffinityClient: a consumer sends every
+	// Affinity (version 9) is AffinityClient: a consumer sends every
 	// connection of one client address to the same provider while the
 	// set of healthy providers stays the same.
 	Affinity string `json:"affinity,omitempty"`
@@ -546,12 +546,12 @@ type Provider struct {
 	// Priority (version 9): consumers send every new connection to the
 	// healthy providers of the lowest priority, failing over to the next.
 	Priority int `json:"priority,omitempty"`
-	// Weight (version 7) is the provider's share among those of its
+	// Weight (version 9) is the provider's share among those of its
 	// priority; 0 means DefaultWeight.
 	Weight int `json:"weight,omitempty"`
-	// Version (version 7) labels what the provider runs, for Service.Split.
+	// Version (version 9) labels what the provider runs, for Service.Split.
 	Version string `json:"version,omitempty"`
-	// Health (version 7) is what the provider last reported of its
+	// Health (version 9) is what the provider last reported of its
 	// target: HealthUnhealthy, HealthHealthy, or "" (never reported, or
 	// health checks off): consumers skip only unhealthy ones.
 	Health string `json:"health,omitempty"`
@@ -618,7 +618,7 @@ type ServiceRequest struct {
 	Name    string `json:"name"`
 	Port    uint16 `json:"port"`
 	Remove  bool   `json:"remove,omitempty"`
-	// Priority, Weight and ServiceVersion (version 7) become the
+	// Priority, Weight and ServiceVersion (version 9) become the
 	// provider's (Provider.Priority, Weight, Version).
 	Priority       int    `json:"priority,omitempty"`
 	Weight         int    `json:"weight,omitempty"`
