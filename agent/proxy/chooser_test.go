@@ -1,10 +1,12 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -243,5 +245,58 @@ func TestConsumerPassiveHealth(t *testing.T) {
 	c.Reconfig([]ServiceConfig{{Name: "web", Listen: netip.MustParseAddrPort("127.0.0.1:1"), Targets: targets}})
 	if h := provider(); h != "ok" {
 		t.Fatalf("a back online in the map: %q, want ok", h)
+	}
+}
+
+// blackhole answers nothing: a dial waits until its context ends, as
+// one to a dead peer over WireGuard does.
+type blackhole struct {
+	real    kernelDialer
+	dialing chan netip.AddrPort
+}
+
+func (b blackhole) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	if _, ok := b.real[dst]; ok {
+		return b.real.DialTCP(ctx, dst)
+	}
+	b.dialing <- dst
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestDialGivesUpWhenProviderGone: a connection being dialed to a provider
+// that the map then shows offline moves to the next at once, instead of
+// waiting out the connect timeout.
+func TestDialGivesUpWhenProviderGone(t *testing.T) {
+	a := netip.MustParseAddrPort("100.96.0.1:80")
+	b := netip.MustParseAddrPort("100.96.0.2:80")
+	d := blackhole{real: kernelDialer{b: greeter(t, "b")}, dialing: make(chan netip.AddrPort, 1)}
+	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Minute,
+		Listen: func(netip.AddrPort) (net.Listener, error) { return nil, errors.New("no listener in this test") }})
+	t.Cleanup(func() { c.Close(); c.Wait() })
+	listen := netip.MustParseAddrPort("127.0.0.1:1")
+	targets := []Target{{Node: 1, Name: "a", Addr: a, Online: true}, {Node: 2, Name: "b", Addr: b, Online: true, Priority: 1}}
+	c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: targets}})
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		conn, err := c.DialService(context.Background(), "web")
+		if err == nil {
+			conn.Close()
+		}
+		done <- err
+	}()
+	<-d.dialing // the dial to a is in flight
+	gone := slices.Clone(targets)
+	gone[0].Online = false
+	c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: gone}})
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("dial: %v, want b", err)
+		}
+		t.Logf("moved to b %v after a went offline mid-dial (connect timeout 1 min)", time.Since(start).Round(time.Microsecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("the dial still waits on a 10 s after the map showed it offline")
 	}
 }

@@ -163,6 +163,32 @@ type health struct {
 	failUntil time.Time
 	fails     int
 	lastErr   string
+	// gone is cancelled when the map shows the provider went offline or
+	// unhealthy: dials to it in flight give up at once and the
+	// connection moves on, rather than waiting out the connect timeout.
+	goneCtx  context.Context
+	markGone context.CancelFunc
+}
+
+// goneContext is the context cancelled when the provider is next seen
+// gone in the map.
+func (h *health) goneContext() context.Context {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.goneCtx == nil {
+		h.goneCtx, h.markGone = context.WithCancel(context.Background())
+	}
+	return h.goneCtx
+}
+
+// wentAway cancels the dials in flight to the provider.
+func (h *health) wentAway() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.markGone != nil {
+		h.markGone()
+		h.goneCtx, h.markGone = nil, nil
+	}
 }
 
 // NewConsumer returns a Consumer with no services.
@@ -385,6 +411,10 @@ func (c *Consumer) recoveredLocked(old, cur []Target) {
 			continue
 		}
 		o := old[i]
+		gone := (o.Online && !t.Online && t.Local == "") || (o.Health != wire.HealthUnhealthy && t.Health == wire.HealthUnhealthy)
+		if h := c.health[t.Node]; gone && h != nil {
+			h.wentAway()
+		}
 		back := (!o.Online && t.Online) || (o.Health == wire.HealthUnhealthy && t.Health != wire.HealthUnhealthy)
 		if h := c.health[t.Node]; back && h != nil {
 			h.mu.Lock()
@@ -534,7 +564,7 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 	for _, t := range targets {
 		h := c.healthOf(t.Node)
 		h.open.Add(1)
-		conn, err := c.dial(ctx, t, c.cfg.DialTimeout)
+		conn, err := c.dial(ctx, t, h, c.cfg.DialTimeout)
 		if err == nil {
 			h.mu.Lock()
 			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
@@ -566,6 +596,8 @@ func shortErr(err error) string {
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
 		return "no answer within the connect timeout"
+	case errors.Is(err, context.Canceled):
+		return "went offline or unhealthy while being dialed"
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return "connection refused"
 	}
@@ -585,12 +617,15 @@ func (s *service) noteSelected(node wire.NodeID) {
 	s.selMu.Unlock()
 }
 
-func (c *Consumer) dial(ctx context.Context, t Target, timeout time.Duration) (net.Conn, error) {
+func (c *Consumer) dial(ctx context.Context, t Target, h *health, timeout time.Duration) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	// Close cancels dials in flight whatever context the caller passed.
+	// Close cancels dials in flight whatever context the caller passed,
+	// and so does the map showing the provider gone.
 	stop := context.AfterFunc(c.ctx, cancel)
 	defer stop()
+	stopGone := context.AfterFunc(h.goneContext(), cancel)
+	defer stopGone()
 	if t.Local != "" {
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", t.Local)
