@@ -24,8 +24,13 @@ type candidate struct {
 	open    int64
 }
 
-// usable reports whether new connections may go to c at all.
-func (c *candidate) usable() bool { return !c.failing && c.Health != wire.HealthUnhealthy }
+// usable reports whether new connections may go to c at all: not
+// reported unhealthy, not offline in the map (its agent is gone: a dial
+// would only wait out the connect timeout), not failing the consumer's
+// own dials.
+func (c *candidate) usable() bool {
+	return !c.failing && c.Health != wire.HealthUnhealthy && (c.Online || c.Local != "")
+}
 
 // why says why c is not usable, for status and logs.
 func (c *candidate) why() string {
@@ -35,8 +40,8 @@ func (c *candidate) why() string {
 			return "unhealthy (" + c.HealthError + ")"
 		}
 		return "unhealthy"
-	case c.failing && !c.Online && c.Local == "":
-		return "offline, not answering (" + c.failErr + ")"
+	case !c.Online && c.Local == "":
+		return "offline"
 	case c.failing:
 		return "not answering (" + c.failErr + ")"
 	}
@@ -65,10 +70,8 @@ const maxAttempts = 3
 // connecting address (for Affinity); r supplies the randomness (a seeded
 // source in tests).
 //
-// Candidates fall in tiers, tried in order: online before offline (an
-// offline provider may still answer while the coordinator is what is
-// down), then inside the preferred locality before outside it, then by
-// priority, lower first. Inside the first tier the connection goes to a
+// Usable candidates fall in tiers, tried in order: inside the preferred
+// locality before outside it, then by priority, lower first. Inside the first tier the connection goes to a
 // version drawn by the service's split (when it names a version of that
 // tier), then to a provider drawn by weight when weights differ, else to
 // the one with the fewest open connections. With client affinity every
@@ -91,12 +94,9 @@ func choose(cands []candidate, pol choosePolicy, client netip.Addr, r *rand.Rand
 		}
 		return nil, fmt.Errorf("%w: %s", ErrNoHealthyProvider, strings.Join(why, "; "))
 	}
-	type tier struct{ offline, away, prio int }
+	type tier struct{ away, prio int }
 	tierOf := func(c *candidate) tier {
 		t := tier{prio: c.Priority}
-		if !c.Online && c.Local == "" {
-			t.offline = 1
-		}
 		switch pol.Locality {
 		case wire.LocalitySameSite:
 			if c.Local == "" {
@@ -110,9 +110,6 @@ func choose(cands []candidate, pol choosePolicy, client netip.Addr, r *rand.Rand
 		return t
 	}
 	less := func(a, b tier) bool {
-		if a.offline != b.offline {
-			return a.offline < b.offline
-		}
 		if a.away != b.away {
 			return a.away < b.away
 		}

@@ -72,8 +72,10 @@ func TestChoose(t *testing.T) {
 			map[string]float64{"b": 1}, []string{"b"}},
 		{"failing one skipped", []candidate{cand(1, "a", failing), cand(2, "b", open(9))}, choosePolicy{},
 			map[string]float64{"b": 1}, []string{"b"}},
-		{"offline only as a last resort", []candidate{cand(1, "a", offline), cand(2, "b", open(9), prio(5))}, choosePolicy{},
-			map[string]float64{"b": 1}, []string{"b", "a"}},
+		{"offline skipped", []candidate{cand(1, "a", offline), cand(2, "b", open(9), prio(5))}, choosePolicy{},
+			map[string]float64{"b": 1}, []string{"b"}},
+		{"local never offline", []candidate{cand(1, "me", offline, local, prio(1)), cand(2, "b", prio(2))}, choosePolicy{},
+			map[string]float64{"me": 1}, []string{"me", "b"}},
 		{"weights share a priority", []candidate{cand(1, "a", weight(3)), cand(2, "b", weight(1)), cand(3, "c", prio(1), weight(100))}, choosePolicy{},
 			map[string]float64{"a": .75, "b": .25}, nil},
 		{"split 90/10", []candidate{cand(1, "a", version("v1")), cand(2, "b", version("v1")), cand(3, "c", version("v2"), weight(50))},
@@ -140,12 +142,12 @@ func TestChooseSplitReport(t *testing.T) {
 }
 
 func TestChooseNoHealthy(t *testing.T) {
-	cs := []candidate{cand(1, "a", unhealthy), cand(2, "b", offline, failing)}
+	cs := []candidate{cand(1, "a", unhealthy), cand(2, "b", offline), cand(3, "c", failing)}
 	_, err := choose(cs, choosePolicy{}, netip.Addr{}, rand.New(rand.NewPCG(1, 1)))
 	if !errors.Is(err, ErrNoHealthyProvider) {
 		t.Fatalf("err %v, want ErrNoHealthyProvider", err)
 	}
-	want := "no healthy provider: a unhealthy (connection refused); b offline, not answering (no answer within the connect timeout)"
+	want := "no healthy provider: a unhealthy (connection refused); b offline; c not answering (no answer within the connect timeout)"
 	if err.Error() != want {
 		t.Errorf("error\n %q\nwant\n %q", err, want)
 	}

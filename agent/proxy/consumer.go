@@ -34,7 +34,8 @@ type Target struct {
 	Name string
 	// Addr is the provider's mesh address and port.
 	Addr netip.AddrPort
-	// Online is the coordinator's view; offline providers are tried last.
+	// Online is the coordinator's view: an offline provider gets no new
+	// connections (unless it is this node itself, Local).
 	Online bool
 	// Local, when set, means this node provides the service itself: dial
 	// this host:port directly instead of going through the mesh.
