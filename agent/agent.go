@@ -1133,6 +1133,11 @@ func (a *Agent) announce(ctx context.Context, e Export) error {
 	a.mu.Lock()
 	a.announced[e.Name] = err == nil
 	a.mu.Unlock()
+	if err == nil {
+		// The coordinator ignores reports on services a node does not
+		// provide yet: a check that ran before this announce is sent again.
+		a.healthChanged()
+	}
 	return err
 }
 
