@@ -269,3 +269,33 @@ func TestTrafficSplit(t *testing.T) {
 		t.Errorf("services: p2 selected %d share %.3f, want %d and about 0.10", p.Selected, p.Share, got["v2"])
 	}
 }
+
+// TestTrafficLocality: with locality prefer-same-region every connection
+// goes to the provider in the consumer's --region, and to the other
+// region's only while none in its own is healthy.
+func TestTrafficLocality(t *testing.T) {
+	m := harness.NewMesh(t)
+	weu, wus := startBackend(t, "eu"), startBackend(t, "us")
+	cons := m.AddAgent("cons", harness.AgentOptions{Region: "eu"})
+	m.AddAgent("peu", harness.AgentOptions{Region: "eu", Expose: []agent.Export{{Name: "web", Target: weu.addr(), Priority: 1}}})
+	m.AddAgent("pus", harness.AgentOptions{Region: "us", Expose: []agent.Export{{Name: "web", Target: wus.addr()}}})
+	if _, err := m.Coord.SetPolicy(context.Background(), "policy.yaml", "services:\n  web:\n    locality: prefer-same-region\n", "test"); err != nil {
+		t.Fatal(err)
+	}
+	svc := waitProviders(t, cons, "web", 2)
+	tstest.WaitFor(t, 10*time.Second, "locality and regions in the consumer's map", func() bool {
+		s, _ := serviceOf(cons, "web")
+		return s.Locality == "prefer-same-region" && providerOf(cons, "web", "peu").Region == "eu" && providerOf(cons, "web", "pus").Health == "ok"
+	})
+	for i := range 10 {
+		if who, _, err := greetingWithin(svc.Local.String()); err != nil || who != "eu" {
+			t.Fatalf("connection %d: %q, %v; want the provider in the consumer's region (despite its priority 1)", i, who, err)
+		}
+	}
+	weu.stop()
+	for i := range 10 {
+		if who, _, err := greetingWithin(svc.Local.String()); err != nil || who != "us" {
+			t.Fatalf("connection %d with eu's target dead: %q, %v; want the other region", i, who, err)
+		}
+	}
+}
