@@ -577,6 +577,15 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 		if ctx.Err() != nil {
 			return nil, Target{}, nil, err // the caller gave up; not the provider's fault
 		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// The provider answered at once and refused this connection
+			// (its target refused, or its policy): it is reachable, so
+			// it is not marked failing; its health checks report a dead
+			// target. This connection moves on.
+			c.log.Debug("provider refused the connection, trying the next", "service", s.name, "provider", t.Name)
+			errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
+			continue
+		}
 		h.mu.Lock()
 		h.fails++
 		// A provider that does not answer is skipped for a while, growing
