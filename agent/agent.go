@@ -90,8 +90,15 @@ type Config struct {
 	// RetryMin and RetryMax bound the coordinator reconnect backoff;
 	// defaults 1s and 30s.
 	RetryMin, RetryMax time.Duration
-	// DialTimeout bounds one attempt to reach one provider; default 3s.
+	// DialTimeout bounds one attempt to reach one provider; default
+	// proxy.DefaultDialTimeout (1 s).
 	DialTimeout time.Duration
+	// Region labels the node for services whose policy prefers providers
+	// in the consumer's region (locality: prefer-same-region).
+	Region string
+	// HealthInterval is how often each export's target is checked;
+	// default proxy.DefaultHealthInterval.
+	HealthInterval time.Duration
 	// RelayOnly never uses direct UDP paths (diagnosis, relay benchmarks).
 	RelayOnly bool
 	// Metrics is where Prometheus metrics are served over plain HTTP at
@@ -167,6 +174,9 @@ type Agent struct {
 	// retry asks retryLoop to apply the desired state again after a part
 	// failed to apply (buffered: one request pending is enough).
 	retry chan struct{}
+	// healthDirty asks healthLoop to report the exports' health
+	// (buffered: one request pending is enough).
+	healthDirty chan struct{}
 
 	goMu     sync.Mutex     // guards goClosed and wg.Add (see goroutine)
 	goClosed bool           // Close has begun: no new goroutines
@@ -256,12 +266,17 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.PipelinePackets <= 0 {
 		cfg.PipelinePackets = DefaultPipelinePackets
 	}
+	if cfg.Region != "" {
+		if err := wire.ValidRegion(cfg.Region); err != nil {
+			return nil, fmt.Errorf("agent: --region: %w", err)
+		}
+	}
 	cfg.Name = wire.NormalizeName(cfg.Name)
 	if err := wire.ValidName(cfg.Name); err != nil {
 		return nil, fmt.Errorf("agent: --name: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: log.With("subsystem", "agent"), announced: map[string]bool{}, fromConfig: map[string]bool{},
-		retry: make(chan struct{}, 1), leftCh: make(chan struct{}), expiryChanged: make(chan struct{}, 1),
+		retry: make(chan struct{}, 1), healthDirty: make(chan struct{}, 1), leftCh: make(chan struct{}), expiryChanged: make(chan struct{}, 1),
 		denials: newDenials(log.With("subsystem", "provider"), time.Now),
 		gateIn:  netstack.NewGate(cfg.PipelinePackets, pipelineWait), gateOut: netstack.NewGate(cfg.PipelinePackets, pipelineWait)}
 	var err error
@@ -345,13 +360,66 @@ func hostLabel(h string) string {
 	return s
 }
 
-// ParseExport parses NAME=HOST:PORT as given to --expose.
+// ParseExport parses NAME=HOST:PORT[;OPTION=VALUE…] as given to --expose
+// and MESHLINK_EXPOSE. The options are port (the mesh port), priority,
+// weight, version and health, as the flags of `meshlink expose`:
+// web=127.0.0.1:8000;weight=10;version=v2.
 func ParseExport(s string) (Export, error) {
-	name, target, ok := strings.Cut(s, "=")
-	if !ok {
-		return Export{}, fmt.Errorf("--expose %q: want NAME=HOST:PORT, e.g. web=127.0.0.1:8000", s)
+	const want = "want NAME=HOST:PORT[;OPTION=VALUE...], e.g. web=127.0.0.1:8000 or web=127.0.0.1:8000;weight=10;version=v2"
+	if len(s) > 2048 {
+		return Export{}, fmt.Errorf("--expose: %d bytes is too long; %s", len(s), want)
 	}
-	return checkExport(Export{Name: name, Target: target})
+	head, opts, _ := strings.Cut(s, ";")
+	name, target, ok := strings.Cut(head, "=")
+	if !ok {
+		return Export{}, fmt.Errorf("--expose %q: %s", s, want)
+	}
+	e := Export{Name: name, Target: strings.TrimSpace(target)}
+	seen := map[string]bool{}
+	for opt := range strings.SplitSeq(opts, ";") {
+		opt = strings.TrimSpace(opt)
+		if opt == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(opt, "=")
+		k, v = strings.ToLower(strings.TrimSpace(k)), strings.TrimSpace(v)
+		if !ok || v == "" {
+			return Export{}, fmt.Errorf("--expose %q: option %q: want OPTION=VALUE (port, priority, weight, version, health)", s, opt)
+		}
+		if seen[k] {
+			return Export{}, fmt.Errorf("--expose %q: option %s given twice", s, k)
+		}
+		seen[k] = true
+		num := func(max int) (int, error) {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > max {
+				return 0, fmt.Errorf("--expose %q: %s=%s must be a number from 0 to %d", s, k, v, max)
+			}
+			return n, nil
+		}
+		var err error
+		switch k {
+		case "port":
+			var p int
+			if p, err = num(65535); err == nil {
+				e.Port = uint16(p)
+			}
+		case "priority":
+			e.Priority, err = num(wire.MaxPriority)
+		case "weight":
+			e.Weight, err = num(wire.MaxWeight)
+		case "version":
+			e.Version = v
+		case "health":
+			e.Health = v
+		default:
+			err = fmt.Errorf("--expose %q: unknown option %q; the options are port, priority, weight, version and health", s, k)
+		}
+		if err != nil {
+			return Export{}, err
+		}
+	}
+	return checkExport(e)
 }
 
 // checkExport validates an export and fills in its port from the target.
@@ -370,6 +438,12 @@ func checkExport(e Export) (Export, error) {
 	}
 	if e.Port == 0 {
 		e.Port = uint16(p)
+	}
+	if err := wire.CheckTraffic(e.Priority, e.Weight, e.Version); err != nil {
+		return e, fmt.Errorf("service %s: %w", e.Name, err)
+	}
+	if _, err := proxy.ParseHealth(e.Health); err != nil {
+		return e, fmt.Errorf("service %s: %w", e.Name, err)
 	}
 	return e, nil
 }
@@ -415,7 +489,8 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied})
+	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied, OnHealth: a.healthChanged,
+		HealthInterval: a.cfg.HealthInterval})
 	a.stack.SetTCPHandler(a.handleTCP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 	// The local API after what its handlers read (status while joining
@@ -473,6 +548,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.goroutine("retry", a.retryLoop)
 	a.goroutine("control", a.controlLoop)
 	a.goroutine("stats", a.statsLoop)
+	a.goroutine("health-report", a.healthLoop)
 	a.goroutine("rotate", a.rotateLoop)
 	if a.cfg.ExposeFile != "" {
 		a.goroutine("expose-file", func() { a.exposeFileLoop(a.exposeLast) })
@@ -692,7 +768,7 @@ func (a *Agent) controlLoop() {
 		sctx, scancel := context.WithCancel(a.ctx)
 		a.streamCancel = scancel
 		a.mu.Unlock()
-		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: cur.Public()}
+		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: cur.Public(), Region: a.cfg.Region}
 		var err error
 		if rk != nil && rk.server.IsZero() {
 			// A resumed rotation: proofs need the coordinator's key.
@@ -735,6 +811,7 @@ func (a *Agent) controlLoop() {
 				a.applyMap(m)
 				if m.Full != nil {
 					a.goroutine("sync-exports", a.syncExports)
+					a.healthChanged() // the coordinator forgot it when the last stream ended
 				}
 				return nil
 			})
@@ -1087,10 +1164,16 @@ func (a *Agent) syncExports() {
 
 func (a *Agent) announce(ctx context.Context, e Export) error {
 	var resp wire.ServiceResponse
-	err := a.control().call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: e.Name, Port: e.Port}, &resp)
+	err := a.control().call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: e.Name, Port: e.Port,
+		Priority: e.Priority, Weight: e.Weight, ServiceVersion: e.Version}, &resp)
 	a.mu.Lock()
 	a.announced[e.Name] = err == nil
 	a.mu.Unlock()
+	if err == nil {
+		// The coordinator ignores reports on services a node does not
+		// provide yet: a check that ran before this announce is sent again.
+		a.healthChanged()
+	}
 	return err
 }
 

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -43,6 +44,16 @@ func TestParseExport(t *testing.T) {
 		{in: "web=127.0.0.1", wantErr: true},
 		{in: "web=127.0.0.1:http", wantErr: true},
 		{in: "we b=127.0.0.1:80", wantErr: true},
+		{in: "web=127.0.0.1:8000;weight=10;version=v2", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 8000, Weight: 10, Version: "v2"}},
+		{in: "web=127.0.0.1:8000; priority=1 ;health=http:/healthz@204;port=80", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 80, Priority: 1, Health: "http:/healthz@204"}},
+		{in: "web=127.0.0.1:8000;health=none;", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 8000, Health: "none"}},
+		{in: "web=127.0.0.1:8000;weight=-1", wantErr: true},
+		{in: "web=127.0.0.1:8000;weight=99999", wantErr: true},
+		{in: "web=127.0.0.1:8000;weight", wantErr: true},
+		{in: "web=127.0.0.1:8000;colour=red", wantErr: true},
+		{in: "web=127.0.0.1:8000;version=v 2", wantErr: true},
+		{in: "web=127.0.0.1:8000;health=udp", wantErr: true},
+		{in: "web=127.0.0.1:8000;weight=1;weight=2", wantErr: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.in, func(t *testing.T) {
@@ -58,6 +69,39 @@ func TestParseExport(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzParseExport: whatever --expose or MESHLINK_EXPOSE holds, the parser
+// answers an export that checks, or an error; and an export it answers
+// parses the same when written back as options.
+func FuzzParseExport(f *testing.F) {
+	for _, s := range []string{"web=127.0.0.1:8000", "web=127.0.0.1:8000;weight=10;version=v2", "a=b:1;health=http:/x@200;priority=3;port=9",
+		"web=:80;;", "x=[::1]:1;health=none", "=;=;=", "web=h:1;port=0"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		e, err := ParseExport(s)
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("empty error")
+			}
+			return
+		}
+		if _, err := checkExport(e); err != nil {
+			t.Fatalf("%q parsed to %+v, which does not check: %v", s, e, err)
+		}
+		back := fmt.Sprintf("%s=%s;port=%d;priority=%d;weight=%d", e.Name, e.Target, e.Port, e.Priority, e.Weight)
+		if e.Version != "" {
+			back += ";version=" + e.Version
+		}
+		if e.Health != "" {
+			back += ";health=" + e.Health
+		}
+		again, err := ParseExport(back)
+		if err != nil || again != e {
+			t.Fatalf("%q parsed to %+v; written back as %q it parses to %+v, %v", s, e, back, again, err)
+		}
+	})
 }
 
 func TestHostLabel(t *testing.T) {

@@ -58,12 +58,18 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 		if !readJSON(w, r, &req) {
 			return
 		}
-		e, note, err := a.expose(r.Context(), Export{Name: req.Name, Target: req.Target, Port: req.Port}, req.Replace)
+		e, note, err := a.expose(r.Context(), Export{Name: req.Name, Target: req.Target, Port: req.Port,
+			Priority: req.Priority, Weight: req.Weight, Version: req.Version, Health: req.Health}, req.Replace)
 		if err != nil {
 			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
 			return
 		}
-		writeJSON(w, http.StatusOK, localapi.ExposeResponse{Export: localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: note == ""}, Note: note})
+		warn := checkExportNow(r.Context(), e)
+		if warn != "" {
+			a.log.Warn("exposed service's target does not answer", "service", e.Name, "target", e.Target, "warning", warn)
+		}
+		writeJSON(w, http.StatusOK, localapi.ExposeResponse{Export: localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: note == "",
+			Priority: e.Priority, Weight: e.Weight, Version: e.Version, HealthCheck: healthCheckOf(e)}, Note: note, Warning: warn})
 	})
 	mux.HandleFunc("GET "+localapi.PathPing, func(w http.ResponseWriter, r *http.Request) {
 		timeout, err := time.ParseDuration(r.URL.Query().Get("timeout"))
@@ -256,7 +262,7 @@ func (a *Agent) Services() localapi.Services {
 	for _, s := range a.consumer.Status() {
 		ls := localapi.Service{Name: s.Name, VIP: vips[s.Name].VIP, Local: s.Listen, Listening: s.Listening, Error: s.Error,
 			Open: s.Open, Total: s.Total, Failed: s.Failed, Sent: s.Sent, Received: s.Received, Providers: []localapi.Provider{},
-			Port: s.Wanted.Port()}
+			Port: s.Wanted.Port(), Refused: s.Refused, Refusing: s.Refusing, Split: s.Split, Locality: s.Locality, Affinity: s.Affinity}
 		if s.Listening && s.Listen.Port() != s.Wanted.Port() {
 			ls.FallbackPort = s.Listen.Port()
 			ls.Note = fmt.Sprintf("port %d needs privileges the agent lacks: served on %d (port+10000) instead; for port %d run `%s` and restart the agent",
@@ -267,14 +273,16 @@ func (a *Agent) Services() localapi.Services {
 			if p.Local {
 				addr = "local"
 			}
-			ls.Providers = append(ls.Providers, localapi.Provider{Name: p.Name, Addr: addr, Local: p.Local, Online: p.Online, Healthy: p.Healthy, Open: p.Open, LastError: p.LastError})
+			ls.Providers = append(ls.Providers, localapi.Provider{Name: p.Name, Addr: addr, Local: p.Local, Online: p.Online, Healthy: p.Healthy, Open: p.Open, LastError: p.LastError,
+				Health: p.Health, Priority: p.Priority, Weight: p.Weight, Version: p.Version, Region: p.Region, Selected: p.Selected, Share: p.Share})
 		}
 		out.Consumed = append(out.Consumed, ls)
 	}
 	for _, e := range a.provider.Status() {
 		out.Exported = append(out.Exported, localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: announced[e.Name],
 			Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed, Sent: e.Sent, Received: e.Received, LastError: e.LastError,
-			Source: source[e.Name]})
+			Source: source[e.Name], Priority: e.Priority, Weight: e.Weight, Version: e.Version, HealthCheck: healthCheckOf(e.Export),
+			Health: exportHealth(e.Health)})
 	}
 	return out
 }
@@ -361,4 +369,25 @@ func (a *Agent) Ping(ctx context.Context, target string, timeout time.Duration) 
 		return nil, noReply("no reply within " + timeout.String())
 	}
 	return out, nil
+}
+
+// healthCheckOf is how an export's target is checked, in words.
+func healthCheckOf(e Export) string {
+	h, err := proxy.ParseHealth(e.Health)
+	if err != nil {
+		return proxy.HealthTCP
+	}
+	return h.String()
+}
+
+// exportHealth is the last check of a target in words: "ok",
+// "unhealthy (connection refused)", or "" before the first check.
+func exportHealth(h proxy.ExportHealth) string {
+	switch {
+	case !h.Checked:
+		return ""
+	case h.Healthy:
+		return "ok"
+	}
+	return "unhealthy (" + h.Error + ")"
 }

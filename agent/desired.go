@@ -114,11 +114,16 @@ func desiredConfig(in desiredInput) Desired {
 		if !listen.IsValid() || s.Port == 0 {
 			continue
 		}
-		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port)}
+		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port),
+			Split: s.Split, Locality: s.Locality, Affinity: s.Affinity, Region: nm.Self.Region}
+		traffic := func(t proxy.Target, pr wire.Provider) proxy.Target {
+			t.Priority, t.Weight, t.Version, t.Health, t.HealthError = pr.Priority, pr.Weight, pr.Version, pr.Health, pr.HealthError
+			return t
+		}
 		for _, pr := range s.Providers {
 			if pr.Node == nm.Self.ID {
 				if e, ok := local[s.Name]; ok {
-					sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: nm.Self.Name, Local: e.Target, Online: true})
+					sc.Targets = append(sc.Targets, traffic(proxy.Target{Node: pr.Node, Name: nm.Self.Name, Local: e.Target, Online: true, Region: nm.Self.Region}, pr))
 				}
 				continue
 			}
@@ -127,7 +132,7 @@ func desiredConfig(in desiredInput) Desired {
 				continue
 			}
 			if ip := nodeAddr4(p); ip.IsValid() {
-				sc.Targets = append(sc.Targets, proxy.Target{Node: pr.Node, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online})
+				sc.Targets = append(sc.Targets, traffic(proxy.Target{Node: pr.Node, Name: p.Name, Addr: netip.AddrPortFrom(ip, pr.Port), Online: p.Online, Region: p.Region}, pr))
 			}
 		}
 		d.Services = append(d.Services, sc)

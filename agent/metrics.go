@@ -93,6 +93,10 @@ var (
 		"Bytes carried through a service by role and direction: sent (from the client toward the service) or received (back to the client).", []string{"service", "role", "direction"}, nil)
 	descSvcDialFail = prometheus.NewDesc("meshlink_agent_service_dial_failures_total",
 		"Connections that failed to open, by role: consumer (no provider reachable) or provider (the local target refused or timed out).", []string{"service", "role"}, nil)
+	descProvSelected = prometheus.NewDesc("meshlink_agent_provider_selected_total",
+		"Connections of a consumed service that a provider took (after the choice by health, priority, split, weight and load).", []string{"service", "provider"}, nil)
+	descProvHealth = prometheus.NewDesc("meshlink_agent_provider_health",
+		"1 while new connections of a consumed service may go to the provider (healthy and answering), else 0.", []string{"service", "provider"}, nil)
 	descSvcDenied = prometheus.NewDesc("meshlink_agent_service_denied_total",
 		"Connections to an exported service refused by policy (the same count as meshlink_agent_connections_denied_total).", []string{"service"}, nil)
 	descConnDenied = prometheus.NewDesc("meshlink_agent_connections_denied_total",
@@ -105,7 +109,7 @@ type agentCollector struct{ a *Agent }
 
 func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnected, descPeers, descPeerPathBytes, descPeerWGBytes,
-		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied, descConnDenied} {
+		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied, descConnDenied, descProvSelected, descProvHealth} {
 		ch <- d
 	}
 }
@@ -157,6 +161,19 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, s := range svcs.Consumed {
 		service(s.Name, "consumer", s.Total, s.Open, s.Sent, s.Received, s.Failed)
+		seen := map[string]bool{}
+		for _, p := range s.Providers {
+			if seen[p.Name] {
+				continue
+			}
+			seen[p.Name] = true
+			counter(descProvSelected, float64(p.Selected), s.Name, p.Name)
+			h := 0.0
+			if p.Healthy {
+				h = 1
+			}
+			gauge(descProvHealth, h, s.Name, p.Name)
+		}
 	}
 	for _, e := range svcs.Exported {
 		service(e.Name, "provider", e.Total, e.Open, e.Sent, e.Received, e.Failed)

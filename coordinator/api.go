@@ -70,6 +70,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle(wire.PathMap, s.handle(s.serveMap))
 	mux.Handle(wire.PathServices, s.handle(s.serveServices))
 	mux.Handle(wire.PathEndpoints, s.handle(s.serveEndpoints))
+	mux.Handle(wire.PathHealth, s.handle(s.serveHealth))
 	mux.Handle(wire.PathLeave, s.handle(s.serveLeave))
 	mux.Handle(wire.PathTokenInspect, s.handle(s.serveTokenInspect))
 	mux.Handle(wire.PathRelayRegister, s.handle(s.serveRelayRegister))
@@ -369,6 +370,9 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 	if req.Port == 0 {
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q needs a port from 1 to 65535", name)
 	}
+	if err := wire.CheckTraffic(req.Priority, req.Weight, req.ServiceVersion); err != nil {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q: %v", name, err)
+	}
 	listed, refused := s.checkProvide(ctx, node, name)
 	if refused != nil {
 		return refused
@@ -389,6 +393,9 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		if errors.Is(err, store.ErrExhausted) {
 			return apiErr(http.StatusConflict, wire.ErrCodeConflict, "no service VIP is left in %s; unexpose unused services (a service without providers is deleted after --service-grace)", wire.ServicePrefix)
 		}
+		return storeErr("expose", err)
+	}
+	if err := s.store.SetProviderTraffic(ctx, name, node.ID, store.Traffic{Priority: req.Priority, Weight: req.Weight, Version: req.ServiceVersion}); err != nil {
 		return storeErr("expose", err)
 	}
 	s.commit(change{log: "service exposed", attrs: []any{"service", name, "node", node.Name, "port", req.Port},
@@ -509,8 +516,18 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			return e
 		}
 	}
+	if req.Region != "" {
+		if err := wire.ValidRegion(req.Region); err != nil {
+			return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "--region %q: %v", req.Region, err)
+		}
+	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
+	if req.Region != node.Region {
+		if err := s.store.SetNodeRegion(ctx, node.ID, req.Region); err != nil {
+			return storeErr("map", err)
+		}
+	}
 	if rekey {
 		// The key and its new expiry at once: a rotation whose answer is
 		// lost is one the agent finds done when it reconnects.
@@ -541,6 +558,8 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	log := s.log.With("node_id", node.ID, "name", node.Name)
 	defer func() {
 		if s.hub.detach(st) {
+			// Offline says more than a health report from before.
+			s.health.forget(node.ID)
 			// Use a fresh context: the request's is done, the store is
 			// still open (Close waits for this handler).
 			dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)

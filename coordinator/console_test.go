@@ -559,7 +559,8 @@ func TestConsoleStatsAndLiveUpdates(t *testing.T) {
 	openMap(t, api, s.URL(), ca)
 
 	// An expose reaches the live feed.
-	if st, body := call(t, api, s.URL(), wire.PathServices, &ca, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: "web", Port: 8080}); st != 200 {
+	if st, body := call(t, api, s.URL(), wire.PathServices, &ca, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: "web", Port: 8080,
+		Priority: 2, Weight: 7, ServiceVersion: "v3"}); st != 200 {
 		t.Fatalf("expose: %d %s", st, body)
 	}
 	waitSnapshot(t, live, "service web", func(sn web.Snapshot) bool {
@@ -605,6 +606,20 @@ func TestConsoleStatsAndLiveUpdates(t *testing.T) {
 	_, page := b.get("/console/services")
 	if !strings.Contains(page, "site-b") || !strings.Contains(page, "1.2 KiB") {
 		t.Fatalf("services page lacks the counters: %s", page)
+	}
+	// Each provider with how consumers choose it, and its health.
+	if !strings.Contains(page, "prio 2 · weight 7 · v3 · 2 open · 100%") {
+		t.Errorf("services page lacks the provider's priority, weight, version, open and share: %s", page)
+	}
+	if st, body := call(t, api, s.URL(), wire.PathHealth, &ca, wire.HealthReport{Version: wire.ProtocolVersion,
+		Services: []wire.ServiceHealth{{Name: "web", Error: "connection refused"}}}); st != 200 {
+		t.Fatalf("health: %d %s", st, body)
+	}
+	waitSnapshot(t, live, "web unhealthy", func(sn web.Snapshot) bool {
+		return len(sn.Services) == 1 && len(sn.Services[0].Providers) == 1 && sn.Services[0].Providers[0].Health == wire.HealthUnhealthy
+	})
+	if _, page = b.get("/console/services"); !strings.Contains(page, "unhealthy") || !strings.Contains(page, "connection refused") {
+		t.Errorf("services page lacks the provider's health: %s", page)
 	}
 	// The event log has the story.
 	_, page = b.get("/console/log")

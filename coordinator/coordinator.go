@@ -198,6 +198,10 @@ type Server struct {
 	denials     denialEvents // reported denials, coalesced into events
 	// endpointLimit bounds how often a node changes its endpoints.
 	endpointLimit endpointLimiter
+	// health is what providers report of their targets; healthLimit
+	// bounds how often a node reports.
+	health      healthTable
+	healthLimit endpointLimiter
 
 	ctx    context.Context // canceled by Close; the base of every request
 	cancel context.CancelFunc
@@ -349,6 +353,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
+		healthLimit: endpointLimiter{burst: healthBurst, every: healthEvery},
 		cfg:         cfg,
 		log:         log,
 		out:         out,

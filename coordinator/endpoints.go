@@ -40,6 +40,11 @@ func publishable(a netip.Addr, allowLoopback bool) bool {
 
 // endpointLimiter is a token bucket per node for endpoint changes.
 type endpointLimiter struct {
+	// burst and every are the bucket's size and refill time; zero is
+	// endpointBurst and endpointEvery.
+	burst float64
+	every time.Duration
+
 	mu      sync.Mutex // guards buckets
 	buckets map[wire.NodeID]*endpointBucket
 }
@@ -56,20 +61,24 @@ func (l *endpointLimiter) allow(node wire.NodeID, now time.Time) bool {
 	if l.buckets == nil {
 		l.buckets = map[wire.NodeID]*endpointBucket{}
 	}
+	burst, every := l.burst, l.every
+	if burst == 0 {
+		burst, every = endpointBurst, endpointEvery
+	}
 	refill := func(b *endpointBucket) {
-		b.tokens = min(endpointBurst, b.tokens+now.Sub(b.at).Seconds()/endpointEvery.Seconds())
+		b.tokens = min(burst, b.tokens+now.Sub(b.at).Seconds()/every.Seconds())
 		b.at = now
 	}
 	b := l.buckets[node]
 	if b == nil {
 		if len(l.buckets) >= maxEndpointLimiters {
 			for id, o := range l.buckets {
-				if refill(o); o.tokens >= endpointBurst {
+				if refill(o); o.tokens >= burst {
 					delete(l.buckets, id)
 				}
 			}
 		}
-		b = &endpointBucket{tokens: endpointBurst, at: now}
+		b = &endpointBucket{tokens: burst, at: now}
 		l.buckets[node] = b
 	}
 	refill(b)

@@ -56,6 +56,8 @@ func addSeeds(f *testing.F) {
 		`{"version":1,"name":"db","port":5432}`,
 		`{"version":1,"name":"db","remove":true}`,
 		`{"version":1,"local_endpoints":["1.2.3.4:5"]}`,
+		`{"version":9,"name":"db","port":5432,"priority":1,"weight":10,"service_version":"v2"}`,
+		`{"version":9,"services":[{"name":"db","healthy":false,"error":"connection refused"}]}`,
 		`{"version":0}`, `{}`, `null`, `[]`, `"x"`, ``, `{"version":1e400}`, `{"port":70000}`,
 	} {
 		f.Add([]byte(s))
@@ -78,7 +80,7 @@ func FuzzServicesBody(f *testing.F) {
 	h, cr := fuzzServer(f)
 	addSeeds(f)
 	f.Fuzz(func(t *testing.T, body []byte) {
-		for _, path := range []string{wire.PathServices, wire.PathEndpoints} {
+		for _, path := range []string{wire.PathServices, wire.PathEndpoints, wire.PathHealth} {
 			rec := fuzzPost(h, cr, path, body)
 			if rec.Code >= 500 || rec.Code >= 300 && rec.Code < 400 {
 				t.Fatalf("%s(%q) = %d %s", path, body, rec.Code, rec.Body)

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -217,19 +218,25 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 		if snap.expired[p.NodeID] {
 			continue
 		}
-		byService[p.Service] = append(byService[p.Service], wire.Provider{Node: p.NodeID, Port: p.Port})
+		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version}
+		wp.Health, wp.HealthError = s.health.get(p.NodeID, p.Service)
+		byService[p.Service] = append(byService[p.Service], wp)
 	}
+	pol := s.currentPolicy().p
 	for _, sv := range svcs {
 		ps := byService[sv.Name]
 		if len(ps) == 0 {
 			continue
 		}
 		sort.Slice(ps, func(i, j int) bool { return ps[i].Node < ps[j].Node })
-		snap.services = append(snap.services, wire.Service{
-			Name: sv.Name, VIP: sv.VIP, Port: sv.Port, Providers: ps, AllowedNodes: []string{"*"},
-		})
+		ws := wire.Service{Name: sv.Name, VIP: sv.VIP, Port: sv.Port, Providers: ps, AllowedNodes: []string{"*"}}
+		if pol != nil {
+			t := pol.Services[sv.Name]
+			ws.Split, ws.Locality, ws.Affinity = t.Split, t.Locality, t.Affinity
+		}
+		snap.services = append(snap.services, ws)
 	}
-	if pol := s.currentPolicy().p; !pol.AllowsAll() {
+	if !pol.AllowsAll() {
 		users, err := s.store.ListUsers(ctx)
 		if err != nil {
 			return nil, err
@@ -349,7 +356,7 @@ func wireNode(n store.Node, online bool) wire.Node {
 	w := wire.Node{
 		ID: n.ID, Name: n.Name, Hostname: n.Hostname, Key: n.Key,
 		Endpoints: n.Endpoints, Online: online, LastSeen: n.LastSeen,
-		Tags: n.Tags, Ephemeral: n.Ephemeral, KeyExpiry: n.KeyExpiry,
+		Tags: n.Tags, Ephemeral: n.Ephemeral, KeyExpiry: n.KeyExpiry, Region: n.Region,
 	}
 	if n.IPv4.IsValid() {
 		w.Addresses = append(w.Addresses, netip.PrefixFrom(n.IPv4, 32))
@@ -416,10 +423,11 @@ func nodeEqual(a, b wire.Node) bool {
 	return a.ID == b.ID && a.Name == b.Name && a.Hostname == b.Hostname && a.Key == b.Key &&
 		slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.Endpoints, b.Endpoints) &&
 		a.Online == b.Online && a.LastSeen.Equal(b.LastSeen) && slices.Equal(a.Tags, b.Tags) &&
-		a.Ephemeral == b.Ephemeral && a.KeyExpiry.Equal(b.KeyExpiry)
+		a.Ephemeral == b.Ephemeral && a.KeyExpiry.Equal(b.KeyExpiry) && a.Region == b.Region
 }
 
 func serviceEqual(a, b wire.Service) bool {
 	return a.Name == b.Name && a.VIP == b.VIP && a.Port == b.Port &&
-		slices.Equal(a.Providers, b.Providers) && slices.Equal(a.AllowedNodes, b.AllowedNodes)
+		slices.Equal(a.Providers, b.Providers) && slices.Equal(a.AllowedNodes, b.AllowedNodes) &&
+		maps.Equal(a.Split, b.Split) && a.Locality == b.Locality && a.Affinity == b.Affinity
 }

@@ -129,6 +129,7 @@ func TestPolicyEnforced(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c, err := d.Dial("tcp", fmt.Sprintf("alice-site.node.mesh.internal:%d", adminPort)); err == nil {
+		io.WriteString(c, "x\n") // data, so that the backend would count it (startStreamServer)
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		b, _ := io.ReadAll(c)
 		c.Close()

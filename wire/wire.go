@@ -43,6 +43,11 @@
 //	  An expired node is dropped from every other map, and its map
 //	  stream, rekey and other calls are refused with 403
 //	  ErrCodeKeyExpired; agents rotate their keys well before.
+//	9 (2026-12-01): traffic management. Provider.Priority, Weight,
+//	  Version (set by ServiceRequest's fields of the same names) and
+//	  Health, HealthError (reported by the provider on PathHealth in a
+//	  HealthReport); Service.Split, Locality, Affinity (from the policy
+//	  file's services section); Node.Region (MapRequest.Region).
 package wire
 
 import (
@@ -58,7 +63,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 8
+const ProtocolVersion = 9
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -92,6 +97,9 @@ const (
 	PathServices = "/api/v1/services"
 	// PathEndpoints takes an EndpointsRequest (node credentials).
 	PathEndpoints = "/api/v1/endpoints"
+	// PathHealth takes a HealthReport (node credentials): the health of
+	// the calling node's own exports (version 9). Rate-limited per node.
+	PathHealth = "/api/v1/health"
 	// PathTokenInspect takes a TokenInspectRequest and answers TokenInfo.
 	PathTokenInspect = "/api/v1/token/inspect"
 	// PathLeave takes a LeaveRequest (node credentials) and removes the node.
@@ -363,6 +371,10 @@ type MapRequest struct {
 	// move the node's addresses to a key of his own.
 	OldKeyProof string `json:"old_key_proof,omitempty"`
 	NewKeyProof string `json:"new_key_proof,omitempty"`
+	// Region (version 9) is the node's region label, for services whose
+	// policy prefers providers in the consumer's region; "" is none. Sent
+	// on every stream, so a node restarted with another --region moves.
+	Region string `json:"region,omitempty"`
 }
 
 // MapResponse is one message on the map stream. Exactly one of the shapes is
@@ -479,6 +491,8 @@ type Node struct {
 	// the node must rotate it before (MapRequest with proofs), or it is
 	// dropped from every map and must join again. Zero: never.
 	KeyExpiry time.Time `json:"key_expiry,omitzero"`
+	// Region is the label the node joined with (--region), "" if none.
+	Region string `json:"region,omitempty"`
 }
 
 // KeyExpired reports whether n's key has expired at now.
@@ -502,13 +516,100 @@ type Service struct {
 	// Under a policy, a node's map holds only the services it may reach
 	// or provides, and of one it only consumes AllowedNodes names itself.
 	AllowedNodes []string `json:"allowed_nodes"`
+	// Split (version 9), when set, shares new connections between the
+	// providers' versions by these percentages (they sum to 100),
+	// overriding the providers' weights. A version it does not name gets
+	// none while a named one has a healthy provider.
+	Split map[string]int `json:"split,omitempty"`
+	// Locality (version 9) is LocalitySameSite or LocalitySameRegion:
+	// consumers prefer providers on their own node or in their region,
+	// failing over to the others when none of those is healthy.
+	Locality string `json:"locality,omitempty"`
+	// Affinity (version 9) is AffinityClient: a consumer sends every
+	// connection of one client address to the same provider while the
+	// set of healthy providers stays the same.
+	Affinity string `json:"affinity,omitempty"`
 }
+
+// Values of Service.Locality and Service.Affinity.
+const (
+	LocalitySameSite   = "prefer-same-site"
+	LocalitySameRegion = "prefer-same-region"
+	AffinityClient     = "client"
+)
 
 // Provider is one node's export of a service.
 type Provider struct {
 	Node NodeID `json:"node"`
 	// Port is where the provider accepts the service on its mesh addresses.
 	Port uint16 `json:"port"`
+	// Priority (version 9): consumers send every new connection to the
+	// healthy providers of the lowest priority, failing over to the next.
+	Priority int `json:"priority,omitempty"`
+	// Weight (version 9) is the provider's share among those of its
+	// priority; 0 means DefaultWeight.
+	Weight int `json:"weight,omitempty"`
+	// Version (version 9) labels what the provider runs, for Service.Split.
+	Version string `json:"version,omitempty"`
+	// Health (version 9) is what the provider last reported of its
+	// target: HealthUnhealthy, HealthHealthy, or "" (never reported, or
+	// health checks off): consumers skip only unhealthy ones.
+	Health string `json:"health,omitempty"`
+	// HealthError says why the target is unhealthy ("connection refused").
+	HealthError string `json:"health_error,omitempty"`
+}
+
+// Values of Provider.Health.
+const (
+	HealthHealthy   = "healthy"
+	HealthUnhealthy = "unhealthy"
+)
+
+// Bounds of a provider's traffic settings.
+const (
+	DefaultWeight = 1
+	MaxWeight     = 10000
+	MaxPriority   = 1000
+	// MaxHealthError bounds HealthError; longer reports are cut.
+	MaxHealthError = 200
+)
+
+// ValidVersion reports whether s may label a provider's version: 1 to 32
+// letters, digits, '.', '_' or '-'.
+func ValidVersion(s string) error {
+	if len(s) == 0 || len(s) > 32 {
+		return fmt.Errorf("version %q must be 1 to 32 characters", s)
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("version %q may only hold letters, digits, '.', '_' and '-'", s)
+		}
+	}
+	return nil
+}
+
+// ValidRegion reports whether s may be a node's region: a name like
+// ValidName's ("eu-west-1").
+func ValidRegion(s string) error {
+	if err := ValidName(s); err != nil {
+		return fmt.Errorf("region: %w", err)
+	}
+	return nil
+}
+
+// CheckTraffic validates a provider's priority, weight and version (a
+// version may be empty).
+func CheckTraffic(priority, weight int, version string) error {
+	if priority < 0 || priority > MaxPriority {
+		return fmt.Errorf("priority %d must be 0 to %d (lower is preferred)", priority, MaxPriority)
+	}
+	if weight < 0 || weight > MaxWeight {
+		return fmt.Errorf("weight %d must be 1 to %d", weight, MaxWeight)
+	}
+	if version != "" {
+		return ValidVersion(version)
+	}
+	return nil
 }
 
 // ServiceRequest exposes (Remove false) or unexposes a service of the calling node.
@@ -517,6 +618,30 @@ type ServiceRequest struct {
 	Name    string `json:"name"`
 	Port    uint16 `json:"port"`
 	Remove  bool   `json:"remove,omitempty"`
+	// Priority, Weight and ServiceVersion (version 9) become the
+	// provider's (Provider.Priority, Weight, Version).
+	Priority       int    `json:"priority,omitempty"`
+	Weight         int    `json:"weight,omitempty"`
+	ServiceVersion string `json:"service_version,omitempty"`
+}
+
+// HealthReport carries the health of the calling node's exports, whole:
+// a service it does not provide is ignored. Sent on every change and
+// whenever the map stream reconnects.
+type HealthReport struct {
+	Version  int             `json:"version"`
+	Services []ServiceHealth `json:"services"`
+}
+
+// MaxHealthServices bounds the services of one HealthReport.
+const MaxHealthServices = 256
+
+// ServiceHealth is the health of one export's target.
+type ServiceHealth struct {
+	Name string `json:"name"`
+	// Healthy is false when the target does not answer its check.
+	Healthy bool   `json:"healthy"`
+	Error   string `json:"error,omitempty"`
 }
 
 // ServiceResponse answers a ServiceRequest with the service as it now is

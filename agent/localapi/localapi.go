@@ -177,6 +177,14 @@ type Service struct {
 	Failed       int64      `json:"failed"`
 	Sent         int64      `json:"sent_bytes"`
 	Received     int64      `json:"received_bytes"`
+	// Refused counts connections refused at once because no provider
+	// was healthy; Refusing says why new ones would be refused now.
+	Refused  int64  `json:"refused,omitempty"`
+	Refusing string `json:"refusing,omitempty"`
+	// Split, Locality and Affinity are the service's traffic policy.
+	Split    map[string]int `json:"split,omitempty"`
+	Locality string         `json:"locality,omitempty"`
+	Affinity string         `json:"affinity,omitempty"`
 }
 
 // Provider is one site providing a service.
@@ -188,6 +196,17 @@ type Provider struct {
 	Healthy   bool   `json:"healthy"`
 	Open      int64  `json:"open"`
 	LastError string `json:"last_error,omitempty"`
+	// Health says whether new connections go there: "ok", "unhealthy
+	// (connection refused)", "not answering (…)".
+	Health   string `json:"health,omitempty"`
+	Priority int    `json:"priority"`
+	Weight   int    `json:"weight"`
+	Version  string `json:"version,omitempty"`
+	Region   string `json:"region,omitempty"`
+	// Selected counts the connections it took; Share is its fraction of
+	// the service's last 1000.
+	Selected int64   `json:"selected"`
+	Share    float64 `json:"share"`
 }
 
 // Export is a service this site provides.
@@ -203,6 +222,14 @@ type Export struct {
 	Sent      int64  `json:"sent_bytes"`
 	Received  int64  `json:"received_bytes"`
 	LastError string `json:"last_error,omitempty"`
+	Priority  int    `json:"priority,omitempty"`
+	Weight    int    `json:"weight,omitempty"`
+	Version   string `json:"version,omitempty"`
+	// HealthCheck is how the target is checked ("tcp", "http:/healthz",
+	// "none"); Health is the last result: "ok", "unhealthy (why)", or ""
+	// before the first check and with checks off.
+	HealthCheck string `json:"health_check,omitempty"`
+	Health      string `json:"health,omitempty"`
 	// Source is SourceFlag for an export the agent's --expose flags set,
 	// SourceRuntime for one added with `meshlink expose` (saved in the
 	// state directory).
@@ -222,6 +249,12 @@ type ExposeRequest struct {
 	Name   string `json:"name"`
 	Target string `json:"target"`
 	Port   uint16 `json:"port,omitempty"`
+	// Priority, Weight, Version and Health (a health spec) are how
+	// consumers choose this provider and how its target is checked.
+	Priority int    `json:"priority,omitempty"`
+	Weight   int    `json:"weight,omitempty"`
+	Version  string `json:"version,omitempty"`
+	Health   string `json:"health,omitempty"`
 	// Replace lets Target replace the target of a service this site
 	// already exports; without it that is refused.
 	Replace bool `json:"replace,omitempty"`
@@ -232,6 +265,8 @@ type ExposeResponse struct {
 	Export Export `json:"export"`
 	// Note is set when the export is saved but not yet announced.
 	Note string `json:"note,omitempty"`
+	// Warning is set when the target did not answer a check just now.
+	Warning string `json:"warning,omitempty"`
 }
 
 // UnexposeRequest asks the agent to stop exporting a service.

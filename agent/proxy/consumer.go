@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -32,11 +34,22 @@ type Target struct {
 	Name string
 	// Addr is the provider's mesh address and port.
 	Addr netip.AddrPort
-	// Online is the coordinator's view; offline providers are tried last.
+	// Online is the coordinator's view: an offline provider gets no new
+	// connections (unless it is this node itself, Local).
 	Online bool
 	// Local, when set, means this node provides the service itself: dial
 	// this host:port directly instead of going through the mesh.
 	Local string
+	// Priority, Weight and Version are the export's (wire.Provider).
+	Priority int
+	Weight   int
+	Version  string
+	// Health is what the provider reported of its target
+	// (wire.HealthUnhealthy skips it), HealthError why.
+	Health      string
+	HealthError string
+	// Region is the provider node's region.
+	Region string
 }
 
 // ServiceConfig is the desired state of one consumed service.
@@ -44,14 +57,26 @@ type ServiceConfig struct {
 	Name    string
 	Listen  netip.AddrPort
 	Targets []Target
+	// Split, Locality and Affinity are the service's traffic policy
+	// (wire.Service); Region is this node's own, for Locality.
+	Split    map[string]int
+	Locality string
+	Affinity string
+	Region   string
 }
 
 // ConsumerConfig configures a Consumer.
 type ConsumerConfig struct {
 	Dialer Dialer
 	Logger *slog.Logger
-	// DialTimeout bounds one attempt to reach one provider; default 3s.
+	// DialTimeout bounds one attempt to reach one provider; default
+	// DefaultDialTimeout. A provider that does not answer within it is
+	// marked failing and the connection moves to the next.
 	DialTimeout time.Duration
+	// Now is the clock of passive health; nil is time.Now.
+	Now func() time.Time
+	// Rand is the randomness of provider choice; nil is a random seed.
+	Rand *rand.Rand
 	// Listen opens the local listener; default net.Listen("tcp", …). Tests
 	// and platforms without 127/8 may replace it.
 	Listen func(addr netip.AddrPort) (net.Listener, error)
@@ -75,6 +100,8 @@ type Consumer struct {
 	conns  map[*openConn]struct{}
 	closed bool
 
+	randMu sync.Mutex // guards cfg.Rand, which is not safe for concurrent use
+
 	wg sync.WaitGroup // accept loops and connections
 }
 
@@ -85,11 +112,31 @@ type service struct {
 	ln      net.Listener
 	err     error                    // why the listener is not up
 	targets atomic.Pointer[[]Target] // swapped by Reconfig, read per connection
+	pol     atomic.Pointer[choosePolicy]
 	open    atomic.Int64
 	total   atomic.Int64
 	failed  atomic.Int64
+	refused atomic.Int64 // refused at once: no healthy provider
 	ctr     Counters
+
+	selMu sync.Mutex // guards the fields below
+	// recent holds the providers of the last len(recent) connections,
+	// a ring: the share each received lately.
+	recent   [recentConns]wire.NodeID
+	nrecent  int
+	selected map[wire.NodeID]int64 // connections each provider took, in all
+	lastWhy  string                // the last refusal logged
+	lastLog  time.Time
 }
+
+// recentConns is how many of the latest connections the recent share of
+// each provider is computed over.
+const recentConns = 1000
+
+// DefaultDialTimeout is ConsumerConfig.DialTimeout's default: a provider
+// a few milliseconds away answers well within it, and a dead one costs a
+// connection no more than this before the next is tried.
+const DefaultDialTimeout = time.Second
 
 // openConn is one open connection as CloseTo and Reconfig see it.
 type openConn struct {
@@ -117,12 +164,44 @@ type health struct {
 	failUntil time.Time
 	fails     int
 	lastErr   string
+	// gone is cancelled when the map shows the provider went offline or
+	// unhealthy: dials to it in flight give up at once and the
+	// connection moves on, rather than waiting out the connect timeout.
+	goneCtx  context.Context
+	markGone context.CancelFunc
+}
+
+// goneContext is the context cancelled when the provider is next seen
+// gone in the map.
+func (h *health) goneContext() context.Context {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.goneCtx == nil {
+		h.goneCtx, h.markGone = context.WithCancel(context.Background())
+	}
+	return h.goneCtx
+}
+
+// wentAway cancels the dials in flight to the provider.
+func (h *health) wentAway() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.markGone != nil {
+		h.markGone()
+		h.goneCtx, h.markGone = nil, nil
+	}
 }
 
 // NewConsumer returns a Consumer with no services.
 func NewConsumer(cfg ConsumerConfig) *Consumer {
-	if cfg.DialTimeout == 0 {
-		cfg.DialTimeout = 3 * time.Second
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	}
 	if cfg.Listen == nil {
 		cfg.Listen = func(a netip.AddrPort) (net.Listener, error) { return net.Listen("tcp", a.String()) }
@@ -168,16 +247,27 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 			s = nil
 		}
 		if s == nil {
-			s = &service{name: w.Name, listen: w.Listen}
+			s = &service{name: w.Name, listen: w.Listen, selected: map[wire.NodeID]int64{}}
 			c.services[w.Name] = s
 		}
 		t := slices.Clone(w.Targets)
+		if old := s.targets.Load(); old != nil {
+			c.recoveredLocked(*old, t)
+		}
 		s.targets.Store(&t)
+		s.pol.Store(&choosePolicy{Split: w.Split, Locality: w.Locality, Affinity: w.Affinity, Region: w.Region})
 		for _, tg := range t {
 			if c.health[tg.Node] == nil {
 				c.health[tg.Node] = &health{}
 			}
 		}
+		s.selMu.Lock()
+		for id := range s.selected {
+			if !slices.ContainsFunc(t, func(x Target) bool { return x.Node == id }) {
+				delete(s.selected, id)
+			}
+		}
+		s.selMu.Unlock()
 		if s.ln == nil {
 			// Retried on every reconfig until it works: a port taken by
 			// another program is reported in status, not fatal.
@@ -312,6 +402,29 @@ func (c *Consumer) closeGoneTargetsLocked(want []ServiceConfig) {
 	}
 }
 
+// recoveredLocked forgets the consumer's own dial failures of a provider
+// that the map now shows back (online again, or healthy again): it gets
+// new connections at once rather than after its backoff.
+func (c *Consumer) recoveredLocked(old, cur []Target) {
+	for _, t := range cur {
+		i := slices.IndexFunc(old, func(o Target) bool { return o.Node == t.Node })
+		if i < 0 {
+			continue
+		}
+		o := old[i]
+		gone := (o.Online && !t.Online && t.Local == "") || (o.Health != wire.HealthUnhealthy && t.Health == wire.HealthUnhealthy)
+		if h := c.health[t.Node]; gone && h != nil {
+			h.wentAway()
+		}
+		back := (!o.Online && t.Online) || (o.Health == wire.HealthUnhealthy && t.Health != wire.HealthUnhealthy)
+		if h := c.health[t.Node]; back && h != nil {
+			h.mu.Lock()
+			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
+			h.mu.Unlock()
+		}
+	}
+}
+
 func (c *Consumer) stopLocked(s *service) {
 	if s.ln != nil {
 		s.ln.Close()
@@ -364,10 +477,20 @@ func (c *Consumer) serve(s *service, local net.Conn, oc *openConn) {
 	s.total.Add(1)
 	s.open.Add(1)
 	defer s.open.Add(-1)
-	remote, t, h, err := c.dialAny(c.ctx, s)
+	remote, t, h, err := c.dialAny(c.ctx, s, clientAddr(local))
 	if err != nil {
 		s.failed.Add(1)
-		c.log.Warn("no provider could take the connection; closing it", "service", s.name, "err", err)
+		if errors.Is(err, ErrNoHealthyProvider) {
+			s.refused.Add(1)
+			c.logRefusal(s, err)
+		} else {
+			c.log.Warn("no provider could take the connection; refusing it", "service", s.name, "err", err)
+		}
+		// A reset, not a FIN: the client learns at once that nothing
+		// answered, as if the service itself had refused.
+		if tc, ok := local.(*net.TCPConn); ok {
+			tc.SetLinger(0)
+		}
 		local.Close()
 		return
 	}
@@ -404,37 +527,72 @@ func (c *Consumer) attach(oc *openConn, remote net.Conn, t Target) string {
 	return ""
 }
 
+// logRefusal logs why connections are refused, once per reason and then
+// at most every 10 s: a client retrying in a loop must not flood the log.
+func (c *Consumer) logRefusal(s *service, err error) {
+	now := c.cfg.Now()
+	s.selMu.Lock()
+	why := err.Error()
+	log := why != s.lastWhy || now.Sub(s.lastLog) >= 10*time.Second
+	if log {
+		s.lastWhy, s.lastLog = why, now
+	}
+	s.selMu.Unlock()
+	if log {
+		c.log.Warn("connection refused: no healthy provider; see `meshlink services`", "service", s.name, "why", why, "refused", s.refused.Load())
+	}
+}
+
+// clientAddr is the address a local connection came from.
+func clientAddr(c net.Conn) netip.Addr {
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		if ap := ta.AddrPort(); ap.IsValid() {
+			return ap.Addr().Unmap()
+		}
+	}
+	return netip.Addr{}
+}
+
 // dialAny tries the providers in order of preference; the returned health's
-// open count has been incremented for the caller.
-func (c *Consumer) dialAny(ctx context.Context, s *service) (net.Conn, Target, *health, error) {
-	targets := c.order(*s.targets.Load())
-	if len(targets) == 0 {
-		return nil, Target{}, nil, fmt.Errorf("service %s has no providers", s.name)
+// open count has been incremented for the caller. With no usable provider
+// it fails at once with ErrNoHealthyProvider, without dialing.
+func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (net.Conn, Target, *health, error) {
+	targets, err := c.order(s, client)
+	if err != nil {
+		return nil, Target{}, nil, err
 	}
 	var errs []error
-	for i, t := range targets {
+	for _, t := range targets {
 		h := c.healthOf(t.Node)
 		h.open.Add(1)
-		timeout := c.cfg.DialTimeout
-		if i == len(targets)-1 {
-			// Nothing left to fail over to: waiting longer beats failing
-			// (a lost first handshake costs WireGuard a 5 s retry).
-			timeout *= 3
-		}
-		conn, err := c.dial(ctx, t, timeout)
+		conn, err := c.dial(ctx, t, h, c.cfg.DialTimeout)
 		if err == nil {
 			h.mu.Lock()
 			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
 			h.mu.Unlock()
+			s.noteSelected(t.Node)
 			return conn, t, h, nil
 		}
 		h.open.Add(-1)
+		if ctx.Err() != nil {
+			return nil, Target{}, nil, err // the caller gave up; not the provider's fault
+		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// The provider answered at once and refused this connection
+			// (its target refused, or its policy): it is reachable, so
+			// it is not marked failing; its health checks report a dead
+			// target. This connection moves on.
+			c.log.Debug("provider refused the connection, trying the next", "service", s.name, "provider", t.Name)
+			errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
+			continue
+		}
 		h.mu.Lock()
 		h.fails++
 		// A provider that does not answer is skipped for a while, growing
-		// with repeated failures; it gets another chance after that.
-		h.failUntil = time.Now().Add(min(time.Second<<min(h.fails-1, 6), time.Minute))
-		h.lastErr = err.Error()
+		// with repeated failures; it gets another chance after that, or
+		// at once when the map shows it back (recoveredLocked).
+		h.failUntil = c.cfg.Now().Add(min(time.Second<<min(h.fails-1, 6), time.Minute))
+		h.lastErr = shortErr(err)
 		h.mu.Unlock()
 		c.log.Info("provider failed, trying the next", "service", s.name, "provider", t.Name, "err", err)
 		errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
@@ -442,12 +600,42 @@ func (c *Consumer) dialAny(ctx context.Context, s *service) (net.Conn, Target, *
 	return nil, Target{}, nil, errors.Join(errs...)
 }
 
-func (c *Consumer) dial(ctx context.Context, t Target, timeout time.Duration) (net.Conn, error) {
+// shortErr is the end of a dial error, what a person needs to read
+// ("connection refused", "i/o timeout").
+func shortErr(err error) string {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return "no answer within the connect timeout"
+	case errors.Is(err, context.Canceled):
+		return "went offline or unhealthy while being dialed"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	}
+	msg := err.Error()
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		msg = msg[i+2:]
+	}
+	return msg
+}
+
+// noteSelected counts a connection that provider node took.
+func (s *service) noteSelected(node wire.NodeID) {
+	s.selMu.Lock()
+	s.recent[s.nrecent%recentConns] = node
+	s.nrecent++
+	s.selected[node]++
+	s.selMu.Unlock()
+}
+
+func (c *Consumer) dial(ctx context.Context, t Target, h *health, timeout time.Duration) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	// Close cancels dials in flight whatever context the caller passed.
+	// Close cancels dials in flight whatever context the caller passed,
+	// and so does the map showing the provider gone.
 	stop := context.AfterFunc(c.ctx, cancel)
 	defer stop()
+	stopGone := context.AfterFunc(h.goneContext(), cancel)
+	defer stopGone()
 	if t.Local != "" {
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", t.Local)
@@ -476,7 +664,7 @@ func (c *Consumer) DialService(ctx context.Context, name string) (net.Conn, erro
 		return nil, fmt.Errorf("%w %q", ErrUnknownService, name)
 	}
 	s.total.Add(1)
-	remote, t, h, err := c.dialAny(ctx, s)
+	remote, t, h, err := c.dialAny(ctx, s, netip.Addr{})
 	if err != nil {
 		s.failed.Add(1)
 		return nil, fmt.Errorf("proxy: service %s: %w", name, err)
@@ -535,43 +723,27 @@ func (c *Consumer) healthOf(node wire.NodeID) *health {
 	return h
 }
 
-// order sorts providers best first: healthy before failing, online before
-// offline, then least open connections, ties broken at random.
-func (c *Consumer) order(ts []Target) []Target {
-	now := time.Now()
-	type cand struct {
-		t       Target
-		bad     bool
-		offline bool
-		open    int64
-		r       uint32
-	}
-	cs := make([]cand, len(ts))
+// candidates is the service's providers with the consumer's own view.
+func (c *Consumer) candidates(ts []Target) []candidate {
+	now := c.cfg.Now()
+	cs := make([]candidate, len(ts))
 	for i, t := range ts {
 		h := c.healthOf(t.Node)
 		h.mu.Lock()
-		bad := now.Before(h.failUntil)
+		cs[i] = candidate{Target: t, failing: now.Before(h.failUntil), failErr: h.lastErr}
 		h.mu.Unlock()
-		cs[i] = cand{t: t, bad: bad, offline: !t.Online && t.Local == "", open: h.open.Load(), r: rand.Uint32()}
+		cs[i].open = h.open.Load()
 	}
-	sort.Slice(cs, func(i, j int) bool {
-		a, b := cs[i], cs[j]
-		if a.bad != b.bad {
-			return !a.bad
-		}
-		if a.offline != b.offline {
-			return !a.offline
-		}
-		if a.open != b.open {
-			return a.open < b.open
-		}
-		return a.r < b.r
-	})
-	out := make([]Target, len(cs))
-	for i := range cs {
-		out[i] = cs[i].t
-	}
-	return out
+	return cs
+}
+
+// order is the providers a new connection is offered to, best first
+// (choose).
+func (c *Consumer) order(s *service, client netip.Addr) ([]Target, error) {
+	cs := c.candidates(*s.targets.Load())
+	c.randMu.Lock()
+	defer c.randMu.Unlock()
+	return choose(cs, *s.pol.Load(), client, c.cfg.Rand)
 }
 
 // CloseTo closes every open connection carried through the mesh to a
@@ -609,9 +781,17 @@ type ServiceStatus struct {
 	Open      int64
 	Total     int64
 	Failed    int64
+	// Refused counts connections refused at once for want of a healthy
+	// provider; Refusing, when set, says why new ones would be now.
+	Refused   int64
+	Refusing  string
 	Sent      int64
 	Received  int64
 	Providers []ProviderStatus
+	// Split, Locality and Affinity are the service's traffic policy.
+	Split    map[string]int
+	Locality string
+	Affinity string
 }
 
 // ProviderStatus is a consumer's view of one provider.
@@ -623,19 +803,32 @@ type ProviderStatus struct {
 	Healthy   bool
 	Open      int64
 	LastError string
+	// Health says in words whether new connections may go there: "ok",
+	// "unhealthy (connection refused)", "not answering (…)".
+	Health   string
+	Priority int
+	Weight   int
+	Version  string
+	Region   string
+	// Selected counts the connections it took; Share is its fraction of
+	// the service's recent ones (the last recentConns).
+	Selected int64
+	Share    float64
 }
 
 // Status reports every consumed service, sorted by name.
 func (c *Consumer) Status() []ServiceStatus {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	now := time.Now()
+	now := c.cfg.Now()
 	var out []ServiceStatus
 	for _, s := range c.services {
+		pol := *s.pol.Load()
 		st := ServiceStatus{
 			Name: s.name, Listen: s.listen, Wanted: s.listen, Listening: s.ln != nil,
-			Open: s.open.Load(), Total: s.total.Load(), Failed: s.failed.Load(),
+			Open: s.open.Load(), Total: s.total.Load(), Failed: s.failed.Load(), Refused: s.refused.Load(),
 			Sent: s.ctr.Sent.Load(), Received: s.ctr.Received.Load(),
+			Split: pol.Split, Locality: pol.Locality, Affinity: pol.Affinity,
 		}
 		if s.ln != nil {
 			st.Listen = s.bound
@@ -643,17 +836,45 @@ func (c *Consumer) Status() []ServiceStatus {
 		if s.err != nil {
 			st.Error = s.err.Error()
 		}
-		for _, t := range *s.targets.Load() {
+		s.selMu.Lock()
+		share := map[wire.NodeID]int{}
+		n := min(s.nrecent, recentConns)
+		for _, id := range s.recent[:n] {
+			share[id]++
+		}
+		selected := maps.Clone(s.selected)
+		s.selMu.Unlock()
+		usable := false
+		ts := *s.targets.Load()
+		var cds []candidate
+		for _, t := range ts {
 			h := c.health[t.Node]
-			ps := ProviderStatus{Name: t.Name, Addr: t.Addr, Local: t.Local != "", Online: t.Online || t.Local != "", Healthy: true}
+			cd := candidate{Target: t}
+			ps := ProviderStatus{Name: t.Name, Addr: t.Addr, Local: t.Local != "", Online: t.Online || t.Local != "",
+				Priority: t.Priority, Weight: t.Weight, Version: t.Version, Region: t.Region, Selected: selected[t.Node]}
 			if h != nil {
 				h.mu.Lock()
-				ps.Healthy = !now.Before(h.failUntil)
+				cd.failing, cd.failErr = now.Before(h.failUntil), h.lastErr
 				ps.LastError = h.lastErr
 				h.mu.Unlock()
 				ps.Open = h.open.Load()
 			}
+			if ps.LastError == "" && t.Health == wire.HealthUnhealthy {
+				ps.LastError = t.HealthError
+			}
+			ps.Healthy, ps.Health = cd.usable(), cd.why()
+			cds = append(cds, cd)
+			usable = usable || ps.Healthy
+			if n > 0 {
+				ps.Share = float64(share[t.Node]) / float64(n)
+			}
 			st.Providers = append(st.Providers, ps)
+		}
+		if !usable {
+			_, err := choose(cds, pol, netip.Addr{}, rand.New(rand.NewPCG(0, 0)))
+			if err != nil {
+				st.Refusing = err.Error()
+			}
 		}
 		out = append(out, st)
 	}

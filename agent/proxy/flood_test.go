@@ -88,7 +88,8 @@ func TestSYNFloodBounded(t *testing.T) {
 			backend := newCountingBackend(t)
 			prov := NewProvider(ProviderConfig{Logger: tstest.Logger(t), Policy: func(netip.Addr, string) (string, bool) { return "peer", true }})
 			t.Cleanup(prov.Close)
-			prov.SetExports([]Export{{Name: "db", Target: backend.addr, Port: 5432}})
+			// No health checks: the backend counts only the flood's connections.
+			prov.SetExports([]Export{{Name: "db", Target: backend.addr, Port: 5432, Health: HealthNone}})
 			pair.B.SetTCPHandler(prov.HandleTCP)
 			dst := netip.AddrPortFrom(nettest.AddrB4, 5432)
 

@@ -18,6 +18,14 @@ type Export struct {
 	Name   string `json:"name"`
 	Target string `json:"target"` // host:port dialed for each inbound connection
 	Port   uint16 `json:"port"`   // port on this node's mesh addresses
+	// Priority, Weight and Version are announced with the export
+	// (wire.Provider): how consumers choose between its providers.
+	Priority int    `json:"priority,omitempty"`
+	Weight   int    `json:"weight,omitempty"`
+	Version  string `json:"version,omitempty"`
+	// Health is how the target is checked (ParseHealth); "" is a TCP
+	// connect every DefaultHealthInterval.
+	Health string `json:"health,omitempty"`
 }
 
 // PolicyFunc decides whether the mesh address src may reach service. It
@@ -52,6 +60,12 @@ type ProviderConfig struct {
 	// it denials are logged at debug level only: a peer may cause any
 	// number of them.
 	Denied func(src netip.Addr, service string)
+	// HealthInterval and HealthTimeout pace the checks of each export's
+	// target; defaults DefaultHealthInterval, DefaultHealthTimeout.
+	HealthInterval, HealthTimeout time.Duration
+	// OnHealth is called, on a checker's goroutine, whenever the health
+	// of an export changes; Health then reports it.
+	OnHealth func()
 }
 
 // Default bounds on half-open inbound connections (ProviderConfig).
@@ -80,13 +94,18 @@ type Provider struct {
 	// MaxOpenPerExport (plus those half-open) per export.
 	conns  map[*inbound]struct{}
 	closed bool
+	// checkers run the health checks, by service name; health holds
+	// their last results.
+	checkers map[string]*checker
+	health   map[string]ExportHealth
 
 	pendMu sync.Mutex // guards the fields below
 	// pending counts half-open connections by source address; an entry
 	// is deleted at zero, so it holds at most the stack's in-flight SYNs.
 	pending map[netip.Addr]int
 
-	wg sync.WaitGroup
+	wg  sync.WaitGroup
+	hwg sync.WaitGroup // health checkers
 }
 
 // inbound is one open connection as CloseIf sees it.
@@ -117,6 +136,12 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	if cfg.MaxPendingPerPeer <= 0 {
 		cfg.MaxPendingPerPeer = DefaultMaxPendingPerPeer
 	}
+	if cfg.HealthInterval <= 0 {
+		cfg.HealthInterval = DefaultHealthInterval
+	}
+	if cfg.HealthTimeout <= 0 {
+		cfg.HealthTimeout = DefaultHealthTimeout
+	}
 	if cfg.MaxPendingPerExport <= 0 {
 		cfg.MaxPendingPerExport = DefaultMaxPendingPerExport
 	}
@@ -129,7 +154,8 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), ctx: ctx, cancel: cancel,
-		stats: map[string]*exportStats{}, conns: map[*inbound]struct{}{}, pending: map[netip.Addr]int{}}
+		stats: map[string]*exportStats{}, conns: map[*inbound]struct{}{}, pending: map[netip.Addr]int{},
+		checkers: map[string]*checker{}, health: map[string]ExportHealth{}}
 	empty := map[uint16]*export{}
 	p.exports.Store(&empty)
 	return p
@@ -149,6 +175,9 @@ func (p *Provider) SetExports(es []Export) {
 		m[e.Port] = &export{Export: e, st: st}
 	}
 	p.exports.Store(&m)
+	if !p.closed {
+		p.setCheckersLocked(es)
+	}
 }
 
 // HandleTCP is the netstack's handler for inbound TCP. It runs on its own
@@ -353,16 +382,25 @@ type ExportStatus struct {
 	Busy           int64
 	Sent, Received int64
 	LastError      string
+	// Health is the last check of the target (Checked false with checks
+	// off or before the first).
+	Health ExportHealth
 }
 
 // Status reports the exported services sorted by name. Sent is bytes from
 // consumers to the target.
 func (p *Provider) Status() []ExportStatus {
+	p.mu.Lock()
+	health := make(map[string]ExportHealth, len(p.health))
+	for k, v := range p.health {
+		health[k] = v
+	}
+	p.mu.Unlock()
 	var out []ExportStatus
 	for _, e := range *p.exports.Load() {
 		s := ExportStatus{Export: e.Export, Open: e.st.open.Load(), Total: e.st.total.Load(),
 			Denied: e.st.denied.Load(), Failed: e.st.failed.Load(), Busy: e.st.busy.Load(),
-			Sent: e.st.ctr.Sent.Load(), Received: e.st.ctr.Received.Load()}
+			Sent: e.st.ctr.Sent.Load(), Received: e.st.ctr.Received.Load(), Health: health[e.Name]}
 		if le := e.st.lastErr.Load(); le != nil {
 			s.LastError = *le
 		}
@@ -382,6 +420,10 @@ func (p *Provider) Close() {
 		in.mesh.Close()
 		in.target.Close()
 	}
+	for name := range p.checkers {
+		p.stopCheckerLocked(name)
+	}
 	p.mu.Unlock()
 	p.wg.Wait()
+	p.hwg.Wait()
 }

@@ -3,10 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -105,7 +108,8 @@ func TestJSONShapes(t *testing.T) {
 		em := e.(map[string]any)
 		hasKeys(t, "services exported", em, map[string]string{"name": "string", "target": "string", "port": "number", "source": "string",
 			"announced": "bool", "open": "number", "total": "number", "denied": "number", "failed": "number",
-			"sent_bytes": "number", "received_bytes": "number", "last_error": "string|null"})
+			"sent_bytes": "number", "received_bytes": "number", "last_error": "string|null",
+			"priority": "number", "weight": "number", "version": "string|null", "health_check": "string", "health": "string|null"})
 		sources[em["name"].(string)] = em["source"]
 	}
 	if sources["echo"] != "flag" || sources["extra"] != "runtime" {
@@ -128,10 +132,12 @@ func TestJSONShapes(t *testing.T) {
 	})
 	hasKeys(t, "services consumed", consumed, map[string]string{"name": "string", "vip": "string", "local": "string", "listening": "bool",
 		"last_error": "null", "providers": "array", "open": "number", "total": "number", "failed": "number",
-		"sent_bytes": "number", "received_bytes": "number"})
+		"sent_bytes": "number", "received_bytes": "number", "refused": "number", "refusing": "string|null",
+		"locality": "string|null", "affinity": "string|null"})
 	prov := consumed["providers"].([]any)[0].(map[string]any)
 	hasKeys(t, "services provider", prov, map[string]string{"name": "string", "addr": "string", "local": "bool", "online": "bool",
-		"healthy": "bool", "open": "number", "last_error": "string|null"})
+		"healthy": "bool", "open": "number", "last_error": "string|null", "health": "string", "priority": "number", "weight": "number",
+		"version": "string|null", "region": "string|null", "selected": "number", "share": "number"})
 
 	// ping by name, FQDN and mesh IP: the rounds stop once direct.
 	rep := jsonObject(t, "ping", "site-b", "--json", "--state", stateA, "--count", "20")
@@ -323,4 +329,47 @@ func TestTokenInspect(t *testing.T) {
 	m.StopCoordinator()
 	down := jsonObject(t, "token", "inspect", tok, "--json")
 	hasKeys(t, "token inspect, coordinator down", down, map[string]string{"checked": "bool", "error": "string", "uses_left": "null"})
+}
+
+// TestExposeTraffic: meshlink expose --priority --weight --version
+// --health announces how consumers choose the provider, and warns at once
+// when the target does not answer; services shows it at both ends.
+func TestExposeTraffic(t *testing.T) {
+	m := harness.NewMesh(t)
+	m.AddAgent("site-b", harness.AgentOptions{})
+	cfgA := m.AgentConfig("site-a", harness.AgentOptions{})
+	if _, err := harness.StartAgent(t, cfgA); err != nil {
+		t.Fatal(err)
+	}
+	stateA, stateB := cfgA.StateDir, filepath.Join(m.Dir(), "site-b")
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close()
+	stdout, stderr, code := runMain(t, "expose", "web", dead, "--priority", "2", "--weight", "5", "--version", "v2", "--health", "http:/healthz", "--state", stateB)
+	if code != 0 || !strings.Contains(stderr, "warning: the target "+dead+" does not answer (connection refused)") {
+		t.Fatalf("expose of a dead target: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if _, stderr, code := runMain(t, "expose", "bad", dead, "--health", "udp", "--state", stateB); code == 0 || !strings.Contains(stderr, `want "tcp", "none"`) {
+		t.Errorf("a bad --health: exit %d %s", code, stderr)
+	}
+	tstest.WaitForNil(t, 10*time.Second, "web unhealthy in site-b's services", func() error {
+		out, _, _ := runMain(t, "services", "--state", stateB)
+		if !strings.Contains(out, "unhealthy (connection refused)") {
+			return errors.New(out)
+		}
+		return nil
+	})
+	tstest.WaitForNil(t, 10*time.Second, "site-a to see web unhealthy", func() error {
+		out, _, _ := runMain(t, "services", "--state", stateA)
+		for _, want := range []string{"web", "site-b(unhealthy)", "refusing connections: no healthy provider: site-b unhealthy (connection refused)",
+			"PRIORITY", "v2"} {
+			if !strings.Contains(out, want) {
+				return fmt.Errorf("no %q in\n%s", want, out)
+			}
+		}
+		if !regexp.MustCompile(`web\s+site-b\s+2\s+5\s+v2\s+unhealthy \(connection refused\)`).MatchString(out) {
+			return fmt.Errorf("no provider row in\n%s", out)
+		}
+		return nil
+	})
 }

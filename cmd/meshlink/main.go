@@ -675,9 +675,10 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "dns", Value: "127.0.0.1:53", Usage: "DNS listen address, or off", EnvVars: env("DNS")},
 			&cli.StringSliceFlag{Name: "dns-allow", Usage: "networks allowed to query DNS besides loopback, CIDR[,CIDR...]; needed when --dns is not a loopback address", EnvVars: env("DNS_ALLOW")},
 			&cli.StringSliceFlag{Name: "dns-upstream", Usage: "resolvers for non-mesh names (default: /etc/resolv.conf)", EnvVars: env("DNS_UPSTREAM")},
-			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT (repeatable)", EnvVars: env("EXPOSE")},
+			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT[;OPTION=VALUE...] (repeatable); options port, priority, weight, version, health as for meshlink expose, e.g. web=127.0.0.1:8000;weight=10;version=v2", EnvVars: env("EXPOSE")},
+			&cli.StringFlag{Name: "region", Usage: "this node's region, for services whose policy prefers providers in the consumer's region (locality: prefer-same-region)", EnvVars: env("REGION")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
-			&cli.DurationFlag{Name: "dial-timeout", Value: 3 * time.Second, Usage: "time to reach one provider before trying the next", EnvVars: env("DIAL_TIMEOUT")},
+			&cli.DurationFlag{Name: "dial-timeout", Value: time.Second, Usage: "time to reach one provider before it is marked failing and the next is tried", EnvVars: env("DIAL_TIMEOUT")},
 			&cli.BoolFlag{Name: "relay-only", Usage: "never use direct UDP paths, always the relay (diagnosis)", EnvVars: env("RELAY_ONLY")},
 			&cli.StringFlag{Name: "socks5", Usage: "serve a SOCKS5 proxy on this address (e.g. 127.0.0.1:1080): mesh names through the mesh, others direct; default off", EnvVars: env("SOCKS5")},
 			&cli.StringFlag{Name: "http-proxy", Usage: "serve an HTTP proxy (CONNECT and http:// URLs) on this address (e.g. 127.0.0.1:3128); default off", EnvVars: env("HTTP_PROXY")},
@@ -758,7 +759,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		StateDir: stateDir(c), Join: join, JoinFile: c.String("join-file"), Name: c.String("name"),
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
-		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"),
+		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"), Region: c.String("region"),
 		SOCKS5: c.String("socks5"), HTTPProxy: c.String("http-proxy"), ProxyMeshOnly: c.Bool("proxy-mesh-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
@@ -807,6 +808,10 @@ func exposeCmd() *cli.Command {
 			stateFlag(),
 			&cli.UintFlag{Name: "port", Usage: "port consumers use (default: the target's port)", EnvVars: env("PORT")},
 			&cli.BoolFlag{Name: "replace", Usage: "replace the target of a service this site already exports", EnvVars: env("REPLACE")},
+			&cli.IntFlag{Name: "priority", Usage: "consumers send every connection to the healthy providers of the lowest priority, failing over to the next", EnvVars: env("EXPOSE_PRIORITY")},
+			&cli.IntFlag{Name: "weight", Usage: "this provider's share among those of its priority (default 1)", EnvVars: env("EXPOSE_WEIGHT")},
+			&cli.StringFlag{Name: "version", Usage: "version label of what this provider runs, for a traffic split in the policy (e.g. v2)", EnvVars: env("EXPOSE_VERSION")},
+			&cli.StringFlag{Name: "health", Usage: "how the target is checked every 2s: tcp (connect; the default), http:/PATH (GET, expect 2xx-3xx), http:/PATH@STATUS, or none", EnvVars: env("EXPOSE_HEALTH")},
 		},
 		Action: func(c *cli.Context) error {
 			if err := wantArgs(c, 2, "NAME HOST:PORT"); err != nil {
@@ -818,6 +823,7 @@ func exposeCmd() *cli.Command {
 			cl := newLocalClient(c)
 			req := localapiExpose(c.Args().Get(0), c.Args().Get(1), uint16(c.Uint("port")))
 			req.Replace = c.Bool("replace")
+			req.Priority, req.Weight, req.Version, req.Health = c.Int("priority"), c.Int("weight"), c.String("version"), c.String("health")
 			r, err := cl.Expose(c.Context, req)
 			if err != nil {
 				return err
@@ -825,6 +831,9 @@ func exposeCmd() *cli.Command {
 			fmt.Printf("exposed %s -> %s on mesh port %d\n", r.Export.Name, r.Export.Target, r.Export.Port)
 			if r.Note != "" {
 				fmt.Println(r.Note)
+			}
+			if r.Warning != "" {
+				fmt.Fprintln(os.Stderr, "warning: "+r.Warning)
 			}
 			return nil
 		},

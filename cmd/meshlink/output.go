@@ -99,6 +99,13 @@ type consumedJSON struct {
 	Failed        int64          `json:"failed"`
 	SentBytes     int64          `json:"sent_bytes"`
 	ReceivedBytes int64          `json:"received_bytes"`
+	// Refused counts connections refused at once (no healthy provider);
+	// Refusing says why new ones would be now (null: they would not).
+	Refused  int64          `json:"refused"`
+	Refusing *string        `json:"refusing"`
+	Split    map[string]int `json:"split"`
+	Locality *string        `json:"locality"`
+	Affinity *string        `json:"affinity"`
 }
 
 type providerJSON struct {
@@ -109,6 +116,16 @@ type providerJSON struct {
 	Healthy   bool    `json:"healthy"`
 	Open      int64   `json:"open"`
 	LastError *string `json:"last_error"`
+	// Health is "ok", "unhealthy (why)" or "not answering (why)".
+	Health   string  `json:"health"`
+	Priority int     `json:"priority"`
+	Weight   int     `json:"weight"`
+	Version  *string `json:"version"`
+	Region   *string `json:"region"`
+	// Selected counts the connections it took; Share is its fraction of
+	// the service's last 1000.
+	Selected int64   `json:"selected"`
+	Share    float64 `json:"share"`
 }
 
 type exportedJSON struct {
@@ -126,6 +143,13 @@ type exportedJSON struct {
 	SentBytes     int64   `json:"sent_bytes"`
 	ReceivedBytes int64   `json:"received_bytes"`
 	LastError     *string `json:"last_error"`
+	Priority      int     `json:"priority"`
+	Weight        int     `json:"weight"`
+	Version       *string `json:"version"`
+	// HealthCheck is "tcp", "http:/PATH[@STATUS]" or "none"; Health the
+	// last result ("ok", "unhealthy (why)"), null before the first.
+	HealthCheck string  `json:"health_check"`
+	Health      *string `json:"health"`
 }
 
 // orNull is s, or nil (JSON null) when s is empty.
@@ -210,21 +234,24 @@ func toServicesJSON(s *localapi.Services) servicesJSON {
 	out := servicesJSON{Consumed: []consumedJSON{}, Exported: []exportedJSON{}}
 	for _, sv := range s.Consumed {
 		c := consumedJSON{Name: sv.Name, VIP: sv.VIP, Local: sv.Local, Port: sv.Port, Note: orNull(sv.Note), Listening: sv.Listening, LastError: orNull(sv.Error),
-			Providers: []providerJSON{}, Open: sv.Open, Total: sv.Total, Failed: sv.Failed, SentBytes: sv.Sent, ReceivedBytes: sv.Received}
+			Providers: []providerJSON{}, Open: sv.Open, Total: sv.Total, Failed: sv.Failed, SentBytes: sv.Sent, ReceivedBytes: sv.Received,
+			Refused: sv.Refused, Refusing: orNull(sv.Refusing), Split: sv.Split, Locality: orNull(sv.Locality), Affinity: orNull(sv.Affinity)}
 		if sv.FallbackPort != 0 {
 			fp := sv.FallbackPort
 			c.FallbackPort = &fp
 		}
 		for _, p := range sv.Providers {
 			c.Providers = append(c.Providers, providerJSON{Name: p.Name, Addr: p.Addr, Local: p.Local, Online: p.Online, Healthy: p.Healthy,
-				Open: p.Open, LastError: orNull(p.LastError)})
+				Open: p.Open, LastError: orNull(p.LastError), Health: p.Health, Priority: p.Priority, Weight: max(p.Weight, 1),
+				Version: orNull(p.Version), Region: orNull(p.Region), Selected: p.Selected, Share: p.Share})
 		}
 		out.Consumed = append(out.Consumed, c)
 	}
 	for _, e := range s.Exported {
 		out.Exported = append(out.Exported, exportedJSON{Name: e.Name, Target: e.Target, Port: e.Port, Source: exportSource(e),
 			Announced: e.Announced, Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed,
-			SentBytes: e.Sent, ReceivedBytes: e.Received, LastError: orNull(e.LastError)})
+			SentBytes: e.Sent, ReceivedBytes: e.Received, LastError: orNull(e.LastError),
+			Priority: e.Priority, Weight: max(e.Weight, 1), Version: orNull(e.Version), HealthCheck: e.HealthCheck, Health: orNull(e.Health)})
 	}
 	return out
 }

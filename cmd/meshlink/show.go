@@ -53,6 +53,8 @@ func servicesCmd() *cli.Command {
 						st += "(local)"
 					case !p.Online:
 						st += "(offline)"
+					case strings.HasPrefix(p.Health, "unhealthy"):
+						st += "(unhealthy)"
 					case !p.Healthy:
 						st += "(failing)"
 					}
@@ -62,6 +64,8 @@ func servicesCmd() *cli.Command {
 				switch {
 				case !sv.Listening:
 					state = "not listening: " + sv.Error
+				case sv.Refusing != "":
+					state = "refusing connections: " + sv.Refusing
 				case sv.FallbackPort != 0:
 					state = fmt.Sprintf("ok, on port %d: port %d needs privileges", sv.FallbackPort, sv.Port)
 					notes = append(notes, sv.Name+": "+sv.Note)
@@ -72,16 +76,17 @@ func servicesCmd() *cli.Command {
 			for _, n := range notes {
 				fmt.Println(n)
 			}
+			printProviders(s.Consumed)
 			if len(s.Exported) > 0 {
 				fmt.Println()
 				tw = tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "EXPORTED\tTARGET\tMESH PORT\tOPEN\tTOTAL\tDENIED\tANNOUNCED\tSET BY")
+				fmt.Fprintln(tw, "EXPORTED\tTARGET\tMESH PORT\tOPEN\tTOTAL\tDENIED\tANNOUNCED\tSET BY\tHEALTH")
 				for _, e := range s.Exported {
 					by := "meshlink expose (saved)"
 					if exportSource(e) == localapi.SourceFlag {
 						by = "agent --expose"
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%v\t%s\n", e.Name, e.Target, e.Port, e.Open, e.Total, e.Denied, e.Announced, by)
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%v\t%s\t%s\n", e.Name, e.Target, e.Port, e.Open, e.Total, e.Denied, e.Announced, by, exportHealthText(e))
 				}
 				tw.Flush()
 			}
@@ -216,4 +221,52 @@ func keyExpiry(n localapi.Node, now time.Time) string {
 	default:
 		return fmt.Sprintf("%s (in %s; rotated automatically before)", n.KeyExpiry.UTC().Format(time.RFC3339), ago(n.KeyExpiry.Sub(now)))
 	}
+}
+
+// printProviders lists every provider of the consumed services with how
+// connections are shared between them, when there is a choice to show.
+func printProviders(svcs []localapi.Service) {
+	rows := 0
+	for _, sv := range svcs {
+		rows += len(sv.Providers)
+	}
+	if rows == 0 {
+		return
+	}
+	fmt.Println()
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tPROVIDER\tPRIORITY\tWEIGHT\tVERSION\tHEALTH\tOPEN\tSHARE\tTOTAL")
+	for _, sv := range svcs {
+		for _, p := range sv.Providers {
+			w := p.Weight
+			if w == 0 {
+				w = 1
+			}
+			if pct, ok := sv.Split[p.Version]; ok {
+				// The split decides between versions, not the weights.
+				fmt.Fprintf(tw, "%s\t%s\t%d\tsplit %d%%\t%s\t%s\t%d\t%.0f%%\t%d\n", sv.Name, p.Name, p.Priority, pct, orDash(p.Version), orDash(p.Health), p.Open, p.Share*100, p.Selected)
+				continue
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%d\t%.0f%%\t%d\n", sv.Name, p.Name, p.Priority, w, orDash(p.Version), orDash(p.Health), p.Open, p.Share*100, p.Selected)
+		}
+	}
+	tw.Flush()
+}
+
+// exportHealthText is an export's health for people.
+func exportHealthText(e localapi.Export) string {
+	switch {
+	case e.HealthCheck == "none":
+		return "not checked"
+	case e.Health == "":
+		return "checking"
+	}
+	return e.Health
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

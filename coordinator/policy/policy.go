@@ -82,7 +82,19 @@ type Policy struct {
 // Service is a per-service entry.
 type Service struct {
 	Owners []Selector `yaml:"owners"`
+	// Split shares new connections between provider versions by
+	// percentage (summing to 100), overriding their weights: the canary
+	// of a rollout, {v1: 90, v2: 10}.
+	Split map[string]int `yaml:"split"`
+	// Locality is wire.LocalitySameSite or wire.LocalitySameRegion.
+	Locality string `yaml:"locality"`
+	// Affinity is wire.AffinityClient (or "none"): one client address
+	// stays on one provider.
+	Affinity string `yaml:"affinity"`
 }
+
+// traffic reports whether the entry sets how traffic is shared.
+func (s Service) traffic() bool { return len(s.Split) > 0 || s.Locality != "" || s.Affinity != "" }
 
 // Rule is one access rule.
 type Rule struct {
@@ -340,7 +352,7 @@ func fieldsOf(typ string) string {
 	case "policy.Test":
 		return "from, allow, deny"
 	case "policy.Service":
-		return "owners"
+		return "owners, split, locality, affinity"
 	}
 	return "?"
 }
@@ -511,9 +523,11 @@ func (p *Policy) check(ps *problems) {
 		if err := wire.ValidName(name); err != nil {
 			ps.add(line, "service %q: %v", name, err)
 		}
-		if len(p.Services[name].Owners) == 0 {
+		sv := p.Services[name]
+		if len(sv.Owners) == 0 && !sv.traffic() {
 			ps.add(line, "service %q lists no owners; remove the entry or name who may provide it", name)
 		}
+		p.checkTraffic(ps, line, name, sv)
 		list(p.Services[name].Owners, placeOwner, line, "services."+name+".owners")
 	}
 	for i, r := range p.Rules {
@@ -574,4 +588,34 @@ func (p *Policy) File() string { return p.file }
 func (p *Policy) TagDefined(tag string) bool {
 	_, ok := p.TagOwners[tag]
 	return ok
+}
+
+// checkTraffic checks a service's split, locality and affinity.
+func (p *Policy) checkTraffic(ps *problems, line int, name string, sv Service) {
+	if len(sv.Split) > 0 {
+		sum := 0
+		for _, v := range sortedKeys(sv.Split) {
+			pct := sv.Split[v]
+			if err := wire.ValidVersion(v); err != nil {
+				ps.add(line, "service %q: split: %v", name, err)
+			}
+			if pct < 0 || pct > 100 {
+				ps.add(line, "service %q: split: %s: %d must be a percentage from 0 to 100", name, v, pct)
+			}
+			sum += pct
+		}
+		if sum != 100 {
+			ps.add(line, "service %q: split percentages sum to %d; make them sum to 100, e.g. {v1: 90, v2: 10}", name, sum)
+		}
+	}
+	switch sv.Locality {
+	case "", wire.LocalitySameSite, wire.LocalitySameRegion:
+	default:
+		ps.add(line, "service %q: locality %q must be %s or %s", name, sv.Locality, wire.LocalitySameSite, wire.LocalitySameRegion)
+	}
+	switch sv.Affinity {
+	case "", "none", wire.AffinityClient:
+	default:
+		ps.add(line, "service %q: affinity %q must be %q or \"none\"", name, sv.Affinity, wire.AffinityClient)
+	}
 }

@@ -170,6 +170,12 @@ var migrations = []string{
 	`ALTER TABLE nodes ADD COLUMN key_expiry INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE nodes ADD COLUMN key_lifetime INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE tokens ADD COLUMN key_expiry INTEGER NOT NULL DEFAULT 0;`,
+	// 12: traffic management: each provider's priority, weight and
+	// version label as its node announced them; each node's region.
+	`ALTER TABLE providers ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE providers ADD COLUMN weight INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE providers ADD COLUMN version TEXT NOT NULL DEFAULT '';
+	ALTER TABLE nodes ADD COLUMN region TEXT NOT NULL DEFAULT '';`,
 }
 
 // Options tune an SQLite store; the zero value is the default for each.
@@ -591,7 +597,7 @@ func (s *SQLite) RevokeToken(ctx context.Context, id string) error {
 	return nil
 }
 
-const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id, key_expiry, key_lifetime`
+const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id, key_expiry, key_lifetime, region`
 
 func scanNode(r scanner) (Node, error) {
 	var n Node
@@ -600,7 +606,7 @@ func scanNode(r scanner) (Node, error) {
 	var eph int
 	var created, lastSeen, keyExpiry, keyLifetime int64
 	var port int
-	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID, &keyExpiry, &keyLifetime); err != nil {
+	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID, &keyExpiry, &keyLifetime, &n.Region); err != nil {
 		return n, err
 	}
 	n.KeyExpiry, n.KeyLifetime = fromUnixNano(keyExpiry), time.Duration(keyLifetime)
@@ -1137,14 +1143,39 @@ func (s *SQLite) ListServices(ctx context.Context) ([]Service, error) {
 
 // ListProviders implements Store.
 func (s *SQLite) ListProviders(ctx context.Context) ([]Provider, error) {
-	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port FROM providers ORDER BY service, node_id`)
+	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port, priority, weight, version FROM providers ORDER BY service, node_id`)
+}
+
+// SetProviderTraffic implements Store.
+func (s *SQLite) SetProviderTraffic(ctx context.Context, service string, nodeID wire.NodeID, t Traffic) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE providers SET priority = ?, weight = ?, version = ? WHERE service = ? AND node_id = ?`,
+		t.Priority, t.Weight, t.Version, service, int64(nodeID))
+	if err != nil {
+		return fmt.Errorf("store: provider %q of node %d: %w", service, nodeID, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("provider %q of node %d: %w", service, nodeID, ErrNotFound)
+	}
+	return nil
+}
+
+// SetNodeRegion implements Store.
+func (s *SQLite) SetNodeRegion(ctx context.Context, id wire.NodeID, region string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET region = ? WHERE id = ?`, region, int64(id))
+	if err != nil {
+		return fmt.Errorf("store: node %d region: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("node %d: %w", id, ErrNotFound)
+	}
+	return nil
 }
 
 func scanProvider(r scanner) (Provider, error) {
 	var p Provider
 	var id int64
 	var port int
-	if err := r.Scan(&p.Service, &id, &port); err != nil {
+	if err := r.Scan(&p.Service, &id, &port, &p.Priority, &p.Weight, &p.Version); err != nil {
 		return p, err
 	}
 	p.NodeID, p.Port = wire.NodeID(id), uint16(port)

@@ -119,6 +119,8 @@ type Node struct {
 	// KeyLifetime is the key lifetime the node's token set (0: the
 	// coordinator's); the coordinator's caps it.
 	KeyLifetime time.Duration
+	// Region is the label the node joined with ("" if none).
+	Region string
 }
 
 // KeyExpired reports whether n's key has expired at now.
@@ -167,6 +169,15 @@ type Provider struct {
 	Service string
 	NodeID  wire.NodeID
 	Port    uint16
+	Traffic
+}
+
+// Traffic is how consumers choose a provider (wire.Provider's fields of
+// the same names), as its node announced it.
+type Traffic struct {
+	Priority int
+	Weight   int
+	Version  string
 }
 
 // Registration describes a node joining, with a token or by approval.
@@ -435,6 +446,11 @@ type Store interface {
 	DeleteIdleServices(ctx context.Context, grace time.Duration) ([]string, error)
 	ListServices(ctx context.Context) ([]Service, error)
 	ListProviders(ctx context.Context) ([]Provider, error)
+	// SetProviderTraffic sets a provider's priority, weight and version;
+	// ErrNotFound if the node does not provide the service.
+	SetProviderTraffic(ctx context.Context, service string, nodeID wire.NodeID, t Traffic) error
+	// SetNodeRegion sets the node's region label.
+	SetNodeRegion(ctx context.Context, id wire.NodeID, region string) error
 
 	// RegisterRelay validates a relay token and creates the relay (or, for
 	// the same name and key, renews its secret) in one transaction,

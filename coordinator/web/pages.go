@@ -85,6 +85,7 @@ var funcs = template.FuncMap{
 	},
 	"bytes": humanBytes,
 	"join":  strings.Join,
+	"pct":   func(f float64) string { return fmt.Sprintf("%.0f%%", f*100) },
 }
 
 func humanBytes(n int64) string {

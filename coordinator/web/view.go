@@ -75,6 +75,9 @@ type ViewService struct {
 	Total           int64 `json:"total"`
 	Failed          int64 `json:"failed"`
 	Bytes           int64 `json:"bytes"`
+	// Split and Locality are the service's traffic policy.
+	Split    map[string]int `json:"split,omitempty"`
+	Locality string         `json:"locality,omitempty"`
 }
 
 // ViewEnd is one node's side of a service.
@@ -92,6 +95,15 @@ type ViewEnd struct {
 	// when that is not the service's own (a privileged port it may not
 	// bind, served on port+10000).
 	LocalPort uint16 `json:"local_port,omitempty"`
+	// Priority, Weight, Version and Health (with HealthError) describe a
+	// provider as consumers choose it; Share is its fraction of the
+	// connections its service's visible providers took since they started.
+	Priority    int     `json:"priority"`
+	Weight      int     `json:"weight,omitempty"`
+	Version     string  `json:"version,omitempty"`
+	Health      string  `json:"health,omitempty"`
+	HealthError string  `json:"health_error,omitempty"`
+	Share       float64 `json:"share"`
 }
 
 type ViewToken struct {
@@ -277,6 +289,7 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 			s := provStats[key{sv.Name, p.Node}]
 			e := end(p.Node, s)
 			e.Port = p.Port
+			e.Priority, e.Weight, e.Version, e.Health, e.HealthError = p.Priority, max(p.Weight, wire.DefaultWeight), p.Version, p.Health, p.HealthError
 			vs.Providers = append(vs.Providers, e)
 			pOpen, pTotal, pBytes = pOpen+s.Open, pTotal+s.Total, pBytes+s.BytesSent+s.BytesReceived
 			vs.Failed += s.Failed + s.Denied
@@ -294,6 +307,12 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		// Every connection is seen at both ends when both report; a
 		// viewer who sees one end only still gets its numbers.
 		vs.Open, vs.Total, vs.Bytes = max(pOpen, cOpen), max(pTotal, cTotal), max(pBytes, cBytes)
+		vs.Split, vs.Locality = sv.Split, sv.Locality
+		for i := range vs.Providers {
+			if pTotal > 0 {
+				vs.Providers[i].Share = float64(vs.Providers[i].Total) / float64(pTotal)
+			}
+		}
 		snap.Services = append(snap.Services, vs)
 	}
 

@@ -121,6 +121,8 @@ type AgentOptions struct {
 	StateDir   string
 	// Token defaults to a fresh reusable one; "-" joins with none.
 	Token string
+	// Region is the agent's --region.
+	Region string
 }
 
 var proxySeq struct {
@@ -165,7 +167,7 @@ func (m *Mesh) AgentConfig(name string, o AgentOptions) agent.Config {
 		StateDir: o.StateDir, Join: o.Token, Name: name, DNS: "127.0.0.1:0",
 		Upstreams: []string{}, Expose: o.Expose, ProxyRange: o.ProxyRange,
 		Logger: Logger(m.t, name), RetryMin: 50 * time.Millisecond, RetryMax: 500 * time.Millisecond,
-		DialTimeout: time.Second,
+		DialTimeout: time.Second, Region: o.Region,
 	}
 }
 

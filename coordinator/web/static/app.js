@@ -81,7 +81,10 @@
         el("td", null, el("strong", null, v.name)),
         el("td", { class: "mono" }, v.vip),
         el("td", null, v.port),
-        el("td", { class: "small" }, v.providers.map((p) => el("div", null, p.name + ":" + p.port + " ", p.online ? pill("ok", "up") : pill("off", "down"))),
+        el("td", { class: "small" }, v.providers.map((p) => el("div", null, p.name + ":" + p.port + " ",
+          !p.online ? pill("off", "down") : p.health === "unhealthy" ? pill("bad", "unhealthy") : pill("ok", "up"),
+          el("span", { class: "muted" }, " prio " + p.priority + " · weight " + (p.weight || 1) + (p.version ? " · " + p.version : "") +
+            " · " + p.open + " open · " + Math.round((p.share || 0) * 100) + "%" + (p.health_error ? " " + p.health_error : "")))),
           v.hidden_providers ? el("div", { class: "muted" }, "+" + v.hidden_providers + " other site(s)") : null),
         el("td", { class: "small" }, v.consumers.length ? v.consumers.map((c) => el("div", null, c.name + " ", muted(c.open + " open"), c.local_port ? [" ", el("span", { class: "pill", title: "port " + v.port + " needs privileges at this site: served on " + c.local_port + "; setcap cap_net_bind_service=+ep on meshlink gives it the real port" }, "local port " + c.local_port)] : null)) : muted("—")),
         el("td", null, v.open),
