@@ -214,8 +214,11 @@ func (p *policy) decide(src netip.Addr, service string) (peer policyPeer, known,
 	if !known {
 		return peer, false, false
 	}
+	// AllowedNodes holds IDs, which the coordinator gives; never names,
+	// which whoever joins a node chooses ("3" is a valid node name).
+	id := strconv.FormatUint(uint64(peer.id), 10)
 	for _, who := range p.allowed[service] {
-		if who == "*" || who == peer.name || who == strconv.FormatUint(uint64(peer.id), 10) {
+		if who == "*" || who == id {
 			return peer, true, true
 		}
 	}

@@ -269,7 +269,7 @@ func TestPolicy(t *testing.T) {
 		want    bool
 	}{
 		{"anyone", p, bAddr, "open", "b", true},
-		{"allowed by name", p, bAddr, "by-name", "b", true},
+		{"a name is no node ID", p, bAddr, "by-name", "b", false},
 		{"not named", p, cAddr6, "by-name", "c", false},
 		{"allowed by node ID over IPv6", p, cAddr6, "by-id", "c", true},
 		{"nobody", p, bAddr, "closed", "b", false},
@@ -286,5 +286,28 @@ func TestPolicy(t *testing.T) {
 				t.Fatalf("allow(%s, %s) = %q, %v; want %q, %v", tc.src, tc.service, peer, ok, tc.peer, tc.want)
 			}
 		})
+	}
+}
+
+// TestPolicyNodeNamedLikeAnID: AllowedNodes holds node IDs. A member who
+// names its node after the decimal ID of a node the policy lets in ("3")
+// must not be let in by its name: node names are chosen by whoever joins,
+// IDs by the coordinator.
+func TestPolicyNodeNamedLikeAnID(t *testing.T) {
+	self, mallory, carol := node(1, "self"), node(2, "3"), node(3, "carol")
+	nm := &wire.NetworkMap{Self: self, Peers: []wire.Node{mallory, carol}, Services: []wire.Service{
+		{Name: "db", AllowedNodes: []string{"3"}}, // carol's ID
+	}}
+	p := desiredConfig(desiredInput{Map: nm, Config: testCfg}).Policy
+	for _, a := range mallory.Addresses {
+		if _, ok := p.allow(a.Addr(), "db"); ok {
+			t.Errorf("node 2, named %q, reaches db (allowed: node ID 3) from %s", mallory.Name, a.Addr())
+		}
+		if why := p.closeReason(a.Addr(), "db", []proxy.Export{{Name: "db"}}); why == "" {
+			t.Errorf("an open connection of node 2, named %q, to db is kept", mallory.Name)
+		}
+	}
+	if _, ok := p.allow(carol.Addresses[0].Addr(), "db"); !ok {
+		t.Error("carol (node 3) is refused db")
 	}
 }
