@@ -213,16 +213,23 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 		}
 	}
 	slices.SortFunc(snap.keys, key.Public.Compare)
+	pol := s.currentPolicy().p
+	var users []store.User
+	if !pol.AllowsAll() || pol != nil && len(pol.Services) > 0 {
+		if users, err = s.store.ListUsers(ctx); err != nil {
+			return nil, err
+		}
+	}
+	mayProvide := providerCheck(pol, nodes, snap.byID, users)
 	byService := map[string][]wire.Provider{}
 	for _, p := range provs {
-		if snap.expired[p.NodeID] {
+		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) {
 			continue
 		}
 		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version}
 		wp.Health, wp.HealthError = s.health.get(p.NodeID, p.Service)
 		byService[p.Service] = append(byService[p.Service], wp)
 	}
-	pol := s.currentPolicy().p
 	for _, sv := range svcs {
 		ps := byService[sv.Name]
 		if len(ps) == 0 {
@@ -237,14 +244,32 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 		snap.services = append(snap.services, ws)
 	}
 	if !pol.AllowsAll() {
-		users, err := s.store.ListUsers(ctx)
-		if err != nil {
-			return nil, err
-		}
 		snap.access = evaluateAccess(pol, nodes, users, svcs, snap.services)
 	}
 	s.snap = snap
 	return snap, nil
+}
+
+// providerCheck returns whether the policy lets a node provide a service:
+// services.NAME.owners holds for providers that exposed NAME before the
+// policy listed its owners (or before their owner lost the role it names)
+// too, not only at expose (checkProvide).
+func providerCheck(pol *policy.Policy, nodes []store.Node, byNode map[wire.NodeID]int, users []store.User) func(wire.NodeID, string) bool {
+	if pol == nil || len(pol.Services) == 0 {
+		return func(wire.NodeID, string) bool { return true }
+	}
+	byID := make(map[int64]store.User, len(users))
+	for _, u := range users {
+		byID[u.ID] = u
+	}
+	return func(id wire.NodeID, service string) bool {
+		i, ok := byNode[id]
+		if !ok {
+			return false
+		}
+		_, may, _ := pol.CanProvide(nodePrincipal(nodes[i], byID), service)
+		return may
+	}
 }
 
 // evaluateAccess decides, for every node and service, whether the node

@@ -266,3 +266,48 @@ func TestPolicyAutogroupSelf(t *testing.T) {
 		}
 	}
 }
+
+// TestPolicyOwnersApplyToExistingProviders: services.NAME.owners says who
+// may provide NAME, and that holds for a node that exposed it before the
+// policy named its owners. Bob's node takes the name pay first; the admin
+// then gives pay to alice: bob's node must no longer be offered to pay's
+// consumers (who would send it their traffic), nor learn who they are.
+func TestPolicyOwnersApplyToExistingProviders(t *testing.T) {
+	m := newPolicyMesh(t)
+	if st, body := expose(t, m.c, m.s.URL(), m.bobs, "pay", 9000); st != 200 {
+		t.Fatalf("bob exposes pay (no owners listed yet): %d %s", st, body)
+	}
+	var nm wire.NetworkMap // carol's, applied delta by delta
+	carol := func(what string, have func() bool) {
+		t.Helper()
+		m.carSt.next(t, 20*time.Second, what, func(r wire.MapResponse) bool { nm.Apply(&r); return have() })
+	}
+	carol("carol's map with pay", func() bool { return slices.Contains(serviceNames(nm), "pay") })
+	pol := strings.Replace(threeUsersPolicy, "services:\n", "services:\n  pay:\n    owners: [user:alice]\n", 1)
+	if _, err := m.s.SetPolicy(context.Background(), "p.yaml", pol, "test"); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := expose(t, m.c, m.s.URL(), m.web1, "pay", 9000); st != 200 {
+		t.Fatalf("alice's node exposes pay: %d", st)
+	}
+	providers := func(nm wire.NetworkMap) []wire.NodeID {
+		for _, sv := range nm.Services {
+			if sv.Name == "pay" {
+				var ids []wire.NodeID
+				for _, p := range sv.Providers {
+					ids = append(ids, p.Node)
+				}
+				return ids
+			}
+		}
+		return nil
+	}
+	// Carol may reach everything: her map must offer pay from web1 alone.
+	carol("carol's map with alice's pay", func() bool { return slices.Contains(providers(nm), m.web1.ID) })
+	if got := providers(nm); !slices.Equal(got, []wire.NodeID{m.web1.ID}) {
+		t.Errorf("carol's map offers pay from %v (peers %v); the policy lets only alice's nodes (%d) provide it, not bob's (%d)", got, peerNames(nm), m.web1.ID, m.bobs.ID)
+	}
+	if slices.Contains(peerNames(nm), "bobs") {
+		t.Errorf("carol's map lists bobs as a peer, though bob provides nothing she may use: %v", peerNames(nm))
+	}
+}
