@@ -25,6 +25,10 @@ const (
 	// maxDenialPairs bounds the table; denials of pairs beyond it (a mesh
 	// with very many of them at once) are dropped with a log line.
 	maxDenialPairs = 8192
+	// maxDenialPairsPerProvider bounds one provider's share of the
+	// table, so that a node reporting denials for every pair it can name
+	// does not crowd out the real ones of the others.
+	maxDenialPairsPerProvider = 256
 	// maxDenialCount bounds one reported count: more than any agent could
 	// refuse, small enough that sums cannot overflow.
 	maxDenialCount = 1 << 40
@@ -46,8 +50,10 @@ type denialState struct {
 
 // denialEvents coalesces reported denials into events.
 type denialEvents struct {
-	mu     sync.Mutex // guards byPair
+	mu     sync.Mutex // guards the fields below
 	byPair map[denialPair]*denialState
+	// perProvider counts byPair's pairs by provider.
+	perProvider map[wire.NodeID]int
 }
 
 // denialNames is who a denial concerns, for the event.
@@ -67,17 +73,19 @@ func (d *denialEvents) add(p denialPair, dn wire.Denial, names denialNames, now 
 	defer d.mu.Unlock()
 	if d.byPair == nil {
 		d.byPair = map[denialPair]*denialState{}
+		d.perProvider = map[wire.NodeID]int{}
 	}
 	st := d.byPair[p]
 	if st == nil {
-		if len(d.byPair) >= maxDenialPairs {
+		if len(d.byPair) >= maxDenialPairs || d.perProvider[p.provider] >= maxDenialPairsPerProvider {
 			d.expireLocked(now)
-			if len(d.byPair) >= maxDenialPairs {
+			if len(d.byPair) >= maxDenialPairs || d.perProvider[p.provider] >= maxDenialPairsPerProvider {
 				return store.Event{}, false, true, 0
 			}
 		}
 		st = &denialState{}
 		d.byPair[p] = st
+		d.perProvider[p.provider]++
 	}
 	n = dn.Count
 	if st.first.Equal(dn.First) && dn.Count >= st.seen {
@@ -128,6 +136,9 @@ func (d *denialEvents) expireLocked(now time.Time) {
 	for p, st := range d.byPair {
 		if st.pending == 0 && now.Sub(st.touched) >= denialKeep {
 			delete(d.byPair, p)
+			if d.perProvider[p.provider]--; d.perProvider[p.provider] <= 0 {
+				delete(d.perProvider, p.provider)
+			}
 		}
 	}
 }
@@ -141,8 +152,8 @@ func (d *denialEvents) len() int {
 
 // recordDenials checks the denials node reported against the mesh as the
 // coordinator knows it and records what is due. An agent's report is
-// never trusted: an entry must name a service node provides and another
-// node of the mesh, with a sane count and times; other entries are
+// never trusted: an entry must name a service node provides and a peer of
+// its map, with a sane count and times; other entries are
 // dropped, with one log line per report.
 func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial) {
 	provides := map[string]bool{}
@@ -174,6 +185,11 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 		case !known || dn.Node == node.ID:
 			drop(fmt.Sprintf("node %d is not another node of the mesh", dn.Node))
 			continue
+		case !snap.peerOf(node.ID, dn.Node):
+			// Only a peer's packets reach the provider; naming another
+			// node would tell its owner what the map hides.
+			drop(fmt.Sprintf("node %d is no peer of the node", dn.Node))
+			continue
 		case dn.Count < 1 || dn.Count > maxDenialCount:
 			drop(fmt.Sprintf("count %d is out of range", dn.Count))
 			continue
@@ -188,7 +204,7 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 		names := denialNames{provider: node.Name, source: snap.nodes[i].Name, owner: node.OwnerID, rule: verdict(snap.nodes[i].Name, dn.Service)}
 		ev, record, full, n := s.denials.add(p, dn, names, now)
 		if full {
-			drop(fmt.Sprintf("more than %d pairs of provider, service and source are tracked", maxDenialPairs))
+			drop(fmt.Sprintf("more than %d pairs of provider, service and source are tracked (%d of one provider)", maxDenialPairs, maxDenialPairsPerProvider))
 			continue
 		}
 		if n > 0 {
@@ -201,6 +217,15 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 	if dropped > 0 {
 		s.log.Warn("ignored denials in a stats report", "node", node.Name, "ignored", dropped, "of", len(ds), "first_reason", why)
 	}
+}
+
+// peerOf reports whether id is a peer in of's map: not expired, and
+// linked to it by the policy when the policy filters maps.
+func (sn *snapshot) peerOf(of, id wire.NodeID) bool {
+	if sn.expired[id] {
+		return false
+	}
+	return sn.access == nil || sn.access.peers[of][id]
 }
 
 // flushDenials records the events whose window has passed.

@@ -58,7 +58,7 @@ func TestStatsDenials(t *testing.T) {
 	api := pinnedClient(t, s.Fingerprint(), false)
 	jt := mustToken(t, s, TokenOptions{Reusable: true})
 	rp, cp := register(t, api, jt, "prov")
-	rc, _ := register(t, api, jt, "cons")
+	rc, cc := register(t, api, jt, "cons")
 	if st, body := call(t, api, s.URL(), wire.PathServices, &cp, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: "db", Port: 5432}); st != 200 {
 		t.Fatalf("expose: %d %s", st, body)
 	}
@@ -108,7 +108,12 @@ func TestStatsDenials(t *testing.T) {
 	})
 
 	t.Run("one event per pair and minute, with the count", func(t *testing.T) {
-		// The event names what in the policy denies it.
+		// The event names what in the policy denies it. cons provides
+		// cache, which prov may reach: they are peers, so cons's packets
+		// reach prov, which refuses them.
+		if st, body := call(t, api, s.URL(), wire.PathServices, &cc, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: "cache", Port: 6379}); st != 200 {
+			t.Fatalf("expose cache: %d %s", st, body)
+		}
 		if _, err := s.SetPolicy(context.Background(), "p.yaml", "rules:\n  - from: [node:prov]\n    to: [\"*\"]\n", "test"); err != nil {
 			t.Fatal(err)
 		}
@@ -191,17 +196,38 @@ func TestDenialTableBounded(t *testing.T) {
 	var d denialEvents
 	t0 := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 	dn := wire.Denial{Service: "db", Count: 1, First: t0, Last: t0}
+	// Many providers, maxDenialPairsPerProvider pairs each.
 	for i := range maxDenialPairs {
-		if _, _, full, _ := d.add(denialPair{provider: 1, source: wire.NodeID(i + 2), service: "db"}, dn, denialNames{}, t0); full {
+		prov := wire.NodeID(1 + i/maxDenialPairsPerProvider)
+		if _, _, full, _ := d.add(denialPair{provider: prov, source: wire.NodeID(1 << 20), service: fmt.Sprint("s", i)}, dn, denialNames{}, t0); full {
 			t.Fatalf("full after %d pairs", i)
 		}
 	}
-	if _, _, full, _ := d.add(denialPair{provider: 1, source: 1 << 40, service: "db"}, dn, denialNames{}, t0); !full || d.len() != maxDenialPairs {
+	if _, _, full, _ := d.add(denialPair{provider: 1 << 30, source: 1 << 40, service: "db"}, dn, denialNames{}, t0); !full || d.len() != maxDenialPairs {
 		t.Fatalf("pair %d: full %v, %d tracked", maxDenialPairs+1, full, d.len())
 	}
 	later := t0.Add(denialKeep)
-	if _, record, full, _ := d.add(denialPair{provider: 1, source: 1 << 40, service: "db"}, dn, denialNames{}, later); full || !record || d.len() != 1 {
+	if _, record, full, _ := d.add(denialPair{provider: 1 << 30, source: 1 << 40, service: "db"}, dn, denialNames{}, later); full || !record || d.len() != 1 {
 		t.Fatalf("after the others went quiet: full %v, recorded %v, %d tracked", full, record, d.len())
+	}
+}
+
+// TestDenialTableShared: one provider reporting denials for every pair it
+// can name (its services times its peers; the counts are its word) takes
+// at most maxDenialPairsPerProvider of the table, so another provider's
+// real denials are still recorded.
+func TestDenialTableShared(t *testing.T) {
+	var d denialEvents
+	t0 := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	dn := wire.Denial{Service: "db", Count: 1, First: t0, Last: t0}
+	for i := range maxDenialPairs {
+		d.add(denialPair{provider: 1, source: wire.NodeID(i + 2), service: "db"}, dn, denialNames{}, t0)
+	}
+	if n := d.len(); n != maxDenialPairsPerProvider {
+		t.Errorf("one provider's %d pairs: %d tracked, want %d", maxDenialPairs, n, maxDenialPairsPerProvider)
+	}
+	if _, record, full, _ := d.add(denialPair{provider: 2, source: 3, service: "web"}, dn, denialNames{}, t0); full || !record {
+		t.Fatalf("another provider's denial after the flood: full %v, recorded %v", full, record)
 	}
 }
 
@@ -237,4 +263,36 @@ func FuzzStatsBody(f *testing.F) {
 			t.Fatalf("%d pairs tracked, more than %d", n, maxDenialPairs)
 		}
 	})
+}
+
+// TestDenialsNameOnlyPeers: a provider can only be refused connections by
+// the peers of its map (no other node's packets reach it), so a report
+// naming another node is forged. Bob's node, providing x, reports that
+// db1 (carol's tagged node, which the filtered map hides from it) was
+// refused: the event would tell bob, in his own event log, db1's name,
+// tags and the rule that decides (enumerating node IDs, the whole mesh).
+func TestDenialsNameOnlyPeers(t *testing.T) {
+	m := newPolicyMesh(t)
+	if st, body := expose(t, m.c, m.s.URL(), m.bobs, "x", 7000); st != 200 {
+		t.Fatalf("bob exposes x: %d %s", st, body)
+	}
+	first := time.Now().Add(-time.Second)
+	report := func(from creds) {
+		t.Helper()
+		st, body := call(t, m.c, m.s.URL(), wire.PathStats, &m.bobs, wire.StatsReport{Version: wire.ProtocolVersion,
+			Denials: []wire.Denial{{Service: "x", Node: from.ID, Count: 1, First: first, Last: first}}})
+		if st != 200 {
+			t.Fatalf("report: %d %s", st, body)
+		}
+	}
+	report(m.db1)
+	for _, e := range deniedEvents(t, m.s) {
+		t.Errorf("a denial naming a node that is no peer of the provider was recorded: %q", e.Message)
+	}
+	// web1 (alice, dev: web only) is bob's peer and may not reach x: a
+	// real denial, recorded.
+	report(m.web1)
+	if evs := deniedEvents(t, m.s); len(evs) != 1 || !strings.Contains(evs[0].Message, "bobs refused 1 connection from web1 to x") {
+		t.Errorf("the denial of a peer: events %+v", evs)
+	}
 }
