@@ -213,6 +213,19 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	tokOwner, sameToken := int64(-1), false
 	if tok, err := s.store.GetToken(r.Context(), req.TokenID); err == nil && store.HashMatches(tok.SecretHash, req.TokenSecret) {
 		tokOwner, sameToken = tok.OwnerID, tok.Ephemeral
+		// tagOwners holds when the token is used, not only when it was
+		// minted: a minter who no longer owns a tag gives it no more. (A
+		// revoked token, the removed users' too, the store refuses.)
+		if !tok.Relay && !tok.Revoked {
+			var te *TagError
+			if err := s.checkTags(r.Context(), tok.OwnerID, tok.Tags); errors.As(err, &te) {
+				s.console.Record(store.Event{Kind: store.EventTokenRefused, Actor: "node " + reg.Name, Node: reg.Name, OwnerID: tok.OwnerID,
+					Message: fmt.Sprintf("refused %s joining with token %s carrying tag:%s: %s", reg.Name, tok.ID, te.Tag, te.Why)})
+				return apiErr(http.StatusForbidden, wire.ErrCodeTokenInvalid, "token %s carries tag:%s, which its minter may no longer give: %s; mint a new token", tok.ID, te.Tag, te.Why)
+			} else if err != nil {
+				return storeErr("register", err)
+			}
+		}
 	}
 	now := time.Now()
 	reg.CanReplace = func(n store.Node) bool {

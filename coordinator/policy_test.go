@@ -311,3 +311,39 @@ func TestPolicyOwnersApplyToExistingProviders(t *testing.T) {
 		t.Errorf("carol's map lists bobs as a peer, though bob provides nothing she may use: %v", peerNames(nm))
 	}
 }
+
+// TestPolicyTagOwnersAtJoin: tagOwners is checked when a tagged token is
+// used, not only when it is minted. Carol mints a reusable db token while
+// she owns tag db; the admin then gives tag db to alice alone. Carol's
+// token must no longer join nodes as tag:db (which would let them provide
+// db and reach what tag:db reaches).
+func TestPolicyTagOwnersAtJoin(t *testing.T) {
+	m := newPolicyMesh(t)
+	ctx := context.Background()
+	carol, err := m.s.store.GetUser(ctx, "carol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := m.s.CreateToken(ctx, TokenOptions{Owner: carol.ID, Reusable: true, Tags: []string{"db"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jt, err := wire.ParseToken(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	register(t, m.c, jt, "db2") // she owns tag db now
+	pol := strings.Replace(threeUsersPolicy, "  db: [user:carol]\n", "  db: [user:alice]\n", 1)
+	if _, err := m.s.SetPolicy(ctx, "p.yaml", pol, "test"); err != nil {
+		t.Fatal(err)
+	}
+	st, body := call(t, m.c, jt.URL, wire.PathRegister, nil, wire.RegisterRequest{
+		Version: wire.ProtocolVersion, TokenID: jt.ID, TokenSecret: jt.Secret, Name: "db3", NodeKey: newKey(t), ListenPort: 41641,
+	})
+	if st == http.StatusOK {
+		t.Fatalf("carol's db token joined db3 as tag:db after the policy gave tag db to alice alone: %s", body)
+	}
+	if st != http.StatusForbidden || !strings.Contains(string(body), "tagOwners lets only user:alice give tag:db") {
+		t.Errorf("refusal %d %s; want 403 naming who may give the tag", st, body)
+	}
+}
