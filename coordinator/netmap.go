@@ -302,11 +302,17 @@ func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, 
 			m[p[1]] = true
 		}
 	}
+	names := make([]string, len(services))
+	owners := make([]string, len(services))
+	for si, sv := range services {
+		names[si], owners[si] = sv.Name, owner[sv.Name]
+	}
+	access := pol.Access(prs, names, owners)
 	for si := range services {
 		sv := &services[si]
 		allowed := []string{}
 		for ni, n := range nodes {
-			if !pol.Decide(prs[ni], sv.Name, owner[sv.Name]).Allow {
+			if !access[si][ni] {
 				continue
 			}
 			allowed = append(allowed, strconv.FormatUint(uint64(n.ID), 10))

@@ -2,7 +2,9 @@ package policy
 
 import (
 	"fmt"
+	"math/bits"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -68,18 +70,134 @@ func (p *Policy) Decide(from Principal, service, serviceOwner string) Decision {
 	if p == nil || len(p.Rules) == 0 {
 		return Decision{Allow: true, Rule: -1, Why: "the policy has no rules: every node may reach every service"}
 	}
-	for i, r := range p.Rules {
-		if !slices.ContainsFunc(r.To, func(s Selector) bool { return s.S == "*" || s.S == service }) {
-			continue
-		}
+	decide := func(i int) (Decision, bool) {
+		r := p.Rules[i]
 		for _, s := range r.From {
 			if ok, why := p.matches(s.S, from, serviceOwner, service); ok {
-				d := Decision{Allow: r.Action.S != "deny", Rule: i, Line: r.line(), Why: why}
+				return Decision{Allow: r.Action.S != "deny", Rule: i, Line: r.line(), Why: why}, true
+			}
+		}
+		return Decision{}, false
+	}
+	if ix := p.idx; ix != nil {
+		// The rules whose to covers the service, in order: the merge of
+		// those naming it and those with "*".
+		named, star := ix.toName[service], ix.toStar
+		for len(named) > 0 || len(star) > 0 {
+			var i int
+			switch {
+			case len(star) == 0 || len(named) > 0 && named[0] < star[0]:
+				i, named = named[0], named[1:]
+			case len(named) > 0 && named[0] == star[0]:
+				i, named, star = named[0], named[1:], star[1:]
+			default:
+				i, star = star[0], star[1:]
+			}
+			if d, ok := decide(i); ok {
+				return d
+			}
+		}
+	} else {
+		for i, r := range p.Rules {
+			if !slices.ContainsFunc(r.To, func(s Selector) bool { return s.S == "*" || s.S == service }) {
+				continue
+			}
+			if d, ok := decide(i); ok {
 				return d
 			}
 		}
 	}
 	return Decision{Allow: false, Rule: -1, Why: fmt.Sprintf("no rule lets %s reach %s: denied by default", from, service)}
+}
+
+// Access is Decide(prs[i], services[j], owners[j]).Allow for every
+// principal i and service j, as allow[j][i], computed for the network
+// map at every change of the mesh. The rules matching a principal are
+// looked up by selector, once per kind of principal, and those covering
+// a service by name, into bitsets; a decision is the first rule in both,
+// found a word of 64 rules at a time. A policy of the largest size over
+// a large mesh then costs principals × services × rules/64 at most.
+func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
+	allow := make([][]bool, len(services))
+	for j := range allow {
+		allow[j] = make([]bool, len(prs))
+	}
+	if p == nil || len(p.Rules) == 0 || p.idx == nil {
+		for j, svc := range services {
+			for i, pr := range prs {
+				allow[j][i] = p.Decide(pr, svc, owners[j]).Allow
+			}
+		}
+		return allow
+	}
+	ix := p.idx
+	words := (len(p.Rules) + 63) / 64
+	set := func(b []uint64, rules []int) {
+		for _, r := range rules {
+			b[r/64] |= 1 << (r % 64)
+		}
+	}
+	// The rules covering each service.
+	covers := make([][]uint64, len(services))
+	for j, svc := range services {
+		covers[j] = make([]uint64, words)
+		set(covers[j], ix.toName[svc])
+		set(covers[j], ix.toStar)
+	}
+	// Principals the policy cannot tell apart share their answers.
+	answers := map[string][]bool{}
+	for i, pr := range prs {
+		name := ""
+		if ix.nodes[pr.Node] {
+			name = pr.Node
+		}
+		key := strconv.FormatBool(pr.Admin) + strconv.Quote(pr.User) + strconv.Quote(name)
+		for _, t := range pr.Tags {
+			key += strconv.Quote(t) // quoted: a tag holding a comma is one tag
+		}
+		ans, ok := answers[key]
+		if !ok {
+			// The rules whose from matches pr; self: those that match
+			// by autogroup:self, when pr's user owns the service.
+			mine, self := make([]uint64, words), make([]uint64, words)
+			set(mine, ix.bySel["*"])
+			if pr.User != "" {
+				set(mine, ix.bySel["user:"+pr.User])
+				for _, g := range ix.groupsOf[pr.User] {
+					set(mine, ix.bySel["group:"+g])
+				}
+				if pr.Admin {
+					set(mine, ix.bySel[AutoAdmin])
+				}
+				set(self, ix.bySel[AutoSelf])
+			}
+			for _, t := range pr.Tags {
+				set(mine, ix.bySel["tag:"+t])
+			}
+			if pr.Node != "" {
+				set(mine, ix.bySel["node:"+pr.Node])
+			}
+			ans = make([]bool, len(services))
+			for j := range services {
+				isOwner := pr.User != "" && pr.User == owners[j]
+				for w := range words {
+					m := mine[w]
+					if isOwner {
+						m |= self[w]
+					}
+					if x := m & covers[j][w]; x != 0 {
+						ans[j] = p.Rules[w*64+bits.TrailingZeros64(x)].Action.S != "deny"
+						break
+					}
+				}
+			}
+			answers[key] = ans
+		}
+		for j := range services {
+			allow[j][i] = ans[j]
+		}
+	}
+	return allow
 }
 
 // matches reports whether selector sel covers principal pr, and why.

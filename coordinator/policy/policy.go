@@ -77,6 +77,53 @@ type Policy struct {
 	file string
 	// lines of group names, tag owner keys and service keys, for errors
 	lines map[string]int
+	// idx is built once the policy is checked, so that Decide and Access
+	// cost what the rules that concern a service or principal cost.
+	idx *index
+}
+
+// index locates rules by what they name.
+type index struct {
+	toStar []int            // rules whose to holds "*", ascending
+	toName map[string][]int // rules whose to names a service, ascending
+	nodes  map[string]bool  // names of node: selectors in rules' from
+	// bySel: rules by the selectors of their from, ascending
+	bySel map[string][]int
+	// groupsOf: a user's groups
+	groupsOf map[string][]string
+}
+
+func (p *Policy) buildIndex() {
+	ix := &index{toName: map[string][]int{}, nodes: map[string]bool{}, bySel: map[string][]int{}, groupsOf: map[string][]string{}}
+	for _, g := range sortedKeys(p.Groups) {
+		for _, m := range p.Groups[g] {
+			if u, ok := strings.CutPrefix(m.S, "user:"); ok && !slices.Contains(ix.groupsOf[u], g) {
+				ix.groupsOf[u] = append(ix.groupsOf[u], g)
+			}
+		}
+	}
+	for i, r := range p.Rules {
+		star := false
+		for _, t := range r.To {
+			if t.S == "*" {
+				star = true
+			} else if l := ix.toName[t.S]; len(l) == 0 || l[len(l)-1] != i {
+				ix.toName[t.S] = append(l, i)
+			}
+		}
+		if star {
+			ix.toStar = append(ix.toStar, i)
+		}
+		for _, f := range r.From {
+			if k, n := splitSel(f.S); k == kindNode {
+				ix.nodes[n] = true
+			}
+			if l := ix.bySel[f.S]; len(l) == 0 || l[len(l)-1] != i {
+				ix.bySel[f.S] = append(l, i)
+			}
+		}
+	}
+	p.idx = ix
 }
 
 // Service is a per-service entry.
@@ -252,6 +299,7 @@ func Parse(file string, data []byte) (*Policy, error) {
 	if err := ps.err(); err != nil {
 		return nil, err
 	}
+	p.buildIndex()
 	return p, nil
 }
 

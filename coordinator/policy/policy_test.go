@@ -1,6 +1,8 @@
 package policy_test
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -219,6 +221,91 @@ func TestOwnership(t *testing.T) {
 	} {
 		if ok, why := p.CanGiveTag(tc.minter, tc.tag); ok != tc.ok {
 			t.Errorf("CanGiveTag(%v, %s) = %v (%s), want %v", tc.minter, tc.tag, ok, why, tc.ok)
+		}
+	}
+}
+
+// TestAccessIsDecide: Access, which the coordinator evaluates at every
+// map change, and Decide with its index answer exactly what walking every
+// rule answers, over random policies and principals (users, admins,
+// groups, tags, node names, autogroups).
+func TestAccessIsDecide(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	users := []string{"alice", "bob", "carol", "dave"}
+	tags := []string{"ci", "db", "web"}
+	nodes := []string{"n1", "n2", "n3"}
+	svcs := []string{"web", "db", "ssh", "x"}
+	pick := func(l []string) string { return l[rng.IntN(len(l))] }
+	sel := func() string {
+		switch rng.IntN(8) {
+		case 0:
+			return "*"
+		case 1:
+			return "user:" + pick(users)
+		case 2:
+			return "group:" + pick([]string{"g1", "g2"})
+		case 3:
+			return "tag:" + pick(tags)
+		case 4:
+			return "node:" + pick(nodes)
+		case 5:
+			return "autogroup:admin"
+		default:
+			return "autogroup:self"
+		}
+	}
+	for round := range 300 {
+		var b strings.Builder
+		fmt.Fprintf(&b, "groups:\n  g1: [user:%s, user:%s]\n  g2: [user:%s]\ntagOwners:\n  ci: [user:alice]\n  db: [user:alice]\n  web: [user:alice]\nrules:\n", pick(users), pick(users), pick(users))
+		for range 1 + rng.IntN(8) {
+			var from, to []string
+			for range 1 + rng.IntN(3) {
+				from = append(from, fmt.Sprintf("%q", sel()))
+			}
+			for range 1 + rng.IntN(2) {
+				if rng.IntN(4) == 0 {
+					to = append(to, `"*"`)
+				} else {
+					to = append(to, pick(svcs))
+				}
+			}
+			action := pick([]string{"allow", "deny", "allow"})
+			fmt.Fprintf(&b, "  - from: [%s]\n    to: [%s]\n    action: %s\n", strings.Join(from, ", "), strings.Join(to, ", "), action)
+		}
+		p, err := policy.Parse("p", []byte(b.String()))
+		if err != nil {
+			t.Fatalf("round %d: %v\n%s", round, err, b.String())
+		}
+		var prs []policy.Principal
+		for range 12 {
+			pr := policy.Principal{Node: pick(append(nodes, "other"))}
+			if rng.IntN(3) == 0 {
+				// An admin may give any tag, "ci,db" too: one tag.
+				pr.Tags = []string{pick(append(tags, "ci,db"))}
+				if rng.IntN(2) == 0 {
+					pr.Tags = append(pr.Tags, pick(tags))
+				}
+			} else {
+				pr.User, pr.Admin = pick(users), rng.IntN(3) == 0
+			}
+			prs = append(prs, pr)
+		}
+		owners := make([]string, len(svcs))
+		for j := range owners {
+			owners[j] = pick(append(users, ""))
+		}
+		got := p.Access(prs, svcs, owners)
+		slow := policy.WithoutIndex(p)
+		for j, svc := range svcs {
+			for i, pr := range prs {
+				want := slow.Decide(pr, svc, owners[j])
+				if d := p.Decide(pr, svc, owners[j]); d != want {
+					t.Fatalf("round %d: %s to %s (owner %q): Decide %+v, walking every rule %+v\n%s", round, pr, svc, owners[j], d, want, b.String())
+				}
+				if got[j][i] != want.Allow {
+					t.Fatalf("round %d: %s to %s (owner %q): Access %v, Decide %+v\n%s", round, pr, svc, owners[j], got[j][i], want, b.String())
+				}
+			}
 		}
 	}
 }
