@@ -302,6 +302,9 @@ func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 	if e != nil {
 		return e
 	}
+	if node.KeyExpired(time.Now()) {
+		return keyExpired(node) // its counters would feed the console as if it were on the mesh
+	}
 	// An honest agent sends at most wire.MaxDenials: a report with more
 	// is refused whole, so nothing of it is stored.
 	if len(req.Denials) > wire.MaxDenials {

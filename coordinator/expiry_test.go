@@ -203,3 +203,26 @@ func TestExpiredNodeDropped(t *testing.T) {
 		return ok && n.ID == a2.ID
 	})
 }
+
+// TestExpiredNodeStatsRefused: a node whose key expired is refused on
+// every call but leave (and unexpose), stats reports too: its counters
+// and paths would go on feeding the console as if it were on the mesh.
+func TestExpiredNodeStatsRefused(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, t.TempDir())
+	c := pinnedClient(t, s.Fingerprint(), false)
+	jt := mustToken(t, s, TokenOptions{Reusable: true})
+	_, a := register(t, c, jt, "sitea")
+	_, b := register(t, c, jt, "siteb")
+	report := wire.StatsReport{Version: wire.ProtocolVersion, Peers: []wire.PeerStats{{Node: b.ID, Path: "direct", DirectBytes: 1 << 30}}}
+	if st, body := call(t, c, s.URL(), wire.PathStats, &a, report); st != http.StatusOK {
+		t.Fatalf("stats before expiry: %d %s", st, body)
+	}
+	if err := s.ExpireNode(ctx, "sitea", "test"); err != nil {
+		t.Fatal(err)
+	}
+	st, body := call(t, c, s.URL(), wire.PathStats, &a, report)
+	if st != http.StatusForbidden || errCode(t, body) != wire.ErrCodeKeyExpired {
+		t.Fatalf("stats of an expired node: %d %s; want 403 key_expired", st, body)
+	}
+}
