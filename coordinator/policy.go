@@ -256,19 +256,26 @@ func serviceOwner(p *policy.Policy, sv store.Service, users map[int64]store.User
 // provided services of the mesh now.
 func (d *directory) diff(old, cur *policy.Policy) PolicyChange {
 	c := PolicyChange{Granted: []string{}, Revoked: []string{}}
-	for _, n := range d.nodes {
-		pr := nodePrincipal(n, d.users)
-		for _, sv := range d.services {
-			if !d.provided[sv.Name] {
-				continue
-			}
-			was := old.Decide(pr, sv.Name, serviceOwner(old, sv, d.users)).Allow
-			is := cur.Decide(pr, sv.Name, serviceOwner(cur, sv, d.users)).Allow
-			switch {
+	prs := make([]policy.Principal, len(d.nodes))
+	for i, n := range d.nodes {
+		prs[i] = nodePrincipal(n, d.users)
+	}
+	var names, oldOwners, curOwners []string
+	for _, sv := range d.services {
+		if d.provided[sv.Name] {
+			names = append(names, sv.Name)
+			oldOwners = append(oldOwners, serviceOwner(old, sv, d.users))
+			curOwners = append(curOwners, serviceOwner(cur, sv, d.users))
+		}
+	}
+	before, after := old.Access(prs, names, oldOwners), cur.Access(prs, names, curOwners)
+	for i, pr := range prs {
+		for j, name := range names {
+			switch was, is := before[j][i], after[j][i]; {
 			case is && !was:
-				c.Granted = append(c.Granted, fmt.Sprintf("%s may now reach %s", pr, sv.Name))
+				c.Granted = append(c.Granted, fmt.Sprintf("%s may now reach %s", pr, name))
 			case was && !is:
-				c.Revoked = append(c.Revoked, fmt.Sprintf("%s may no longer reach %s", pr, sv.Name))
+				c.Revoked = append(c.Revoked, fmt.Sprintf("%s may no longer reach %s", pr, name))
 			}
 		}
 	}
@@ -308,15 +315,20 @@ func (s *Server) AccessMatrix(ctx context.Context, visible func(store.Node) bool
 			owners = append(owners, serviceOwner(p, sv, dir.users))
 		}
 	}
+	var nodes []store.Node
+	var prs []policy.Principal
 	for _, n := range dir.nodes {
-		if visible != nil && !visible(n) {
-			continue
+		if visible == nil || visible(n) {
+			nodes = append(nodes, n)
+			prs = append(prs, nodePrincipal(n, dir.users))
 		}
-		pr := nodePrincipal(n, dir.users)
-		row := AccessRow{Node: n.Name, OwnerID: n.OwnerID, Owner: strings.TrimPrefix(pr.String(), "node:"+n.Name+" ")}
+	}
+	allow := p.Access(prs, a.Services, owners)
+	for i, n := range nodes {
+		row := AccessRow{Node: n.Name, OwnerID: n.OwnerID, Owner: strings.TrimPrefix(prs[i].String(), "node:"+n.Name+" ")}
 		row.Owner = strings.Trim(row.Owner, "()")
-		for i, name := range a.Services {
-			row.Allow = append(row.Allow, p.Decide(pr, name, owners[i]).Allow)
+		for j := range a.Services {
+			row.Allow = append(row.Allow, allow[j][i])
 		}
 		a.Rows = append(a.Rows, row)
 	}
