@@ -311,12 +311,17 @@ func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 		s.log.Warn("refused a stats report with too many denials", "node", node.Name, "denials", len(req.Denials), "max", wire.MaxDenials)
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "stats report carries %d denials, more than %d; upgrade the agent", len(req.Denials), wire.MaxDenials)
 	}
-	if len(req.Denials) > 0 {
+	if len(req.Denials) > 0 || len(req.Peers) > 0 {
 		snap, err := s.current(r.Context())
 		if err != nil {
 			return storeErr("stats", err)
 		}
-		s.recordDenials(node, snap, req.Denials)
+		if len(req.Denials) > 0 {
+			s.recordDenials(node, snap, req.Denials)
+		}
+		// The console names each path's peer to the node's owner: only
+		// peers of the node's map, which it knows already.
+		req.Peers = slices.DeleteFunc(req.Peers, func(p wire.PeerStats) bool { return p.Node == node.ID || !snap.peerOf(node.ID, p.Node) })
 	}
 	// Counters feed the console only: map streams are not woken.
 	req.Denials = nil

@@ -5,10 +5,13 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/key"
@@ -294,5 +297,39 @@ func TestDenialsNameOnlyPeers(t *testing.T) {
 	report(m.web1)
 	if evs := deniedEvents(t, m.s); len(evs) != 1 || !strings.Contains(evs[0].Message, "bobs refused 1 connection from web1 to x") {
 		t.Errorf("the denial of a peer: events %+v", evs)
+	}
+}
+
+// TestStatsPeersNameOnlyPeers: a node's stats report lists its paths to
+// peers by node ID, and the console names them on the node's page, which
+// its owner sees. Bob's node lists db1, which its filtered map hides:
+// bob's console must not name it (enumerating IDs would list the mesh).
+func TestStatsPeersNameOnlyPeers(t *testing.T) {
+	m := newPolicyMesh(t)
+	ctx := context.Background()
+	bob, err := m.s.store.GetUser(ctx, "bob")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, _ := bcrypt.GenerateFromPassword([]byte("bob-password-1"), bcrypt.MinCost)
+	if err := m.s.store.SetPassword(ctx, bob.ID, string(h), nil); err != nil {
+		t.Fatal(err)
+	}
+	st, body := call(t, m.c, m.s.URL(), wire.PathStats, &m.bobs, wire.StatsReport{Version: wire.ProtocolVersion, Peers: []wire.PeerStats{
+		{Node: m.db1.ID, Path: "direct", DirectBytes: 1}, {Node: m.web1.ID, Path: "direct", DirectBytes: 1}}})
+	if st != 200 {
+		t.Fatalf("report: %d %s", st, body)
+	}
+	br := newBrowser(t, m.s)
+	br.login("bob", "bob-password-1")
+	snap := br.snapshot()
+	var paths []string
+	for _, n := range snap.Nodes {
+		for _, p := range n.Paths {
+			paths = append(paths, n.Name+"->"+p.PeerName)
+		}
+	}
+	if slices.Contains(paths, "bobs->db1") || !slices.Contains(paths, "bobs->web1") {
+		t.Errorf("bob's console shows the paths %v; want bobs->web1 (a peer) and not bobs->db1 (hidden from bob's map)", paths)
 	}
 }
