@@ -105,8 +105,8 @@ func (s *SQLite) AddEvent(ctx context.Context, e Event) error {
 
 // ListEvents implements Store.
 func (s *SQLite) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error) {
-	if limit <= 0 || limit > 3*MaxEvents {
-		limit = 3 * MaxEvents // every class full
+	if limit <= 0 || limit > eventClasses*MaxEvents {
+		limit = eventClasses * MaxEvents // every class full
 	}
 	q := `SELECT id, at, kind, actor, node, message, owner_id FROM events`
 	args := []any{}

@@ -318,16 +318,24 @@ const (
 	ClassSecurity EventClass = 0
 	// ClassActivity: nodes joining and leaving, services coming and going.
 	ClassActivity EventClass = 1
-	// ClassFailure: refusals of unauthenticated or hostile callers, and
-	// connections providers refused by policy.
+	// ClassFailure: refusals of unauthenticated or hostile callers.
 	ClassFailure EventClass = 2
+	// ClassDenied: connections providers refused by policy, which any
+	// member's node can cause: kept apart so that they cannot push the
+	// sign-in failures out of the log.
+	ClassDenied EventClass = 3
 )
+
+// eventClasses is how many classes there are.
+const eventClasses = 4
 
 // Class is the retention class of events of kind k.
 func (k EventKind) Class() EventClass {
 	switch k {
-	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused, EventTokenRefused, EventDenied:
+	case EventRegisterFailed, EventLoginFailed, EventExposeRefused, EventRekeyRefused, EventTokenRefused:
 		return ClassFailure
+	case EventDenied:
+		return ClassDenied
 	case EventJoin, EventLeave, EventExpose, EventUnexpose:
 		return ClassActivity
 	}

@@ -362,7 +362,7 @@ func TestEventRetentionPerClass(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	for _, e := range []Event{{Kind: EventLogin, Message: "signed in"}, {Kind: EventApprove, Message: "approved"}, {Kind: EventJoin, Message: "joined"}} {
+	for _, e := range []Event{{Kind: EventLogin, Message: "signed in"}, {Kind: EventApprove, Message: "approved"}, {Kind: EventJoin, Message: "joined"}, {Kind: EventDenied, Message: "denied"}} {
 		if err := s.AddEvent(ctx, e); err != nil {
 			t.Fatal(err)
 		}
@@ -383,11 +383,11 @@ func TestEventRetentionPerClass(t *testing.T) {
 	for _, e := range evs {
 		kept[e.Kind]++
 	}
-	if kept[EventLogin] != 1 || kept[EventApprove] != 1 || kept[EventJoin] != 1 {
-		t.Fatalf("after %d refusals the log keeps %v; want the sign-in, the approval and the join", flood, kept)
+	if kept[EventLogin] != 1 || kept[EventApprove] != 1 || kept[EventJoin] != 1 || kept[EventDenied] != 1 {
+		t.Fatalf("after %d refusals the log keeps %v; want the sign-in, the approval, the join and the denial", flood, kept)
 	}
-	if kept[EventRegisterFailed] != MaxEvents || evs[len(evs)-4].Message != "refusal 50" {
-		t.Fatalf("refusals kept: %d, oldest %q; want %d from refusal 50", kept[EventRegisterFailed], evs[len(evs)-4].Message, MaxEvents)
+	if kept[EventRegisterFailed] != MaxEvents || evs[len(evs)-5].Message != "refusal 50" {
+		t.Fatalf("refusals kept: %d, oldest %q; want %d from refusal 50", kept[EventRegisterFailed], evs[len(evs)-5].Message, MaxEvents)
 	}
 }
 
