@@ -225,6 +225,8 @@ type Server struct {
 	snapMu sync.Mutex // guards snap; held while building one
 	snap   *snapshot
 
+	verdicts verdictDir // for the rule named in denial events
+
 	// policy is the access policy in force; SetPolicy replaces it whole.
 	policy   atomic.Pointer[activePolicy]
 	policyMu sync.Mutex // serialises SetPolicy

@@ -165,7 +165,7 @@ func (s *Server) recordDenials(node store.Node, snap *snapshot, ds []wire.Denial
 		}
 	}
 	now := time.Now()
-	verdict := s.policyVerdicts()
+	verdict := s.policyVerdicts(snap.gen)
 	seen := map[denialPair]bool{}
 	var dropped int
 	var why string
@@ -235,21 +235,42 @@ func (s *Server) flushDenials() {
 	}
 }
 
+// verdictDir caches the directory policyVerdicts reads, per map
+// generation: stats reports (every agent's, every few seconds) then cost
+// no store scan while the mesh does not change.
+type verdictDir struct {
+	mu  sync.Mutex // guards the fields below
+	gen uint64
+	dir *directory
+}
+
 // policyVerdicts returns a function that says, in words for the event
-// log, which rule of the policy in force denies node the service; the
-// mesh is read once, lazily, for all the calls.
-func (s *Server) policyVerdicts() func(node, service string) string {
+// log, which rule of the policy in force denies node the service, for
+// the mesh at generation gen; the mesh is read lazily, once a generation.
+func (s *Server) policyVerdicts(gen uint64) func(node, service string) string {
 	var dir *directory
 	var derr error
 	return func(node, service string) string {
 		if dir == nil && derr == nil {
-			ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
-			dir, derr = s.directory(ctx)
-			cancel()
+			s.verdicts.mu.Lock()
+			if s.verdicts.dir != nil && s.verdicts.gen == gen {
+				dir = s.verdicts.dir
+			} else {
+				ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+				dir, derr = s.directory(ctx)
+				cancel()
+				if derr == nil {
+					s.verdicts.gen, s.verdicts.dir = gen, dir
+				}
+			}
+			s.verdicts.mu.Unlock()
 		}
 		if derr != nil {
 			return "the policy does not allow it"
 		}
+		// A copy: the cached directory is shared by concurrent reports.
+		d0 := *dir
+		dir := &d0
 		dir.pol = s.currentPolicy().p
 		pr, err := dir.Principal("node:" + node)
 		if err != nil {
