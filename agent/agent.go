@@ -93,6 +93,11 @@ type Config struct {
 	// DialTimeout bounds one attempt to reach one provider; default
 	// proxy.DefaultDialTimeout (1 s).
 	DialTimeout time.Duration
+	// KeyExpirySkew is how long after a peer's key expiry (as the map
+	// says) this site drops the peer itself, should the coordinator not
+	// have removed it (out of reach): the margin for clocks that differ.
+	// Default 1 minute.
+	KeyExpirySkew time.Duration
 	// Region labels the node for services whose policy prefers providers
 	// in the consumer's region (locality: prefer-same-region).
 	Region string
@@ -201,8 +206,12 @@ type Agent struct {
 	joinURL    string    // the coordinator being joined, before node.URL is known
 	retryAt    time.Time // when the next attempt to reach the coordinator is due
 	closed     bool
-	left       bool          // Leave removed the node: nothing more is saved
-	leftCh     chan struct{} // closed by Leave
+	// expiryTimer recomputes the desired state when the next peer key
+	// expires; expiredPeers are those left out (logged once each).
+	expiryTimer  *time.Timer
+	expiredPeers map[string]bool
+	left         bool          // Leave removed the node: nothing more is saved
+	leftCh       chan struct{} // closed by Leave
 	// rekey is a key rotation waiting for controlLoop (RotateKey);
 	// streamCancel ends the map stream open now.
 	rekey        *rekey
@@ -933,11 +942,42 @@ func (a *Agent) applyMap(m *wire.MapResponse) {
 // into the whole desired state of every part and applies what changed.
 // What failed is retried by the next reconfig, or by retryLoop if no map
 // comes first. The error is the failure, if any (not errNoChanges).
+// watchExpiryLocked logs the peers d leaves out for their expired keys
+// (once each) and arms a timer that computes the desired state again
+// when the next peer key expires, coordinator or not.
+func (a *Agent) watchExpiryLocked(d Desired) {
+	for _, name := range d.ExpiredPeers {
+		if !a.expiredPeers[name] {
+			a.log.Warn("peer's key expired; dropped it without waiting for the coordinator", "peer", name)
+		}
+	}
+	a.expiredPeers = map[string]bool{}
+	for _, name := range d.ExpiredPeers {
+		a.expiredPeers[name] = true
+	}
+	if a.expiryTimer != nil {
+		a.expiryTimer.Stop()
+		a.expiryTimer = nil
+	}
+	if d.NextExpiry.IsZero() {
+		return
+	}
+	a.expiryTimer = time.AfterFunc(time.Until(d.NextExpiry)+10*time.Millisecond, func() {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		a.reconfigLocked()
+	})
+}
+
 func (a *Agent) reconfigLocked() error {
 	if a.applier == nil || a.closed {
 		return nil // before Start has the parts up, or after Close
 	}
-	in := desiredInput{Exports: a.exports, Config: a.cfg, Joined: a.node.ID != 0, STUN: a.stun}
+	in := desiredInput{Exports: a.exports, Config: a.cfg, Joined: a.node.ID != 0, STUN: a.stun,
+		Now: time.Now(), ExpirySkew: a.cfg.KeyExpirySkew}
+	if in.ExpirySkew <= 0 {
+		in.ExpirySkew = time.Minute
+	}
 	if a.haveMap {
 		in.Map = &a.nm
 		if a.mapFilter != nil {
@@ -947,6 +987,7 @@ func (a *Agent) reconfigLocked() error {
 		}
 	}
 	d := desiredConfig(in)
+	a.watchExpiryLocked(d)
 	for _, r := range d.SkippedRelays {
 		a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
 	}
@@ -1258,6 +1299,9 @@ func (a *Agent) Close() error {
 		return nil
 	}
 	a.closed = true
+	if a.expiryTimer != nil {
+		a.expiryTimer.Stop()
+	}
 	a.mu.Unlock()
 	a.goMu.Lock()
 	a.goClosed = true

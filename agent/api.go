@@ -199,10 +199,11 @@ func (a *Agent) Status() localapi.Status {
 		st.Coordinator.URL = a.joinURL
 	}
 	for _, p := range a.nm.Peers {
-		if p.ID == a.nm.Self.ID {
-			continue
+		if p.ID == a.nm.Self.ID || a.expiredPeers[p.Name] {
+			continue // an expired peer is no peer any more, map or not
 		}
-		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: bind.PathNone.String()}
+		lp := localapi.Peer{ID: uint64(p.ID), Name: p.Name, Addresses: p.Addresses, Online: p.Online, Key: shortKey(p.Key), Path: bind.PathNone.String(),
+			KeyExpiry: p.KeyExpiry}
 		if s, ok := stats[p.Key]; ok {
 			lp.LastHandshake, lp.RxBytes, lp.TxBytes = s.LastHandshake, s.RxBytes, s.TxBytes
 		}

@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
@@ -39,6 +40,13 @@ type Desired struct {
 	// SkippedRelays are relays of the map without a valid key: reported,
 	// never used.
 	SkippedRelays []wire.Relay
+	// ExpiredPeers are the peers of the map left out because their keys
+	// expired (plus the skew margin), though the map still lists them:
+	// the coordinator is out of reach, and this site enforces expiry
+	// itself. NextExpiry is when the next of the others expires (zero:
+	// none does); the desired state must be computed again then.
+	ExpiredPeers []string
+	NextExpiry   time.Time
 }
 
 // desiredInput is everything the desired state is computed from.
@@ -52,6 +60,11 @@ type desiredInput struct {
 	Joined bool
 	// STUN is the coordinator's resolved STUN address, if any.
 	STUN []netip.AddrPort
+	// Now, when set, leaves out the peers whose keys expired more than
+	// ExpirySkew ago (the margin for clocks that differ from the
+	// coordinator's).
+	Now        time.Time
+	ExpirySkew time.Duration
 }
 
 // desiredConfig turns a network map, the site's exports and the agent's
@@ -73,6 +86,14 @@ func desiredConfig(in desiredInput) Desired {
 		p := &nm.Peers[i]
 		if p.ID == nm.Self.ID || p.Key.IsZero() {
 			continue
+		}
+		if !in.Now.IsZero() && !p.KeyExpiry.IsZero() {
+			if end := p.KeyExpiry.Add(in.ExpirySkew); !in.Now.Before(end) {
+				d.ExpiredPeers = append(d.ExpiredPeers, p.Name)
+				continue
+			} else if d.NextExpiry.IsZero() || end.Before(d.NextExpiry) {
+				d.NextExpiry = end
+			}
 		}
 		byID[p.ID] = p
 		for _, pfx := range p.Addresses {

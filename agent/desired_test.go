@@ -311,3 +311,46 @@ func TestPolicyNodeNamedLikeAnID(t *testing.T) {
 		t.Error("carol (node 3) is refused db")
 	}
 }
+
+// TestDesiredDropsExpiredPeers: a peer whose key expired more than the
+// skew ago is left out of WireGuard, the bind, the policy and the
+// services' targets, even though the map (the coordinator out of reach)
+// still lists it; the next expiry among the others is reported.
+func TestDesiredDropsExpiredPeers(t *testing.T) {
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	self, old, soon, fresh := node(1, "self"), node(2, "old"), node(3, "soon"), node(4, "fresh")
+	old.KeyExpiry = now.Add(-2 * time.Minute)
+	soon.KeyExpiry = now.Add(-30 * time.Second) // expired, but within the skew
+	fresh.KeyExpiry = now.Add(time.Hour)
+	web := wire.Service{Name: "web", VIP: netip.MustParseAddr("100.100.0.7"), Port: 80,
+		Providers: []wire.Provider{{Node: 2, Port: 80}, {Node: 4, Port: 80}}, AllowedNodes: []string{"*"}}
+	nm := &wire.NetworkMap{Self: self, Peers: []wire.Node{old, soon, fresh}, Services: []wire.Service{web}, Domain: "mesh.internal"}
+	d := desiredConfig(desiredInput{Map: nm, Config: testCfg, Joined: true, Now: now, ExpirySkew: time.Minute})
+	if !slices.Equal(d.ExpiredPeers, []string{"old"}) {
+		t.Errorf("expired peers %v, want [old]", d.ExpiredPeers)
+	}
+	var wg []key.Public
+	for _, p := range d.WireGuard.Peers {
+		wg = append(wg, p.PublicKey)
+	}
+	if slices.Contains(wg, old.Key) || !slices.Contains(wg, soon.Key) || !slices.Contains(wg, fresh.Key) {
+		t.Errorf("WireGuard peers hold the expired one or lack a valid one")
+	}
+	if _, ok := d.Policy.allow(old.Addresses[0].Addr(), "web"); ok {
+		t.Error("the policy still lets the expired peer in")
+	}
+	for _, s := range d.Services {
+		for _, tg := range s.Targets {
+			if tg.Node == old.ID {
+				t.Errorf("service %s still targets the expired peer", s.Name)
+			}
+		}
+	}
+	if want := soon.KeyExpiry.Add(time.Minute); !d.NextExpiry.Equal(want) {
+		t.Errorf("next expiry %v, want %v", d.NextExpiry, want)
+	}
+	// Without a clock (tests of other parts), nothing is dropped.
+	if d := desiredConfig(desiredInput{Map: nm, Config: testCfg, Joined: true}); len(d.WireGuard.Peers) != 3 {
+		t.Errorf("without Now: %d peers, want 3", len(d.WireGuard.Peers))
+	}
+}

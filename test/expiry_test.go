@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -285,3 +286,62 @@ func TestInterruptedRotationRecovered(t *testing.T) {
 }
 
 func encodeProof(sealed []byte) string { return base64.StdEncoding.EncodeToString(sealed) }
+
+// TestExpiredPeerDroppedWithoutCoordinator: the coordinator goes away,
+// so nobody tells the sites that their keys expired (nor can they rotate
+// them); each drops the other itself when the key's expiry (as its last
+// map says) has passed, closing the open connection at both ends.
+func TestExpiredPeerDroppedWithoutCoordinator(t *testing.T) {
+	const life = 8 * time.Second
+	m := harness.NewMeshWith(t, func(c *coordinator.Config) { c.NodeKeyExpiry = life })
+	srv := startStreamServer(t)
+	bcfg := m.AgentConfig("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "stream", Target: srv.ln.Addr().String()}}})
+	bcfg.KeyExpirySkew = 100 * time.Millisecond
+	b, err := harness.StartAgent(t, bcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acfg := m.AgentConfig("site-a", harness.AgentOptions{})
+	acfg.KeyExpirySkew = 100 * time.Millisecond
+	a, err := harness.StartAgent(t, acfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := waitProviders(t, a, "stream", 1)
+	var conn net.Conn
+	tstest.WaitForNil(t, 15*time.Second, "a connection through the mesh", func() error {
+		c, greeting, err := dialGreeting(svc.Local.String())
+		if err != nil {
+			return err
+		}
+		if greeting != "hello" {
+			c.Close()
+			return fmt.Errorf("greeting %q", greeting)
+		}
+		conn = c
+		return nil
+	})
+	defer conn.Close()
+	var expiry time.Time
+	for _, p := range b.Status().Peers {
+		if p.Name == "site-a" {
+			expiry = p.KeyExpiry
+		}
+	}
+	if expiry.IsZero() {
+		t.Fatalf("site-b's status shows no key expiry for site-a: %+v", b.Status().Peers)
+	}
+	m.StopCoordinator() // nobody rotates a's key, nobody tells b
+	echoIntact(t, conn, 16<<10)
+	tstest.WaitForNil(t, life+10*time.Second, "site-b to drop site-a once its key expired", func() error {
+		if hasPeer(b, "site-a") {
+			return errors.New("still a peer")
+		}
+		return nil
+	})
+	t.Logf("site-b dropped site-a %v after its key expired", time.Since(expiry).Round(time.Millisecond))
+	// Site B closed the service's side at once; site A's application
+	// sees its end when A, in turn, drops B (whose key expired too).
+	waitServiceClosed(t, srv, time.Now())
+	waitAppClosed(t, conn, time.Now())
+}

@@ -115,6 +115,9 @@ type Peer struct {
 	RxBytes       uint64         `json:"rx_bytes"`
 	TxBytes       uint64         `json:"tx_bytes"`
 	Key           string         `json:"key"`
+	// KeyExpiry is when the peer's key expires (zero: never); past it
+	// this site drops the peer even if the coordinator cannot tell it.
+	KeyExpiry time.Time `json:"key_expiry,omitzero"`
 	// Path is "direct" (Endpoint is the UDP address), "relay" (Relay is
 	// the relay's name, RelayURL its URL) or "none".
 	Path       string   `json:"path"`
