@@ -17,6 +17,10 @@ GOARCH_   := $(shell $(GO) env GOARCH 2>/dev/null || echo amd64)
 BIN       ?= bin/meshlink
 FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
+# make bench-control: how many nodes, joining how fast, extra coordinator flags.
+N          ?= 1000
+RATE       ?= 200
+COORD_ARGS ?=
 PKGS      ?= ./...
 # The packages `make race` covers: all but those that drive the gVisor
 # netstack hard (agent, netstack, test/...), which -race slows past CI's
@@ -48,7 +52,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS  = -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: all help build install image tarball test race bench demo fuzz lint vuln clean docs
+.PHONY: all help build install image tarball test race bench bench-control demo fuzz lint vuln clean docs
 
 all: build
 
@@ -63,6 +67,7 @@ help:
 	@echo "make fuzz    every fuzz target for FUZZTIME each (now $(FUZZTIME))"
 	@echo "make vuln    govulncheck $(VULN_VERSION) against golang.org/x/vulndb $(VULNDB_VERSION)"
 	@echo "make bench   mesh vs direct loopback benchmarks (BENCHTIME=$(BENCHTIME))"
+	@echo "make bench-control N=10000  the control plane under N simulated agents (RATE=$(RATE)/s)"
 	@echo "make demo    a coordinator and two agents on this machine"
 	@echo "make docs    docs/cli.md and docs/man/*.1 from the CLI definitions"
 	@echo "make clean   remove bin/ and the test cache"
@@ -125,6 +130,14 @@ race:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./test/bench/
+
+# The control plane under N simulated agents (test/bench/control): the
+# built coordinator as its own process, nodes joining at RATE/s, then a
+# service change, a join, a burst of 20 changes and a reconnect storm, each
+# timed until every stream has it. Prints figures; asserts no timing.
+bench-control:
+	nice $(GO) test -count=1 -timeout 40m -v -run '^TestBenchControl$$' ./test/bench/control/ \
+		-args -control.n=$(N) -control.rate=$(RATE) -control.args="$(COORD_ARGS)"
 
 # The CLI reference, generated from the urfave/cli definitions; a test in
 # cmd/meshlink fails when the checked-in files differ from what this writes.

@@ -462,3 +462,18 @@ func serviceEqual(a, b wire.Service) bool {
 		slices.Equal(a.Providers, b.Providers) && slices.Equal(a.AllowedNodes, b.AllowedNodes) &&
 		maps.Equal(a.Split, b.Split) && a.Locality == b.Locality && a.Affinity == b.Affinity
 }
+
+// NodeMap is the network map the coordinator holds for node id now: what
+// a map stream opened now would send first. ok is false for a node that
+// is gone or whose key expired.
+func (s *Server) NodeMap(ctx context.Context, id wire.NodeID) (nm *wire.NetworkMap, ok bool, err error) {
+	snap, err := s.current(ctx)
+	if err != nil {
+		return nil, false, err
+	}
+	if snap.expired[id] {
+		return nil, false, nil
+	}
+	nm, ok = snap.mapFor(id, s.cfg.Domain)
+	return nm, ok, nil
+}

@@ -1,0 +1,168 @@
+package control_test
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/internal/tstest"
+	"github.com/meshlink/meshlink/test/bench/control"
+	"github.com/meshlink/meshlink/test/harness"
+	"github.com/meshlink/meshlink/wire"
+)
+
+var (
+	keepMaps   = flag.Bool("control.keepmaps", true, "TestMapsMatch: whole maps")
+	benchN     = flag.Int("control.n", 0, "run TestBenchControl with this many nodes (0 skips it)")
+	benchRate  = flag.Float64("control.rate", 200, "TestBenchControl: nodes joining per second")
+	benchStorm = flag.Bool("control.storm", true, "TestBenchControl: end with a reconnect storm")
+	benchIdle  = flag.Duration("control.idle", 20*time.Second, "TestBenchControl: how long idle CPU is measured")
+	benchArgs  = flag.String("control.args", "", "TestBenchControl: extra coordinator flags, space-separated")
+)
+
+// TestMapsMatch runs the load at a small N against an in-process
+// coordinator and checks what every agent would see: each stream, built
+// from its full map and the deltas after it, ends with exactly the map the
+// coordinator holds for its node.
+func TestMapsMatch(t *testing.T) {
+	const nodes = 60
+	m := harness.NewMeshWith(t, func(c *coordinator.Config) {
+		c.MaxConnsPerSource = 4 * nodes
+		c.Logger = nil
+	})
+	g, err := control.New(control.Config{Token: m.Token(), ServiceEvery: 10, KeepMaps: *keepMaps})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	sc := control.Scenario{Nodes: nodes, JoinRate: 400, Burst: 5, Timeout: 30 * time.Second, Storm: true}
+	r, err := sc.Run(ctx, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	r.Print(&b)
+	t.Log("\n" + b.String())
+	// Every stream ends with the coordinator's map of its node.
+	for _, n := range g.Nodes() {
+		tstest.WaitForNil(t, 30*time.Second, n.Name+"'s map matches the coordinator's", func() error {
+			want, ok, err := m.Coord.NodeMap(ctx, n.ID)
+			if err != nil || !ok {
+				return fmt.Errorf("coordinator has no map of %s: %v", n.Name, err)
+			}
+			got := n.Map()
+			if d := mapDiff(normal(got), normal(*want)); d != "" {
+				return fmt.Errorf("%s: %s", n.Name, d)
+			}
+			return nil
+		})
+	}
+}
+
+func normal(nm wire.NetworkMap) wire.NetworkMap {
+	nm.Peers = slices.Clone(nm.Peers)
+	slices.SortFunc(nm.Peers, func(a, b wire.Node) int { return int(a.ID) - int(b.ID) })
+	nm.Services = slices.Clone(nm.Services)
+	slices.SortFunc(nm.Services, func(a, b wire.Service) int { return strings.Compare(a.Name, b.Name) })
+	for i := range nm.Peers {
+		nm.Peers[i].LastSeen = nm.Peers[i].LastSeen.UTC().Round(0)
+		nm.Peers[i].KeyExpiry = nm.Peers[i].KeyExpiry.UTC().Round(0)
+	}
+	nm.Self.LastSeen = nm.Self.LastSeen.UTC().Round(0)
+	nm.Self.KeyExpiry = nm.Self.KeyExpiry.UTC().Round(0)
+	if len(nm.Relays) == 0 {
+		nm.Relays = nil
+	}
+	return nm
+}
+
+func mapDiff(got, want wire.NetworkMap) string {
+	if len(got.Peers) != len(want.Peers) {
+		return fmt.Sprintf("%d peers, want %d", len(got.Peers), len(want.Peers))
+	}
+	for i := range got.Peers {
+		if !reflect.DeepEqual(got.Peers[i], want.Peers[i]) {
+			return fmt.Sprintf("peer %+v, want %+v", got.Peers[i], want.Peers[i])
+		}
+	}
+	if !reflect.DeepEqual(got.Services, want.Services) {
+		return fmt.Sprintf("services %+v, want %+v", got.Services, want.Services)
+	}
+	if !reflect.DeepEqual(got.Self, want.Self) {
+		return fmt.Sprintf("self %+v, want %+v", got.Self, want.Self)
+	}
+	if !reflect.DeepEqual(got.Relays, want.Relays) || got.Domain != want.Domain {
+		return fmt.Sprintf("relays/domain %+v %q, want %+v %q", got.Relays, got.Domain, want.Relays, want.Domain)
+	}
+	return ""
+}
+
+// TestBenchControl is the load at -control.n nodes against the built
+// meshlink coordinator as its own process (so that its memory and CPU are
+// its own): make bench-control N=10000. It prints figures and checks no
+// timing.
+func TestBenchControl(t *testing.T) {
+	if *benchN <= 0 {
+		t.Skip("pass -control.n=N (make bench-control N=...)")
+	}
+	bin := harness.Binary(t)
+	dir := t.TempDir()
+	data := filepath.Join(dir, "coord")
+	port := freePort(t)
+	args := []string{"coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", data, "--allow-loopback-endpoints",
+		"--max-conns", fmt.Sprint(2**benchN + 1000), "--max-conns-per-source", fmt.Sprint(2**benchN + 1000), "--log-level", "warn"}
+	args = append(args, strings.Fields(*benchArgs)...)
+	logf, err := os.Create(filepath.Join(dir, "coordinator.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			if len(b) > 8000 {
+				b = b[len(b)-8000:]
+			}
+			t.Logf("coordinator log (tail):\n%s", b)
+		}
+	})
+	var token string
+	tstest.WaitForNil(t, 30*time.Second, "a token from the coordinator", func() error {
+		out, err := exec.Command(bin, "token", "create", "--data", data, "--reusable").Output()
+		token = strings.TrimSpace(string(out))
+		return err
+	})
+	g, err := control.New(control.Config{Token: token, ServiceEvery: 50, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	sc := control.Scenario{Nodes: *benchN, JoinRate: *benchRate, Burst: 20, Timeout: 120 * time.Second, Idle: *benchIdle, Storm: *benchStorm,
+		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) }}
+	r, err := sc.Run(ctx, g)
+	if r != nil {
+		r.Print(os.Stdout)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}

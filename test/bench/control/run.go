@@ -1,0 +1,332 @@
+package control
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Scenario is one run of the load: N nodes join at JoinRate, then one
+// service change, one join, a burst of changes and a reconnect storm are
+// each timed until every stream has them.
+type Scenario struct {
+	Nodes    int
+	JoinRate float64       // registrations started per second
+	Burst    int           // service changes in the burst (within one second)
+	Timeout  time.Duration // for each phase to reach every stream
+	Idle     time.Duration // how long idle CPU is measured (0 skips)
+	Storm    bool          // also drop and reconnect every stream at once
+	// Proc reads the coordinator's resident memory and CPU time so far;
+	// nil leaves them out.
+	Proc func() (rss int64, cpu time.Duration, err error)
+}
+
+// Report holds the figures of a run.
+type Report struct {
+	Nodes                   int
+	JoinTook, SettleTook    time.Duration
+	Register                []time.Duration // sorted
+	Change, Join, BurstRes  Result
+	BurstTook               time.Duration // from the burst's first change until everyone has all
+	Storm                   time.Duration
+	RSS                     int64
+	CPUJoin, CPUChange      time.Duration // coordinator CPU
+	CPUBurst, CPUIdle       time.Duration
+	IdleFor                 time.Duration
+	HaveProc, HaveStorm     bool
+	Drops                   int64 // map streams that ended on their own
+	JoinNode                *Node
+	ChangedNode, ChangePort string
+}
+
+func (sc Scenario) proc() (int64, time.Duration) {
+	if sc.Proc == nil {
+		return 0, 0
+	}
+	rss, cpu, _ := sc.Proc()
+	return rss, cpu
+}
+
+// Run runs the scenario on g.
+func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
+	if sc.Timeout <= 0 {
+		sc.Timeout = 60 * time.Second
+	}
+	r := &Report{Nodes: sc.Nodes, HaveProc: sc.Proc != nil}
+	defer func() { r.Drops = g.Drops.Load() }()
+	_, cpu0 := sc.proc()
+	start := time.Now()
+	// Join: node i starts at i/JoinRate; registration, service, stream.
+	var wg sync.WaitGroup
+	errs := make(chan error, sc.Nodes)
+	for i := 0; i < sc.Nodes; i++ {
+		if sc.JoinRate > 0 {
+			if d := time.Until(start.Add(time.Duration(float64(i) / sc.JoinRate * float64(time.Second)))); d > 0 {
+				select {
+				case <-time.After(d):
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				}
+			}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := join(ctx, g, i); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return nil, err
+	default:
+	}
+	r.JoinTook = time.Since(start)
+	nodes := g.Nodes()
+	for _, n := range nodes {
+		r.Register = append(r.Register, n.Register)
+	}
+	slices.Sort(r.Register)
+	services := map[string]uint16{}
+	for _, n := range nodes {
+		if s, ok := n.Service(); ok {
+			services[s] = 1000
+		}
+	}
+	// Settled: every stream knows every other node online and every service.
+	w := g.Watch(-1, func(n *Node) bool { return n.nOnline == len(nodes)-1 && portsAre(n, services) })
+	w.Recheck()
+	if _, err := w.Wait(sc.Timeout); err != nil {
+		return r, fmt.Errorf("settle after joining: %w", err)
+	}
+	r.SettleTook = time.Since(start)
+	_, cpu1 := sc.proc()
+	r.CPUJoin = cpu1 - cpu0
+
+	// One service change.
+	var prov *Node
+	for _, n := range nodes {
+		if _, ok := n.Service(); ok {
+			prov = n
+			break
+		}
+	}
+	if prov != nil {
+		name, _ := prov.Service()
+		r.ChangedNode, r.ChangePort = name, "2000"
+		w := g.Watch(-1, func(n *Node) bool { return n.services[name] == 2000 })
+		if err := prov.Expose(ctx, name, 2000); err != nil {
+			return r, err
+		}
+		res, err := w.Wait(sc.Timeout)
+		r.Change = res
+		if err != nil {
+			return r, fmt.Errorf("service change: %w", err)
+		}
+		services[name] = 2000
+	}
+	_, cpu2 := sc.proc()
+	r.CPUChange = cpu2 - cpu1
+
+	// One join: every other stream learns the new node, online.
+	{
+		t0 := time.Now()
+		j, err := g.Add(ctx, sc.Nodes)
+		if err != nil {
+			return r, err
+		}
+		w := g.WatchSince(t0, j.Index, func(n *Node) bool { return n.online.get(j.ID) })
+		if err := j.Connect(ctx); err != nil {
+			return r, err
+		}
+		res, err := w.Wait(sc.Timeout)
+		r.Join, r.JoinNode = res, j
+		if err != nil {
+			return r, fmt.Errorf("join: %w", err)
+		}
+	}
+	_, cpu3 := sc.proc()
+
+	// A burst: Burst service changes spread over one second.
+	if sc.Burst > 0 {
+		var provs []*Node
+		for _, n := range nodes {
+			if _, ok := n.Service(); ok && len(provs) < sc.Burst {
+				provs = append(provs, n)
+			}
+		}
+		want := map[string]uint16{}
+		for i, p := range provs {
+			name, _ := p.Service()
+			want[name] = uint16(3000 + i)
+		}
+		w := g.Watch(-1, func(n *Node) bool { return portsAre(n, want) })
+		var bwg sync.WaitGroup
+		burstErrs := make(chan error, len(provs))
+		for i, p := range provs {
+			time.Sleep(time.Second / time.Duration(len(provs))) // the load's own pacing, not a wait for a condition
+			n, _ := p.Service()
+			bwg.Add(1)
+			go func() {
+				defer bwg.Done()
+				if err := p.Expose(ctx, n, uint16(3000+i)); err != nil {
+					burstErrs <- err
+				}
+			}()
+		}
+		bwg.Wait()
+		select {
+		case err := <-burstErrs:
+			return r, err
+		default:
+		}
+		res, err := w.Wait(sc.Timeout)
+		r.BurstRes = res
+		if len(res.Delays) > 0 {
+			r.BurstTook = res.Delays[len(res.Delays)-1]
+		}
+		if err != nil {
+			return r, fmt.Errorf("burst: %w", err)
+		}
+		for k, v := range want {
+			services[k] = v
+		}
+	}
+	_, cpu4 := sc.proc()
+	r.CPUBurst = cpu4 - cpu3
+
+	if sc.Idle > 0 {
+		time.Sleep(sc.Idle) // measuring idle CPU is waiting on purpose
+		_, cpu5 := sc.proc()
+		r.CPUIdle, r.IdleFor = cpu5-cpu4, sc.Idle
+	}
+	r.RSS, _ = sc.proc()
+
+	if sc.Storm {
+		all := g.Nodes()
+		for _, n := range all {
+			n.Disconnect()
+		}
+		t0 := time.Now()
+		w := g.Watch(-1, func(n *Node) bool { return n.connected && n.nOnline == len(all)-1 && portsAre(n, services) })
+		var swg sync.WaitGroup
+		stormErrs := make(chan error, len(all))
+		for _, n := range all {
+			swg.Add(1)
+			go func() {
+				defer swg.Done()
+				if err := connectRetry(ctx, n, sc.Timeout); err != nil {
+					stormErrs <- err
+				}
+			}()
+		}
+		swg.Wait()
+		select {
+		case err := <-stormErrs:
+			return r, err
+		default:
+		}
+		if _, err := w.Wait(sc.Timeout); err != nil {
+			return r, fmt.Errorf("reconnect storm: %w", err)
+		}
+		r.Storm, r.HaveStorm = time.Since(t0), true
+	}
+	return r, nil
+}
+
+func join(ctx context.Context, g *Gen, i int) error {
+	n, err := g.Add(ctx, i)
+	if err != nil {
+		return err
+	}
+	if name, ok := n.Service(); ok {
+		if err := n.Expose(ctx, name, 1000); err != nil {
+			return err
+		}
+	}
+	return connectRetry(ctx, n, 60*time.Second)
+}
+
+// connectRetry opens the node's stream, retrying with backoff as an agent
+// does, within timeout.
+func connectRetry(ctx context.Context, n *Node, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	wait := 250 * time.Millisecond
+	for {
+		err := n.Connect(ctx)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(wait) // retry backoff, bounded by the deadline
+		wait = min(2*wait, 4*time.Second)
+	}
+}
+
+func portsAre(n *Node, want map[string]uint16) bool {
+	for k, v := range want {
+		if n.services[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+
+// Print writes the figures, one per line.
+func (r *Report) Print(w io.Writer) {
+	ms := func(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 1, 64) + " ms" }
+	fmt.Fprintf(w, "nodes                    %d\n", r.Nodes)
+	fmt.Fprintf(w, "join took                %v (settled %v)\n", r.JoinTook.Round(time.Millisecond), r.SettleTook.Round(time.Millisecond))
+	fmt.Fprintf(w, "register p50/p99         %s / %s\n", ms(Percentile(r.Register, 50)), ms(Percentile(r.Register, 99)))
+	msgs := func(res Result) string {
+		if len(res.Msgs) == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%d/%d", res.Msgs[len(res.Msgs)/2], res.Msgs[len(res.Msgs)-1])
+	}
+	fmt.Fprintf(w, "change reaches all       p50 %s  p99 %s  max %s  (msgs/stream p50/max %s)\n", ms(r.Change.Pct(50)), ms(r.Change.Pct(99)), ms(r.Change.Pct(100)), msgs(r.Change))
+	fmt.Fprintf(w, "join reaches all         p50 %s  p99 %s  max %s  (msgs/stream p50/max %s)\n", ms(r.Join.Pct(50)), ms(r.Join.Pct(99)), ms(r.Join.Pct(100)), msgs(r.Join))
+	fmt.Fprintf(w, "burst reaches all        p99 %s  max %s  (msgs/stream p50/max %s)\n", ms(r.BurstRes.Pct(99)), ms(r.BurstTook), msgs(r.BurstRes))
+	if r.HaveProc {
+		fmt.Fprintf(w, "coordinator RSS          %.0f MB\n", float64(r.RSS)/(1<<20))
+		fmt.Fprintf(w, "coordinator CPU          join phase %v, one change %v, burst %v\n", r.CPUJoin.Round(time.Millisecond), r.CPUChange.Round(time.Millisecond), r.CPUBurst.Round(time.Millisecond))
+		if r.IdleFor > 0 {
+			fmt.Fprintf(w, "coordinator idle CPU     %.1f%% of a core over %v\n", 100*float64(r.CPUIdle)/float64(r.IdleFor), r.IdleFor)
+		}
+	}
+	fmt.Fprintf(w, "map streams dropped      %d\n", r.Drops)
+	if r.HaveStorm {
+		fmt.Fprintf(w, "reconnect storm settled  %v\n", r.Storm.Round(time.Millisecond))
+	}
+}
+
+// ProcStats reads resident memory and user+system CPU time of process pid
+// from /proc (Linux).
+func ProcStats(pid int) (rss int64, cpu time.Duration, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	// Fields after the command name, which is in parentheses.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	if len(f) < 22 {
+		return 0, 0, fmt.Errorf("control: short /proc stat")
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	pages, _ := strconv.ParseInt(f[21], 10, 64)
+	const tick = 100 // USER_HZ
+	return pages * int64(os.Getpagesize()), time.Duration(ut+st) * time.Second / tick, nil
+}
