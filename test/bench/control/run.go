@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"slices"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -281,7 +281,6 @@ func portsAre(n *Node, want map[string]uint16) bool {
 	}
 	return true
 }
-
 
 // Print writes the figures, one per line.
 func (r *Report) Print(w io.Writer) {
