@@ -595,16 +595,10 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 	}()
 
-	write := startStream(w)
-	send := func(m *wire.MapResponse) error {
-		m.SentAt = time.Now()
-		return write(m)
-	}
-
-	keepAlive := time.NewTicker(s.cfg.KeepAlive)
+	sw := newStreamWriter(w)
+	keepAlive := time.NewTimer(jitter(s.cfg.KeepAlive))
 	defer keepAlive.Stop()
-	var last *wire.NetworkMap
-	var seq uint64
+	ss := &streamState{node: node.ID}
 	for {
 		_, wake := s.hub.watch()
 		snap, err := s.current(ctx)
@@ -619,37 +613,37 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			log.Info("map stream: node key expired")
 			return nil
 		}
-		nm, ok := snap.mapFor(node.ID, s.cfg.Domain)
-		if !ok {
+		if _, ok := snap.byID[node.ID]; !ok {
 			log.Info("map stream: node removed")
 			return nil
 		}
-		var msg wire.MapResponse
-		if last == nil {
-			msg.Full = nm
-		} else {
-			msg = diffMaps(last, nm)
+		line, err := s.next(ss, snap, time.Now())
+		if err != nil {
+			log.Error("map stream: encode", "err", err)
+			return nil
 		}
-		last = nm
-		if !msg.IsKeepAlive() {
-			seq++
-			msg.Seq = seq
-			if err := send(&msg); err != nil {
+		if line != nil {
+			if err := sw.write(line); err != nil {
 				log.Debug("map stream: write", "err", err)
 				return nil
 			}
 			s.metrics.mapSent(snap.at)
-			keepAlive.Reset(s.cfg.KeepAlive)
+			keepAlive.Reset(jitter(s.cfg.KeepAlive))
 		}
-		select {
-		case <-wake:
-		case <-keepAlive.C:
-			if err := send(&wire.MapResponse{Seq: seq}); err != nil {
-				log.Debug("map stream: keep-alive", "err", err)
+		// Keep-alives wait here too, and cost no map.
+		for wait := true; wait; {
+			select {
+			case <-wake:
+				wait = false
+			case <-keepAlive.C:
+				if err := sw.write(frame(keepAliveBody, ss.seq, time.Now())); err != nil {
+					log.Debug("map stream: keep-alive", "err", err)
+					return nil
+				}
+				keepAlive.Reset(jitter(s.cfg.KeepAlive))
+			case <-ctx.Done():
 				return nil
 			}
-		case <-ctx.Done():
-			return nil
 		}
 	}
 }
@@ -662,6 +656,7 @@ func startStream(w http.ResponseWriter) func(v any) error {
 	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
+	rc.Flush() // the headers now: the client waits for them first
 	enc := json.NewEncoder(w)
 	return func(v any) error {
 		rc.SetWriteDeadline(time.Now().Add(15 * time.Second))

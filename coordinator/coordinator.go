@@ -62,6 +62,9 @@ type Config struct {
 	Logger *slog.Logger
 	// KeepAlive is the map-stream keep-alive interval; default 15s.
 	KeepAlive time.Duration
+	// MapDebounce is the least time between two wake-ups of the map
+	// streams: the changes within one travel together; default 100ms.
+	MapDebounce time.Duration
 	// EphemeralGrace is how long an ephemeral node may be offline before it
 	// is removed; default 30s.
 	EphemeralGrace time.Duration
@@ -222,8 +225,12 @@ type Server struct {
 	addr       netip.AddrPort
 	stun       *stun.Server // nil when its UDP port could not be bound
 
-	snapMu sync.Mutex // guards snap; held while building one
+	snapMu sync.Mutex // guards snap and snapLog; held while building one
 	snap   *snapshot
+	// snapLog holds the deltas of the last snapshots built, the newest
+	// last (snap.delta), at most maxSnapLog: a map stream further behind
+	// gets a full map.
+	snapLog []*snapDelta
 
 	verdicts verdictDir // for the rule named in denial events
 
@@ -253,6 +260,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.KeepAlive <= 0 {
 		cfg.KeepAlive = 15 * time.Second
+	}
+	if cfg.MapDebounce <= 0 {
+		cfg.MapDebounce = 100 * time.Millisecond
 	}
 	if cfg.EphemeralGrace <= 0 {
 		cfg.EphemeralGrace = 30 * time.Second
@@ -370,7 +380,7 @@ func New(cfg Config) (*Server, error) {
 		expiryWake:      make(chan struct{}, 1),
 		expiryAnnounced: map[wire.NodeID]time.Time{},
 	}
-	s.hub.init()
+	s.hub.init(cfg.MapDebounce)
 	if err := s.loadPolicy(ctx); err != nil {
 		st.Close()
 		cancel()

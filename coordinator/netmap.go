@@ -17,17 +17,21 @@ import (
 )
 
 // hub is the fan-out point of the control plane. Every committed change
-// bumps a generation and wakes every map stream (and every relay's node-key
-// stream); each stream then computes its node's desired map and diffs it
-// against what it last sent. A burst of changes coalesces into one wake-up
-// for a stream that is busy writing.
+// bumps a generation at once (what Server.current builds from), and wakes
+// every map stream (and every relay's node-key stream) at most once per
+// debounce interval: a burst of changes costs the streams one pass, and a
+// lone change after a quiet spell wakes them immediately. Each stream then
+// sends what changed since the snapshot it last sent (mapstream.go).
 type hub struct {
-	mu      sync.Mutex // guards the fields below
-	gen     uint64
-	bumped  time.Time     // when gen last changed, for update latency
-	wake    chan struct{} // closed and replaced on every bump
-	streams map[wire.NodeID]*mapStream
-	relays  map[int64]*relayStream // standalone relays online
+	mu       sync.Mutex // guards the fields below
+	gen      uint64
+	bumped   time.Time     // when gen last changed, for update latency
+	wake     chan struct{} // closed and replaced on every wake-up
+	woke     time.Time     // the last wake-up
+	pending  *time.Timer   // a wake-up scheduled; nil if none
+	debounce time.Duration
+	streams  map[wire.NodeID]*mapStream
+	relays   map[int64]*relayStream // standalone relays online
 	// epochs counts stream attachments per node, so that a pending
 	// ephemeral removal can tell whether the node came back meanwhile.
 	epochs map[wire.NodeID]uint64
@@ -38,22 +42,46 @@ type mapStream struct {
 	cancel func()
 }
 
-func (h *hub) init() {
+func (h *hub) init(debounce time.Duration) {
 	h.wake = make(chan struct{})
+	h.debounce = debounce
 	h.streams = map[wire.NodeID]*mapStream{}
 	h.relays = map[int64]*relayStream{}
 	h.epochs = map[wire.NodeID]uint64{}
 }
 
-// bump starts a new generation and wakes every stream; Server.commit is
-// its only caller.
-func (h *hub) bump() {
+// bump starts a new generation and wakes every stream, now if the last
+// wake-up is a debounce interval ago, else when it will be; lazy waits a
+// whole interval, so that what usually follows (a registration's stream
+// opening) travels in the same pass. Server.commit is its only caller.
+func (h *hub) bump(lazy bool) {
 	h.mu.Lock()
+	defer h.mu.Unlock()
 	h.gen++
 	h.bumped = time.Now()
+	if h.pending != nil {
+		return // the scheduled wake-up takes this change too
+	}
+	wait := h.debounce - time.Since(h.woke)
+	if lazy {
+		wait = h.debounce
+	}
+	if wait <= 0 {
+		h.wakeLocked()
+		return
+	}
+	h.pending = time.AfterFunc(wait, func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.pending = nil
+		h.wakeLocked()
+	})
+}
+
+func (h *hub) wakeLocked() {
+	h.woke = time.Now()
 	close(h.wake)
 	h.wake = make(chan struct{})
-	h.mu.Unlock()
 }
 
 // change is what the coordinator says about a change of the mesh once the
@@ -65,17 +93,19 @@ type change struct {
 	attrs []any
 	// event is recorded in the console's event log, unless its Kind is "".
 	event store.Event
+	// lazy delays the streams' wake-up by a debounce interval (hub.bump).
+	lazy bool
 }
 
 // commit announces a change the store has committed: a new generation of
-// the network map (every map stream recomputes and sends its delta, every
-// relay its keys), the log line, the console's event. Every write that can
-// change a map ends in commit, and only after the write succeeded: a
-// stream woken earlier could build its map without it and then sleep.
-// Events that change no map (a token minted, a registration refused) are
-// recorded directly with console.Record.
+// the network map (every map stream sends its delta, every relay its
+// keys), the log line, the console's event. Every write that can change a
+// map ends in commit, and only after the write succeeded: a stream woken
+// earlier could build its map without it and then sleep. Events that
+// change no map (a token minted, a registration refused) are recorded
+// directly with console.Record.
 func (s *Server) commit(c change) {
-	s.hub.bump()
+	s.hub.bump(c.lazy)
 	if c.log != "" {
 		s.log.Info(c.log, c.attrs...)
 	}
@@ -146,6 +176,11 @@ func (h *hub) onlineSet() map[wire.NodeID]bool {
 
 // snapshot is the whole mesh at one generation, shared by every stream.
 type snapshot struct {
+	// build numbers the snapshots one by one; delta is what changed since
+	// build-1 (nil for the first one).
+	build    uint64
+	delta    *snapDelta
+	deltas   deltaCache
 	gen      uint64
 	at       time.Time   // when gen was bumped; zero for the initial one
 	nodes    []wire.Node // by ID
@@ -246,6 +281,16 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if !pol.AllowsAll() {
 		snap.access = evaluateAccess(pol, nodes, users, svcs, snap.services)
 	}
+	if prev := s.snap; prev != nil {
+		snap.build = prev.build + 1
+		snap.delta = diffSnapshots(prev, snap)
+	} else {
+		snap.build = 1
+	}
+	s.snapLog = append(s.snapLog, snap.delta)
+	if len(s.snapLog) > maxSnapLog {
+		s.snapLog = slices.Delete(s.snapLog, 0, len(s.snapLog)-maxSnapLog)
+	}
 	s.snap = snap
 	return snap, nil
 }
@@ -332,11 +377,13 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 	if !ok {
 		return nil, false
 	}
-	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Peers: make([]wire.Node, 0, len(sn.nodes)-1), Services: sn.services, Relays: sn.relays}
+	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Services: sn.services, Relays: sn.relays}
 	if sn.access != nil {
+		nm.Peers = []wire.Node{}
 		sn.filter(nm, id)
 		return nm, true
 	}
+	nm.Peers = make([]wire.Node, 0, len(sn.nodes)-1)
 	for _, n := range sn.nodes {
 		if n.ID != id && !sn.expired[n.ID] {
 			nm.Peers = append(nm.Peers, n)
@@ -351,27 +398,16 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 // filter fills nm with what node id may know under the policy: the
 // services it may reach or provides, the peers it may reach or that may
 // reach it. Of a service it only consumes, it learns no other consumer:
-// AllowedNodes names itself.
+// AllowedNodes names itself. It looks at the node's row of the access
+// table, not at every node.
 func (sn *snapshot) filter(nm *wire.NetworkMap, id wire.NodeID) {
-	peers := sn.access.peers[id]
-	for _, n := range sn.nodes {
-		if n.ID != id && peers[n.ID] && !sn.expired[n.ID] {
-			nm.Peers = append(nm.Peers, n)
+	for p := range sn.access.peers[id] {
+		if i, ok := sn.byID[p]; ok && p != id && !sn.expired[p] {
+			nm.Peers = append(nm.Peers, sn.nodes[i])
 		}
 	}
-	reach := sn.access.reach[id]
-	self := []string{strconv.FormatUint(uint64(id), 10)}
-	nm.Services = []wire.Service{}
-	for si, sv := range sn.services {
-		provides := slices.ContainsFunc(sv.Providers, func(p wire.Provider) bool { return p.Node == id })
-		switch {
-		case provides:
-			nm.Services = append(nm.Services, sv)
-		case slices.Contains(reach, si):
-			sv.AllowedNodes = self
-			nm.Services = append(nm.Services, sv)
-		}
-	}
+	slices.SortFunc(nm.Peers, func(a, b wire.Node) int { return cmpID(a.ID, b.ID) })
+	nm.Services = sn.servicesFor(id)
 }
 
 func (sn *snapshot) service(name string) (wire.Service, bool) {
@@ -399,55 +435,6 @@ func wireNode(n store.Node, online bool) wire.Node {
 		w.Tags = nil
 	}
 	return w
-}
-
-// diffMaps returns the delta turning prev into cur; IsKeepAlive() if none.
-// Peers and services travel one by one, changed or removed; the relay list
-// travels whole, in Relays, whenever it differs (a standalone relay came or
-// went), as an empty list rather than nil when none is left.
-func diffMaps(prev, cur *wire.NetworkMap) wire.MapResponse {
-	var m wire.MapResponse
-	if !nodeEqual(prev.Self, cur.Self) {
-		self := cur.Self
-		m.Self = &self
-	}
-	old := make(map[wire.NodeID]*wire.Node, len(prev.Peers))
-	for i := range prev.Peers {
-		old[prev.Peers[i].ID] = &prev.Peers[i]
-	}
-	for _, p := range cur.Peers {
-		if o, ok := old[p.ID]; !ok || !nodeEqual(*o, p) {
-			m.PeersChanged = append(m.PeersChanged, p)
-		}
-		delete(old, p.ID)
-	}
-	for id := range old {
-		m.PeersRemoved = append(m.PeersRemoved, id)
-	}
-	slices.Sort(m.PeersRemoved)
-
-	oldSv := make(map[string]*wire.Service, len(prev.Services))
-	for i := range prev.Services {
-		oldSv[prev.Services[i].Name] = &prev.Services[i]
-	}
-	for _, sv := range cur.Services {
-		if o, ok := oldSv[sv.Name]; !ok || !serviceEqual(*o, sv) {
-			m.ServicesChanged = append(m.ServicesChanged, sv)
-		}
-		delete(oldSv, sv.Name)
-	}
-	for name := range oldSv {
-		m.ServicesRemoved = append(m.ServicesRemoved, name)
-	}
-	slices.Sort(m.ServicesRemoved)
-	if !slices.Equal(prev.Relays, cur.Relays) {
-		relays := slices.Clone(cur.Relays)
-		if relays == nil {
-			relays = []wire.Relay{}
-		}
-		m.Relays = &relays
-	}
-	return m
 }
 
 func nodeEqual(a, b wire.Node) bool {

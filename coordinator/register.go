@@ -138,7 +138,7 @@ func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.R
 	if res.Replaced != 0 {
 		s.log.Info("ephemeral node replaced", "node_id", res.Replaced, "name", r.Name)
 	}
-	c := change{log: "node registered", attrs: []any{"node_id", res.Node.ID, "name", r.Name, "existing", res.Existing}}
+	c := change{lazy: true, log: "node registered", attrs: []any{"node_id", res.Node.ID, "name", r.Name, "existing", res.Existing}}
 	switch {
 	case r.Approval != nil:
 		c.attrs = append(c.attrs, "approved_by", reg.approver)

@@ -9,7 +9,9 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -54,7 +56,81 @@ func TestMapsMatch(t *testing.T) {
 	var b strings.Builder
 	r.Print(&b)
 	t.Log("\n" + b.String())
-	// Every stream ends with the coordinator's map of its node.
+	sameMaps(t, ctx, m, g)
+}
+
+// TestMapsMatchPolicy is TestMapsMatch under an access policy, which
+// filters every map: nodes join, services change, a provider leaves its
+// service, the policy changes, all streams reconnect; every stream ends
+// with its node's filtered map.
+func TestMapsMatchPolicy(t *testing.T) {
+	const nodes = 40
+	m := harness.NewMeshWith(t, func(c *coordinator.Config) {
+		c.MaxConnsPerSource = 4 * nodes
+		c.Logger = nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	setPolicy := func(text string) {
+		t.Helper()
+		if _, err := m.Coord.SetPolicy(ctx, "policy.yaml", text, "test"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var few []string
+	for i := 1; i < nodes; i += 3 {
+		few = append(few, "node:bench-"+strconv.Itoa(i))
+	}
+	setPolicy("rules:\n  - from: [" + strings.Join(few, ", ") + "]\n    to: [svc-0, svc-10]\n  - from: [\"*\"]\n    to: [svc-20]\n")
+	g, err := control.New(control.Config{Token: m.Token(), ServiceEvery: 10, KeepMaps: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	var wg sync.WaitGroup
+	errs := make(chan error, nodes+1)
+	for i := range nodes {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs <- g.Join(ctx, i) }()
+	}
+	wg.Wait()
+	byIndex := map[int]*control.Node{}
+	for _, n := range g.Nodes() {
+		byIndex[n.Index] = n
+	}
+	for range nodes {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	sameMaps(t, ctx, m, g)
+	if err := byIndex[0].Expose(ctx, "svc-0", 2000); err != nil {
+		t.Fatal(err)
+	}
+	if err := byIndex[11].Expose(ctx, "svc-10", 3000); err != nil { // a second provider
+		t.Fatal(err)
+	}
+	if err := g.Join(ctx, nodes); err != nil {
+		t.Fatal(err)
+	}
+	sameMaps(t, ctx, m, g)
+	setPolicy("rules:\n  - from: [" + strings.Join(few[1:], ", ") + ", node:bench-2]\n    to: [svc-0, svc-30]\n  - from: [\"*\"]\n    to: [svc-10]\n")
+	sameMaps(t, ctx, m, g)
+	for _, n := range g.Nodes() {
+		n.Disconnect()
+		if err := n.Connect(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sameMaps(t, ctx, m, g)
+	setPolicy("")
+	sameMaps(t, ctx, m, g)
+}
+
+// sameMaps waits until every stream's map is the coordinator's map of its
+// node.
+func sameMaps(t *testing.T, ctx context.Context, m *harness.Mesh, g *control.Gen) {
+	t.Helper()
 	for _, n := range g.Nodes() {
 		tstest.WaitForNil(t, 30*time.Second, n.Name+"'s map matches the coordinator's", func() error {
 			want, ok, err := m.Coord.NodeMap(ctx, n.ID)

@@ -242,6 +242,12 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	return r, nil
 }
 
+// Join makes node i, registers it, exposes its service if it has one and
+// opens its stream.
+func (g *Gen) Join(ctx context.Context, i int) error {
+	return join(ctx, g, i)
+}
+
 func join(ctx context.Context, g *Gen, i int) error {
 	n, err := g.Add(ctx, i)
 	if err != nil {

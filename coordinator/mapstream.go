@@ -1,0 +1,397 @@
+package coordinator
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/meshlink/meshlink/wire"
+)
+
+// How a change reaches the map streams, once per change rather than once
+// per stream and peer: each snapshot records what differs from the one
+// before (snapDelta, kept for the last maxSnapLog snapshots); a stream
+// remembers only which snapshot it sent last, and sends the nodes and
+// services the deltas since then name. Without a policy every stream but
+// those of the changed nodes sends the same bytes, encoded once per
+// snapshot (deltaCache). With one, a stream compares its node's row of the
+// access table in both snapshots and looks only at the rows' members and
+// the changed entries, never at the whole mesh.
+
+// maxSnapLog bounds the deltas kept: a stream more snapshots behind than
+// this gets a full map.
+const maxSnapLog = 64
+
+// snapDelta names what changed between two snapshots.
+type snapDelta struct {
+	nodes    map[wire.NodeID]bool // added, changed, removed, or whose key expired
+	services map[string]bool      // added, changed or removed
+	relays   bool
+}
+
+// diffSnapshots is what changed from a to b, in O(nodes + services).
+func diffSnapshots(a, b *snapshot) *snapDelta {
+	d := &snapDelta{nodes: map[wire.NodeID]bool{}, services: map[string]bool{}, relays: !slices.Equal(a.relays, b.relays)}
+	for _, n := range b.nodes {
+		i, ok := a.byID[n.ID]
+		if !ok || a.expired[n.ID] != b.expired[n.ID] || !nodeEqual(a.nodes[i], n) {
+			d.nodes[n.ID] = true
+		}
+	}
+	for _, n := range a.nodes {
+		if _, ok := b.byID[n.ID]; !ok {
+			d.nodes[n.ID] = true
+		}
+	}
+	old := make(map[string]*wire.Service, len(a.services))
+	for i := range a.services {
+		old[a.services[i].Name] = &a.services[i]
+	}
+	for _, sv := range b.services {
+		if o, ok := old[sv.Name]; !ok || !serviceEqual(*o, sv) {
+			d.services[sv.Name] = true
+		}
+		delete(old, sv.Name)
+	}
+	for name := range old {
+		d.services[name] = true
+	}
+	return d
+}
+
+func (d *snapDelta) merge(o *snapDelta) {
+	maps.Copy(d.nodes, o.nodes)
+	maps.Copy(d.services, o.services)
+	d.relays = d.relays || o.relays
+}
+
+// deltaCache holds, per snapshot, the merged delta since each earlier
+// snapshot that streams asked about, and its encoding for streams whose
+// own node is not in it (unfiltered maps only).
+type deltaCache struct {
+	mu sync.Mutex // guards m
+	m  map[uint64]*sharedDelta
+}
+
+type sharedDelta struct {
+	once sync.Once
+	d    *snapDelta // nil: not in the log any more, send a full map
+	body []byte     // encoded (encodeBody); nil if nothing to send
+	err  error
+}
+
+// since returns what changed from snapshot build from to snap (nil if the
+// log no longer reaches back that far), merged once for every stream.
+func (s *Server) since(snap *snapshot, from uint64) *sharedDelta {
+	snap.deltas.mu.Lock()
+	if snap.deltas.m == nil {
+		snap.deltas.m = map[uint64]*sharedDelta{}
+	}
+	sd := snap.deltas.m[from]
+	if sd == nil {
+		sd = &sharedDelta{}
+		if len(snap.deltas.m) < maxSnapLog {
+			snap.deltas.m[from] = sd
+		}
+	}
+	snap.deltas.mu.Unlock()
+	sd.once.Do(func() {
+		sd.d = s.mergeLog(snap, from)
+		if sd.d != nil && snap.access == nil {
+			m := unfilteredDelta(snap, sd.d, 0)
+			if !m.IsKeepAlive() {
+				sd.body, sd.err = encodeBody(&m)
+			}
+		}
+	})
+	return sd
+}
+
+// mergeLog merges the deltas of the snapshots after from up to snap.
+func (s *Server) mergeLog(snap *snapshot, from uint64) *snapDelta {
+	s.snapMu.Lock()
+	defer s.snapMu.Unlock()
+	if from == 0 || from >= snap.build || s.snap == nil {
+		return nil
+	}
+	// snapLog's last entry is s.snap's delta; snap may be older.
+	last := len(s.snapLog) - 1 - int(s.snap.build-snap.build)
+	first := last - int(snap.build-from) + 1
+	if first < 0 || last >= len(s.snapLog) {
+		return nil
+	}
+	d := &snapDelta{nodes: map[wire.NodeID]bool{}, services: map[string]bool{}}
+	for _, e := range s.snapLog[first : last+1] {
+		if e == nil {
+			return nil
+		}
+		d.merge(e)
+	}
+	return d
+}
+
+// unfilteredDelta is the message for node self (0: a node not named in
+// d) carrying d's entries as they are in snap, when every map is the
+// whole mesh.
+func unfilteredDelta(snap *snapshot, d *snapDelta, self wire.NodeID) wire.MapResponse {
+	var m wire.MapResponse
+	for _, id := range sortedKeys(d.nodes) {
+		i, ok := snap.byID[id]
+		switch {
+		case id == self:
+			if ok {
+				n := snap.nodes[i]
+				m.Self = &n
+			}
+		case ok && !snap.expired[id]:
+			m.PeersChanged = append(m.PeersChanged, snap.nodes[i])
+		default:
+			m.PeersRemoved = append(m.PeersRemoved, id)
+		}
+	}
+	for _, name := range sortedKeys(d.services) {
+		if sv, ok := snap.service(name); ok {
+			m.ServicesChanged = append(m.ServicesChanged, sv)
+		} else {
+			m.ServicesRemoved = append(m.ServicesRemoved, name)
+		}
+	}
+	if d.relays {
+		m.Relays = relayList(snap.relays)
+	}
+	return m
+}
+
+func relayList(rs []wire.Relay) *[]wire.Relay {
+	l := slices.Clone(rs)
+	if l == nil {
+		l = []wire.Relay{}
+	}
+	return &l
+}
+
+// filteredDelta is the message turning node self's map under snapshot a
+// into its map under b, both filtered by the policy; d is what changed
+// from a to b.
+func filteredDelta(a, b *snapshot, d *snapDelta, self wire.NodeID) wire.MapResponse {
+	var m wire.MapResponse
+	if d.nodes[self] {
+		if i, ok := b.byID[self]; ok {
+			n := b.nodes[i]
+			m.Self = &n
+		}
+	}
+	rowA, rowB := a.access.peers[self], b.access.peers[self]
+	for id := range rowB {
+		if rowA[id] && !d.nodes[id] {
+			continue
+		}
+		if i, ok := b.byID[id]; ok && !b.expired[id] {
+			m.PeersChanged = append(m.PeersChanged, b.nodes[i])
+		} else if rowA[id] {
+			m.PeersRemoved = append(m.PeersRemoved, id)
+		}
+	}
+	for id := range rowA {
+		if !rowB[id] {
+			m.PeersRemoved = append(m.PeersRemoved, id)
+		}
+	}
+	slices.SortFunc(m.PeersChanged, func(x, y wire.Node) int { return cmpID(x.ID, y.ID) })
+	slices.Sort(m.PeersRemoved)
+	viewA, viewB := a.servicesFor(self), b.servicesFor(self)
+	old := make(map[string]*wire.Service, len(viewA))
+	for i := range viewA {
+		old[viewA[i].Name] = &viewA[i]
+	}
+	for _, sv := range viewB {
+		o, ok := old[sv.Name]
+		if !ok || d.services[sv.Name] && !serviceEqual(*o, sv) {
+			m.ServicesChanged = append(m.ServicesChanged, sv)
+		}
+		delete(old, sv.Name)
+	}
+	m.ServicesRemoved = sortedKeys(old)
+	if d.relays {
+		m.Relays = relayList(b.relays)
+	}
+	return m
+}
+
+func cmpID(a, b wire.NodeID) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func sortedKeys[K interface{ ~uint64 | ~string }, V any](m map[K]V) []K {
+	if len(m) == 0 {
+		return nil
+	}
+	return slices.Sorted(maps.Keys(m))
+}
+
+// Encoding once for many streams: a message's JSON without its Seq and
+// SentAt, which frame adds per stream. MapResponse encodes seq first and
+// sent_at last.
+var (
+	bodyHead = []byte(`{"seq":0`)
+	bodyTail = []byte(`"sent_at":"0001-01-01T00:00:00Z"}`)
+)
+
+// encodeBody encodes m (its Seq and SentAt are cleared) for frame.
+func encodeBody(m *wire.MapResponse) ([]byte, error) {
+	m.Seq, m.SentAt = 0, time.Time{}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.HasPrefix(b, bodyHead) || !bytes.HasSuffix(b, bodyTail) {
+		return nil, fmt.Errorf("map message encodes as %.40q…, not seq first and sent_at last", b)
+	}
+	return b[len(bodyHead) : len(b)-len(bodyTail)], nil
+}
+
+// frame is one line of the map stream: body with seq and the time now.
+func frame(body []byte, seq uint64, now time.Time) []byte {
+	b := make([]byte, 0, len(body)+64)
+	b = append(b, `{"seq":`...)
+	b = strconv.AppendUint(b, seq, 10)
+	b = append(b, body...)
+	b = append(b, `"sent_at":"`...)
+	b = now.AppendFormat(b, time.RFC3339Nano)
+	return append(b, "\"}\n"...)
+}
+
+// keepAliveBody is a message without changes.
+var keepAliveBody = []byte(",")
+
+// streamWriter writes a newline-delimited JSON stream, flushing each
+// message.
+type streamWriter struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+// newStreamWriter answers 200 and sends the headers at once: a client
+// waits for them before it reads anything, and must not wait for the
+// first map to be built.
+func newStreamWriter(w http.ResponseWriter) *streamWriter {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set(wire.HeaderVersion, strconv.Itoa(wire.ProtocolVersion))
+	w.WriteHeader(http.StatusOK)
+	sw := &streamWriter{w: w, rc: http.NewResponseController(w)}
+	sw.rc.Flush()
+	return sw
+}
+
+// write sends one line. Its deadline grows with the line: a big map to a
+// slow but live reader must not be cut off, a dead one must.
+func (sw *streamWriter) write(b []byte) error {
+	sw.rc.SetWriteDeadline(time.Now().Add(15*time.Second + time.Duration(len(b)>>16)*time.Second))
+	if _, err := sw.w.Write(b); err != nil {
+		return err
+	}
+	if err := sw.rc.Flush(); err != nil {
+		return err
+	}
+	// The deadline guards one write only: left in place, it would reset
+	// an idle HTTP/2 stream when it passed.
+	return sw.rc.SetWriteDeadline(time.Time{})
+}
+
+// writeJSON sends v as one line.
+func (sw *streamWriter) writeJSON(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return sw.write(append(b, '\n'))
+}
+
+// jitter is d less up to a quarter, so that streams opened together do not
+// keep their keep-alives in step.
+func jitter(d time.Duration) time.Duration {
+	return d - rand.N(d/4+1)
+}
+
+// streamState is what one map stream has sent.
+type streamState struct {
+	node wire.NodeID
+	last *snapshot // the snapshot sent last; nil before the first
+	seq  uint64
+}
+
+// next returns the line that brings the stream from st.last to snap, or
+// nil when nothing changed for its node.
+func (s *Server) next(st *streamState, snap *snapshot, now time.Time) ([]byte, error) {
+	if st.last != nil && st.last.build == snap.build {
+		return nil, nil
+	}
+	var body []byte
+	var err error
+	var sd *sharedDelta
+	if st.last != nil && (st.last.access == nil) == (snap.access == nil) {
+		sd = s.since(snap, st.last.build)
+	}
+	switch {
+	case sd == nil || sd.d == nil:
+		nm, _ := snap.mapFor(st.node, s.cfg.Domain)
+		body, err = encodeBody(&wire.MapResponse{Full: nm})
+	case snap.access == nil && !sd.d.nodes[st.node]:
+		body, err = sd.body, sd.err
+	case snap.access == nil:
+		m := unfilteredDelta(snap, sd.d, st.node)
+		if !m.IsKeepAlive() {
+			body, err = encodeBody(&m)
+		}
+	default:
+		m := filteredDelta(st.last, snap, sd.d, st.node)
+		if !m.IsKeepAlive() {
+			body, err = encodeBody(&m)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	st.last = snap
+	if body == nil {
+		return nil, nil
+	}
+	st.seq++
+	return frame(body, st.seq, now), nil
+}
+
+// servicesFor is what node id's map lists of services under the policy
+// (snapshot.filter); its cost is the services', not the nodes'.
+func (sn *snapshot) servicesFor(id wire.NodeID) []wire.Service {
+	reach := make([]bool, len(sn.services))
+	for _, si := range sn.access.reach[id] {
+		reach[si] = true
+	}
+	self := []string{strconv.FormatUint(uint64(id), 10)}
+	out := []wire.Service{}
+	for si, sv := range sn.services {
+		provides := slices.ContainsFunc(sv.Providers, func(p wire.Provider) bool { return p.Node == id })
+		switch {
+		case provides:
+			out = append(out, sv)
+		case reach[si]:
+			sv.AllowedNodes = self
+			out = append(out, sv)
+		}
+	}
+	return out
+}
