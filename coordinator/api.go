@@ -617,16 +617,12 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			log.Info("map stream: node removed")
 			return nil
 		}
-		line, err := s.next(ss, snap, time.Now())
+		sent, err := s.send(sw, ss, snap, time.Now())
 		if err != nil {
-			log.Error("map stream: encode", "err", err)
+			log.Debug("map stream: write", "err", err)
 			return nil
 		}
-		if line != nil {
-			if err := sw.write(line); err != nil {
-				log.Debug("map stream: write", "err", err)
-				return nil
-			}
+		if sent {
 			s.metrics.mapSent(snap.at)
 			keepAlive.Reset(jitter(s.cfg.KeepAlive))
 		}

@@ -297,12 +297,25 @@ func newStreamWriter(w http.ResponseWriter) *streamWriter {
 	return sw
 }
 
-// write sends one line. Its deadline grows with the line: a big map to a
-// slow but live reader must not be cut off, a dead one must.
-func (sw *streamWriter) write(b []byte) error {
-	sw.rc.SetWriteDeadline(time.Now().Add(15*time.Second + time.Duration(len(b)>>16)*time.Second))
-	if _, err := sw.w.Write(b); err != nil {
-		return err
+// write sends one line.
+func (sw *streamWriter) write(b []byte) error { return sw.writeParts(b) }
+
+// writeParts sends one line made of parts. Its deadline grows with the
+// line: a big map to a slow but live reader must not be cut off, a dead
+// one must.
+func (sw *streamWriter) writeParts(parts ...[]byte) error {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	sw.rc.SetWriteDeadline(time.Now().Add(15*time.Second + time.Duration(n>>16)*time.Second))
+	for _, p := range parts {
+		if len(p) == 0 {
+			continue
+		}
+		if _, err := sw.w.Write(p); err != nil {
+			return err
+		}
 	}
 	if err := sw.rc.Flush(); err != nil {
 		return err
@@ -334,11 +347,11 @@ type streamState struct {
 	seq  uint64
 }
 
-// next returns the line that brings the stream from st.last to snap, or
-// nil when nothing changed for its node.
-func (s *Server) next(st *streamState, snap *snapshot, now time.Time) ([]byte, error) {
+// send writes what brings the stream from st.last to snap, if anything
+// changed for its node, and reports whether it wrote.
+func (s *Server) send(sw *streamWriter, st *streamState, snap *snapshot, now time.Time) (bool, error) {
 	if st.last != nil && st.last.build == snap.build {
-		return nil, nil
+		return false, nil
 	}
 	var body []byte
 	var err error
@@ -347,6 +360,10 @@ func (s *Server) next(st *streamState, snap *snapshot, now time.Time) ([]byte, e
 		sd = s.since(snap, st.last.build)
 	}
 	switch {
+	case (sd == nil || sd.d == nil) && snap.access == nil:
+		st.last = snap
+		st.seq++
+		return true, snap.writeFull(sw, st.node, st.seq, s.cfg.Domain, now)
 	case sd == nil || sd.d == nil:
 		nm, _ := snap.mapFor(st.node, s.cfg.Domain)
 		body, err = encodeBody(&wire.MapResponse{Full: nm})
@@ -364,14 +381,14 @@ func (s *Server) next(st *streamState, snap *snapshot, now time.Time) ([]byte, e
 		}
 	}
 	if err != nil {
-		return nil, err
+		return false, err
 	}
 	st.last = snap
 	if body == nil {
-		return nil, nil
+		return false, nil
 	}
 	st.seq++
-	return frame(body, st.seq, now), nil
+	return true, sw.write(frame(body, st.seq, now))
 }
 
 // servicesFor is what node id's map lists of services under the policy
@@ -394,4 +411,111 @@ func (sn *snapshot) servicesFor(id wire.NodeID) []wire.Service {
 		}
 	}
 	return out
+}
+
+// fullEncoding is a snapshot's nodes encoded once for the full maps of
+// every stream: entry i is ",{node i}" (the leading comma joins entries),
+// and all holds the unexpired nodes' entries in order, node i at
+// all[off[i]:off[i+1]] (empty for an expired node).
+type fullEncoding struct {
+	entries  [][]byte
+	all      []byte
+	off      []int
+	services []byte
+	relays   []byte // nil when there is none
+}
+
+// encoded returns the snapshot's fullEncoding, built once; entries of
+// nodes unchanged since the previous snapshot are taken from its
+// encoding when it had one.
+func (sn *snapshot) encoded() (*fullEncoding, error) {
+	sn.encOnce.Do(func() {
+		sn.enc, sn.encErr = sn.encode()
+		sn.encDone.Store(sn.enc)
+	})
+	return sn.enc, sn.encErr
+}
+
+func (sn *snapshot) encode() (*fullEncoding, error) {
+	prev := sn.prevEnc
+	sn.prevEnc = nil
+	fe := &fullEncoding{entries: make([][]byte, len(sn.nodes)), off: make([]int, len(sn.nodes)+1)}
+	for i, n := range sn.nodes {
+		if prev != nil && !sn.delta.nodes[n.ID] {
+			if j, ok := prev.byID[n.ID]; ok && j < len(prev.enc.entries) {
+				fe.entries[i] = prev.enc.entries[j]
+			}
+		}
+		if fe.entries[i] == nil {
+			b, err := json.Marshal(n)
+			if err != nil {
+				return nil, err
+			}
+			fe.entries[i] = append([]byte{','}, b...)
+		}
+		fe.off[i] = len(fe.all)
+		if !sn.expired[n.ID] {
+			fe.all = append(fe.all, fe.entries[i]...)
+		}
+	}
+	fe.off[len(sn.nodes)] = len(fe.all)
+	svcs := sn.services
+	if svcs == nil {
+		svcs = []wire.Service{}
+	}
+	var err error
+	if fe.services, err = json.Marshal(svcs); err != nil {
+		return nil, err
+	}
+	if len(sn.relays) > 0 {
+		if fe.relays, err = json.Marshal(sn.relays); err != nil {
+			return nil, err
+		}
+	}
+	return fe, nil
+}
+
+// prevEncoding is what a snapshot keeps of the one before it to encode
+// its full maps: only the entries, not the snapshot.
+type prevEncoding struct {
+	byID map[wire.NodeID]int
+	enc  *fullEncoding
+}
+
+// writeFull sends node id's full, unfiltered map from the shared
+// encoding: every node's entry but its own, in a few writes.
+func (sn *snapshot) writeFull(sw *streamWriter, id wire.NodeID, seq uint64, domain string, now time.Time) error {
+	fe, err := sn.encoded()
+	if err != nil {
+		return err
+	}
+	i := sn.byID[id]
+	head := append([]byte(`{"seq":`), strconv.AppendUint(nil, seq, 10)...)
+	head = append(head, `,"full":{"self":`...)
+	head = append(head, fe.entries[i][1:]...)
+	head = append(head, `,"peers":[`...)
+	before, after := fe.all[:fe.off[i]], fe.all[fe.off[i+1]:]
+	if len(before) > 0 {
+		before = before[1:]
+	} else if len(after) > 0 {
+		after = after[1:]
+	}
+	tail := append([]byte(`],"services":`), fe.services...)
+	tail = append(tail, `,"domain":`...)
+	d, _ := json.Marshal(domain)
+	tail = append(tail, d...)
+	if fe.relays != nil {
+		tail = append(tail, `,"relays":`...)
+		tail = append(tail, fe.relays...)
+	}
+	tail = append(tail, `},"sent_at":"`...)
+	tail = now.AppendFormat(tail, time.RFC3339Nano)
+	tail = append(tail, "\"}\n"...)
+	return sw.writeParts(head, before, after, tail)
+}
+
+// encodedYet returns the snapshot's encoding if a stream already built it.
+func (sn *snapshot) encodedYet() (*fullEncoding, bool) {
+	fe := sn.encDone.Load()
+	return fe, fe != nil
 }

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/policy"
@@ -178,9 +179,17 @@ func (h *hub) onlineSet() map[wire.NodeID]bool {
 type snapshot struct {
 	// build numbers the snapshots one by one; delta is what changed since
 	// build-1 (nil for the first one).
-	build    uint64
-	delta    *snapDelta
-	deltas   deltaCache
+	build  uint64
+	delta  *snapDelta
+	deltas deltaCache
+	// enc is the nodes' encoding for full maps, built once when a stream
+	// first needs one (encoded); prevEnc, the previous snapshot's, to
+	// reuse what did not change.
+	encOnce  sync.Once
+	enc      *fullEncoding
+	encErr   error
+	encDone  atomic.Pointer[fullEncoding] // enc, once built
+	prevEnc  *prevEncoding
 	gen      uint64
 	at       time.Time   // when gen was bumped; zero for the initial one
 	nodes    []wire.Node // by ID
@@ -284,6 +293,9 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if prev := s.snap; prev != nil {
 		snap.build = prev.build + 1
 		snap.delta = diffSnapshots(prev, snap)
+		if enc, ok := prev.encodedYet(); ok {
+			snap.prevEnc = &prevEncoding{byID: prev.byID, enc: enc}
+		}
 	} else {
 		snap.build = 1
 	}

@@ -10,12 +10,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -180,6 +183,30 @@ func logFlags() []cli.Flag {
 	}
 }
 
+// setMemoryLimit sets the Go runtime's soft memory limit from a size
+// such as 900MiB, 2GiB or 1500000000 (bytes); "off" or "" leaves it.
+func setMemoryLimit(v string) error {
+	if v == "" || v == "off" {
+		return nil
+	}
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1}} {
+		if strings.HasSuffix(v, u.suffix) {
+			v, mult = strings.TrimSuffix(v, u.suffix), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	if err != nil || n <= 0 || n > math.MaxInt64/mult {
+		return fmt.Errorf("%q is not a size; write it like 900MiB or 2GiB", v)
+	}
+	debug.SetMemoryLimit(n * mult)
+	return nil
+}
+
 // startDaemon is what every long-running command does first: its logger
 // from the log flags, and profiling on --debug-listen.
 func startDaemon(c *cli.Context) (*slog.Logger, error) {
@@ -261,8 +288,12 @@ func coordinatorCmd() *cli.Command {
 			&cli.DurationFlag{Name: "node-address-quarantine", Value: 24 * time.Hour, Usage: "how long a removed node's addresses stay unused before a new node may get them", EnvVars: env("NODE_ADDRESS_QUARANTINE")},
 			&cli.DurationFlag{Name: "node-key-expiry", Value: coordinator.DefaultNodeKeyExpiry, Usage: "how long a node's key is accepted after it joined or last rotated (agents rotate before; a token may set a shorter one); 0 for never", EnvVars: env("NODE_KEY_EXPIRY")},
 			&cli.BoolFlag{Name: "members-can-mint-tokens", Value: true, Usage: "members may mint join tokens in the console (false: only admins; members get tokens from an admin or join by approval)", EnvVars: env("MEMBERS_CAN_MINT_TOKENS")},
+			&cli.StringFlag{Name: "memory-limit", Value: "off", Usage: "soft memory limit of the Go runtime (GOMEMLIMIT), such as 900MiB or 2GiB: the garbage collector works harder near it; off for none", EnvVars: env("MEMORY_LIMIT")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
+			if err := setMemoryLimit(c.String("memory-limit")); err != nil {
+				return usageErrorf("meshlink coordinator: --memory-limit: %v", err)
+			}
 			log, err := startDaemon(c)
 			if err != nil {
 				return err
