@@ -43,7 +43,7 @@ func (s *SQLite) CreateSession(ctx context.Context, se Session) error {
 	if se.Created.IsZero() {
 		se.Created = time.Now()
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO sessions (id_hash, user_id, csrf, created, expires) VALUES (?, ?, ?, ?, ?)`,
+	_, err := s.exec(ctx, `INSERT INTO sessions (id_hash, user_id, csrf, created, expires) VALUES (?, ?, ?, ?, ?)`,
 		se.IDHash, se.UserID, se.CSRF, unixNano(se.Created), unixNano(se.Expires))
 	if err != nil {
 		return fmt.Errorf("store: create session: %w", err)
@@ -66,19 +66,19 @@ func (s *SQLite) GetSession(ctx context.Context, idHash []byte, now time.Time) (
 
 // TouchSession implements Store.
 func (s *SQLite) TouchSession(ctx context.Context, idHash []byte, expires time.Time) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE sessions SET expires = ? WHERE id_hash = ?`, unixNano(expires), idHash)
+	_, err := s.exec(ctx, `UPDATE sessions SET expires = ? WHERE id_hash = ?`, unixNano(expires), idHash)
 	return err
 }
 
 // DeleteSession implements Store.
 func (s *SQLite) DeleteSession(ctx context.Context, idHash []byte) error {
-	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE id_hash = ?`, idHash)
+	_, err := s.exec(ctx, `DELETE FROM sessions WHERE id_hash = ?`, idHash)
 	return err
 }
 
 // DeleteExpiredSessions implements Store.
 func (s *SQLite) DeleteExpiredSessions(ctx context.Context, now time.Time) error {
-	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE expires <= ?`, unixNano(now))
+	_, err := s.exec(ctx, `DELETE FROM sessions WHERE expires <= ?`, unixNano(now))
 	return err
 }
 

@@ -215,6 +215,11 @@ func (e *QuotaError) Error() string {
 type SQLite struct {
 	db   *sql.DB
 	opts Options // defaults applied; read-only after open
+	// wgate admits one writer at a time (a transaction, every one of
+	// which takes SQLite's write lock up front, or a write statement).
+	// Writers wait here, in order, rather than in SQLite's busy handler,
+	// which sleeps while it holds a pool connection that readers need.
+	wgate chan struct{}
 }
 
 var _ Store = (*SQLite)(nil)
@@ -259,7 +264,7 @@ func OpenSQLiteOptions(ctx context.Context, path string, o Options) (*SQLite, er
 	// SQLite has one writer; a few readers are plenty at this scale.
 	db.SetMaxOpenConns(4)
 	db.SetMaxIdleConns(4)
-	s := &SQLite{db: db, opts: o}
+	s := &SQLite{db: db, opts: o, wgate: make(chan struct{}, 1)}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
@@ -302,7 +307,7 @@ func (s *SQLite) SchemaVersion(ctx context.Context) (int, error) {
 }
 
 func (s *SQLite) migrate(ctx context.Context) error {
-	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+	if _, err := s.exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
 		version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)`); err != nil {
 		return fmt.Errorf("create schema_migrations: %w", err)
 	}
@@ -329,11 +334,47 @@ func (s *SQLite) migrate(ctx context.Context) error {
 	return nil
 }
 
+// lockWrite takes the write gate (wgate); unlockWrite gives it back.
+func (s *SQLite) lockWrite(ctx context.Context) error {
+	select {
+	case s.wgate <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *SQLite) unlockWrite() { <-s.wgate }
+
+// exec runs one write statement through the write gate.
+func (s *SQLite) exec(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	if err := s.lockWrite(ctx); err != nil {
+		return nil, err
+	}
+	defer s.unlockWrite()
+	return s.db.ExecContext(ctx, query, args...)
+}
+
+// beginTx begins a transaction through the write gate; done ends it
+// (after Commit or Rollback) and must be called once.
+func (s *SQLite) beginTx(ctx context.Context) (tx *sql.Tx, done func(), err error) {
+	if err := s.lockWrite(ctx); err != nil {
+		return nil, nil, err
+	}
+	tx, err = s.db.BeginTx(ctx, nil)
+	if err != nil {
+		s.unlockWrite()
+		return nil, nil, err
+	}
+	return tx, s.unlockWrite, nil
+}
+
 func (s *SQLite) tx(ctx context.Context, f func(*sql.Tx) error) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, done, err := s.beginTx(ctx)
 	if err != nil {
 		return err
 	}
+	defer done()
 	if err := f(tx); err != nil {
 		tx.Rollback()
 		return err
@@ -389,7 +430,7 @@ func (s *SQLite) CreateUser(ctx context.Context, u User) (User, error) {
 	if u.Created.IsZero() {
 		u.Created = time.Now()
 	}
-	res, err := s.db.ExecContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password, pending) VALUES (?, ?, ?, ?, ?, ?)`,
+	res, err := s.exec(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password, pending) VALUES (?, ?, ?, ?, ?, ?)`,
 		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword), b2i(u.Pending))
 	if err != nil {
 		return u, fmt.Errorf("store: create user %q: %w", u.Username, err)
@@ -409,10 +450,11 @@ func (s *SQLite) GetUser(ctx context.Context, username string) (User, error) {
 
 // SetPassword implements Store.
 func (s *SQLite) SetPassword(ctx context.Context, id int64, hash string, keep []byte) error {
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, done, err := s.beginTx(ctx)
 	if err != nil {
 		return fmt.Errorf("store: set password of user %d: %w", id, err)
 	}
+	defer done()
 	defer tx.Rollback()
 	res, err := tx.ExecContext(ctx, `UPDATE users SET password_hash = ?, must_change_password = 0 WHERE id = ?`, hash, id)
 	if err != nil {
@@ -432,7 +474,7 @@ func (s *SQLite) SetPassword(ctx context.Context, id int64, hash string, keep []
 
 // ApproveUser implements Store.
 func (s *SQLite) ApproveUser(ctx context.Context, id int64) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE users SET pending = 0 WHERE id = ?`, id)
+	res, err := s.exec(ctx, `UPDATE users SET pending = 0 WHERE id = ?`, id)
 	if err != nil {
 		return fmt.Errorf("store: approve user %d: %w", id, err)
 	}
@@ -510,7 +552,7 @@ func (s *SQLite) CreateToken(ctx context.Context, t Token) error {
 	if t.Created.IsZero() {
 		t.Created = time.Now()
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay, key_expiry)
+	_, err := s.exec(ctx, `INSERT INTO tokens (id, secret_hash, reusable, ephemeral, tags, expires, uses, revoked, created, owner_id, relay, key_expiry)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		t.ID, t.SecretHash, b2i(t.Reusable), b2i(t.Ephemeral), jsonText(nonNil(t.Tags)), unixNano(t.Expires), t.Uses, b2i(t.Revoked), unixNano(t.Created), t.OwnerID, b2i(t.Relay), int64(t.KeyExpiry))
 	if err != nil {
@@ -587,7 +629,7 @@ func (s *SQLite) ListTokens(ctx context.Context) ([]Token, error) {
 
 // RevokeToken implements Store.
 func (s *SQLite) RevokeToken(ctx context.Context, id string) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE tokens SET revoked = 1 WHERE id = ?`, id)
+	res, err := s.exec(ctx, `UPDATE tokens SET revoked = 1 WHERE id = ?`, id)
 	if err != nil {
 		return err
 	}
@@ -843,7 +885,7 @@ func consumeToken(ctx context.Context, tx *sql.Tx, tok Token, secret string, now
 
 // UpdateNodeNetwork implements Store.
 func (s *SQLite) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET wg_key = CASE WHEN ? = '' THEN wg_key ELSE ? END, listen_port = ?, endpoints = ? WHERE id = ?`,
+	res, err := s.exec(ctx, `UPDATE nodes SET wg_key = CASE WHEN ? = '' THEN wg_key ELSE ? END, listen_port = ?, endpoints = ? WHERE id = ?`,
 		k.String(), k.String(), int(listenPort), jsonText(eps), int64(id))
 	if isUniqueViolation(err) {
 		// wg_key is the only UNIQUE column this sets.
@@ -863,7 +905,7 @@ func (s *SQLite) UpdateNodeKey(ctx context.Context, id wire.NodeID, k key.Public
 	if k.IsZero() {
 		return fmt.Errorf("store: update node %d: no key", id)
 	}
-	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET wg_key = ?, key_expiry = ? WHERE id = ?`, k.String(), unixNano(expiry), int64(id))
+	res, err := s.exec(ctx, `UPDATE nodes SET wg_key = ?, key_expiry = ? WHERE id = ?`, k.String(), unixNano(expiry), int64(id))
 	if isUniqueViolation(err) {
 		return fmt.Errorf("store: update node %d: %w", id, ErrKeyInUse)
 	}
@@ -878,7 +920,7 @@ func (s *SQLite) UpdateNodeKey(ctx context.Context, id wire.NodeID, k key.Public
 
 // SetNodeKeyExpiry implements Store.
 func (s *SQLite) SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry time.Time) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET key_expiry = ? WHERE id = ?`, unixNano(expiry), int64(id))
+	res, err := s.exec(ctx, `UPDATE nodes SET key_expiry = ? WHERE id = ?`, unixNano(expiry), int64(id))
 	if err != nil {
 		return fmt.Errorf("store: update node %d: %w", id, err)
 	}
@@ -890,7 +932,7 @@ func (s *SQLite) SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry ti
 
 // SetLastSeen implements Store.
 func (s *SQLite) SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE nodes SET last_seen = ? WHERE id = ?`, unixNano(t), int64(id))
+	_, err := s.exec(ctx, `UPDATE nodes SET last_seen = ? WHERE id = ?`, unixNano(t), int64(id))
 	return err
 }
 
@@ -944,7 +986,7 @@ func (s *SQLite) GetPolicy(ctx context.Context) (StoredPolicy, error) {
 
 // SetPolicy implements Store.
 func (s *SQLite) SetPolicy(ctx context.Context, p StoredPolicy) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO policy (id, text, updated, updated_by) VALUES (1, ?, ?, ?)
+	_, err := s.exec(ctx, `INSERT INTO policy (id, text, updated, updated_by) VALUES (1, ?, ?, ?)
 		ON CONFLICT (id) DO UPDATE SET text = excluded.text, updated = excluded.updated, updated_by = excluded.updated_by`,
 		p.Text, unixNano(p.Updated), p.UpdatedBy)
 	if err != nil {
@@ -1263,7 +1305,7 @@ func (s *SQLite) RegisterRelay(ctx context.Context, r RelayRegistration) (Relay,
 
 // UpdateRelay implements Store.
 func (s *SQLite) UpdateRelay(ctx context.Context, id int64, url, fingerprint string, k key.Public) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE relays SET url = ?, fingerprint = ?, relay_key = ? WHERE id = ?`, url, fingerprint, k.String(), id)
+	res, err := s.exec(ctx, `UPDATE relays SET url = ?, fingerprint = ?, relay_key = ? WHERE id = ?`, url, fingerprint, k.String(), id)
 	if err != nil {
 		return fmt.Errorf("store: update relay %d: %w", id, err)
 	}
@@ -1285,7 +1327,7 @@ func (s *SQLite) ListRelays(ctx context.Context) ([]Relay, error) {
 
 // DeleteRelay implements Store.
 func (s *SQLite) DeleteRelay(ctx context.Context, name string) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM relays WHERE name = ?`, name)
+	res, err := s.exec(ctx, `DELETE FROM relays WHERE name = ?`, name)
 	if err != nil {
 		return fmt.Errorf("store: delete relay %s: %w", name, err)
 	}
