@@ -575,6 +575,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}
 	st := &mapStream{node: node.ID, cancel: cancel}
 	s.hub.attach(st)
+	_, opened := s.hub.watch()
 	s.commit(change{log: "map stream opened", attrs: []any{"node_id", node.ID, "name", node.Name, "remote", r.RemoteAddr}})
 	log := s.log.With("node_id", node.ID, "name", node.Name)
 	defer func() {
@@ -596,6 +597,14 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}()
 
 	sw := newStreamWriter(w)
+	// The first map waits for the wake-up that tells every other stream
+	// about this node (at most a debounce interval): a node must not reach
+	// peers that do not know it yet.
+	select {
+	case <-opened:
+	case <-ctx.Done():
+		return nil
+	}
 	keepAlive := time.NewTimer(jitter(s.cfg.KeepAlive))
 	defer keepAlive.Stop()
 	ss := &streamState{node: node.ID}

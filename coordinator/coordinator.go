@@ -62,8 +62,9 @@ type Config struct {
 	Logger *slog.Logger
 	// KeepAlive is the map-stream keep-alive interval; default 15s.
 	KeepAlive time.Duration
-	// MapDebounce is the least time between two wake-ups of the map
-	// streams: the changes within one travel together; default 100ms.
+	// MapDebounce bounds the time between two wake-ups of the map
+	// streams (the changes within one travel together), which grows with
+	// the streams: 25µs each, at least 5ms, at most this; default 250ms.
 	MapDebounce time.Duration
 	// EphemeralGrace is how long an ephemeral node may be offline before it
 	// is removed; default 30s.
@@ -262,7 +263,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.KeepAlive = 15 * time.Second
 	}
 	if cfg.MapDebounce <= 0 {
-		cfg.MapDebounce = 100 * time.Millisecond
+		cfg.MapDebounce = 250 * time.Millisecond
 	}
 	if cfg.EphemeralGrace <= 0 {
 		cfg.EphemeralGrace = 30 * time.Second

@@ -20,7 +20,7 @@ import (
 // hub is the fan-out point of the control plane. Every committed change
 // bumps a generation at once (what Server.current builds from), and wakes
 // every map stream (and every relay's node-key stream) at most once per
-// debounce interval: a burst of changes costs the streams one pass, and a
+// interval (which grows with the streams, up to Config.MapDebounce): a burst of changes costs the streams one pass, and a
 // lone change after a quiet spell wakes them immediately. Each stream then
 // sends what changed since the snapshot it last sent (mapstream.go).
 type hub struct {
@@ -63,9 +63,10 @@ func (h *hub) bump(lazy bool) {
 	if h.pending != nil {
 		return // the scheduled wake-up takes this change too
 	}
-	wait := h.debounce - time.Since(h.woke)
+	interval := h.interval()
+	wait := interval - time.Since(h.woke)
 	if lazy {
-		wait = h.debounce
+		wait = interval
 	}
 	if wait <= 0 {
 		h.wakeLocked()
@@ -77,6 +78,13 @@ func (h *hub) bump(lazy bool) {
 		h.pending = nil
 		h.wakeLocked()
 	})
+}
+
+// interval is the least time between two wake-ups: a wake-up costs every
+// stream a look, so the interval grows with the streams (25µs each, at
+// least 5ms) up to the configured debounce; h.mu is held.
+func (h *hub) interval() time.Duration {
+	return min(h.debounce, max(5*time.Millisecond, time.Duration(len(h.streams))*25*time.Microsecond))
 }
 
 func (h *hub) wakeLocked() {

@@ -116,11 +116,23 @@ func idStr(cr creds) string { return strconv.FormatUint(uint64(cr.ID), 10) }
 // says exactly who may connect; a change reaches every stream at once.
 func TestPolicyFiltersMaps(t *testing.T) {
 	m := newPolicyMesh(t)
+	// Each stream's map as its agent holds it: every message applied in
+	// turn, from its full map on.
+	held := map[*stream]*wire.NetworkMap{}
 	want := func(st *stream, who string, peers, svcs []string) wire.NetworkMap {
 		t.Helper()
-		return mapOf(t, st, who+"'s map", func(nm wire.NetworkMap) bool {
-			return slices.Equal(peerNames(nm), peers) && slices.Equal(serviceNames(nm), svcs)
+		if held[st] == nil {
+			held[st] = &wire.NetworkMap{}
+		}
+		nm := held[st]
+		if slices.Equal(peerNames(*nm), peers) && slices.Equal(serviceNames(*nm), svcs) {
+			return *nm
+		}
+		st.next(t, 20*time.Second, who+"'s map", func(m wire.MapResponse) bool {
+			nm.Apply(&m)
+			return slices.Equal(peerNames(*nm), peers) && slices.Equal(serviceNames(*nm), svcs)
 		})
+		return *nm
 	}
 	bob := want(m.bobSt, "bob", []string{"web1"}, []string{"web"})
 	if got := allowedOf(bob, "web"); !slices.Equal(got, []string{idStr(m.bobs)}) {
