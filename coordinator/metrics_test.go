@@ -169,8 +169,10 @@ func TestMetrics(t *testing.T) {
 		want("meshlink_coordinator_services", eq, 1),
 		want("meshlink_coordinator_relay_clients", atLeast, 1),
 		want("meshlink_coordinator_relay_connections_total", atLeast, 1),
-		// Two full maps, then at least b coming online and web appearing.
-		want("meshlink_coordinator_netmap_updates_sent_total", atLeast, 4),
+		// Two full maps, then at least web appearing in a's (a had its
+		// full map before exposing it; b's may already hold b online and
+		// web, as changes close together travel in one update).
+		want("meshlink_coordinator_netmap_updates_sent_total", atLeast, 3),
 	)
 	sent, _ := value(fams, "meshlink_coordinator_netmap_updates_sent_total")
 	if n, err := value(fams, "meshlink_coordinator_netmap_update_latency_seconds"); err != nil || n != sent {
