@@ -20,6 +20,7 @@ import (
 // decision walked every rule. So must listing what setting it changes, and
 // the console's access matrix.
 func TestLargePolicyMapChangeIsCheap(t *testing.T) {
+	const slowBound = 8 * time.Second
 	fill := func(rule func(i int) string) string {
 		var b strings.Builder
 		b.WriteString("rules:\n")
@@ -73,14 +74,19 @@ func TestLargePolicyMapChangeIsCheap(t *testing.T) {
 		evaluateAccess(p, nodes, users, svcs, services)
 		took := time.Since(start)
 		t.Logf("%s: %d rules, %d nodes, %d services: %v", name, len(p.Rules), len(nodes), len(services), took)
-		if took > 3*time.Second {
+		// A bound far above what it takes (0.1 to 1 s on a loaded 2-core
+		// machine) and far below the 10 to 40 s of walking every rule;
+		// -race slows it past any fair bound, so only the log says there.
+		if took > slowBound && !raceEnabled {
 			t.Errorf("%s: one evaluation took %v", name, took)
 		}
 		// Setting it (what it grants and revokes) and the console's
 		// Policy page, which any member may load, evaluate it as whole.
 		start = time.Now()
 		dir.diff(def, p)
-		if took := time.Since(start); took > 3*time.Second {
+		took = time.Since(start)
+		t.Logf("%s: the change from the default policy listed in %v", name, took)
+		if took > slowBound && !raceEnabled {
 			t.Errorf("%s: the change from the default policy took %v to list", name, took)
 		}
 	}
