@@ -24,8 +24,14 @@ type Export struct {
 	Weight   int    `json:"weight,omitempty"`
 	Version  string `json:"version,omitempty"`
 	// Health is how the target is checked (ParseHealth); "" is a TCP
-	// connect every DefaultHealthInterval.
+	// connect every DefaultHealthInterval, or no check for a UDP-only
+	// export (UDP has no connect to check).
 	Health string `json:"health,omitempty"`
+	// Protocol is what the export carries: "" (TCP), wire.ProtocolUDP
+	// or wire.ProtocolTCPUDP. UDPIdle is the seconds a UDP flow may go
+	// without a datagram; 0 is wire.DefaultUDPIdle.
+	Protocol string `json:"protocol,omitempty"`
+	UDPIdle  int    `json:"udp_idle,omitempty"`
 }
 
 // PolicyFunc decides whether the mesh address src may reach service. It
