@@ -542,6 +542,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied, OnHealth: a.healthChanged,
 		HealthInterval: a.cfg.HealthInterval})
 	a.stack.SetTCPHandler(a.handleTCP)
+	a.stack.SetUDPHandler(a.handleUDP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 	// The local API after what its handlers read (status while joining
 	// works: the join comes later).
