@@ -7,8 +7,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/agent/localapi"
+	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/wire"
 )
 
