@@ -87,8 +87,8 @@ type ConsumerConfig struct {
 	// Listen opens the local listener; default net.Listen("tcp", …). Tests
 	// and platforms without 127/8 may replace it.
 	Listen func(addr netip.AddrPort) (net.Listener, error)
-	// ListenUDP opens a UDP service's local socket; default
-	// net.ListenUDP.
+	// ListenUDP opens a UDP service's local socket; default a UDP
+	// socket with SO_REUSEADDR (as Go's TCP listeners have).
 	ListenUDP func(addr netip.AddrPort) (*net.UDPConn, error)
 	// MaxUDPFlows bounds the UDP flows of one service: a new client
 	// beyond it evicts the least recently active. Default
@@ -227,7 +227,7 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 		cfg.Listen = func(a netip.AddrPort) (net.Listener, error) { return net.Listen("tcp", a.String()) }
 	}
 	if cfg.ListenUDP == nil {
-		cfg.ListenUDP = func(a netip.AddrPort) (*net.UDPConn, error) { return net.ListenUDP("udp", net.UDPAddrFromAddrPort(a)) }
+		cfg.ListenUDP = listenUDP
 	}
 	if cfg.UDPSweep <= 0 {
 		cfg.UDPSweep = time.Second
