@@ -369,12 +369,14 @@ func hostLabel(h string) string {
 	return s
 }
 
-// ParseExport parses NAME=HOST:PORT[;OPTION=VALUE…] as given to --expose
-// and MESHLINK_EXPOSE. The options are port (the mesh port), priority,
-// weight, version and health, as the flags of `meshlink expose`:
-// web=127.0.0.1:8000;weight=10;version=v2.
+// ParseExport parses NAME=HOST:PORT[/PROTO][;OPTION=VALUE…] as given to
+// --expose and MESHLINK_EXPOSE. PROTO is tcp (the default), udp or
+// tcp+udp. The options are port (the mesh port), priority, weight,
+// version, health and udp-idle (a duration), as the flags of `meshlink
+// expose`: web=127.0.0.1:8000;weight=10;version=v2,
+// dns=127.0.0.1:53/udp;udp-idle=30s.
 func ParseExport(s string) (Export, error) {
-	const want = "want NAME=HOST:PORT[;OPTION=VALUE...], e.g. web=127.0.0.1:8000 or web=127.0.0.1:8000;weight=10;version=v2"
+	const want = "want NAME=HOST:PORT[/udp|/tcp+udp][;OPTION=VALUE...], e.g. web=127.0.0.1:8000, web=127.0.0.1:8000;weight=10;version=v2 or dns=127.0.0.1:53/udp"
 	if len(s) > 2048 {
 		return Export{}, fmt.Errorf("--expose: %d bytes is too long; %s", len(s), want)
 	}
@@ -384,6 +386,13 @@ func ParseExport(s string) (Export, error) {
 		return Export{}, fmt.Errorf("--expose %q: %s", s, want)
 	}
 	e := Export{Name: name, Target: strings.TrimSpace(target)}
+	if i := strings.LastIndexByte(e.Target, '/'); i >= 0 {
+		proto, err := wire.ParseProtocol(e.Target[i+1:])
+		if err != nil || e.Target[i+1:] == "" {
+			return Export{}, fmt.Errorf("--expose %q: after the target's /, want tcp, udp or tcp+udp", s)
+		}
+		e.Target, e.Protocol = e.Target[:i], proto
+	}
 	seen := map[string]bool{}
 	for opt := range strings.SplitSeq(opts, ";") {
 		opt = strings.TrimSpace(opt)
@@ -393,7 +402,7 @@ func ParseExport(s string) (Export, error) {
 		k, v, ok := strings.Cut(opt, "=")
 		k, v = strings.ToLower(strings.TrimSpace(k)), strings.TrimSpace(v)
 		if !ok || v == "" {
-			return Export{}, fmt.Errorf("--expose %q: option %q: want OPTION=VALUE (port, priority, weight, version, health)", s, opt)
+			return Export{}, fmt.Errorf("--expose %q: option %q: want OPTION=VALUE (port, priority, weight, version, health, udp-idle)", s, opt)
 		}
 		if seen[k] {
 			return Export{}, fmt.Errorf("--expose %q: option %s given twice", s, k)
@@ -421,8 +430,13 @@ func ParseExport(s string) (Export, error) {
 			e.Version = v
 		case "health":
 			e.Health = v
+		case "udp-idle":
+			e.UDPIdle, err = parseUDPIdle(v)
+			if err != nil {
+				err = fmt.Errorf("--expose %q: %w", s, err)
+			}
 		default:
-			err = fmt.Errorf("--expose %q: unknown option %q; the options are port, priority, weight, version and health", s, k)
+			err = fmt.Errorf("--expose %q: unknown option %q; the options are port, priority, weight, version, health and udp-idle", s, k)
 		}
 		if err != nil {
 			return Export{}, err
@@ -454,7 +468,34 @@ func checkExport(e Export) (Export, error) {
 	if _, err := proxy.ParseHealth(e.Health); err != nil {
 		return e, fmt.Errorf("service %s: %w", e.Name, err)
 	}
+	proto, err := wire.ParseProtocol(e.Protocol)
+	if err != nil {
+		return e, fmt.Errorf("service %s: %w", e.Name, err)
+	}
+	if e.Protocol = proto; proto == wire.ProtocolTCP {
+		e.Protocol = "" // as every export saved before UDP
+	}
+	if e.UDPIdle < 0 || e.UDPIdle > wire.MaxUDPIdle {
+		return e, fmt.Errorf("service %s: udp idle timeout %ds must be 0 to %d seconds", e.Name, e.UDPIdle, wire.MaxUDPIdle)
+	}
 	return e, nil
+}
+
+// parseUDPIdle parses a UDP flow idle timeout ("30s", "2m", or seconds)
+// into whole seconds, at least one.
+func parseUDPIdle(v string) (int, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		n, nerr := strconv.Atoi(v)
+		if nerr != nil {
+			return 0, fmt.Errorf("udp-idle=%s: want a duration such as 30s or 2m", v)
+		}
+		d = time.Duration(n) * time.Second
+	}
+	if d < time.Second || d > wire.MaxUDPIdle*time.Second {
+		return 0, fmt.Errorf("udp-idle=%s must be from 1s to %ds", v, wire.MaxUDPIdle)
+	}
+	return int(d / time.Second), nil
 }
 
 // addExportLocked adds or replaces an export after checking it.
@@ -468,7 +509,7 @@ func (a *Agent) addExportLocked(e Export, replace bool) error {
 	}
 	out := slices.DeleteFunc(slices.Clone(a.exports), func(x Export) bool { return x.Name == e.Name })
 	for _, x := range out {
-		if x.Port == e.Port {
+		if x.Port == e.Port && (wire.HasTCP(x.Protocol) && wire.HasTCP(e.Protocol) || wire.HasUDP(x.Protocol) && wire.HasUDP(e.Protocol)) {
 			return fmt.Errorf("service %s: mesh port %d is already used by service %s on this site; choose another with --port", e.Name, e.Port, x.Name)
 		}
 	}
@@ -501,6 +542,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied, OnHealth: a.healthChanged,
 		HealthInterval: a.cfg.HealthInterval})
 	a.stack.SetTCPHandler(a.handleTCP)
+	a.stack.SetUDPHandler(a.handleUDP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
 	// The local API after what its handlers read (status while joining
 	// works: the join comes later).
@@ -1206,7 +1248,7 @@ func (a *Agent) syncExports() {
 func (a *Agent) announce(ctx context.Context, e Export) error {
 	var resp wire.ServiceResponse
 	err := a.control().call(ctx, wire.PathServices, wire.ServiceRequest{Version: wire.ProtocolVersion, Name: e.Name, Port: e.Port,
-		Priority: e.Priority, Weight: e.Weight, ServiceVersion: e.Version}, &resp)
+		Priority: e.Priority, Weight: e.Weight, ServiceVersion: e.Version, Protocol: e.Protocol, UDPIdle: e.UDPIdle}, &resp)
 	a.mu.Lock()
 	a.announced[e.Name] = err == nil
 	a.mu.Unlock()

@@ -54,6 +54,15 @@ func TestParseExport(t *testing.T) {
 		{in: "web=127.0.0.1:8000;version=v 2", wantErr: true},
 		{in: "web=127.0.0.1:8000;health=udp", wantErr: true},
 		{in: "web=127.0.0.1:8000;weight=1;weight=2", wantErr: true},
+		{in: "dns=127.0.0.1:53/udp", want: Export{Name: "dns", Target: "127.0.0.1:53", Port: 53, Protocol: "udp"}},
+		{in: "dns=127.0.0.1:53/TCP+UDP;udp-idle=30s", want: Export{Name: "dns", Target: "127.0.0.1:53", Port: 53, Protocol: "tcp+udp", UDPIdle: 30}},
+		{in: "web=127.0.0.1:80/tcp", want: Export{Name: "web", Target: "127.0.0.1:80", Port: 80}},
+		{in: "v6=[::1]:53/udp;port=5353;udp-idle=90", want: Export{Name: "v6", Target: "[::1]:53", Port: 5353, Protocol: "udp", UDPIdle: 90}},
+		{in: "dns=127.0.0.1:53/sctp", wantErr: true},
+		{in: "dns=127.0.0.1:53/", wantErr: true},
+		{in: "dns=127.0.0.1/udp", wantErr: true},
+		{in: "dns=127.0.0.1:53/udp;udp-idle=0s", wantErr: true},
+		{in: "dns=127.0.0.1:53/udp;udp-idle=2h", wantErr: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.in, func(t *testing.T) {
@@ -76,7 +85,8 @@ func TestParseExport(t *testing.T) {
 // parses the same when written back as options.
 func FuzzParseExport(f *testing.F) {
 	for _, s := range []string{"web=127.0.0.1:8000", "web=127.0.0.1:8000;weight=10;version=v2", "a=b:1;health=http:/x@200;priority=3;port=9",
-		"web=:80;;", "x=[::1]:1;health=none", "=;=;=", "web=h:1;port=0"} {
+		"web=:80;;", "x=[::1]:1;health=none", "=;=;=", "web=h:1;port=0",
+		"dns=127.0.0.1:53/udp", "d=h:53/tcp+udp;udp-idle=30s", "d=h:53/udp+tcp;udp-idle=1", "d=h:1//udp", "d=h:1/", "d=h/udp:1", "d=h:1/udp;udp-idle=1ms"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -91,6 +101,12 @@ func FuzzParseExport(f *testing.F) {
 			t.Fatalf("%q parsed to %+v, which does not check: %v", s, e, err)
 		}
 		back := fmt.Sprintf("%s=%s;port=%d;priority=%d;weight=%d", e.Name, e.Target, e.Port, e.Priority, e.Weight)
+		if e.Protocol != "" {
+			back = fmt.Sprintf("%s=%s/%s;port=%d;priority=%d;weight=%d", e.Name, e.Target, e.Protocol, e.Port, e.Priority, e.Weight)
+		}
+		if e.UDPIdle != 0 {
+			back += fmt.Sprintf(";udp-idle=%ds", e.UDPIdle)
+		}
 		if e.Version != "" {
 			back += ";version=" + e.Version
 		}

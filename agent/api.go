@@ -59,7 +59,7 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 			return
 		}
 		e, note, err := a.expose(r.Context(), Export{Name: req.Name, Target: req.Target, Port: req.Port,
-			Priority: req.Priority, Weight: req.Weight, Version: req.Version, Health: req.Health}, req.Replace)
+			Priority: req.Priority, Weight: req.Weight, Version: req.Version, Health: req.Health, Protocol: req.Protocol, UDPIdle: req.UDPIdle}, req.Replace)
 		if err != nil {
 			writeJSON(w, http.StatusBadRequest, localapi.Error{Message: err.Error()})
 			return
@@ -69,7 +69,8 @@ func startAPI(a *Agent, path string) (*apiServer, error) {
 			a.log.Warn("exposed service's target does not answer", "service", e.Name, "target", e.Target, "warning", warn)
 		}
 		writeJSON(w, http.StatusOK, localapi.ExposeResponse{Export: localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: note == "",
-			Priority: e.Priority, Weight: e.Weight, Version: e.Version, HealthCheck: healthCheckOf(e)}, Note: note, Warning: warn})
+			Priority: e.Priority, Weight: e.Weight, Version: e.Version, HealthCheck: healthCheckOf(e), Protocol: protocolName(e.Protocol), UDPIdle: e.UDPIdle},
+			Note: note, Warning: warn})
 	})
 	mux.HandleFunc("GET "+localapi.PathPing, func(w http.ResponseWriter, r *http.Request) {
 		timeout, err := time.ParseDuration(r.URL.Query().Get("timeout"))
@@ -263,7 +264,11 @@ func (a *Agent) Services() localapi.Services {
 	for _, s := range a.consumer.Status() {
 		ls := localapi.Service{Name: s.Name, VIP: vips[s.Name].VIP, Local: s.Listen, Listening: s.Listening, Error: s.Error,
 			Open: s.Open, Total: s.Total, Failed: s.Failed, Sent: s.Sent, Received: s.Received, Providers: []localapi.Provider{},
-			Port: s.Wanted.Port(), Refused: s.Refused, Refusing: s.Refusing, Split: s.Split, Locality: s.Locality, Affinity: s.Affinity}
+			Port: s.Wanted.Port(), Refused: s.Refused, Refusing: s.Refusing, Split: s.Split, Locality: s.Locality, Affinity: s.Affinity,
+			Protocol: protocolName(s.Protocol)}
+		if wire.HasUDP(s.Protocol) {
+			ls.UDP = udpStats(s.UDP)
+		}
 		if s.Listening && s.Listen.Port() != s.Wanted.Port() {
 			ls.FallbackPort = s.Listen.Port()
 			ls.Note = fmt.Sprintf("port %d needs privileges the agent lacks: served on %d (port+10000) instead; for port %d run `%s` and restart the agent",
@@ -283,9 +288,24 @@ func (a *Agent) Services() localapi.Services {
 		out.Exported = append(out.Exported, localapi.Export{Name: e.Name, Target: e.Target, Port: e.Port, Announced: announced[e.Name],
 			Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed, Sent: e.Sent, Received: e.Received, LastError: e.LastError,
 			Source: source[e.Name], Priority: e.Priority, Weight: e.Weight, Version: e.Version, HealthCheck: healthCheckOf(e.Export),
-			Health: exportHealth(e.Health)})
+			Health: exportHealth(e.Health), Protocol: protocolName(e.Protocol), UDPIdle: e.UDPIdle})
+		if wire.HasUDP(e.Protocol) {
+			out.Exported[len(out.Exported)-1].UDP = udpStats(e.UDP)
+		}
 	}
 	return out
+}
+
+// protocolName is a service's protocol as status shows it: "" is tcp.
+func protocolName(p string) string {
+	if p == "" {
+		return wire.ProtocolTCP
+	}
+	return p
+}
+
+func udpStats(s proxy.UDPStats) *localapi.UDPStats {
+	return &localapi.UDPStats{Flows: s.Flows, FlowsTotal: s.FlowsTotal, Sent: s.Sent, Received: s.Received, Dropped: s.Dropped, Evicted: s.Evicted}
 }
 
 // pingError is a Ping failure with its localapi code.
@@ -374,6 +394,9 @@ func (a *Agent) Ping(ctx context.Context, target string, timeout time.Duration) 
 
 // healthCheckOf is how an export's target is checked, in words.
 func healthCheckOf(e Export) string {
+	if e.Health == "" && !wire.HasTCP(e.Protocol) {
+		return proxy.HealthNone // UDP has no connect to check
+	}
 	h, err := proxy.ParseHealth(e.Health)
 	if err != nil {
 		return proxy.HealthTCP

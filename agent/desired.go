@@ -136,9 +136,10 @@ func desiredConfig(in desiredInput) Desired {
 			continue
 		}
 		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port),
-			Split: s.Split, Locality: s.Locality, Affinity: s.Affinity, Region: nm.Self.Region}
+			Split: s.Split, Locality: s.Locality, Affinity: s.Affinity, Region: nm.Self.Region, Protocol: s.Protocol}
 		traffic := func(t proxy.Target, pr wire.Provider) proxy.Target {
 			t.Priority, t.Weight, t.Version, t.Health, t.HealthError = pr.Priority, pr.Weight, pr.Version, pr.Health, pr.HealthError
+			t.Protocol, t.UDPIdle = pr.Protocol, pr.UDPIdle
 			return t
 		}
 		for _, pr := range s.Providers {
@@ -157,7 +158,7 @@ func desiredConfig(in desiredInput) Desired {
 			}
 		}
 		d.Services = append(d.Services, sc)
-		d.Zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port, VIP: s.VIP}
+		d.Zone.Services[s.Name] = dns.Service{Addrs: []netip.Addr{listen}, Port: s.Port, VIP: s.VIP, Protocol: s.Protocol}
 	}
 	for _, n := range append([]wire.Node{nm.Self}, nm.Peers...) {
 		for _, p := range n.Addresses {

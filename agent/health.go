@@ -66,6 +66,9 @@ func isRateLimited(err error) bool {
 // checkExportNow checks an export's target once, as its health spec says,
 // for `meshlink expose` to warn at once; "" when it answers.
 func checkExportNow(ctx context.Context, e Export) string {
+	if !wire.HasTCP(e.Protocol) && e.Health == "" {
+		return "" // a UDP target cannot be checked without speaking its protocol
+	}
 	spec, err := proxy.ParseHealth(e.Health)
 	if err != nil || spec.Kind == proxy.HealthNone {
 		spec = proxy.HealthSpec{Kind: proxy.HealthTCP}

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -101,6 +102,16 @@ var (
 		"Connections to an exported service refused by policy (the same count as meshlink_agent_connections_denied_total).", []string{"service"}, nil)
 	descConnDenied = prometheus.NewDesc("meshlink_agent_connections_denied_total",
 		"Inbound connections to an exported service refused by policy: the source node is not among the service's allowed nodes in the network map.", []string{"service"}, nil)
+	descUDPFlows = prometheus.NewDesc("meshlink_agent_udp_flows",
+		"UDP flows open now through a service, by role: consumer (one per local client address) or provider (one per consumer socket).", []string{"service", "role"}, nil)
+	descUDPFlowsTotal = prometheus.NewDesc("meshlink_agent_udp_flows_total",
+		"UDP flows opened through a service, by role.", []string{"service", "role"}, nil)
+	descUDPDatagrams = prometheus.NewDesc("meshlink_agent_udp_datagrams_total",
+		"UDP datagrams carried through a service by role and direction: sent (from the client toward the target) or received (back).", []string{"service", "role", "direction"}, nil)
+	descUDPDropped = prometheus.NewDesc("meshlink_agent_udp_dropped_total",
+		"UDP datagrams of a service not carried, by role: no provider, denied by policy (provider), over the flow bound, or a failed send.", []string{"service", "role"}, nil)
+	descUDPEvicted = prometheus.NewDesc("meshlink_agent_udp_flows_evicted_total",
+		"UDP flows a consumer closed to make room for a new client address (the least recently active of a full flow table).", []string{"service"}, nil)
 )
 
 // agentCollector reads Status and Services at scrape time. Labels are peer
@@ -109,7 +120,8 @@ type agentCollector struct{ a *Agent }
 
 func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnected, descPeers, descPeerPathBytes, descPeerWGBytes,
-		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied, descConnDenied, descProvSelected, descProvHealth} {
+		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied, descConnDenied, descProvSelected, descProvHealth,
+		descUDPFlows, descUDPFlowsTotal, descUDPDatagrams, descUDPDropped, descUDPEvicted} {
 		ch <- d
 	}
 }
@@ -159,8 +171,22 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descSvcBytes, float64(received), name, role, "received")
 		counter(descSvcDialFail, float64(failed), name, role)
 	}
+	udp := func(name, role string, u *localapi.UDPStats) {
+		if u == nil {
+			return
+		}
+		gauge(descUDPFlows, float64(u.Flows), name, role)
+		counter(descUDPFlowsTotal, float64(u.FlowsTotal), name, role)
+		counter(descUDPDatagrams, float64(u.Sent), name, role, "sent")
+		counter(descUDPDatagrams, float64(u.Received), name, role, "received")
+		counter(descUDPDropped, float64(u.Dropped), name, role)
+		if role == "consumer" {
+			counter(descUDPEvicted, float64(u.Evicted), name)
+		}
+	}
 	for _, s := range svcs.Consumed {
 		service(s.Name, "consumer", s.Total, s.Open, s.Sent, s.Received, s.Failed)
+		udp(s.Name, "consumer", s.UDP)
 		seen := map[string]bool{}
 		for _, p := range s.Providers {
 			if seen[p.Name] {
@@ -177,6 +203,7 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, e := range svcs.Exported {
 		service(e.Name, "provider", e.Total, e.Open, e.Sent, e.Received, e.Failed)
+		udp(e.Name, "provider", e.UDP)
 		counter(descSvcDenied, float64(e.Denied), e.Name)
 		counter(descConnDenied, float64(e.Denied), e.Name)
 	}

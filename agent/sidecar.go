@@ -141,6 +141,16 @@ func (a *Agent) handleTCP(req *netstack.TCPRequest) {
 	a.provider.HandleTCP(req)
 }
 
+// handleUDP is the netstack's handler for a new inbound UDP flow; like
+// handleTCP, new flows are dropped while draining.
+func (a *Agent) handleUDP(req *netstack.UDPRequest) {
+	if a.draining.Load() {
+		req.Reject()
+		return
+	}
+	a.provider.HandleUDP(req)
+}
+
 // openConns counts the connections open through the agent, both ways.
 func (a *Agent) openConns() int64 {
 	var n int64

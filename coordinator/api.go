@@ -394,6 +394,16 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 	if err := wire.CheckTraffic(req.Priority, req.Weight, req.ServiceVersion); err != nil {
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q: %v", name, err)
 	}
+	proto, err := wire.ParseProtocol(req.Protocol)
+	if err != nil {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q: %v", name, err)
+	}
+	if proto == wire.ProtocolTCP {
+		proto = "" // what every provider before version 10 has
+	}
+	if req.UDPIdle < 0 || req.UDPIdle > wire.MaxUDPIdle {
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "service %q: udp idle timeout %ds must be 0 to %d seconds", name, req.UDPIdle, wire.MaxUDPIdle)
+	}
 	listed, refused := s.checkProvide(ctx, node, name)
 	if refused != nil {
 		return refused
@@ -416,7 +426,8 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		}
 		return storeErr("expose", err)
 	}
-	if err := s.store.SetProviderTraffic(ctx, name, node.ID, store.Traffic{Priority: req.Priority, Weight: req.Weight, Version: req.ServiceVersion}); err != nil {
+	if err := s.store.SetProviderTraffic(ctx, name, node.ID, store.Traffic{Priority: req.Priority, Weight: req.Weight, Version: req.ServiceVersion,
+		Protocol: proto, UDPIdle: req.UDPIdle}); err != nil {
 		return storeErr("expose", err)
 	}
 	s.commit(change{log: "service exposed", attrs: []any{"service", name, "node", node.Name, "port", req.Port},

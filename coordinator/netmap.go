@@ -278,7 +278,8 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) {
 			continue
 		}
-		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version}
+		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version,
+			Protocol: p.Protocol, UDPIdle: p.UDPIdle}
 		wp.Health, wp.HealthError = s.health.get(p.NodeID, p.Service)
 		byService[p.Service] = append(byService[p.Service], wp)
 	}
@@ -289,6 +290,13 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 		}
 		sort.Slice(ps, func(i, j int) bool { return ps[i].Node < ps[j].Node })
 		ws := wire.Service{Name: sv.Name, VIP: sv.VIP, Port: sv.Port, Providers: ps, AllowedNodes: []string{"*"}}
+		var protos []string
+		for _, p := range ps {
+			protos = append(protos, p.Protocol)
+		}
+		if ws.Protocol = wire.JoinProtocols(protos...); ws.Protocol == wire.ProtocolTCP {
+			ws.Protocol = "" // as before version 10
+		}
 		if pol != nil {
 			t := pol.Services[sv.Name]
 			ws.Split, ws.Locality, ws.Affinity = t.Split, t.Locality, t.Affinity

@@ -87,6 +87,21 @@ type Service struct {
 	// VIP is the service's virtual IP on the mesh (100.100.X.Y); its PTR,
 	// like that of each of Addrs, is NAME.DOMAIN.
 	VIP netip.Addr
+	// Protocol is what the service carries: "" or "tcp", "udp", or
+	// "tcp+udp" (wire.Service.Protocol); SRV names _NAME._tcp and
+	// _NAME._udp answer for the protocols it carries.
+	Protocol string
+}
+
+// carries reports whether svc carries proto, "_tcp" or "_udp".
+func (svc Service) carries(proto string) bool {
+	switch proto {
+	case "_tcp":
+		return svc.Protocol != "udp"
+	case "_udp":
+		return svc.Protocol == "udp" || svc.Protocol == "tcp+udp"
+	}
+	return false
 }
 
 // Zone is the mesh's part of the name space, replaced whole by SetZone.

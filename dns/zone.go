@@ -47,7 +47,7 @@ func (s *Server) SetZone(z Zone) {
 			s.log.Debug("skipping service with unusable name", "service", name)
 			continue
 		}
-		svc := Service{Addrs: cleanAddrs(svc.Addrs), Port: svc.Port, VIP: svc.VIP.Unmap()}
+		svc := Service{Addrs: cleanAddrs(svc.Addrs), Port: svc.Port, VIP: svc.VIP.Unmap(), Protocol: svc.Protocol}
 		idx.services[key] = svc
 		for _, a := range append(slices.Clone(svc.Addrs), svc.VIP) {
 			if a.IsValid() {
@@ -123,8 +123,10 @@ func (s *Server) answerLocal(resp *mdns.Msg, q mdns.Question) {
 		switch {
 		case rel[0] == nodeLabel:
 			exists = true // empty non-terminal
-		case rel[0] == "_tcp":
-			exists = len(z.services) > 0 // empty non-terminal above the SRV names
+		case rel[0] == "_tcp" || rel[0] == "_udp":
+			for _, svc := range z.services {
+				exists = exists || svc.carries(rel[0]) // empty non-terminal above the SRV names
+			}
 		default:
 			if svc, ok := z.services[rel[0]]; ok {
 				exists = true
@@ -138,8 +140,8 @@ func (s *Server) answerLocal(resp *mdns.Msg, q mdns.Question) {
 				exists = true
 				resp.Answer = appendAddrs(resp.Answer, owner, q.Qtype, addrs)
 			}
-		case rel[1] == "_tcp" && strings.HasPrefix(rel[0], "_"):
-			if svc, ok := z.services[rel[0][1:]]; ok {
+		case (rel[1] == "_tcp" || rel[1] == "_udp") && strings.HasPrefix(rel[0], "_"):
+			if svc, ok := z.services[rel[0][1:]]; ok && svc.carries(rel[1]) {
 				exists = true
 				if q.Qtype == mdns.TypeSRV || q.Qtype == mdns.TypeANY {
 					target := rel[0][1:] + "." + s.domain

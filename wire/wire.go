@@ -48,6 +48,12 @@
 //	  Health, HealthError (reported by the provider on PathHealth in a
 //	  HealthReport); Service.Split, Locality, Affinity (from the policy
 //	  file's services section); Node.Region (MapRequest.Region).
+//	10 (2026-12-02): UDP services. Provider.Protocol and UDPIdle (set by
+//	  ServiceRequest's fields of the same names): a provider carries TCP
+//	  (ProtocolTCP, also ""), UDP (ProtocolUDP) or both (ProtocolTCPUDP)
+//	  on its port; Service.Protocol is what its providers carry together.
+//	  Consumers listen on UDP for a service with UDP and carry each client
+//	  address's datagrams as one flow through the mesh's UDP.
 package wire
 
 import (
@@ -63,7 +69,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 9
+const ProtocolVersion = 10
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -529,6 +535,9 @@ type Service struct {
 	// connection of one client address to the same provider while the
 	// set of healthy providers stays the same.
 	Affinity string `json:"affinity,omitempty"`
+	// Protocol (version 10) is what the providers carry together:
+	// ProtocolTCP ("" too), ProtocolUDP or ProtocolTCPUDP.
+	Protocol string `json:"protocol,omitempty"`
 }
 
 // Values of Service.Locality and Service.Affinity.
@@ -557,6 +566,70 @@ type Provider struct {
 	Health string `json:"health,omitempty"`
 	// HealthError says why the target is unhealthy ("connection refused").
 	HealthError string `json:"health_error,omitempty"`
+	// Protocol (version 10) is what the provider carries on Port:
+	// ProtocolTCP (also ""), ProtocolUDP or ProtocolTCPUDP.
+	Protocol string `json:"protocol,omitempty"`
+	// UDPIdle (version 10) is the seconds a UDP flow to this provider
+	// may go without a datagram before both ends forget it; 0 means
+	// DefaultUDPIdle.
+	UDPIdle int `json:"udp_idle,omitempty"`
+}
+
+// Values of Provider.Protocol and Service.Protocol.
+const (
+	ProtocolTCP    = "tcp"
+	ProtocolUDP    = "udp"
+	ProtocolTCPUDP = "tcp+udp"
+)
+
+// Bounds of a UDP flow's idle timeout (Provider.UDPIdle).
+const (
+	DefaultUDPIdle = 60 * time.Second
+	MaxUDPIdle     = 3600 // seconds
+)
+
+// ParseProtocol checks a protocol ("tcp", "udp", "tcp+udp", or "udp+tcp",
+// in any case) and answers it in its canonical form; "" is ProtocolTCP.
+func ParseProtocol(s string) (string, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", ProtocolTCP:
+		return ProtocolTCP, nil
+	case ProtocolUDP:
+		return ProtocolUDP, nil
+	case ProtocolTCPUDP, "udp+tcp":
+		return ProtocolTCPUDP, nil
+	}
+	return "", fmt.Errorf("protocol %q must be tcp, udp or tcp+udp", s)
+}
+
+// HasTCP reports whether protocol p (a Provider's or Service's) carries
+// TCP: "" does, for maps from before version 10.
+func HasTCP(p string) bool { return p == "" || p == ProtocolTCP || p == ProtocolTCPUDP }
+
+// HasUDP reports whether protocol p carries UDP.
+func HasUDP(p string) bool { return p == ProtocolUDP || p == ProtocolTCPUDP }
+
+// JoinProtocols is the protocol of a service whose providers carry ps.
+func JoinProtocols(ps ...string) string {
+	tcp, udp := false, false
+	for _, p := range ps {
+		tcp, udp = tcp || HasTCP(p), udp || HasUDP(p)
+	}
+	switch {
+	case tcp && udp:
+		return ProtocolTCPUDP
+	case udp:
+		return ProtocolUDP
+	}
+	return ProtocolTCP
+}
+
+// UDPIdleOf is the idle timeout of Provider.UDPIdle seconds.
+func UDPIdleOf(seconds int) time.Duration {
+	if seconds <= 0 {
+		return DefaultUDPIdle
+	}
+	return time.Duration(min(seconds, MaxUDPIdle)) * time.Second
 }
 
 // Values of Provider.Health.
@@ -623,6 +696,9 @@ type ServiceRequest struct {
 	Priority       int    `json:"priority,omitempty"`
 	Weight         int    `json:"weight,omitempty"`
 	ServiceVersion string `json:"service_version,omitempty"`
+	// Protocol and UDPIdle (version 10) become the provider's.
+	Protocol string `json:"protocol,omitempty"`
+	UDPIdle  int    `json:"udp_idle,omitempty"`
 }
 
 // HealthReport carries the health of the calling node's exports, whole:

@@ -188,6 +188,24 @@ type Service struct {
 	Split    map[string]int `json:"split,omitempty"`
 	Locality string         `json:"locality,omitempty"`
 	Affinity string         `json:"affinity,omitempty"`
+	// Protocol is "tcp", "udp" or "tcp+udp"; UDP, for a service with
+	// UDP, counts its flows and datagrams.
+	Protocol string    `json:"protocol,omitempty"`
+	UDP      *UDPStats `json:"udp,omitempty"`
+}
+
+// UDPStats counts a UDP service's flows (one per client address at a
+// consumer, per consumer socket at a provider) and datagrams.
+type UDPStats struct {
+	Flows      int64 `json:"flows"`       // open now
+	FlowsTotal int64 `json:"flows_total"` // ever opened
+	Sent       int64 `json:"sent"`        // datagrams toward the target
+	Received   int64 `json:"received"`    // datagrams back
+	// Dropped counts datagrams not carried (no provider, denied by
+	// policy, over the flow bound, a failed send); Evicted flows closed
+	// to make room for a new client.
+	Dropped int64 `json:"dropped"`
+	Evicted int64 `json:"evicted"`
 }
 
 // Provider is one site providing a service.
@@ -233,6 +251,11 @@ type Export struct {
 	// before the first check and with checks off.
 	HealthCheck string `json:"health_check,omitempty"`
 	Health      string `json:"health,omitempty"`
+	// Protocol is "tcp", "udp" or "tcp+udp"; UDPIdle the seconds a UDP
+	// flow may be idle (0: the default, 60); UDP counts its flows.
+	Protocol string    `json:"protocol,omitempty"`
+	UDPIdle  int       `json:"udp_idle,omitempty"`
+	UDP      *UDPStats `json:"udp,omitempty"`
 	// Source is SourceFlag for an export the agent's --expose flags set,
 	// SourceRuntime for one added with `meshlink expose` (saved in the
 	// state directory).
@@ -258,6 +281,10 @@ type ExposeRequest struct {
 	Weight   int    `json:"weight,omitempty"`
 	Version  string `json:"version,omitempty"`
 	Health   string `json:"health,omitempty"`
+	// Protocol is "tcp" (also ""), "udp" or "tcp+udp"; UDPIdle the
+	// seconds a UDP flow may be idle (0: the default).
+	Protocol string `json:"protocol,omitempty"`
+	UDPIdle  int    `json:"udp_idle,omitempty"`
 	// Replace lets Target replace the target of a service this site
 	// already exports; without it that is refused.
 	Replace bool `json:"replace,omitempty"`

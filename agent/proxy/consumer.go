@@ -50,6 +50,10 @@ type Target struct {
 	HealthError string
 	// Region is the provider node's region.
 	Region string
+	// Protocol is what the provider carries (wire.Provider.Protocol; ""
+	// is TCP); UDPIdle its flows' idle timeout in seconds.
+	Protocol string
+	UDPIdle  int
 }
 
 // ServiceConfig is the desired state of one consumed service.
@@ -63,6 +67,9 @@ type ServiceConfig struct {
 	Locality string
 	Affinity string
 	Region   string
+	// Protocol is what the service carries (wire.Service.Protocol): a
+	// TCP listener, a UDP socket at the same address, or both.
+	Protocol string
 }
 
 // ConsumerConfig configures a Consumer.
@@ -80,6 +87,16 @@ type ConsumerConfig struct {
 	// Listen opens the local listener; default net.Listen("tcp", …). Tests
 	// and platforms without 127/8 may replace it.
 	Listen func(addr netip.AddrPort) (net.Listener, error)
+	// ListenUDP opens a UDP service's local socket; default a UDP
+	// socket with SO_REUSEADDR (as Go's TCP listeners have).
+	ListenUDP func(addr netip.AddrPort) (*net.UDPConn, error)
+	// MaxUDPFlows bounds the UDP flows of one service: a new client
+	// beyond it evicts the least recently active. Default
+	// DefaultMaxUDPFlows.
+	MaxUDPFlows int
+	// UDPSweep is how often idle UDP flows are looked for; default a
+	// second, so a flow lives at most that much past its idle timeout.
+	UDPSweep time.Duration
 }
 
 // Consumer runs a local listener per consumed service and carries each
@@ -106,18 +123,21 @@ type Consumer struct {
 }
 
 type service struct {
-	name    string
-	listen  netip.AddrPort // the address the network map asks for
-	bound   netip.AddrPort // where ln listens: listen, or its FallbackPort
-	ln      net.Listener
-	err     error                    // why the listener is not up
-	targets atomic.Pointer[[]Target] // swapped by Reconfig, read per connection
-	pol     atomic.Pointer[choosePolicy]
-	open    atomic.Int64
-	total   atomic.Int64
-	failed  atomic.Int64
-	refused atomic.Int64 // refused at once: no healthy provider
-	ctr     Counters
+	name     string
+	protocol string         // ServiceConfig.Protocol
+	listen   netip.AddrPort // the address the network map asks for
+	bound    netip.AddrPort // where ln listens: listen, or its FallbackPort
+	ln       net.Listener
+	err      error                    // why the listener is not up
+	targets  atomic.Pointer[[]Target] // swapped by Reconfig, read per connection
+	pol      atomic.Pointer[choosePolicy]
+	open     atomic.Int64
+	total    atomic.Int64
+	failed   atomic.Int64
+	refused  atomic.Int64 // refused at once: no healthy provider
+	ctr      Counters
+	udp      *udpService // guarded by Consumer.mu; nil without UDP
+	udpCtr   UDPCounters
 
 	selMu sync.Mutex // guards the fields below
 	// recent holds the providers of the last len(recent) connections,
@@ -206,12 +226,18 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 	if cfg.Listen == nil {
 		cfg.Listen = func(a netip.AddrPort) (net.Listener, error) { return net.Listen("tcp", a.String()) }
 	}
+	if cfg.ListenUDP == nil {
+		cfg.ListenUDP = listenUDP
+	}
+	if cfg.UDPSweep <= 0 {
+		cfg.UDPSweep = time.Second
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Consumer{
+	c := &Consumer{
 		cfg:      cfg,
 		log:      log.With("subsystem", "proxy"),
 		ctx:      ctx,
@@ -220,6 +246,9 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 		health:   map[wire.NodeID]*health{},
 		conns:    map[*openConn]struct{}{},
 	}
+	c.wg.Add(1)
+	go c.sweepUDP()
+	return c
 }
 
 // Reconfig applies the desired set of services whole: listeners for services
@@ -242,12 +271,12 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 	for _, w := range want {
 		keep[w.Name] = true
 		s := c.services[w.Name]
-		if s != nil && s.listen != w.Listen {
+		if s != nil && (s.listen != w.Listen || s.protocol != w.Protocol) {
 			c.stopLocked(s)
 			s = nil
 		}
 		if s == nil {
-			s = &service{name: w.Name, listen: w.Listen, selected: map[wire.NodeID]int64{}}
+			s = &service{name: w.Name, protocol: w.Protocol, listen: w.Listen, selected: map[wire.NodeID]int64{}}
 			c.services[w.Name] = s
 		}
 		t := slices.Clone(w.Targets)
@@ -268,10 +297,25 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 			}
 		}
 		s.selMu.Unlock()
-		if s.ln == nil {
+		if s.udp == nil && wire.HasUDP(w.Protocol) {
+			if err := c.startUDPLocked(s); err != nil {
+				if s.err == nil || s.err.Error() != err.Error() {
+					c.log.Error("cannot listen on UDP for service; will retry", "service", w.Name, "addr", w.Listen, "err", err)
+				}
+				s.err = err
+				errs = append(errs, fmt.Errorf("proxy: service %s: udp: %w", w.Name, err))
+				continue
+			}
+			s.err = nil
+		}
+		if s.ln == nil && wire.HasTCP(w.Protocol) {
 			// Retried on every reconfig until it works: a port taken by
 			// another program is reported in status, not fatal.
-			ln, err := c.listen(w.Name, w.Listen)
+			addr := w.Listen
+			if s.udp != nil {
+				addr = s.udp.bound // tcp+udp: one address, the fallback port too
+			}
+			ln, err := c.listen(w.Name, addr)
 			if err != nil {
 				if s.err == nil || s.err.Error() != err.Error() {
 					c.log.Error("cannot listen for service; will retry", "service", w.Name, "addr", w.Listen, "err", err)
@@ -366,6 +410,8 @@ func (c *Consumer) Bound() map[string]netip.AddrPort {
 	for name, s := range c.services {
 		if s.ln != nil {
 			out[name] = s.bound
+		} else if s.udp != nil {
+			out[name] = s.udp.bound
 		}
 	}
 	return out
@@ -400,6 +446,12 @@ func (c *Consumer) closeGoneTargetsLocked(want []ServiceConfig) {
 		delete(c.conns, oc)
 		c.log.Info("closed a connection to a provider that is gone", "service", oc.service, "provider", oc.target.Name, "node", oc.target.Node, "reason", reason)
 	}
+	c.closeUDPFlowsLocked(func(s *service, f *udpFlow) string {
+		if f.target.Local != "" || targets[s.name][f.target.Node] {
+			return ""
+		}
+		return "the provider no longer provides the service to this node"
+	})
 }
 
 // recoveredLocked forgets the consumer's own dial failures of a provider
@@ -430,6 +482,7 @@ func (c *Consumer) stopLocked(s *service) {
 		s.ln.Close()
 		s.ln = nil
 	}
+	c.stopUDPLocked(s)
 }
 
 func (c *Consumer) acceptLoop(s *service, ln net.Listener) {
@@ -557,7 +610,7 @@ func clientAddr(c net.Conn) netip.Addr {
 // open count has been incremented for the caller. With no usable provider
 // it fails at once with ErrNoHealthyProvider, without dialing.
 func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (net.Conn, Target, *health, error) {
-	targets, err := c.order(s, client)
+	targets, err := c.order(s, client, false)
 	if err != nil {
 		return nil, Target{}, nil, err
 	}
@@ -737,10 +790,16 @@ func (c *Consumer) candidates(ts []Target) []candidate {
 	return cs
 }
 
-// order is the providers a new connection is offered to, best first
-// (choose).
-func (c *Consumer) order(s *service, client netip.Addr) ([]Target, error) {
-	cs := c.candidates(*s.targets.Load())
+// order is the providers a new connection (udp false) or flow (udp
+// true) is offered to, best first (choose): those carrying its protocol.
+func (c *Consumer) order(s *service, client netip.Addr, udp bool) ([]Target, error) {
+	var ts []Target
+	for _, t := range *s.targets.Load() {
+		if udp && wire.HasUDP(t.Protocol) || !udp && wire.HasTCP(t.Protocol) {
+			ts = append(ts, t)
+		}
+	}
+	cs := c.candidates(ts)
 	c.randMu.Lock()
 	defer c.randMu.Unlock()
 	return choose(cs, *s.pol.Load(), client, c.cfg.Rand)
@@ -766,6 +825,12 @@ func (c *Consumer) CloseTo(keep func(node wire.NodeID) bool) int {
 		c.log.Info("closed a connection to a provider that is gone", "service", oc.service, "provider", oc.target.Name, "node", oc.target.Node, "reason", "the provider left the network map")
 		n++
 	}
+	n += c.closeUDPFlowsLocked(func(_ *service, f *udpFlow) string {
+		if f.target.Local != "" || keep(f.target.Node) {
+			return ""
+		}
+		return "the provider left the network map"
+	})
 	return n
 }
 
@@ -792,6 +857,10 @@ type ServiceStatus struct {
 	Split    map[string]int
 	Locality string
 	Affinity string
+	// Protocol is what the service carries ("" is TCP); UDP counts its
+	// flows and datagrams.
+	Protocol string
+	UDP      UDPStats
 }
 
 // ProviderStatus is a consumer's view of one provider.
@@ -829,9 +898,12 @@ func (c *Consumer) Status() []ServiceStatus {
 			Open: s.open.Load(), Total: s.total.Load(), Failed: s.failed.Load(), Refused: s.refused.Load(),
 			Sent: s.ctr.Sent.Load(), Received: s.ctr.Received.Load(),
 			Split: pol.Split, Locality: pol.Locality, Affinity: pol.Affinity,
+			Protocol: s.protocol, UDP: s.udpCtr.snapshot(),
 		}
 		if s.ln != nil {
 			st.Listen = s.bound
+		} else if s.udp != nil {
+			st.Listen, st.Listening = s.udp.bound, true
 		}
 		if s.err != nil {
 			st.Error = s.err.Error()

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/meshlink/meshlink/wire"
 )
 
 // HealthSpec is how a provider checks its own target.
@@ -151,6 +153,9 @@ type checker struct {
 func (p *Provider) setCheckersLocked(es []Export) {
 	keep := map[string]bool{}
 	for _, e := range es {
+		if e.Health == "" && !wire.HasTCP(e.Protocol) {
+			continue // a UDP target has no connect to check
+		}
 		spec, err := ParseHealth(e.Health)
 		if err != nil {
 			// Checked when the export was added; an old saved one that

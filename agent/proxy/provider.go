@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"sort"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/netstack"
+	"github.com/meshlink/meshlink/wire"
 )
 
 // Export is a service this site provides on the mesh.
@@ -24,8 +26,14 @@ type Export struct {
 	Weight   int    `json:"weight,omitempty"`
 	Version  string `json:"version,omitempty"`
 	// Health is how the target is checked (ParseHealth); "" is a TCP
-	// connect every DefaultHealthInterval.
+	// connect every DefaultHealthInterval, or no check for a UDP-only
+	// export (UDP has no connect to check).
 	Health string `json:"health,omitempty"`
+	// Protocol is what the export carries: "" (TCP), wire.ProtocolUDP
+	// or wire.ProtocolTCPUDP. UDPIdle is the seconds a UDP flow may go
+	// without a datagram; 0 is wire.DefaultUDPIdle.
+	Protocol string `json:"protocol,omitempty"`
+	UDPIdle  int    `json:"udp_idle,omitempty"`
 }
 
 // PolicyFunc decides whether the mesh address src may reach service. It
@@ -55,6 +63,10 @@ type ProviderConfig struct {
 	// refused with a RST and counted as busy. Default
 	// DefaultMaxOpenPerExport.
 	MaxOpenPerExport int
+	// MaxUDPFlowsPerExport bounds the UDP flows of one exported service:
+	// the first datagram of a flow beyond it is dropped and counted.
+	// Default DefaultMaxUDPFlows.
+	MaxUDPFlowsPerExport int
 	// Denied, if set, is told of every connection Policy refused (after
 	// it was counted); it logs and reports them, rate-limited. Without
 	// it denials are logged at debug level only: a peer may cause any
@@ -82,7 +94,8 @@ const (
 type Provider struct {
 	cfg     ProviderConfig
 	log     *slog.Logger
-	exports atomic.Pointer[map[uint16]*export]
+	exports atomic.Pointer[map[uint16]*export] // TCP, by mesh port
+	udp     atomic.Pointer[map[uint16]*export] // UDP, by mesh port
 	// ctx is the context of every dial to a target; Close cancels it, so
 	// a provider going away does not wait out dials to slow targets.
 	ctx    context.Context
@@ -126,6 +139,7 @@ type exportStats struct {
 	pending                           int // guarded by Provider.pendMu
 	ctr                               Counters
 	lastErr                           atomic.Pointer[string]
+	udp                               UDPCounters
 }
 
 // NewProvider returns a Provider exporting nothing.
@@ -148,6 +162,9 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	if cfg.MaxOpenPerExport <= 0 {
 		cfg.MaxOpenPerExport = DefaultMaxOpenPerExport
 	}
+	if cfg.MaxUDPFlowsPerExport <= 0 {
+		cfg.MaxUDPFlowsPerExport = DefaultMaxUDPFlows
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -156,8 +173,9 @@ func NewProvider(cfg ProviderConfig) *Provider {
 	p := &Provider{cfg: cfg, log: log.With("subsystem", "provider"), ctx: ctx, cancel: cancel,
 		stats: map[string]*exportStats{}, conns: map[*inbound]struct{}{}, pending: map[netip.Addr]int{},
 		checkers: map[string]*checker{}, health: map[string]ExportHealth{}}
-	empty := map[uint16]*export{}
+	empty, emptyUDP := map[uint16]*export{}, map[uint16]*export{}
 	p.exports.Store(&empty)
+	p.udp.Store(&emptyUDP)
 	return p
 }
 
@@ -166,15 +184,22 @@ func (p *Provider) SetExports(es []Export) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	m := make(map[uint16]*export, len(es))
+	mu := map[uint16]*export{}
 	for _, e := range es {
 		st := p.stats[e.Name]
 		if st == nil {
 			st = &exportStats{}
 			p.stats[e.Name] = st
 		}
-		m[e.Port] = &export{Export: e, st: st}
+		if wire.HasTCP(e.Protocol) {
+			m[e.Port] = &export{Export: e, st: st}
+		}
+		if wire.HasUDP(e.Protocol) {
+			mu[e.Port] = &export{Export: e, st: st}
+		}
 	}
 	p.exports.Store(&m)
+	p.udp.Store(&mu)
 	if !p.closed {
 		p.setCheckersLocked(es)
 	}
@@ -243,9 +268,11 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 
 // exported reports whether service is exported now.
 func (p *Provider) exported(service string) bool {
-	for _, e := range *p.exports.Load() {
-		if e.Name == service {
-			return true
+	for _, m := range []map[uint16]*export{*p.exports.Load(), *p.udp.Load()} {
+		for _, e := range m {
+			if e.Name == service {
+				return true
+			}
 		}
 	}
 	return false
@@ -382,6 +409,8 @@ type ExportStatus struct {
 	Busy           int64
 	Sent, Received int64
 	LastError      string
+	// UDP counts the export's UDP flows and datagrams.
+	UDP UDPStats
 	// Health is the last check of the target (Checked false with checks
 	// off or before the first).
 	Health ExportHealth
@@ -397,10 +426,15 @@ func (p *Provider) Status() []ExportStatus {
 	}
 	p.mu.Unlock()
 	var out []ExportStatus
-	for _, e := range *p.exports.Load() {
+	all := maps.Clone(*p.exports.Load())
+	for port, e := range *p.udp.Load() {
+		all[port] = e // the same export when it carries both
+	}
+	for _, e := range all {
 		s := ExportStatus{Export: e.Export, Open: e.st.open.Load(), Total: e.st.total.Load(),
 			Denied: e.st.denied.Load(), Failed: e.st.failed.Load(), Busy: e.st.busy.Load(),
-			Sent: e.st.ctr.Sent.Load(), Received: e.st.ctr.Received.Load(), Health: health[e.Name]}
+			Sent: e.st.ctr.Sent.Load(), Received: e.st.ctr.Received.Load(), Health: health[e.Name],
+			UDP: e.st.udp.snapshot()}
 		if le := e.st.lastErr.Load(); le != nil {
 			s.LastError = *le
 		}

@@ -706,7 +706,7 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "dns", Value: "127.0.0.1:53", Usage: "DNS listen address, or off", EnvVars: env("DNS")},
 			&cli.StringSliceFlag{Name: "dns-allow", Usage: "networks allowed to query DNS besides loopback, CIDR[,CIDR...]; needed when --dns is not a loopback address", EnvVars: env("DNS_ALLOW")},
 			&cli.StringSliceFlag{Name: "dns-upstream", Usage: "resolvers for non-mesh names (default: /etc/resolv.conf)", EnvVars: env("DNS_UPSTREAM")},
-			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT[;OPTION=VALUE...] (repeatable); options port, priority, weight, version, health as for meshlink expose, e.g. web=127.0.0.1:8000;weight=10;version=v2", EnvVars: env("EXPOSE")},
+			&cli.StringSliceFlag{Name: "expose", Usage: "export a service NAME=HOST:PORT[/udp|/tcp+udp][;OPTION=VALUE...] (repeatable); options port, priority, weight, version, health, udp-idle as for meshlink expose, e.g. web=127.0.0.1:8000;weight=10;version=v2 or dns=127.0.0.1:53/udp", EnvVars: env("EXPOSE")},
 			&cli.StringFlag{Name: "region", Usage: "this node's region, for services whose policy prefers providers in the consumer's region (locality: prefer-same-region)", EnvVars: env("REGION")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: time.Second, Usage: "time to reach one provider before it is marked failing and the next is tried", EnvVars: env("DIAL_TIMEOUT")},
@@ -843,23 +843,47 @@ func exposeCmd() *cli.Command {
 			&cli.IntFlag{Name: "weight", Usage: "this provider's share among those of its priority (default 1)", EnvVars: env("EXPOSE_WEIGHT")},
 			&cli.StringFlag{Name: "version", Usage: "version label of what this provider runs, for a traffic split in the policy (e.g. v2)", EnvVars: env("EXPOSE_VERSION")},
 			&cli.StringFlag{Name: "health", Usage: "how the target is checked every 2s: tcp (connect; the default), http:/PATH (GET, expect 2xx-3xx), http:/PATH@STATUS, or none", EnvVars: env("EXPOSE_HEALTH")},
+			&cli.BoolFlag{Name: "udp", Usage: "the service is UDP (like HOST:PORT/udp): consumers listen on UDP and carry each client's datagrams as one flow", EnvVars: env("EXPOSE_UDP")},
+			&cli.StringFlag{Name: "protocol", Usage: "tcp (the default), udp, or tcp+udp for both on one name and port (like HOST:PORT/tcp+udp)", EnvVars: env("EXPOSE_PROTOCOL")},
+			&cli.DurationFlag{Name: "udp-idle", Usage: "how long a UDP flow may go without a datagram before both ends forget it (default 60s)", EnvVars: env("EXPOSE_UDP_IDLE")},
 		},
 		Action: func(c *cli.Context) error {
-			if err := wantArgs(c, 2, "NAME HOST:PORT"); err != nil {
+			if err := wantArgs(c, 2, "NAME HOST:PORT[/udp|/tcp+udp]"); err != nil {
 				return err
+			}
+			target, proto := c.Args().Get(1), c.String("protocol")
+			if i := strings.LastIndexByte(target, '/'); i >= 0 {
+				if proto != "" {
+					return usageErrorf("meshlink expose: give the protocol once: %s or --protocol %s", target, proto)
+				}
+				target, proto = target[:i], target[i+1:]
+			}
+			if c.Bool("udp") {
+				if proto != "" && proto != wire.ProtocolUDP {
+					return usageErrorf("meshlink expose: --udp and protocol %s disagree; for both, use --protocol tcp+udp", proto)
+				}
+				proto = wire.ProtocolUDP
+			}
+			if _, err := wire.ParseProtocol(proto); err != nil {
+				return usageErrorf("meshlink expose: %v", err)
+			}
+			idle := c.Duration("udp-idle")
+			if idle != 0 && (idle < time.Second || idle > wire.MaxUDPIdle*time.Second) {
+				return usageErrorf("meshlink expose: --udp-idle %s must be from 1s to %ds", idle, wire.MaxUDPIdle)
 			}
 			if c.Uint("port") > 65535 {
 				return usageErrorf("meshlink expose: --port %d: must be 1-65535", c.Uint("port"))
 			}
 			cl := newLocalClient(c)
-			req := localapiExpose(c.Args().Get(0), c.Args().Get(1), uint16(c.Uint("port")))
+			req := localapiExpose(c.Args().Get(0), target, uint16(c.Uint("port")))
+			req.Protocol, req.UDPIdle = proto, int(idle/time.Second)
 			req.Replace = c.Bool("replace")
 			req.Priority, req.Weight, req.Version, req.Health = c.Int("priority"), c.Int("weight"), c.String("version"), c.String("health")
 			r, err := cl.Expose(c.Context, req)
 			if err != nil {
 				return err
 			}
-			fmt.Printf("exposed %s -> %s on mesh port %d\n", r.Export.Name, r.Export.Target, r.Export.Port)
+			fmt.Printf("exposed %s -> %s on mesh port %d\n", r.Export.Name, withProtocol(r.Export.Target, r.Export.Protocol), r.Export.Port)
 			if r.Note != "" {
 				fmt.Println(r.Note)
 			}

@@ -106,6 +106,10 @@ type consumedJSON struct {
 	Split    map[string]int `json:"split"`
 	Locality *string        `json:"locality"`
 	Affinity *string        `json:"affinity"`
+	// Protocol is "tcp", "udp" or "tcp+udp"; UDP counts the flows and
+	// datagrams of a service with UDP (null without).
+	Protocol string             `json:"protocol"`
+	UDP      *localapi.UDPStats `json:"udp"`
 }
 
 type providerJSON struct {
@@ -150,6 +154,11 @@ type exportedJSON struct {
 	// last result ("ok", "unhealthy (why)"), null before the first.
 	HealthCheck string  `json:"health_check"`
 	Health      *string `json:"health"`
+	// Protocol is "tcp", "udp" or "tcp+udp"; UDPIdle the seconds a UDP
+	// flow may be idle (60 by default); UDP counts flows (null without).
+	Protocol string             `json:"protocol"`
+	UDPIdle  *int               `json:"udp_idle"`
+	UDP      *localapi.UDPStats `json:"udp"`
 }
 
 // orNull is s, or nil (JSON null) when s is empty.
@@ -235,7 +244,8 @@ func toServicesJSON(s *localapi.Services) servicesJSON {
 	for _, sv := range s.Consumed {
 		c := consumedJSON{Name: sv.Name, VIP: sv.VIP, Local: sv.Local, Port: sv.Port, Note: orNull(sv.Note), Listening: sv.Listening, LastError: orNull(sv.Error),
 			Providers: []providerJSON{}, Open: sv.Open, Total: sv.Total, Failed: sv.Failed, SentBytes: sv.Sent, ReceivedBytes: sv.Received,
-			Refused: sv.Refused, Refusing: orNull(sv.Refusing), Split: sv.Split, Locality: orNull(sv.Locality), Affinity: orNull(sv.Affinity)}
+			Refused: sv.Refused, Refusing: orNull(sv.Refusing), Split: sv.Split, Locality: orNull(sv.Locality), Affinity: orNull(sv.Affinity),
+			Protocol: protocolOf(sv.Protocol), UDP: sv.UDP}
 		if sv.FallbackPort != 0 {
 			fp := sv.FallbackPort
 			c.FallbackPort = &fp
@@ -251,9 +261,46 @@ func toServicesJSON(s *localapi.Services) servicesJSON {
 		out.Exported = append(out.Exported, exportedJSON{Name: e.Name, Target: e.Target, Port: e.Port, Source: exportSource(e),
 			Announced: e.Announced, Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed,
 			SentBytes: e.Sent, ReceivedBytes: e.Received, LastError: orNull(e.LastError),
-			Priority: e.Priority, Weight: max(e.Weight, 1), Version: orNull(e.Version), HealthCheck: e.HealthCheck, Health: orNull(e.Health)})
+			Priority: e.Priority, Weight: max(e.Weight, 1), Version: orNull(e.Version), HealthCheck: e.HealthCheck, Health: orNull(e.Health),
+			Protocol: protocolOf(e.Protocol), UDP: e.UDP})
+		if e.UDP != nil {
+			idle := e.UDPIdle
+			if idle == 0 {
+				idle = int(wire.DefaultUDPIdle / time.Second)
+			}
+			out.Exported[len(out.Exported)-1].UDPIdle = &idle
+		}
 	}
 	return out
+}
+
+// protocolOf is a service's protocol; an agent from before UDP reports
+// none, and carries TCP.
+func protocolOf(p string) string {
+	if p == "" {
+		return wire.ProtocolTCP
+	}
+	return p
+}
+
+// withProtocol is addr with "/udp" or "/tcp+udp" after it, as --expose
+// takes it; a TCP service's is addr alone.
+func withProtocol(addr, proto string) string {
+	if p := protocolOf(proto); p != wire.ProtocolTCP {
+		return addr + "/" + p
+	}
+	return addr
+}
+
+// openText is a service's open connections and UDP flows in words.
+func openText(open int64, proto string, udp *localapi.UDPStats) string {
+	if udp == nil {
+		return fmt.Sprint(open)
+	}
+	if !wire.HasTCP(proto) {
+		return fmt.Sprintf("%d flows", udp.Flows)
+	}
+	return fmt.Sprintf("%d+%d flows", open, udp.Flows)
 }
 
 // exportSource is an export's source; an agent from before sources were

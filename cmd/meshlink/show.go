@@ -70,7 +70,7 @@ func servicesCmd() *cli.Command {
 					state = fmt.Sprintf("ok, on port %d: port %d needs privileges", sv.FallbackPort, sv.Port)
 					notes = append(notes, sv.Name+": "+sv.Note)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", sv.Name, sv.Local, strings.Join(ps, ","), sv.Open, state)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", sv.Name, withProtocol(sv.Local.String(), sv.Protocol), strings.Join(ps, ","), openText(sv.Open, sv.Protocol, sv.UDP), state)
 			}
 			tw.Flush()
 			for _, n := range notes {
@@ -86,7 +86,7 @@ func servicesCmd() *cli.Command {
 					if exportSource(e) == localapi.SourceFlag {
 						by = "agent --expose"
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%v\t%s\t%s\n", e.Name, e.Target, e.Port, e.Open, e.Total, e.Denied, e.Announced, by, exportHealthText(e))
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%d\t%v\t%s\t%s\n", e.Name, withProtocol(e.Target, e.Protocol), e.Port, openText(e.Open, e.Protocol, e.UDP), e.Total, e.Denied, e.Announced, by, exportHealthText(e))
 				}
 				tw.Flush()
 			}

@@ -176,6 +176,10 @@ var migrations = []string{
 	ALTER TABLE providers ADD COLUMN weight INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE providers ADD COLUMN version TEXT NOT NULL DEFAULT '';
 	ALTER TABLE nodes ADD COLUMN region TEXT NOT NULL DEFAULT '';`,
+	// 13: UDP services: what each provider carries on its port ('' is
+	// TCP) and its UDP flows' idle timeout in seconds (0 the default).
+	`ALTER TABLE providers ADD COLUMN protocol TEXT NOT NULL DEFAULT '';
+	ALTER TABLE providers ADD COLUMN udp_idle INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Options tune an SQLite store; the zero value is the default for each.
@@ -1185,13 +1189,13 @@ func (s *SQLite) ListServices(ctx context.Context) ([]Service, error) {
 
 // ListProviders implements Store.
 func (s *SQLite) ListProviders(ctx context.Context) ([]Provider, error) {
-	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port, priority, weight, version FROM providers ORDER BY service, node_id`)
+	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port, priority, weight, version, protocol, udp_idle FROM providers ORDER BY service, node_id`)
 }
 
 // SetProviderTraffic implements Store.
 func (s *SQLite) SetProviderTraffic(ctx context.Context, service string, nodeID wire.NodeID, t Traffic) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE providers SET priority = ?, weight = ?, version = ? WHERE service = ? AND node_id = ?`,
-		t.Priority, t.Weight, t.Version, service, int64(nodeID))
+	res, err := s.db.ExecContext(ctx, `UPDATE providers SET priority = ?, weight = ?, version = ?, protocol = ?, udp_idle = ? WHERE service = ? AND node_id = ?`,
+		t.Priority, t.Weight, t.Version, t.Protocol, t.UDPIdle, service, int64(nodeID))
 	if err != nil {
 		return fmt.Errorf("store: provider %q of node %d: %w", service, nodeID, err)
 	}
@@ -1217,7 +1221,7 @@ func scanProvider(r scanner) (Provider, error) {
 	var p Provider
 	var id int64
 	var port int
-	if err := r.Scan(&p.Service, &id, &port, &p.Priority, &p.Weight, &p.Version); err != nil {
+	if err := r.Scan(&p.Service, &id, &port, &p.Priority, &p.Weight, &p.Version, &p.Protocol, &p.UDPIdle); err != nil {
 		return p, err
 	}
 	p.NodeID, p.Port = wire.NodeID(id), uint16(port)

@@ -178,6 +178,10 @@ type Traffic struct {
 	Priority int
 	Weight   int
 	Version  string
+	// Protocol is what the provider carries (wire.Provider.Protocol;
+	// "" is TCP), UDPIdle its UDP flows' idle timeout in seconds.
+	Protocol string
+	UDPIdle  int
 }
 
 // Registration describes a node joining, with a token or by approval.
