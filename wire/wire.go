@@ -48,7 +48,7 @@
 //	  Health, HealthError (reported by the provider on PathHealth in a
 //	  HealthReport); Service.Split, Locality, Affinity (from the policy
 //	  file's services section); Node.Region (MapRequest.Region).
-//	10 (2026-12-02): UDP services. Provider.Protocol and UDPIdle (set by
+//	10 (2026-12-01): UDP services. Provider.Protocol and UDPIdle (set by
 //	  ServiceRequest's fields of the same names): a provider carries TCP
 //	  (ProtocolTCP, also ""), UDP (ProtocolUDP) or both (ProtocolTCPUDP)
 //	  on its port; Service.Protocol is what its providers carry together.
