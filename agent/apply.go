@@ -9,10 +9,13 @@ import (
 	"slices"
 	"sync/atomic"
 
+	"golang.zx2c4.com/wireguard/device"
+
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/agent/wgcfg"
 	"github.com/meshlink/meshlink/dns"
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -114,9 +117,11 @@ func (ap *applier) apply(next Desired) error {
 	step("STUN servers", slices.Equal(prev.STUN, next.STUN),
 		ok(func() { ap.bind.SetSTUN(next.STUN) }),
 		func() { prev.STUN = next.STUN })
+	added := newPeers(prev.WireGuard, next.WireGuard)
 	step("WireGuard peers", wgcfg.Diff(&prev.WireGuard, &next.WireGuard) == "",
 		func() error { return ap.setWireGuard(next.WireGuard) },
 		func() { prev.WireGuard = next.WireGuard.Clone() })
+	ap.handshake(added)
 	// Policy before exports: a new export is never served under an old
 	// policy.
 	step("policy", reflect.DeepEqual(prev.Policy, next.Policy),
@@ -232,6 +237,50 @@ func exportGone(old, next []proxy.Export) bool {
 		}
 	}
 	return false
+}
+
+// maxHandshakeKicks bounds the handshakes one apply starts (a fresh node
+// with many peers starts the rest on demand, as WireGuard does).
+const maxHandshakeKicks = 256
+
+// handshaker is the part of a WireGuard device that starts a handshake.
+type handshaker interface {
+	LookupPeer(device.NoisePublicKey) *device.Peer
+}
+
+// newPeers returns the keys of next's peers that prev lacks.
+func newPeers(prev, next wgcfg.Config) []key.Public {
+	had := make(map[key.Public]bool, len(prev.Peers))
+	for _, p := range prev.Peers {
+		had[p.PublicKey] = true
+	}
+	var out []key.Public
+	for _, p := range next.Peers {
+		if !had[p.PublicKey] {
+			out = append(out, p.PublicKey)
+		}
+	}
+	return out
+}
+
+// handshake starts a WireGuard handshake with each newly added peer at
+// once. A peer that still holds a session with this node from before it
+// restarted would otherwise keep sending over that dead session, which
+// this fresh device cannot decrypt, until its own rekey timers run out
+// (15 s and more); a handshake from here replaces it now.
+func (ap *applier) handshake(keys []key.Public) {
+	h, ok := ap.dev.(handshaker)
+	if !ok {
+		return
+	}
+	for i, k := range keys {
+		if i == maxHandshakeKicks {
+			break
+		}
+		if p := h.LookupPeer(device.NoisePublicKey(k.Raw())); p != nil {
+			p.SendHandshakeInitiation(false)
+		}
+	}
 }
 
 // setWireGuard sends the device the difference between what it has and

@@ -203,6 +203,7 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 		if len(eps) > maxMapEndpoints {
 			eps = eps[:maxMapEndpoints]
 		}
+		fresh := false
 		for _, a := range eps {
 			a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 			if !a.IsValid() || a.Port() == 0 {
@@ -214,12 +215,22 @@ func (b *Bind) SetPeers(ps []PeerConfig) {
 				// A new candidate (the peer's fresh STUN address, say)
 				// is tried at once: the peer is punching towards us now.
 				p.lastScan = time.Time{}
+				fresh = true
 			}
 			p.paths[a].fromMap = true
 			b.byAddr[a] = p
 		}
 		for a, pa := range p.paths {
 			if !inMap[a] {
+				if pa.fromMap && fresh {
+					// The map listed it and now lists other addresses in
+					// its place: the peer moved (it restarted on another
+					// port, say). Its old path is not trusted any more,
+					// so packets go to the new addresses and the relay
+					// at once instead of into the old one until it has
+					// been silent for seconds; a pong makes it good again.
+					pa.lastPong = time.Time{}
+				}
 				pa.fromMap = false
 				if time.Since(pa.lastPong) > trustFor {
 					delete(p.paths, a)
