@@ -1,7 +1,7 @@
 // Package store holds the coordinator's durable state: users, join tokens,
 // nodes, services and their providers. Store is the contract; SQLite (the
-// embedded default) implements it, and a PostgreSQL implementation can follow
-// without touching the coordinator.
+// embedded default) and Postgres (one database several coordinators share)
+// implement it with the same queries (sql.go).
 package store
 
 import (
