@@ -52,6 +52,11 @@ type Config struct {
 	// DataDir holds the database, the certificate, the relay's and the
 	// OIDC cookies' keys and the admin socket; created 0700 if missing.
 	DataDir string
+	// Store names the database (--store): "" is the SQLite file in
+	// DataDir, "sqlite:PATH" another one, "postgres://…" a PostgreSQL
+	// database, which several coordinators may share to serve one mesh
+	// (they should then share DataDir's certificate and keys too).
+	Store string
 	// URL is the public base URL put into tokens. Default
 	// https://<listen address> (an unspecified listen address is replaced by
 	// the first non-loopback interface address, else 127.0.0.1).
@@ -171,7 +176,7 @@ type TokenOptions struct {
 const DefaultNodeKeyExpiry = 180 * 24 * time.Hour
 
 const (
-	dbFile       = "meshlink.db"
+	dbFile       = store.DefaultSQLiteFile
 	oidcKeyFile  = "oidc-cookie.key"
 	relayKeyFile = "relay.key"
 	adminSocket  = "admin.sock"
@@ -241,6 +246,8 @@ type Server struct {
 
 	// expiryWake wakes expireKeys (buffered: one pending is enough).
 	expiryWake chan struct{}
+	// notifyWake wakes notifyReplicas (buffered: one pending is enough).
+	notifyWake chan struct{}
 	expiryMu   sync.Mutex // guards expiryAnnounced
 	// expiryAnnounced holds, per node whose key expiry was announced (an
 	// event, a new map), the expiry it was announced at.
@@ -359,7 +366,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	relayPub := relayKey.Public()
-	st, err := store.OpenSQLiteOptions(context.Background(), filepath.Join(dir, dbFile), store.Options{
+	st, err := store.Open(context.Background(), cfg.Store, filepath.Join(dir, dbFile), store.Options{
 		MaxServicesPerNode: cfg.MaxServicesPerNode, NodeQuarantine: cfg.NodeAddressQuarantine, NodePoolSize: cfg.nodePoolSize})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
@@ -379,6 +386,7 @@ func New(cfg Config) (*Server, error) {
 		cancel:      cancel,
 
 		expiryWake:      make(chan struct{}, 1),
+		notifyWake:      make(chan struct{}, 1),
 		expiryAnnounced: map[wire.NodeID]time.Time{},
 	}
 	s.hub.init(cfg.MapDebounce)
@@ -556,6 +564,17 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.metricsSrv = metricsSrv
 	s.wg.Add(5)
 	s.mu.Unlock()
+	if n, ok := s.store.(store.Notifier); ok {
+		s.wg.Add(2)
+		go func() {
+			defer s.wg.Done()
+			s.notifyReplicas(n)
+		}()
+		go func() {
+			defer s.wg.Done()
+			n.WatchChanges(s.ctx, s.replicaChanged)
+		}()
+	}
 	go s.summarizeJoinFailures()
 	go func() {
 		defer s.wg.Done()

@@ -54,7 +54,8 @@ func (h *hub) init(debounce time.Duration) {
 // bump starts a new generation and wakes every stream, now if the last
 // wake-up is a debounce interval ago, else when it will be; lazy waits a
 // whole interval, so that what usually follows (a registration's stream
-// opening) travels in the same pass. Server.commit is its only caller.
+// opening) travels in the same pass. Server.commit and
+// Server.replicaChanged are its only callers.
 func (h *hub) bump(lazy bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -115,6 +116,10 @@ type change struct {
 // directly with console.Record.
 func (s *Server) commit(c change) {
 	s.hub.bump(c.lazy)
+	select {
+	case s.notifyWake <- struct{}{}:
+	default:
+	}
 	if c.log != "" {
 		s.log.Info(c.log, c.attrs...)
 	}

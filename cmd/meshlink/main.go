@@ -265,6 +265,7 @@ func coordinatorCmd() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8443", Usage: "HTTPS listen address", EnvVars: env("LISTEN")},
 			&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "data directory (database, certificate, admin socket)", EnvVars: env("DATA")},
+			&cli.StringFlag{Name: "store", Usage: "database: sqlite:PATH, or postgres://USER@HOST:PORT/DATABASE shared by several coordinators (default: meshlink.db in --data; prefer MESHLINK_STORE or PGPASSWORD for a password)", EnvVars: env("STORE")},
 			&cli.StringFlag{Name: "url", Usage: "public URL agents use (default https://LISTEN)", EnvVars: env("URL")},
 			&cli.StringFlag{Name: "domain", Value: wire.DefaultDomain, Usage: "DNS domain of the mesh", EnvVars: env("DOMAIN")},
 			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate to serve instead of the self-signed one", EnvVars: env("TLS_CERT")},
@@ -366,6 +367,7 @@ func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
 	return coordinator.Config{
 		OIDCAllowedDomains: domains, OIDCAllowedGroups: groups, OIDCNewUsersPending: pending,
 		Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
+		Store:   c.String("store"),
 		Domain:  c.String("domain"),
 		TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
 		OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),

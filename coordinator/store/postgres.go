@@ -7,6 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -233,7 +236,7 @@ func OpenPostgres(ctx context.Context, dsn string, o Options) (*Postgres, error)
 	cancel()
 	if err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("store: cannot reach PostgreSQL at %s: %w; check that it runs, that the URL's host, port, user, password and database are right, and that the database exists (createdb)", where, err)
+		return nil, fmt.Errorf("store: cannot reach PostgreSQL at %s: %s; check that it runs, that the URL's host, port, user, password and database are right, and that the database exists (createdb)", where, oneLine(err))
 	}
 	id := make([]byte, 8)
 	rand.Read(id)
@@ -252,6 +255,16 @@ func OpenPostgres(ctx context.Context, dsn string, o Options) (*Postgres, error)
 		return nil, fmt.Errorf("store: PostgreSQL %s: %w", where, err)
 	}
 	return p, nil
+}
+
+// oneLine joins the lines of pgx's multi-line connection errors (one per
+// address tried), for a one-line message.
+func oneLine(err error) string {
+	lines := strings.FieldsFunc(err.Error(), func(r rune) bool { return r == '\n' })
+	for i := range lines {
+		lines[i] = strings.TrimSpace(lines[i])
+	}
+	return strings.Join(slices.Compact(lines), " ")
 }
 
 // redactURL is dsn without its password, for messages.
@@ -324,4 +337,32 @@ func (p *Postgres) listen(ctx context.Context, changed func()) error {
 			changed()
 		}
 	}
+}
+
+// DefaultSQLiteFile is the SQLite database's name in a coordinator's data
+// directory.
+const DefaultSQLiteFile = "meshlink.db"
+
+// Open opens the store a --store value names: "" is the SQLite database at
+// defaultPath, "sqlite:PATH" another SQLite file (or DefaultSQLiteFile in
+// the directory PATH), "postgres://…" (or
+// "postgresql://…") a PostgreSQL database.
+func Open(ctx context.Context, spec, defaultPath string, o Options) (Store, error) {
+	switch {
+	case spec == "":
+		return OpenSQLiteOptions(ctx, defaultPath, o)
+	case strings.HasPrefix(spec, "sqlite:"):
+		p := strings.TrimPrefix(strings.TrimPrefix(spec, "sqlite:"), "//")
+		if p == "" {
+			return nil, fmt.Errorf("store: %q names no file; write sqlite:PATH, such as sqlite:./meshlink-coordinator/meshlink.db", spec)
+		}
+		// A coordinator's data directory names the database in it.
+		if fi, err := os.Stat(p); err == nil && fi.IsDir() {
+			p = filepath.Join(p, DefaultSQLiteFile)
+		}
+		return OpenSQLiteOptions(ctx, p, o)
+	case IsPostgresURL(spec):
+		return OpenPostgres(ctx, spec, o)
+	}
+	return nil, fmt.Errorf("store: %q is not a store; write sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE", redactURL(spec))
 }

@@ -13,6 +13,7 @@ package pgtest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -27,6 +28,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/meshlink/meshlink/internal/tstest"
 )
 
 // user is the cluster's superuser.
@@ -44,7 +47,16 @@ var (
 type server struct {
 	dir  string // owned by the server's user; holds data/ and the socket
 	cmd  *exec.Cmd
-	done chan struct{} // closed when cmd exits
+	logf *os.File
+}
+
+// exited reaps the server if it has exited, without blocking. (No
+// goroutine waits for it: the server outlives single tests, and the
+// tests' goroutine-leak checks would count one.)
+func (s *server) exited() bool {
+	var ws syscall.WaitStatus
+	pid, err := syscall.Wait4(s.cmd.Process.Pid, &ws, syscall.WNOHANG, nil)
+	return pid == s.cmd.Process.Pid || err != nil
 }
 
 // Main runs the tests and stops the server if one was started.
@@ -181,40 +193,50 @@ func start() (*server, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("pgtest: start postgres: %v", err)
 	}
-	s := &server{dir: dir, cmd: cmd, done: make(chan struct{})}
-	go func() { cmd.Wait(); logf.Close(); close(s.done) }()
-	// Ready when a connection succeeds; bounded.
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	s := &server{dir: dir, cmd: cmd, logf: logf}
+	// Ready when a connection succeeds, or failed when it exits first.
+	var gone bool
+	err = tstest.Poll(60*time.Second, func() error {
+		if gone = s.exited(); gone {
+			return nil
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
 		conn, err := pgx.Connect(ctx, s.url("postgres"))
-		cancel()
-		if err == nil {
-			conn.Close(context.Background())
-			return s, nil
+		if err != nil {
+			return err
 		}
-		select {
-		case <-s.done:
-			log, _ := os.ReadFile(filepath.Join(dir, "server.log"))
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pgtest: postgres exited: %s", log)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			s.stop()
-			return nil, fmt.Errorf("pgtest: postgres did not accept connections within 60s: %v", err)
-		}
+		conn.Close(ctx)
+		return nil
+	})
+	if gone {
+		log, _ := os.ReadFile(filepath.Join(dir, "server.log"))
+		logf.Close()
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("pgtest: postgres exited: %s", log)
 	}
+	if err != nil {
+		s.stop()
+		return nil, fmt.Errorf("pgtest: postgres did not accept connections within 60s: %v", err)
+	}
+	return s, nil
 }
 
 // stop asks for a fast shutdown (SIGINT), then kills after a bound.
 func (s *server) stop() {
 	s.cmd.Process.Signal(syscall.SIGINT)
-	select {
-	case <-s.done:
-	case <-time.After(20 * time.Second):
+	if tstest.Poll(20*time.Second, func() error {
+		if s.exited() {
+			return nil
+		}
+		return errors.New("running")
+	}) != nil {
 		s.cmd.Process.Kill()
-		<-s.done
+		var ws syscall.WaitStatus
+		syscall.Wait4(s.cmd.Process.Pid, &ws, 0, nil)
+	}
+	if s.logf != nil {
+		s.logf.Close()
 	}
 	os.RemoveAll(s.dir)
 }

@@ -1,0 +1,50 @@
+package coordinator
+
+import (
+	"context"
+	"time"
+
+	"github.com/meshlink/meshlink/coordinator/store"
+)
+
+// This file lets several coordinators share one database (PostgreSQL):
+// each announces its committed changes, and on hearing another's, reloads
+// what it keeps in memory from the store and wakes its own map streams,
+// which then send their deltas as if the change had been made here.
+
+// notifyReplicas announces this coordinator's changes to the others, off
+// the request path: commit only marks one pending (a burst coalesces into
+// one announcement), and an unreachable database delays nothing but this.
+func (s *Server) notifyReplicas(n store.Notifier) {
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.notifyWake:
+		}
+		ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+		if err := n.NotifyChange(ctx); err != nil && s.ctx.Err() == nil {
+			s.log.Warn("could not tell the other coordinators of a change; they see it at the next one", "err", err)
+		}
+		cancel()
+	}
+}
+
+// replicaChanged is called when another coordinator on the database
+// committed a change: the policy may be new, key expiries may have moved,
+// and every map may differ.
+func (s *Server) replicaChanged() {
+	// Under SetPolicy's lock: a reload racing this coordinator's own
+	// SetPolicy could otherwise put the older text back in force.
+	s.policyMu.Lock()
+	err := s.loadPolicy(s.ctx)
+	s.policyMu.Unlock()
+	if err != nil && s.ctx.Err() == nil {
+		s.log.Warn("could not reload the access policy after another coordinator's change", "err", err)
+	}
+	select {
+	case s.expiryWake <- struct{}{}:
+	default:
+	}
+	s.hub.bump(false)
+}
