@@ -140,6 +140,7 @@ func newApp() *cli.App {
 		EnableBashCompletion: true,
 		Commands: []*cli.Command{
 			coordinatorCmd(),
+			storeCmd(),
 			tokenCmd(),
 			usersCmd(),
 			relayCmd(),
