@@ -57,6 +57,12 @@ type Config struct {
 	// database, which several coordinators may share to serve one mesh
 	// (they should then share DataDir's certificate and keys too).
 	Store string
+	// ReplicaURLs (--replica-urls) are the public URLs of the other
+	// coordinators on the same database: join tokens and network maps
+	// list them, and agents move to one when theirs cannot be reached.
+	// They must present the same certificate (a copy of DataDir, or the
+	// same TLSCert).
+	ReplicaURLs []string
 	// URL is the public base URL put into tokens. Default
 	// https://<listen address> (an unspecified listen address is replaced by
 	// the first non-loopback interface address, else 127.0.0.1).
@@ -313,6 +319,14 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("coordinator: URL %q must look like https://host:port", cfg.URL)
 		}
 		urlHost = u.Hostname()
+	}
+	for i, r := range cfg.ReplicaURLs {
+		r = strings.TrimRight(r, "/")
+		u, err := url.Parse(r)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return nil, fmt.Errorf("coordinator: --replica-urls: %q must look like https://host:port", r)
+		}
+		cfg.ReplicaURLs[i] = r
 	}
 	listenHost, _, err := net.SplitHostPort(cfg.Listen)
 	if err != nil {
@@ -602,7 +616,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if nodes, err := s.store.ListNodes(ctx); err == nil {
 		for _, n := range nodes {
 			if n.Ephemeral {
-				s.scheduleReap(n.ID)
+				s.scheduleReap(n.ID, n.LastSeen)
 			}
 		}
 	}
@@ -799,6 +813,9 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 	secret := randomSecret(32)
 	tok.SecretHash = store.HashSecret(secret)
 	jt := wire.JoinToken{URL: u, Fingerprint: s.fingerprint, ID: tok.ID, Secret: secret}
+	if all := s.coordinatorURLs(); len(all) > 1 {
+		jt.URLs = all[1:]
+	}
 	if o.Expires > 0 {
 		tok.Expires = tok.Created.Add(o.Expires)
 		jt.Expires = tok.Expires.Unix()

@@ -210,6 +210,9 @@ type snapshot struct {
 	services []wire.Service // with at least one provider, by name
 	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
+	// coordinators are the URLs of every coordinator of the mesh, this
+	// one first (wire.NetworkMap.Coordinators); nil without replicas.
+	coordinators []string
 	// expired holds the nodes whose keys had expired when the snapshot
 	// was built: no other map lists them, nor does keys or a service.
 	expired map[wire.NodeID]bool
@@ -256,7 +259,8 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays, expired: map[wire.NodeID]bool{}}
+	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays, expired: map[wire.NodeID]bool{},
+		coordinators: s.coordinatorURLs()}
 	now := time.Now()
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
@@ -410,7 +414,8 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 	if !ok {
 		return nil, false
 	}
-	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Services: sn.services, Relays: sn.relays}
+	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Services: sn.services, Relays: sn.relays,
+		Coordinators: sn.coordinators}
 	if sn.access != nil {
 		nm.Peers = []wire.Node{}
 		sn.filter(nm, id)

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"github.com/meshlink/meshlink/coordinator/store"
@@ -12,14 +13,25 @@ import (
 // what it keeps in memory from the store and wakes its own map streams,
 // which then send their deltas as if the change had been made here.
 
+// replicaResync is how often a coordinator sharing its store rereads it
+// unasked: the safety net for an announcement lost with a coordinator
+// killed between its commit and its NOTIFY.
+const replicaResync = 5 * time.Second
+
 // notifyReplicas announces this coordinator's changes to the others, off
 // the request path: commit only marks one pending (a burst coalesces into
 // one announcement), and an unreachable database delays nothing but this.
+// It also resyncs every replicaResync.
 func (s *Server) notifyReplicas(n store.Notifier) {
+	resync := time.NewTicker(replicaResync)
+	defer resync.Stop()
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
+		case <-resync.C:
+			s.replicaChanged()
+			continue
 		case <-s.notifyWake:
 		}
 		ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
@@ -47,4 +59,26 @@ func (s *Server) replicaChanged() {
 	default:
 	}
 	s.hub.bump(false)
+}
+
+// coordinatorURLs is this coordinator's URL followed by its replicas'
+// (--replica-urls, without this one's); nil when it has none.
+func (s *Server) coordinatorURLs() []string {
+	if len(s.cfg.ReplicaURLs) == 0 {
+		return nil
+	}
+	own := s.URL()
+	out := []string{own}
+	for _, r := range s.cfg.ReplicaURLs {
+		if r != own && !slices.Contains(out, r) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// shared reports whether other coordinators may use the store too.
+func (s *Server) shared() bool {
+	_, ok := s.store.(store.Notifier)
+	return ok
 }

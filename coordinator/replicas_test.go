@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/pgtest"
 	"github.com/meshlink/meshlink/wire"
@@ -108,4 +110,40 @@ func TestReplicasShareOneMesh(t *testing.T) {
 			t.Errorf("a change took %v to reach the other replica's streams, want ≤ 1s", d)
 		}
 	}
+}
+
+// TestReplicaKeepsEphemeralNodesOfTheOther: a coordinator starting next
+// to another gives every ephemeral node its grace period; one connected to
+// the other coordinator is not reaped for being offline here. Once it
+// leaves for good, it is removed.
+func TestReplicaKeepsEphemeralNodesOfTheOther(t *testing.T) {
+	const grace = time.Second
+	fast := func(c *Config) { c.EphemeralGrace, c.KeepAlive = grace, 200*time.Millisecond }
+	db := pgtest.DB(t)
+	dirA, dirB := t.TempDir(), t.TempDir()
+	ra := startServer(t, dirA, fast, func(c *Config) { c.Store = db })
+	c := pinnedClient(t, ra.Fingerprint(), true)
+	jt := mustToken(t, ra, TokenOptions{Reusable: true, Ephemeral: true})
+	_, cred := register(t, c, jt, "sidecar")
+	st := openMap(t, c, ra.URL(), cred)
+	st.next(t, 10*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil })
+
+	copyDataDir(t, dirA, dirB)
+	rb := startServer(t, dirB, fast, func(c *Config) { c.Store = db })
+	// B schedules the reap of every ephemeral node at its start; it must
+	// see the node's heartbeat through A. Waiting is the point here: the
+	// reap would fire after grace.
+	select {
+	case <-time.After(4 * grace):
+	case <-st.done:
+		t.Fatal("the stream on A ended")
+	}
+	if _, err := rb.Store().GetNode(context.Background(), cred.ID); err != nil {
+		t.Fatalf("B reaped an ephemeral node connected to A: %v", err)
+	}
+	st.close()
+	tstest.WaitFor(t, 10*grace, "the node, gone from A, to be reaped", func() bool {
+		_, err := rb.Store().GetNode(context.Background(), cred.ID)
+		return errors.Is(err, store.ErrNotFound)
+	})
 }

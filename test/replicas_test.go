@@ -1,0 +1,168 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/coordinator"
+	"github.com/meshlink/meshlink/internal/tstest"
+	"github.com/meshlink/meshlink/test/harness"
+	"github.com/meshlink/meshlink/test/pgtest"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// loopbackURL picks a free loopback port and returns its address and
+// https:// URL, for a coordinator whose URL its replicas must know before
+// it starts.
+func loopbackURL(t *testing.T) (string, string) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr, "https://" + addr
+}
+
+// startReplica starts a coordinator on db whose data directory is dir (a
+// copy of the first replica's, for the same certificate and keys).
+func startReplica(t *testing.T, name, dir, db, addr string, replicas []string) *coordinator.Server {
+	t.Helper()
+	s, err := coordinator.New(coordinator.Config{
+		Listen: addr, DataDir: dir, Store: db, ReplicaURLs: replicas, Logger: harness.Logger(t, name),
+		AllowLoopbackEndpoints: true, KeepAlive: 2 * time.Second, Out: tstest.Writer(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(context.Background()); err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// copyCoordinatorDir copies a data directory's certificate and keys.
+func copyCoordinatorDir(t *testing.T, from, to string) {
+	t.Helper()
+	if err := os.MkdirAll(to, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() || e.Name() == "meshlink.db" {
+			continue
+		}
+		copyFile(t, filepath.Join(from, e.Name()), filepath.Join(to, e.Name()), 0o600)
+	}
+}
+
+// TestAgentsFailOverBetweenReplicas: two coordinators on one PostgreSQL
+// database, agents spread over both by a token listing both. When one
+// coordinator goes away, its agent moves to the other within seconds; a
+// transfer running meanwhile goes on intact, and a change made afterwards
+// through the surviving coordinator reaches every agent.
+func TestAgentsFailOverBetweenReplicas(t *testing.T) {
+	db := pgtest.DB(t)
+	dir := t.TempDir()
+	addrA, urlA := loopbackURL(t)
+	addrB, urlB := loopbackURL(t)
+	ca := startReplica(t, "coord-a", filepath.Join(dir, "a"), db, addrA, []string{urlB})
+	copyCoordinatorDir(t, filepath.Join(dir, "a"), filepath.Join(dir, "b"))
+	cb := startReplica(t, "coord-b", filepath.Join(dir, "b"), db, addrB, []string{urlA})
+	if ca.Fingerprint() != cb.Fingerprint() {
+		t.Fatal("the replicas present different certificates")
+	}
+
+	// Tokens from A list A first, from B list B first: the consumer joins
+	// through A, the provider through B.
+	tokA, err := ca.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokB, err := cb.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := startBackend(t, "site-b")
+	cfg := func(name, tok string, exp []agent.Export) agent.Config {
+		return agent.Config{
+			StateDir: filepath.Join(dir, name), Join: tok, Name: name, DNS: "127.0.0.1:0", Upstreams: []string{},
+			Expose: exp, ProxyRange: harness.ProxyRange(), Logger: harness.Logger(t, name),
+			RetryMin: 50 * time.Millisecond, RetryMax: 500 * time.Millisecond, DialTimeout: time.Second,
+		}
+	}
+	consumer, err := harness.StartAgent(t, cfg("site-a", tokA, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	provider, err := harness.StartAgent(t, cfg("site-b", tokB, []agent.Export{{Name: "web", Target: web.addr()}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := consumer.Status().Coordinator.URL; u != urlA {
+		t.Fatalf("consumer on %s, want A (%s)", u, urlA)
+	}
+	if u := provider.Status().Coordinator.URL; u != urlB {
+		t.Fatalf("provider on %s, want B (%s)", u, urlB)
+	}
+	svc := waitProviders(t, consumer, "web", 1)
+
+	// A transfer in flight while A goes away.
+	conn, who, err := dialGreeting(svc.Local.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if who != "site-b" {
+		t.Fatalf("greeting %q", who)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		echoIntact(t, conn, 8<<20)
+	}()
+	start := time.Now()
+	ca.Close()
+	tstest.WaitForNil(t, 15*time.Second, "the consumer to move to B", func() error {
+		if st := consumer.Status(); !st.Coordinator.Connected || st.Coordinator.URL != urlB {
+			return fmt.Errorf("on %s, connected %v: %s", st.Coordinator.URL, st.Coordinator.Connected, st.Coordinator.LastError)
+		}
+		return nil
+	})
+	moved := time.Since(start)
+	<-done
+	if t.Failed() {
+		return
+	}
+	echoIntact(t, conn, 64<<10) // the same connection, after the move
+
+	// A change through B reaches the consumer that came over from A.
+	if _, _, err := provider.Expose(context.Background(), agent.Export{Name: "api", Target: web.addr(), Port: 7002}); err != nil {
+		t.Fatal(err)
+	}
+	api := waitProviders(t, consumer, "api", 1)
+	c2, who, err := dialGreeting(api.Local.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2.Close()
+	if who != "site-b" {
+		t.Fatalf("api greeting %q", who)
+	}
+	t.Logf("the consumer moved from the closed coordinator to the other in %v", moved)
+	if moved > 10*time.Second {
+		t.Errorf("moving took %v, want seconds", moved)
+	}
+}
