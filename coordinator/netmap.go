@@ -264,7 +264,7 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	now := time.Now()
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
-		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))
+		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID] || s.onlineElsewhere(n)))
 		if n.KeyExpired(now) {
 			snap.expired[n.ID] = true
 			continue

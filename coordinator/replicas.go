@@ -82,3 +82,17 @@ func (s *Server) shared() bool {
 	_, ok := s.store.(store.Notifier)
 	return ok
 }
+
+// onlineElsewhere reports whether n's map stream is open on another
+// coordinator sharing the store: its heartbeat is fresh. A heartbeat
+// stops with its coordinator, killed or not; after three keep-alive
+// intervals without one the node counts as offline (a replica's own
+// streams are counted by its hub).
+func (s *Server) onlineElsewhere(n store.Node) bool {
+	return s.shared() && !n.Heartbeat.IsZero() && time.Since(n.Heartbeat) < 3*s.cfg.KeepAlive
+}
+
+// nodeOnline reports whether n has a map stream open on any coordinator.
+func (s *Server) nodeOnline(n store.Node) bool {
+	return s.hub.online(n.ID) || s.onlineElsewhere(n)
+}

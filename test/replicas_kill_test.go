@@ -103,6 +103,7 @@ func TestReplicaKilledWithSIGKILL(t *testing.T) {
 		t.Fatal(err)
 	}
 	svc := waitProviders(t, consumer, "web", 1)
+	waitPeer(t, provider, "site-a")
 	connectedTo := func(ag *agent.Agent, url string) func() error {
 		return func() error {
 			if st := ag.Status(); !st.Coordinator.Connected || st.Coordinator.URL != url {

@@ -6,10 +6,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/coordinator"
 	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
@@ -68,56 +70,75 @@ func copyCoordinatorDir(t *testing.T, from, to string) {
 	}
 }
 
+// replicaMesh is two coordinators on one PostgreSQL database.
+type replicaMesh struct {
+	dir        string
+	ca, cb     *coordinator.Server
+	urlA, urlB string
+}
+
+func startReplicaMesh(t *testing.T) *replicaMesh {
+	db := pgtest.DB(t)
+	m := &replicaMesh{dir: t.TempDir()}
+	addrA, urlA := loopbackURL(t)
+	addrB, urlB := loopbackURL(t)
+	m.urlA, m.urlB = urlA, urlB
+	m.ca = startReplica(t, "coord-a", filepath.Join(m.dir, "a"), db, addrA, []string{urlB})
+	copyCoordinatorDir(t, filepath.Join(m.dir, "a"), filepath.Join(m.dir, "b"))
+	m.cb = startReplica(t, "coord-b", filepath.Join(m.dir, "b"), db, addrB, []string{urlA})
+	if m.ca.Fingerprint() != m.cb.Fingerprint() {
+		t.Fatal("the replicas present different certificates")
+	}
+	return m
+}
+
+// agent starts an agent joining through c (its token lists c first).
+func (m *replicaMesh) agent(t *testing.T, c *coordinator.Server, name string, relayOnly bool, exp ...agent.Export) *agent.Agent {
+	t.Helper()
+	tok, err := c.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := harness.StartAgent(t, agent.Config{
+		StateDir: filepath.Join(m.dir, name), Join: tok, Name: name, DNS: "127.0.0.1:0", Upstreams: []string{},
+		Expose: exp, ProxyRange: harness.ProxyRange(), Logger: harness.Logger(t, name), RelayOnly: relayOnly,
+		RetryMin: 50 * time.Millisecond, RetryMax: 500 * time.Millisecond, DialTimeout: time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// waitPeer waits until a's map holds the node named peer: with agents on
+// different coordinators, each map learns of the other node a moment
+// apart, and a WireGuard handshake towards a site that does not know the
+// initiator yet waits out its retry timer.
+func waitPeer(t *testing.T, a *agent.Agent, peer string) {
+	t.Helper()
+	tstest.WaitFor(t, 10*time.Second, peer+" in the map", func() bool {
+		return slices.ContainsFunc(a.Status().Peers, func(p localapi.Peer) bool { return p.Name == peer })
+	})
+}
+
 // TestAgentsFailOverBetweenReplicas: two coordinators on one PostgreSQL
 // database, agents spread over both by a token listing both. When one
 // coordinator goes away, its agent moves to the other within seconds; a
 // transfer running meanwhile goes on intact, and a change made afterwards
 // through the surviving coordinator reaches every agent.
 func TestAgentsFailOverBetweenReplicas(t *testing.T) {
-	db := pgtest.DB(t)
-	dir := t.TempDir()
-	addrA, urlA := loopbackURL(t)
-	addrB, urlB := loopbackURL(t)
-	ca := startReplica(t, "coord-a", filepath.Join(dir, "a"), db, addrA, []string{urlB})
-	copyCoordinatorDir(t, filepath.Join(dir, "a"), filepath.Join(dir, "b"))
-	cb := startReplica(t, "coord-b", filepath.Join(dir, "b"), db, addrB, []string{urlA})
-	if ca.Fingerprint() != cb.Fingerprint() {
-		t.Fatal("the replicas present different certificates")
-	}
-
-	// Tokens from A list A first, from B list B first: the consumer joins
-	// through A, the provider through B.
-	tokA, err := ca.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tokB, err := cb.CreateToken(context.Background(), coordinator.TokenOptions{Reusable: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startReplicaMesh(t)
 	web := startBackend(t, "site-b")
-	cfg := func(name, tok string, exp []agent.Export) agent.Config {
-		return agent.Config{
-			StateDir: filepath.Join(dir, name), Join: tok, Name: name, DNS: "127.0.0.1:0", Upstreams: []string{},
-			Expose: exp, ProxyRange: harness.ProxyRange(), Logger: harness.Logger(t, name),
-			RetryMin: 50 * time.Millisecond, RetryMax: 500 * time.Millisecond, DialTimeout: time.Second,
-		}
+	consumer := m.agent(t, m.ca, "site-a", false)
+	provider := m.agent(t, m.cb, "site-b", false, agent.Export{Name: "web", Target: web.addr()})
+	if u := consumer.Status().Coordinator.URL; u != m.urlA {
+		t.Fatalf("consumer on %s, want A (%s)", u, m.urlA)
 	}
-	consumer, err := harness.StartAgent(t, cfg("site-a", tokA, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	provider, err := harness.StartAgent(t, cfg("site-b", tokB, []agent.Export{{Name: "web", Target: web.addr()}}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if u := consumer.Status().Coordinator.URL; u != urlA {
-		t.Fatalf("consumer on %s, want A (%s)", u, urlA)
-	}
-	if u := provider.Status().Coordinator.URL; u != urlB {
-		t.Fatalf("provider on %s, want B (%s)", u, urlB)
+	if u := provider.Status().Coordinator.URL; u != m.urlB {
+		t.Fatalf("provider on %s, want B (%s)", u, m.urlB)
 	}
 	svc := waitProviders(t, consumer, "web", 1)
+	waitPeer(t, provider, "site-a")
 
 	// A transfer in flight while A goes away.
 	conn, who, err := dialGreeting(svc.Local.String())
@@ -134,9 +155,9 @@ func TestAgentsFailOverBetweenReplicas(t *testing.T) {
 		echoIntact(t, conn, 8<<20)
 	}()
 	start := time.Now()
-	ca.Close()
+	m.ca.Close()
 	tstest.WaitForNil(t, 15*time.Second, "the consumer to move to B", func() error {
-		if st := consumer.Status(); !st.Coordinator.Connected || st.Coordinator.URL != urlB {
+		if st := consumer.Status(); !st.Coordinator.Connected || st.Coordinator.URL != m.urlB {
 			return fmt.Errorf("on %s, connected %v: %s", st.Coordinator.URL, st.Coordinator.Connected, st.Coordinator.LastError)
 		}
 		return nil
@@ -165,4 +186,25 @@ func TestAgentsFailOverBetweenReplicas(t *testing.T) {
 	if moved > 10*time.Second {
 		t.Errorf("moving took %v, want seconds", moved)
 	}
+}
+
+// TestReplicasRelayBetweenTheirNodes: two sites that can only relay,
+// joined through different coordinators, still reach each other: every
+// map lists every replica's embedded relay, so they share one.
+func TestReplicasRelayBetweenTheirNodes(t *testing.T) {
+	m := startReplicaMesh(t)
+	web := startBackend(t, "site-b")
+	consumer := m.agent(t, m.ca, "site-a", true)
+	provider := m.agent(t, m.cb, "site-b", true, agent.Export{Name: "web", Target: web.addr()})
+	svc := waitProviders(t, consumer, "web", 1)
+	waitPeer(t, provider, "site-a")
+	conn, who, err := dialGreeting(svc.Local.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if who != "site-b" {
+		t.Fatalf("greeting %q", who)
+	}
+	echoIntact(t, conn, 1<<20)
 }

@@ -166,6 +166,8 @@ var pgMigrations = []string{
 	// flows' idle timeout in seconds.
 	`ALTER TABLE providers ADD COLUMN protocol TEXT NOT NULL DEFAULT '';
 	ALTER TABLE providers ADD COLUMN udp_idle INTEGER NOT NULL DEFAULT 0;`,
+	// 14: the heartbeat of a node's map stream, for the other coordinators.
+	`ALTER TABLE nodes ADD COLUMN heartbeat BIGINT NOT NULL DEFAULT 0;`,
 }
 
 // pgWriteLock is the transaction-scoped advisory lock every write

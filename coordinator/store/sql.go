@@ -561,18 +561,19 @@ func (s *sqlStore) RevokeToken(ctx context.Context, id string) error {
 	return nil
 }
 
-const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id, key_expiry, key_lifetime, region`
+const nodeCols = `id, name, hostname, wg_key, ipv4, ipv6, secret_hash, token_id, tags, ephemeral, created, last_seen, listen_port, endpoints, owner_id, key_expiry, key_lifetime, region, heartbeat`
 
 func scanNode(r scanner) (Node, error) {
 	var n Node
 	var id int64
 	var key, v4, v6, tags, eps string
 	var eph int
-	var created, lastSeen, keyExpiry, keyLifetime int64
+	var created, lastSeen, keyExpiry, keyLifetime, heartbeat int64
 	var port int
-	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID, &keyExpiry, &keyLifetime, &n.Region); err != nil {
+	if err := r.Scan(&id, &n.Name, &n.Hostname, &key, &v4, &v6, &n.SecretHash, &n.TokenID, &tags, &eph, &created, &lastSeen, &port, &eps, &n.OwnerID, &keyExpiry, &keyLifetime, &n.Region, &heartbeat); err != nil {
 		return n, err
 	}
+	n.Heartbeat = fromUnixNano(heartbeat)
 	n.KeyExpiry, n.KeyLifetime = fromUnixNano(keyExpiry), time.Duration(keyLifetime)
 	n.ID, n.Key, n.Ephemeral = wire.NodeID(id), storedKey(key), eph != 0
 	n.Created, n.LastSeen, n.ListenPort = fromUnixNano(created), fromUnixNano(lastSeen), uint16(port)
@@ -852,6 +853,12 @@ func (s *sqlStore) SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry 
 		return fmt.Errorf("node %d: %w", id, ErrNotFound)
 	}
 	return nil
+}
+
+// SetHeartbeat implements Store.
+func (s *sqlStore) SetHeartbeat(ctx context.Context, id wire.NodeID, t time.Time) error {
+	_, err := s.exec(ctx, `UPDATE nodes SET heartbeat = ? WHERE id = ?`, unixNano(t), int64(id))
+	return err
 }
 
 // SetLastSeen implements Store.

@@ -171,6 +171,9 @@ var migrations = []string{
 	// TCP) and its UDP flows' idle timeout in seconds (0 the default).
 	`ALTER TABLE providers ADD COLUMN protocol TEXT NOT NULL DEFAULT '';
 	ALTER TABLE providers ADD COLUMN udp_idle INTEGER NOT NULL DEFAULT 0;`,
+	// 14: nodes.heartbeat is when a coordinator sharing the store last
+	// confirmed the node's map stream open (nanoseconds; 0: none open).
+	`ALTER TABLE nodes ADD COLUMN heartbeat INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // SQLite is the embedded Store: one file in the coordinator's data
