@@ -862,6 +862,12 @@ func (s *Server) firstStart(ctx context.Context, u string) error {
 	}
 	if _, err := s.store.CreateUser(ctx, store.User{Username: "admin", PasswordHash: string(hash), Admin: true, MustChangePassword: true}); err != nil {
 		os.Remove(pwFile)
+		if errors.Is(err, store.ErrExists) {
+			// Another coordinator on the same database started at the
+			// same moment and made the first admin: its data directory
+			// has the password.
+			return nil
+		}
 		return fmt.Errorf("coordinator: %w", err)
 	}
 	fmt.Fprintf(s.out, "meshlink coordinator: first start in %s\n  admin account: username admin, password in %s\n  (sign in at %s and choose a new password; the file is removed then)\n", s.cfg.DataDir, pwFile, u)

@@ -151,3 +151,35 @@ func TestReplicaKeepsEphemeralNodesOfTheOther(t *testing.T) {
 		return errors.Is(err, store.ErrNotFound)
 	})
 }
+
+// TestReplicasStartTogether: coordinators starting at the same moment on
+// a fresh database all start; one of them makes the first admin.
+func TestReplicasStartTogether(t *testing.T) {
+	db := pgtest.DB(t)
+	const n = 3
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		dir := t.TempDir()
+		go func() {
+			s, err := New(Config{Listen: "127.0.0.1:0", DataDir: dir, Store: db, Out: tstest.Writer(t)})
+			if err == nil {
+				t.Cleanup(func() { s.Close() })
+				err = s.Start(context.Background())
+			}
+			errs <- err
+		}()
+	}
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Errorf("a replica did not start: %v", err)
+		}
+	}
+	st, err := store.OpenPostgres(context.Background(), db, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if users, _ := st.ListUsers(context.Background()); len(users) != 1 || users[0].Username != "admin" {
+		t.Fatalf("users after starting together: %+v", users)
+	}
+}

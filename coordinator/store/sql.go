@@ -355,6 +355,9 @@ func (s *sqlStore) CreateUser(ctx context.Context, u User) (User, error) {
 	defer s.unlockWrite()
 	err := s.db.QueryRowContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password, pending) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
 		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword), b2i(u.Pending)).Scan(&u.ID)
+	if isUniqueViolation(err) {
+		return u, fmt.Errorf("store: create user %q: %w", u.Username, ErrExists)
+	}
 	if err != nil {
 		return u, fmt.Errorf("store: create user %q: %w", u.Username, err)
 	}
