@@ -579,7 +579,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	} else if a.token != nil {
 		a.log.Info("already joined; not spending --join again", "name", a.node.Name, "node", a.node.ID)
 	}
-	cc := newControlClient(a.node.URL, a.node.Fingerprint)
+	cc := newControlClient(a.node.URL, a.node.Fingerprint, a.node.URLs...)
 	cc.nodeID, cc.secret = a.node.ID, a.node.Secret
 	stun := a.resolveSTUN()
 
@@ -740,7 +740,7 @@ func (a *Agent) localEndpoints() []netip.AddrPort {
 // cannot be reached.
 func (a *Agent) register(ctx context.Context) error {
 	t := a.token
-	cc := newControlClient(t.URL, t.Fingerprint)
+	cc := newControlClient(t.URL, t.Fingerprint, t.URLs...)
 	req := wire.RegisterRequest{
 		Version: wire.ProtocolVersion, TokenID: t.ID, TokenSecret: t.Secret,
 		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
@@ -753,7 +753,8 @@ func (a *Agent) register(ctx context.Context) error {
 		req.KeyProof = a.keyProof(ctx, cc)
 		err := cc.call(ctx, wire.PathRegister, req, &resp)
 		if err == nil {
-			if err := a.joined(resp, t.URL, t.Fingerprint, t.ID); err != nil {
+			all := cc.all()
+			if err := a.joined(resp, all[0], t.Fingerprint, t.ID, all[1:]...); err != nil {
 				return err
 			}
 			a.removeSpentJoinFile()
@@ -766,8 +767,11 @@ func (a *Agent) register(ctx context.Context) error {
 			return fmt.Errorf("agent: join: %w", err)
 		}
 		d := bo.Next()
-		a.noteRetry(t.URL, err, d)
-		a.log.Warn("coordinator unreachable; will retry", "url", t.URL, "in", d.Round(time.Millisecond), "err", err)
+		a.noteRetry(cc.base(), err, d)
+		a.log.Warn("coordinator unreachable; will retry", "url", cc.base(), "in", d.Round(time.Millisecond), "err", err)
+		if next, ok := cc.failover(); ok {
+			a.log.Info("trying another coordinator of the mesh", "url", next)
+		}
 		if !backoff.Sleep(ctx, d) {
 			return fmt.Errorf("agent: join: %w", err)
 		}
@@ -795,8 +799,8 @@ func (a *Agent) removeSpentJoinFile() {
 }
 
 // joined saves the credentials of a fresh registration.
-func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID string) error {
-	a.node = nodeState{ID: resp.Node.ID, Name: resp.Node.Name, Secret: resp.NodeSecret, URL: url, Fingerprint: fingerprint, TokenID: tokenID}
+func (a *Agent) joined(resp wire.RegisterResponse, url, fingerprint, tokenID string, more ...string) error {
+	a.node = nodeState{ID: resp.Node.ID, Name: resp.Node.Name, Secret: resp.NodeSecret, URL: url, URLs: more, Fingerprint: fingerprint, TokenID: tokenID}
 	if err := a.state.saveJSON(fileNode, a.node); err != nil {
 		return err
 	}
@@ -849,7 +853,7 @@ func (a *Agent) controlLoop() {
 					}
 					bo.Reset()
 					a.setConnected(true, nil)
-					a.log.Info("connected to the coordinator", "url", a.node.URL)
+					a.log.Info("connected to the coordinator", "url", a.cc.base())
 					// STUN may have answered after the request was built: the
 					// stream's request would then have replaced a fresher list.
 					if !slices.Equal(mr.LocalEndpoints, a.endpointCandidates()) {
@@ -860,6 +864,9 @@ func (a *Agent) controlLoop() {
 					return nil
 				}
 				a.applyMap(m)
+				if m.Full != nil && len(m.Full.Coordinators) > 0 {
+					a.learnCoordinators(m.Full.Coordinators)
+				}
 				if m.Full != nil {
 					a.goroutine("sync-exports", a.syncExports)
 					a.healthChanged() // the coordinator forgot it when the last stream ended
@@ -904,9 +911,30 @@ func (a *Agent) controlLoop() {
 		d := bo.Next()
 		a.noteRetry("", err, d)
 		a.log.Warn("lost the coordinator; the data plane keeps running; reconnecting", "in", d.Round(time.Millisecond), "err", err)
+		if next, ok := a.cc.failover(); ok {
+			a.log.Info("moving to another coordinator of the mesh", "url", next)
+		}
 		if !backoff.Sleep(a.ctx, d) {
 			return
 		}
+	}
+}
+
+// learnCoordinators takes the mesh's coordinator list from a full map and
+// keeps it in the node's state, for the next failover and restart.
+func (a *Agent) learnCoordinators(urls []string) {
+	if !a.cc.setURLs(urls) {
+		return
+	}
+	all := a.cc.all()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.node.ID == 0 || a.left {
+		return
+	}
+	a.node.URLs = slices.DeleteFunc(slices.Clone(all), func(u string) bool { return u == a.node.URL })
+	if err := a.state.saveJSON(fileNode, a.node); err != nil {
+		a.log.Warn("cannot save the mesh's coordinator list", "err", err)
 	}
 }
 

@@ -181,7 +181,7 @@ func (a *Agent) Status() localapi.Status {
 		ListenPort: a.listenPort,
 		DNS:        a.DNSAddr(),
 		DNSDomain:  a.dnsDomain(),
-		Coordinator: localapi.Coordinator{URL: a.node.URL, Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap,
+		Coordinator: localapi.Coordinator{URL: a.coordinatorURL(), Connected: a.connected, LastError: a.lastErr, LastMap: a.lastMap,
 			Joining: a.node.ID == 0, RetryAt: a.retryAt},
 		Peers:  []localapi.Peer{},
 		Relays: []localapi.Relay{},
@@ -414,4 +414,15 @@ func exportHealth(h proxy.ExportHealth) string {
 		return "ok"
 	}
 	return "unhealthy (" + h.Error + ")"
+}
+
+// coordinatorURL is the coordinator in use: one of several, once joined to
+// a mesh that has several.
+func (a *Agent) coordinatorURL() string {
+	if a.cc != nil {
+		if u := a.cc.base(); u != "" {
+			return u
+		}
+	}
+	return a.node.URL
 }

@@ -12,7 +12,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/meshlink/meshlink/internal/backoff"
@@ -20,15 +23,20 @@ import (
 )
 
 // controlClient talks to the coordinator over HTTPS pinned to one
-// certificate fingerprint.
+// certificate fingerprint. A mesh served by several coordinators (on one
+// database) gives it several URLs: it uses one until failover moves it to
+// the next.
 type controlClient struct {
-	url    string
 	http   *http.Client
 	nodeID wire.NodeID
 	secret string
+
+	mu   sync.Mutex // guards the fields below
+	urls []string   // every coordinator known, the one in use at cur
+	cur  int
 }
 
-func newControlClient(url, fingerprint string) *controlClient {
+func newControlClient(url, fingerprint string, more ...string) *controlClient {
 	tlsConf := wire.PinnedTLSConfig(fingerprint)
 	tlsConf.MinVersion = tls.VersionTLS13
 	tr := &http.Transport{
@@ -39,7 +47,67 @@ func newControlClient(url, fingerprint string) *controlClient {
 		ResponseHeaderTimeout: 30 * time.Second,
 		IdleConnTimeout:       90 * time.Second,
 	}
-	return &controlClient{url: url, http: &http.Client{Transport: tr}}
+	c := &controlClient{http: &http.Client{Transport: tr}}
+	c.setURLs(append([]string{url}, more...))
+	return c
+}
+
+// base is the URL of the coordinator in use.
+func (c *controlClient) base() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.urls) == 0 {
+		return ""
+	}
+	return c.urls[c.cur]
+}
+
+// all returns every coordinator URL known, the one in use first.
+func (c *controlClient) all() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := append([]string(nil), c.urls[c.cur:]...)
+	return append(out, c.urls[:c.cur]...)
+}
+
+// failover moves to the next coordinator, if there is another, and
+// returns its URL.
+func (c *controlClient) failover() (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.urls) < 2 {
+		return "", false
+	}
+	c.cur = (c.cur + 1) % len(c.urls)
+	return c.urls[c.cur], true
+}
+
+// setURLs replaces the coordinators known (a map's list), keeping the one
+// in use if it is still listed, and reports whether the list changed.
+func (c *controlClient) setURLs(urls []string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var clean []string
+	for _, u := range urls {
+		if u = strings.TrimRight(u, "/"); u != "" && !slices.Contains(clean, u) {
+			clean = append(clean, u)
+		}
+	}
+	if len(clean) == 0 {
+		return false
+	}
+	var inUse string
+	if len(c.urls) > 0 {
+		inUse = c.urls[c.cur]
+	}
+	if slices.Equal(clean, c.urls) {
+		return false
+	}
+	c.urls, c.cur = clean, 0
+	if i := slices.Index(clean, inUse); i >= 0 {
+		c.cur = i
+	}
+	return true
 }
 
 var errFingerprint = wire.ErrFingerprint
@@ -76,7 +144,7 @@ func (c *controlClient) newRequest(ctx context.Context, path string, body any) (
 	if err != nil {
 		return nil, err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url+path, bytes.NewReader(b))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base()+path, bytes.NewReader(b))
 	if err != nil {
 		return nil, err
 	}
@@ -95,7 +163,7 @@ func (c *controlClient) do(req *http.Request) (*http.Response, error) {
 		if errors.Is(err, errFingerprint) || isFingerprintErr(err) {
 			return nil, errFingerprint
 		}
-		return nil, fmt.Errorf("coordinator %s unreachable: %w", c.url, err)
+		return nil, fmt.Errorf("coordinator %s://%s unreachable: %w", req.URL.Scheme, req.URL.Host, err)
 	}
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()

@@ -29,11 +29,14 @@ const (
 
 // nodeState is what node.json holds.
 type nodeState struct {
-	ID          wire.NodeID `json:"id"`
-	Name        string      `json:"name"`
-	Secret      string      `json:"secret"`
-	URL         string      `json:"url"`
-	Fingerprint string      `json:"fingerprint"`
+	ID     wire.NodeID `json:"id"`
+	Name   string      `json:"name"`
+	Secret string      `json:"secret"`
+	URL    string      `json:"url"`
+	// URLs are the mesh's other coordinators (same Fingerprint), from the
+	// join token and then the network map, tried when URL fails.
+	URLs        []string `json:"urls,omitempty"`
+	Fingerprint string   `json:"fingerprint"`
 	// TokenID records which token made this node, so that restarting with
 	// the same --join never spends the token again.
 	TokenID string `json:"token_id,omitempty"`

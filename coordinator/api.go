@@ -229,7 +229,7 @@ func (s *Server) serveRegister(w http.ResponseWriter, r *http.Request) *apiError
 	}
 	now := time.Now()
 	reg.CanReplace = func(n store.Node) bool {
-		return n.Ephemeral && (!s.hub.online(n.ID) || sameToken && n.TokenID == req.TokenID) ||
+		return n.Ephemeral && (!s.nodeOnline(n) || sameToken && n.TokenID == req.TokenID) ||
 			n.KeyExpired(now) && n.OwnerID == tokOwner
 	}
 	host, _, _ := net.SplitHostPort(r.RemoteAddr)
@@ -596,11 +596,15 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			// Use a fresh context: the request's is done, the store is
 			// still open (Close waits for this handler).
 			dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
-			s.store.SetLastSeen(dctx, node.ID, time.Now())
+			seen := time.Now()
+			s.store.SetLastSeen(dctx, node.ID, seen)
+			if s.shared() {
+				s.store.SetHeartbeat(dctx, node.ID, time.Time{})
+			}
 			dcancel()
 			s.commit(change{log: "map stream closed; node offline", attrs: []any{"node_id", node.ID, "name", node.Name}})
 			if node.Ephemeral {
-				s.scheduleReap(node.ID)
+				s.scheduleReap(node.ID, seen)
 			}
 		} else {
 			log.Info("map stream replaced by a newer one")
@@ -619,6 +623,18 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	keepAlive := time.NewTimer(jitter(s.cfg.KeepAlive))
 	defer keepAlive.Stop()
 	ss := &streamState{node: node.ID}
+	// With replicas, the stream's heartbeat tells the others that the
+	// node is online (here): their maps show it so, and they do not reap
+	// it (an ephemeral node they saw leave, or every one after a restart).
+	var beat <-chan time.Time
+	if s.shared() {
+		if err := s.store.SetHeartbeat(ctx, node.ID, time.Now()); err != nil {
+			log.Warn("map stream: heartbeat", "err", err)
+		}
+		t := time.NewTicker(s.cfg.KeepAlive)
+		defer t.Stop()
+		beat = t.C
+	}
 	for {
 		_, wake := s.hub.watch()
 		snap, err := s.current(ctx)
@@ -657,6 +673,10 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 					return nil
 				}
 				keepAlive.Reset(jitter(s.cfg.KeepAlive))
+			case <-beat:
+				if err := s.store.SetHeartbeat(ctx, node.ID, time.Now()); err != nil && ctx.Err() == nil {
+					log.Warn("map stream: heartbeat", "err", err)
+				}
 			case <-ctx.Done():
 				return nil
 			}
@@ -689,8 +709,10 @@ func startStream(w http.ResponseWriter) func(v any) error {
 }
 
 // scheduleReap removes ephemeral node id once it has been offline for the
-// grace period, unless it reconnects meanwhile.
-func (s *Server) scheduleReap(id wire.NodeID) {
+// grace period, unless it reconnects meanwhile: here, or to any
+// coordinator sharing the store (its last-seen time then moved past seen,
+// the one known when the reap was scheduled, or its heartbeat is fresh).
+func (s *Server) scheduleReap(id wire.NodeID, seen time.Time) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -712,7 +734,7 @@ func (s *Server) scheduleReap(id wire.NodeID) {
 			return // came back; a later disconnect schedules again
 		}
 		n, err := s.store.GetNode(s.ctx, id)
-		if err != nil || !n.Ephemeral {
+		if err != nil || !n.Ephemeral || n.LastSeen.After(seen) || s.nodeOnline(n) {
 			return
 		}
 		if err := s.removeNode(s.ctx, id, change{log: "ephemeral node removed after grace period", attrs: []any{"node_id", id, "name", n.Name, "grace", s.cfg.EphemeralGrace},

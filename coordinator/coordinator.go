@@ -52,6 +52,17 @@ type Config struct {
 	// DataDir holds the database, the certificate, the relay's and the
 	// OIDC cookies' keys and the admin socket; created 0700 if missing.
 	DataDir string
+	// Store names the database (--store): "" is the SQLite file in
+	// DataDir, "sqlite:PATH" another one, "postgres://…" a PostgreSQL
+	// database, which several coordinators may share to serve one mesh
+	// (they should then share DataDir's certificate and keys too).
+	Store string
+	// ReplicaURLs (--replica-urls) are the public URLs of the other
+	// coordinators on the same database: join tokens and network maps
+	// list them, and agents move to one when theirs cannot be reached.
+	// They must present the same certificate (a copy of DataDir, or the
+	// same TLSCert).
+	ReplicaURLs []string
 	// URL is the public base URL put into tokens. Default
 	// https://<listen address> (an unspecified listen address is replaced by
 	// the first non-loopback interface address, else 127.0.0.1).
@@ -171,7 +182,7 @@ type TokenOptions struct {
 const DefaultNodeKeyExpiry = 180 * 24 * time.Hour
 
 const (
-	dbFile       = "meshlink.db"
+	dbFile       = store.DefaultSQLiteFile
 	oidcKeyFile  = "oidc-cookie.key"
 	relayKeyFile = "relay.key"
 	adminSocket  = "admin.sock"
@@ -241,6 +252,8 @@ type Server struct {
 
 	// expiryWake wakes expireKeys (buffered: one pending is enough).
 	expiryWake chan struct{}
+	// notifyWake wakes notifyReplicas (buffered: one pending is enough).
+	notifyWake chan struct{}
 	expiryMu   sync.Mutex // guards expiryAnnounced
 	// expiryAnnounced holds, per node whose key expiry was announced (an
 	// event, a new map), the expiry it was announced at.
@@ -307,6 +320,14 @@ func New(cfg Config) (*Server, error) {
 		}
 		urlHost = u.Hostname()
 	}
+	for i, r := range cfg.ReplicaURLs {
+		r = strings.TrimRight(r, "/")
+		u, err := url.Parse(r)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return nil, fmt.Errorf("coordinator: --replica-urls: %q must look like https://host:port", r)
+		}
+		cfg.ReplicaURLs[i] = r
+	}
 	listenHost, _, err := net.SplitHostPort(cfg.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: listen address %q: %w; use HOST:PORT such as 0.0.0.0:8443", cfg.Listen, err)
@@ -359,7 +380,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	relayPub := relayKey.Public()
-	st, err := store.OpenSQLiteOptions(context.Background(), filepath.Join(dir, dbFile), store.Options{
+	st, err := store.Open(context.Background(), cfg.Store, filepath.Join(dir, dbFile), store.Options{
 		MaxServicesPerNode: cfg.MaxServicesPerNode, NodeQuarantine: cfg.NodeAddressQuarantine, NodePoolSize: cfg.nodePoolSize})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
@@ -379,6 +400,7 @@ func New(cfg Config) (*Server, error) {
 		cancel:      cancel,
 
 		expiryWake:      make(chan struct{}, 1),
+		notifyWake:      make(chan struct{}, 1),
 		expiryAnnounced: map[wire.NodeID]time.Time{},
 	}
 	s.hub.init(cfg.MapDebounce)
@@ -556,6 +578,17 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.metricsSrv = metricsSrv
 	s.wg.Add(5)
 	s.mu.Unlock()
+	if n, ok := s.store.(store.Notifier); ok {
+		s.wg.Add(2)
+		go func() {
+			defer s.wg.Done()
+			s.notifyReplicas(n)
+		}()
+		go func() {
+			defer s.wg.Done()
+			n.WatchChanges(s.ctx, s.replicaChanged)
+		}()
+	}
 	go s.summarizeJoinFailures()
 	go func() {
 		defer s.wg.Done()
@@ -583,7 +616,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if nodes, err := s.store.ListNodes(ctx); err == nil {
 		for _, n := range nodes {
 			if n.Ephemeral {
-				s.scheduleReap(n.ID)
+				s.scheduleReap(n.ID, n.LastSeen)
 			}
 		}
 	}
@@ -780,6 +813,9 @@ func (s *Server) CreateToken(ctx context.Context, o TokenOptions) (string, error
 	secret := randomSecret(32)
 	tok.SecretHash = store.HashSecret(secret)
 	jt := wire.JoinToken{URL: u, Fingerprint: s.fingerprint, ID: tok.ID, Secret: secret}
+	if all := s.coordinatorURLs(); len(all) > 1 {
+		jt.URLs = all[1:]
+	}
 	if o.Expires > 0 {
 		tok.Expires = tok.Created.Add(o.Expires)
 		jt.Expires = tok.Expires.Unix()
@@ -826,6 +862,12 @@ func (s *Server) firstStart(ctx context.Context, u string) error {
 	}
 	if _, err := s.store.CreateUser(ctx, store.User{Username: "admin", PasswordHash: string(hash), Admin: true, MustChangePassword: true}); err != nil {
 		os.Remove(pwFile)
+		if errors.Is(err, store.ErrExists) {
+			// Another coordinator on the same database started at the
+			// same moment and made the first admin: its data directory
+			// has the password.
+			return nil
+		}
 		return fmt.Errorf("coordinator: %w", err)
 	}
 	fmt.Fprintf(s.out, "meshlink coordinator: first start in %s\n  admin account: username admin, password in %s\n  (sign in at %s and choose a new password; the file is removed then)\n", s.cfg.DataDir, pwFile, u)

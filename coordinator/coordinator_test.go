@@ -24,6 +24,7 @@ import (
 	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/internal/tlscert"
 	"github.com/meshlink/meshlink/internal/tstest"
+	"github.com/meshlink/meshlink/test/pgtest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -538,7 +539,7 @@ func TestFirstStartOutput(t *testing.T) {
 	}
 }
 
-func TestMain(m *testing.M) { tstest.Main(m) }
+func TestMain(m *testing.M) { tstest.Main(m, pgtest.Stop) }
 
 func TestConcurrentRegistrationSingleUseToken(t *testing.T) {
 	s := startServer(t, t.TempDir())

@@ -54,7 +54,8 @@ func (h *hub) init(debounce time.Duration) {
 // bump starts a new generation and wakes every stream, now if the last
 // wake-up is a debounce interval ago, else when it will be; lazy waits a
 // whole interval, so that what usually follows (a registration's stream
-// opening) travels in the same pass. Server.commit is its only caller.
+// opening) travels in the same pass. Server.commit and
+// Server.replicaChanged are its only callers.
 func (h *hub) bump(lazy bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -115,6 +116,10 @@ type change struct {
 // directly with console.Record.
 func (s *Server) commit(c change) {
 	s.hub.bump(c.lazy)
+	select {
+	case s.notifyWake <- struct{}{}:
+	default:
+	}
 	if c.log != "" {
 		s.log.Info(c.log, c.attrs...)
 	}
@@ -205,6 +210,9 @@ type snapshot struct {
 	services []wire.Service // with at least one provider, by name
 	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
+	// coordinators are the URLs of every coordinator of the mesh, this
+	// one first (wire.NetworkMap.Coordinators); nil without replicas.
+	coordinators []string
 	// expired holds the nodes whose keys had expired when the snapshot
 	// was built: no other map lists them, nor does keys or a service.
 	expired map[wire.NodeID]bool
@@ -251,11 +259,12 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays, expired: map[wire.NodeID]bool{}}
+	snap := &snapshot{gen: gen, at: at, byID: make(map[wire.NodeID]int, len(nodes)), relays: relays, expired: map[wire.NodeID]bool{},
+		coordinators: s.coordinatorURLs()}
 	now := time.Now()
 	for _, n := range nodes {
 		snap.byID[n.ID] = len(snap.nodes)
-		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID]))
+		snap.nodes = append(snap.nodes, wireNode(n, online[n.ID] || s.onlineElsewhere(n)))
 		if n.KeyExpired(now) {
 			snap.expired[n.ID] = true
 			continue
@@ -405,7 +414,8 @@ func (sn *snapshot) mapFor(id wire.NodeID, domain string) (*wire.NetworkMap, boo
 	if !ok {
 		return nil, false
 	}
-	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Services: sn.services, Relays: sn.relays}
+	nm := &wire.NetworkMap{Self: sn.nodes[i], Domain: domain, Services: sn.services, Relays: sn.relays,
+		Coordinators: sn.coordinators}
 	if sn.access != nil {
 		nm.Peers = []wire.Node{}
 		sn.filter(nm, id)

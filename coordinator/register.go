@@ -157,7 +157,7 @@ func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.R
 	s.wakeExpiry()
 	if res.Node.Ephemeral && !res.Existing {
 		// Removed if it never connects, too.
-		s.scheduleReap(res.Node.ID)
+		s.scheduleReap(res.Node.ID, res.Node.LastSeen)
 	}
 	return wire.RegisterResponse{
 		Node:       wireNode(res.Node, s.hub.online(res.Node.ID)),

@@ -96,6 +96,18 @@ func (s *Server) relayList(ctx context.Context) ([]wire.Relay, error) {
 	var out []wire.Relay
 	if !s.cfg.NoEmbeddedRelay {
 		out = append(out, wire.Relay{Name: EmbeddedRelayName, URL: s.URL(), Fingerprint: s.fingerprint, Key: s.relayPub})
+		// The replicas' embedded relays too (they share this one's
+		// certificate and key): nodes on different replicas then meet
+		// on a relay they both hold.
+		if all := s.coordinatorURLs(); len(all) > 1 {
+			for _, r := range all[1:] {
+				name := r
+				if u, err := url.Parse(r); err == nil {
+					name = u.Host
+				}
+				out = append(out, wire.Relay{Name: EmbeddedRelayName + "@" + name, URL: r, Fingerprint: s.fingerprint, Key: s.relayPub})
+			}
+		}
 	}
 	online := s.hub.relaysOnline()
 	if len(online) == 0 {

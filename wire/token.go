@@ -22,6 +22,9 @@ const TokenPrefix = "mlj1_"
 // maxTokenLen bounds what ParseToken will decode.
 const maxTokenLen = 2048
 
+// maxTokenURLs bounds JoinToken.URLs.
+const maxTokenURLs = 8
+
 // JoinToken is what a join token string carries. The coordinator keeps only
 // a hash of Secret.
 type JoinToken struct {
@@ -34,7 +37,13 @@ type JoinToken struct {
 	Secret      string `json:"s"`
 	// Expires is informational (the coordinator decides); zero means never.
 	Expires int64 `json:"e,omitempty"`
+	// URLs (version 11) are more coordinators of the same mesh, with the
+	// same certificate, tried in turn when URL cannot be reached.
+	URLs []string `json:"us,omitempty"`
 }
+
+// AllURLs is URL followed by URLs.
+func (t JoinToken) AllURLs() []string { return append([]string{t.URL}, t.URLs...) }
 
 // ErrTokenMalformed is returned by ParseToken for anything that is not a
 // well-formed join token.
@@ -74,9 +83,14 @@ func ParseToken(s string) (JoinToken, error) {
 	if err := dec.Decode(&t); err != nil {
 		return JoinToken{}, fmt.Errorf("%w: it is incomplete or damaged; copy the whole line printed by `meshlink token create`", ErrTokenMalformed)
 	}
-	u, err := url.Parse(t.URL)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return JoinToken{}, fmt.Errorf("%w: coordinator URL %q is not https://host:port", ErrTokenMalformed, t.URL)
+	if len(t.URLs) > maxTokenURLs {
+		return JoinToken{}, fmt.Errorf("%w: more than %d coordinator URLs", ErrTokenMalformed, maxTokenURLs)
+	}
+	for _, s := range t.AllURLs() {
+		u, err := url.Parse(s)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			return JoinToken{}, fmt.Errorf("%w: coordinator URL %q is not https://host:port", ErrTokenMalformed, s)
+		}
 	}
 	if fp, err := hex.DecodeString(t.Fingerprint); err != nil || len(fp) != sha256.Size {
 		return JoinToken{}, fmt.Errorf("%w: bad certificate fingerprint", ErrTokenMalformed)

@@ -54,6 +54,11 @@
 //	  on its port; Service.Protocol is what its providers carry together.
 //	  Consumers listen on UDP for a service with UDP and carry each client
 //	  address's datagrams as one flow through the mesh's UDP.
+//	11 (2026-12-01): several coordinators on one database serve one mesh.
+//	  JoinToken.URLs lists more coordinator URLs (same certificate
+//	  fingerprint) and NetworkMap.Coordinators every one the mesh has; an
+//	  agent that loses its coordinator moves to another. Tokens without
+//	  URLs are as before.
 package wire
 
 import (
@@ -69,7 +74,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 10
+const ProtocolVersion = 11
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -461,6 +466,10 @@ type NetworkMap struct {
 	// preference: the coordinator's embedded relay (unless disabled), then
 	// the standalone relays online now.
 	Relays []Relay `json:"relays,omitempty"`
+	// Coordinators (version 11) are the base URLs of every coordinator
+	// serving the mesh, the sending one first; all present the certificate
+	// the node pinned. Empty: only the one the node talks to.
+	Coordinators []string `json:"coordinators,omitempty"`
 }
 
 // Relay is a relay server agents may use.

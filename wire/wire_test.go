@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -26,8 +27,13 @@ func TestTokenRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got != tok {
+	if !reflect.DeepEqual(got, tok) {
 		t.Fatalf("round trip: got %+v, want %+v", got, tok)
+	}
+	// Version 11: more coordinator URLs travel too.
+	tok.URLs = []string{"https://10.0.0.2:8443", "https://c3.example:8443"}
+	if got, err := ParseToken(tok.String()); err != nil || !reflect.DeepEqual(got, tok) {
+		t.Fatalf("round trip with URLs: got %+v %v, want %+v", got, err, tok)
 	}
 }
 
@@ -38,6 +44,7 @@ func TestParseTokenErrors(t *testing.T) {
 		{"empty", "", "must start with"},
 		{"other prefix", "tskey-abc", "must start with"},
 		{"not base64", TokenPrefix + "!!!", "incomplete or damaged"},
+		{"bad second URL", mod(func(t *JoinToken) { t.URLs = []string{"http://10.0.0.2:8443"} }), `coordinator URL "http://10.0.0.2:8443" is not https://host:port`},
 		{"truncated", tok.String()[:30], "incomplete or damaged"},
 		{"http url", mod(func(t *JoinToken) { t.URL = "http://10.0.0.1:8443" }), "not https"},
 		{"no host", mod(func(t *JoinToken) { t.URL = "https://" }), "not https"},
@@ -103,7 +110,7 @@ func FuzzParseToken(f *testing.F) {
 		}
 		// Whatever parses must survive a round trip.
 		again, err := ParseToken(tok.String())
-		if err != nil || again != tok {
+		if err != nil || again.String() != tok.String() {
 			t.Fatalf("round trip of %+v: %+v, %v", tok, again, err)
 		}
 	})

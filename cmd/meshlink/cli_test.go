@@ -124,6 +124,10 @@ func TestExitCodes(t *testing.T) {
 		{"policy explain without --to", []string{"policy", "explain", "--from", "x"}, 2, "meshlink: usage: meshlink policy explain --from NODE|user:NAME --to SERVICE --data DIR"},
 		{"policy set without a file", []string{"policy", "set"}, 2, "meshlink: usage: meshlink policy set FILE --data DIR"},
 		{"policy check of a missing file", []string{"policy", "check", nowhere}, 1, "meshlink: read the policy: open " + nowhere},
+		{"bad store", []string{"coordinator", "--data", filepath.Join(nowhere, "coord"), "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--store", "mysql://db/x"}, 1,
+			`meshlink: coordinator: store: "mysql://db/x" is not a store; write sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE`},
+		{"unreachable store", []string{"coordinator", "--data", filepath.Join(nowhere, "coord2"), "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--store", "postgres://u:secret@127.0.0.1:1/x?connect_timeout=2"}, 1,
+			"cannot reach PostgreSQL at postgres://u:xxxxx@127.0.0.1:1/x?connect_timeout=2"},
 		{"version", []string{"version"}, 0, ""},
 	}
 	for _, tc := range cases {

@@ -140,6 +140,7 @@ func newApp() *cli.App {
 		EnableBashCompletion: true,
 		Commands: []*cli.Command{
 			coordinatorCmd(),
+			storeCmd(),
 			tokenCmd(),
 			usersCmd(),
 			relayCmd(),
@@ -265,7 +266,9 @@ func coordinatorCmd() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8443", Usage: "HTTPS listen address", EnvVars: env("LISTEN")},
 			&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "data directory (database, certificate, admin socket)", EnvVars: env("DATA")},
+			&cli.StringFlag{Name: "store", Usage: "database: sqlite:PATH, or postgres://USER@HOST:PORT/DATABASE shared by several coordinators (default: meshlink.db in --data; prefer MESHLINK_STORE or PGPASSWORD for a password)", EnvVars: env("STORE")},
 			&cli.StringFlag{Name: "url", Usage: "public URL agents use (default https://LISTEN)", EnvVars: env("URL")},
+			&cli.StringSliceFlag{Name: "replica-urls", Usage: "public URLs of the other coordinators on the same --store (https://c2:8443,https://c3:8443): tokens and maps list them, and agents fail over to them", EnvVars: env("REPLICA_URLS")},
 			&cli.StringFlag{Name: "domain", Value: wire.DefaultDomain, Usage: "DNS domain of the mesh", EnvVars: env("DOMAIN")},
 			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate to serve instead of the self-signed one", EnvVars: env("TLS_CERT")},
 			&cli.StringFlag{Name: "tls-key", Usage: "PEM private key of --tls-cert", EnvVars: env("TLS_KEY")},
@@ -363,11 +366,17 @@ func coordinatorConfig(c *cli.Context) (coordinator.Config, error) {
 	if err != nil {
 		return coordinator.Config{}, err
 	}
+	replicas, err := listFlag(c, "replica-urls", nil)
+	if err != nil {
+		return coordinator.Config{}, err
+	}
 	return coordinator.Config{
 		OIDCAllowedDomains: domains, OIDCAllowedGroups: groups, OIDCNewUsersPending: pending,
 		Listen: c.String("listen"), DataDir: c.String("data"), URL: c.String("url"),
-		Domain:  c.String("domain"),
-		TLSCert: c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
+		Store:       c.String("store"),
+		ReplicaURLs: replicas,
+		Domain:      c.String("domain"),
+		TLSCert:     c.String("tls-cert"), TLSKey: c.String("tls-key"), MetricsListen: c.String("metrics-listen"),
 		OIDCIssuer: c.String("oidc-issuer"), OIDCClientID: c.String("oidc-client-id"),
 		OIDCClientSecret: secret, OIDCRedirectURL: c.String("oidc-redirect-url"),
 		NoEmbeddedRelay:        !c.Bool("relay"),

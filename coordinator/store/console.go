@@ -25,7 +25,7 @@ func scanUser(r scanner) (User, error) {
 }
 
 // GetUserByID implements Store.
-func (s *SQLite) GetUserByID(ctx context.Context, id int64) (User, error) {
+func (s *sqlStore) GetUserByID(ctx context.Context, id int64) (User, error) {
 	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userCols+` FROM users WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return u, fmt.Errorf("user %d: %w", id, ErrNotFound)
@@ -34,12 +34,12 @@ func (s *SQLite) GetUserByID(ctx context.Context, id int64) (User, error) {
 }
 
 // ListUsers implements Store.
-func (s *SQLite) ListUsers(ctx context.Context) ([]User, error) {
+func (s *sqlStore) ListUsers(ctx context.Context) ([]User, error) {
 	return queryAll(ctx, s.db, scanUser, `SELECT `+userCols+` FROM users ORDER BY id`)
 }
 
 // CreateSession implements Store.
-func (s *SQLite) CreateSession(ctx context.Context, se Session) error {
+func (s *sqlStore) CreateSession(ctx context.Context, se Session) error {
 	if se.Created.IsZero() {
 		se.Created = time.Now()
 	}
@@ -52,7 +52,7 @@ func (s *SQLite) CreateSession(ctx context.Context, se Session) error {
 }
 
 // GetSession implements Store.
-func (s *SQLite) GetSession(ctx context.Context, idHash []byte, now time.Time) (Session, error) {
+func (s *sqlStore) GetSession(ctx context.Context, idHash []byte, now time.Time) (Session, error) {
 	var se Session
 	var created, expires int64
 	err := s.db.QueryRowContext(ctx, `SELECT id_hash, user_id, csrf, created, expires FROM sessions WHERE id_hash = ? AND expires > ?`,
@@ -65,29 +65,29 @@ func (s *SQLite) GetSession(ctx context.Context, idHash []byte, now time.Time) (
 }
 
 // TouchSession implements Store.
-func (s *SQLite) TouchSession(ctx context.Context, idHash []byte, expires time.Time) error {
+func (s *sqlStore) TouchSession(ctx context.Context, idHash []byte, expires time.Time) error {
 	_, err := s.exec(ctx, `UPDATE sessions SET expires = ? WHERE id_hash = ?`, unixNano(expires), idHash)
 	return err
 }
 
 // DeleteSession implements Store.
-func (s *SQLite) DeleteSession(ctx context.Context, idHash []byte) error {
+func (s *sqlStore) DeleteSession(ctx context.Context, idHash []byte) error {
 	_, err := s.exec(ctx, `DELETE FROM sessions WHERE id_hash = ?`, idHash)
 	return err
 }
 
 // DeleteExpiredSessions implements Store.
-func (s *SQLite) DeleteExpiredSessions(ctx context.Context, now time.Time) error {
+func (s *sqlStore) DeleteExpiredSessions(ctx context.Context, now time.Time) error {
 	_, err := s.exec(ctx, `DELETE FROM sessions WHERE expires <= ?`, unixNano(now))
 	return err
 }
 
 // AddEvent implements Store.
-func (s *SQLite) AddEvent(ctx context.Context, e Event) error {
+func (s *sqlStore) AddEvent(ctx context.Context, e Event) error {
 	if e.At.IsZero() {
 		e.At = time.Now()
 	}
-	return s.tx(ctx, func(tx *sql.Tx) error {
+	return s.tx(ctx, func(tx *dbTx) error {
 		class := e.Kind.Class()
 		var seq int64
 		if err := tx.QueryRowContext(ctx, `INSERT INTO events (at, kind, actor, node, message, owner_id, class, seq)
@@ -104,7 +104,7 @@ func (s *SQLite) AddEvent(ctx context.Context, e Event) error {
 }
 
 // ListEvents implements Store.
-func (s *SQLite) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error) {
+func (s *sqlStore) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error) {
 	if limit <= 0 || limit > eventClasses*MaxEvents {
 		limit = eventClasses * MaxEvents // every class full
 	}

@@ -1,7 +1,7 @@
 // Package store holds the coordinator's durable state: users, join tokens,
 // nodes, services and their providers. Store is the contract; SQLite (the
-// embedded default) implements it, and a PostgreSQL implementation can follow
-// without touching the coordinator.
+// embedded default) and Postgres (one database several coordinators share)
+// implement it with the same queries (sql.go).
 package store
 
 import (
@@ -121,6 +121,9 @@ type Node struct {
 	KeyLifetime time.Duration
 	// Region is the label the node joined with ("" if none).
 	Region string
+	// Heartbeat is when a coordinator sharing the store last confirmed
+	// the node's map stream open (SetHeartbeat); zero: none is.
+	Heartbeat time.Time
 }
 
 // KeyExpired reports whether n's key has expired at now.
@@ -427,6 +430,9 @@ type Store interface {
 	// SetNodeKeyExpiry sets when the node's key expires (zero: never).
 	SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry time.Time) error
 	SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error
+	// SetHeartbeat records that the node's map stream is open at t (zero:
+	// it closed), for the other coordinators sharing the store.
+	SetHeartbeat(ctx context.Context, id wire.NodeID, t time.Time) error
 	// DeleteNode removes the node and its providers, leaving a tombstone so
 	// that its later calls can be told it was removed; the tombstone holds
 	// the node's addresses through their quarantine, after which a new

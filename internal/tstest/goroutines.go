@@ -78,8 +78,14 @@ func WaitGoroutinesGone(t testing.TB) {
 // goroutines that run this module's code are still running after them:
 //
 //	func TestMain(m *testing.M) { tstest.Main(m) }
-func Main(m *testing.M) {
+//
+// Each after func runs once the tests are done, before the check (to stop
+// servers the tests shared, such as pgtest's PostgreSQL).
+func Main(m *testing.M, after ...func()) {
 	code := m.Run()
+	for _, f := range after {
+		f()
+	}
 	if code == 0 {
 		if leaked := leakedGoroutines(); leaked != "" {
 			fmt.Fprintf(os.Stderr, "goroutines still running %v after the tests:\n%s\n", leakGrace, leaked)

@@ -235,3 +235,7 @@ func Build(t testing.TB, pkg string) string {
 	builds.done[pkg] = out
 	return out
 }
+
+// ProxyRange hands out a loopback range no other agent of the process
+// uses, for agents configured without a Mesh.
+func ProxyRange() netip.Prefix { return nextProxyRange() }
