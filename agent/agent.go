@@ -544,14 +544,13 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.stack.SetTCPHandler(a.handleTCP)
 	a.stack.SetUDPHandler(a.handleUDP)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
-	// The local API after what its handlers read (status while joining
-	// works: the join comes later).
-	a.api, err = startAPI(a, a.state.path(fileAPI))
-	if err != nil {
+	if err := a.startWireGuard(); err != nil {
 		return err
 	}
-
-	if err := a.startWireGuard(); err != nil {
+	// The local API after what its handlers read (the WireGuard device,
+	// the proxies); status while joining works: the join comes later.
+	a.api, err = startAPI(a, a.state.path(fileAPI))
+	if err != nil {
 		return err
 	}
 	if err := a.startLocalProxy(); err != nil {
