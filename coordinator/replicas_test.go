@@ -74,15 +74,11 @@ func TestReplicasShareOneMesh(t *testing.T) {
 
 	stA := openMap(t, c, ra.URL(), credA)
 	stB := openMap(t, c, rb.URL(), credB)
-	// Each map shows the peer on the other replica online.
-	for _, st := range []*stream{stA, stB} {
-		st.next(t, 10*time.Second, "full map with both nodes", func(m wire.MapResponse) bool {
-			return m.Full != nil && len(m.Full.Peers) == 1
-		})
-	}
-	stA.next(t, 10*time.Second, "beta online in A's map", func(m wire.MapResponse) bool {
-		return len(m.PeersChanged) == 1 && m.PeersChanged[0].Online || m.Full != nil && len(m.Full.Peers) == 1 && m.Full.Peers[0].Online
-	})
+	// Each map shows the peer on the other replica (A's, online): folded
+	// from the stream, whether the full map already had it online or a
+	// later delta brought it.
+	mapOf(t, stB, "B's map with alpha", func(nm wire.NetworkMap) bool { return len(nm.Peers) == 1 })
+	mapOf(t, stA, "beta online in A's map", func(nm wire.NetworkMap) bool { return len(nm.Peers) == 1 && nm.Peers[0].Online })
 
 	// beta exposes a service through B: alpha's stream on A hears of it.
 	start := time.Now()
