@@ -283,12 +283,19 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	}
 	mayProvide := providerCheck(pol, nodes, snap.byID, users)
 	byService := map[string][]wire.Provider{}
+	httpProvided := map[string]bool{}
 	for _, p := range provs {
 		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) {
 			continue
 		}
 		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version,
 			Protocol: p.Protocol, UDPIdle: p.UDPIdle}
+		if wp.Protocol == wire.ProtocolHTTP {
+			// Listed as TCP, which agents before version 12 carry; the
+			// service's HTTP says the rest.
+			wp.Protocol = ""
+			httpProvided[p.Service] = true
+		}
 		wp.Health, wp.HealthError = s.health.get(p.NodeID, p.Service)
 		byService[p.Service] = append(byService[p.Service], wp)
 	}
@@ -310,6 +317,7 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 			t := pol.Services[sv.Name]
 			ws.Split, ws.Locality, ws.Affinity = t.Split, t.Locality, t.Affinity
 		}
+		ws.HTTP = pol.ServiceHTTP(sv.Name, httpProvided[sv.Name])
 		snap.services = append(snap.services, ws)
 	}
 	if !pol.AllowsAll() {
