@@ -14,6 +14,9 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(`{"rules":[{"from":["*"],"to":["web"],"action":"deny"}]}`))
 	f.Add([]byte("groups:\n  a: &x [user:a]\n  b: *x\n"))
 	f.Add([]byte("rules:\n  - from: [autogroup:self]\n    to: ['*']\ntests:\n  - from: node:x\n    allow: ['*']\n"))
+	f.Add([]byte(httpExample))
+	f.Add([]byte("services:\n  web:\n    http:\n      routes:\n        - match: {headers: {x: {regex: \"a(b\"}}}\n          version: v2\n"))
+	f.Add([]byte("services:\n  web:\n    http: {timeout: 1ns, retries: {attempts: 1, on: [599]}}\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := policy.Parse("fuzz.yaml", data)
 		if err != nil {
@@ -30,6 +33,9 @@ func FuzzParse(f *testing.F) {
 					t.Fatalf("rule %d of %d", d.Rule, len(p.Rules))
 				}
 				p.CanProvide(pr, svc)
+				if h := p.ServiceHTTP(svc, true); h == nil || h.Check() != nil {
+					t.Fatalf("accepted an HTTP configuration that does not check: %+v", h)
+				}
 				p.CanGiveTag(pr, svc)
 			}
 		}
