@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	xproxy "golang.org/x/net/proxy"
 	"golang.org/x/net/websocket"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -170,4 +171,39 @@ func TestHTTPServiceWebSocket(t *testing.T) {
 	tstest.WaitFor(t, 5*time.Second, "the upgrade counted with its 101", func() bool {
 		return httpRequests(t, cons, "role", "consumer", "service", "ws", "code", "101") == 1
 	})
+}
+
+// TestHTTPServiceFromTCPConsumer: a consumer that carries an HTTP service
+// as plain TCP (as an agent older than protocol 12 does; here the SOCKS5
+// proxy, which splices a connection to a provider) still reaches it: the
+// provider parses what arrives as HTTP and forwards each request, counting
+// them at its end.
+func TestHTTPServiceFromTCPConsumer(t *testing.T) {
+	m := harness.NewMesh(t)
+	web := startHTTPBackend(t, "site-b")
+	prov := meteredAgent(t, m, "site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr(), Protocol: "http"}}})
+	cfg := m.AgentConfig("site-a", harness.AgentOptions{})
+	cfg.SOCKS5, cfg.ProxyMeshOnly = "127.0.0.1:0", true
+	a, err := harness.StartAgent(t, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := waitProviders(t, a, "web", 1)
+	d, err := xproxy.SOCKS5("tcp", a.SOCKS5Addr(), nil, xproxy.Direct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &http.Transport{DialContext: d.(xproxy.ContextDialer).DialContext}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	for i := range 20 {
+		u := fmt.Sprintf("http://web.mesh.internal:%d/raw/%d", svc.Port, i)
+		code, body, _, err := get(c, u)
+		if err != nil || code != 200 || !strings.HasPrefix(body, fmt.Sprintf("site-b HTTP/1.1 GET /raw/%d ", i)) {
+			t.Fatalf("GET %s: %d %q %v", u, code, body, err)
+		}
+	}
+	if got := httpRequests(t, prov, "role", "provider", "service", "web", "code", "200"); got != 20 {
+		t.Fatalf("the provider counted %v requests, want 20", got)
+	}
 }

@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -49,6 +50,24 @@ func startHTTPBackend(t *testing.T, name string) *httpBackend {
 			}
 		},
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch {
+			case r.Method == http.MethodConnect:
+				// A tunnel: 200, then an echo of the stream.
+				conn, brw, err := http.NewResponseController(w).Hijack()
+				if err != nil {
+					return
+				}
+				defer conn.Close()
+				io.WriteString(conn, "HTTP/1.1 200 Connection established\r\n\r\n")
+				io.Copy(conn, brw)
+				return
+			case r.URL.Path == "/slow":
+				select { // a target that takes its time
+				case <-r.Context().Done():
+				case <-time.After(5 * time.Second):
+				}
+				return
+			}
 			hit := b.hits.Add(1)
 			if every := b.failEvery.Load(); every > 0 && hit%every == 0 {
 				w.WriteHeader(http.StatusServiceUnavailable)
@@ -464,5 +483,57 @@ services:
 	t.Logf("back %v after the ejection", time.Since(ejected).Round(time.Millisecond))
 	if d := time.Since(ejected); d < 900*time.Millisecond {
 		t.Fatalf("back after %v, before its ejection time", d)
+	}
+}
+
+// TestHTTPTimeoutAndConnect: a request that takes longer than the
+// service's timeout gets a 504 soon after it; CONNECT passes through as a
+// stream to the target.
+func TestHTTPTimeoutAndConnect(t *testing.T) {
+	m := harness.NewMesh(t)
+	setPolicy(t, m, `
+services:
+  web:
+    protocol: http
+    http:
+      timeout: 300ms
+`)
+	web := startHTTPBackend(t, "site-b")
+	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
+	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr()}}})
+	svc := waitProviders(t, cons, "web", 1)
+	base := "http://" + svc.Local.String()
+	c := keepAliveClient()
+	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
+		get(c, base+"/warm")
+		return httpRequests(t, cons, "service", "web") > 0
+	})
+	start := time.Now()
+	code, body, _, err := get(c, base+"/slow")
+	took := time.Since(start)
+	if err != nil || code != http.StatusGatewayTimeout || took > 3*time.Second {
+		t.Fatalf("slow request: %d %q %v after %v; want a 504 after about 300ms", code, body, err, took)
+	}
+	t.Logf("504 after %v", took.Round(time.Millisecond))
+
+	conn, err := net.Dial("tcp", svc.Local.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "CONNECT inner.example:443 HTTP/1.1\r\nHost: inner.example:443\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	for i := range 10 {
+		msg := fmt.Sprintf("tunnelled %d\n", i)
+		io.WriteString(conn, msg)
+		line, err := br.ReadString('\n')
+		if err != nil || line != msg {
+			t.Fatalf("through the tunnel: %q %v; want %q", line, err, msg)
+		}
 	}
 }

@@ -196,6 +196,17 @@ func slogErrorLog(l *slog.Logger) *log.Logger {
 	return slog.NewLogLogger(l.Handler(), slog.LevelDebug)
 }
 
+// bufferPool lends the ReverseProxies their copy buffers, which they
+// would otherwise allocate (32 KiB) for every response.
+type bufferPool struct{ p sync.Pool }
+
+func newBufferPool() *bufferPool {
+	return &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+}
+
+func (bp *bufferPool) Get() []byte  { return *(bp.p.Get().(*[]byte)) }
+func (bp *bufferPool) Put(b []byte) { bp.p.Put(&b) }
+
 // transports are the pooled clients of one end: HTTP/1.1 and h2c, both
 // dialing with dial.
 type transports struct {

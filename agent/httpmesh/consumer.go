@@ -96,6 +96,7 @@ func NewConsumer(cfg ConsumerConfig) *Consumer {
 		},
 		Transport:    roundTripperFunc(c.roundTrip),
 		ErrorHandler: c.proxyError,
+		BufferPool:   newBufferPool(),
 		ErrorLog:     slogErrorLog(c.log),
 	}
 	var h http.Handler = http.HandlerFunc(c.serveHTTP)

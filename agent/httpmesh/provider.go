@@ -90,7 +90,8 @@ func NewProvider(cfg ProviderConfig) *Provider {
 			w.WriteHeader(code)
 			io.WriteString(w, msg+"\n")
 		},
-		ErrorLog: slogErrorLog(p.log),
+		BufferPool: newBufferPool(),
+		ErrorLog:   slogErrorLog(p.log),
 	}
 	var h http.Handler = http.HandlerFunc(p.serveHTTP)
 	if cfg.Middleware != nil {
