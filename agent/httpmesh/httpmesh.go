@@ -34,7 +34,9 @@
 //     request came from (known for certain: the mesh source address is
 //     bound to a WireGuard key). A refusal is answered with its status,
 //     its header (WWW-Authenticate…) and reason as the body; the target
-//     never sees the request.
+//     never sees the request. An authorizer that lets a request through
+//     may add headers to r (claims, say): they are forwarded to the
+//     target with it.
 //   - ConsumerConfig.Middleware and ProviderConfig.Middleware wrap the
 //     whole per-request handler at either end: they see the request
 //     before anything is chosen (and may add headers, such as a
@@ -47,7 +49,11 @@
 //     duration, the provider that answered). WrapAttempt wraps the
 //     RoundTripper of each attempt at the consumer (a child span per
 //     attempt); Attempt(ctx) there says which provider the attempt goes
-//     to.
+//     to. Observers and Chain combine several observers or middlewares.
+//
+// The agent constructs one Consumer and one Provider (agent.Agent's
+// httpOut and httpIn) and hands them to proxy.Consumer and
+// proxy.Provider, which pass them the connections of HTTP services.
 package httpmesh
 
 import (
@@ -220,4 +226,49 @@ func discardLogger(l *slog.Logger) *slog.Logger {
 		return slog.New(slog.DiscardHandler)
 	}
 	return l
+}
+
+// Observers is one Observer telling each of os in turn (nil ones left
+// out), for when tracing, access logs and statistics all observe.
+func Observers(os ...Observer) Observer {
+	var keep multiObserver
+	for _, o := range os {
+		if o != nil {
+			keep = append(keep, o)
+		}
+	}
+	switch len(keep) {
+	case 0:
+		return nil
+	case 1:
+		return keep[0]
+	}
+	return keep
+}
+
+type multiObserver []Observer
+
+func (m multiObserver) Attempt(r *http.Request, a AttemptInfo) {
+	for _, o := range m {
+		o.Attempt(r, a)
+	}
+}
+
+func (m multiObserver) Done(r *http.Request, d DoneInfo) {
+	for _, o := range m {
+		o.Done(r, d)
+	}
+}
+
+// Chain is one middleware applying mws outermost first (nil ones left
+// out).
+func Chain(mws ...func(http.Handler) http.Handler) func(http.Handler) http.Handler {
+	return func(h http.Handler) http.Handler {
+		for i := len(mws) - 1; i >= 0; i-- {
+			if mws[i] != nil {
+				h = mws[i](h)
+			}
+		}
+		return h
+	}
 }
