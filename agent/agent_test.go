@@ -63,6 +63,12 @@ func TestParseExport(t *testing.T) {
 		{in: "dns=127.0.0.1/udp", wantErr: true},
 		{in: "dns=127.0.0.1:53/udp;udp-idle=0s", wantErr: true},
 		{in: "dns=127.0.0.1:53/udp;udp-idle=2h", wantErr: true},
+		{in: "web=127.0.0.1:8000;protocol=http", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 8000, Protocol: "http"}},
+		{in: "web=127.0.0.1:8000/http;version=v2", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 8000, Protocol: "http", Version: "v2"}},
+		{in: "web=127.0.0.1:8000/http;protocol=HTTP", want: Export{Name: "web", Target: "127.0.0.1:8000", Port: 8000, Protocol: "http"}},
+		{in: "dns=127.0.0.1:53;protocol=udp", want: Export{Name: "dns", Target: "127.0.0.1:53", Port: 53, Protocol: "udp"}},
+		{in: "web=127.0.0.1:8000/udp;protocol=http", wantErr: true},
+		{in: "web=127.0.0.1:8000;protocol=gopher", wantErr: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.in, func(t *testing.T) {
@@ -86,7 +92,7 @@ func TestParseExport(t *testing.T) {
 func FuzzParseExport(f *testing.F) {
 	for _, s := range []string{"web=127.0.0.1:8000", "web=127.0.0.1:8000;weight=10;version=v2", "a=b:1;health=http:/x@200;priority=3;port=9",
 		"web=:80;;", "x=[::1]:1;health=none", "=;=;=", "web=h:1;port=0",
-		"dns=127.0.0.1:53/udp", "d=h:53/tcp+udp;udp-idle=30s", "d=h:53/udp+tcp;udp-idle=1", "d=h:1//udp", "d=h:1/", "d=h/udp:1", "d=h:1/udp;udp-idle=1ms"} {
+		"dns=127.0.0.1:53/udp", "d=h:53/tcp+udp;udp-idle=30s", "d=h:53/udp+tcp;udp-idle=1", "d=h:1//udp", "d=h:1/", "d=h/udp:1", "d=h:1/udp;udp-idle=1ms", "web=h:80;protocol=http", "web=h:80/http;protocol=tcp"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
