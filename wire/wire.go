@@ -59,6 +59,11 @@
 //	  fingerprint) and NetworkMap.Coordinators every one the mesh has; an
 //	  agent that loses its coordinator moves to another. Tokens without
 //	  URLs are as before.
+//	12 (2026-12-01): request-level authorization of HTTP services.
+//	  Service.HTTPAuth: the end-user JWT its providers check (issuer,
+//	  JWKS URL or file, audiences, claims forwarded as headers) and, in
+//	  providers' maps only, the policy rules with http/when conditions
+//	  that decide each request, their from resolved to node IDs.
 package wire
 
 import (
@@ -74,7 +79,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 11
+const ProtocolVersion = 12
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -547,6 +552,9 @@ type Service struct {
 	// Protocol (version 10) is what the providers carry together:
 	// ProtocolTCP ("" too), ProtocolUDP or ProtocolTCPUDP.
 	Protocol string `json:"protocol,omitempty"`
+	// HTTPAuth (version 12), when set, is checked by the providers on
+	// every request of an HTTP service (end-user JWT, request rules).
+	HTTPAuth *HTTPAuth `json:"http_auth,omitempty"`
 }
 
 // Values of Service.Locality and Service.Affinity.

@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/meshlink/meshlink/coordinator/policy"
+	"github.com/meshlink/meshlink/wire"
 )
 
 // FuzzParse: no input crashes the parser, and whatever it accepts the
@@ -14,6 +15,8 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(`{"rules":[{"from":["*"],"to":["web"],"action":"deny"}]}`))
 	f.Add([]byte("groups:\n  a: &x [user:a]\n  b: *x\n"))
 	f.Add([]byte("rules:\n  - from: [autogroup:self]\n    to: ['*']\ntests:\n  - from: node:x\n    allow: ['*']\n"))
+	f.Add([]byte(httpExample))
+	f.Add([]byte("services:\n  web:\n    http:\n      jwt: {issuer: i, jwksFile: /j, audiences: [a], required: false, forwardClaims: {sub: x-user}}\nrules:\n  - from: ['*']\n    to: [web]\n    when: {claim: sub, equals: bob}\n    http: {paths: ['*']}\ntests:\n  - from: user:a\n    request: {method: GET, path: /, claims: {sub: [bob]}}\n    allow: ['*']\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := policy.Parse("fuzz.yaml", data)
 		if err != nil {
@@ -31,6 +34,13 @@ func FuzzParse(f *testing.F) {
 				}
 				p.CanProvide(pr, svc)
 				p.CanGiveTag(pr, svc)
+				p.DecideRequest(pr, svc, "alice", policy.Request{Method: "GET", Path: "/api/x", Claims: map[string]any{"groups": []any{"admin"}}})
+				if a := p.HTTPAuth(svc, "alice", prs, []wire.NodeID{1, 2, 3}); a != nil {
+					if err := a.Check(); err != nil {
+						t.Fatalf("the policy accepted what a provider refuses: %v", err)
+					}
+					a.Decide(2, "GET", "/", nil)
+				}
 			}
 		}
 		_ = p.Run(policy.Offline{P: p})

@@ -140,7 +140,7 @@ func TestBadPolicies(t *testing.T) {
 	}{
 		{"invalid yaml", "rules:\n  - from: [a\n", "policy.yaml:"},
 		{"unknown top field", "groups: {}\nrulez: []\n", `policy.yaml:2: unknown field "rulez" in the policy`},
-		{"unknown rule field", "rules:\n  - from: ['*']\n    too: [web]\n", `policy.yaml:3: unknown field "too" in a rule (fields: from, to, action)`},
+		{"unknown rule field", "rules:\n  - from: ['*']\n    too: [web]\n", `policy.yaml:3: unknown field "too" in a rule (fields: from, to, action, http, when)`},
 		{"missing group", "rules:\n  - from: [group:ops]\n    to: [web]\n", `policy.yaml:2: "group:ops": no group "ops" is defined under groups`},
 		{"unknown selector kind", "rules:\n  - from: [team:x]\n    to: [web]\n", `policy.yaml:2: "team:x": unknown selector kind "team"`},
 		{"bare word", "rules:\n  - from: [alice]\n    to: [web]\n", `policy.yaml:2: "alice" is no selector`},
