@@ -146,7 +146,7 @@ type Service struct {
 	Affinity string `yaml:"affinity"`
 	// HTTP declares an HTTP service and how its requests are authorised
 	// (http.jwt).
-	HTTP *ServiceHTTP `yaml:"http"`
+	HTTP *HTTP `yaml:"http"`
 }
 
 // traffic reports whether the entry sets how traffic is shared, or
@@ -418,7 +418,7 @@ func section(typ string) string {
 		return "a test"
 	case "policy.Service":
 		return "a service"
-	case "policy.ServiceHTTP":
+	case "policy.HTTP":
 		return "a service's http"
 	case "policy.JWT":
 		return "jwt"
@@ -440,7 +440,7 @@ func fieldsOf(typ string) string {
 		return "from, allow, deny, request"
 	case "policy.Service":
 		return "owners, split, locality, affinity, http"
-	case "policy.ServiceHTTP":
+	case "policy.HTTP":
 		return "jwt"
 	case "policy.JWT":
 		return "issuer, jwksURL, jwksFile, audiences, forwardClaims, required"
@@ -624,7 +624,7 @@ func (p *Policy) check(ps *problems) {
 		}
 		p.checkTraffic(ps, line, name, sv)
 		if sv.HTTP != nil {
-			p.checkHTTP(ps, name, sv.HTTP)
+			p.checkJWT(ps, name, sv.HTTP)
 		}
 		list(p.Services[name].Owners, placeOwner, line, "services."+name+".owners")
 	}

@@ -13,9 +13,9 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
-// ServiceHTTP is services.NAME.http: the entry declares NAME an HTTP
+// HTTP is services.NAME.http: the entry declares NAME an HTTP
 // service, whose requests its providers can decide one by one.
-type ServiceHTTP struct {
+type HTTP struct {
 	// JWT, when set, makes the providers check an end-user token on
 	// every request.
 	JWT *JWT `yaml:"jwt"`
@@ -301,8 +301,8 @@ func (t *TestRequest) claims() map[string]any {
 	return out
 }
 
-// checkHTTP checks services.NAME.http.
-func (p *Policy) checkHTTP(ps *problems, name string, h *ServiceHTTP) {
+// checkJWT checks services.NAME.http.jwt.
+func (p *Policy) checkJWT(ps *problems, name string, h *HTTP) {
 	j := h.JWT
 	if j == nil {
 		return
