@@ -27,6 +27,8 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 
 	"github.com/meshlink/meshlink/agent/bind"
+	"github.com/meshlink/meshlink/agent/httpauth"
+	"github.com/meshlink/meshlink/agent/httpmesh"
 	"github.com/meshlink/meshlink/agent/localproxy"
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/agent/wgcfg"
@@ -160,10 +162,20 @@ type Agent struct {
 	dns      *dns.Server
 	consumer *proxy.Consumer
 	provider *proxy.Provider
-	local    *localproxy.Server // nil when neither local proxy is on
-	api      *apiServer
-	metrics  *metricsServer // nil when metrics are off
-	health   *healthServer  // nil when health endpoints are off; set under mu
+	// httpIn and httpOut serve HTTP services request by request (the
+	// provider's and the consumer's end); httpMetrics counts them.
+	httpIn      *httpmesh.Provider
+	httpOut     *httpmesh.Consumer
+	httpMetrics *httpmesh.Metrics
+	// httpAuth decides the requests of the HTTP services this node
+	// provides (end-user JWT, the policy's request rules).
+	httpAuth   *httpauth.Set
+	authorized map[string]*httpauth.Authorizer // by service, as last given to httpIn; guarded by mu
+	selfName   atomic.Pointer[string]          // the map's name of this node
+	local      *localproxy.Server              // nil when neither local proxy is on
+	api        *apiServer
+	metrics    *metricsServer // nil when metrics are off
+	health     *healthServer  // nil when health endpoints are off; set under mu
 	// draining refuses new inbound mesh connections (Shutdown).
 	draining atomic.Bool
 	cc       *controlClient
@@ -370,13 +382,14 @@ func hostLabel(h string) string {
 }
 
 // ParseExport parses NAME=HOST:PORT[/PROTO][;OPTION=VALUE…] as given to
-// --expose and MESHLINK_EXPOSE. PROTO is tcp (the default), udp or
-// tcp+udp. The options are port (the mesh port), priority, weight,
-// version, health and udp-idle (a duration), as the flags of `meshlink
-// expose`: web=127.0.0.1:8000;weight=10;version=v2,
-// dns=127.0.0.1:53/udp;udp-idle=30s.
+// --expose and MESHLINK_EXPOSE. PROTO is tcp (the default), udp,
+// tcp+udp or http. The options are port (the mesh port), priority,
+// weight, version, health, udp-idle (a duration) and protocol (PROTO
+// again), as the flags of `meshlink expose`:
+// web=127.0.0.1:8000;weight=10;version=v2,
+// dns=127.0.0.1:53/udp;udp-idle=30s, web=127.0.0.1:8000;protocol=http.
 func ParseExport(s string) (Export, error) {
-	const want = "want NAME=HOST:PORT[/udp|/tcp+udp][;OPTION=VALUE...], e.g. web=127.0.0.1:8000, web=127.0.0.1:8000;weight=10;version=v2 or dns=127.0.0.1:53/udp"
+	const want = "want NAME=HOST:PORT[/udp|/tcp+udp|/http][;OPTION=VALUE...], e.g. web=127.0.0.1:8000, web=127.0.0.1:8000;weight=10;version=v2;protocol=http or dns=127.0.0.1:53/udp"
 	if len(s) > 2048 {
 		return Export{}, fmt.Errorf("--expose: %d bytes is too long; %s", len(s), want)
 	}
@@ -389,7 +402,7 @@ func ParseExport(s string) (Export, error) {
 	if i := strings.LastIndexByte(e.Target, '/'); i >= 0 {
 		proto, err := wire.ParseProtocol(e.Target[i+1:])
 		if err != nil || e.Target[i+1:] == "" {
-			return Export{}, fmt.Errorf("--expose %q: after the target's /, want tcp, udp or tcp+udp", s)
+			return Export{}, fmt.Errorf("--expose %q: after the target's /, want tcp, udp, tcp+udp or http", s)
 		}
 		e.Target, e.Protocol = e.Target[:i], proto
 	}
@@ -402,7 +415,7 @@ func ParseExport(s string) (Export, error) {
 		k, v, ok := strings.Cut(opt, "=")
 		k, v = strings.ToLower(strings.TrimSpace(k)), strings.TrimSpace(v)
 		if !ok || v == "" {
-			return Export{}, fmt.Errorf("--expose %q: option %q: want OPTION=VALUE (port, priority, weight, version, health, udp-idle)", s, opt)
+			return Export{}, fmt.Errorf("--expose %q: option %q: want OPTION=VALUE (port, priority, weight, version, health, udp-idle, protocol)", s, opt)
 		}
 		if seen[k] {
 			return Export{}, fmt.Errorf("--expose %q: option %s given twice", s, k)
@@ -435,8 +448,16 @@ func ParseExport(s string) (Export, error) {
 			if err != nil {
 				err = fmt.Errorf("--expose %q: %w", s, err)
 			}
+		case "protocol":
+			var proto string
+			if proto, err = wire.ParseProtocol(v); err != nil {
+				err = fmt.Errorf("--expose %q: %w", s, err)
+			} else if e.Protocol != "" && e.Protocol != proto {
+				err = fmt.Errorf("--expose %q: the target says /%s and the option protocol=%s; give the protocol once", s, e.Protocol, v)
+			}
+			e.Protocol = proto
 		default:
-			err = fmt.Errorf("--expose %q: unknown option %q; the options are port, priority, weight, version, health and udp-idle", s, k)
+			err = fmt.Errorf("--expose %q: unknown option %q; the options are port, priority, weight, version, health, udp-idle and protocol", s, k)
 		}
 		if err != nil {
 			return Export{}, err
@@ -539,11 +560,21 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
+	if a.httpMetrics == nil {
+		a.httpMetrics = httpmesh.NewMetrics()
+	}
+	if a.httpAuth == nil {
+		a.httpAuth = httpauth.NewSet(httpauth.SetConfig{Logger: a.log.With("subsystem", "httpauth")})
+	}
+	a.httpIn = httpmesh.NewProvider(httpmesh.ProviderConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics, Peer: a.peerOf,
+		Node: a.nodeName})
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied, OnHealth: a.healthChanged,
-		HealthInterval: a.cfg.HealthInterval})
+		HealthInterval: a.cfg.HealthInterval, HTTP: a.httpIn})
 	a.stack.SetTCPHandler(a.handleTCP)
 	a.stack.SetUDPHandler(a.handleUDP)
-	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout})
+	a.httpOut = httpmesh.NewConsumer(httpmesh.ConsumerConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics})
+	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout, HTTP: a.httpOut})
+	a.httpOut.Attach(a.consumer)
 	if err := a.startWireGuard(); err != nil {
 		return err
 	}
@@ -1056,6 +1087,12 @@ func (a *Agent) reconfigLocked() error {
 		}
 	}
 	d := desiredConfig(in)
+	if name := a.nm.Self.Name; name != "" {
+		a.selfName.Store(&name)
+	}
+	if in.Map != nil {
+		a.authorizeLocked(in.Map)
+	}
 	a.watchExpiryLocked(d)
 	for _, r := range d.SkippedRelays {
 		a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
@@ -1189,6 +1226,47 @@ func (a *Agent) allow(src netip.Addr, service string) (string, bool) {
 		return "", false
 	}
 	return ap.policy.Load().allow(src, service)
+}
+
+// authorizeLocked gives the HTTP provider the authorizer of every service
+// of nm this node provides with request-level authorization, and takes
+// it from the others.
+func (a *Agent) authorizeLocked(nm *wire.NetworkMap) {
+	auths := a.httpAuth.Update(nm.Services, nm.Self.ID)
+	for _, sv := range nm.Services {
+		if z := auths[sv.Name]; z != nil {
+			a.httpIn.SetAuthorizer(sv.Name, z.Authorize)
+		} else {
+			a.httpIn.SetAuthorizer(sv.Name, nil)
+		}
+	}
+	for name := range a.authorized {
+		if !slices.ContainsFunc(nm.Services, func(sv wire.Service) bool { return sv.Name == name }) {
+			a.httpIn.SetAuthorizer(name, nil)
+		}
+	}
+	a.authorized = auths
+}
+
+// peerOf names the node of a mesh source address by the policy in force.
+func (a *Agent) peerOf(src netip.Addr) (wire.NodeID, string) {
+	a.mu.Lock()
+	ap := a.applier
+	a.mu.Unlock()
+	if ap == nil {
+		return 0, ""
+	}
+	peer, _, _ := ap.policy.Load().decide(src, "")
+	return peer.id, peer.name
+}
+
+// nodeName is this node's name in the mesh, read per HTTP request
+// without the agent's lock.
+func (a *Agent) nodeName() string {
+	if n := a.selfName.Load(); n != nil {
+		return *n
+	}
+	return a.cfg.Name
 }
 
 // denied is the provider's Config.Denied: it names the source by the
@@ -1400,8 +1478,14 @@ func (a *Agent) Close() error {
 	if a.consumer != nil {
 		a.consumer.Close()
 	}
+	if a.httpOut != nil {
+		a.httpOut.Close()
+	}
 	if a.provider != nil {
 		a.provider.Close()
+	}
+	if a.httpIn != nil {
+		a.httpIn.Close()
 	}
 	if a.dns != nil {
 		a.dns.Close()

@@ -108,6 +108,15 @@ func desiredConfig(in desiredInput) Desired {
 		if _, dup := pol.allowed[s.Name]; !dup {
 			pol.allowed[s.Name] = s.AllowedNodes
 		}
+		// The map makes an export HTTP (the policy file may declare it),
+		// with the service's HTTP configuration.
+		if s.HTTP != nil {
+			for i := range d.Exports {
+				if d.Exports[i].Name == s.Name && wire.HasTCP(d.Exports[i].Protocol) {
+					d.Exports[i].HTTP = s.HTTP
+				}
+			}
+		}
 	}
 	d.Policy = pol
 
@@ -136,7 +145,7 @@ func desiredConfig(in desiredInput) Desired {
 			continue
 		}
 		sc := proxy.ServiceConfig{Name: s.Name, Listen: netip.AddrPortFrom(listen, s.Port),
-			Split: s.Split, Locality: s.Locality, Affinity: s.Affinity, Region: nm.Self.Region, Protocol: s.Protocol}
+			Split: s.Split, Locality: s.Locality, Affinity: s.Affinity, Region: nm.Self.Region, Protocol: s.Protocol, HTTP: s.HTTP}
 		traffic := func(t proxy.Target, pr wire.Provider) proxy.Target {
 			t.Priority, t.Weight, t.Version, t.Health, t.HealthError = pr.Priority, pr.Weight, pr.Version, pr.Health, pr.HealthError
 			t.Protocol, t.UDPIdle = pr.Protocol, pr.UDPIdle

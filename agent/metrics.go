@@ -7,6 +7,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/meshlink/meshlink/agent/httpauth"
+	"github.com/meshlink/meshlink/agent/httpmesh"
 	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/wire"
@@ -38,6 +40,14 @@ func (a *Agent) startMetrics() error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(m.mapLatency, agentCollector{a},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if a.httpMetrics == nil {
+		a.httpMetrics = httpmesh.NewMetrics()
+	}
+	reg.MustRegister(a.httpMetrics.Collectors()...)
+	if a.httpAuth == nil {
+		a.httpAuth = httpauth.NewSet(httpauth.SetConfig{Logger: a.log.With("subsystem", "httpauth")})
+	}
+	reg.MustRegister(a.httpAuth.Collector())
 	srv, err := metricsserver.Start(a.ctx, metricsserver.Config{
 		Addr: a.cfg.Metrics, Gatherer: reg, Logger: a.log.With("subsystem", "metrics"),
 		Subsystem: "agent", Flag: "--metrics", ShutdownTimeout: 2 * time.Second,

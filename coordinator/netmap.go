@@ -284,12 +284,19 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	}
 	mayProvide := providerCheck(pol, nodes, snap.byID, users)
 	byService := map[string][]wire.Provider{}
+	httpProvided := map[string]bool{}
 	for _, p := range provs {
 		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) {
 			continue
 		}
 		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version,
 			Protocol: p.Protocol, UDPIdle: p.UDPIdle}
+		if wp.Protocol == wire.ProtocolHTTP {
+			// Listed as TCP, which agents before version 12 carry; the
+			// service's HTTP says the rest.
+			wp.Protocol = ""
+			httpProvided[p.Service] = true
+		}
 		wp.Health, wp.HealthError = s.health.get(p.NodeID, p.Service)
 		byService[p.Service] = append(byService[p.Service], wp)
 	}
@@ -311,6 +318,7 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 			t := pol.Services[sv.Name]
 			ws.Split, ws.Locality, ws.Affinity = t.Split, t.Locality, t.Affinity
 		}
+		ws.HTTP = pol.ServiceHTTP(sv.Name, httpProvided[sv.Name])
 		snap.services = append(snap.services, ws)
 	}
 	if !pol.AllowsAll() {
@@ -496,7 +504,7 @@ func serviceEqual(a, b wire.Service) bool {
 	return a.Name == b.Name && a.VIP == b.VIP && a.Port == b.Port &&
 		slices.Equal(a.Providers, b.Providers) && slices.Equal(a.AllowedNodes, b.AllowedNodes) &&
 		maps.Equal(a.Split, b.Split) && a.Locality == b.Locality && a.Affinity == b.Affinity &&
-		reflect.DeepEqual(a.HTTPAuth, b.HTTPAuth)
+		a.Protocol == b.Protocol && reflect.DeepEqual(a.HTTP, b.HTTP) && reflect.DeepEqual(a.HTTPAuth, b.HTTPAuth)
 }
 
 // NodeMap is the network map the coordinator holds for node id now: what

@@ -59,7 +59,15 @@
 //	  fingerprint) and NetworkMap.Coordinators every one the mesh has; an
 //	  agent that loses its coordinator moves to another. Tokens without
 //	  URLs are as before.
-//	12 (2026-12-01): request-level authorization of HTTP services.
+//	12 (2026-12-01): HTTP services. ServiceRequest.Protocol may be
+//	  ProtocolHTTP: the provider parses HTTP/1.1 and h2c on its port and
+//	  forwards each request to its target. Such a provider is listed with
+//	  Protocol "" (TCP), so agents before version 12 carry the service as
+//	  TCP and still work; Service.HTTP, set when a provider exports HTTP or
+//	  the policy file says services.NAME.protocol: http, carries the
+//	  evaluated services.NAME.http (timeout, retries, outlier detection,
+//	  routes) to consumers and providers.
+//	13 (2026-12-01): request-level authorization of HTTP services.
 //	  Service.HTTPAuth: the end-user JWT its providers check (issuer,
 //	  JWKS URL or file, audiences, claims forwarded as headers) and, in
 //	  providers' maps only, the policy rules with http/when conditions
@@ -79,7 +87,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 12
+const ProtocolVersion = 13
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -555,6 +563,10 @@ type Service struct {
 	// HTTPAuth (version 12), when set, is checked by the providers on
 	// every request of an HTTP service (end-user JWT, request rules).
 	HTTPAuth *HTTPAuth `json:"http_auth,omitempty"`
+	// HTTP (version 12), when set, makes the service HTTP: consumers
+	// parse requests at their local listener and carry each to a
+	// provider of its own choosing, under this configuration.
+	HTTP *ServiceHTTP `json:"http,omitempty"`
 }
 
 // Values of Service.Locality and Service.Affinity.
@@ -597,6 +609,10 @@ const (
 	ProtocolTCP    = "tcp"
 	ProtocolUDP    = "udp"
 	ProtocolTCPUDP = "tcp+udp"
+	// ProtocolHTTP (version 12) is TCP carrying HTTP/1.1 or h2c. It is
+	// what an agent asks for in ServiceRequest.Protocol and keeps in its
+	// exports; maps list such a provider as TCP and set Service.HTTP.
+	ProtocolHTTP = "http"
 )
 
 // Bounds of a UDP flow's idle timeout (Provider.UDPIdle).
@@ -615,13 +631,17 @@ func ParseProtocol(s string) (string, error) {
 		return ProtocolUDP, nil
 	case ProtocolTCPUDP, "udp+tcp":
 		return ProtocolTCPUDP, nil
+	case ProtocolHTTP:
+		return ProtocolHTTP, nil
 	}
-	return "", fmt.Errorf("protocol %q must be tcp, udp or tcp+udp", s)
+	return "", fmt.Errorf("protocol %q must be tcp, udp, tcp+udp or http", s)
 }
 
 // HasTCP reports whether protocol p (a Provider's or Service's) carries
-// TCP: "" does, for maps from before version 10.
-func HasTCP(p string) bool { return p == "" || p == ProtocolTCP || p == ProtocolTCPUDP }
+// TCP: "" does, for maps from before version 10, and HTTP does.
+func HasTCP(p string) bool {
+	return p == "" || p == ProtocolTCP || p == ProtocolTCPUDP || p == ProtocolHTTP
+}
 
 // HasUDP reports whether protocol p carries UDP.
 func HasUDP(p string) bool { return p == ProtocolUDP || p == ProtocolTCPUDP }

@@ -70,6 +70,22 @@ type ServiceConfig struct {
 	// Protocol is what the service carries (wire.Service.Protocol): a
 	// TCP listener, a UDP socket at the same address, or both.
 	Protocol string
+	// HTTP, when set, makes the service HTTP (wire.Service.HTTP): its
+	// connections go to ConsumerConfig.HTTP, which carries each request
+	// to a provider of its own (Pick). Without ConsumerConfig.HTTP the
+	// service is carried as TCP.
+	HTTP *wire.ServiceHTTP
+}
+
+// HTTPHandler serves the local connections of HTTP services request by
+// request; httpmesh.Consumer is one.
+type HTTPHandler interface {
+	// SetServices gets the HTTP services by name, whole, at every
+	// Reconfig, before their connections are served.
+	SetServices(map[string]*wire.ServiceHTTP)
+	// ServeConn serves one accepted local connection of service until it
+	// ends; the Consumer closes conn when it closes.
+	ServeConn(service string, conn net.Conn)
 }
 
 // ConsumerConfig configures a Consumer.
@@ -97,6 +113,9 @@ type ConsumerConfig struct {
 	// UDPSweep is how often idle UDP flows are looked for; default a
 	// second, so a flow lives at most that much past its idle timeout.
 	UDPSweep time.Duration
+	// HTTP serves HTTP services (ServiceConfig.HTTP); nil carries them
+	// as TCP.
+	HTTP HTTPHandler
 }
 
 // Consumer runs a local listener per consumed service and carries each
@@ -131,6 +150,7 @@ type service struct {
 	err      error                    // why the listener is not up
 	targets  atomic.Pointer[[]Target] // swapped by Reconfig, read per connection
 	pol      atomic.Pointer[choosePolicy]
+	http     atomic.Bool // ServiceConfig.HTTP is set
 	open     atomic.Int64
 	total    atomic.Int64
 	failed   atomic.Int64
@@ -268,6 +288,15 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 	}
 	var errs []error
 	keep := map[string]bool{}
+	if c.cfg.HTTP != nil {
+		hs := map[string]*wire.ServiceHTTP{}
+		for _, w := range want {
+			if w.HTTP != nil {
+				hs[w.Name] = w.HTTP
+			}
+		}
+		c.cfg.HTTP.SetServices(hs)
+	}
 	for _, w := range want {
 		keep[w.Name] = true
 		s := c.services[w.Name]
@@ -285,6 +314,7 @@ func (c *Consumer) Reconfig(want []ServiceConfig) error {
 		}
 		s.targets.Store(&t)
 		s.pol.Store(&choosePolicy{Split: w.Split, Locality: w.Locality, Affinity: w.Affinity, Region: w.Region})
+		s.http.Store(w.HTTP != nil && c.cfg.HTTP != nil)
 		for _, tg := range t {
 			if c.health[tg.Node] == nil {
 				c.health[tg.Node] = &health{}
@@ -530,6 +560,10 @@ func (c *Consumer) serve(s *service, local net.Conn, oc *openConn) {
 	s.total.Add(1)
 	s.open.Add(1)
 	defer s.open.Add(-1)
+	if s.http.Load() {
+		c.cfg.HTTP.ServeConn(s.name, local)
+		return
+	}
 	remote, t, h, err := c.dialAny(c.ctx, s, clientAddr(local))
 	if err != nil {
 		s.failed.Add(1)
@@ -630,27 +664,110 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 		if ctx.Err() != nil {
 			return nil, Target{}, nil, err // the caller gave up; not the provider's fault
 		}
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			// The provider answered at once and refused this connection
-			// (its target refused, or its policy): it is reachable, so
-			// it is not marked failing; its health checks report a dead
-			// target. This connection moves on.
-			c.log.Debug("provider refused the connection, trying the next", "service", s.name, "provider", t.Name)
-			errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
-			continue
-		}
-		h.mu.Lock()
-		h.fails++
-		// A provider that does not answer is skipped for a while, growing
-		// with repeated failures; it gets another chance after that, or
-		// at once when the map shows it back (recoveredLocked).
-		h.failUntil = c.cfg.Now().Add(min(time.Second<<min(h.fails-1, 6), time.Minute))
-		h.lastErr = shortErr(err)
-		h.mu.Unlock()
-		c.log.Info("provider failed, trying the next", "service", s.name, "provider", t.Name, "err", err)
+		c.noteDialFailure(s.name, t, h, err)
 		errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
 	}
 	return nil, Target{}, nil, errors.Join(errs...)
+}
+
+// noteDialFailure marks a provider that did not answer a dial as failing
+// for a while (passive health).
+func (c *Consumer) noteDialFailure(service string, t Target, h *health, err error) {
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		// The provider answered at once and refused this connection
+		// (its target refused, or its policy): it is reachable, so
+		// it is not marked failing; its health checks report a dead
+		// target. This connection moves on.
+		c.log.Debug("provider refused the connection, trying the next", "service", service, "provider", t.Name)
+		return
+	}
+	h.mu.Lock()
+	h.fails++
+	// A provider that does not answer is skipped for a while, growing
+	// with repeated failures; it gets another chance after that, or
+	// at once when the map shows it back (recoveredLocked).
+	h.failUntil = c.cfg.Now().Add(min(time.Second<<min(h.fails-1, 6), time.Minute))
+	h.lastErr = shortErr(err)
+	h.mu.Unlock()
+	c.log.Info("provider failed, trying the next", "service", service, "provider", t.Name, "err", err)
+}
+
+// Pick orders the providers of the consumed service for one HTTP request,
+// best first, exactly as for a new connection (health, priority, weight,
+// load), except that split, when not nil, replaces the service's split
+// (an HTTP route's) and the providers skip reports true for are left out
+// (ejected by outlier detection) unless every one would be.
+func (c *Consumer) Pick(service string, client netip.Addr, split map[string]int, skip func(wire.NodeID) bool) ([]Target, error) {
+	c.mu.Lock()
+	s := c.services[service]
+	c.mu.Unlock()
+	if s == nil {
+		return nil, fmt.Errorf("%w %q", ErrUnknownService, service)
+	}
+	var ts []Target
+	for _, t := range *s.targets.Load() {
+		if wire.HasTCP(t.Protocol) {
+			ts = append(ts, t)
+		}
+	}
+	cs := c.candidates(ts)
+	if skip != nil {
+		for i := range cs {
+			if skip(cs[i].Node) {
+				cs[i].failing, cs[i].failErr = true, "ejected: too many errors in a row"
+			}
+		}
+	}
+	pol := *s.pol.Load()
+	if split != nil {
+		pol.Split = split
+	}
+	c.randMu.Lock()
+	defer c.randMu.Unlock()
+	return choose(cs, pol, client, c.cfg.Rand)
+}
+
+// Providers is the service's providers as the map lists them.
+func (c *Consumer) Providers(service string) []Target {
+	c.mu.Lock()
+	s := c.services[service]
+	c.mu.Unlock()
+	if s == nil {
+		return nil
+	}
+	return *s.targets.Load()
+}
+
+// Begin counts one request that went to provider t of service, for its
+// share in status and for the least-loaded choice; done ends it.
+func (c *Consumer) Begin(service string, t Target) (done func()) {
+	c.mu.Lock()
+	s := c.services[service]
+	c.mu.Unlock()
+	if s != nil {
+		s.noteSelected(t.Node)
+	}
+	h := c.healthOf(t.Node)
+	h.open.Add(1)
+	return func() { h.open.Add(-1) }
+}
+
+// DialTarget opens a connection to provider t of service, with the
+// consumer's connect timeout; a provider that does not answer is marked
+// failing as for a connection's dial.
+func (c *Consumer) DialTarget(ctx context.Context, service string, t Target) (net.Conn, error) {
+	h := c.healthOf(t.Node)
+	conn, err := c.dial(ctx, t, h, c.cfg.DialTimeout)
+	if err != nil {
+		if ctx.Err() == nil && c.ctx.Err() == nil {
+			c.noteDialFailure(service, t, h, err)
+		}
+		return nil, err
+	}
+	h.mu.Lock()
+	h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
+	h.mu.Unlock()
+	return conn, nil
 }
 
 // shortErr is the end of a dial error, what a person needs to read

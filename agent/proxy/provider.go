@@ -34,6 +34,23 @@ type Export struct {
 	// without a datagram; 0 is wire.DefaultUDPIdle.
 	Protocol string `json:"protocol,omitempty"`
 	UDPIdle  int    `json:"udp_idle,omitempty"`
+	// HTTP is the service's HTTP configuration from the network map
+	// (wire.Service.HTTP), set when the map makes it HTTP; an export
+	// with Protocol wire.ProtocolHTTP is HTTP without it too.
+	HTTP *wire.ServiceHTTP `json:"-"`
+}
+
+// IsHTTP reports whether inbound connections of e are parsed as HTTP and
+// served request by request (ProviderConfig.HTTP).
+func (e *Export) IsHTTP() bool { return e.Protocol == wire.ProtocolHTTP || e.HTTP != nil }
+
+// HTTPExporter serves the inbound mesh connections of HTTP exports
+// request by request; httpmesh.Provider is one.
+type HTTPExporter interface {
+	// ServeConn serves conn, from mesh address src and allowed by policy,
+	// until it ends; the Provider closes conn when policy stops allowing
+	// it or the Provider closes.
+	ServeConn(e Export, src netip.Addr, conn net.Conn)
 }
 
 // PolicyFunc decides whether the mesh address src may reach service. It
@@ -78,6 +95,9 @@ type ProviderConfig struct {
 	// OnHealth is called, on a checker's goroutine, whenever the health
 	// of an export changes; Health then reports it.
 	OnHealth func()
+	// HTTP serves the connections of HTTP exports (Export.IsHTTP); nil
+	// splices them to the target as TCP.
+	HTTP HTTPExporter
 }
 
 // Default bounds on half-open inbound connections (ProviderConfig).
@@ -123,7 +143,7 @@ type Provider struct {
 
 // inbound is one open connection as CloseIf sees it.
 type inbound struct {
-	mesh, target net.Conn
+	mesh, target net.Conn   // target is nil for HTTP (pooled per request)
 	src          netip.Addr // the mesh source address, unmapped
 	service      string
 	peer         string // the peer's name when it was accepted, for logs
@@ -238,6 +258,21 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 		req.Reject()
 		return
 	}
+	if e.IsHTTP() && p.cfg.HTTP != nil {
+		// Requests are forwarded one by one over pooled connections to
+		// the target: the handshake completes at once, and a dead target
+		// is a 502 per request.
+		conn, err := req.Accept()
+		p.endPending(src, e)
+		if err != nil {
+			p.log.Debug("accept failed", "service", e.Name, "peer", peer, "err", err)
+			return
+		}
+		p.serveTracked(&inbound{mesh: conn, src: src.Unmap(), service: e.Name, peer: peer}, e, func() {
+			p.cfg.HTTP.ServeConn(e.Export, src, conn)
+		})
+		return
+	}
 	target, conn, err := p.open(req, e)
 	p.endPending(src, e)
 	if err != nil {
@@ -247,7 +282,14 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 	if tc, ok := target.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 	}
-	in := &inbound{mesh: conn, target: target, src: src.Unmap(), service: e.Name, peer: peer}
+	p.serveTracked(&inbound{mesh: conn, target: target, src: src.Unmap(), service: e.Name, peer: peer}, e, func() {
+		p.log.Debug("connection", "service", e.Name, "peer", peer)
+		Splice(conn, target, &e.st.ctr)
+	})
+}
+
+// serveTracked counts and tracks the open connection in while serve runs.
+func (p *Provider) serveTracked(in *inbound, e *export, serve func()) {
 	if !p.track(in) {
 		return
 	}
@@ -262,8 +304,7 @@ func (p *Provider) HandleTCP(req *netstack.TCPRequest) {
 		p.closeLogged(in, why)
 		return
 	}
-	p.log.Debug("connection", "service", e.Name, "peer", peer)
-	Splice(conn, target, &e.st.ctr)
+	serve()
 }
 
 // exported reports whether service is exported now.
@@ -342,8 +383,7 @@ func (p *Provider) track(in *inbound) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		in.mesh.Close()
-		in.target.Close()
+		in.close()
 		return false
 	}
 	p.conns[in] = struct{}{}
@@ -358,10 +398,17 @@ func (p *Provider) untrack(in *inbound) {
 	p.wg.Done()
 }
 
+// close closes both sides of in (an HTTP connection has no target side).
+func (in *inbound) close() {
+	in.mesh.Close()
+	if in.target != nil {
+		in.target.Close()
+	}
+}
+
 // closeLogged closes both sides of in and says why.
 func (p *Provider) closeLogged(in *inbound, why string) {
-	in.mesh.Close()
-	in.target.Close()
+	in.close()
 	p.log.Info("closed a connection that is no longer allowed", "service", in.service, "node", in.peer, "from", in.src, "reason", why)
 }
 
@@ -451,8 +498,7 @@ func (p *Provider) Close() {
 	p.mu.Lock()
 	p.closed = true
 	for in := range p.conns {
-		in.mesh.Close()
-		in.target.Close()
+		in.close()
 	}
 	for name := range p.checkers {
 		p.stopCheckerLocked(name)

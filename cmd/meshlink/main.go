@@ -853,11 +853,12 @@ func exposeCmd() *cli.Command {
 			&cli.StringFlag{Name: "version", Usage: "version label of what this provider runs, for a traffic split in the policy (e.g. v2)", EnvVars: env("EXPOSE_VERSION")},
 			&cli.StringFlag{Name: "health", Usage: "how the target is checked every 2s: tcp (connect; the default), http:/PATH (GET, expect 2xx-3xx), http:/PATH@STATUS, or none", EnvVars: env("EXPOSE_HEALTH")},
 			&cli.BoolFlag{Name: "udp", Usage: "the service is UDP (like HOST:PORT/udp): consumers listen on UDP and carry each client's datagrams as one flow", EnvVars: env("EXPOSE_UDP")},
-			&cli.StringFlag{Name: "protocol", Usage: "tcp (the default), udp, or tcp+udp for both on one name and port (like HOST:PORT/tcp+udp)", EnvVars: env("EXPOSE_PROTOCOL")},
+			&cli.BoolFlag{Name: "http", Usage: "the service is HTTP (like HOST:PORT/http): requests are carried one by one, with the policy's timeouts, retries, routes and metrics (docs/http.md)", EnvVars: env("EXPOSE_HTTP")},
+			&cli.StringFlag{Name: "protocol", Usage: "tcp (the default), udp, tcp+udp for both on one name and port (like HOST:PORT/tcp+udp), or http", EnvVars: env("EXPOSE_PROTOCOL")},
 			&cli.DurationFlag{Name: "udp-idle", Usage: "how long a UDP flow may go without a datagram before both ends forget it (default 60s)", EnvVars: env("EXPOSE_UDP_IDLE")},
 		},
 		Action: func(c *cli.Context) error {
-			if err := wantArgs(c, 2, "NAME HOST:PORT[/udp|/tcp+udp]"); err != nil {
+			if err := wantArgs(c, 2, "NAME HOST:PORT[/udp|/tcp+udp|/http]"); err != nil {
 				return err
 			}
 			target, proto := c.Args().Get(1), c.String("protocol")
@@ -872,6 +873,12 @@ func exposeCmd() *cli.Command {
 					return usageErrorf("meshlink expose: --udp and protocol %s disagree; for both, use --protocol tcp+udp", proto)
 				}
 				proto = wire.ProtocolUDP
+			}
+			if c.Bool("http") {
+				if proto != "" && proto != wire.ProtocolHTTP {
+					return usageErrorf("meshlink expose: --http and protocol %s disagree; an HTTP service is TCP", proto)
+				}
+				proto = wire.ProtocolHTTP
 			}
 			if _, err := wire.ParseProtocol(proto); err != nil {
 				return usageErrorf("meshlink expose: %v", err)

@@ -90,7 +90,7 @@ func policyCmd() *cli.Command {
 				&cli.StringFlag{Name: "to", Usage: "a service name", EnvVars: env("POLICY_TO")},
 				&cli.StringFlag{Name: "method", Usage: "explain one HTTP request of an HTTP service: its method (default GET when --path or --claim is given)", EnvVars: env("POLICY_METHOD")},
 				&cli.StringFlag{Name: "path", Usage: "explain one HTTP request: its path (default /)", EnvVars: env("POLICY_PATH")},
-				&cli.StringSliceFlag{Name: "claim", Usage: "explain one HTTP request carrying a valid token with claim `NAME=VALUE` (repeat; a name given twice is a list); without any, the request carries no token", EnvVars: env("POLICY_CLAIMS")},
+				&cli.StringSliceFlag{Name: "claim", Usage: "explain one HTTP request carrying a valid token with claim NAME=VALUE (repeat; a name given twice is a list); without any, the request carries no token", EnvVars: env("POLICY_CLAIMS")},
 				&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
 			},
 			Action: func(c *cli.Context) error {

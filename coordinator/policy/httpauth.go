@@ -13,14 +13,6 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
-// HTTP is services.NAME.http: the entry declares NAME an HTTP
-// service, whose requests its providers can decide one by one.
-type HTTP struct {
-	// JWT, when set, makes the providers check an end-user token on
-	// every request.
-	JWT *JWT `yaml:"jwt"`
-}
-
 // JWT is services.NAME.http.jwt.
 type JWT struct {
 	Issuer Selector `yaml:"issuer"`
@@ -131,9 +123,19 @@ func (r Rule) conditional() bool { return r.HTTP != nil || len(r.When) > 0 }
 // who may connect it is skipped (later rules may allow the rest).
 func (r Rule) condDeny() bool { return r.Action.S == "deny" && r.conditional() }
 
-// httpService reports whether the policy declares service HTTP.
+// httpService reports whether the policy declares service HTTP
+// (protocol: http or an http section).
 func (p *Policy) httpService(name string) bool {
-	return p.Services[name].HTTP != nil
+	sv, ok := p.Services[name]
+	return ok && sv.isHTTP()
+}
+
+// jwtOf is service's jwt section, nil when none.
+func (p *Policy) jwtOf(service string) *JWT {
+	if h := p.Services[service].HTTP; h != nil {
+		return h.JWT
+	}
+	return nil
 }
 
 // requestRule is rule i's conditions as providers evaluate them.
@@ -163,11 +165,10 @@ func strs(ss []Selector) []string {
 
 // wireJWT is a service's jwt as providers receive it, nil when none.
 func (p *Policy) wireJWT(service string) *wire.JWT {
-	h := p.Services[service].HTTP
-	if h == nil || h.JWT == nil {
+	j := p.jwtOf(service)
+	if j == nil {
 		return nil
 	}
-	j := h.JWT
 	w := &wire.JWT{Issuer: j.Issuer.S, JWKSURL: j.JWKSURL.S, JWKSFile: j.JWKSFile.S, Audiences: strs(j.Audiences),
 		Optional: j.Required.S == "false"}
 	for _, c := range sortedKeys(j.ForwardClaims) {
@@ -388,8 +389,8 @@ func (p *Policy) checkRuleHTTP(ps *problems, i int, r Rule) {
 		case t.S == "*":
 			ps.add(t.Line, "rule %d has http or when, which only HTTP services can decide: name them in \"to\" instead of \"*\"", i+1)
 		case !p.httpService(t.S):
-			ps.add(t.Line, "rule %d has http or when, but service %q is not HTTP: declare it under services (services.%s.http: {}) or move the conditions to a rule of HTTP services", i+1, t.S, t.S)
-		case len(r.When) > 0 && p.Services[t.S].HTTP.JWT == nil:
+			ps.add(t.Line, "rule %d has http or when, but service %q is not HTTP: declare it under services (services.%s.protocol: http) or move the conditions to a rule of HTTP services", i+1, t.S, t.S)
+		case len(r.When) > 0 && p.jwtOf(t.S) == nil:
 			ps.add(t.Line, "rule %d's when reads token claims, but service %q checks no token: add services.%s.http.jwt", i+1, t.S, t.S)
 		}
 	}

@@ -144,15 +144,18 @@ type Service struct {
 	// Affinity is wire.AffinityClient (or "none"): one client address
 	// stays on one provider.
 	Affinity string `yaml:"affinity"`
-	// HTTP declares an HTTP service and how its requests are authorised
-	// (http.jwt).
+	// Protocol http makes the service HTTP whatever its providers
+	// exported it as (docs/http.md); so does an http section.
+	Protocol Selector `yaml:"protocol"`
+	// HTTP is how an HTTP service's requests are carried (http.go).
 	HTTP *HTTP `yaml:"http"`
+
+	http *wire.ServiceHTTP // evaluated by check when the service is HTTP
 }
 
-// traffic reports whether the entry sets how traffic is shared, or
-// declares an HTTP service: an entry that needs no owners.
+// traffic reports whether the entry sets how traffic is shared.
 func (s Service) traffic() bool {
-	return len(s.Split) > 0 || s.Locality != "" || s.Affinity != "" || s.HTTP != nil
+	return len(s.Split) > 0 || s.Locality != "" || s.Affinity != "" || s.isHTTP()
 }
 
 // Rule is one access rule.
@@ -409,6 +412,9 @@ func yamlMsg(err error) string {
 }
 
 func section(typ string) string {
+	if s, _, ok := httpFields(typ); ok {
+		return s
+	}
 	switch typ {
 	case "policy.Policy":
 		return "the policy"
@@ -418,8 +424,6 @@ func section(typ string) string {
 		return "a test"
 	case "policy.Service":
 		return "a service"
-	case "policy.HTTP":
-		return "a service's http"
 	case "policy.JWT":
 		return "jwt"
 	case "policy.RuleHTTP":
@@ -431,6 +435,9 @@ func section(typ string) string {
 }
 
 func fieldsOf(typ string) string {
+	if _, f, ok := httpFields(typ); ok {
+		return f
+	}
 	switch typ {
 	case "policy.Policy":
 		return "groups, tagOwners, services, rules, tests"
@@ -439,9 +446,7 @@ func fieldsOf(typ string) string {
 	case "policy.Test":
 		return "from, allow, deny, request"
 	case "policy.Service":
-		return "owners, split, locality, affinity, http"
-	case "policy.HTTP":
-		return "jwt"
+		return "owners, split, locality, affinity, protocol, http"
 	case "policy.JWT":
 		return "issuer, jwksURL, jwksFile, audiences, forwardClaims, required"
 	case "policy.RuleHTTP":
@@ -619,6 +624,8 @@ func (p *Policy) check(ps *problems) {
 			ps.add(line, "service %q: %v", name, err)
 		}
 		sv := p.Services[name]
+		p.checkHTTP(ps, line, name, &sv)
+		p.Services[name] = sv
 		if len(sv.Owners) == 0 && !sv.traffic() {
 			ps.add(line, "service %q lists no owners; remove the entry or name who may provide it", name)
 		}
