@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -25,8 +26,9 @@ type httpBackend struct {
 	ln    net.Listener
 	hits  atomic.Int64
 	conns atomic.Int64
-	// fail, when set, answers every request with this status.
-	fail atomic.Int64
+	// fail, when set, answers every request with this status;
+	// failEvery, when set, only every failEvery-th (503).
+	fail, failEvery atomic.Int64
 }
 
 func startHTTPBackend(t *testing.T, name string) *httpBackend {
@@ -47,7 +49,12 @@ func startHTTPBackend(t *testing.T, name string) *httpBackend {
 			}
 		},
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			b.hits.Add(1)
+			hit := b.hits.Add(1)
+			if every := b.failEvery.Load(); every > 0 && hit%every == 0 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				fmt.Fprintf(w, "%s failing\n", b.name)
+				return
+			}
 			if code := b.fail.Load(); code != 0 {
 				w.WriteHeader(int(code))
 				fmt.Fprintf(w, "%s failing\n", b.name)
@@ -104,29 +111,7 @@ func meteredAgent(t *testing.T, m *harness.Mesh, name string, o harness.AgentOpt
 // given (name, value pairs).
 func httpRequests(t *testing.T, a *agent.Agent, labels ...string) float64 {
 	t.Helper()
-	mf, err := harness.Scrape(a.MetricsAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	fam := mf["meshlink_http_requests_total"]
-	if fam == nil {
-		return 0
-	}
-next:
-	for _, m := range fam.Metric {
-		have := map[string]string{}
-		for _, l := range m.Label {
-			have[l.GetName()] = l.GetValue()
-		}
-		for i := 0; i+1 < len(labels); i += 2 {
-			if have[labels[i]] != labels[i+1] {
-				continue next
-			}
-		}
-		sum += m.GetCounter().GetValue()
-	}
-	return sum
+	return httpMetric(t, a, "meshlink_http_requests_total", labels...)
 }
 
 // TestHTTPServiceRequests: a service exported with protocol=http carries
@@ -225,4 +210,259 @@ func TestHTTPServiceGarbage(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// setPolicy sets the coordinator's policy file.
+func setPolicy(t *testing.T, m *harness.Mesh, text string) {
+	t.Helper()
+	if _, err := m.Coord.SetPolicy(context.Background(), "policy.yaml", text, "test"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// backendOf fetches url and answers the X-Backend that answered.
+func backendOf(t *testing.T, c *http.Client, url string, header ...string) string {
+	t.Helper()
+	code, body, h, err := get(c, url, header...)
+	if err != nil || code != 200 {
+		t.Fatalf("GET %s: %d %q %v", url, code, body, err)
+	}
+	return h.Get("X-Backend")
+}
+
+// TestHTTPRoutesAndSplit: the policy's routes send requests with
+// x-canary: true (and those under /beta/) to v2, and the rest by the
+// service's 90/10 split: over 10,000 requests v2 gets 10% ± 2%.
+func TestHTTPRoutesAndSplit(t *testing.T) {
+	m := harness.NewMesh(t)
+	setPolicy(t, m, `
+services:
+  web:
+    protocol: http
+    split: {v1: 90, v2: 10}
+    http:
+      routes:
+        - match:
+            headers:
+              x-canary: {exact: "true"}
+          version: v2
+        - match: {path: /beta/, methods: [GET]}
+          version: v2
+        - match:
+            headers:
+              user-agent: {regex: "old-.*"}
+          split: {v1: 100}
+`)
+	v1, v2 := startHTTPBackend(t, "v1"), startHTTPBackend(t, "v2")
+	cons := m.AddAgent("site-a", harness.AgentOptions{})
+	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: v1.addr(), Version: "v1"}}})
+	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: v2.addr(), Version: "v2"}}})
+	svc := waitProviders(t, cons, "web", 2)
+	base := "http://" + svc.Local.String()
+	c := keepAliveClient()
+	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
+		return backendOf(t, c, base+"/", "x-canary", "true") == "v2"
+	})
+	for i := range 100 {
+		if b := backendOf(t, c, base+"/x", "x-canary", "true"); b != "v2" {
+			t.Fatalf("canary request %d went to %s", i, b)
+		}
+		if b := backendOf(t, c, base+"/beta/page"); b != "v2" {
+			t.Fatalf("/beta/ request %d went to %s", i, b)
+		}
+		if b := backendOf(t, c, base+"/", "user-agent", "old-browser/1", "x-canary", "false"); b != "v1" {
+			t.Fatalf("old-.* request %d went to %s", i, b)
+		}
+	}
+
+	const n = 10_000
+	var counts [2]atomic.Int64
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range work {
+				switch backendOf(t, c, base+"/") {
+				case "v1":
+					counts[0].Add(1)
+				case "v2":
+					counts[1].Add(1)
+				}
+			}
+		}()
+	}
+	start := time.Now()
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	got := float64(counts[1].Load()) / n
+	t.Logf("%d requests in %v: v1 %d, v2 %d (%.2f%%)", n, time.Since(start).Round(time.Millisecond), counts[0].Load(), counts[1].Load(), 100*got)
+	if counts[0].Load()+counts[1].Load() != n {
+		t.Fatalf("%d answers of %d", counts[0].Load()+counts[1].Load(), n)
+	}
+	if got < 0.08 || got > 0.12 {
+		t.Fatalf("v2 got %.2f%% of the requests; want 10%% ± 2%%", 100*got)
+	}
+}
+
+// httpMetric sums the samples of family name at the labels given.
+func httpMetric(t *testing.T, a *agent.Agent, name string, labels ...string) float64 {
+	t.Helper()
+	mf, err := harness.Scrape(a.MetricsAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fam := mf[name]
+	if fam == nil {
+		return 0
+	}
+	sum := 0.0
+next:
+	for _, m := range fam.Metric {
+		have := map[string]string{}
+		for _, l := range m.Label {
+			have[l.GetName()] = l.GetValue()
+		}
+		for i := 0; i+1 < len(labels); i += 2 {
+			if have[labels[i]] != labels[i+1] {
+				continue next
+			}
+		}
+		sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+	}
+	return sum
+}
+
+// TestHTTPRetries: one of two providers answers every 4th request it
+// gets with 503; with retries on 503 every request succeeds, and the
+// consumer counts the retries. Then both fail every request: retries
+// stop at the budget (20% of the requests, no minimum here), so the
+// service sees at most 1.2 times the load.
+func TestHTTPRetries(t *testing.T) {
+	m := harness.NewMesh(t)
+	setPolicy(t, m, `
+services:
+  web:
+    protocol: http
+    http:
+      timeout: 5s
+      retries:
+        attempts: 2
+        on: [connect-failure, reset, 503]
+        budgetPercent: 20
+        minRetriesPerSecond: 0
+`)
+	flaky, good := startHTTPBackend(t, "flaky"), startHTTPBackend(t, "good")
+	flaky.failEvery.Store(4)
+	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
+	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: flaky.addr()}}})
+	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: good.addr()}}})
+	svc := waitProviders(t, cons, "web", 2)
+	base := "http://" + svc.Local.String()
+	c := keepAliveClient()
+	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
+		get(c, base+"/warm")
+		return httpRequests(t, cons, "service", "web") > 0
+	})
+	const n = 400
+	for i := range n {
+		code, body, _, err := get(c, fmt.Sprintf("%s/r/%d", base, i))
+		if err != nil || code != 200 {
+			t.Fatalf("request %d: %d %q %v; want every 503 retried into a success", i, code, body, err)
+		}
+	}
+	retries := httpMetric(t, cons, "meshlink_http_retries_total", "service", "web")
+	failed := flaky.hits.Load() / 4
+	t.Logf("%d requests: the flaky provider failed %d of its %d, the consumer retried %v", n, failed, flaky.hits.Load(), retries)
+	if retries < 1 || retries > float64(failed)+1 {
+		t.Fatalf("%v retries for %d injected 503s", retries, failed)
+	}
+
+	// Both fail: the budget caps the retries.
+	flaky.failEvery.Store(0)
+	flaky.fail.Store(503)
+	good.fail.Store(503)
+	before := retries
+	hitsBefore := flaky.hits.Load() + good.hits.Load()
+	const m2 = 300
+	failures := 0
+	for i := range m2 {
+		code, _, _, err := get(c, fmt.Sprintf("%s/f/%d", base, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code == 503 {
+			failures++
+		}
+	}
+	spent := httpMetric(t, cons, "meshlink_http_retries_total", "service", "web") - before
+	load := flaky.hits.Load() + good.hits.Load() - hitsBefore
+	t.Logf("%d requests to failing providers: %d answered 503, %v retries, %d requests reached the servers", m2, failures, spent, load)
+	// The window holds the earlier requests too: at most 20% of all.
+	if limit := 0.2 * float64(n+m2+1); spent > limit || spent < 1 {
+		t.Fatalf("%v retries; want some, at most %v (the budget)", spent, limit)
+	}
+	if float64(load) > 1.2*float64(n+m2+1)-float64(n) {
+		t.Fatalf("the servers saw %d requests for %d; the budget lets retries add at most 20%%", load, m2)
+	}
+	if failures < m2*3/4 {
+		t.Fatalf("only %d of %d requests failed with every provider failing", failures, m2)
+	}
+}
+
+// TestHTTPOutlierEjection: a provider that answers 500 three times in a
+// row is ejected for a second: the next requests all go to the other;
+// once it works again it gets requests after its ejection time.
+func TestHTTPOutlierEjection(t *testing.T) {
+	m := harness.NewMesh(t)
+	setPolicy(t, m, `
+services:
+  web:
+    protocol: http
+    http:
+      outlierDetection:
+        consecutive5xx: 3
+        baseEjectionTime: 1s
+        maxEjectionPercent: 50
+`)
+	bad, good := startHTTPBackend(t, "bad"), startHTTPBackend(t, "good")
+	bad.fail.Store(500)
+	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
+	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: bad.addr()}}})
+	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: good.addr()}}})
+	svc := waitProviders(t, cons, "web", 2)
+	base := "http://" + svc.Local.String()
+	c := keepAliveClient()
+	tstest.WaitForNil(t, 10*time.Second, "the failing provider ejected", func() error {
+		get(c, base+"/")
+		if n := httpMetric(t, cons, "meshlink_http_ejections_total", "service", "web", "provider", "site-b"); n < 1 {
+			return fmt.Errorf("%v ejections", n)
+		}
+		return nil
+	})
+	ejected := time.Now()
+	for i := range 20 {
+		code, body, h, err := get(c, base+"/")
+		if err != nil || code != 200 || h.Get("X-Backend") != "good" {
+			if time.Since(ejected) > 900*time.Millisecond {
+				break // the ejection may be over already on a loaded machine
+			}
+			t.Fatalf("request %d after the ejection: %d %q %v", i, code, body, err)
+		}
+	}
+	bad.fail.Store(0)
+	tstest.WaitForNil(t, 10*time.Second, "the provider back after its ejection", func() error {
+		if b := backendOf(t, c, base+"/"); b != "bad" {
+			return fmt.Errorf("answered by %s", b)
+		}
+		return nil
+	})
+	t.Logf("back %v after the ejection", time.Since(ejected).Round(time.Millisecond))
+	if d := time.Since(ejected); d < 900*time.Millisecond {
+		t.Fatalf("back after %v, before its ejection time", d)
+	}
 }

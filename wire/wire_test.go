@@ -127,12 +127,20 @@ func FuzzMapResponse(f *testing.F) {
 	f.Add(full)
 	f.Add([]byte(`{"seq":2,"peers_removed":[2],"services_removed":["web"]}`))
 	f.Add([]byte(`{"full":{"self":{"addresses":["garbage"]}}}`))
+	f.Add([]byte(`{"seq":3,"services_changed":[{"name":"web","http":{"timeout_ms":5000,"retries":{"attempts":2,"on":["503"]},"outlier":{"consecutive_5xx":3},"routes":[{"headers":[{"name":"X-Canary","regex":"(a|b"}],"version":"v2"}]}}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var m MapResponse
 		if json.Unmarshal(b, &m) != nil {
 			return
 		}
 		_ = m.IsKeepAlive()
+		// The agent checks what a service's HTTP configuration says
+		// before it compiles its routes: no input may panic there.
+		for _, s := range m.ServicesChanged {
+			if s.HTTP != nil {
+				_ = s.HTTP.Check()
+			}
+		}
 		// Applying any message to any map must not panic.
 		var nm NetworkMap
 		nm.Apply(&MapResponse{Full: &NetworkMap{Peers: []Node{{ID: 2}}, Services: []Service{{Name: "web"}}}})

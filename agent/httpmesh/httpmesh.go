@@ -51,8 +51,10 @@
 package httpmesh
 
 import (
+	"bufio"
 	"context"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/netip"
 	"sync"
@@ -182,6 +184,15 @@ func (w *statusWriter) Flush() {
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Hijack takes the connection over: ReverseProxy does for an upgrade,
+// after a 101 it writes itself (CONNECT sets its code before).
+func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	if w.code == 0 {
+		w.code = http.StatusSwitchingProtocols
+	}
+	return http.NewResponseController(w.ResponseWriter).Hijack()
+}
 
 // logLimiter lets one log line through per interval and counts the rest:
 // whoever sends garbage must not flood the log.

@@ -177,7 +177,7 @@ func (p *Policy) checkHTTP(ps *problems, line int, name string, sv *Service) {
 		wo := &wire.HTTPOutlier{Consecutive5xx: o.Consecutive5xx, ConsecutiveGatewayErrors: o.ConsecutiveGatewayErrors,
 			BaseEjectionMS: dur(o.BaseEjectionTime, "outlierDetection.baseEjectionTime"),
 			MaxEjectionMS:  dur(o.MaxEjectionTime, "outlierDetection.maxEjectionTime"), MaxEjectionPercent: o.MaxEjectionPercent}
-		ol := firstLine(line, []Selector{o.BaseEjectionTime, o.MaxEjectionTime})
+		ol := lineOf(line, o.BaseEjectionTime, o.MaxEjectionTime)
 		if err := wo.Check(); err != nil {
 			ps.add(ol, "service %q: http.outlierDetection: %v", name, err)
 		}
@@ -193,13 +193,13 @@ func (p *Policy) checkHTTP(ps *problems, line int, name string, sv *Service) {
 	for i, rt := range h.Routes {
 		m := rt.Match
 		wr := wire.HTTPRoute{PathPrefix: m.Path.S, Version: rt.Version.S, Split: rt.Split}
-		rl := firstLine(0, []Selector{m.Path, rt.Version}, m.Methods)
+		rl := lineOf(0, append([]Selector{m.Path, rt.Version}, m.Methods...)...)
 		for _, mt := range m.Methods {
 			wr.Methods = append(wr.Methods, strings.ToUpper(mt.S))
 		}
 		for _, hn := range sortedKeys(m.Headers) {
 			hm := m.Headers[hn]
-			rl = firstLine(rl, []Selector{hm.Exact, hm.Prefix, hm.Regex})
+			rl = lineOf(rl, hm.Exact, hm.Prefix, hm.Regex)
 			wr.Headers = append(wr.Headers, wire.HTTPHeaderMatch{Name: http.CanonicalHeaderKey(hn), Exact: hm.Exact.S, Prefix: hm.Prefix.S, Regex: hm.Regex.S})
 		}
 		if rl == 0 {
@@ -210,6 +210,16 @@ func (p *Policy) checkHTTP(ps *problems, line int, name string, sv *Service) {
 		}
 		out.Routes = append(out.Routes, wr)
 	}
+}
+
+// lineOf is the first line among line (0: none) and the selectors'.
+func lineOf(line int, ss ...Selector) int {
+	for _, s := range ss {
+		if s.Line > 0 && (line == 0 || s.Line < line) {
+			line = s.Line
+		}
+	}
+	return line
 }
 
 // httpFields lists the keys of the http section's types, for errors.

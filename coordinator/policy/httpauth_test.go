@@ -8,8 +8,8 @@ import (
 	"github.com/meshlink/meshlink/wire"
 )
 
-// httpExample is the policy of docs/policy.md's HTTP section.
-const httpExample = `groups:
+// httpAuthExample is the policy of docs/policy.md's HTTP section.
+const httpAuthExample = `groups:
   dev: [user:alice, user:bob]
 services:
   web:
@@ -59,7 +59,7 @@ tests:
 `
 
 func TestHTTPPolicy(t *testing.T) {
-	p := mustParse(t, httpExample)
+	p := mustParse(t, httpAuthExample)
 	if err := p.Run(policy.Offline{P: p}); err != nil {
 		t.Fatalf("the example's tests: %v", err)
 	}
@@ -109,7 +109,7 @@ func TestHTTPPolicy(t *testing.T) {
 
 // TestHTTPAuthForProviders: what a provider's map carries.
 func TestHTTPAuthForProviders(t *testing.T) {
-	p := mustParse(t, httpExample)
+	p := mustParse(t, httpAuthExample)
 	prs := []policy.Principal{{Node: "a1", User: "alice"}, {Node: "b1", User: "bob"}}
 	a := p.HTTPAuth("web", "", prs, []wire.NodeID{7, 9})
 	if a == nil || a.JWT == nil {
@@ -190,7 +190,7 @@ func TestBadHTTPPolicies(t *testing.T) {
 
 // TestHTTPTestFails: a failing request test names the request and the rule.
 func TestHTTPTestFails(t *testing.T) {
-	p := mustParse(t, strings.Replace(httpExample, "request: {method: POST, path: /api/x, claims: {sub: bob, groups: [dev]}}\n    deny: [web]", "request: {method: POST, path: /api/x, claims: {sub: bob, groups: [dev]}}\n    allow: [web]", 1))
+	p := mustParse(t, strings.Replace(httpAuthExample, "request: {method: POST, path: /api/x, claims: {sub: bob, groups: [dev]}}\n    deny: [web]", "request: {method: POST, path: /api/x, claims: {sub: bob, groups: [dev]}}\n    allow: [web]", 1))
 	err := p.Run(policy.Offline{P: p})
 	want := `policy.yaml:35: test 3 failed: user:bob to web POST /api/x is denied by no rule lets user:bob make POST /api/x to web: denied by default`
 	if err == nil || !strings.Contains(err.Error(), want) {
