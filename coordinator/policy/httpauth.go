@@ -462,3 +462,17 @@ func (p *Policy) checkTestRequest(ps *problems, i int, t Test) {
 		}
 	}
 }
+
+// checkRequestRuleCount refuses a policy whose rules covering one HTTP
+// service with conditions are more than a provider accepts.
+func (p *Policy) checkRequestRuleCount(ps *problems) {
+	for _, name := range sortedKeys(p.Services) {
+		if !p.httpService(name) {
+			continue
+		}
+		rules := p.covering(name)
+		if len(rules) > wire.MaxRequestRules && slices.ContainsFunc(rules, func(i int) bool { return p.Rules[i].conditional() }) {
+			ps.add(p.lines["services/"+name], "service %q: %d rules cover it and some have http or when; providers decide each request by at most %d", name, len(rules), wire.MaxRequestRules)
+		}
+	}
+}

@@ -652,6 +652,7 @@ func (p *Policy) check(ps *problems) {
 		}
 		p.checkRuleHTTP(ps, i, r)
 	}
+	p.checkRequestRuleCount(ps)
 	for i, t := range p.Tests {
 		line := t.From.Line
 		if t.From.S == "" {
