@@ -110,4 +110,14 @@ func TestPolicyHTTPAuthInMaps(t *testing.T) {
 	if _, err := m.s.ExplainRequest(context.Background(), "bobs", "web", &ExplainRequest{Path: "/a/../b"}); err == nil {
 		t.Error("an unclean path explained")
 	}
+	// The same through the admin socket, as `meshlink policy explain
+	// --method POST --path /api/x --claim sub=bob` asks it.
+	ac := NewAdminClient(m.s.cfg.DataDir)
+	ex, err = ac.ExplainPolicyRequest(context.Background(), "bobs", "web", &ExplainRequest{Method: "POST", Path: "/api/x", Claims: []string{"sub=bob"}})
+	if err != nil || ex.Allow || ex.Request != "POST /api/x" {
+		t.Errorf("explain over the admin socket = %+v, %v", ex, err)
+	}
+	if _, err := ac.ExplainPolicyRequest(context.Background(), "bobs", "web", &ExplainRequest{Method: "get"}); err == nil || !strings.Contains(err.Error(), "--method") {
+		t.Errorf("a lower-case method over the admin socket: %v", err)
+	}
 }

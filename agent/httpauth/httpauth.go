@@ -243,7 +243,8 @@ func (a *Authorizer) verify(ctx context.Context, raw string, j *wire.JWT) (map[s
 		return nil, unauthorized(ReasonMalformed, "the token is not a signed JWT")
 	}
 	hdr := tok.Headers[0]
-	keys, err := a.keys.lookup(ctx, hdr.KeyID)
+	// A client that goes away must not fail the fetch others wait for.
+	keys, err := a.keys.lookup(context.WithoutCancel(ctx), hdr.KeyID)
 	if err != nil {
 		a.log.Warn("cannot check tokens", "service", a.service, "err", err)
 		return nil, &refusal{status: http.StatusUnauthorized, reason: ReasonKeysUnavailable, desc: "the issuer's keys are not available"}
