@@ -269,6 +269,9 @@ func (a *Agent) Services() localapi.Services {
 		if wire.HasUDP(s.Protocol) {
 			ls.UDP = udpStats(s.UDP)
 		}
+		if s.HTTP {
+			ls.Protocol = wire.ProtocolHTTP
+		}
 		if s.Listening && s.Listen.Port() != s.Wanted.Port() {
 			ls.FallbackPort = s.Listen.Port()
 			ls.Note = fmt.Sprintf("port %d needs privileges the agent lacks: served on %d (port+10000) instead; for port %d run `%s` and restart the agent",
@@ -289,6 +292,9 @@ func (a *Agent) Services() localapi.Services {
 			Open: e.Open, Total: e.Total, Denied: e.Denied, Failed: e.Failed, Sent: e.Sent, Received: e.Received, LastError: e.LastError,
 			Source: source[e.Name], Priority: e.Priority, Weight: e.Weight, Version: e.Version, HealthCheck: healthCheckOf(e.Export),
 			Health: exportHealth(e.Health), Protocol: protocolName(e.Protocol), UDPIdle: e.UDPIdle})
+		if e.IsHTTP() {
+			out.Exported[len(out.Exported)-1].Protocol = wire.ProtocolHTTP
+		}
 		if wire.HasUDP(e.Protocol) {
 			out.Exported[len(out.Exported)-1].UDP = udpStats(e.UDP)
 		}

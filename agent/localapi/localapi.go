@@ -188,7 +188,7 @@ type Service struct {
 	Split    map[string]int `json:"split,omitempty"`
 	Locality string         `json:"locality,omitempty"`
 	Affinity string         `json:"affinity,omitempty"`
-	// Protocol is "tcp", "udp" or "tcp+udp"; UDP, for a service with
+	// Protocol is "tcp", "udp", "tcp+udp" or "http"; UDP, for a service with
 	// UDP, counts its flows and datagrams.
 	Protocol string    `json:"protocol,omitempty"`
 	UDP      *UDPStats `json:"udp,omitempty"`
@@ -251,7 +251,7 @@ type Export struct {
 	// before the first check and with checks off.
 	HealthCheck string `json:"health_check,omitempty"`
 	Health      string `json:"health,omitempty"`
-	// Protocol is "tcp", "udp" or "tcp+udp"; UDPIdle the seconds a UDP
+	// Protocol is "tcp", "udp", "tcp+udp" or "http"; UDPIdle the seconds a UDP
 	// flow may be idle (0: the default, 60); UDP counts its flows.
 	Protocol string    `json:"protocol,omitempty"`
 	UDPIdle  int       `json:"udp_idle,omitempty"`
@@ -281,7 +281,7 @@ type ExposeRequest struct {
 	Weight   int    `json:"weight,omitempty"`
 	Version  string `json:"version,omitempty"`
 	Health   string `json:"health,omitempty"`
-	// Protocol is "tcp" (also ""), "udp" or "tcp+udp"; UDPIdle the
+	// Protocol is "tcp" (also ""), "udp", "tcp+udp" or "http"; UDPIdle the
 	// seconds a UDP flow may be idle (0: the default).
 	Protocol string `json:"protocol,omitempty"`
 	UDPIdle  int    `json:"udp_idle,omitempty"`

@@ -978,6 +978,8 @@ type ServiceStatus struct {
 	// flows and datagrams.
 	Protocol string
 	UDP      UDPStats
+	// HTTP is set when its connections are served request by request.
+	HTTP bool
 }
 
 // ProviderStatus is a consumer's view of one provider.
@@ -1015,7 +1017,7 @@ func (c *Consumer) Status() []ServiceStatus {
 			Open: s.open.Load(), Total: s.total.Load(), Failed: s.failed.Load(), Refused: s.refused.Load(),
 			Sent: s.ctr.Sent.Load(), Received: s.ctr.Received.Load(),
 			Split: pol.Split, Locality: pol.Locality, Affinity: pol.Affinity,
-			Protocol: s.protocol, UDP: s.udpCtr.snapshot(),
+			Protocol: s.protocol, UDP: s.udpCtr.snapshot(), HTTP: s.http.Load(),
 		}
 		if s.ln != nil {
 			st.Listen = s.bound

@@ -106,7 +106,7 @@ type consumedJSON struct {
 	Split    map[string]int `json:"split"`
 	Locality *string        `json:"locality"`
 	Affinity *string        `json:"affinity"`
-	// Protocol is "tcp", "udp" or "tcp+udp"; UDP counts the flows and
+	// Protocol is "tcp", "udp", "tcp+udp" or "http"; UDP counts the flows and
 	// datagrams of a service with UDP (null without).
 	Protocol string             `json:"protocol"`
 	UDP      *localapi.UDPStats `json:"udp"`
@@ -154,7 +154,7 @@ type exportedJSON struct {
 	// last result ("ok", "unhealthy (why)"), null before the first.
 	HealthCheck string  `json:"health_check"`
 	Health      *string `json:"health"`
-	// Protocol is "tcp", "udp" or "tcp+udp"; UDPIdle the seconds a UDP
+	// Protocol is "tcp", "udp", "tcp+udp" or "http"; UDPIdle the seconds a UDP
 	// flow may be idle (60 by default); UDP counts flows (null without).
 	Protocol string             `json:"protocol"`
 	UDPIdle  *int               `json:"udp_idle"`

@@ -5,7 +5,10 @@
 // through a consumer's local proxy, beside the same over a direct loopback
 // TCP connection in the same run. BenchmarkTimeToFirstByte starts fresh
 // consumer processes and times how long they take to deliver the first
-// byte of a service. TestMain prints the ratios and each agent's memory.
+// byte of a service. BenchmarkHTTP sends small GETs over keep-alive
+// connections straight to a server, through the mesh with the server
+// exported as TCP, and exported as an HTTP service. TestMain prints the
+// ratios and each agent's memory.
 package bench
 
 import (
@@ -16,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -24,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -53,7 +58,10 @@ type meshEnv struct {
 	procs             []*exec.Cmd
 	agentPIDs         map[string]int
 	sink, echo, greet net.Listener
-	meshSink          string // consumer-side proxy addresses
+	web               net.Listener // a small HTTP server
+	meshWebHTTP       string       // it exported as an HTTP service
+	meshWebTCP        string       // and as a plain TCP one
+	meshSink          string       // consumer-side proxy addresses
 	meshEcho          string
 	relaySink         string // the same at the --relay-only consumer
 	relayEcho         string
@@ -95,6 +103,20 @@ func summary() {
 	if d, t := results["rr_direct_p50_us"], results["rr_mesh_p50_us"]; d > 0 && t > 0 {
 		fmt.Printf("64B RR p50:   direct %.0f us, mesh %.0f us (%.1fx)\n", d, t, t/d)
 		fmt.Printf("64B RR p99:   direct %.0f us, mesh %.0f us\n", results["rr_direct_p99_us"], results["rr_mesh_p99_us"])
+	}
+	if d := results["http_direct_rps"]; d > 0 {
+		fmt.Printf("HTTP GET, %d keep-alive connections:\n", httpConns)
+		for _, k := range []struct{ key, name string }{{"direct", "direct"}, {"tcp", "TCP service"}, {"http", "HTTP service"}} {
+			r := results["http_"+k.key+"_rps"]
+			if r == 0 {
+				continue
+			}
+			fmt.Printf("  %-13s %6.0f req/s (%.2fx of direct), p50 %4.0f us, p99 %5.0f us\n", k.name, r, r/d,
+				results["http_"+k.key+"_p50_us"], results["http_"+k.key+"_p99_us"])
+		}
+		if h, t := results["http_http_rps"], results["http_tcp_rps"]; h > 0 && t > 0 {
+			fmt.Printf("  HTTP service vs TCP service: %.2fx the requests/s, p50 %+.0f us\n", h/t, results["http_http_p50_us"]-results["http_tcp_p50_us"])
+		}
 	}
 	for _, c := range []struct{ key, name string }{{"direct", "direct allowed"}, {"relay", "relay-only"}} {
 		if n := results["ttfb_"+c.key+"_n"]; n > 0 {
@@ -154,6 +176,17 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 		return nil, err
 	}
 	go serve(e.greet, greetConn)
+	if e.web, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+		return nil, err
+	}
+	go (&http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, "ok\n")
+	})}).Serve(e.web)
+	webTCPPort, err := freePort()
+	if err != nil {
+		return nil, err
+	}
 
 	port, err := freePort()
 	if err != nil {
@@ -174,7 +207,9 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	pa := e.start(bin, "a", append([]string{"agent", "--name", "bench-a", "--state", filepath.Join(dir, "a"), "--proxy-range", rangeA.String()}, common...)...)
 	pb := e.start(bin, "b", append([]string{"agent", "--name", "bench-b", "--state", filepath.Join(dir, "b"), "--proxy-range", rangeB.String(),
 		"--expose", "sink=" + e.sink.Addr().String(), "--expose", "echo=" + e.echo.Addr().String(),
-		"--expose", "greet=" + e.greet.Addr().String()}, common...)...)
+		"--expose", "greet=" + e.greet.Addr().String(),
+		"--expose", "web=" + e.web.Addr().String() + ";protocol=http",
+		"--expose", fmt.Sprintf("webtcp=%s;port=%d", e.web.Addr(), webTCPPort)}, common...)...)
 	e.agentPIDs["a"], e.agentPIDs["b"] = pa, pb
 	e.agentPIDs["relay"] = e.start(bin, "relay", append([]string{"agent", "--name", "bench-relay", "--state", filepath.Join(dir, "relay"),
 		"--proxy-range", rangeRelay.String(), "--relay-only"}, common...)...)
@@ -188,9 +223,10 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 		if err != nil {
 			return err
 		}
-		if a["sink"] == nil || a["echo"] == nil || a["greet"] == nil || r["sink"] == nil || r["echo"] == nil {
+		if a["sink"] == nil || a["echo"] == nil || a["greet"] == nil || r["sink"] == nil || r["echo"] == nil || a["web"] == nil || a["webtcp"] == nil {
 			return errors.New("services not ready")
 		}
+		e.meshWebHTTP, e.meshWebTCP = a["web"].Local.String(), a["webtcp"].Local.String()
 		e.meshSink, e.meshEcho = a["sink"].Local.String(), a["echo"].Local.String()
 		e.relaySink, e.relayEcho = r["sink"].Local.String(), r["echo"].Local.String()
 		e.greetAt = a["greet"].Local
@@ -245,6 +281,9 @@ func (e *meshEnv) close() {
 	}
 	if e.echo != nil {
 		e.echo.Close()
+	}
+	if e.web != nil {
+		e.web.Close()
 	}
 	if e.greet != nil {
 		e.greet.Close()
@@ -542,4 +581,87 @@ func BenchmarkTimeToFirstByte(b *testing.B) {
 			record("ttfb_"+tc.name+"_n", float64(len(samples)))
 		})
 	}
+}
+
+// httpConns is how many keep-alive connections the HTTP load generator
+// keeps busy at once.
+const httpConns = 8
+
+// httpLoad sends b.N small GETs to addr over httpConns keep-alive
+// connections and records requests/s and latency under key.
+func httpLoad(b *testing.B, addr, key string) {
+	tr := &http.Transport{MaxIdleConnsPerHost: httpConns, MaxConnsPerHost: httpConns, DisableCompression: true}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	url := "http://" + addr + "/"
+	get := func() error {
+		resp, err := c.Get(url)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return err
+	}
+	for range httpConns { // warm the connections
+		if err := get(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	var mu sync.Mutex
+	lat := make([]time.Duration, 0, b.N)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errc := make(chan error, httpConns)
+	b.ResetTimer()
+	start := time.Now()
+	for range httpConns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			mine := make([]time.Duration, 0, b.N/httpConns+1)
+			for next.Add(1) <= int64(b.N) {
+				t0 := time.Now()
+				if err := get(); err != nil {
+					errc <- err
+					return
+				}
+				mine = append(mine, time.Since(t0))
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	select {
+	case err := <-errc:
+		b.Fatal(err)
+	default:
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	rps := float64(len(lat)) / elapsed.Seconds()
+	p50 := float64(lat[len(lat)/2].Nanoseconds()) / 1e3
+	p99 := float64(lat[len(lat)*99/100].Nanoseconds()) / 1e3
+	b.ReportMetric(rps, "req/s")
+	b.ReportMetric(p50, "p50-us")
+	b.ReportMetric(p99, "p99-us")
+	record("http_"+key+"_rps", rps)
+	record("http_"+key+"_p50_us", p50)
+	record("http_"+key+"_p99_us", p99)
+}
+
+// BenchmarkHTTP is small GETs over keep-alive connections: straight to
+// the server, through the mesh with the server exported as plain TCP, and
+// exported as an HTTP service (parsed at both agents, per request).
+func BenchmarkHTTP(b *testing.B) {
+	e := setup(b)
+	b.Run("direct", func(b *testing.B) { httpLoad(b, e.web.Addr().String(), "direct") })
+	b.Run("tcp", func(b *testing.B) { httpLoad(b, e.meshWebTCP, "tcp") })
+	b.Run("http", func(b *testing.B) { httpLoad(b, e.meshWebHTTP, "http") })
 }
