@@ -1,6 +1,8 @@
 package policy_test
 
 import (
+	"fmt"
+	"os"
 	"strings"
 	"testing"
 
@@ -195,5 +197,28 @@ func TestHTTPTestFails(t *testing.T) {
 	want := `policy.yaml:35: test 3 failed: user:bob to web POST /api/x is denied by no rule lets user:bob make POST /api/x to web: denied by default`
 	if err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("got %v\nwant %q", err, want)
+	}
+}
+
+// TestHTTPAuthDocExample: the policy of docs/http-auth.md parses, its
+// tests pass, and the refusal it shows names the right line.
+func TestHTTPAuthDocExample(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/http-auth.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, _ := strings.Cut(string(doc), "```yaml\n")
+	src, _, _ := strings.Cut(rest, "```")
+	p := mustParse(t, src)
+	if err := p.Run(policy.Offline{P: p}); err != nil {
+		t.Fatalf("the example's tests: %v", err)
+	}
+	a := p.HTTPAuth("web", "", []policy.Principal{{Node: "bobs", User: "bob"}}, []wire.NodeID{2})
+	r, ok := a.Decide(2, "DELETE", "/api/orders", map[string]any{})
+	if !ok || !r.Deny {
+		t.Fatalf("DELETE: %+v %v", r, ok)
+	}
+	if want := fmt.Sprintf("policy rule %d (line %d) denies DELETE /api/orders to web", r.Rule, r.Line); !strings.Contains(string(doc), want) {
+		t.Errorf("the doc does not show %q", want)
 	}
 }
