@@ -27,6 +27,7 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 
 	"github.com/meshlink/meshlink/agent/bind"
+	"github.com/meshlink/meshlink/agent/httpauth"
 	"github.com/meshlink/meshlink/agent/httpmesh"
 	"github.com/meshlink/meshlink/agent/localproxy"
 	"github.com/meshlink/meshlink/agent/proxy"
@@ -166,11 +167,15 @@ type Agent struct {
 	httpIn      *httpmesh.Provider
 	httpOut     *httpmesh.Consumer
 	httpMetrics *httpmesh.Metrics
-	selfName    atomic.Pointer[string] // the map's name of this node
-	local       *localproxy.Server     // nil when neither local proxy is on
-	api         *apiServer
-	metrics     *metricsServer // nil when metrics are off
-	health      *healthServer  // nil when health endpoints are off; set under mu
+	// httpAuth decides the requests of the HTTP services this node
+	// provides (end-user JWT, the policy's request rules).
+	httpAuth   *httpauth.Set
+	authorized map[string]*httpauth.Authorizer // by service, as last given to httpIn; guarded by mu
+	selfName   atomic.Pointer[string]          // the map's name of this node
+	local      *localproxy.Server              // nil when neither local proxy is on
+	api        *apiServer
+	metrics    *metricsServer // nil when metrics are off
+	health     *healthServer  // nil when health endpoints are off; set under mu
 	// draining refuses new inbound mesh connections (Shutdown).
 	draining atomic.Bool
 	cc       *controlClient
@@ -557,6 +562,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	}
 	if a.httpMetrics == nil {
 		a.httpMetrics = httpmesh.NewMetrics()
+	}
+	if a.httpAuth == nil {
+		a.httpAuth = httpauth.NewSet(httpauth.SetConfig{Logger: a.log.With("subsystem", "httpauth")})
 	}
 	a.httpIn = httpmesh.NewProvider(httpmesh.ProviderConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics, Peer: a.peerOf,
 		Node: a.nodeName})
@@ -1082,6 +1090,9 @@ func (a *Agent) reconfigLocked() error {
 	if name := a.nm.Self.Name; name != "" {
 		a.selfName.Store(&name)
 	}
+	if in.Map != nil {
+		a.authorizeLocked(in.Map)
+	}
 	a.watchExpiryLocked(d)
 	for _, r := range d.SkippedRelays {
 		a.log.Warn("relay in the network map has no valid key; skipped", "relay", r.Name, "url", r.URL)
@@ -1215,6 +1226,26 @@ func (a *Agent) allow(src netip.Addr, service string) (string, bool) {
 		return "", false
 	}
 	return ap.policy.Load().allow(src, service)
+}
+
+// authorizeLocked gives the HTTP provider the authorizer of every service
+// of nm this node provides with request-level authorization, and takes
+// it from the others.
+func (a *Agent) authorizeLocked(nm *wire.NetworkMap) {
+	auths := a.httpAuth.Update(nm.Services, nm.Self.ID)
+	for _, sv := range nm.Services {
+		if z := auths[sv.Name]; z != nil {
+			a.httpIn.SetAuthorizer(sv.Name, z.Authorize)
+		} else {
+			a.httpIn.SetAuthorizer(sv.Name, nil)
+		}
+	}
+	for name := range a.authorized {
+		if !slices.ContainsFunc(nm.Services, func(sv wire.Service) bool { return sv.Name == name }) {
+			a.httpIn.SetAuthorizer(name, nil)
+		}
+	}
+	a.authorized = auths
 }
 
 // peerOf names the node of a mesh source address by the policy in force.

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/meshlink/meshlink/agent/httpauth"
 	"github.com/meshlink/meshlink/agent/httpmesh"
 	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/internal/metricsserver"
@@ -43,6 +44,10 @@ func (a *Agent) startMetrics() error {
 		a.httpMetrics = httpmesh.NewMetrics()
 	}
 	reg.MustRegister(a.httpMetrics.Collectors()...)
+	if a.httpAuth == nil {
+		a.httpAuth = httpauth.NewSet(httpauth.SetConfig{Logger: a.log.With("subsystem", "httpauth")})
+	}
+	reg.MustRegister(a.httpAuth.Collector())
 	srv, err := metricsserver.Start(a.ctx, metricsserver.Config{
 		Addr: a.cfg.Metrics, Gatherer: reg, Logger: a.log.With("subsystem", "metrics"),
 		Subsystem: "agent", Flag: "--metrics", ShutdownTimeout: 2 * time.Second,

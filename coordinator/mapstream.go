@@ -407,6 +407,10 @@ func (sn *snapshot) servicesFor(id wire.NodeID) []wire.Service {
 			out = append(out, sv)
 		case reach[si]:
 			sv.AllowedNodes = self
+			if a := sv.HTTPAuth; a != nil && len(a.Rules) > 0 {
+				// The request rules name other consumers: providers only.
+				sv.HTTPAuth = &wire.HTTPAuth{JWT: a.JWT}
+			}
 			out = append(out, sv)
 		}
 	}

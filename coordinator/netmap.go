@@ -4,6 +4,7 @@ import (
 	"context"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 	"sort"
 	"strconv"
@@ -322,6 +323,11 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 	}
 	if !pol.AllowsAll() {
 		snap.access = evaluateAccess(pol, nodes, users, svcs, snap.services)
+	} else {
+		for i := range snap.services {
+			// Every node may make every request: only a jwt to check.
+			snap.services[i].HTTPAuth = pol.HTTPAuth(snap.services[i].Name, "", nil, nil)
+		}
 	}
 	if prev := s.snap; prev != nil {
 		snap.build = prev.build + 1
@@ -401,10 +407,13 @@ func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, 
 	for si := range services {
 		sv := &services[si]
 		allowed := []string{}
+		var allowedPrs []policy.Principal
+		var allowedIDs []wire.NodeID
 		for ni, n := range nodes {
 			if !access[si][ni] {
 				continue
 			}
+			allowedPrs, allowedIDs = append(allowedPrs, prs[ni]), append(allowedIDs, n.ID)
 			allowed = append(allowed, strconv.FormatUint(uint64(n.ID), 10))
 			t.reach[n.ID] = append(t.reach[n.ID], si)
 			for _, p := range sv.Providers {
@@ -412,6 +421,7 @@ func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, 
 			}
 		}
 		sv.AllowedNodes = allowed
+		sv.HTTPAuth = pol.HTTPAuth(sv.Name, owners[si], allowedPrs, allowedIDs)
 	}
 	return t
 }
@@ -493,7 +503,8 @@ func nodeEqual(a, b wire.Node) bool {
 func serviceEqual(a, b wire.Service) bool {
 	return a.Name == b.Name && a.VIP == b.VIP && a.Port == b.Port &&
 		slices.Equal(a.Providers, b.Providers) && slices.Equal(a.AllowedNodes, b.AllowedNodes) &&
-		maps.Equal(a.Split, b.Split) && a.Locality == b.Locality && a.Affinity == b.Affinity
+		maps.Equal(a.Split, b.Split) && a.Locality == b.Locality && a.Affinity == b.Affinity &&
+		a.Protocol == b.Protocol && reflect.DeepEqual(a.HTTP, b.HTTP) && reflect.DeepEqual(a.HTTPAuth, b.HTTPAuth)
 }
 
 // NodeMap is the network map the coordinator holds for node id now: what

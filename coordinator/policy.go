@@ -131,11 +131,75 @@ type Explanation struct {
 	Rule int    `json:"rule"`
 	Line int    `json:"line,omitempty"`
 	Why  string `json:"why"`
+	// Request is the HTTP request explained ("GET /api/x"), if one was.
+	Request string `json:"request,omitempty"`
+	// Conditional: the deciding rule allows only some requests of the
+	// service; its providers decide each one.
+	Conditional bool `json:"conditional,omitempty"`
+}
+
+// ExplainRequest is an HTTP request to explain: the service's providers
+// decide it by method, path and the claims of its token (Claims
+// NAME=VALUE, a name given twice is a list; none: no token).
+type ExplainRequest struct {
+	Method string   `json:"method,omitempty"`
+	Path   string   `json:"path,omitempty"`
+	Claims []string `json:"claims,omitempty"`
+}
+
+// request checks e and turns it into the policy's form.
+func (e ExplainRequest) request() (policy.Request, error) {
+	req := policy.Request{Method: e.Method, Path: e.Path}
+	if req.Method == "" {
+		req.Method = http.MethodGet
+	}
+	if req.Path == "" {
+		req.Path = "/"
+	}
+	if err := wire.ValidMethod(req.Method); err != nil {
+		return req, fmt.Errorf("--method: %w", err)
+	}
+	if !wire.CleanPath(req.Path) {
+		return req, fmt.Errorf("--path %q: give a clean absolute path (/api/x)", req.Path)
+	}
+	if len(e.Claims) > 64 {
+		return req, errors.New("--claim: at most 64")
+	}
+	for _, c := range e.Claims {
+		name, val, ok := strings.Cut(c, "=")
+		if !ok || name == "" {
+			return req, fmt.Errorf("--claim %q: write NAME=VALUE (groups=admin)", c)
+		}
+		if req.Claims == nil {
+			req.Claims = map[string]any{}
+		}
+		switch old := req.Claims[name].(type) {
+		case nil:
+			req.Claims[name] = val
+		case string:
+			req.Claims[name] = []any{old, val}
+		case []any:
+			req.Claims[name] = append(old, val)
+		}
+	}
+	return req, nil
 }
 
 // Explain evaluates the policy in force for from (a node name, or
 // user:NAME, tag:NAME, node:NAME) and service.
 func (s *Server) Explain(ctx context.Context, from, service string) (Explanation, error) {
+	return s.ExplainRequest(ctx, from, service, nil)
+}
+
+// ExplainRequest is Explain for one HTTP request (nil: the connection).
+func (s *Server) ExplainRequest(ctx context.Context, from, service string, er *ExplainRequest) (Explanation, error) {
+	var req policy.Request
+	if er != nil {
+		var err error
+		if req, err = er.request(); err != nil {
+			return Explanation{}, err
+		}
+	}
 	dir, err := s.directory(ctx)
 	if err != nil {
 		return Explanation{}, err
@@ -149,8 +213,12 @@ func (s *Server) Explain(ctx context.Context, from, service string) (Explanation
 		return Explanation{}, err
 	}
 	dir.pol = s.currentPolicy().p
+	if er != nil {
+		d := dir.pol.DecideRequest(pr, service, dir.ServiceOwner(service), req)
+		return Explanation{From: pr.String(), Service: service, Allow: d.Allow, Rule: d.Rule + 1, Line: d.Line, Why: d.Why, Request: req.String()}, nil
+	}
 	d := dir.pol.Decide(pr, service, dir.ServiceOwner(service))
-	return Explanation{From: pr.String(), Service: service, Allow: d.Allow, Rule: d.Rule + 1, Line: d.Line, Why: d.Why}, nil
+	return Explanation{From: pr.String(), Service: service, Allow: d.Allow, Rule: d.Rule + 1, Line: d.Line, Why: d.Why, Conditional: d.Conditional}, nil
 }
 
 // directory is the mesh as the policy sees it: principals of nodes and
@@ -408,6 +476,8 @@ type policySetRequest struct {
 type policyExplainRequest struct {
 	From string `json:"from"`
 	To   string `json:"to"`
+	// Request, when set, explains one HTTP request.
+	Request *ExplainRequest `json:"request,omitempty"`
 }
 
 func (s *Server) adminPolicy(mux *http.ServeMux) {
@@ -441,7 +511,13 @@ func (s *Server) adminPolicy(mux *http.ServeMux) {
 			writeError(w, apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "--to %q: %v", req.To, err))
 			return
 		}
-		ex, err := s.Explain(r.Context(), req.From, req.To)
+		if req.Request != nil {
+			if _, err := req.Request.request(); err != nil {
+				writeError(w, apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "%v", err))
+				return
+			}
+		}
+		ex, err := s.ExplainRequest(r.Context(), req.From, req.To, req.Request)
 		if err != nil {
 			writeError(w, apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "--from: %v", err))
 			return
@@ -467,8 +543,14 @@ func (c *AdminClient) SetPolicy(ctx context.Context, file, text string) (PolicyC
 // ExplainPolicy says whether from (NODE or user:NAME) may reach service to
 // and which rule decides.
 func (c *AdminClient) ExplainPolicy(ctx context.Context, from, to string) (Explanation, error) {
+	return c.ExplainPolicyRequest(ctx, from, to, nil)
+}
+
+// ExplainPolicyRequest is ExplainPolicy for one HTTP request (nil: the
+// connection).
+func (c *AdminClient) ExplainPolicyRequest(ctx context.Context, from, to string, req *ExplainRequest) (Explanation, error) {
 	var ex Explanation
-	err := c.api.Do(ctx, http.MethodPost, adminPathPolicy+"/explain", policyExplainRequest{From: from, To: to}, &ex)
+	err := c.api.Do(ctx, http.MethodPost, adminPathPolicy+"/explain", policyExplainRequest{From: from, To: to, Request: req}, &ex)
 	return ex, err
 }
 

@@ -67,6 +67,11 @@
 //	  the policy file says services.NAME.protocol: http, carries the
 //	  evaluated services.NAME.http (timeout, retries, outlier detection,
 //	  routes) to consumers and providers.
+//	13 (2026-12-01): request-level authorization of HTTP services.
+//	  Service.HTTPAuth: the end-user JWT its providers check (issuer,
+//	  JWKS URL or file, audiences, claims forwarded as headers) and, in
+//	  providers' maps only, the policy rules with http/when conditions
+//	  that decide each request, their from resolved to node IDs.
 package wire
 
 import (
@@ -82,7 +87,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 12
+const ProtocolVersion = 13
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -555,6 +560,9 @@ type Service struct {
 	// Protocol (version 10) is what the providers carry together:
 	// ProtocolTCP ("" too), ProtocolUDP or ProtocolTCPUDP.
 	Protocol string `json:"protocol,omitempty"`
+	// HTTPAuth (version 12), when set, is checked by the providers on
+	// every request of an HTTP service (end-user JWT, request rules).
+	HTTPAuth *HTTPAuth `json:"http_auth,omitempty"`
 	// HTTP (version 12), when set, makes the service HTTP: consumers
 	// parse requests at their local listener and carry each to a
 	// provider of its own choosing, under this configuration.

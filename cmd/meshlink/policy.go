@@ -88,6 +88,9 @@ func policyCmd() *cli.Command {
 			Flags: []cli.Flag{data,
 				&cli.StringFlag{Name: "from", Usage: "a node name, or user:NAME, tag:NAME, node:NAME", EnvVars: env("POLICY_FROM")},
 				&cli.StringFlag{Name: "to", Usage: "a service name", EnvVars: env("POLICY_TO")},
+				&cli.StringFlag{Name: "method", Usage: "explain one HTTP request of an HTTP service: its method (default GET when --path or --claim is given)", EnvVars: env("POLICY_METHOD")},
+				&cli.StringFlag{Name: "path", Usage: "explain one HTTP request: its path (default /)", EnvVars: env("POLICY_PATH")},
+				&cli.StringSliceFlag{Name: "claim", Usage: "explain one HTTP request carrying a valid token with claim NAME=VALUE (repeat; a name given twice is a list); without any, the request carries no token", EnvVars: env("POLICY_CLAIMS")},
 				&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
 			},
 			Action: func(c *cli.Context) error {
@@ -96,7 +99,11 @@ func policyCmd() *cli.Command {
 				}
 				ac, ctx, cancel := admin(c)
 				defer cancel()
-				ex, err := ac.ExplainPolicy(ctx, c.String("from"), c.String("to"))
+				var req *coordinator.ExplainRequest
+				if c.IsSet("method") || c.IsSet("path") || c.IsSet("claim") {
+					req = &coordinator.ExplainRequest{Method: c.String("method"), Path: c.String("path"), Claims: c.StringSlice("claim")}
+				}
+				ex, err := ac.ExplainPolicyRequest(ctx, c.String("from"), c.String("to"), req)
 				if err != nil {
 					return err
 				}
@@ -111,7 +118,11 @@ func policyCmd() *cli.Command {
 				if ex.Rule > 0 {
 					by = fmt.Sprintf("rule %d (line %d)", ex.Rule, ex.Line)
 				}
-				fmt.Printf("%s → %s: %s by %s: %s\n", ex.From, ex.Service, verdict, by, ex.Why)
+				to := ex.Service
+				if ex.Request != "" {
+					to += " " + ex.Request
+				}
+				fmt.Printf("%s → %s: %s by %s: %s\n", ex.From, to, verdict, by, ex.Why)
 				return nil
 			},
 		}},

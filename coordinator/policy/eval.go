@@ -47,6 +47,9 @@ type Decision struct {
 	Line int
 	// Why says in words which selector matched, or why none did.
 	Why string
+	// Conditional: the deciding rule allows only some requests (http,
+	// when); the node may connect, and the provider decides each request.
+	Conditional bool
 }
 
 // AllowsAll reports whether the policy has no rules (or only a first rule
@@ -57,7 +60,7 @@ func (p *Policy) AllowsAll() bool {
 		return true
 	}
 	r := p.Rules[0]
-	return r.Action.S != "deny" && slices.ContainsFunc(r.From, isStar) && slices.ContainsFunc(r.To, isStar)
+	return r.Action.S != "deny" && !r.conditional() && slices.ContainsFunc(r.From, isStar) && slices.ContainsFunc(r.To, isStar)
 }
 
 func isStar(s Selector) bool { return s.S == "*" }
@@ -65,16 +68,26 @@ func isStar(s Selector) bool { return s.S == "*" }
 // Decide says whether from may connect to service, whose names are owned
 // by serviceOwner (a user name, "" if unknown): the first rule whose from
 // matches and whose to names the service decides; with no rules, allow;
-// once rules exist, what no rule allows is denied.
+// once rules exist, what no rule allows is denied. A rule with http or
+// when allows only some requests: one that allows decides that the node
+// may connect (Conditional); one that denies is passed over, since it
+// leaves the other requests to the rules after it.
 func (p *Policy) Decide(from Principal, service, serviceOwner string) Decision {
 	if p == nil || len(p.Rules) == 0 {
 		return Decision{Allow: true, Rule: -1, Why: "the policy has no rules: every node may reach every service"}
 	}
 	decide := func(i int) (Decision, bool) {
 		r := p.Rules[i]
+		if r.condDeny() {
+			return Decision{}, false
+		}
 		for _, s := range r.From {
 			if ok, why := p.matches(s.S, from, serviceOwner, service); ok {
-				return Decision{Allow: r.Action.S != "deny", Rule: i, Line: r.line(), Why: why}, true
+				d := Decision{Allow: r.Action.S != "deny", Rule: i, Line: r.line(), Why: why, Conditional: r.conditional()}
+				if d.Conditional {
+					d.Why += fmt.Sprintf("; the rule allows only %s, which the provider decides per request", r.describe())
+				}
+				return d, true
 			}
 		}
 		return Decision{}, false
@@ -143,6 +156,9 @@ func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
 		covers[j] = make([]uint64, words)
 		set(covers[j], ix.toName[svc])
 		set(covers[j], ix.toStar)
+		for _, r := range ix.condDeny {
+			covers[j][r/64] &^= 1 << (r % 64)
+		}
 	}
 	// Principals the policy cannot tell apart share their answers.
 	answers := map[string][]bool{}
@@ -348,7 +364,18 @@ func (p *Policy) Run(dir Directory) error {
 		expect := func(svcs []Selector, allow bool) {
 			for _, s := range svcs {
 				for _, svc := range p.expand(s.S) {
-					d := p.Decide(pr, svc, dir.ServiceOwner(svc))
+					if t.Request != nil && !p.httpService(svc) {
+						continue // "*": the HTTP services only
+					}
+					var d Decision
+					what := svc
+					if rq := t.Request; rq != nil {
+						req := Request{Method: rq.Method.S, Path: rq.Path.S, Claims: rq.claims()}
+						d = p.DecideRequest(pr, svc, dir.ServiceOwner(svc), req)
+						what = fmt.Sprintf("%s %s", svc, req)
+					} else {
+						d = p.Decide(pr, svc, dir.ServiceOwner(svc))
+					}
 					if d.Allow == allow {
 						continue
 					}
@@ -360,7 +387,7 @@ func (p *Policy) Run(dir Directory) error {
 					if d.Rule >= 0 {
 						by = fmt.Sprintf("rule %d (line %d): %s", d.Rule+1, d.Line, d.Why)
 					}
-					ps.add(s.Line, "test %d failed: %s to %s is %s by %s", i+1, t.From.S, svc, verdict, by)
+					ps.add(s.Line, "test %d failed: %s to %s is %s by %s", i+1, t.From.S, what, verdict, by)
 				}
 			}
 		}

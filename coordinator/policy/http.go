@@ -31,6 +31,9 @@ type HTTP struct {
 	OutlierDetection *Outlier `yaml:"outlierDetection"`
 	// Routes: first match wins; no match uses the service's split.
 	Routes []Route `yaml:"routes"`
+	// JWT, when set, makes the providers check an end-user token on
+	// every request (httpauth.go).
+	JWT *JWT `yaml:"jwt"`
 }
 
 // Retries is services.NAME.http.retries.
@@ -223,7 +226,7 @@ func lineOf(line int, ss ...Selector) int {
 func httpFields(typ string) (section, fields string, ok bool) {
 	switch typ {
 	case "policy.HTTP":
-		return "a service's http", "timeout, retries, outlierDetection, routes", true
+		return "a service's http", "timeout, retries, outlierDetection, routes, jwt", true
 	case "policy.Retries":
 		return "http.retries", "attempts, on, retryNonIdempotent, budgetPercent, minRetriesPerSecond", true
 	case "policy.Outlier":

@@ -76,7 +76,7 @@ func TestHTTPSection(t *testing.T) {
 func TestBadHTTPSections(t *testing.T) {
 	svc := func(body string) string { return "services:\n  web:\n    http:\n" + body }
 	for _, tc := range []struct{ name, src, want string }{
-		{"unknown field", svc("      timeuot: 5s\n"), `policy.yaml:4: unknown field "timeuot" in a service's http (fields: timeout, retries, outlierDetection, routes)`},
+		{"unknown field", svc("      timeuot: 5s\n"), `policy.yaml:4: unknown field "timeuot" in a service's http (fields: timeout, retries, outlierDetection, routes, jwt)`},
 		{"unknown retries field", svc("      retries: {attempts: 1, on: [503], tries: 2}\n"), `policy.yaml:4: unknown field "tries" in http.retries`},
 		{"bad duration", svc("      timeout: soon\n"), `policy.yaml:4: service "web": http.timeout "soon": want a duration`},
 		{"negative duration", svc("      timeout: -5s\n"), `policy.yaml:4: service "web": http.timeout -5s must be positive`},

@@ -84,9 +84,12 @@ type Policy struct {
 
 // index locates rules by what they name.
 type index struct {
-	toStar []int            // rules whose to holds "*", ascending
-	toName map[string][]int // rules whose to names a service, ascending
-	nodes  map[string]bool  // names of node: selectors in rules' from
+	toStar []int // rules whose to holds "*", ascending
+	// condDeny: deny rules with http or when, which refuse only some
+	// requests and so never decide who may connect
+	condDeny []int
+	toName   map[string][]int // rules whose to names a service, ascending
+	nodes    map[string]bool  // names of node: selectors in rules' from
 	// bySel: rules by the selectors of their from, ascending
 	bySel map[string][]int
 	// groupsOf: a user's groups
@@ -103,6 +106,9 @@ func (p *Policy) buildIndex() {
 		}
 	}
 	for i, r := range p.Rules {
+		if r.condDeny() {
+			ix.condDeny = append(ix.condDeny, i)
+		}
 		star := false
 		for _, t := range r.To {
 			if t.S == "*" {
@@ -158,6 +164,10 @@ type Rule struct {
 	To   []Selector `yaml:"to"`
 	// Action is allow (the default) or deny.
 	Action Selector `yaml:"action"`
+	// HTTP and When limit the rule to some requests of HTTP services:
+	// their providers decide each request.
+	HTTP *RuleHTTP  `yaml:"http"`
+	When Conditions `yaml:"when"`
 }
 
 // Test is one expectation the policy must meet.
@@ -165,6 +175,8 @@ type Test struct {
 	From  Selector   `yaml:"from"`
 	Allow []Selector `yaml:"allow"`
 	Deny  []Selector `yaml:"deny"`
+	// Request, when set, makes allow and deny about this HTTP request.
+	Request *TestRequest `yaml:"request"`
 }
 
 // Selector is one string of the file with where it stood.
@@ -324,16 +336,29 @@ func hasAlias(n *yaml.Node, depth int) bool {
 	return false
 }
 
-// recordLines notes where the keys of groups, tagOwners and services are.
+// recordLines notes where the keys of groups, tagOwners and services
+// are, and inside services those of http and http.jwt.
 func (p *Policy) recordLines(doc *yaml.Node) {
+	var walk func(prefix string, n *yaml.Node, depth int)
+	walk = func(prefix string, n *yaml.Node, depth int) {
+		if n.Kind != yaml.MappingNode {
+			return
+		}
+		for j := 0; j+1 < len(n.Content); j += 2 {
+			k := prefix + "/" + n.Content[j].Value
+			p.lines[k] = n.Content[j].Line
+			if depth > 0 {
+				walk(k, n.Content[j+1], depth-1)
+			}
+		}
+	}
 	for i := 0; i+1 < len(doc.Content); i += 2 {
 		sec, val := doc.Content[i].Value, doc.Content[i+1]
-		if val.Kind != yaml.MappingNode {
-			continue
+		depth := 0
+		if sec == "services" {
+			depth = 2 // services/NAME/http/jwt
 		}
-		for j := 0; j+1 < len(val.Content); j += 2 {
-			p.lines[sec+"/"+val.Content[j].Value] = val.Content[j].Line
-		}
+		walk(sec, val, depth)
 	}
 }
 
@@ -399,6 +424,12 @@ func section(typ string) string {
 		return "a test"
 	case "policy.Service":
 		return "a service"
+	case "policy.JWT":
+		return "jwt"
+	case "policy.RuleHTTP":
+		return "a rule's http"
+	case "policy.TestRequest":
+		return "a test's request"
 	}
 	return typ
 }
@@ -411,11 +442,17 @@ func fieldsOf(typ string) string {
 	case "policy.Policy":
 		return "groups, tagOwners, services, rules, tests"
 	case "policy.Rule":
-		return "from, to, action"
+		return "from, to, action, http, when"
 	case "policy.Test":
-		return "from, allow, deny"
+		return "from, allow, deny, request"
 	case "policy.Service":
 		return "owners, split, locality, affinity, protocol, http"
+	case "policy.JWT":
+		return "issuer, jwksURL, jwksFile, audiences, forwardClaims, required"
+	case "policy.RuleHTTP":
+		return "methods, paths"
+	case "policy.TestRequest":
+		return "method, path, claims"
 	}
 	return "?"
 }
@@ -593,6 +630,9 @@ func (p *Policy) check(ps *problems) {
 			ps.add(line, "service %q lists no owners; remove the entry or name who may provide it", name)
 		}
 		p.checkTraffic(ps, line, name, sv)
+		if sv.HTTP != nil {
+			p.checkJWT(ps, name, sv.HTTP)
+		}
 		list(p.Services[name].Owners, placeOwner, line, "services."+name+".owners")
 	}
 	for i, r := range p.Rules {
@@ -610,7 +650,9 @@ func (p *Policy) check(ps *problems) {
 		default:
 			ps.add(r.Action.Line, "rule %d: action %q: write allow or deny", i+1, r.Action.S)
 		}
+		p.checkRuleHTTP(ps, i, r)
 	}
+	p.checkRequestRuleCount(ps)
 	for i, t := range p.Tests {
 		line := t.From.Line
 		if t.From.S == "" {
@@ -623,6 +665,7 @@ func (p *Policy) check(ps *problems) {
 		}
 		list(t.Allow, placeServiceRef, line, fmt.Sprintf("test %d's allow", i+1))
 		list(t.Deny, placeServiceRef, line, fmt.Sprintf("test %d's deny", i+1))
+		p.checkTestRequest(ps, i, t)
 	}
 }
 

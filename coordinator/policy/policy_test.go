@@ -3,6 +3,7 @@ package policy_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 
@@ -140,7 +141,7 @@ func TestBadPolicies(t *testing.T) {
 	}{
 		{"invalid yaml", "rules:\n  - from: [a\n", "policy.yaml:"},
 		{"unknown top field", "groups: {}\nrulez: []\n", `policy.yaml:2: unknown field "rulez" in the policy`},
-		{"unknown rule field", "rules:\n  - from: ['*']\n    too: [web]\n", `policy.yaml:3: unknown field "too" in a rule (fields: from, to, action)`},
+		{"unknown rule field", "rules:\n  - from: ['*']\n    too: [web]\n", `policy.yaml:3: unknown field "too" in a rule (fields: from, to, action, http, when)`},
 		{"missing group", "rules:\n  - from: [group:ops]\n    to: [web]\n", `policy.yaml:2: "group:ops": no group "ops" is defined under groups`},
 		{"unknown selector kind", "rules:\n  - from: [team:x]\n    to: [web]\n", `policy.yaml:2: "team:x": unknown selector kind "team"`},
 		{"bare word", "rules:\n  - from: [alice]\n    to: [web]\n", `policy.yaml:2: "alice" is no selector`},
@@ -256,7 +257,7 @@ func TestAccessIsDecide(t *testing.T) {
 	}
 	for round := range 300 {
 		var b strings.Builder
-		fmt.Fprintf(&b, "groups:\n  g1: [user:%s, user:%s]\n  g2: [user:%s]\ntagOwners:\n  ci: [user:alice]\n  db: [user:alice]\n  web: [user:alice]\nrules:\n", pick(users), pick(users), pick(users))
+		fmt.Fprintf(&b, "groups:\n  g1: [user:%s, user:%s]\n  g2: [user:%s]\ntagOwners:\n  ci: [user:alice]\n  db: [user:alice]\n  web: [user:alice]\nservices:\n  web: {protocol: http}\n  x: {protocol: http}\nrules:\n", pick(users), pick(users), pick(users))
 		for range 1 + rng.IntN(8) {
 			var from, to []string
 			for range 1 + rng.IntN(3) {
@@ -271,6 +272,11 @@ func TestAccessIsDecide(t *testing.T) {
 			}
 			action := pick([]string{"allow", "deny", "allow"})
 			fmt.Fprintf(&b, "  - from: [%s]\n    to: [%s]\n    action: %s\n", strings.Join(from, ", "), strings.Join(to, ", "), action)
+			// Rules of HTTP services only may decide per request: an
+			// allow lets the node connect, a deny is passed over.
+			if !slices.ContainsFunc(to, func(s string) bool { return s != "web" && s != "x" }) && rng.IntN(2) == 0 {
+				b.WriteString("    http: {methods: [GET]}\n")
+			}
 		}
 		p, err := policy.Parse("p", []byte(b.String()))
 		if err != nil {
