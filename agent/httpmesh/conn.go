@@ -2,6 +2,7 @@ package httpmesh
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -82,7 +83,12 @@ func (s *server) serveConn(conn net.Conn, info *RequestInfo) {
 		return
 	}
 	conn.SetReadDeadline(time.Time{})
-	sc := &srvConn{Conn: conn, r: br, info: info, closed: make(chan struct{})}
+	sc := &srvConn{Conn: conn, r: br, info: info, closed: make(chan struct{}), refused: func(status string) {
+		if ok, n := s.bad.allow(time.Now()); ok {
+			s.log.Warn("a request that is not valid HTTP on an HTTP service; answered and closed", "end", s.what, "service", info.Service,
+				"from", info.Client, "node", info.FromName, "answer", status, "more_not_logged", n)
+		}
+	}}
 	if !s.ln.push(sc) {
 		conn.Close()
 		return
@@ -144,9 +150,23 @@ type srvConn struct {
 	info   *RequestInfo
 	once   sync.Once
 	closed chan struct{}
+	// refused is told when net/http itself refuses a request it could
+	// not parse (a malformed request line or header).
+	refused func(status string)
 }
 
 func (c *srvConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// Write spots net/http's own refusals of unparsable requests: a 4xx
+// status line written without the Date header every handler's response
+// carries.
+func (c *srvConn) Write(p []byte) (int, error) {
+	if len(p) > 10 && string(p[:10]) == "HTTP/1.1 4" && !bytes.Contains(p, []byte("\r\nDate: ")) {
+		line, _, _ := bytes.Cut(p, []byte("\r\n"))
+		c.refused(string(line[9:]))
+	}
+	return c.Conn.Write(p)
+}
 
 func (c *srvConn) Close() error {
 	err := c.Conn.Close()

@@ -4,12 +4,15 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/wire"
@@ -144,5 +147,53 @@ func TestHooks(t *testing.T) {
 	defer provObs.mu.Unlock()
 	if len(provObs.done) != 2 || provObs.done[0].Code != 401 || provObs.done[0].From != 7 || provObs.done[0].FromName != "site-a" || provObs.done[1].Code != 200 {
 		t.Fatalf("provider ends %+v", provObs.done)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestNotHTTPLogged: what cannot start a request and a request net/http
+// cannot parse both get a 4xx and a log line (one per 10 s: the second is
+// counted, then named by the next line).
+func TestNotHTTPLogged(t *testing.T) {
+	for _, tc := range []struct{ in, status, log string }{
+		{"\x16\x03\x01\x00\x05hello", "400 Bad Request", "not HTTP on an HTTP service"},
+		{"hello there\r\n\r\n", "400 Bad Request", "not valid HTTP on an HTTP service"},
+		{"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", "400 Bad Request", "not valid HTTP on an HTTP service"},
+	} {
+		var logs syncBuffer
+		c := NewConsumer(ConsumerConfig{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		c.Attach(onePicker{})
+		addr := serveAll(t, func(conn net.Conn) { c.ServeConn("web", conn) })
+		conn, err := net.Dial("tcp", addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(conn, tc.in)
+		b, _ := io.ReadAll(conn)
+		conn.Close()
+		if !strings.HasPrefix(string(b), "HTTP/1.1 "+tc.status) {
+			t.Errorf("%q: answered %q", tc.in, b)
+		}
+		c.Close()
+		if !strings.Contains(logs.String(), tc.log) {
+			t.Errorf("%q: logged %q, want %q", tc.in, logs.String(), tc.log)
+		}
 	}
 }

@@ -165,7 +165,15 @@ func (p *Provider) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	e := info.export
-	r = r.WithContext(context.WithValue(r.Context(), exportKey{}, e))
+	ctx := context.WithValue(r.Context(), exportKey{}, e)
+	if e.HTTP != nil && e.HTTP.TimeoutMS > 0 {
+		// The consumer bounds the request already; this bounds it for
+		// consumers that carry the service as TCP (older agents).
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, e.HTTP.Timeout())
+		defer cancel()
+	}
+	r = r.WithContext(ctx)
 	if r.Method == http.MethodConnect {
 		stream(sw, r, func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
