@@ -3,6 +3,7 @@ package coordinator
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 
 	"github.com/meshlink/meshlink/wire"
@@ -55,6 +56,14 @@ func TestStatsHTTPOnlyOwnEdges(t *testing.T) {
 		if sv.Name == "web" && (sv.HTTP == nil || sv.HTTP.Requests != 7) {
 			t.Errorf("web's figures %+v, want 7 requests", sv.HTTP)
 		}
+	}
+
+	// The pages render the figures too (the live feed redraws them).
+	if _, page := br.get("/console/services"); !strings.Contains(page, "7 requests, 0 failed") || !strings.Contains(page, "p99 ") {
+		t.Errorf("services page lacks web's HTTP figures: %s", page)
+	}
+	if _, page := br.get("/console/graph"); !strings.Contains(page, `data-edge="web/bobs/web1"`) || strings.Contains(page, "db1</td>") {
+		t.Errorf("graph page's edge table: %s", page)
 	}
 
 	many := make([]wire.HTTPStats, wire.MaxHTTPStats+1)
