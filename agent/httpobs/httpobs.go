@@ -340,44 +340,51 @@ func StartAttempt(r *http.Request, p Peer) (out *http.Request, done func(code in
 	}
 }
 
-// Middleware returns the provider's wrapper of the handler that forwards
-// service's requests to its target. peer names the consumer a request came
-// from (nil: only its remote address is known). The consumer's trace
-// context is continued and the target gets this span's.
-func (o *Observer) Middleware(service string, peer func(*http.Request) Peer) func(http.Handler) http.Handler {
+// Middleware returns the wrapper of the per-request handler at role's end
+// of the mesh. info says which service a request is for and, at a
+// provider, which consumer it came from (at a consumer the provider is
+// known only once an attempt chooses it: AttemptTransport, StartAttempt).
+//
+// At a consumer the span is of kind client and continues the app's trace
+// context; at a provider it is of kind server and continues the
+// consumer's. Either way the request goes on with this span's context in
+// its headers.
+func (o *Observer) Middleware(role wire.ServiceRole, info func(*http.Request) (service string, peer Peer)) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			q := &request{o: o, role: wire.RoleProvider, service: service, start: time.Now(), method: r.Method, path: r.URL.Path}
-			if peer != nil {
-				q.peer = peer(r)
-			}
-			if q.peer.Addr == "" {
-				q.peer.Addr = r.RemoteAddr
-			}
-			ctx := r.Context()
+			service, peer := info(r)
+			q := &request{o: o, role: role, service: service, start: time.Now(), method: r.Method, path: r.URL.Path, peer: peer}
+			ctx := context.WithValue(r.Context(), requestKey{}, q)
 			if o.tracer != nil {
 				ctx = o.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
-				attrs := []attribute.KeyValue{attrProvider.String(o.node)}
-				if q.peer.Name != "" {
-					attrs = append(attrs, attrConsumer.String(q.peer.Name))
+				kind := trace.SpanKindClient
+				var attrs []attribute.KeyValue
+				if role == wire.RoleProvider {
+					kind = trace.SpanKindServer
+					attrs = append(attrs, attrProvider.String(o.node))
+					if peer.Name != "" {
+						attrs = append(attrs, attrConsumer.String(peer.Name))
+					}
+					if peer.Addr != "" {
+						attrs = append(attrs, semconv.NetworkPeerAddress(hostOnly(peer.Addr)), semconv.ClientAddress(hostOnly(peer.Addr)))
+					}
 				}
-				if q.peer.Addr != "" {
-					attrs = append(attrs, semconv.NetworkPeerAddress(hostOnly(q.peer.Addr)), semconv.ClientAddress(hostOnly(q.peer.Addr)))
-				}
-				ctx, q.span = o.spanStart(ctx, trace.SpanKindServer, r, service, attrs...)
+				ctx, q.span = o.spanStart(ctx, kind, r, service, attrs...)
 				r = r.WithContext(ctx)
 				r.Header = r.Header.Clone()
 				o.prop.Inject(ctx, propagation.HeaderCarrier(r.Header))
+			} else {
+				r = r.WithContext(ctx)
 			}
 			rw := &recorder{ResponseWriter: w, q: q}
 			defer func() {
-				code := rw.code
-				if code == 0 {
-					code = http.StatusOK // the handler wrote nothing: net/http answers 200
-				}
 				if p := recover(); p != nil {
 					q.finish(http.StatusInternalServerError, errors.New("handler panicked"))
 					panic(p)
+				}
+				code := rw.code
+				if code == 0 && role == wire.RoleProvider {
+					code = http.StatusOK // the handler wrote nothing: net/http answers 200
 				}
 				q.finish(code, nil)
 			}()
@@ -385,6 +392,27 @@ func (o *Observer) Middleware(service string, peer func(*http.Request) Peer) fun
 		})
 	}
 }
+
+// AttemptTransport wraps the RoundTripper of each attempt at a consumer
+// (the first, or a retry): peer says which provider the attempt goes to.
+// Each attempt is a child span of the request's, and its trace context
+// is what the provider receives.
+func (o *Observer) AttemptTransport(next http.RoundTripper, peer func(*http.Request) Peer) http.RoundTripper {
+	return roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+		out, done := StartAttempt(r, peer(r))
+		resp, err := next.RoundTrip(out)
+		if err != nil {
+			done(0, err)
+			return nil, err
+		}
+		done(resp.StatusCode, nil)
+		return resp, nil
+	})
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // recorder notes a response's status and body size. It passes Flush and
 // Hijack on (Unwrap, for http.ResponseController; Flusher for handlers that

@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -129,7 +131,9 @@ func TestRequestAcrossBothEnds(t *testing.T) {
 		targetSaw = r.Header.Clone()
 		io.WriteString(w, "hello")
 	})
-	good := httptest.NewServer(prov.Middleware("web", func(*http.Request) Peer { return Peer{Node: 1, Name: "site-a", Addr: "100.96.0.1:4000"} })(target))
+	good := httptest.NewServer(prov.Middleware(wire.RoleProvider, func(*http.Request) (string, Peer) {
+		return "web", Peer{Node: 1, Name: "site-a", Addr: "100.96.0.1:4000"}
+	})(target))
 	defer good.Close()
 	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "busy", http.StatusServiceUnavailable) }))
 	defer bad.Close()
@@ -248,7 +252,7 @@ func TestNewTraceWhenAbsent(t *testing.T) {
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
 	o := New(Config{Tracer: tp})
 	var saw string
-	srv := httptest.NewServer(o.Middleware("web", nil)(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { saw = r.Header.Get("traceparent") })))
+	srv := httptest.NewServer(o.Middleware(wire.RoleProvider, func(*http.Request) (string, Peer) { return "web", Peer{} })(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { saw = r.Header.Get("traceparent") })))
 	defer srv.Close()
 	resp, err := (&http.Client{Transport: o.Transport("web", http.DefaultTransport)}).Get(srv.URL + "/")
 	if err != nil {
@@ -490,4 +494,103 @@ func TestParseSampler(t *testing.T) {
 			t.Errorf("unknown sampler error %v", err)
 		}
 	}
+}
+
+type peerKey struct{}
+
+// TestConsumerMiddleware drives the hooks as the HTTP data path has them
+// (agent/httpmesh): the consumer's Middleware around a reverse proxy whose
+// transport retries, each attempt through AttemptTransport, to a provider
+// behind the provider's Middleware.
+func TestConsumerMiddleware(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	var buf syncBuffer
+	l := NewAccessLog(&buf, 16, nil)
+	defer l.Close()
+	o := New(Config{Node: "a", Tracer: tp, Log: l, Stats: NewStats()})
+	calls := 0
+	prov := httptest.NewServer(o.Middleware(wire.RoleProvider, func(*http.Request) (string, Peer) { return "web", Peer{Node: 1, Name: "a"} })(
+		http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if calls++; calls == 1 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
+			io.WriteString(w, "ok")
+		})))
+	defer prov.Close()
+	attempt := o.AttemptTransport(http.DefaultTransport, func(r *http.Request) Peer { return r.Context().Value(peerKey{}).(Peer) })
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) { pr.SetURL(mustURL(t, prov.URL)) },
+		Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+			for n := 1; ; n++ {
+				out := r.Clone(context.WithValue(r.Context(), peerKey{}, Peer{Node: wire.NodeID(10 + n), Name: fmt.Sprintf("p%d", n)}))
+				resp, err := attempt.RoundTrip(out)
+				if err != nil || resp.StatusCode < 500 || n == 3 {
+					return resp, err
+				}
+				resp.Body.Close()
+			}
+		}),
+	}
+	cons := httptest.NewServer(o.Middleware(wire.RoleConsumer, func(*http.Request) (string, Peer) { return "web", Peer{} })(rp))
+	defer cons.Close()
+	resp, err := http.Get(cons.URL + "/p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "ok" {
+		t.Fatalf("got %q", b)
+	}
+	var client sdktrace.ReadOnlySpan
+	kids, servers := 0, 0
+	sp := rec.Ended()
+	for _, s := range sp {
+		if s.SpanKind() == trace.SpanKindClient && !s.Parent().IsValid() {
+			client = s
+		}
+	}
+	if client == nil {
+		t.Fatalf("no root client span: %v", sp)
+	}
+	for _, s := range sp {
+		switch {
+		case s.SpanKind() == trace.SpanKindClient && s.Parent().SpanID() == client.SpanContext().SpanID():
+			kids++
+		case s.SpanKind() == trace.SpanKindServer && s.SpanContext().TraceID() == client.SpanContext().TraceID():
+			servers++
+		}
+	}
+	if kids != 2 || servers != 2 || len(sp) != 5 {
+		t.Errorf("%d spans: %d attempts under the request's, %d server spans; want 2 and 2", len(sp), kids, servers)
+	}
+	if a := attrs(client); a["meshlink.provider"].AsString() != "p2" || a["http.request.resend_count"].AsInt64() != 1 || a["http.response.status_code"].AsInt64() != 200 {
+		t.Errorf("client span %v", a)
+	}
+	var ce *Entry
+	for _, e := range readLines(t, &buf, 3) {
+		if e.Role == "consumer" {
+			ce = &e
+		}
+	}
+	if ce == nil || ce.Provider != "p2" || ce.Retries != 1 || ce.Code != 200 || ce.Bytes != 2 || ce.TraceID != client.SpanContext().TraceID().String() {
+		t.Errorf("consumer line %+v", ce)
+	}
+	var edges []string
+	for _, h := range o.Stats().Report() {
+		edges = append(edges, fmt.Sprintf("%s %d %d/%d", h.Role, h.Peer, h.Errors, h.Requests))
+	}
+	if want := "[consumer 12 0/1 provider 1 1/2]"; fmt.Sprint(edges) != want {
+		t.Errorf("edges %v, want %s", edges, want)
+	}
+}
+
+func mustURL(t *testing.T, s string) *url.URL {
+	u, err := url.Parse(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
 }
