@@ -572,6 +572,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	}
 	inCfg := httpmesh.ProviderConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics, Peer: a.peerOf, Node: a.nodeName}
 	outCfg := httpmesh.ConsumerConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics}
+	a.httpObs.hook(&outCfg, &inCfg)
 	a.httpIn = httpmesh.NewProvider(inCfg)
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied, OnHealth: a.healthChanged,
 		HealthInterval: a.cfg.HealthInterval, HTTP: a.httpIn})

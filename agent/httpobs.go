@@ -4,12 +4,15 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"time"
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
+	"github.com/meshlink/meshlink/agent/httpmesh"
 	"github.com/meshlink/meshlink/agent/httpobs"
+	"github.com/meshlink/meshlink/wire"
 )
 
 // httpObs is the agent's observation of its HTTP services' requests
@@ -85,4 +88,42 @@ func (a *Agent) HTTPObserver() *httpobs.Observer {
 		return nil
 	}
 	return a.httpObs.obs
+}
+
+// The hooks of the HTTP data path (agent/httpmesh) into the observer.
+
+// consumerInfo names the service of a consumer's request.
+func consumerInfo(r *http.Request) (string, httpobs.Peer) {
+	ri, _ := httpmesh.Info(r.Context())
+	return ri.Service, httpobs.Peer{}
+}
+
+// providerInfo names the service and the consumer node of a provider's
+// request (the node is certain: the mesh source address is bound to its
+// WireGuard key).
+func providerInfo(r *http.Request) (string, httpobs.Peer) {
+	ri, _ := httpmesh.Info(r.Context())
+	p := httpobs.Peer{Node: ri.From, Name: ri.FromName}
+	if ri.Client.IsValid() {
+		p.Addr = ri.Client.String()
+	}
+	return ri.Service, p
+}
+
+// attemptPeer is the provider a consumer's attempt goes to.
+func attemptPeer(r *http.Request) httpobs.Peer {
+	ai, _ := httpmesh.Attempt(r.Context())
+	p := httpobs.Peer{Node: ai.Provider.Node, Name: ai.Provider.Name}
+	if ai.Provider.Addr.IsValid() {
+		p.Addr = ai.Provider.Addr.Addr().String()
+	}
+	return p
+}
+
+// hook adds the observer to the HTTP data path's configurations.
+func (h *httpObs) hook(c *httpmesh.ConsumerConfig, p *httpmesh.ProviderConfig) {
+	o := h.obs
+	c.Middleware = o.Middleware(wire.RoleConsumer, consumerInfo)
+	c.WrapAttempt = func(rt http.RoundTripper) http.RoundTripper { return o.AttemptTransport(rt, attemptPeer) }
+	p.Middleware = o.Middleware(wire.RoleProvider, providerInfo)
 }
