@@ -208,7 +208,7 @@ func edgeKeyOf(reporter wire.NodeID, h *wire.HTTPStats) httpEdgeKey {
 }
 
 // addHTTP fills snap's HTTP figures: per edge, per service and per end.
-func (c *Console) addHTTP(snap *Snapshot, stats map[wire.NodeID]nodeStats, visible func(wire.NodeID) bool, names map[wire.NodeID]string) {
+func (c *Console) addHTTP(snap *Snapshot, stats map[wire.NodeID]nodeStats, visible func(wire.NodeID) bool, names map[wire.NodeID]string, online map[wire.NodeID]bool) {
 	figs, by := httpEdges(stats, visible)
 	if len(figs) == 0 {
 		return
@@ -259,12 +259,26 @@ func (c *Console) addHTTP(snap *Snapshot, stats map[wire.NodeID]nodeStats, visib
 				vs.Providers[j].HTTP = &v
 			}
 		}
+		listed := map[wire.NodeID]bool{}
 		for j := range vs.Consumers {
+			listed[vs.Consumers[j].Node] = true
 			k := endKey{vs.Name, vs.Consumers[j].Node}
 			if f := cons[k]; f != nil {
 				v := f.view(rps[[2]any{"c", k}])
 				vs.Consumers[j].HTTP = &v
 			}
 		}
+		// A consumer whose connection counters did not list the service
+		// still shows, by its requests.
+		var extra []ViewEnd
+		for k, f := range cons {
+			if k.service != vs.Name || listed[k.node] || !visible(k.node) {
+				continue
+			}
+			v := f.view(rps[[2]any{"c", k}])
+			extra = append(extra, ViewEnd{Node: k.node, Name: names[k.node], Online: online[k.node], HTTP: &v})
+		}
+		slices.SortFunc(extra, func(a, b ViewEnd) int { return cmp.Compare(a.Name, b.Name) })
+		vs.Consumers = append(vs.Consumers, extra...)
 	}
 }

@@ -111,7 +111,7 @@ func TestHTTPAggregation(t *testing.T) {
 	names := map[wire.NodeID]string{a: "a", b: "b", p: "p"}
 	all := func(wire.NodeID) bool { return true }
 	snap := &Snapshot{Services: []ViewService{{Name: "web", Providers: []ViewEnd{{Node: p}}, Consumers: []ViewEnd{{Node: a}, {Node: b}}}}}
-	(&Console{}).addHTTP(snap, stats, all, names)
+	(&Console{}).addHTTP(snap, stats, all, names, nil)
 
 	if len(snap.Edges) != 2 {
 		t.Fatalf("edges %+v", snap.Edges)
@@ -142,10 +142,17 @@ func TestHTTPAggregation(t *testing.T) {
 		t.Errorf("consumer b end %+v", cv)
 	}
 
+	// Consumers that only their requests name are listed too.
+	snap = &Snapshot{Services: []ViewService{{Name: "web", Providers: []ViewEnd{{Node: p}}}}}
+	(&Console{}).addHTTP(snap, stats, all, names, map[wire.NodeID]bool{a: true})
+	if cs := snap.Services[0].Consumers; len(cs) != 2 || cs[0].Name != "a" || !cs[0].Online || cs[1].Name != "b" || cs[0].HTTP == nil {
+		t.Errorf("consumers from requests: %+v", cs)
+	}
+
 	// A viewer who sees only a and p: b's edge is summed into the
 	// service but not listed, since it names b.
 	snap = &Snapshot{Services: []ViewService{{Name: "web"}}}
-	(&Console{}).addHTTP(snap, stats, func(id wire.NodeID) bool { return id != b }, names)
+	(&Console{}).addHTTP(snap, stats, func(id wire.NodeID) bool { return id != b }, names, nil)
 	if len(snap.Edges) != 1 || snap.Edges[0].ConsumerName != "a" {
 		t.Errorf("edges for a viewer without b: %+v", snap.Edges)
 	}
@@ -156,7 +163,7 @@ func TestHTTPAggregation(t *testing.T) {
 	s = addHTTPSample(s, httpSample{at: t0.Add(20 * time.Second), http: []wire.HTTPStats{hist(edge(wire.RoleConsumer, p), 30, time.Millisecond, 0)}})
 	stats[a] = nodeStats{http: s}
 	snap = &Snapshot{}
-	(&Console{}).addHTTP(snap, map[wire.NodeID]nodeStats{a: stats[a]}, all, names)
+	(&Console{}).addHTTP(snap, map[wire.NodeID]nodeStats{a: stats[a]}, all, names, nil)
 	if len(snap.Edges) != 1 || !near(snap.Edges[0].RPS, 30.0/20) || snap.Edges[0].Requests != 30 {
 		t.Errorf("after a restart: %+v", snap.Edges)
 	}

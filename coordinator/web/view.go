@@ -324,7 +324,7 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		}
 		snap.Services = append(snap.Services, vs)
 	}
-	c.addHTTP(snap, stats, visible, names)
+	c.addHTTP(snap, stats, visible, names, online)
 
 	toks, err := c.store.ListTokens(ctx)
 	if err != nil {
