@@ -447,3 +447,62 @@ services:
 		t.Errorf("provider's access-log line %+v", pe)
 	}
 }
+
+// TestHTTPAccessLogWithoutTracing: with tracing off both agents still
+// write an access-log line per request (JSON, with the consumer and
+// provider named, no trace id of their own), and the app's traceparent
+// reaches the target untouched: nothing is added or changed.
+func TestHTTPAccessLogWithoutTracing(t *testing.T) {
+	m := harness.NewMesh(t)
+	var mu sync.Mutex
+	var seen []string
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, r.Header.Get("traceparent"))
+		mu.Unlock()
+		io.WriteString(w, "hi")
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	dir := t.TempDir()
+	start := func(name string, o harness.AgentOptions) (*agent.Agent, string) {
+		cfg := m.AgentConfig(name, o)
+		cfg.AccessLog = filepath.Join(dir, name+".log")
+		a, err := harness.StartAgent(t, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a, cfg.AccessLog
+	}
+	cons, consLog := start("site-a", harness.AgentOptions{})
+	_, provLog := start("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: ln.Addr().String(), Protocol: "http"}}})
+	base := "http://" + waitProviders(t, cons, "web", 1).Local.String()
+	c := keepAliveClient()
+	const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	for i := range 5 {
+		if code, body, _, err := get(c, fmt.Sprintf("%s/n/%d", base, i), "traceparent", tp); err != nil || code != 200 || body != "hi" {
+			t.Fatalf("request %d: %d %q %v", i, code, body, err)
+		}
+	}
+	mu.Lock()
+	for _, s := range seen {
+		if s != tp {
+			t.Errorf("the target saw traceparent %q, want the app's %q", s, tp)
+		}
+	}
+	mu.Unlock()
+	for _, l := range []struct{ path, role string }{{consLog, "consumer"}, {provLog, "provider"}} {
+		var lines []httpobs.Entry
+		tstest.WaitFor(t, 5*time.Second, l.role+"'s five access-log lines", func() bool { lines = readAccessLog(t, l.path); return len(lines) >= 5 })
+		for i, e := range lines {
+			if e.Role != l.role || e.Service != "web" || e.Source != "site-a" || e.Provider != "site-b" || e.Code != 200 || e.Bytes != 2 ||
+				e.Method != "GET" || e.Path != fmt.Sprintf("/n/%d", i) || e.TraceID != "" || e.Time.IsZero() {
+				t.Errorf("%s line %d: %+v", l.role, i, e)
+			}
+		}
+	}
+}
