@@ -117,8 +117,16 @@ type requestKey struct{}
 
 // spanStart starts a span of kind for r, a child of ctx's span.
 func (o *Observer) spanStart(ctx context.Context, kind trace.SpanKind, r *http.Request, service string, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	// A method outside the known set is "_OTHER", its span "HTTP" (the
+	// semantic conventions' rule), so that a client cannot make span names
+	// without end.
+	name, method := r.Method, r.Method
+	if !knownMethods[method] {
+		name, method = "HTTP", "_OTHER"
+		attrs = append(attrs, semconv.HTTPRequestMethodOriginal(r.Method))
+	}
 	attrs = append(attrs,
-		semconv.HTTPRequestMethodKey.String(r.Method),
+		semconv.HTTPRequestMethodKey.String(method),
 		semconv.URLPath(r.URL.Path),
 		semconv.ServerAddress(hostOnly(r.Host)),
 		attrService.String(service),
@@ -131,7 +139,12 @@ func (o *Observer) spanStart(ctx context.Context, kind trace.SpanKind, r *http.R
 	}
 	// The span name is the method alone: meshlink knows no route template
 	// (the semantic conventions' {method} {http.route}).
-	return o.tracer.Start(ctx, r.Method, trace.WithSpanKind(kind), trace.WithAttributes(attrs...))
+	return o.tracer.Start(ctx, name, trace.WithSpanKind(kind), trace.WithAttributes(attrs...))
+}
+
+var knownMethods = map[string]bool{
+	http.MethodGet: true, http.MethodHead: true, http.MethodPost: true, http.MethodPut: true, http.MethodPatch: true,
+	http.MethodDelete: true, http.MethodConnect: true, http.MethodOptions: true, http.MethodTrace: true,
 }
 
 // finish ends req once: its span, its log line and its count.

@@ -594,3 +594,16 @@ func mustURL(t *testing.T, s string) *url.URL {
 	}
 	return u
 }
+
+// TestUnknownMethod: a method outside the known set is "_OTHER" in a span
+// named "HTTP", with the original kept aside.
+func TestUnknownMethod(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	o := New(Config{Tracer: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))})
+	h := o.Middleware(wire.RoleProvider, func(*http.Request) (string, Peer) { return "web", Peer{} })(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("FROBNICATE", "/", nil))
+	sp := rec.Ended()
+	if len(sp) != 1 || sp[0].Name() != "HTTP" || attrs(sp[0])["http.request.method"].AsString() != "_OTHER" || attrs(sp[0])["http.request.method_original"].AsString() != "FROBNICATE" {
+		t.Fatalf("spans %v", sp)
+	}
+}

@@ -58,12 +58,22 @@ func (s *Stats) Observe(service string, role wire.ServiceRole, peer wire.NodeID,
 	e.requests.Add(1)
 }
 
-// Overflow counts the requests of edges past wire.MaxHTTPStats.
-func (s *Stats) Overflow() uint64 { return s.overflow.Load() }
+// Overflow counts the requests of edges past wire.MaxHTTPStats; 0 for a
+// nil Stats.
+func (s *Stats) Overflow() uint64 {
+	if s == nil {
+		return 0
+	}
+	return s.overflow.Load()
+}
 
 // Report returns the counters as the coordinator takes them, sorted by
-// service, role and peer; every entry passes wire.HTTPStats.Check.
+// service, role and peer; every entry passes wire.HTTPStats.Check. A nil
+// Stats reports nothing.
 func (s *Stats) Report() []wire.HTTPStats {
+	if s == nil {
+		return nil
+	}
 	s.mu.Lock()
 	out := make([]wire.HTTPStats, 0, len(s.edges))
 	for k, e := range s.edges {

@@ -37,6 +37,8 @@ const (
 	defaultHTTPPort  = "4318"
 	defaultGRPCPort  = "4317"
 	tracesURLPath    = "/v1/traces"
+	// maxAttributeLength bounds each attribute value of a span.
+	maxAttributeLength = 1024
 )
 
 // TraceConfig says where and how an agent exports its spans.
@@ -145,8 +147,13 @@ func NewTracerProvider(c TraceConfig) (*sdktrace.TracerProvider, error) {
 	if queue <= 0 {
 		queue = DefaultQueueSize
 	}
+	limits := sdktrace.NewSpanLimits()
+	// A path or a user agent is the client's to choose: bound what a span
+	// carries of it.
+	limits.AttributeValueLengthLimit = maxAttributeLength
 	return sdktrace.NewTracerProvider(
 		sdktrace.WithResource(res),
+		sdktrace.WithRawSpanLimits(limits),
 		sdktrace.WithSampler(sampler),
 		// No WithBlocking: a full queue drops the span.
 		sdktrace.WithBatcher(exp, sdktrace.WithMaxQueueSize(queue), sdktrace.WithMaxExportBatchSize(min(exportBatch, queue)),
