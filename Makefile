@@ -25,7 +25,7 @@ PKGS      ?= ./...
 # The packages `make race` covers: all but those that drive the gVisor
 # netstack hard (agent, netstack, test/...), which -race slows past CI's
 # budget on 2 cores.
-RACE_PKGS ?= ./wire/... ./coordinator/... ./agent/proxy/... ./agent/bind/... \
+RACE_PKGS ?= ./wire/... ./coordinator/... ./agent/proxy/... ./agent/bind/... ./agent/httpobs/... \
 	./dns/... ./agent/localapi/... ./relay/... ./stun/... ./internal/...
 # govulncheck, and the snapshot of the Go vulnerability database it checks
 # against (both modules from the module proxy; see vuln).

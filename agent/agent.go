@@ -29,6 +29,7 @@ import (
 	"github.com/meshlink/meshlink/agent/bind"
 	"github.com/meshlink/meshlink/agent/httpauth"
 	"github.com/meshlink/meshlink/agent/httpmesh"
+	"github.com/meshlink/meshlink/agent/httpobs"
 	"github.com/meshlink/meshlink/agent/localproxy"
 	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/agent/wgcfg"
@@ -142,6 +143,13 @@ type Config struct {
 	ExposeFile string
 	// ExposeFileEvery is how often ExposeFile is read again; default 2s.
 	ExposeFileEvery time.Duration
+	// Tracing exports OpenTelemetry spans of HTTP requests over OTLP
+	// (--otlp-endpoint); off without an endpoint. Tracing.Node defaults
+	// to Name.
+	Tracing httpobs.TraceConfig
+	// AccessLog is where one JSON line per HTTP request goes: a file
+	// (appended to, created 0600), "-" for standard output, "" for none.
+	AccessLog string
 }
 
 // pipelineWait is the longest a full pipeline holds a reader back before
@@ -176,6 +184,7 @@ type Agent struct {
 	api        *apiServer
 	metrics    *metricsServer // nil when metrics are off
 	health     *healthServer  // nil when health endpoints are off; set under mu
+	httpObs    *httpObs       // set by Start before the data path
 	// draining refuses new inbound mesh connections (Shutdown).
 	draining atomic.Bool
 	cc       *controlClient
@@ -556,6 +565,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	for _, p := range a.nm.Self.Addresses {
 		addrs = append(addrs, p.Addr())
 	}
+	if err := a.startHTTPObs(); err != nil {
+		return err
+	}
 	a.stack, err = netstack.New(netstack.Config{Addrs: addrs, Logger: a.cfg.Logger, Outbound: a.gateOut, Inbound: a.gateIn})
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
@@ -566,13 +578,15 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if a.httpAuth == nil {
 		a.httpAuth = httpauth.NewSet(httpauth.SetConfig{Logger: a.log.With("subsystem", "httpauth")})
 	}
-	a.httpIn = httpmesh.NewProvider(httpmesh.ProviderConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics, Peer: a.peerOf,
-		Node: a.nodeName})
+	inCfg := httpmesh.ProviderConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics, Peer: a.peerOf, Node: a.nodeName}
+	outCfg := httpmesh.ConsumerConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics}
+	a.httpObs.hook(&outCfg, &inCfg)
+	a.httpIn = httpmesh.NewProvider(inCfg)
 	a.provider = proxy.NewProvider(proxy.ProviderConfig{Logger: a.cfg.Logger, Policy: a.allow, Denied: a.denied, OnHealth: a.healthChanged,
 		HealthInterval: a.cfg.HealthInterval, HTTP: a.httpIn})
 	a.stack.SetTCPHandler(a.handleTCP)
 	a.stack.SetUDPHandler(a.handleUDP)
-	a.httpOut = httpmesh.NewConsumer(httpmesh.ConsumerConfig{Logger: a.cfg.Logger, Metrics: a.httpMetrics})
+	a.httpOut = httpmesh.NewConsumer(outCfg)
 	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout, HTTP: a.httpOut})
 	a.httpOut.Attach(a.consumer)
 	if err := a.startWireGuard(); err != nil {
@@ -1502,5 +1516,6 @@ func (a *Agent) Close() error {
 		a.consumer.Wait()
 	}
 	a.wg.Wait()
+	a.httpObs.shutdown() // last: the data path reports to it until closed
 	return nil
 }

@@ -122,6 +122,10 @@ var (
 		"UDP datagrams of a service not carried, by role: no provider, denied by policy (provider), over the flow bound, or a failed send.", []string{"service", "role"}, nil)
 	descUDPEvicted = prometheus.NewDesc("meshlink_agent_udp_flows_evicted_total",
 		"UDP flows a consumer closed to make room for a new client address (the least recently active of a full flow table).", []string{"service"}, nil)
+	descAccessLogDropped = prometheus.NewDesc("meshlink_http_access_log_dropped_total",
+		"Access-log lines dropped because the writer was behind by more than its buffer (--access-log).", nil, nil)
+	descHTTPEdgesOverflow = prometheus.NewDesc("meshlink_http_console_edges_overflow_total",
+		"HTTP requests left out of the console's figures because the agent already counts the most edges (service, role, peer) it reports.", nil, nil)
 )
 
 // agentCollector reads Status and Services at scrape time. Labels are peer
@@ -131,7 +135,7 @@ type agentCollector struct{ a *Agent }
 func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnected, descPeers, descPeerPathBytes, descPeerWGBytes,
 		descSvcConns, descSvcOpen, descSvcBytes, descSvcDialFail, descSvcDenied, descConnDenied, descProvSelected, descProvHealth,
-		descUDPFlows, descUDPFlowsTotal, descUDPDatagrams, descUDPDropped, descUDPEvicted} {
+		descUDPFlows, descUDPFlowsTotal, descUDPDatagrams, descUDPDropped, descUDPEvicted, descAccessLogDropped, descHTTPEdgesOverflow} {
 		ch <- d
 	}
 }
@@ -210,6 +214,12 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 			gauge(descProvHealth, h, s.Name, p.Name)
 		}
+	}
+	if h := c.a.httpObs; h != nil {
+		if h.log != nil {
+			counter(descAccessLogDropped, float64(h.log.Dropped()))
+		}
+		counter(descHTTPEdgesOverflow, float64(h.obs.Stats().Overflow()))
 	}
 	for _, e := range svcs.Exported {
 		service(e.Name, "provider", e.Total, e.Open, e.Sent, e.Received, e.Failed)

@@ -42,6 +42,9 @@ func (a *Agent) statsReport() wire.StatsReport {
 		r.Services = append(r.Services, wire.ServiceStats{Name: e.Name, Role: wire.RoleProvider, Open: e.Open, Total: e.Total, Failed: e.Failed, Denied: e.Denied, BytesSent: e.Received, BytesReceived: e.Sent})
 	}
 	r.Denials = a.denials.report()
+	if o := a.HTTPObserver(); o != nil {
+		r.HTTP = o.Stats().Report()
+	}
 	for _, p := range a.Status().Peers {
 		ps := wire.PeerStats{Node: wire.NodeID(p.ID), Path: p.Path, DirectBytes: p.DirectBytes, RelayedBytes: p.RelayedBytes, RTTMicros: time.Duration(p.RTT).Microseconds()}
 		if p.Path == "direct" {

@@ -311,7 +311,19 @@ func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 		s.log.Warn("refused a stats report with too many denials", "node", node.Name, "denials", len(req.Denials), "max", wire.MaxDenials)
 		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "stats report carries %d denials, more than %d; upgrade the agent", len(req.Denials), wire.MaxDenials)
 	}
-	if len(req.Denials) > 0 || len(req.Peers) > 0 {
+	// HTTP figures (version 12) are bounded and must add up, like the
+	// denials: a report that breaks either is refused whole.
+	if len(req.HTTP) > wire.MaxHTTPStats {
+		s.log.Warn("refused a stats report with too many HTTP edges", "node", node.Name, "edges", len(req.HTTP), "max", wire.MaxHTTPStats)
+		return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "stats report carries %d HTTP edges, more than %d; upgrade the agent", len(req.HTTP), wire.MaxHTTPStats)
+	}
+	for i := range req.HTTP {
+		if err := req.HTTP[i].Check(); err != nil {
+			s.log.Warn("refused a stats report with bad HTTP figures", "node", node.Name, "err", err)
+			return apiErr(http.StatusBadRequest, wire.ErrCodeBadRequest, "stats report: %v", err)
+		}
+	}
+	if len(req.Denials) > 0 || len(req.Peers) > 0 || len(req.HTTP) > 0 {
 		snap, err := s.current(r.Context())
 		if err != nil {
 			return storeErr("stats", err)
@@ -322,12 +334,44 @@ func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 		// The console names each path's peer to the node's owner: only
 		// peers of the node's map, which it knows already.
 		req.Peers = slices.DeleteFunc(req.Peers, func(p wire.PeerStats) bool { return p.Node == node.ID || !snap.peerOf(node.ID, p.Node) })
+		if n := len(req.HTTP); n > 0 {
+			req.HTTP = httpEdgesOf(node.ID, snap, req.HTTP)
+			if dropped := n - len(req.HTTP); dropped > 0 {
+				s.log.Debug("dropped HTTP edges that are not the node's", "node", node.Name, "dropped", dropped)
+			}
+		}
 	}
 	// Counters feed the console only: map streams are not woken.
 	req.Denials = nil
 	s.console.ReportStats(node.ID, req)
 	writeJSON(w, http.StatusOK, struct{}{})
 	return nil
+}
+
+// httpEdgesOf keeps the HTTP edges that node id can have carried in snap:
+// to a peer that provides the service (consumer), or from a peer to a
+// service the node provides (provider). Another node's traffic, or a
+// service the node has nothing to do with, must not show in the console
+// on its word.
+func httpEdgesOf(id wire.NodeID, snap *snapshot, edges []wire.HTTPStats) []wire.HTTPStats {
+	services := map[string]wire.Service{}
+	provides := func(name string, n wire.NodeID) bool {
+		sv, ok := services[name]
+		if !ok {
+			sv, _ = snap.service(name)
+			services[name] = sv
+		}
+		return slices.ContainsFunc(sv.Providers, func(p wire.Provider) bool { return p.Node == n })
+	}
+	return slices.DeleteFunc(edges, func(h wire.HTTPStats) bool {
+		if _, known := snap.byID[h.Peer]; !known || h.Peer == id || !snap.peerOf(id, h.Peer) {
+			return true
+		}
+		if h.Role == wire.RoleConsumer {
+			return !provides(h.Service, h.Peer)
+		}
+		return !provides(h.Service, id)
+	})
 }
 
 // authNode authenticates a call by its node credentials.

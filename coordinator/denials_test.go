@@ -253,6 +253,9 @@ func FuzzStatsBody(f *testing.F) {
 		`{"version":7,"denials":[{"count":-1},{"count":9223372036854775807}]}`,
 		`{"version":7,"denials":null}`, `{"version":7,"denials":{}}`,
 		`{"version":7,"services":[{"name":"x","role":"provider","denied":3}]}`,
+		`{"version":13,"http":[{"service":"fuzzer","role":"provider","peer":2,"requests":1,"buckets":[1,0,0,0,0,0,0,0,0,0,0,0,0,0]}]}`,
+		`{"version":13,"http":[{"service":"x","role":"consumer","peer":1,"requests":-1,"errors":-2,"buckets":[-1]}]}`,
+		`{"version":13,"http":[{"service":"x","role":"?","requests":9223372036854775807,"buckets":[9223372036854775807,1,0,0,0,0,0,0,0,0,0,0,0,0]}]}`,
 	} {
 		f.Add([]byte(s))
 	}

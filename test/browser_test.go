@@ -3,6 +3,7 @@ package test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -246,6 +247,46 @@ func TestConsoleInBrowser(t *testing.T) {
 		return nil
 	})
 	shot(ctx, "6-graph")
+
+	// HTTP requests from another site to an HTTP service: the graph's
+	// edges and its table of HTTP edges show their rate, errors and
+	// latency, live.
+	api := startHTTPBackend(t, "laptop")
+	if _, _, err := a.Expose(context.Background(), agent.Export{Name: "api", Target: api.addr(), Protocol: "http"}); err != nil {
+		t.Fatal(err)
+	}
+	dcfg := m.AgentConfig("desk", harness.AgentOptions{})
+	dcfg.StatsEvery = 200 * time.Millisecond
+	desk, err := harness.StartAgent(t, dcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	apiURL := "http://" + waitProviders(t, desk, "api", 1).Local.String() + "/items"
+	hc := keepAliveClient()
+	tstest.WaitForNil(t, 30*time.Second, "the api edge's request figures on the live graph", func() error {
+		for range 20 {
+			if code, _, _, err := get(hc, apiURL); err != nil || code != 200 {
+				return fmt.Errorf("GET %s: %d %v", apiURL, code, err)
+			}
+		}
+		rows, err := chromedp.Run(ctx, chromedp.Text(`tbody[data-live="edges"]`))
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(rows, "api") || !strings.Contains(rows, "desk") || !strings.Contains(rows, "laptop") ||
+			!strings.Contains(rows, " req/s") || strings.Contains(rows, "— req/s") || !strings.Contains(rows, "p99 ") {
+			return fmt.Errorf("edges table %q", rows)
+		}
+		graph, err := chromedp.Run(ctx, chromedp.TextContent(`#graph`))
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(graph, "% err") {
+			return fmt.Errorf("no HTTP figures on the graph's edges: %q", graph)
+		}
+		return nil
+	})
+	shot(ctx, "6b-http-edges")
 
 	// Edit the access policy: a mistake is shown with its line and
 	// changes nothing; a good one is saved, says what access it takes

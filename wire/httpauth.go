@@ -8,7 +8,7 @@ import (
 	"strings"
 )
 
-// HTTPAuth (version 12) is who may make which request to an HTTP
+// HTTPAuth (version 13) is who may make which request to an HTTP
 // service: the end-user JWT its providers check and the policy's
 // request-level rules, decided by each provider per request.
 type HTTPAuth struct {

@@ -72,6 +72,12 @@
 //	  JWKS URL or file, audiences, claims forwarded as headers) and, in
 //	  providers' maps only, the policy rules with http/when conditions
 //	  that decide each request, their from resolved to node IDs.
+//	14 (2026-12-01): per-request HTTP figures. StatsReport.HTTP counts,
+//	  per (service, role, peer node), the HTTP requests the node carried,
+//	  those that failed (5xx or no answer) and their latency in the fixed
+//	  buckets HTTPLatencyBounds, at most MaxHTTPStats entries; the
+//	  coordinator refuses a report with more, or with an entry that does
+//	  not add up, and drops entries whose peer is not one of the node's.
 package wire
 
 import (
@@ -87,7 +93,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 13
+const ProtocolVersion = 14
 
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
@@ -313,10 +319,84 @@ type StatsReport struct {
 	// most recent first, at most MaxDenials: the coordinator ignores a
 	// report with more.
 	Denials []Denial `json:"denials,omitempty"`
+	// HTTP (version 14) are the node's HTTP request figures per edge, at
+	// most MaxHTTPStats: the coordinator refuses a report with more.
+	HTTP []HTTPStats `json:"http,omitempty"`
 }
 
 // MaxDenials bounds StatsReport.Denials.
 const MaxDenials = 64
+
+// MaxHTTPStats bounds StatsReport.HTTP: an agent keeps figures for at most
+// this many (service, role, peer) edges and counts the rest nowhere.
+const MaxHTTPStats = 256
+
+// HTTPLatencyBounds are the upper bounds of HTTPStats.Buckets; the last
+// bucket, one more than the bounds, counts what took longer. Fixed here so
+// that every agent's buckets add up on the coordinator.
+var HTTPLatencyBounds = [...]time.Duration{
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
+	500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second,
+}
+
+// HTTPBuckets is the length of HTTPStats.Buckets.
+const HTTPBuckets = len(HTTPLatencyBounds) + 1
+
+// HTTPBucket is the index in HTTPStats.Buckets of a request that took d.
+func HTTPBucket(d time.Duration) int {
+	for i, b := range HTTPLatencyBounds {
+		if d <= b {
+			return i
+		}
+	}
+	return len(HTTPLatencyBounds)
+}
+
+// HTTPStats counts the HTTP requests of one service between the reporting
+// node and one peer, totals since the agent started.
+type HTTPStats struct {
+	Service string      `json:"service"`
+	Role    ServiceRole `json:"role"`
+	// Peer is the provider the requests went to (RoleConsumer) or the
+	// consumer they came from (RoleProvider).
+	Peer NodeID `json:"peer"`
+	// Requests counts the requests answered or failed; Errors those
+	// answered 5xx or not answered at all.
+	Requests int64 `json:"requests"`
+	Errors   int64 `json:"errors,omitempty"`
+	// Buckets counts the requests by duration, bucket i holding those
+	// that took at most HTTPLatencyBounds[i] and more than the bound
+	// before (not cumulative); HTTPBuckets long, summing to Requests.
+	Buckets []int64 `json:"buckets"`
+}
+
+// Check says what is wrong with h, as received from a node.
+func (h *HTTPStats) Check() error {
+	if h.Service == "" || len(h.Service) > 63 {
+		return fmt.Errorf("http stats: service name %q is empty or longer than 63", h.Service)
+	}
+	if h.Role != RoleConsumer && h.Role != RoleProvider {
+		return fmt.Errorf("http stats for %q: role %q is neither consumer nor provider", h.Service, h.Role)
+	}
+	if len(h.Buckets) != HTTPBuckets {
+		return fmt.Errorf("http stats for %q: %d latency buckets, want %d", h.Service, len(h.Buckets), HTTPBuckets)
+	}
+	if h.Requests < 0 || h.Errors < 0 || h.Errors > h.Requests {
+		return fmt.Errorf("http stats for %q: %d errors of %d requests", h.Service, h.Errors, h.Requests)
+	}
+	var sum int64
+	for _, b := range h.Buckets {
+		if b < 0 || sum+b < sum {
+			return fmt.Errorf("http stats for %q: a latency bucket is negative or the buckets overflow", h.Service)
+		}
+		sum += b
+	}
+	if sum != h.Requests {
+		return fmt.Errorf("http stats for %q: latency buckets count %d requests, not %d", h.Service, sum, h.Requests)
+	}
+	return nil
+}
 
 // Denial counts the connections from one node to one service that the
 // reporting provider refused by policy.

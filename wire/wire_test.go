@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"math"
 	"net/netip"
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func goodToken() JoinToken {
@@ -188,5 +190,36 @@ func TestPrefixesDisjoint(t *testing.T) {
 	}
 	if NodePrefix6.Overlaps(ServicePrefix) || !NodePrefix4.Addr().Is4() || !NodePrefix6.Addr().Is6() {
 		t.Fatal("bad prefix families")
+	}
+}
+
+func TestHTTPStatsCheck(t *testing.T) {
+	ok := func() HTTPStats {
+		h := HTTPStats{Service: "web", Role: RoleConsumer, Peer: 2, Requests: 3, Errors: 1, Buckets: make([]int64, HTTPBuckets)}
+		h.Buckets[HTTPBucket(3*time.Millisecond)], h.Buckets[HTTPBucket(time.Minute)] = 2, 1
+		return h
+	}
+	if h := ok(); h.Check() != nil {
+		t.Fatalf("a good entry: %v", h.Check())
+	}
+	for name, mod := range map[string]func(*HTTPStats){
+		"no service":        func(h *HTTPStats) { h.Service = "" },
+		"long service":      func(h *HTTPStats) { h.Service = strings.Repeat("x", 64) },
+		"bad role":          func(h *HTTPStats) { h.Role = "admin" },
+		"short buckets":     func(h *HTTPStats) { h.Buckets = h.Buckets[:2] },
+		"more errors":       func(h *HTTPStats) { h.Errors = 4 },
+		"negative requests": func(h *HTTPStats) { h.Requests = -1 },
+		"negative bucket":   func(h *HTTPStats) { h.Buckets[0] = -1; h.Buckets[1] = 1 },
+		"buckets differ":    func(h *HTTPStats) { h.Requests = 2; h.Errors = 0 },
+		"overflow":          func(h *HTTPStats) { h.Buckets[0] = math.MaxInt64; h.Buckets[1] = math.MaxInt64 },
+	} {
+		h := ok()
+		mod(&h)
+		if h.Check() == nil {
+			t.Errorf("%s: taken", name)
+		}
+	}
+	if HTTPBucket(0) != 0 || HTTPBucket(time.Millisecond) != 0 || HTTPBucket(time.Millisecond+1) != 1 || HTTPBucket(time.Hour) != HTTPBuckets-1 {
+		t.Error("HTTPBucket's edges")
 	}
 }

@@ -726,7 +726,7 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
 			// A tuning knob for measurements, not for users: hidden.
 			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
-		}, append(agentSidecarFlags(), logFlags()...)...),
+		}, append(append(agentSidecarFlags(), tracingFlags()...), logFlags()...)...),
 		Action: func(c *cli.Context) error {
 			log, err := startDaemon(c)
 			if err != nil {
@@ -737,6 +737,9 @@ func agentCmd() *cli.Command {
 				return usageErrorf("meshlink agent: %v", err)
 			}
 			cfg.Logger = log
+			if cfg.Tracing.Enabled() {
+				otelErrors(log)
+			}
 			a, err := agent.New(cfg)
 			if err != nil {
 				return err
@@ -803,6 +806,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		SOCKS5: c.String("socks5"), HTTPProxy: c.String("http-proxy"), ProxyMeshOnly: c.Bool("proxy-mesh-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
+	}
+	if err := tracingConfig(c, os.Getenv, &cfg); err != nil {
+		return agent.Config{}, err
 	}
 	return cfg, sidecarConfig(c, &cfg)
 }

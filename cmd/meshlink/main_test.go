@@ -94,6 +94,27 @@ func TestAgentConfig(t *testing.T) {
 			}},
 		{"dns allow from environment", map[string]string{"MESHLINK_DNS_ALLOW": "10.1.0.0/16"}, nil,
 			func(c agent.Config) bool { return fmt.Sprint(c.DNSAllow) == "[10.1.0.0/16]" }},
+		{"tracing off by default", nil, nil,
+			func(c agent.Config) bool {
+				return !c.Tracing.Enabled() && c.Tracing.Sample == 1 && !c.Tracing.IgnoreParent && c.AccessLog == ""
+			}},
+		{"tracing flags", nil, []string{"--otlp-endpoint", "127.0.0.1:4318", "--trace-sample", "0.1", "--access-log", "-", "--trace-service", "edge"},
+			func(c agent.Config) bool {
+				t := c.Tracing
+				return t.Endpoint == "127.0.0.1:4318" && t.Sample == 0.1 && !t.IgnoreParent && t.ServiceName == "edge" && c.AccessLog == "-"
+			}},
+		{"OpenTelemetry environment", map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/t",
+			"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25", "OTEL_SERVICE_NAME": "svc"}, nil,
+			func(c agent.Config) bool {
+				t := c.Tracing
+				return t.Endpoint == "http://c:4318" && t.TracesEndpoint == "http://c:4318/t" && t.Protocol == "grpc" && t.Sample == 0.25 && t.IgnoreParent && t.ServiceName == "svc"
+			}},
+		{"meshlink variables win over OpenTelemetry's", map[string]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/t", "MESHLINK_OTLP_ENDPOINT": "j:4318",
+			"OTEL_TRACES_SAMPLER": "always_off", "MESHLINK_TRACE_SAMPLE": "0.5", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "MESHLINK_OTLP_PROTOCOL": "http/protobuf"}, nil,
+			func(c agent.Config) bool {
+				t := c.Tracing
+				return t.Endpoint == "j:4318" && t.TracesEndpoint == "" && t.Sample == 0.5 && !t.IgnoreParent && t.Protocol == "http/protobuf"
+			}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -142,5 +163,32 @@ func TestDNSOpenResolverRefused(t *testing.T) {
 	err := newApp().Run([]string{"meshlink", "agent", "--state", t.TempDir(), "--join", "not-a-token", "--dns", "0.0.0.0:5353", "--dns-allow", "10.0.0.0/8"})
 	if err == nil || !strings.Contains(err.Error(), "malformed join token") {
 		t.Errorf("with --dns-allow: %v, want the malformed token error", err)
+	}
+}
+
+// TestTracingConfigRefused: a bad sampling share, protocol or sampler is
+// named at start.
+func TestTracingConfigRefused(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{nil, []string{"--trace-sample", "2"}, "--trace-sample 2"},
+		{nil, []string{"--otlp-protocol", "thrift"}, "--otlp-protocol \"thrift\""},
+		{map[string]string{"OTEL_TRACES_SAMPLER": "jaeger_remote"}, nil, "OTEL_TRACES_SAMPLER"},
+	} {
+		t.Run(tc.want, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			cmd := agentCmd()
+			cmd.Action = func(c *cli.Context) error { _, err := agentConfig(c); return err }
+			app := &cli.App{Name: "meshlink", Commands: []*cli.Command{cmd}}
+			err := app.Run(append([]string{"meshlink", "agent"}, tc.args...))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v, want one naming %s", err, tc.want)
+			}
+		})
 	}
 }

@@ -83,9 +83,54 @@ var funcs = template.FuncMap{
 		}
 		return t.Local().Format("2006-01-02 15:04:05")
 	},
-	"bytes": humanBytes,
-	"join":  strings.Join,
-	"pct":   func(f float64) string { return fmt.Sprintf("%.0f%%", f*100) },
+	"bytes":     humanBytes,
+	"join":      strings.Join,
+	"pct":       func(f float64) string { return fmt.Sprintf("%.0f%%", f*100) },
+	"http":      httpFigure,
+	"httpParts": httpPartsOf,
+}
+
+// httpParts are the words the console writes HTTP figures in, in the
+// pages and (the same) in app.js's httpParts.
+type httpParts struct{ Rate, Errors, P50, P99 string }
+
+func httpPartsOf(x any) httpParts {
+	var v ViewHTTP
+	switch x := x.(type) {
+	case ViewHTTP:
+		v = x
+	case *ViewHTTP:
+		if x == nil {
+			return httpParts{}
+		}
+		v = *x
+	default:
+		return httpParts{}
+	}
+	p := httpParts{Rate: "— req/s", Errors: fmt.Sprintf("%.1f%% errors", v.ErrorRate*100)}
+	if v.Window > 0 {
+		p.Rate = fmt.Sprintf("%.1f req/s", v.RPS)
+	}
+	ms := func(x float64) string {
+		if x < 10 {
+			return fmt.Sprintf("%.1f ms", x)
+		}
+		return fmt.Sprintf("%.0f ms", x)
+	}
+	p.P50, p.P99 = "p50 "+ms(v.P50MS), "p99 "+ms(v.P99MS)
+	if v.Over {
+		p.P99 = "p99 > " + ms(v.P99MS)
+	}
+	return p
+}
+
+// httpFigure is one line: "12.5 req/s · 1.0% errors · p50 3.2 ms · p99 41 ms".
+func httpFigure(x any) string {
+	p := httpPartsOf(x)
+	if p.Rate == "" {
+		return ""
+	}
+	return p.Rate + " · " + p.Errors + " · " + p.P50 + " · " + p.P99
 }
 
 func humanBytes(n int64) string {

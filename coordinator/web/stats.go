@@ -17,6 +17,9 @@ const (
 type nodeStats struct {
 	at     time.Time
 	report wire.StatsReport
+	// http are the node's last HTTP figures, oldest first, back to the
+	// first one at or before the live window's start (httpstats.go).
+	http []httpSample
 }
 
 // statsSet holds the latest report of each node, in memory only: counters
@@ -42,8 +45,14 @@ func (c *Console) ReportStats(id wire.NodeID, rep wire.StatsReport) {
 			rep.Services[i].Name = rep.Services[i].Name[:63]
 		}
 	}
+	if len(rep.HTTP) > wire.MaxHTTPStats {
+		rep.HTTP = rep.HTTP[:wire.MaxHTTPStats]
+	}
+	now := c.now()
 	c.stats.mu.Lock()
-	c.stats.byNode[id] = nodeStats{at: c.now(), report: rep}
+	samples := addHTTPSample(c.stats.byNode[id].http, httpSample{at: now, http: rep.HTTP})
+	rep.HTTP = nil // kept in samples
+	c.stats.byNode[id] = nodeStats{at: now, report: rep, http: samples}
 	c.stats.mu.Unlock()
 	c.bump()
 }

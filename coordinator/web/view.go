@@ -21,6 +21,9 @@ type Snapshot struct {
 	// Relays are the relays the mesh lists now, in order of preference;
 	// every viewer sees them (they are in every node's map).
 	Relays []ViewRelay `json:"relays"`
+	// Edges are the HTTP figures per consumer and provider site of each
+	// service, for the edges whose both ends the viewer sees.
+	Edges []ViewEdge `json:"edges"`
 }
 
 type ViewUser struct {
@@ -78,6 +81,9 @@ type ViewService struct {
 	// Split and Locality are the service's traffic policy.
 	Split    map[string]int `json:"split,omitempty"`
 	Locality string         `json:"locality,omitempty"`
+	// HTTP sums the service's HTTP edges the viewer's sites reported;
+	// absent when none did.
+	HTTP *ViewHTTP `json:"http,omitempty"`
 }
 
 // ViewEnd is one node's side of a service.
@@ -104,6 +110,9 @@ type ViewEnd struct {
 	Health      string  `json:"health,omitempty"`
 	HealthError string  `json:"health_error,omitempty"`
 	Share       float64 `json:"share"`
+	// HTTP sums this end's HTTP edges of the service (a provider's from
+	// every consumer, a consumer's to every provider).
+	HTTP *ViewHTTP `json:"http,omitempty"`
 }
 
 type ViewToken struct {
@@ -216,7 +225,7 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 	}
 
 	snap := &Snapshot{User: ViewUser{ID: v.ID, Name: v.Username, Admin: v.Admin},
-		Nodes: []ViewNode{}, Services: []ViewService{}, Tokens: []ViewToken{}, Events: []ViewEvent{}, Relays: viewRelays(relays)}
+		Nodes: []ViewNode{}, Services: []ViewService{}, Tokens: []ViewToken{}, Events: []ViewEvent{}, Relays: viewRelays(relays), Edges: []ViewEdge{}}
 	for _, n := range nodes {
 		if !visible(n.ID) {
 			continue
@@ -315,6 +324,7 @@ func (c *Console) snapshot(ctx context.Context, v *viewer, events int) (*Snapsho
 		}
 		snap.Services = append(snap.Services, vs)
 	}
+	c.addHTTP(snap, stats, visible, names, online)
 
 	toks, err := c.store.ListTokens(ctx)
 	if err != nil {

@@ -36,6 +36,21 @@
     if (d < 172800) return Math.round(d / 3600) + "h ago";
     return new Date(s).toISOString().slice(0, 10);
   }
+  // HTTP figures in the words of pages.go's httpPartsOf.
+  function httpParts(v) {
+    const ms = (x) => (x < 10 ? x.toFixed(1) : x.toFixed(0)) + " ms";
+    return {
+      rate: v.window_s > 0 ? v.rps.toFixed(1) + " req/s" : "— req/s",
+      errors: (v.error_rate * 100).toFixed(1) + "% errors",
+      p50: "p50 " + ms(v.p50_ms),
+      p99: "p99 " + (v.p99_over ? "> " : "") + ms(v.p99_ms),
+    };
+  }
+  function httpFig(v) {
+    if (!v) return "";
+    const p = httpParts(v);
+    return p.rate + " · " + p.errors + " · " + p.p50 + " · " + p.p99;
+  }
   const when = (s) => (!s || s.startsWith("0001")) ? "never" : new Date(s).toLocaleString();
   function postButton(action, label, question) {
     const f = el("form", { method: "post", action: action, class: "confirm", "data-confirm": question },
@@ -84,13 +99,15 @@
         el("td", { class: "small" }, v.providers.map((p) => el("div", null, p.name + ":" + p.port + " ",
           !p.online ? pill("off", "down") : p.health === "unhealthy" ? pill("bad", "unhealthy") : pill("ok", "up"),
           el("span", { class: "muted" }, " prio " + p.priority + " · weight " + (p.weight || 1) + (p.version ? " · " + p.version : "") +
-            " · " + p.open + " open · " + Math.round((p.share || 0) * 100) + "%" + (p.health_error ? " " + p.health_error : "")))),
+            " · " + p.open + " open · " + Math.round((p.share || 0) * 100) + "%" + (p.health_error ? " " + p.health_error : "")),
+          p.http ? el("div", { class: "muted http-fig" }, httpFig(p.http)) : null)),
           v.hidden_providers ? el("div", { class: "muted" }, "+" + v.hidden_providers + " other site(s)") : null),
-        el("td", { class: "small" }, v.consumers.length ? v.consumers.map((c) => el("div", null, c.name + " ", muted(c.open + " open"), c.local_port ? [" ", el("span", { class: "pill", title: "port " + v.port + " needs privileges at this site: served on " + c.local_port + "; setcap cap_net_bind_service=+ep on meshlink gives it the real port" }, "local port " + c.local_port)] : null)) : muted("—")),
+        el("td", { class: "small" }, v.consumers.length ? v.consumers.map((c) => el("div", null, c.name + " ", muted(c.open + " open"), c.http ? el("div", { class: "muted http-fig" }, httpFig(c.http)) : null, c.local_port ? [" ", el("span", { class: "pill", title: "port " + v.port + " needs privileges at this site: served on " + c.local_port + "; setcap cap_net_bind_service=+ep on meshlink gives it the real port" }, "local port " + c.local_port)] : null)) : muted("—")),
         el("td", null, v.open),
         el("td", null, v.total, v.failed ? [" ", pill("bad", v.failed + " failed")] : null),
         el("td", null, bytes(v.bytes)),
-      )), 8, "No service is exposed yet: run meshlink expose NAME PORT on a site.");
+        el("td", { class: "small", "data-http": v.name }, v.http ? [httpFig(v.http), el("div", { class: "muted" }, v.http.requests + " requests, " + v.http.errors + " failed")] : muted("—")),
+      )), 9, "No service is exposed yet: run meshlink expose NAME PORT on a site.");
     },
     tokens(s) {
       const admin = s.user.admin;
@@ -115,7 +132,16 @@
         el("td", { class: "small" }, when(e.at)), el("td", null, pill("ev-" + e.kind, e.kind)),
         el("td", null, e.actor), el("td", null, e.node || ""), el("td", null, e.message))), 5, "Nothing happened yet.");
     },
-    graph(s) { drawGraph(s); },
+    graph(s) {
+      drawGraph(s);
+      fill("edges", (s.edges || []).map((e) => {
+        const p = httpParts(e);
+        return el("tr", { "data-edge": e.service + "/" + e.consumer_name + "/" + e.provider_name },
+          el("td", null, el("strong", null, e.service)), el("td", null, e.consumer_name), el("td", null, e.provider_name),
+          el("td", null, p.rate), el("td", null, e.error_rate > 0 ? pill("bad", p.errors) : p.errors), el("td", null, p.p50), el("td", null, p.p99),
+          el("td", null, e.requests));
+      }), 8, "No HTTP requests reported yet: figures appear for services exposed with --http once requests flow.");
+    },
   };
 
   // The graph: provider sites | services | consumer sites, like a Sankey
@@ -150,10 +176,16 @@
     services.forEach((v, i) => pos.s.set(v.name, place(i, services.length)));
     [...right.keys()].forEach((id, i) => pos.r.set(id, place(i, right.size)));
     const edges = sv("g"), boxes = sv("g");
-    function edge(x1, y1, x2, y2, open, nbytes) {
+    function edge(x1, y1, x2, y2, open, nbytes, http) {
       const mx = (x1 + x2) / 2, w = Math.min(1.5 + open * 1.5, 10);
-      edges.append(sv("path", { class: "edge" + (open > 0 ? " active" : ""), d: `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`, "stroke-width": w }));
+      const bad = http && http.error_rate > 0.05;
+      edges.append(sv("path", { class: "edge" + (open > 0 || (http && http.rps > 0) ? " active" : "") + (bad ? " failing" : ""), d: `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`, "stroke-width": w }));
       if (open > 0 || nbytes > 0) edges.append(sv("text", { class: "edge-label", x: mx, y: (y1 + y2) / 2 - 4, "text-anchor": "middle" }, open + " open · " + bytes(nbytes)));
+      if (http) {
+        const p = httpParts(http);
+        edges.append(sv("text", { class: "edge-label http" + (bad ? " failing" : ""), x: mx, y: (y1 + y2) / 2 + 10, "text-anchor": "middle" },
+          p.rate + " · " + (http.error_rate * 100).toFixed(1) + "% err · " + p.p99));
+      }
     }
     function box(cls, x, y, title, sub) {
       boxes.append(sv("g", { class: cls, transform: `translate(${x},${y})` },
@@ -163,8 +195,8 @@
     }
     for (const v of services) {
       const ys = pos.s.get(v.name) + boxH / 2;
-      for (const p of v.providers) edge(colX[0] + boxW, pos.l.get(p.node) + boxH / 2, colX[1], ys, p.open, p.bytes_sent + p.bytes_received);
-      for (const c of v.consumers) edge(colX[1] + boxW, ys, colX[2], pos.r.get(c.node) + boxH / 2, c.open, c.bytes_sent + c.bytes_received);
+      for (const p of v.providers) edge(colX[0] + boxW, pos.l.get(p.node) + boxH / 2, colX[1], ys, p.open, p.bytes_sent + p.bytes_received, p.http);
+      for (const c of v.consumers) edge(colX[1] + boxW, ys, colX[2], pos.r.get(c.node) + boxH / 2, c.open, c.bytes_sent + c.bytes_received, c.http);
       box("svc", colX[1], pos.s.get(v.name), v.name, v.vip + ":" + v.port + (v.hidden_providers ? " · +" + v.hidden_providers + " hidden" : ""));
     }
     for (const [id, p] of left) box("site" + (online[id] ? "" : " off"), colX[0], pos.l.get(id), p.name, "provides");
