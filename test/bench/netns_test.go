@@ -198,13 +198,18 @@ func BenchmarkNetns(b *testing.B) {
 		b.Fatalf(format+"\n%s", append(args, sb.String())...)
 	}
 
-	echo, err := siteB.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", echoPort))
-	if err != nil {
-		b.Fatal(err)
+	// The servers listen on site B's LAN address (the bare path) and its
+	// 127.0.0.1 (the target the provider exports), not on every address:
+	// the provider's own consumer proxies take 127.212.x.y on these ports.
+	for _, host := range []string{"10.78.0.3", "127.0.0.1"} {
+		echo, err := siteB.Listen("tcp", fmt.Sprintf("%s:%d", host, echoPort))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { echo.Close() })
+		go serve(echo, echoConn)
+		start(siteB, "iperf3-"+host, "iperf3", "-s", "-B", host, "-p", strconv.Itoa(iperfPort))
 	}
-	b.Cleanup(func() { echo.Close() })
-	go serve(echo, echoConn)
-	start(siteB, "iperf3", "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
 
 	data := filepath.Join(dir, "coord")
 	start(coord, "coordinator", bin, "coordinator", "--listen", "10.78.0.1:8443", "--data", data, "--log-level", "warn")
