@@ -404,7 +404,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	}
 	b.mu.Unlock()
 	if direct != nil {
-		err := b.inner.Send(bufs, direct.ep)
+		err := sendRuns(bufs, direct.ep, b.inner.Send)
 		if err == nil && p != nil {
 			p.txDirect.Add(sizeOf(bufs))
 		}
@@ -433,7 +433,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if p != nil && !b.relayOnly {
 		eps := b.mapEndpoints(p)
 		for _, pep := range eps {
-			if b.inner.Send(bufs, pep) == nil {
+			if sendRuns(bufs, pep, b.inner.Send) == nil {
 				sent = true
 			}
 		}
@@ -448,6 +448,33 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		return b.holdPending(p, bufs, now)
 	}
 	return errors.New("bind: no path to peer (not in the network map)")
+}
+
+// maxSendRun caps the bytes of WireGuard packets handed to the UDP socket
+// in one Send. The standard bind coalesces a batch into UDP GSO messages of
+// up to 65,507 B; with the headers such an skb reaches the device's
+// gso_max_size (64 KiB on a veth), so the kernel segments it in software
+// on the way out and the far side's GRO gets single datagrams. Runs of at
+// most this many bytes stay under it, at the price of a few more sendmmsg
+// calls per batch (see docs/netstack-tuning.md#udp-gso-messages-under-64-kib).
+const maxSendRun = 64000
+
+// sendRuns sends bufs to ep with send, in order, in consecutive runs of at
+// most maxSendRun bytes (a single larger packet goes alone). It stops at
+// the first error.
+func sendRuns(bufs [][]byte, ep conn.Endpoint, send func([][]byte, conn.Endpoint) error) error {
+	for len(bufs) > 0 {
+		n, size := 1, len(bufs[0])
+		for n < len(bufs) && size+len(bufs[n]) <= maxSendRun {
+			size += len(bufs[n])
+			n++
+		}
+		if err := send(bufs[:n], ep); err != nil {
+			return err
+		}
+		bufs = bufs[n:]
+	}
+	return nil
 }
 
 func sizeOf(bufs [][]byte) uint64 {

@@ -1,8 +1,12 @@
 package bind
 
 import (
+	"errors"
+	"net"
 	"net/netip"
 	"testing"
+
+	"golang.zx2c4.com/wireguard/conn"
 
 	"golang.org/x/crypto/nacl/box"
 
@@ -74,4 +78,75 @@ func FuzzDisco(f *testing.F) {
 		parseDisco(pkt)
 		b.handleSTUN(pkt, netip.MustParseAddrPort("127.0.0.1:3478"))
 	})
+}
+
+// TestSendRuns checks that a batch reaches the socket whole and in order,
+// in runs that each stay under maxSendRun bytes, whatever its packet sizes.
+func TestSendRuns(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		sizes []int
+		runs  int
+	}{
+		{"empty", nil, 0},
+		{"one", []int{100}, 1},
+		{"full wireguard batch of MTU packets", repeat(1452, 128), 3},
+		{"exactly the cap", repeat(16000, 4), 1},
+		{"one byte over", append(repeat(16000, 4), 1), 2},
+		{"a packet larger than the cap", []int{70000, 10, 70000}, 3},
+		{"mixed", []int{1452, 1452, 80, 1452, 60000, 3000, 32}, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var bufs [][]byte
+			for i, n := range tc.sizes {
+				bufs = append(bufs, make([]byte, n))
+				bufs[i][0] = byte(i)
+			}
+			var got [][]byte
+			runs := 0
+			err := sendRuns(bufs, nil, func(run [][]byte, _ conn.Endpoint) error {
+				runs++
+				size := 0
+				for _, b := range run {
+					size += len(b)
+				}
+				if len(run) == 0 || (len(run) > 1 && size > maxSendRun) {
+					t.Errorf("run of %d packets, %d bytes", len(run), size)
+				}
+				got = append(got, run...)
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if runs != tc.runs {
+				t.Errorf("%d runs, want %d", runs, tc.runs)
+			}
+			if len(got) != len(bufs) {
+				t.Fatalf("%d packets sent, want %d", len(got), len(bufs))
+			}
+			for i := range bufs {
+				if &got[i][0] != &bufs[i][0] {
+					t.Fatalf("packet %d out of order", i)
+				}
+			}
+		})
+	}
+	// The first error ends the send.
+	calls := 0
+	err := sendRuns([][]byte{make([]byte, 60000), make([]byte, 60000)}, nil, func([][]byte, conn.Endpoint) error {
+		calls++
+		return net.ErrClosed
+	})
+	if !errors.Is(err, net.ErrClosed) || calls != 1 {
+		t.Fatalf("err %v after %d calls; want net.ErrClosed after 1", err, calls)
+	}
+}
+
+func repeat(n, k int) []int {
+	out := make([]int, k)
+	for i := range out {
+		out[i] = n
+	}
+	return out
 }
