@@ -459,17 +459,42 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 // calls per batch (see docs/netstack-tuning.md#udp-gso-messages-under-64-kib).
 const maxSendRun = 64000
 
-// sendRuns sends bufs to ep with send, in order, in consecutive runs of at
-// most maxSendRun bytes (a single larger packet goes alone). It stops at
-// the first error.
+// runBufs holds the buffers sendRuns coalesces into; there are as many as
+// Sends run at once (one per peer WireGuard is sending to).
+var runBufs = sync.Pool{New: func() any { return new([maxSendRun]byte) }}
+
+// sendRuns sends bufs to ep with send, in order, in consecutive runs that
+// the standard bind turns into one UDP GSO message each: packets of one
+// size (the last may be shorter), at most maxSendRun bytes (a single
+// larger packet goes alone). The standard bind coalesces a run into the
+// spare capacity of its first buffer, and WireGuard's buffers hold one
+// packet (third_party/wireguard-go/PATCHES.md), so the first packet of a
+// run goes in a buffer of runBufs for the call. bufs is left as it was. It
+// stops at the first error.
 func sendRuns(bufs [][]byte, ep conn.Endpoint, send func([][]byte, conn.Endpoint) error) error {
+	var scratch *[maxSendRun]byte
+	defer func() {
+		if scratch != nil {
+			runBufs.Put(scratch)
+		}
+	}()
 	for len(bufs) > 0 {
-		n, size := 1, len(bufs[0])
-		for n < len(bufs) && size+len(bufs[n]) <= maxSendRun {
+		first := len(bufs[0])
+		n, size := 1, first
+		for n < len(bufs) && size+len(bufs[n]) <= maxSendRun && len(bufs[n]) <= first && len(bufs[n-1]) == first {
 			size += len(bufs[n])
 			n++
 		}
-		if err := send(bufs[:n], ep); err != nil {
+		orig := bufs[0]
+		if n > 1 && cap(orig) < size {
+			if scratch == nil {
+				scratch = runBufs.Get().(*[maxSendRun]byte)
+			}
+			bufs[0] = append(scratch[:0], orig...)
+		}
+		err := send(bufs[:n], ep)
+		bufs[0] = orig
+		if err != nil {
 			return err
 		}
 		bufs = bufs[n:]
