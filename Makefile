@@ -52,7 +52,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS  = -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: all help build install image tarball test race bench bench-control demo fuzz lint vuln clean docs
+.PHONY: all help build install image tarball test test-wireguard race bench bench-control demo fuzz lint vuln clean docs
 
 all: build
 
@@ -62,11 +62,13 @@ help:
 	@echo "make image   the container image $(IMAGE) with docker or podman"
 	@echo "make tarball dist/meshlink-VERSION-linux-ARCH.tar.gz and its SHA256SUMS"
 	@echo "make test    go vet + every test (the network-namespace tests need root)"
+	@echo "make test-wireguard  the tests of the wireguard-go fork in third_party/"
 	@echo "make race    go test -race on the packages that don't drive gVisor (RACE_PKGS)"
 	@echo "make lint    gofmt, go vet, go mod tidy -diff"
 	@echo "make fuzz    every fuzz target for FUZZTIME each (now $(FUZZTIME))"
 	@echo "make vuln    govulncheck $(VULN_VERSION) against golang.org/x/vulndb $(VULNDB_VERSION)"
-	@echo "make bench   mesh vs direct loopback benchmarks (BENCHTIME=$(BENCHTIME))"
+	@echo "make bench   mesh vs direct loopback benchmarks (BENCHTIME=$(BENCHTIME)), and as root"
+	@echo "             two namespaced sites vs the bare veth path (BenchmarkNetns, about 90 s)"
 	@echo "make bench-control N=10000  the control plane under N simulated agents (RATE=$(RATE)/s)"
 	@echo "make demo    a coordinator and two agents on this machine"
 	@echo "make docs    docs/cli.md and docs/man/*.1 from the CLI definitions"
@@ -120,9 +122,14 @@ tarball: build
 # -race is left out on purpose: on 2 cores with the gVisor netstack it makes
 # the suite several times slower than CI's budget allows; `make race` runs
 # it on the packages that don't drive the netstack.
-test:
+test: test-wireguard
 	$(GO) vet $(PKGS)
 	$(GO) test -count=1 -timeout 20m $(PKGS)
+
+# The tests of the wireguard-go fork (third_party/wireguard-go/PATCHES.md):
+# a module of its own, so ./... at the top does not reach it.
+test-wireguard:
+	cd third_party/wireguard-go && $(GO) test -count=1 -timeout 10m ./...
 
 # -race needs cgo (gcc), whatever CGO_ENABLED the environment has.
 race:

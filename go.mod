@@ -91,3 +91,7 @@ require (
 	sigs.k8s.io/randfill v1.0.0 // indirect
 	sigs.k8s.io/structured-merge-diff/v6 v6.4.2 // indirect
 )
+
+// A minimal fork of wireguard-go (smaller element buffers):
+// third_party/wireguard-go/PATCHES.md lists each patch and why.
+replace golang.zx2c4.com/wireguard => ./third_party/wireguard-go

@@ -24,8 +24,9 @@ import (
 //     signals per packet: a reader is woken only when the queue becomes
 //     non-empty and drains a whole batch per Read
 //     (see docs/netstack-tuning.md#outbound-queue-a-ring-not-linkchannel).
-//   - Send: gVisor software GSO, so TCP segments a whole send in one pass
-//     (see docs/netstack-tuning.md#send-gvisor-software-gso).
+//   - Send: host GSO, so TCP hands over one large packet per send and
+//     drain splits it straight into wireguard-go's buffers (gso.go; see
+//     docs/netstack-tuning.md#send-host-gso-split-into-wireguard-gos-buffers).
 //   - Receive: IPv4 batches go through gVisor's GRO; groFixup repairs the
 //     checksums GRO leaves stale, and IPv6 bypasses it because a coalesced
 //     IPv6 packet cannot be recognised cheaply
@@ -147,11 +148,13 @@ func fixCoalesced4(pkt *stack.PacketBuffer) {
 
 var _ stack.GSOEndpoint = (*linkEndpoint)(nil)
 
-// GSOMaxSize implements stack.GSOEndpoint.
-func (*linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
+// GSOMaxSize implements stack.GSOEndpoint: one GSO packet is at most
+// gsoSegments segments (gso.go).
+func (e *linkEndpoint) GSOMaxSize() uint32 { return gsoMaxSize(e.mtu.Load()) }
 
-// SupportedGSO implements stack.GSOEndpoint: gVisor segments in software.
-func (*linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOSupported }
+// SupportedGSO implements stack.GSOEndpoint: TCP hands over large packets,
+// which drain segments (gso.go).
+func (*linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.HostGSOSupported }
 
 // flowSeqs remembers, for recently seen inbound TCP/IPv4 flows, where each
 // flow's next segment should start, so that write can tell when a segment
@@ -298,8 +301,9 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 }
 
 // drain blocks until at least one outbound packet is queued (or the endpoint
-// is closed), then copies up to len(bufs) packets into bufs[i][offset:]
-// without blocking again. It implements tun.Device.Read.
+// is closed), then copies queued packets into bufs[i][offset:], a GSO
+// packet as its segments (segment), as many as fill at most len(bufs)
+// buffers, without blocking again. It implements tun.Device.Read.
 func (e *linkEndpoint) drain(bufs [][]byte, sizes []int, offset int) (int, error) {
 	if len(bufs) == 0 {
 		return 0, nil
@@ -314,9 +318,19 @@ func (e *linkEndpoint) drain(bufs [][]byte, sizes []int, offset int) (int, error
 			e.mu.Unlock()
 			return 0, os.ErrClosed
 		}
-		k := min(e.n, want)
-		for i := 0; i < k; i++ {
-			batch[i] = e.ring[e.head]
+		// Pop packets while their segments fit in the buffers; a GSO
+		// packet that would not waits for the next Read, unless it is
+		// first (then it can never fit: segment drops and counts it).
+		k, segs := 0, 0
+		for k < e.n && k < want {
+			pkt := e.ring[e.head]
+			c := segmentCount(pkt)
+			if k > 0 && segs+c > want {
+				break
+			}
+			segs += c
+			batch[k] = pkt
+			k++
 			e.ring[e.head] = nil
 			e.head = (e.head + 1) % len(e.ring)
 		}
@@ -328,9 +342,19 @@ func (e *linkEndpoint) drain(bufs [][]byte, sizes []int, offset int) (int, error
 			for i := 0; i < k; i++ {
 				pkt := batch[i]
 				batch[i] = nil
-				// GSO hook: a super-segment would be split here into
-				// several bufs entries (docs/netstack-tuning.md#send-gvisor-software-gso).
-				if sz, ok := copyPacket(bufs[n][offset:], pkt); ok {
+				if needsSegment(pkt) {
+					c, err := segment(bufs[n:want], sizes[n:want], offset, pkt)
+					if err != nil {
+						e.stats.OutboundTooBig.Add(1)
+						c = 0 // a partly written packet is not sent
+					} else if c > 1 {
+						e.stats.OutboundGSO.Add(1)
+					}
+					for j := n; j < n+c; j++ {
+						stripSynTimestamp(bufs[j][offset : offset+sizes[j]])
+					}
+					n += c
+				} else if sz, ok := copyPacket(bufs[n][offset:], pkt); ok {
 					stripSynTimestamp(bufs[n][offset : offset+sz])
 					sizes[n] = sz
 					n++

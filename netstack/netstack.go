@@ -101,14 +101,15 @@ type Stats struct {
 	OutboundPackets atomic.Uint64 // packets handed to wireguard-go
 	OutboundDropped atomic.Uint64 // outbound packets dropped: queue full
 	OutboundTooBig  atomic.Uint64 // outbound packets larger than the read buffer
+	OutboundGSO     atomic.Uint64 // outbound GSO packets split into several segments
 	InboundPackets  atomic.Uint64 // inbound packets delivered to gVisor
 	InboundInvalid  atomic.Uint64 // inbound packets dropped as garbage
 }
 
 // StatsSnapshot is a point-in-time copy of Stats.
 type StatsSnapshot struct {
-	OutboundPackets, OutboundDropped, OutboundTooBig uint64
-	InboundPackets, InboundInvalid                   uint64
+	OutboundPackets, OutboundDropped, OutboundTooBig, OutboundGSO uint64
+	InboundPackets, InboundInvalid                                uint64
 }
 
 // Stack is a userspace TCP/IP stack that implements tun.Device.
@@ -324,6 +325,7 @@ func (s *Stack) Stats() StatsSnapshot {
 		OutboundPackets: s.stats.OutboundPackets.Load(),
 		OutboundDropped: s.stats.OutboundDropped.Load(),
 		OutboundTooBig:  s.stats.OutboundTooBig.Load(),
+		OutboundGSO:     s.stats.OutboundGSO.Load(),
 		InboundPackets:  s.stats.InboundPackets.Load(),
 		InboundInvalid:  s.stats.InboundInvalid.Load(),
 	}

@@ -404,7 +404,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	}
 	b.mu.Unlock()
 	if direct != nil {
-		err := b.inner.Send(bufs, direct.ep)
+		err := sendRuns(bufs, direct.ep, b.inner.Send)
 		if err == nil && p != nil {
 			p.txDirect.Add(sizeOf(bufs))
 		}
@@ -433,7 +433,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if p != nil && !b.relayOnly {
 		eps := b.mapEndpoints(p)
 		for _, pep := range eps {
-			if b.inner.Send(bufs, pep) == nil {
+			if sendRuns(bufs, pep, b.inner.Send) == nil {
 				sent = true
 			}
 		}
@@ -448,6 +448,58 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		return b.holdPending(p, bufs, now)
 	}
 	return errors.New("bind: no path to peer (not in the network map)")
+}
+
+// maxSendRun caps the bytes of WireGuard packets handed to the UDP socket
+// in one Send. The standard bind coalesces a batch into UDP GSO messages of
+// up to 65,507 B; with the headers such an skb reaches the device's
+// gso_max_size (64 KiB on a veth), so the kernel segments it in software
+// on the way out and the far side's GRO gets single datagrams. Runs of at
+// most this many bytes stay under it, at the price of a few more sendmmsg
+// calls per batch (see docs/netstack-tuning.md#udp-gso-messages-under-64-kib).
+const maxSendRun = 64000
+
+// runBufs holds the buffers sendRuns coalesces into; there are as many as
+// Sends run at once (one per peer WireGuard is sending to).
+var runBufs = sync.Pool{New: func() any { return new([maxSendRun]byte) }}
+
+// sendRuns sends bufs to ep with send, in order, in consecutive runs that
+// the standard bind turns into one UDP GSO message each: packets of one
+// size (the last may be shorter), at most maxSendRun bytes (a single
+// larger packet goes alone). The standard bind coalesces a run into the
+// spare capacity of its first buffer, and WireGuard's buffers hold one
+// packet (third_party/wireguard-go/PATCHES.md), so the first packet of a
+// run goes in a buffer of runBufs for the call. bufs is left as it was. It
+// stops at the first error.
+func sendRuns(bufs [][]byte, ep conn.Endpoint, send func([][]byte, conn.Endpoint) error) error {
+	var scratch *[maxSendRun]byte
+	defer func() {
+		if scratch != nil {
+			runBufs.Put(scratch)
+		}
+	}()
+	for len(bufs) > 0 {
+		first := len(bufs[0])
+		n, size := 1, first
+		for n < len(bufs) && size+len(bufs[n]) <= maxSendRun && len(bufs[n]) <= first && len(bufs[n-1]) == first {
+			size += len(bufs[n])
+			n++
+		}
+		orig := bufs[0]
+		if n > 1 && cap(orig) < size {
+			if scratch == nil {
+				scratch = runBufs.Get().(*[maxSendRun]byte)
+			}
+			bufs[0] = append(scratch[:0], orig...)
+		}
+		err := send(bufs[:n], ep)
+		bufs[0] = orig
+		if err != nil {
+			return err
+		}
+		bufs = bufs[n:]
+	}
+	return nil
 }
 
 func sizeOf(bufs [][]byte) uint64 {

@@ -1,8 +1,13 @@
 package bind
 
 import (
+	"bytes"
+	"errors"
+	"net"
 	"net/netip"
 	"testing"
+
+	"golang.zx2c4.com/wireguard/conn"
 
 	"golang.org/x/crypto/nacl/box"
 
@@ -74,4 +79,94 @@ func FuzzDisco(f *testing.F) {
 		parseDisco(pkt)
 		b.handleSTUN(pkt, netip.MustParseAddrPort("127.0.0.1:3478"))
 	})
+}
+
+// TestSendRuns checks that a batch reaches the socket whole and in order,
+// in runs of one packet size (the last may be shorter) that each stay under
+// maxSendRun bytes and whose first buffer has room for the whole run (the
+// standard bind coalesces into it), and that the caller's slice is left as
+// it was.
+func TestSendRuns(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		sizes []int
+		runs  int
+	}{
+		{"empty", nil, 0},
+		{"one", []int{100}, 1},
+		{"full wireguard batch of MTU packets", repeat(1452, 128), 3},
+		{"exactly the cap", repeat(16000, 4), 1},
+		{"one byte over", append(repeat(16000, 4), 1), 2},
+		{"a packet larger than the cap", []int{70000, 10, 70000}, 3},
+		{"mixed", []int{1452, 1452, 80, 1452, 60000, 3000, 32}, 4},
+		{"short tail ends a run", append(repeat(1452, 10), 100, 1452, 1452), 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var bufs [][]byte
+			for i, n := range tc.sizes {
+				b := make([]byte, n, n+16) // WireGuard's buffers: one packet and a little
+				for j := range b {
+					b[j] = byte(i*31 + j)
+				}
+				bufs = append(bufs, b)
+			}
+			orig := append([][]byte(nil), bufs...)
+			var got [][]byte
+			runs := 0
+			err := sendRuns(bufs, nil, func(run [][]byte, _ conn.Endpoint) error {
+				runs++
+				size := 0
+				for i, b := range run {
+					size += len(b)
+					if i > 0 && (len(b) > len(run[0]) || len(run[i-1]) != len(run[0])) {
+						t.Errorf("run of sizes mixed at packet %d", i)
+					}
+				}
+				if len(run) == 0 || (len(run) > 1 && size > maxSendRun) {
+					t.Errorf("run of %d packets, %d bytes", len(run), size)
+				}
+				if len(run) > 1 && cap(run[0]) < size {
+					t.Errorf("run of %d bytes, first buffer's capacity %d", size, cap(run[0]))
+				}
+				for _, b := range run {
+					got = append(got, append([]byte(nil), b...))
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if runs != tc.runs {
+				t.Errorf("%d runs, want %d", runs, tc.runs)
+			}
+			if len(got) != len(bufs) {
+				t.Fatalf("%d packets sent, want %d", len(got), len(bufs))
+			}
+			for i := range bufs {
+				if !bytes.Equal(got[i], orig[i]) {
+					t.Fatalf("packet %d changed or out of order", i)
+				}
+				if len(bufs[i]) > 0 && &bufs[i][0] != &orig[i][0] {
+					t.Fatalf("caller's buffer %d replaced", i)
+				}
+			}
+		})
+	}
+	// The first error ends the send.
+	calls := 0
+	err := sendRuns([][]byte{make([]byte, 60000), make([]byte, 60000)}, nil, func([][]byte, conn.Endpoint) error {
+		calls++
+		return net.ErrClosed
+	})
+	if !errors.Is(err, net.ErrClosed) || calls != 1 {
+		t.Fatalf("err %v after %d calls; want net.ErrClosed after 1", err, calls)
+	}
+}
+
+func repeat(n, k int) []int {
+	out := make([]int, k)
+	for i := range out {
+		out[i] = n
+	}
+	return out
 }
