@@ -3,6 +3,9 @@
 #   make image                      (docker or podman; stamps version and commit)
 #   docker build --build-arg VERSION=$(git describe --tags --always) \
 #                --build-arg COMMIT=$(git rev-parse HEAD) -t meshlink .
+# The sidecar image holds the agent-only build (-tags agentonly: no
+# coordinator, store, console or OIDC; a smaller binary and footprint):
+#   make image-agent                (docker build --target agent ...)
 # Running it: docs/deploy.md.
 
 ARG GO_IMAGE=golang:1.26
@@ -23,6 +26,29 @@ RUN go build -trimpath -ldflags="-s -w -X main.version=${VERSION} -X main.commit
 	&& /out/meshlink version \
 	&& mkdir -p /out/state/coordinator /out/state/agent
 
+FROM build AS build-agent
+RUN go build -trimpath -tags agentonly -ldflags="-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/meshlink-agent ./cmd/meshlink \
+	&& /out/meshlink-agent version
+
+# The sidecar image: the agent-only binary as /meshlink, its state on the
+# volume, and the health check pointed at the agent's /healthz.
+FROM gcr.io/distroless/static-debian12:nonroot AS agent
+ARG VERSION=dev
+LABEL org.opencontainers.image.title="meshlink-agent" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="https://github.com/meshlink/meshlink"
+COPY --from=build-agent /out/meshlink-agent /meshlink
+COPY --from=build --chown=65532:65532 /out/state /var/lib/meshlink
+ENV MESHLINK_STATE=/var/lib/meshlink/agent \
+    MESHLINK_HEALTH_LISTEN=127.0.0.1:9099 \
+    MESHLINK_HEALTHCHECK_URL=http://127.0.0.1:9099/healthz
+VOLUME ["/var/lib/meshlink"]
+USER 65532:65532
+HEALTHCHECK --interval=30s --timeout=6s --start-period=10s --retries=3 CMD ["/meshlink", "healthcheck"]
+ENTRYPOINT ["/meshlink"]
+CMD ["agent"]
+
+# The full image (the default target): coordinator, agent and CLI.
 # distroless/static: no shell or libc, but CA certificates (for the
 # coordinator's OIDC provider), /etc/passwd and tzdata, which scratch lacks.
 FROM gcr.io/distroless/static-debian12:nonroot

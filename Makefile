@@ -15,6 +15,8 @@ IMAGE     ?= meshlink:$(VERSION)
 ENGINE    ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
 GOARCH_   := $(shell $(GO) env GOARCH 2>/dev/null || echo amd64)
 BIN       ?= bin/meshlink
+AGENT_BIN ?= bin/meshlink-agent
+IMAGE_AGENT ?= meshlink-agent:$(VERSION)
 FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
 # make bench-control: how many nodes, joining how fast, extra coordinator flags.
@@ -52,14 +54,16 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS  = -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: all help build install image tarball test test-wireguard race bench bench-control demo fuzz lint vuln clean docs
+.PHONY: all help build build-agent image-agent install image tarball test test-wireguard race bench bench-control demo fuzz lint vuln clean docs
 
 all: build
 
 help:
 	@echo "make build   bin/meshlink and bin/hello (static)"
+	@echo "make build-agent  $(AGENT_BIN): the agent-only build (no coordinator; the sidecar image's)"
 	@echo "make install bin/meshlink, man pages, completions, systemd units under $(DESTDIR)$(PREFIX)"
 	@echo "make image   the container image $(IMAGE) with docker or podman"
+	@echo "make image-agent  the sidecar image $(IMAGE_AGENT) (the agent-only build)"
 	@echo "make tarball dist/meshlink-VERSION-linux-ARCH.tar.gz and its SHA256SUMS"
 	@echo "make test    go vet + every test (the network-namespace tests need root)"
 	@echo "make test-wireguard  the tests of the wireguard-go fork in third_party/"
@@ -78,6 +82,14 @@ help:
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/meshlink
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/hello ./examples/hello
+
+# The agent-only binary (-tags agentonly): the same CLI for the agent's
+# commands, without the coordinator, its stores (SQLite, PostgreSQL), the
+# console and OIDC; coordinator commands say to use the full binary.
+# Stripped (-s -w): symbols are not needed to run, and panics still name
+# functions.
+build-agent:
+	CGO_ENABLED=0 $(GO) build -trimpath -tags agentonly -ldflags "-s -w $(LDFLAGS)" -o $(AGENT_BIN) ./cmd/meshlink
 
 # Builds only when bin/meshlink is missing, so that `make build && sudo
 # make install` does not build again as root. The man pages are the
@@ -105,6 +117,12 @@ image:
 	@[ -n "$(ENGINE)" ] || { echo "make image: neither docker nor podman is installed" >&2; exit 1; }
 	@$(ENGINE) info >/dev/null 2>&1 || { echo "make image: $(ENGINE) is installed but cannot reach its daemon (is it running?)" >&2; exit 1; }
 	$(ENGINE) build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) --build-arg GOTOOLCHAIN=$(GOTOOLCHAIN) -t $(IMAGE) .
+
+# The sidecar image: the Dockerfile's agent stage (the agent-only build).
+image-agent:
+	@[ -n "$(ENGINE)" ] || { echo "make image-agent: neither docker nor podman is installed" >&2; exit 1; }
+	@$(ENGINE) info >/dev/null 2>&1 || { echo "make image-agent: $(ENGINE) is installed but cannot reach its daemon (is it running?)" >&2; exit 1; }
+	$(ENGINE) build --target agent --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) --build-arg GOTOOLCHAIN=$(GOTOOLCHAIN) -t $(IMAGE_AGENT) .
 
 # A release tarball of what make install lays out under /usr/local, with
 # SHA256SUMS beside it. Reproducible: sorted, root-owned, dated by the commit.

@@ -38,7 +38,7 @@ func (s *Server) ServeDNS(w mdns.ResponseWriter, r *mdns.Msg) {
 			return
 		}
 	}
-	resp, via := s.answer(r)
+	resp, via := s.answer(r, s.zone.Load())
 	s.finish(resp, r, overUDP)
 	if err := w.WriteMsg(resp); err != nil {
 		s.log.Debug("write reply failed", "err", err)
@@ -58,21 +58,35 @@ func (s *Server) ServeDNS(w mdns.ResponseWriter, r *mdns.Msg) {
 	}
 }
 
-// answer builds the reply to r (before size limits and EDNS are applied) and
-// says where it came from, for the log.
-func (s *Server) answer(r *mdns.Msg) (*mdns.Msg, string) {
-	resp := new(mdns.Msg)
+// answer builds the reply to r from zone z (before size limits and EDNS are
+// applied) and says where it came from, for the log.
+func (s *Server) answer(r *mdns.Msg, z *zoneIndex) (*mdns.Msg, string) {
+	resp, via, done := s.answerHere(r, z)
+	if done {
+		return resp, via
+	}
+	if up, via := s.forward(r); up != nil {
+		return up, via
+	}
+	resp.Rcode = mdns.RcodeServerFailure
+	return resp, "none"
+}
+
+// answerHere is answer without forwarding: done is false when r is for an
+// upstream, and resp is then the reply set up for it.
+func (s *Server) answerHere(r *mdns.Msg, z *zoneIndex) (resp *mdns.Msg, via string, done bool) {
+	resp = new(mdns.Msg)
 	switch {
 	case r.Response:
-		return resp.SetRcode(r, mdns.RcodeFormatError), "reject"
+		return resp.SetRcode(r, mdns.RcodeFormatError), "reject", true
 	case r.Opcode != mdns.OpcodeQuery:
 		resp.SetRcode(r, mdns.RcodeNotImplemented)
 		resp.Question = nil
-		return resp, "reject"
+		return resp, "reject", true
 	case len(r.Question) != 1:
 		resp.SetRcode(r, mdns.RcodeFormatError)
 		resp.Question = nil
-		return resp, "reject"
+		return resp, "reject", true
 	}
 	nopt := 0
 	for _, rr := range r.Extra {
@@ -81,10 +95,10 @@ func (s *Server) answer(r *mdns.Msg) (*mdns.Msg, string) {
 		}
 	}
 	if nopt > 1 { // RFC 6891 §6.1.1
-		return resp.SetRcode(r, mdns.RcodeFormatError), "reject"
+		return resp.SetRcode(r, mdns.RcodeFormatError), "reject", true
 	}
 	if opt := r.IsEdns0(); opt != nil && opt.Version() != 0 {
-		return resp.SetRcode(r, mdns.RcodeBadVers), "reject"
+		return resp.SetRcode(r, mdns.RcodeBadVers), "reject", true
 	}
 
 	resp.SetReply(r)
@@ -92,17 +106,13 @@ func (s *Server) answer(r *mdns.Msg) (*mdns.Msg, string) {
 	q := r.Question[0]
 	if mdns.IsSubDomain(s.domain, mdns.CanonicalName(q.Name)) {
 		resp.Compress = true
-		s.answerLocal(resp, q)
-		return resp, "mesh"
+		s.answerLocal(resp, q, z)
+		return resp, "mesh", true
 	}
-	if s.localReverse(resp, q, s.zone.Load()) {
-		return resp, "mesh-reverse"
+	if s.localReverse(resp, q, z) {
+		return resp, "mesh-reverse", true
 	}
-	if up, via := s.forward(r); up != nil {
-		return up, via
-	}
-	resp.Rcode = mdns.RcodeServerFailure
-	return resp, "none"
+	return resp, "", false
 }
 
 // finish makes resp fit what the client can take: an OPT record if and only

@@ -139,7 +139,7 @@ type Server struct {
 	mu      sync.Mutex // guards the fields below
 	started bool
 	closed  bool
-	udp     *mdns.Server
+	udp     []*mdns.Server // one per socket of the SO_REUSEPORT group
 	tcp     *mdns.Server
 	addr    netip.AddrPort
 	wg      sync.WaitGroup // the ActivateAndServe goroutines
@@ -213,18 +213,22 @@ func (s *Server) Start() error {
 	if s.started {
 		return errors.New("dns: server already started")
 	}
-	pc, ln, err := listen(s.cfg.Addr)
+	pcs, ln, err := listen(s.cfg.Addr, udpSockets())
 	if err != nil {
 		return err
 	}
-	s.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	s.addr = pcs[0].LocalAddr().(*net.UDPAddr).AddrPort()
 	s.addr = netip.AddrPortFrom(s.addr.Addr().Unmap(), s.addr.Port())
 
 	s.ups.Store(new(s.pickUpstreams()))
 
-	s.udp = &mdns.Server{PacketConn: pc, Handler: s, UDPSize: ednsSize}
+	for _, pc := range pcs {
+		s.udp = append(s.udp, &mdns.Server{PacketConn: pc, Handler: s, UDPSize: ednsSize, DecorateReader: func(next mdns.Reader) mdns.Reader {
+			return &fastReader{s: s, next: next, buf: make([]byte, ednsSize), out: make([]byte, 0, mdns.MinMsgSize)}
+		}})
+	}
 	s.tcp = &mdns.Server{Listener: ln, Handler: s}
-	for _, srv := range []*mdns.Server{s.udp, s.tcp} {
+	for _, srv := range append(slices.Clone(s.udp), s.tcp) {
 		started := make(chan struct{})
 		errc := make(chan error, 1)
 		srv.NotifyStartedFunc = func() { close(started) }
@@ -308,9 +312,11 @@ func (s *Server) Domain() string { return strings.TrimSuffix(s.domain, ".") }
 // Upstreams returns where names outside the mesh are forwarded.
 func (s *Server) Upstreams() []string { return slices.Clone(*s.ups.Load()) }
 
-// listen binds UDP then TCP on the same port. With port 0 the kernel's UDP
-// choice may be taken for TCP, so that case retries a few times.
-func listen(addr string) (net.PacketConn, net.Listener, error) {
+// listen binds n UDP sockets (an SO_REUSEPORT group, so that as many
+// goroutines read queries; just one where the option is missing) then TCP,
+// on the same port. With port 0 the kernel's UDP choice may be taken for
+// TCP, so that case retries a few times.
+func listen(addr string, n int) ([]net.PacketConn, net.Listener, error) {
 	if addr == "" {
 		addr = "127.0.0.1:53"
 	}
@@ -320,20 +326,56 @@ func listen(addr string) (net.PacketConn, net.Listener, error) {
 	}
 	const attempts = 8
 	for i := 0; ; i++ {
-		pc, err := net.ListenPacket("udp", addr)
+		pcs, err := listenUDP(addr, n)
 		if err != nil {
 			return nil, nil, bindError("udp", addr, err)
 		}
-		p := pc.LocalAddr().(*net.UDPAddr).Port
+		p := pcs[0].LocalAddr().(*net.UDPAddr).Port
 		ln, err := net.Listen("tcp", net.JoinHostPort(host, fmt.Sprint(p)))
 		if err == nil {
-			return pc, ln, nil
+			return pcs, ln, nil
 		}
-		pc.Close()
+		for _, pc := range pcs {
+			pc.Close()
+		}
 		if port != "0" || i+1 >= attempts || !errors.Is(err, syscall.EADDRINUSE) {
 			return nil, nil, bindError("tcp", addr, err)
 		}
 	}
+}
+
+// listenUDP binds n UDP sockets on addr. A plain socket is bound first, so
+// that an address another program holds (even with SO_REUSEPORT, as a
+// second agent would) fails as before, and decides the port when addr's is
+// 0; the group then takes its place. Where that cannot be done, one plain
+// socket serves.
+func listenUDP(addr string, n int) ([]net.PacketConn, error) {
+	probe, err := net.ListenPacket("udp", addr)
+	if err != nil || n <= 1 {
+		if err != nil {
+			return nil, err
+		}
+		return []net.PacketConn{probe}, nil
+	}
+	at := probe.LocalAddr().String()
+	probe.Close()
+	lc := net.ListenConfig{Control: setReusePort}
+	var pcs []net.PacketConn
+	for len(pcs) < n {
+		pc, err := lc.ListenPacket(context.Background(), "udp", at)
+		if err != nil {
+			break
+		}
+		pcs = append(pcs, pc)
+	}
+	if len(pcs) == 0 { // taken in between, or no SO_REUSEPORT here
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return []net.PacketConn{pc}, nil
+	}
+	return pcs, nil
 }
 
 func bindError(network, addr string, err error) error {
@@ -371,7 +413,7 @@ func (s *Server) Close() error {
 // shutdownLocked stops both servers and waits for their goroutines; Close
 // cancels s.ctx first so in-flight forwards give up.
 func (s *Server) shutdownLocked() {
-	for _, srv := range []*mdns.Server{s.udp, s.tcp} {
+	for _, srv := range append(slices.Clone(s.udp), s.tcp) {
 		if srv == nil {
 			continue
 		}

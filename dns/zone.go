@@ -22,6 +22,7 @@ type zoneIndex struct {
 	nodes    map[string][]netip.Addr
 	ptr      map[netip.Addr]string // address → FQDN, for PTR
 	local    []netip.Prefix        // ranges whose reverse names stay here
+	fast     map[string]fastEntry  // prepared replies, by fastKey
 }
 
 // SetZone replaces the mesh zone. Queries see either the old zone or the new
@@ -68,6 +69,7 @@ func (s *Server) SetZone(z Zone) {
 			}
 		}
 	}
+	s.prepare(idx)
 	s.zone.Store(idx)
 }
 
@@ -97,10 +99,10 @@ func cleanAddrs(in []netip.Addr) []netip.Addr {
 	return out
 }
 
-// answerLocal fills resp (already SetReply'd) for a question inside s.domain.
-func (s *Server) answerLocal(resp *mdns.Msg, q mdns.Question) {
+// answerLocal fills resp (already SetReply'd) for a question inside s.domain,
+// from zone z.
+func (s *Server) answerLocal(resp *mdns.Msg, q mdns.Question, z *zoneIndex) {
 	resp.Authoritative = true
-	z := s.zone.Load()
 	owner := mdns.Fqdn(q.Name) // keep the client's case (0x20)
 	name := mdns.CanonicalName(q.Name)
 

@@ -98,6 +98,9 @@ func TestStateDirPlacement(t *testing.T) {
 // TestExitCodes: a command called wrongly exits 2 with one line naming
 // what was wrong; a failure of a well-formed command exits 1.
 func TestExitCodes(t *testing.T) {
+	if agentOnlyBuild {
+		t.Skip("the full CLI's coordinator commands")
+	}
 	nowhere := filepath.Join(t.TempDir(), "none")
 	cases := []struct {
 		name string
@@ -173,6 +176,9 @@ func TestFlagUsageHasNoBackquotes(t *testing.T) {
 // TestDocsCurrent: docs/cli.md and docs/man/*.1 are what `make docs`
 // writes from the CLI definitions now.
 func TestDocsCurrent(t *testing.T) {
+	if agentOnlyBuild {
+		t.Skip("the full CLI's coordinator commands")
+	}
 	files, err := genDocs(newApp())
 	if err != nil {
 		t.Fatal(err)

@@ -1,3 +1,5 @@
+//go:build !agentonly
+
 package main
 
 // Checks of what deploy/ and the Dockerfile ship, since no cluster, image
@@ -140,8 +142,8 @@ func loadManifests(t *testing.T) manifests {
 			used[filepath.Clean(p)] = true
 		}
 		for _, im := range k.Images {
-			if im.Name != "meshlink" || im.NewName == "" || im.NewTag == "" {
-				t.Errorf("%s: image %+v: want meshlink renamed to a registry and tag", kf, im)
+			if im.Name != "meshlink" && im.Name != "meshlink-agent" || im.NewName == "" || im.NewTag == "" {
+				t.Errorf("%s: image %+v: want meshlink or meshlink-agent renamed to a registry and tag", kf, im)
 			}
 		}
 		for _, pt := range k.Patches {
@@ -221,6 +223,10 @@ func envOf(c corev1.Container) map[string]string {
 	return out
 }
 
+// agentOnlyCommands are the long-running commands the agent-only image
+// (meshlink-agent, make build-agent) can run.
+var agentOnlyCommands = map[string]bool{"agent": true, "relay": true}
+
 // checkContainers checks every meshlink container of a pod: its command,
 // its variables against that command's flags, and (unless partial, for a
 // patch) its probes, ports and mounts.
@@ -228,8 +234,11 @@ func checkContainers(t *testing.T, where string, pod corev1.PodSpec, full bool) 
 	t.Helper()
 	all := append(slices.Clone(pod.InitContainers), pod.Containers...)
 	for _, c := range all {
-		if c.Image != "meshlink" && full {
+		if c.Image != "meshlink" && c.Image != "meshlink-agent" && full {
 			continue
+		}
+		if c.Image == "meshlink-agent" && len(c.Args) > 0 && !agentOnlyCommands[c.Args[0]] {
+			t.Errorf("%s: container %s runs %q from the agent-only image, which has no coordinator", where, c.Name, c.Args[0])
 		}
 		if full && len(c.Args) == 0 {
 			t.Errorf("%s: container %s runs meshlink with no command", where, c.Name)

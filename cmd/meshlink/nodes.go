@@ -1,3 +1,5 @@
+//go:build !agentonly
+
 package main
 
 import (
@@ -114,18 +116,4 @@ func writeNodes(w io.Writer, nodes []coordinator.NodeInfo, asJSON bool, now time
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, owner, tags, strings.Join(addrs, ","), online, seen, expiry)
 	}
 	return tw.Flush()
-}
-
-// ago rounds d for people: seconds under a minute, then minutes, hours, days.
-func ago(d time.Duration) string {
-	switch {
-	case d < time.Minute:
-		return fmt.Sprintf("%ds", int(max(d, 0)/time.Second))
-	case d < time.Hour:
-		return fmt.Sprintf("%dm", int(d/time.Minute))
-	case d < 48*time.Hour:
-		return fmt.Sprintf("%dh", int(d/time.Hour))
-	default:
-		return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
-	}
 }

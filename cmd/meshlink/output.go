@@ -345,3 +345,17 @@ func relaysJSON(rs []wire.Relay) []wire.Relay {
 	}
 	return rs
 }
+
+// ago rounds d for people: seconds under a minute, then minutes, hours, days.
+func ago(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(max(d, 0)/time.Second))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d/time.Minute))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d/time.Hour))
+	default:
+		return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
+	}
+}

@@ -68,7 +68,8 @@ type meshEnv struct {
 	relaySink         string // the same at the --relay-only consumer
 	relayEcho         string
 	greetAt           netip.AddrPort
-	fresh             int // fresh agents started so far, to name them
+	fresh             int    // fresh agents started so far, to name them
+	token             string // reusable join token, for agents a benchmark adds
 }
 
 // Proxy ranges of the agents; the fresh consumers of
@@ -129,6 +130,7 @@ func summary() {
 				results["ttfb_"+c.key+"_p50_ms"], results["ttfb_"+c.key+"_max_ms"], results["ttfb_"+c.key+"_slow"], n, ttfbSlow)
 		}
 	}
+	summaryMore()
 	for _, n := range []string{"a", "b"} {
 		if v, ok := results["rss_idle_"+n]; ok {
 			fmt.Printf("agent %s RSS:  idle %.1f MB, peak under load %.1f MB\n", n, v, results["rss_peak_"+n])
@@ -208,6 +210,7 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("token create: %w", err)
 	}
+	e.token = token
 	common := []string{"--join", token, "--dns", "off", "--log-level", "warn"}
 	pa := e.start(bin, "a", append([]string{"agent", "--name", "bench-a", "--state", filepath.Join(dir, "a"), "--proxy-range", rangeA.String()}, common...)...)
 	pb := e.start(bin, "b", append([]string{"agent", "--name", "bench-b", "--state", filepath.Join(dir, "b"), "--proxy-range", rangeB.String(),
