@@ -628,12 +628,7 @@ func (s *sqlStore) ListNodes(ctx context.Context) ([]Node, error) {
 	if s.nodes == nil {
 		return queryAll(ctx, s.db, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
 	}
-	o := s.nodes.all()
-	nodes, err := queryAll(ctx, s.db, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
-	for i := range nodes {
-		o.apply(&nodes[i])
-	}
-	return nodes, err
+	return s.nodes.list(ctx)
 }
 
 // invalidate tells the node cache, if any, that the rows of ids were

@@ -121,3 +121,58 @@ func TestHeldNodeUpdates(t *testing.T) {
 	defer s2.Close()
 	check(s2, "after a reopen")
 }
+
+// TestNodeListingFollowsWrites: once a listing filled the node cache,
+// every write shows in the next listing and lookup: a new node, a key
+// change, a removal.
+func TestNodeListingFollowsWrites(t *testing.T) {
+	eachStore(t, func(t *testing.T, be backend, open opener) {
+		s := open(t, Options{})
+		ctx := context.Background()
+		mkToken(t, s, "t", true, time.Time{})
+		a, err := reg(s, "t", "a", "a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		names := func() []string {
+			t.Helper()
+			ns, err := s.ListNodes(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out []string
+			for _, n := range ns {
+				out = append(out, n.Name+"="+n.Key.Short())
+			}
+			return out
+		}
+		if got := names(); len(got) != 1 {
+			t.Fatalf("nodes %v", got)
+		}
+		b, err := reg(s, "t", "b", "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := names(); len(got) != 2 {
+			t.Fatalf("after a join: %v", got)
+		}
+		if err := s.UpdateNodeKey(ctx, a.Node.ID, testKey("a2"), time.Time{}); err != nil {
+			t.Fatal(err)
+		}
+		if got := names(); got[0] != "a="+testKey("a2").Short() {
+			t.Fatalf("after a key change: %v", got)
+		}
+		if n, err := s.GetNode(ctx, a.Node.ID); err != nil || n.Key != testKey("a2") {
+			t.Fatalf("lookup after a key change: %v %v", n.Key.Short(), err)
+		}
+		if err := s.DeleteNode(ctx, b.Node.ID); err != nil {
+			t.Fatal(err)
+		}
+		if got := names(); len(got) != 1 {
+			t.Fatalf("after a removal: %v", got)
+		}
+		if _, err := s.GetNode(ctx, b.Node.ID); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("lookup of a removed node: %v", err)
+		}
+	})
+}
