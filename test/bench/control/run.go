@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
@@ -22,6 +23,13 @@ type Scenario struct {
 	Timeout  time.Duration // for each phase to reach every stream
 	Idle     time.Duration // how long idle CPU is measured (0 skips)
 	Storm    bool          // also drop and reconnect every stream at once
+	// StormSpread, if set, spreads the storm's reconnects over a random
+	// point of [StormSpread/20, StormSpread] each, as agents do after
+	// losing an established stream (agent reconnectDelay).
+	StormSpread time.Duration
+	// Groups is the policy the coordinator holds (nil: allow all); each
+	// phase then waits only for the streams whose maps it changes.
+	Groups *Groups
 	// Proc reads the coordinator's resident memory and CPU time so far;
 	// nil leaves them out.
 	Proc func() (rss int64, cpu time.Duration, err error)
@@ -42,6 +50,8 @@ type Report struct {
 	HaveProc, HaveStorm     bool
 	Drops                   int64 // map streams that ended on their own
 	JoinNode                *Node
+	Groups                  *Groups
+	StormSpread             time.Duration
 	ChangedNode, ChangePort string
 }
 
@@ -58,7 +68,7 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	if sc.Timeout <= 0 {
 		sc.Timeout = 60 * time.Second
 	}
-	r := &Report{Nodes: sc.Nodes, HaveProc: sc.Proc != nil}
+	r := &Report{Nodes: sc.Nodes, HaveProc: sc.Proc != nil, Groups: sc.Groups, StormSpread: sc.StormSpread}
 	defer func() { r.Drops = g.Drops.Load() }()
 	_, cpu0 := sc.proc()
 	start := time.Now()
@@ -96,13 +106,52 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	}
 	slices.Sort(r.Register)
 	services := map[string]uint16{}
+	provider := map[string]int{} // service → its provider's index
 	for _, n := range nodes {
 		if s, ok := n.Service(); ok {
 			services[s] = 1000
+			provider[s] = n.Index
 		}
 	}
-	// Settled: every stream knows every other node online and every service.
-	w := g.Watch(-1, func(n *Node) bool { return n.nOnline == len(nodes)-1 && portsAre(n, services) })
+	gr := sc.Groups
+	provides := func(i int) bool { _, ok := provider["svc-"+strconv.Itoa(i)]; return ok }
+	// visible is the part of want node n's map lists.
+	visible := func(n *Node, want map[string]uint16) map[string]uint16 {
+		if gr == nil {
+			return want
+		}
+		out := map[string]uint16{}
+		for k, v := range want {
+			if gr.sees(n.Index, provider[k]) {
+				out[k] = v
+			}
+		}
+		return out
+	}
+	// audience is the nodes whose maps list one of the services.
+	audience := func(nodes []*Node, svcs ...string) []*Node {
+		var out []*Node
+		for _, n := range nodes {
+			for _, sv := range svcs {
+				if gr.sees(n.Index, provider[sv]) {
+					out = append(out, n)
+					break
+				}
+			}
+		}
+		return out
+	}
+	settled := func(nodes []*Node) func(*Node) bool {
+		peers := gr.expectPeers(nodes, provides)
+		views := map[int]map[string]uint16{}
+		for _, n := range nodes {
+			views[n.Index] = visible(n, services)
+		}
+		return func(n *Node) bool { return n.connected && n.nOnline == peers[n.Index] && portsAre(n, views[n.Index]) }
+	}
+	// Settled: every stream knows every node its map lists online, and
+	// every service it lists.
+	w := g.Watch(-1, settled(nodes))
 	w.Recheck()
 	if _, err := w.Wait(sc.Timeout); err != nil {
 		return r, fmt.Errorf("settle after joining: %w", err)
@@ -122,7 +171,7 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	if prov != nil {
 		name, _ := prov.Service()
 		r.ChangedNode, r.ChangePort = name, "2000"
-		w := g.Watch(-1, func(n *Node) bool { return n.services[name] == 2000 })
+		w := g.WatchSet(time.Now(), audience(nodes, name), -1, func(n *Node) bool { return n.services[name] == 2000 })
 		if err := prov.Expose(ctx, name, 2000); err != nil {
 			return r, err
 		}
@@ -143,7 +192,13 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 		if err != nil {
 			return r, err
 		}
-		w := g.WatchSince(t0, j.Index, func(n *Node) bool { return n.online.get(j.ID) })
+		var learn []*Node
+		for _, n := range g.Nodes() {
+			if n != j && gr.peer(n.Index, j.Index, provides) {
+				learn = append(learn, n)
+			}
+		}
+		w := g.WatchSet(t0, learn, -1, func(n *Node) bool { return n.online.get(j.ID) })
 		if err := j.Connect(ctx); err != nil {
 			return r, err
 		}
@@ -164,11 +219,18 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 			}
 		}
 		want := map[string]uint16{}
+		var names []string
 		for i, p := range provs {
 			name, _ := p.Service()
 			want[name] = uint16(3000 + i)
+			names = append(names, name)
 		}
-		w := g.Watch(-1, func(n *Node) bool { return portsAre(n, want) })
+		aud := audience(g.Nodes(), names...)
+		views := map[int]map[string]uint16{}
+		for _, n := range aud {
+			views[n.Index] = visible(n, want)
+		}
+		w := g.WatchSet(time.Now(), aud, -1, func(n *Node) bool { return portsAre(n, views[n.Index]) })
 		var bwg sync.WaitGroup
 		burstErrs := make(chan error, len(provs))
 		for i, p := range provs {
@@ -216,13 +278,17 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 			n.Disconnect()
 		}
 		t0 := time.Now()
-		w := g.Watch(-1, func(n *Node) bool { return n.connected && n.nOnline == len(all)-1 && portsAre(n, services) })
+		w := g.Watch(-1, settled(all))
 		var swg sync.WaitGroup
 		stormErrs := make(chan error, len(all))
 		for _, n := range all {
 			swg.Add(1)
 			go func() {
 				defer swg.Done()
+				if sc.StormSpread > 0 {
+					lo := sc.StormSpread / 20
+					time.Sleep(lo + rand.N(sc.StormSpread-lo)) // the agents' own spread, not a wait for a condition
+				}
 				if err := connectRetry(ctx, n, sc.Timeout); err != nil {
 					stormErrs <- err
 				}
@@ -292,6 +358,11 @@ func portsAre(n *Node, want map[string]uint16) bool {
 func (r *Report) Print(w io.Writer) {
 	ms := func(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 1, 64) + " ms" }
 	fmt.Fprintf(w, "nodes                    %d\n", r.Nodes)
+	if r.Groups != nil {
+		fmt.Fprintf(w, "policy                   %d groups of %d (tag:gK reaches the services of groups K, K+1); delays count the streams whose maps change\n", r.Groups.Count, r.Groups.Size)
+	} else {
+		fmt.Fprintf(w, "policy                   none: every map holds every node\n")
+	}
 	fmt.Fprintf(w, "join took                %v (settled %v)\n", r.JoinTook.Round(time.Millisecond), r.SettleTook.Round(time.Millisecond))
 	fmt.Fprintf(w, "register p50/p99         %s / %s\n", ms(Percentile(r.Register, 50)), ms(Percentile(r.Register, 99)))
 	msgs := func(res Result) string {
@@ -312,7 +383,7 @@ func (r *Report) Print(w io.Writer) {
 	}
 	fmt.Fprintf(w, "map streams dropped      %d\n", r.Drops)
 	if r.HaveStorm {
-		fmt.Fprintf(w, "reconnect storm settled  %v\n", r.Storm.Round(time.Millisecond))
+		fmt.Fprintf(w, "reconnect storm settled  %v (reconnects spread over %v)\n", r.Storm.Round(time.Millisecond), r.StormSpread)
 	}
 }
 
