@@ -208,6 +208,7 @@ type snapshot struct {
 	nodes    []wire.Node // by ID
 	byID     map[wire.NodeID]int
 	services []wire.Service // with at least one provider, by name
+	svcIndex map[string]int // into services, by name
 	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
 	// coordinators are the URLs of every coordinator of the mesh, this
@@ -311,6 +312,10 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 			ws.Split, ws.Locality, ws.Affinity = t.Split, t.Locality, t.Affinity
 		}
 		snap.services = append(snap.services, ws)
+	}
+	snap.svcIndex = make(map[string]int, len(snap.services))
+	for i, sv := range snap.services {
+		snap.svcIndex[sv.Name] = i
 	}
 	if !pol.AllowsAll() {
 		snap.access = evaluateAccess(pol, nodes, users, svcs, snap.services)

@@ -61,6 +61,10 @@ type Gen struct {
 	wg    sync.WaitGroup
 	// Drops counts map streams that ended without Disconnect.
 	Drops atomic.Int64
+	// Retries counts registrations and exposes tried again after an error.
+	Retries atomic.Int64
+	triesMu sync.Mutex
+	tried   map[int]int // registrations of node i begun
 }
 
 // New parses the token; no node exists yet.
@@ -146,6 +150,11 @@ func (g *Gen) Add(ctx context.Context, i int) (*Node, error) {
 	}
 	priv := key.NewPrivate()
 	n := &Node{g: g, Index: i, Name: "bench-" + strconv.Itoa(i), key: priv.Public(), http: &http.Client{Transport: tr}, tr: tr, services: map[string]uint16{}}
+	if try := g.tries(i); try > 0 {
+		// A retry: the earlier attempt may have registered the name
+		// with the key that was lost with it.
+		n.Name += "-r" + strconv.Itoa(try)
+	}
 	start := time.Now()
 	var resp wire.RegisterResponse
 	tok := g.tok
@@ -165,6 +174,18 @@ func (g *Gen) Add(ctx context.Context, i int) (*Node, error) {
 	g.nodes = append(g.nodes, n)
 	g.mu.Unlock()
 	return n, nil
+}
+
+// tries counts the registrations of node i begun and returns how many
+// came before this one.
+func (g *Gen) tries(i int) int {
+	g.triesMu.Lock()
+	defer g.triesMu.Unlock()
+	if g.tried == nil {
+		g.tried = map[int]int{}
+	}
+	g.tried[i]++
+	return g.tried[i] - 1
 }
 
 // Service is the name node n exposes, if any.

@@ -282,7 +282,7 @@ func TestBenchControl(t *testing.T) {
 			t.Fatalf("policy set: %v: %s", err, out)
 		}
 		for k := range cfg.Groups.Count {
-			out, err := exec.Command(bin, "token", "create", "--data", data, "--reusable", "--tags", cfg.Groups.Tag(k)).Output()
+			out, err := exec.Command(bin, "token", "create", "--data", data, "--reusable", "--tags", strings.TrimPrefix(cfg.Groups.Tag(k), "tag:")).Output()
 			if err != nil {
 				t.Fatalf("token for group %d: %v", k, err)
 			}
@@ -299,7 +299,8 @@ func TestBenchControl(t *testing.T) {
 	defer cancel()
 	sc := control.Scenario{Nodes: *benchN, JoinRate: *benchRate, Burst: 20, Timeout: 120 * time.Second, Idle: *benchIdle, Storm: *benchStorm,
 		StormSpread: *benchSpread, Groups: cfg.Groups,
-		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) }}
+		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) },
+		Wait: func() time.Duration { return control.ProcWait(cmd.Process.Pid) }}
 	r, err := sc.Run(ctx, g)
 	if r != nil {
 		r.Print(os.Stdout)

@@ -33,6 +33,9 @@ type Scenario struct {
 	// Proc reads the coordinator's resident memory and CPU time so far;
 	// nil leaves them out.
 	Proc func() (rss int64, cpu time.Duration, err error)
+	// Wait reads how long the coordinator's threads were runnable but
+	// not running so far (the machine's other load); nil leaves it out.
+	Wait func() time.Duration
 }
 
 // Report holds the figures of a run.
@@ -46,9 +49,11 @@ type Report struct {
 	RSS                     int64
 	CPUJoin, CPUChange      time.Duration // coordinator CPU
 	CPUBurst, CPUIdle       time.Duration
+	WaitJoin                time.Duration // coordinator runnable without a CPU, join phase
 	IdleFor                 time.Duration
 	HaveProc, HaveStorm     bool
 	Drops                   int64 // map streams that ended on their own
+	Retries                 int64 // registrations and exposes tried again
 	JoinNode                *Node
 	Groups                  *Groups
 	StormSpread             time.Duration
@@ -69,8 +74,12 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 		sc.Timeout = 60 * time.Second
 	}
 	r := &Report{Nodes: sc.Nodes, HaveProc: sc.Proc != nil, Groups: sc.Groups, StormSpread: sc.StormSpread}
-	defer func() { r.Drops = g.Drops.Load() }()
+	defer func() { r.Drops, r.Retries = g.Drops.Load(), g.Retries.Load() }()
 	_, cpu0 := sc.proc()
+	var wait0 time.Duration
+	if sc.Wait != nil {
+		wait0 = sc.Wait()
+	}
 	start := time.Now()
 	// Join: node i starts at i/JoinRate; registration, service, stream.
 	var wg sync.WaitGroup
@@ -159,6 +168,9 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	r.SettleTook = time.Since(start)
 	_, cpu1 := sc.proc()
 	r.CPUJoin = cpu1 - cpu0
+	if sc.Wait != nil {
+		r.WaitJoin = sc.Wait() - wait0
+	}
 
 	// One service change.
 	var prov *Node
@@ -315,16 +327,33 @@ func (g *Gen) Join(ctx context.Context, i int) error {
 }
 
 func join(ctx context.Context, g *Gen, i int) error {
-	n, err := g.Add(ctx, i)
+	var n *Node
+	err := retry(ctx, g, func() (err error) { n, err = g.Add(ctx, i); return err })
 	if err != nil {
 		return err
 	}
 	if name, ok := n.Service(); ok {
-		if err := n.Expose(ctx, name, 1000); err != nil {
+		if err := retry(ctx, g, func() error { return n.Expose(ctx, name, 1000) }); err != nil {
 			return err
 		}
 	}
 	return connectRetry(ctx, n, 60*time.Second)
+}
+
+// retry runs f up to 5 times with backoff, as an agent retries its
+// registration and exposes, counting the retries (Gen.Retries).
+func retry(ctx context.Context, g *Gen, f func() error) error {
+	wait := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := f()
+		if err == nil || attempt == 5 || ctx.Err() != nil {
+			return err
+		}
+		g.Retries.Add(1)
+		g.cfg.Logf("retrying after: %v", err)
+		time.Sleep(wait) // retry backoff, bounded by the attempts
+		wait = min(2*wait, 4*time.Second)
+	}
 }
 
 // connectRetry opens the node's stream, retrying with backoff as an agent
@@ -377,14 +406,37 @@ func (r *Report) Print(w io.Writer) {
 	if r.HaveProc {
 		fmt.Fprintf(w, "coordinator RSS          %.0f MB\n", float64(r.RSS)/(1<<20))
 		fmt.Fprintf(w, "coordinator CPU          join phase %v, one change %v, burst %v\n", r.CPUJoin.Round(time.Millisecond), r.CPUChange.Round(time.Millisecond), r.CPUBurst.Round(time.Millisecond))
+		if r.WaitJoin > 0 {
+			fmt.Fprintf(w, "coordinator CPU wait     join phase %v runnable without a CPU (summed over threads: the machine's other load)\n", r.WaitJoin.Round(time.Millisecond))
+		}
 		if r.IdleFor > 0 {
 			fmt.Fprintf(w, "coordinator idle CPU     %.1f%% of a core over %v\n", 100*float64(r.CPUIdle)/float64(r.IdleFor), r.IdleFor)
 		}
 	}
 	fmt.Fprintf(w, "map streams dropped      %d\n", r.Drops)
+	fmt.Fprintf(w, "requests retried         %d (registrations and exposes, as agents retry)\n", r.Retries)
 	if r.HaveStorm {
 		fmt.Fprintf(w, "reconnect storm settled  %v (reconnects spread over %v)\n", r.Storm.Round(time.Millisecond), r.StormSpread)
 	}
+}
+
+// ProcWait sums the time the threads of process pid spent runnable but
+// waiting for a CPU (/proc/PID/task/*/schedstat, Linux); threads that
+// ended are not counted.
+func ProcWait(pid int) time.Duration {
+	dirs, _ := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	var sum time.Duration
+	for _, d := range dirs {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + d.Name() + "/schedstat")
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(b)); len(f) >= 2 {
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			sum += time.Duration(n)
+		}
+	}
+	return sum
 }
 
 // ProcStats reads resident memory and user+system CPU time of process pid
