@@ -19,10 +19,14 @@ AGENT_BIN ?= bin/meshlink-agent
 IMAGE_AGENT ?= meshlink-agent:$(VERSION)
 FUZZTIME  ?= 10s
 BENCHTIME ?= 3s
-# make bench-control: how many nodes, joining how fast, extra coordinator flags.
+# make bench-control: how many nodes, joining how fast, extra coordinator
+# flags, policy groups of POLICY nodes (0: no policy, every map holds every
+# node), the window the reconnect storm is spread over (as agents do).
 N          ?= 1000
 RATE       ?= 200
 COORD_ARGS ?=
+POLICY     ?= 0
+SPREAD     ?= 10s
 PKGS      ?= ./...
 # The packages `make race` covers: all but those that drive the gVisor
 # netstack hard (agent, netstack, test/...), which -race slows past CI's
@@ -162,7 +166,7 @@ bench:
 # timed until every stream has it. Prints figures; asserts no timing.
 bench-control:
 	nice $(GO) test -count=1 -timeout 40m -v -run '^TestBenchControl$$' ./test/bench/control/ \
-		-args -control.n=$(N) -control.rate=$(RATE) -control.args="$(COORD_ARGS)"
+		-args -control.n=$(N) -control.rate=$(RATE) -control.args="$(COORD_ARGS)" -control.policy=$(POLICY) -control.stormspread=$(SPREAD)
 
 # The CLI reference, generated from the urfave/cli definitions; a test in
 # cmd/meshlink fails when the checked-in files differ from what this writes.

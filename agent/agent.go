@@ -785,6 +785,9 @@ func (a *Agent) localEndpoints() []netip.AddrPort {
 func (a *Agent) register(ctx context.Context) error {
 	t := a.token
 	cc := newControlClient(t.URL, t.Fingerprint, t.URLs...)
+	// The map stream has a client of its own: the registration's
+	// connection is closed, not left idle on the coordinator.
+	defer cc.http.CloseIdleConnections()
 	req := wire.RegisterRequest{
 		Version: wire.ProtocolVersion, TokenID: t.ID, TokenSecret: t.Secret,
 		Name: a.cfg.Name, Hostname: a.cfg.Hostname, NodeKey: a.key.Public(),
@@ -953,6 +956,11 @@ func (a *Agent) controlLoop() {
 			a.forgetMesh()
 		}
 		d := bo.Next()
+		if !first {
+			// The stream was up: the first retry is spread over a wider
+			// window (reconnectDelay), later ones back off from there.
+			d = a.reconnectDelay()
+		}
 		a.noteRetry("", err, d)
 		a.log.Warn("lost the coordinator; the data plane keeps running; reconnecting", "in", d.Round(time.Millisecond), "err", err)
 		if next, ok := a.cc.failover(); ok {

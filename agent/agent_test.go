@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestProxyAddr(t *testing.T) {
@@ -189,4 +190,35 @@ func TestGoroutineRefusedAfterClose(t *testing.T) {
 		t.Fatal("goroutine accepted after Close")
 	}
 	a.wg.Wait()
+}
+
+// TestReconnectDelaySpread: the first reconnect after a stream ends lands
+// anywhere in [RetryMin/2, min(RetryMax/2, 10s)), so a fleet that lost its
+// coordinator together comes back spread out.
+func TestReconnectDelaySpread(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		min, max     time.Duration
+		lo, hi       time.Duration
+		wantSpreadGE time.Duration
+	}{
+		{"defaults", time.Second, 30 * time.Second, 500 * time.Millisecond, 10 * time.Second, 5 * time.Second},
+		{"tests", 50 * time.Millisecond, 500 * time.Millisecond, 25 * time.Millisecond, 250 * time.Millisecond, 100 * time.Millisecond},
+		{"narrow", time.Second, time.Second, time.Second, time.Second, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := &Agent{cfg: Config{RetryMin: tc.min, RetryMax: tc.max}}
+			lo, hi := time.Duration(1<<62), time.Duration(0)
+			for range 2000 {
+				d := a.reconnectDelay()
+				if d < tc.lo || d > tc.hi {
+					t.Fatalf("delay %v outside [%v, %v]", d, tc.lo, tc.hi)
+				}
+				lo, hi = min(lo, d), max(hi, d)
+			}
+			if hi-lo < tc.wantSpreadGE {
+				t.Fatalf("2000 delays spread over %v only (%v to %v)", hi-lo, lo, hi)
+			}
+		})
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
@@ -292,6 +293,25 @@ func (c *controlClient) streamMap(ctx context.Context, mr wire.MapRequest, idle 
 // doubling to RetryMax, ±20% so that a fleet does not reconnect in lockstep.
 func (a *Agent) retryBackoff() *backoff.Backoff {
 	return &backoff.Backoff{Min: a.cfg.RetryMin, Max: a.cfg.RetryMax, Jitter: backoff.Spread(0.2)}
+}
+
+// maxReconnectSpread caps the window of the first reconnect after an
+// established map stream ends.
+const maxReconnectSpread = 10 * time.Second
+
+// reconnectDelay is the wait before the first reconnect after an
+// established map stream ended: when the coordinator restarts or drops
+// every stream at once, the whole fleet lost it in the same instant, and
+// RetryMin ±20% would bring it back in one wave of TLS handshakes. A
+// random point of [RetryMin/2, RetryMax/2] (at most maxReconnectSpread;
+// 0.5 to 10 s by default) spreads it; later attempts back off as usual.
+func (a *Agent) reconnectDelay() time.Duration {
+	lo := a.cfg.RetryMin / 2
+	hi := min(a.cfg.RetryMax/2, maxReconnectSpread)
+	if hi <= lo {
+		return a.cfg.RetryMin
+	}
+	return lo + rand.N(hi-lo)
 }
 
 // keyProof proves to the coordinator that this agent holds its node key

@@ -254,7 +254,10 @@ type Server struct {
 	expiryWake chan struct{}
 	// notifyWake wakes notifyReplicas (buffered: one pending is enough).
 	notifyWake chan struct{}
-	expiryMu   sync.Mutex // guards expiryAnnounced
+	expiryMu   sync.Mutex // guards expiryAnnounced and expiryNext
+	// expiryNext is when expireKeys looks next (zero: it is looking
+	// now), so that a registration whose key expires later need not wake it.
+	expiryNext time.Time
 	// expiryAnnounced holds, per node whose key expiry was announced (an
 	// event, a new map), the expiry it was announced at.
 	expiryAnnounced map[wire.NodeID]time.Time

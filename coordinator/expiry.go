@@ -41,10 +41,26 @@ func keyExpired(n store.Node) *apiError {
 // wakeExpiry tells expireKeys that an expiry moved (a registration, a
 // rotation, an admin's expire).
 func (s *Server) wakeExpiry() {
+	s.expiryMu.Lock()
+	s.expiryNext = time.Time{}
+	s.expiryMu.Unlock()
 	select {
 	case s.expiryWake <- struct{}{}:
 	default:
 	}
+}
+
+// wakeExpiryFor is wakeExpiry for a node whose key now expires at t
+// (zero: never): only when that is before expireKeys looks anyway. A
+// join of a fleet then costs no listing of every node per node.
+func (s *Server) wakeExpiryFor(t time.Time) {
+	s.expiryMu.Lock()
+	next := s.expiryNext
+	s.expiryMu.Unlock()
+	if t.IsZero() || !next.IsZero() && !t.Before(next) {
+		return
+	}
+	s.wakeExpiry()
 }
 
 // maxExpiryWait bounds how long expireKeys sleeps, so that a clock that
@@ -109,8 +125,9 @@ func (s *Server) expireKeys() {
 				delete(s.expiryAnnounced, id) // removed, or its expiry moved
 			}
 		}
-		s.expiryMu.Unlock()
 		first = false
+		s.expiryNext = next
+		s.expiryMu.Unlock()
 		t.Reset(max(time.Until(next), 0))
 	}
 }

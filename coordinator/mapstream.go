@@ -225,6 +225,43 @@ func filteredDelta(a, b *snapshot, d *snapDelta, self wire.NodeID) wire.MapRespo
 	return m
 }
 
+// quiet reports whether node self's filtered map is the same under a and
+// b, d being what changed: neither it nor a node in its rows changed, and
+// no changed service was or is in its view (a change of what it may reach
+// changes the service's AllowedNodes, so the service is in d). It costs
+// what changed, not the node's map, so that a change wakes every stream
+// for little more than the look.
+func quiet(a, b *snapshot, d *snapDelta, self wire.NodeID) bool {
+	if d.relays || d.nodes[self] {
+		return false
+	}
+	rowA, rowB := a.access.peers[self], b.access.peers[self]
+	for id := range d.nodes {
+		if rowA[id] || rowB[id] {
+			return false
+		}
+	}
+	for name := range d.services {
+		if a.inView(self, name) || b.inView(self, name) {
+			return false
+		}
+	}
+	return true
+}
+
+// inView reports whether node id's filtered map lists service name: it
+// provides it or may reach it.
+func (sn *snapshot) inView(id wire.NodeID, name string) bool {
+	si, ok := sn.svcIndex[name]
+	if !ok {
+		return false
+	}
+	if slices.Contains(sn.access.reach[id], si) {
+		return true
+	}
+	return slices.ContainsFunc(sn.services[si].Providers, func(p wire.Provider) bool { return p.Node == id })
+}
+
 func cmpID(a, b wire.NodeID) int {
 	switch {
 	case a < b:
@@ -374,6 +411,8 @@ func (s *Server) send(sw *streamWriter, st *streamState, snap *snapshot, now tim
 		if !m.IsKeepAlive() {
 			body, err = encodeBody(&m)
 		}
+	case quiet(st.last, snap, sd.d, st.node):
+		// Nothing of its map changed: most streams, under a policy.
 	default:
 		m := filteredDelta(st.last, snap, sd.d, st.node)
 		if !m.IsKeepAlive() {

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/metricsserver"
 	"github.com/meshlink/meshlink/relay"
 )
@@ -119,13 +120,19 @@ var (
 		"Services with at least one provider, as put into network maps.", nil, nil)
 	descMapStreams = prometheus.NewDesc("meshlink_coordinator_map_streams",
 		"Map streams open now.", nil, nil)
+	descEventsDropped = prometheus.NewDesc("meshlink_coordinator_events_dropped_total",
+		"Event log entries dropped because the queue in front of the store was full, or their write failed.", nil, nil)
+	descStoreTx = prometheus.NewDesc("meshlink_coordinator_store_write_transactions_total",
+		"Write transactions the store committed (SQLite: each holds every write that was queued).", nil, nil)
+	descStoreWrites = prometheus.NewDesc("meshlink_coordinator_store_writes_total",
+		"Writes those transactions held.", nil, nil)
 )
 
 // serverCollector reads the server's state at scrape time.
 type serverCollector struct{ s *Server }
 
 func (c serverCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descNodes, descServices, descMapStreams} {
+	for _, d := range []*prometheus.Desc{descNodes, descServices, descMapStreams, descEventsDropped, descStoreTx, descStoreWrites} {
 		ch <- d
 	}
 }
@@ -153,5 +160,13 @@ func (c serverCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descServices, prometheus.GaugeValue, float64(len(snap.services)))
 	}
 	ch <- prometheus.MustNewConstMetric(descMapStreams, prometheus.GaugeValue, float64(s.hub.streamCount()))
+	if q, ok := s.store.(store.EventQueuer); ok {
+		ch <- prometheus.MustNewConstMetric(descEventsDropped, prometheus.CounterValue, float64(q.EventsDropped()))
+	}
+	if w, ok := s.store.(store.WriteStats); ok {
+		tx, n := w.WriteBatches()
+		ch <- prometheus.MustNewConstMetric(descStoreTx, prometheus.CounterValue, float64(tx))
+		ch <- prometheus.MustNewConstMetric(descStoreWrites, prometheus.CounterValue, float64(n))
+	}
 
 }

@@ -209,6 +209,7 @@ type snapshot struct {
 	nodes    []wire.Node // by ID
 	byID     map[wire.NodeID]int
 	services []wire.Service // with at least one provider, by name
+	svcIndex map[string]int // into services, by name
 	keys     []key.Public   // every node's key, sorted
 	relays   []wire.Relay   // what every map lists
 	// coordinators are the URLs of every coordinator of the mesh, this
@@ -321,6 +322,10 @@ func (s *Server) current(ctx context.Context) (*snapshot, error) {
 		ws.HTTP = pol.ServiceHTTP(sv.Name, httpProvided[sv.Name])
 		snap.services = append(snap.services, ws)
 	}
+	snap.svcIndex = make(map[string]int, len(snap.services))
+	for i, sv := range snap.services {
+		snap.svcIndex[sv.Name] = i
+	}
 	if !pol.AllowsAll() {
 		snap.access = evaluateAccess(pol, nodes, users, svcs, snap.services)
 	} else {
@@ -370,7 +375,13 @@ func providerCheck(pol *policy.Policy, nodes []store.Node, byNode map[wire.NodeI
 
 // evaluateAccess decides, for every node and service, whether the node
 // may reach it, and fills each service's AllowedNodes with the IDs of
-// those that may (what its providers enforce).
+// those that may (what its providers enforce). It works by policy class
+// (policy.AccessClasses: nodes the policy cannot tell apart), never by
+// pair of nodes: the services a class reaches are one slice its members
+// share, and so are the peers that gives them (the providers of those
+// services); only a provider gets a row of its own, adding the nodes that
+// may reach its services. The cost is the classes times the services,
+// plus what the maps hold.
 func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, svcs []store.Service, services []wire.Service) *accessTable {
 	byID := make(map[int64]store.User, len(users))
 	for _, u := range users {
@@ -384,44 +395,88 @@ func evaluateAccess(pol *policy.Policy, nodes []store.Node, users []store.User, 
 	for i, n := range nodes {
 		prs[i] = nodePrincipal(n, byID)
 	}
-	t := &accessTable{reach: map[wire.NodeID][]int{}, peers: map[wire.NodeID]map[wire.NodeID]bool{}}
-	link := func(a, b wire.NodeID) {
-		if a == b {
-			return
-		}
-		for _, p := range [2][2]wire.NodeID{{a, b}, {b, a}} {
-			m := t.peers[p[0]]
-			if m == nil {
-				m = map[wire.NodeID]bool{}
-				t.peers[p[0]] = m
-			}
-			m[p[1]] = true
-		}
-	}
 	names := make([]string, len(services))
 	owners := make([]string, len(services))
 	for si, sv := range services {
 		names[si], owners[si] = sv.Name, owner[sv.Name]
 	}
-	access := pol.Access(prs, names, owners)
-	for si := range services {
-		sv := &services[si]
-		allowed := []string{}
-		var allowedPrs []policy.Principal
-		var allowedIDs []wire.NodeID
-		for ni, n := range nodes {
-			if !access[si][ni] {
+	class, rows := pol.AccessClasses(prs, names, owners)
+	members := make([][]int, len(rows)) // node indices, in node order
+	for i, c := range class {
+		members[c] = append(members[c], i)
+	}
+	t := &accessTable{reach: make(map[wire.NodeID][]int, len(nodes)), peers: make(map[wire.NodeID]map[wire.NodeID]bool, len(nodes))}
+	reach := make([][]int, len(rows))                    // services each class reaches
+	provPeers := make([]map[wire.NodeID]bool, len(rows)) // the providers of those
+	reachedBy := make([][]int, len(services))            // classes reaching each service
+	for c, row := range rows {
+		for si, ok := range row {
+			if !ok {
 				continue
 			}
-			allowedPrs, allowedIDs = append(allowedPrs, prs[ni]), append(allowedIDs, n.ID)
-			allowed = append(allowed, strconv.FormatUint(uint64(n.ID), 10))
-			t.reach[n.ID] = append(t.reach[n.ID], si)
-			for _, p := range sv.Providers {
-				link(n.ID, p.Node)
+			reach[c] = append(reach[c], si)
+			reachedBy[si] = append(reachedBy[si], c)
+			if provPeers[c] == nil {
+				provPeers[c] = map[wire.NodeID]bool{}
+			}
+			for _, p := range services[si].Providers {
+				provPeers[c][p.Node] = true
 			}
 		}
+	}
+	for i, n := range nodes {
+		c := class[i]
+		if len(reach[c]) > 0 {
+			t.reach[n.ID] = reach[c]
+		}
+		if provPeers[c] != nil {
+			t.peers[n.ID] = provPeers[c]
+		}
+	}
+	// Providers: their class's row, less themselves (every node in a
+	// class's row is a provider, so no other row holds its own node), and
+	// every node that may reach one of their services.
+	own := map[wire.NodeID]map[wire.NodeID]bool{}
+	row := func(id wire.NodeID) map[wire.NodeID]bool {
+		m := own[id]
+		if m == nil {
+			m = map[wire.NodeID]bool{}
+			for p := range t.peers[id] {
+				if p != id {
+					m[p] = true
+				}
+			}
+			own[id] = m
+			t.peers[id] = m
+		}
+		return m
+	}
+	for si := range services {
+		sv := &services[si]
+		var ids []int
+		for _, c := range reachedBy[si] {
+			ids = append(ids, members[c]...)
+		}
+		slices.Sort(ids) // node order: nodes are sorted by ID
+		allowed := make([]string, 0, len(ids))
+		for _, i := range ids {
+			allowed = append(allowed, strconv.FormatUint(uint64(nodes[i].ID), 10))
+		}
 		sv.AllowedNodes = allowed
+		allowedPrs := make([]policy.Principal, 0, len(ids))
+		allowedIDs := make([]wire.NodeID, 0, len(ids))
+		for _, i := range ids {
+			allowedPrs, allowedIDs = append(allowedPrs, prs[i]), append(allowedIDs, nodes[i].ID)
+		}
 		sv.HTTPAuth = pol.HTTPAuth(sv.Name, owners[si], allowedPrs, allowedIDs)
+		for _, p := range sv.Providers {
+			m := row(p.Node)
+			for _, i := range ids {
+				if id := nodes[i].ID; id != p.Node {
+					m[id] = true
+				}
+			}
+		}
 	}
 	return t
 }

@@ -154,7 +154,7 @@ func (s *Server) registerNode(ctx context.Context, reg nodeRegistration) (wire.R
 			Message: fmt.Sprintf("%s proved its key and renewed its secret with token %s from %s", r.Name, r.TokenID, reg.remoteIP)}
 	}
 	s.commit(c)
-	s.wakeExpiry()
+	s.wakeExpiryFor(res.Node.KeyExpiry)
 	if res.Node.Ephemeral && !res.Existing {
 		// Removed if it never connects, too.
 		s.scheduleReap(res.Node.ID, res.Node.LastSeen)

@@ -135,13 +135,32 @@ func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
 	for j := range allow {
 		allow[j] = make([]bool, len(prs))
 	}
-	if p == nil || len(p.Rules) == 0 || p.idx == nil {
-		for j, svc := range services {
-			for i, pr := range prs {
-				allow[j][i] = p.Decide(pr, svc, owners[j]).Allow
-			}
+	class, rows := p.AccessClasses(prs, services, owners)
+	for i, c := range class {
+		for j, ok := range rows[c] {
+			allow[j][i] = ok
 		}
-		return allow
+	}
+	return allow
+}
+
+// AccessClasses is Access by class: principals the policy cannot tell
+// apart (the same user, admin bit and tags, and a name only if a rule
+// names it) form one class and share one row, rows[class[i]][j] being
+// Access's allow[j][i]. A mesh of many nodes in few groups then costs
+// classes × services, and callers can share each class's answers among
+// its members rather than expand them per node.
+func (p *Policy) AccessClasses(prs []Principal, services, owners []string) (class []int, rows [][]bool) {
+	class = make([]int, len(prs))
+	if p == nil || len(p.Rules) == 0 || p.idx == nil {
+		for i, pr := range prs {
+			row := make([]bool, len(services))
+			for j, svc := range services {
+				row[j] = p.Decide(pr, svc, owners[j]).Allow
+			}
+			class[i], rows = len(rows), append(rows, row)
+		}
+		return class, rows
 	}
 	ix := p.idx
 	words := (len(p.Rules) + 63) / 64
@@ -161,7 +180,7 @@ func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
 		}
 	}
 	// Principals the policy cannot tell apart share their answers.
-	answers := map[string][]bool{}
+	answers := map[string]int{}
 	for i, pr := range prs {
 		name := ""
 		if ix.nodes[pr.Node] {
@@ -171,7 +190,7 @@ func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
 		for _, t := range pr.Tags {
 			key += strconv.Quote(t) // quoted: a tag holding a comma is one tag
 		}
-		ans, ok := answers[key]
+		c, ok := answers[key]
 		if !ok {
 			// The rules whose from matches pr; self: those that match
 			// by autogroup:self, when pr's user owns the service.
@@ -193,7 +212,7 @@ func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
 			if pr.Node != "" {
 				set(mine, ix.bySel["node:"+pr.Node])
 			}
-			ans = make([]bool, len(services))
+			ans := make([]bool, len(services))
 			for j := range services {
 				isOwner := pr.User != "" && pr.User == owners[j]
 				for w := range words {
@@ -207,13 +226,13 @@ func (p *Policy) Access(prs []Principal, services, owners []string) [][]bool {
 					}
 				}
 			}
-			answers[key] = ans
+			c = len(rows)
+			answers[key] = c
+			rows = append(rows, ans)
 		}
-		for j := range services {
-			allow[j][i] = ans[j]
-		}
+		class[i] = c
 	}
-	return allow
+	return class, rows
 }
 
 // matches reports whether selector sel covers principal pr, and why.

@@ -87,7 +87,11 @@ func (s *sqlStore) AddEvent(ctx context.Context, e Event) error {
 	if e.At.IsZero() {
 		e.At = time.Now()
 	}
-	return s.tx(ctx, func(tx *dbTx) error {
+	return s.tx(ctx, func(tx *dbTx) error { return addEvent(ctx, tx, e) })
+}
+
+func addEvent(ctx context.Context, tx *dbTx, e Event) error {
+	{
 		class := e.Kind.Class()
 		var seq int64
 		if err := tx.QueryRowContext(ctx, `INSERT INTO events (at, kind, actor, node, message, owner_id, class, seq)
@@ -100,11 +104,14 @@ func (s *sqlStore) AddEvent(ctx context.Context, e Event) error {
 			return fmt.Errorf("store: prune events: %w", err)
 		}
 		return nil
-	})
+	}
 }
 
 // ListEvents implements Store.
 func (s *sqlStore) ListEvents(ctx context.Context, ownerID int64, limit int) ([]Event, error) {
+	if err := s.events.wait(ctx); err != nil {
+		return nil, err
+	}
 	if limit <= 0 || limit > eventClasses*MaxEvents {
 		limit = eventClasses * MaxEvents // every class full
 	}

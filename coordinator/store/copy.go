@@ -115,6 +115,9 @@ func Copy(ctx context.Context, from, to Store, replace bool) ([]TableCount, erro
 		}
 		return nil, fmt.Errorf("store: copy: %w", err)
 	}
+	if dst.nodes != nil {
+		dst.nodes.reset() // its nodes are the source's now
+	}
 	// Verify: the same number of rows at both ends, table by table.
 	var counts []TableCount
 	for _, t := range copyTables {

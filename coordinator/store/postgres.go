@@ -252,6 +252,7 @@ func OpenPostgres(ctx context.Context, dsn string, o Options) (*Postgres, error)
 		pool: pool,
 		id:   hex.EncodeToString(id),
 	}
+	p.events = newEventQueue(p.sqlStore)
 	if err := p.migrate(ctx); err != nil {
 		p.Close()
 		return nil, fmt.Errorf("store: PostgreSQL %s: %w", where, err)
@@ -284,7 +285,7 @@ func redactURL(dsn string) string {
 // Close closes the database.
 func (p *Postgres) Close() error {
 	p.closeOnce.Do(func() {
-		p.db.Close()
+		p.sqlStore.Close()
 		p.pool.Close()
 	})
 	return nil

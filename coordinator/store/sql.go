@@ -66,40 +66,30 @@ type sqlStore struct {
 	db         *dbConn
 	opts       Options  // defaults applied; read-only after open
 	migrations []string // this database's migration list
-	// wgate, when set (SQLite), admits one writer at a time (a
-	// transaction, every one of which takes SQLite's write lock up front,
-	// or a write statement). Writers wait here, in order, rather than in
-	// SQLite's busy handler, which sleeps while it holds a pool connection
-	// that readers need. PostgreSQL has no such single writer: nil.
-	wgate chan struct{}
+	// w, when set (SQLite), is the one writer, which commits the queued
+	// writes together (writer.go); PostgreSQL: nil, each write its own
+	// transaction on the pool.
+	w *batchWriter
+	// nodes, when set (SQLite, whose one coordinator makes every write),
+	// caches nodes by ID and holds their coalesced last-seen and network
+	// updates (nodecache.go).
+	nodes *nodeCache
+	// events queues the event log's writes (events.go).
+	events *eventQueue
 }
 
-// lockWrite takes the write gate (wgate), if any; unlockWrite gives it back.
-func (s *sqlStore) lockWrite(ctx context.Context) error {
-	if s.wgate == nil {
-		return nil
-	}
-	select {
-	case s.wgate <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func (s *sqlStore) unlockWrite() {
-	if s.wgate != nil {
-		<-s.wgate
-	}
-}
-
-// exec runs one write statement through the write gate.
+// exec runs one write statement (through the batch writer, if any).
 func (s *sqlStore) exec(ctx context.Context, query string, args ...any) (sql.Result, error) {
-	if err := s.lockWrite(ctx); err != nil {
-		return nil, err
+	if s.w == nil {
+		return s.db.ExecContext(ctx, query, args...)
 	}
-	defer s.unlockWrite()
-	return s.db.ExecContext(ctx, query, args...)
+	var res sql.Result
+	err := s.w.do(ctx, func(tx *dbTx) error {
+		var err error
+		res, err = tx.ExecContext(ctx, query, args...)
+		return err
+	})
+	return res, err
 }
 
 func (o *Options) applyDefaults() {
@@ -191,18 +181,30 @@ func (c *dbConn) QueryRowContext(ctx context.Context, q string, args ...any) *sq
 type dbTx struct {
 	*sql.Tx
 	d dialect
+	// ctx, when set, replaces the context of every statement: a
+	// transaction the batch writer shares between callers must not be
+	// interrupted by one caller's cancellation (SQLite rolls the whole
+	// transaction back on an interrupted write).
+	ctx context.Context
+}
+
+func (t *dbTx) c(ctx context.Context) context.Context {
+	if t.ctx != nil {
+		return t.ctx
+	}
+	return ctx
 }
 
 func (t *dbTx) ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error) {
-	return t.Tx.ExecContext(ctx, t.d.rebind(q), args...)
+	return t.Tx.ExecContext(t.c(ctx), t.d.rebind(q), args...)
 }
 
 func (t *dbTx) QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error) {
-	return t.Tx.QueryContext(ctx, t.d.rebind(q), args...)
+	return t.Tx.QueryContext(t.c(ctx), t.d.rebind(q), args...)
 }
 
 func (t *dbTx) QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row {
-	return t.Tx.QueryRowContext(ctx, t.d.rebind(q), args...)
+	return t.Tx.QueryRowContext(t.c(ctx), t.d.rebind(q), args...)
 }
 
 // ErrSchemaNewer refuses a database a newer meshlink has migrated.
@@ -264,6 +266,9 @@ const maxTxAttempts = 5
 // database says it may be retried; f must therefore set its results
 // afresh on each run.
 func (s *sqlStore) tx(ctx context.Context, f func(*dbTx) error) error {
+	if s.w != nil {
+		return s.w.do(ctx, f)
+	}
 	var err error
 	for attempt := 1; attempt <= maxTxAttempts; attempt++ {
 		err = s.tx1(ctx, f)
@@ -275,10 +280,6 @@ func (s *sqlStore) tx(ctx context.Context, f func(*dbTx) error) error {
 }
 
 func (s *sqlStore) tx1(ctx context.Context, f func(*dbTx) error) error {
-	if err := s.lockWrite(ctx); err != nil {
-		return err
-	}
-	defer s.unlockWrite()
 	stx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -297,8 +298,19 @@ func (s *sqlStore) tx1(ctx context.Context, f func(*dbTx) error) error {
 	return tx.Commit()
 }
 
-// Close closes the database.
-func (s *sqlStore) Close() error { return s.db.Close() }
+// Close writes what is queued and closes the database.
+func (s *sqlStore) Close() error {
+	if s.events != nil {
+		s.events.close()
+	}
+	if s.nodes != nil {
+		s.nodes.close()
+	}
+	if s.w != nil {
+		s.w.close()
+	}
+	return s.db.Close()
+}
 
 // isUniqueViolation reports whether err is the database refusing a row
 // that would repeat the value of a UNIQUE column or of a primary key.
@@ -349,12 +361,10 @@ func (s *sqlStore) CreateUser(ctx context.Context, u User) (User, error) {
 	if u.Created.IsZero() {
 		u.Created = time.Now()
 	}
-	if err := s.lockWrite(ctx); err != nil {
-		return u, err
-	}
-	defer s.unlockWrite()
-	err := s.db.QueryRowContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password, pending) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
-		u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword), b2i(u.Pending)).Scan(&u.ID)
+	err := s.tx(ctx, func(tx *dbTx) error {
+		return tx.QueryRowContext(ctx, `INSERT INTO users (username, password_hash, admin, created, must_change_password, pending) VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
+			u.Username, u.PasswordHash, b2i(u.Admin), unixNano(u.Created), b2i(u.MustChangePassword), b2i(u.Pending)).Scan(&u.ID)
+	})
 	if isUniqueViolation(err) {
 		return u, fmt.Errorf("store: create user %q: %w", u.Username, ErrExists)
 	}
@@ -597,12 +607,36 @@ func getNode(ctx context.Context, q querier, where string, arg any) (Node, error
 
 // GetNode implements Store.
 func (s *sqlStore) GetNode(ctx context.Context, id wire.NodeID) (Node, error) {
-	return getNode(ctx, s.db, "id = ?", int64(id))
+	if s.nodes == nil {
+		return getNode(ctx, s.db, "id = ?", int64(id))
+	}
+	n, ok, epoch, o := s.nodes.get(id)
+	if ok {
+		return n, nil
+	}
+	n, err := getNode(ctx, s.db, "id = ?", int64(id))
+	if err != nil {
+		return n, err
+	}
+	s.nodes.fill(n, epoch)
+	o.apply(&n)
+	return n, nil
 }
 
 // ListNodes implements Store.
 func (s *sqlStore) ListNodes(ctx context.Context) ([]Node, error) {
-	return queryAll(ctx, s.db, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
+	if s.nodes == nil {
+		return queryAll(ctx, s.db, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY id`)
+	}
+	return s.nodes.list(ctx)
+}
+
+// invalidate tells the node cache, if any, that the rows of ids were
+// written; network: their listen port and endpoints too.
+func (s *sqlStore) invalidate(network bool, ids ...wire.NodeID) {
+	if s.nodes != nil {
+		s.nodes.invalidate(network, ids...)
+	}
 }
 
 // allocNodeAddrs hands out the addresses of a new node: a never-used index
@@ -760,6 +794,9 @@ func (s *sqlStore) RegisterNode(ctx context.Context, r Registration) (RegisterRe
 		res.Node = n
 		return nil
 	})
+	if err == nil {
+		s.invalidate(true, res.Node.ID, res.Replaced)
+	}
 	return res, err
 }
 
@@ -813,6 +850,15 @@ func consumeToken(ctx context.Context, tx *dbTx, tok Token, secret string, now t
 
 // UpdateNodeNetwork implements Store.
 func (s *sqlStore) UpdateNodeNetwork(ctx context.Context, id wire.NodeID, k key.Public, listenPort uint16, eps []netip.AddrPort) error {
+	if s.nodes != nil && k.IsZero() {
+		// Held and written with the next flush (nodecache.go).
+		if _, err := s.GetNode(ctx, id); err != nil {
+			return err
+		}
+		s.nodes.holdNetwork(id, listenPort, eps)
+		return nil
+	}
+	defer s.invalidate(true, id)
 	res, err := s.exec(ctx, `UPDATE nodes SET wg_key = CASE WHEN ? = '' THEN wg_key ELSE ? END, listen_port = ?, endpoints = ? WHERE id = ?`,
 		k.String(), k.String(), int(listenPort), jsonText(eps), int64(id))
 	if isUniqueViolation(err) {
@@ -833,6 +879,7 @@ func (s *sqlStore) UpdateNodeKey(ctx context.Context, id wire.NodeID, k key.Publ
 	if k.IsZero() {
 		return fmt.Errorf("store: update node %d: no key", id)
 	}
+	defer s.invalidate(false, id)
 	res, err := s.exec(ctx, `UPDATE nodes SET wg_key = ?, key_expiry = ? WHERE id = ?`, k.String(), unixNano(expiry), int64(id))
 	if isUniqueViolation(err) {
 		return fmt.Errorf("store: update node %d: %w", id, ErrKeyInUse)
@@ -848,6 +895,7 @@ func (s *sqlStore) UpdateNodeKey(ctx context.Context, id wire.NodeID, k key.Publ
 
 // SetNodeKeyExpiry implements Store.
 func (s *sqlStore) SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry time.Time) error {
+	defer s.invalidate(false, id)
 	res, err := s.exec(ctx, `UPDATE nodes SET key_expiry = ? WHERE id = ?`, unixNano(expiry), int64(id))
 	if err != nil {
 		return fmt.Errorf("store: update node %d: %w", id, err)
@@ -860,18 +908,24 @@ func (s *sqlStore) SetNodeKeyExpiry(ctx context.Context, id wire.NodeID, expiry 
 
 // SetHeartbeat implements Store.
 func (s *sqlStore) SetHeartbeat(ctx context.Context, id wire.NodeID, t time.Time) error {
+	defer s.invalidate(false, id)
 	_, err := s.exec(ctx, `UPDATE nodes SET heartbeat = ? WHERE id = ?`, unixNano(t), int64(id))
 	return err
 }
 
 // SetLastSeen implements Store.
 func (s *sqlStore) SetLastSeen(ctx context.Context, id wire.NodeID, t time.Time) error {
+	if s.nodes != nil {
+		s.nodes.holdLastSeen(id, t) // written with the next flush
+		return nil
+	}
 	_, err := s.exec(ctx, `UPDATE nodes SET last_seen = ? WHERE id = ?`, unixNano(t), int64(id))
 	return err
 }
 
 // DeleteNode implements Store.
 func (s *sqlStore) DeleteNode(ctx context.Context, id wire.NodeID) error {
+	defer s.invalidate(true, id)
 	return s.tx(ctx, func(tx *dbTx) error {
 		n, err := getNode(ctx, tx, "id = ?", int64(id))
 		if err != nil {
@@ -1137,6 +1191,7 @@ func (s *sqlStore) SetProviderTraffic(ctx context.Context, service string, nodeI
 
 // SetNodeRegion implements Store.
 func (s *sqlStore) SetNodeRegion(ctx context.Context, id wire.NodeID, region string) error {
+	defer s.invalidate(false, id)
 	res, err := s.exec(ctx, `UPDATE nodes SET region = ? WHERE id = ?`, region, int64(id))
 	if err != nil {
 		return fmt.Errorf("store: node %d region: %w", id, err)

@@ -217,9 +217,12 @@ func OpenSQLiteOptions(ctx context.Context, path string, o Options) (*SQLite, er
 	// SQLite has one writer; a few readers are plenty at this scale.
 	db.SetMaxOpenConns(4)
 	db.SetMaxIdleConns(4)
-	s := &SQLite{&sqlStore{db: &dbConn{DB: db, d: sqliteDialect}, opts: o, migrations: migrations, wgate: make(chan struct{}, 1)}}
+	s := &SQLite{&sqlStore{db: &dbConn{DB: db, d: sqliteDialect}, opts: o, migrations: migrations}}
+	s.w = newBatchWriter(s.db)
+	s.nodes = newNodeCache(s.sqlStore)
+	s.events = newEventQueue(s.sqlStore)
 	if err := s.migrate(ctx); err != nil {
-		db.Close()
+		s.Close()
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
 	}
 	return s, nil

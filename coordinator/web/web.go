@@ -273,10 +273,19 @@ func (c *Console) changed() <-chan struct{} {
 }
 
 // Record appends an event to the log. It never fails the caller: the log
-// is for people, and an error is logged instead.
+// is for people, and an error is logged instead. A store that writes the
+// log behind (store.EventQueuer) takes it without waiting: a full queue
+// drops it and counts it, so that a burst of joins never waits for the log.
 func (c *Console) Record(e store.Event) {
 	if e.At.IsZero() {
 		e.At = c.now()
+	}
+	if q, ok := c.store.(store.EventQueuer); ok {
+		if !q.QueueEvent(e) {
+			c.log.Debug("record event: queue full, dropped", "kind", e.Kind)
+		}
+		c.bump()
+		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

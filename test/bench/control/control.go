@@ -40,13 +40,19 @@ type Config struct {
 	ServiceEvery int
 	// KeepMaps applies every message to a whole wire.NetworkMap per node.
 	KeepMaps bool
-	Logf     func(format string, args ...any)
+	// GroupTokens, when set, are the join tokens of the policy groups
+	// (Groups): node i joins with GroupTokens[Groups.Of(i)], which tags it
+	// with its group.
+	GroupTokens []string
+	Groups      *Groups
+	Logf        func(format string, args ...any)
 }
 
 // Gen is a set of simulated nodes.
 type Gen struct {
-	cfg Config
-	tok wire.JoinToken
+	cfg  Config
+	tok  wire.JoinToken
+	toks []wire.JoinToken // by group, with Config.GroupTokens
 
 	mu    sync.Mutex // guards nodes
 	nodes []*Node
@@ -55,6 +61,10 @@ type Gen struct {
 	wg    sync.WaitGroup
 	// Drops counts map streams that ended without Disconnect.
 	Drops atomic.Int64
+	// Retries counts registrations and exposes tried again after an error.
+	Retries atomic.Int64
+	triesMu sync.Mutex
+	tried   map[int]int // registrations of node i begun
 }
 
 // New parses the token; no node exists yet.
@@ -66,7 +76,18 @@ func New(cfg Config) (*Gen, error) {
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}
 	}
-	return &Gen{cfg: cfg, tok: tok}, nil
+	g := &Gen{cfg: cfg, tok: tok}
+	for _, s := range cfg.GroupTokens {
+		t, err := wire.ParseToken(s)
+		if err != nil {
+			return nil, err
+		}
+		g.toks = append(g.toks, t)
+	}
+	if len(g.toks) > 0 && (cfg.Groups == nil || len(g.toks) != cfg.Groups.Count) {
+		return nil, fmt.Errorf("control: %d group tokens for %v", len(g.toks), cfg.Groups)
+	}
+	return g, nil
 }
 
 // Node is one simulated agent.
@@ -129,9 +150,18 @@ func (g *Gen) Add(ctx context.Context, i int) (*Node, error) {
 	}
 	priv := key.NewPrivate()
 	n := &Node{g: g, Index: i, Name: "bench-" + strconv.Itoa(i), key: priv.Public(), http: &http.Client{Transport: tr}, tr: tr, services: map[string]uint16{}}
+	if try := g.tries(i); try > 0 {
+		// A retry: the earlier attempt may have registered the name
+		// with the key that was lost with it.
+		n.Name += "-r" + strconv.Itoa(try)
+	}
 	start := time.Now()
 	var resp wire.RegisterResponse
-	err := n.call(ctx, wire.PathRegister, wire.RegisterRequest{Version: wire.ProtocolVersion, TokenID: g.tok.ID, TokenSecret: g.tok.Secret,
+	tok := g.tok
+	if len(g.toks) > 0 {
+		tok = g.toks[g.cfg.Groups.Of(i)]
+	}
+	err := n.call(ctx, wire.PathRegister, wire.RegisterRequest{Version: wire.ProtocolVersion, TokenID: tok.ID, TokenSecret: tok.Secret,
 		Name: n.Name, Hostname: n.Name, NodeKey: n.key, ListenPort: 41641}, &resp)
 	if err != nil {
 		tr.CloseIdleConnections()
@@ -144,6 +174,18 @@ func (g *Gen) Add(ctx context.Context, i int) (*Node, error) {
 	g.nodes = append(g.nodes, n)
 	g.mu.Unlock()
 	return n, nil
+}
+
+// tries counts the registrations of node i begun and returns how many
+// came before this one.
+func (g *Gen) tries(i int) int {
+	g.triesMu.Lock()
+	defer g.triesMu.Unlock()
+	if g.tried == nil {
+		g.tried = map[int]int{}
+	}
+	g.tried[i]++
+	return g.tried[i] - 1
 }
 
 // Service is the name node n exposes, if any.
@@ -471,6 +513,7 @@ type Watch struct {
 	pred  func(*Node) bool
 	Start time.Time
 	nodes []*Node
+	slot  []int       // by Node.pos: the index into nodes, -1 if not watched
 	at    []time.Time // by index into nodes; written under the node's mu
 	msgs0 []int
 	msgs  []int
@@ -487,9 +530,21 @@ func (g *Gen) Watch(skip int, pred func(*Node) bool) *Watch {
 
 // WatchSince is Watch with delays counted from start.
 func (g *Gen) WatchSince(start time.Time, skip int, pred func(*Node) bool) *Watch {
-	nodes := g.Nodes()
+	return g.WatchSet(start, g.Nodes(), skip, pred)
+}
+
+// WatchSet is WatchSince over nodes only (the audience of a change under
+// a policy).
+func (g *Gen) WatchSet(start time.Time, nodes []*Node, skip int, pred func(*Node) bool) *Watch {
 	w := &Watch{pred: pred, Start: start, nodes: nodes, at: make([]time.Time, len(nodes)),
 		msgs0: make([]int, len(nodes)), msgs: make([]int, len(nodes)), all: make(chan struct{})}
+	w.slot = make([]int, len(g.Nodes()))
+	for i := range w.slot {
+		w.slot[i] = -1
+	}
+	for i, n := range nodes {
+		w.slot[n.pos] = i
+	}
 	w.left.Store(int64(len(nodes)))
 	for i, n := range nodes {
 		n.mu.Lock()
@@ -513,8 +568,11 @@ func (n *Node) check(now time.Time) {
 	if w == nil {
 		return
 	}
-	i := n.pos
-	if i >= len(w.nodes) || !w.at[i].IsZero() || !w.pred(n) {
+	if n.pos >= len(w.slot) || w.slot[n.pos] < 0 {
+		return
+	}
+	i := w.slot[n.pos]
+	if !w.at[i].IsZero() || !w.pred(n) {
 		return
 	}
 	w.at[i] = now

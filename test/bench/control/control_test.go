@@ -23,12 +23,14 @@ import (
 )
 
 var (
-	keepMaps   = flag.Bool("control.keepmaps", true, "TestMapsMatch: whole maps")
-	benchN     = flag.Int("control.n", 0, "run TestBenchControl with this many nodes (0 skips it)")
-	benchRate  = flag.Float64("control.rate", 200, "TestBenchControl: nodes joining per second")
-	benchStorm = flag.Bool("control.storm", true, "TestBenchControl: end with a reconnect storm")
-	benchIdle  = flag.Duration("control.idle", 20*time.Second, "TestBenchControl: how long idle CPU is measured")
-	benchArgs  = flag.String("control.args", "", "TestBenchControl: extra coordinator flags, space-separated")
+	keepMaps    = flag.Bool("control.keepmaps", true, "TestMapsMatch: whole maps")
+	benchN      = flag.Int("control.n", 0, "run TestBenchControl with this many nodes (0 skips it)")
+	benchRate   = flag.Float64("control.rate", 200, "TestBenchControl: nodes joining per second")
+	benchStorm  = flag.Bool("control.storm", true, "TestBenchControl: end with a reconnect storm")
+	benchIdle   = flag.Duration("control.idle", 20*time.Second, "TestBenchControl: how long idle CPU is measured")
+	benchArgs   = flag.String("control.args", "", "TestBenchControl: extra coordinator flags, space-separated")
+	benchGroup  = flag.Int("control.policy", 0, "TestBenchControl: run under a policy of tagged groups of this many nodes, each reaching the services of two groups (0: no policy, every map holds every node)")
+	benchSpread = flag.Duration("control.stormspread", 10*time.Second, "TestBenchControl: spread the storm's reconnects over this window, as agents do (0: all at once)")
 )
 
 // TestMapsMatch runs the load at a small N against an in-process
@@ -125,6 +127,49 @@ func TestMapsMatchPolicy(t *testing.T) {
 	sameMaps(t, ctx, m, g)
 	setPolicy("")
 	sameMaps(t, ctx, m, g)
+}
+
+// TestMapsMatchGroups is TestMapsMatch under a policy of tagged groups
+// (the bench's -control.policy): each group reaches the services of two,
+// so that maps are filtered by class of node; every stream ends with its
+// node's filtered map after the joins, changes, a burst and a reconnect
+// storm, and the figures count only the streams each change concerns.
+func TestMapsMatchGroups(t *testing.T) {
+	const nodes, size, every = 48, 8, 4
+	m := harness.NewMeshWith(t, func(c *coordinator.Config) {
+		c.MaxConnsPerSource = 4 * nodes
+		c.Logger = nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	gr := control.NewGroups(nodes, size, every)
+	if _, err := m.Coord.SetPolicy(ctx, "policy.yaml", gr.Policy(nodes+1), "test"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := control.Config{Token: m.Token(), ServiceEvery: every, KeepMaps: true, Groups: gr}
+	for k := range gr.Count {
+		cfg.GroupTokens = append(cfg.GroupTokens, m.TokenWith(coordinator.TokenOptions{Reusable: true, Expires: time.Hour, Tags: []string{gr.Tag(k)}}))
+	}
+	g, err := control.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	sc := control.Scenario{Nodes: nodes, JoinRate: 400, Burst: 5, Timeout: 30 * time.Second, Storm: true, Groups: gr}
+	r, err := sc.Run(ctx, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	r.Print(&b)
+	t.Log("\n" + b.String())
+	sameMaps(t, ctx, m, g)
+	// Filtered: a consumer's map holds the providers it may reach, not
+	// the mesh.
+	n := g.Nodes()[1]
+	if want, _, _ := m.Coord.NodeMap(ctx, n.ID); want == nil || len(want.Peers) >= nodes/2 {
+		t.Fatalf("%s's map: %v; want a few peers", n.Name, want)
+	}
 }
 
 // sameMaps waits until every stream's map is the coordinator's map of its
@@ -225,7 +270,27 @@ func TestBenchControl(t *testing.T) {
 		token = strings.TrimSpace(string(out))
 		return err
 	})
-	g, err := control.New(control.Config{Token: token, ServiceEvery: 50, Logf: t.Logf})
+	cfg := control.Config{Token: token, ServiceEvery: 50, Logf: t.Logf}
+	if *benchGroup > 0 {
+		// The joining node of the run is node N: in the policy too.
+		cfg.Groups = control.NewGroups(*benchN, *benchGroup, cfg.ServiceEvery)
+		pf := filepath.Join(dir, "policy.yaml")
+		if err := os.WriteFile(pf, []byte(cfg.Groups.Policy(*benchN+1)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(bin, "policy", "set", "--data", data, pf).CombinedOutput(); err != nil {
+			t.Fatalf("policy set: %v: %s", err, out)
+		}
+		for k := range cfg.Groups.Count {
+			out, err := exec.Command(bin, "token", "create", "--data", data, "--reusable", "--tags", strings.TrimPrefix(cfg.Groups.Tag(k), "tag:")).Output()
+			if err != nil {
+				t.Fatalf("token for group %d: %v", k, err)
+			}
+			cfg.GroupTokens = append(cfg.GroupTokens, strings.TrimSpace(string(out)))
+		}
+		t.Logf("policy: %d groups of %d nodes", cfg.Groups.Count, *benchGroup)
+	}
+	g, err := control.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -233,7 +298,9 @@ func TestBenchControl(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	sc := control.Scenario{Nodes: *benchN, JoinRate: *benchRate, Burst: 20, Timeout: 120 * time.Second, Idle: *benchIdle, Storm: *benchStorm,
-		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) }}
+		StormSpread: *benchSpread, Groups: cfg.Groups,
+		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) },
+		Wait: func() time.Duration { return control.ProcWait(cmd.Process.Pid) }}
 	r, err := sc.Run(ctx, g)
 	if r != nil {
 		r.Print(os.Stdout)

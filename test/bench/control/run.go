@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
@@ -22,9 +23,19 @@ type Scenario struct {
 	Timeout  time.Duration // for each phase to reach every stream
 	Idle     time.Duration // how long idle CPU is measured (0 skips)
 	Storm    bool          // also drop and reconnect every stream at once
+	// StormSpread, if set, spreads the storm's reconnects over a random
+	// point of [StormSpread/20, StormSpread] each, as agents do after
+	// losing an established stream (agent reconnectDelay).
+	StormSpread time.Duration
+	// Groups is the policy the coordinator holds (nil: allow all); each
+	// phase then waits only for the streams whose maps it changes.
+	Groups *Groups
 	// Proc reads the coordinator's resident memory and CPU time so far;
 	// nil leaves them out.
 	Proc func() (rss int64, cpu time.Duration, err error)
+	// Wait reads how long the coordinator's threads were runnable but
+	// not running so far (the machine's other load); nil leaves it out.
+	Wait func() time.Duration
 }
 
 // Report holds the figures of a run.
@@ -38,10 +49,14 @@ type Report struct {
 	RSS                     int64
 	CPUJoin, CPUChange      time.Duration // coordinator CPU
 	CPUBurst, CPUIdle       time.Duration
+	WaitJoin                time.Duration // coordinator runnable without a CPU, join phase
 	IdleFor                 time.Duration
 	HaveProc, HaveStorm     bool
 	Drops                   int64 // map streams that ended on their own
+	Retries                 int64 // registrations and exposes tried again
 	JoinNode                *Node
+	Groups                  *Groups
+	StormSpread             time.Duration
 	ChangedNode, ChangePort string
 }
 
@@ -58,9 +73,13 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	if sc.Timeout <= 0 {
 		sc.Timeout = 60 * time.Second
 	}
-	r := &Report{Nodes: sc.Nodes, HaveProc: sc.Proc != nil}
-	defer func() { r.Drops = g.Drops.Load() }()
+	r := &Report{Nodes: sc.Nodes, HaveProc: sc.Proc != nil, Groups: sc.Groups, StormSpread: sc.StormSpread}
+	defer func() { r.Drops, r.Retries = g.Drops.Load(), g.Retries.Load() }()
 	_, cpu0 := sc.proc()
+	var wait0 time.Duration
+	if sc.Wait != nil {
+		wait0 = sc.Wait()
+	}
 	start := time.Now()
 	// Join: node i starts at i/JoinRate; registration, service, stream.
 	var wg sync.WaitGroup
@@ -96,13 +115,52 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	}
 	slices.Sort(r.Register)
 	services := map[string]uint16{}
+	provider := map[string]int{} // service → its provider's index
 	for _, n := range nodes {
 		if s, ok := n.Service(); ok {
 			services[s] = 1000
+			provider[s] = n.Index
 		}
 	}
-	// Settled: every stream knows every other node online and every service.
-	w := g.Watch(-1, func(n *Node) bool { return n.nOnline == len(nodes)-1 && portsAre(n, services) })
+	gr := sc.Groups
+	provides := func(i int) bool { _, ok := provider["svc-"+strconv.Itoa(i)]; return ok }
+	// visible is the part of want node n's map lists.
+	visible := func(n *Node, want map[string]uint16) map[string]uint16 {
+		if gr == nil {
+			return want
+		}
+		out := map[string]uint16{}
+		for k, v := range want {
+			if gr.sees(n.Index, provider[k]) {
+				out[k] = v
+			}
+		}
+		return out
+	}
+	// audience is the nodes whose maps list one of the services.
+	audience := func(nodes []*Node, svcs ...string) []*Node {
+		var out []*Node
+		for _, n := range nodes {
+			for _, sv := range svcs {
+				if gr.sees(n.Index, provider[sv]) {
+					out = append(out, n)
+					break
+				}
+			}
+		}
+		return out
+	}
+	settled := func(nodes []*Node) func(*Node) bool {
+		peers := gr.expectPeers(nodes, provides)
+		views := map[int]map[string]uint16{}
+		for _, n := range nodes {
+			views[n.Index] = visible(n, services)
+		}
+		return func(n *Node) bool { return n.connected && n.nOnline == peers[n.Index] && portsAre(n, views[n.Index]) }
+	}
+	// Settled: every stream knows every node its map lists online, and
+	// every service it lists.
+	w := g.Watch(-1, settled(nodes))
 	w.Recheck()
 	if _, err := w.Wait(sc.Timeout); err != nil {
 		return r, fmt.Errorf("settle after joining: %w", err)
@@ -110,6 +168,9 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	r.SettleTook = time.Since(start)
 	_, cpu1 := sc.proc()
 	r.CPUJoin = cpu1 - cpu0
+	if sc.Wait != nil {
+		r.WaitJoin = sc.Wait() - wait0
+	}
 
 	// One service change.
 	var prov *Node
@@ -122,7 +183,7 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	if prov != nil {
 		name, _ := prov.Service()
 		r.ChangedNode, r.ChangePort = name, "2000"
-		w := g.Watch(-1, func(n *Node) bool { return n.services[name] == 2000 })
+		w := g.WatchSet(time.Now(), audience(nodes, name), -1, func(n *Node) bool { return n.services[name] == 2000 })
 		if err := prov.Expose(ctx, name, 2000); err != nil {
 			return r, err
 		}
@@ -143,7 +204,13 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 		if err != nil {
 			return r, err
 		}
-		w := g.WatchSince(t0, j.Index, func(n *Node) bool { return n.online.get(j.ID) })
+		var learn []*Node
+		for _, n := range g.Nodes() {
+			if n != j && gr.peer(n.Index, j.Index, provides) {
+				learn = append(learn, n)
+			}
+		}
+		w := g.WatchSet(t0, learn, -1, func(n *Node) bool { return n.online.get(j.ID) })
 		if err := j.Connect(ctx); err != nil {
 			return r, err
 		}
@@ -164,11 +231,18 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 			}
 		}
 		want := map[string]uint16{}
+		var names []string
 		for i, p := range provs {
 			name, _ := p.Service()
 			want[name] = uint16(3000 + i)
+			names = append(names, name)
 		}
-		w := g.Watch(-1, func(n *Node) bool { return portsAre(n, want) })
+		aud := audience(g.Nodes(), names...)
+		views := map[int]map[string]uint16{}
+		for _, n := range aud {
+			views[n.Index] = visible(n, want)
+		}
+		w := g.WatchSet(time.Now(), aud, -1, func(n *Node) bool { return portsAre(n, views[n.Index]) })
 		var bwg sync.WaitGroup
 		burstErrs := make(chan error, len(provs))
 		for i, p := range provs {
@@ -216,13 +290,17 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 			n.Disconnect()
 		}
 		t0 := time.Now()
-		w := g.Watch(-1, func(n *Node) bool { return n.connected && n.nOnline == len(all)-1 && portsAre(n, services) })
+		w := g.Watch(-1, settled(all))
 		var swg sync.WaitGroup
 		stormErrs := make(chan error, len(all))
 		for _, n := range all {
 			swg.Add(1)
 			go func() {
 				defer swg.Done()
+				if sc.StormSpread > 0 {
+					lo := sc.StormSpread / 20
+					time.Sleep(lo + rand.N(sc.StormSpread-lo)) // the agents' own spread, not a wait for a condition
+				}
 				if err := connectRetry(ctx, n, sc.Timeout); err != nil {
 					stormErrs <- err
 				}
@@ -249,16 +327,33 @@ func (g *Gen) Join(ctx context.Context, i int) error {
 }
 
 func join(ctx context.Context, g *Gen, i int) error {
-	n, err := g.Add(ctx, i)
+	var n *Node
+	err := retry(ctx, g, func() (err error) { n, err = g.Add(ctx, i); return err })
 	if err != nil {
 		return err
 	}
 	if name, ok := n.Service(); ok {
-		if err := n.Expose(ctx, name, 1000); err != nil {
+		if err := retry(ctx, g, func() error { return n.Expose(ctx, name, 1000) }); err != nil {
 			return err
 		}
 	}
 	return connectRetry(ctx, n, 60*time.Second)
+}
+
+// retry runs f up to 5 times with backoff, as an agent retries its
+// registration and exposes, counting the retries (Gen.Retries).
+func retry(ctx context.Context, g *Gen, f func() error) error {
+	wait := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := f()
+		if err == nil || attempt == 5 || ctx.Err() != nil {
+			return err
+		}
+		g.Retries.Add(1)
+		g.cfg.Logf("retrying after: %v", err)
+		time.Sleep(wait) // retry backoff, bounded by the attempts
+		wait = min(2*wait, 4*time.Second)
+	}
 }
 
 // connectRetry opens the node's stream, retrying with backoff as an agent
@@ -292,6 +387,11 @@ func portsAre(n *Node, want map[string]uint16) bool {
 func (r *Report) Print(w io.Writer) {
 	ms := func(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 1, 64) + " ms" }
 	fmt.Fprintf(w, "nodes                    %d\n", r.Nodes)
+	if r.Groups != nil {
+		fmt.Fprintf(w, "policy                   %d groups of %d (tag:gK reaches the services of groups K, K+1); delays count the streams whose maps change\n", r.Groups.Count, r.Groups.Size)
+	} else {
+		fmt.Fprintf(w, "policy                   none: every map holds every node\n")
+	}
 	fmt.Fprintf(w, "join took                %v (settled %v)\n", r.JoinTook.Round(time.Millisecond), r.SettleTook.Round(time.Millisecond))
 	fmt.Fprintf(w, "register p50/p99         %s / %s\n", ms(Percentile(r.Register, 50)), ms(Percentile(r.Register, 99)))
 	msgs := func(res Result) string {
@@ -306,14 +406,37 @@ func (r *Report) Print(w io.Writer) {
 	if r.HaveProc {
 		fmt.Fprintf(w, "coordinator RSS          %.0f MB\n", float64(r.RSS)/(1<<20))
 		fmt.Fprintf(w, "coordinator CPU          join phase %v, one change %v, burst %v\n", r.CPUJoin.Round(time.Millisecond), r.CPUChange.Round(time.Millisecond), r.CPUBurst.Round(time.Millisecond))
+		if r.WaitJoin > 0 {
+			fmt.Fprintf(w, "coordinator CPU wait     join phase %v runnable without a CPU (summed over threads: the machine's other load)\n", r.WaitJoin.Round(time.Millisecond))
+		}
 		if r.IdleFor > 0 {
 			fmt.Fprintf(w, "coordinator idle CPU     %.1f%% of a core over %v\n", 100*float64(r.CPUIdle)/float64(r.IdleFor), r.IdleFor)
 		}
 	}
 	fmt.Fprintf(w, "map streams dropped      %d\n", r.Drops)
+	fmt.Fprintf(w, "requests retried         %d (registrations and exposes, as agents retry)\n", r.Retries)
 	if r.HaveStorm {
-		fmt.Fprintf(w, "reconnect storm settled  %v\n", r.Storm.Round(time.Millisecond))
+		fmt.Fprintf(w, "reconnect storm settled  %v (reconnects spread over %v)\n", r.Storm.Round(time.Millisecond), r.StormSpread)
 	}
+}
+
+// ProcWait sums the time the threads of process pid spent runnable but
+// waiting for a CPU (/proc/PID/task/*/schedstat, Linux); threads that
+// ended are not counted.
+func ProcWait(pid int) time.Duration {
+	dirs, _ := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	var sum time.Duration
+	for _, d := range dirs {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + d.Name() + "/schedstat")
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(b)); len(f) >= 2 {
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			sum += time.Duration(n)
+		}
+	}
+	return sum
 }
 
 // ProcStats reads resident memory and user+system CPU time of process pid
