@@ -532,3 +532,38 @@ func BenchmarkAuthorize(b *testing.B) {
 		b.Run(kid+"/again", func(b *testing.B) { run(b, auth, toks[:1]) })
 	}
 }
+
+// TestConcurrentRequests: many requests at once on a cold key set fetch
+// it once, and all of them pass (run with -race).
+func TestConcurrentRequests(t *testing.T) {
+	ik := newIssuer(t)
+	a, err := httpauth.New(httpauth.Config{Service: "web", Auth: jwtAuth(ik)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	toks := []string{ik.sign("rsa1", good(now), nil), ik.sign("ec1", good(now), nil), ik.sign("ed1", good(now), nil)}
+	var wg sync.WaitGroup
+	errs := make(chan string, 16*30)
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 30 {
+				r := httptest.NewRequest("GET", "/api/x", nil)
+				r.Header.Set("Authorization", "Bearer "+toks[(g+i)%len(toks)])
+				if _, _, reason, ok := a.Authorize(r, 2); !ok || r.Header.Get("X-User") != "bob" {
+					errs <- reason
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Fatal(e)
+	}
+	if n := ik.hits.Load(); n != 1 {
+		t.Errorf("the JWKS was fetched %d times", n)
+	}
+}
