@@ -93,6 +93,7 @@ type Authorizer struct {
 	service string
 	auth    *wire.HTTPAuth
 	keys    *keySource // nil without jwt
+	cache   tokenCache
 	now     func() time.Time
 	log     *slog.Logger
 	refused func(service, reason string)
@@ -232,6 +233,11 @@ func (a *Authorizer) token(r *http.Request) (map[string]any, *refusal) {
 // verify checks a compact JWS token against the issuer's keys and the
 // jwt's expectations, returning its claims.
 func (a *Authorizer) verify(ctx context.Context, raw string, j *wire.JWT) (map[string]any, *refusal) {
+	now := a.now()
+	gen := a.keys.generation()
+	if claims, ok := a.cache.get(raw, now, gen); ok {
+		return claims, nil
+	}
 	tok, err := jwt.ParseSigned(raw, Algorithms)
 	if err != nil {
 		if strings.Contains(err.Error(), "unexpected signature algorithm") {
@@ -274,7 +280,7 @@ func (a *Authorizer) verify(ctx context.Context, raw string, j *wire.JWT) (map[s
 	if std.Expiry == nil {
 		return nil, unauthorized(ReasonMalformed, "the token has no exp")
 	}
-	err = std.ValidateWithLeeway(jwt.Expected{Issuer: j.Issuer, AnyAudience: j.Audiences, Time: a.now()}, Leeway)
+	err = std.ValidateWithLeeway(jwt.Expected{Issuer: j.Issuer, AnyAudience: j.Audiences, Time: now}, Leeway)
 	switch {
 	case err == nil:
 	case errors.Is(err, jwt.ErrExpired):
@@ -291,6 +297,8 @@ func (a *Authorizer) verify(ctx context.Context, raw string, j *wire.JWT) (map[s
 	if all == nil {
 		all = map[string]any{}
 	}
+	// gen again: the lookup may have read a new key set.
+	a.cache.put(raw, all, minTime(now.Add(cacheFor), std.Expiry.Time().Add(Leeway)), a.keys.generation())
 	return all, nil
 }
 
@@ -377,3 +385,10 @@ func trim(s string, n int) string {
 
 // equalAuth reports whether two configurations decide alike.
 func equalAuth(a, b *wire.HTTPAuth) bool { return reflect.DeepEqual(a, b) }
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}

@@ -16,6 +16,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -324,6 +325,21 @@ func TestJWT(t *testing.T) {
 	if r := do(t, "GET", url, ik.sign("rsa1", good(clk.now()), nil), nil); r.code != 200 || ik.hits.Load() != fetches+2 {
 		t.Errorf("after RefreshEvery: %+v, fetches %d", r, ik.hits.Load())
 	}
+	// A verified token is remembered, but never past its exp: one that
+	// expires in 20 s passes now and is refused 55 s later (20 s + the
+	// 30 s leeway), though a token is otherwise trusted for a minute.
+	short := good(clk.now())
+	short.Expiry = jwt.NewNumericDate(clk.now().Add(20 * time.Second))
+	shortTok := ik.sign("ec1", short, nil)
+	for range 3 {
+		if r := do(t, "GET", url, shortTok, nil); r.code != 200 {
+			t.Fatalf("short-lived token: %+v", r)
+		}
+	}
+	clk.add(55 * time.Second)
+	if r := do(t, "GET", url, shortTok, nil); r.code != 401 || !strings.Contains(r.auth, "the token expired") {
+		t.Errorf("a remembered token past its exp: %+v", r)
+	}
 	// A map that leaves the jwt as it was keeps the Authorizer and its keys.
 	if again := set.Update([]wire.Service{{Name: "web", Providers: []wire.Provider{{Node: 1}}, HTTPAuth: jwtAuth(ik)}}, 1); again["web"] != auths["web"] {
 		t.Error("an unchanged map rebuilt the Authorizer")
@@ -474,5 +490,80 @@ func TestBadConfigFailsClosed(t *testing.T) {
 	svc := newService(t, a["web"], 2)
 	if r := do(t, "GET", svc.srv.URL+"/", "", nil); r.code != 503 || svc.reached() != 0 {
 		t.Errorf("%+v", r)
+	}
+}
+
+// BenchmarkAuthorize: what deciding one request costs at the provider:
+// "rules-only" (no jwt) is the baseline; KEY/fresh verifies a token never
+// seen (a new one every request), KEY/again one seen before (the cache).
+func BenchmarkAuthorize(b *testing.B) {
+	t := &testing.T{}
+	ik := newIssuer(t)
+	now := time.Now()
+	rules := []wire.RequestRule{{Rule: 1, From: []string{"2"}, Methods: []string{"GET"}, Paths: []string{"/api/*"}}}
+	run := func(b *testing.B, auth *wire.HTTPAuth, toks []string) {
+		a, err := httpauth.New(httpauth.Config{Service: "web", Auth: auth})
+		if err != nil {
+			b.Fatal(err)
+		}
+		r := httptest.NewRequest("GET", "/api/x", nil)
+		i := 0
+		for b.Loop() {
+			if len(toks) > 0 {
+				r.Header.Set("Authorization", toks[i%len(toks)])
+				i++
+			}
+			if _, _, reason, ok := a.Authorize(r, 2); !ok {
+				b.Fatal(reason)
+			}
+		}
+	}
+	b.Run("rules-only", func(b *testing.B) { run(b, &wire.HTTPAuth{Rules: rules}, nil) })
+	for _, kid := range []string{"rsa1", "ec1", "ed1"} {
+		auth := jwtAuth(ik)
+		auth.Rules = rules
+		var toks []string
+		for n := range 4096 { // more than the cache holds: each is verified
+			c := good(now)
+			c.ID = strconv.Itoa(n)
+			toks = append(toks, "Bearer "+ik.sign(kid, c, nil))
+		}
+		b.Run(kid+"/fresh", func(b *testing.B) { run(b, auth, toks) })
+		b.Run(kid+"/again", func(b *testing.B) { run(b, auth, toks[:1]) })
+	}
+}
+
+// TestConcurrentRequests: many requests at once on a cold key set fetch
+// it once, and all of them pass (run with -race).
+func TestConcurrentRequests(t *testing.T) {
+	ik := newIssuer(t)
+	a, err := httpauth.New(httpauth.Config{Service: "web", Auth: jwtAuth(ik)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	toks := []string{ik.sign("rsa1", good(now), nil), ik.sign("ec1", good(now), nil), ik.sign("ed1", good(now), nil)}
+	var wg sync.WaitGroup
+	errs := make(chan string, 16*30)
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 30 {
+				r := httptest.NewRequest("GET", "/api/x", nil)
+				r.Header.Set("Authorization", "Bearer "+toks[(g+i)%len(toks)])
+				if _, _, reason, ok := a.Authorize(r, 2); !ok || r.Header.Get("X-User") != "bob" {
+					errs <- reason
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Fatal(e)
+	}
+	if n := ik.hits.Load(); n != 1 {
+		t.Errorf("the JWKS was fetched %d times", n)
 	}
 }

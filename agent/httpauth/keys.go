@@ -48,6 +48,7 @@ type keySource struct {
 	tried   time.Time // last fetch, good or not
 	err     error     // of the last fetch
 	fetches int       // fetches so far (tests)
+	gen     uint64    // counts key sets read; tokens verified under another are checked again
 }
 
 func newKeySource(url, file string, client *http.Client, now func() time.Time) *keySource {
@@ -102,6 +103,7 @@ func (ks *keySource) refresh(ctx context.Context, seen time.Time) {
 	ks.fetches++
 	if err == nil {
 		ks.keys, ks.fetched = keys, ks.tried
+		ks.gen++
 	}
 }
 
@@ -196,4 +198,11 @@ func match(keys []jose.JSONWebKey, kid string) []jose.JSONWebKey {
 		}
 	}
 	return out
+}
+
+// generation is the count of key sets read so far.
+func (ks *keySource) generation() uint64 {
+	ks.mu.Lock()
+	defer ks.mu.Unlock()
+	return ks.gen
 }
