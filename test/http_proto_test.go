@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -28,18 +29,21 @@ func h2cClient() *http.Client {
 	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Protocols: &p}}
 }
 
-// waitHTTP waits until the consumer treats svc as HTTP (its map said so).
-func waitHTTP(t *testing.T, cons *agent.Agent, base string) {
+// waitHTTP waits until the consumer treats service (at base) as HTTP
+// (its map said so).
+func waitHTTP(t *testing.T, cons *agent.Agent, base, service string) {
 	t.Helper()
 	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
 		get(keepAliveClient(), base+"/warm")
-		return httpRequests(t, cons, "role", "consumer") > 0
+		return httpRequests(t, cons, "role", "consumer", "service", service) > 0
 	})
 }
 
-// TestHTTPServiceH2C: HTTP/2 with prior knowledge through an HTTP service
-// stays HTTP/2 end to end: the server sees HTTP/2.0 requests, many of
-// them multiplexed at once.
+// TestHTTPServiceH2C: HTTP/2 with prior knowledge through an HTTP
+// service: many requests multiplexed at once on the client's one
+// connection are answered over HTTP/2, and reach the target as HTTP/1.1
+// (only gRPC goes as HTTP/2 beyond the consumer), here a server that also
+// speaks h2c; and one that speaks only HTTP/1.1 serves h2c clients too.
 func TestHTTPServiceH2C(t *testing.T) {
 	m := harness.NewMesh(t)
 	web := startHTTPBackend(t, "h2")
@@ -47,13 +51,13 @@ func TestHTTPServiceH2C(t *testing.T) {
 	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr(), Protocol: "http"}}})
 	svc := waitProviders(t, cons, "web", 1)
 	base := "http://" + svc.Local.String()
-	waitHTTP(t, cons, base)
+	waitHTTP(t, cons, base, "web")
 	c := h2cClient()
 	errs := make(chan error, 50)
 	for i := range 50 {
 		go func() {
 			code, body, _, err := get(c, fmt.Sprintf("%s/h2/%d", base, i))
-			if want := fmt.Sprintf("h2 HTTP/2.0 GET /h2/%d host=%s body=", i, svc.Local); err != nil || code != 200 || body != want {
+			if want := fmt.Sprintf("h2 HTTP/1.1 GET /h2/%d host=%s body=", i, svc.Local); err != nil || code != 200 || body != want {
 				err = fmt.Errorf("h2c GET %d: %d %q %v; want %q", i, code, body, err, want)
 			}
 			errs <- err
@@ -66,6 +70,24 @@ func TestHTTPServiceH2C(t *testing.T) {
 	}
 	if got := httpRequests(t, cons, "role", "consumer", "service", "web", "code", "200", "method", "GET"); got < 50 {
 		t.Fatalf("consumer counted %v requests, want at least 50", got)
+	}
+	resp, err := c.Get(base + "/proto")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("the consumer answered an h2c client with %s", resp.Proto)
+	}
+
+	// A target that speaks HTTP/1.1 only.
+	h1 := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "h1 %s", r.Proto) }))
+	defer h1.Close()
+	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "old", Target: h1.Listener.Addr().String(), Protocol: "http"}}})
+	old := waitProviders(t, cons, "old", 1)
+	waitHTTP(t, cons, "http://"+old.Local.String(), "old")
+	if code, body, _, err := get(c, "http://"+old.Local.String()+"/"); err != nil || code != 200 || body != "h1 HTTP/1.1" {
+		t.Fatalf("h2c client, HTTP/1.1 target: %d %q %v", code, body, err)
 	}
 }
 
@@ -88,7 +110,7 @@ func TestHTTPServiceGRPC(t *testing.T) {
 	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
 	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "grpc", Target: ln.Addr().String(), Protocol: "http"}}})
 	svc := waitProviders(t, cons, "grpc", 1)
-	waitHTTP(t, cons, "http://"+svc.Local.String())
+	waitHTTP(t, cons, "http://"+svc.Local.String(), "grpc")
 
 	cc, err := grpc.NewClient(svc.Local.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -148,7 +170,7 @@ func TestHTTPServiceWebSocket(t *testing.T) {
 	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
 	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "ws", Target: ln.Addr().String(), Protocol: "http"}}})
 	svc := waitProviders(t, cons, "ws", 1)
-	waitHTTP(t, cons, "http://"+svc.Local.String())
+	waitHTTP(t, cons, "http://"+svc.Local.String(), "ws")
 
 	ws, err := websocket.Dial("ws://"+svc.Local.String()+"/echo", "", "http://"+svc.Local.String()+"/")
 	if err != nil {

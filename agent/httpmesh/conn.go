@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 )
@@ -251,9 +252,12 @@ func newTransports(dial func(ctx context.Context, network, addr string) (net.Con
 	return transports{h1: mk(&p1), h2: mk(&p2)}
 }
 
-// of is the transport for a request: HTTP/2 ones go as h2c.
+// of is the transport for a request: gRPC, which needs HTTP/2 end to
+// end, goes as h2c; everything else as HTTP/1.1, which every target and
+// every older provider (splicing to its target) understands, whatever
+// the client spoke.
 func (t transports) of(r *http.Request) *http.Transport {
-	if r.ProtoMajor == 2 {
+	if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
 		return t.h2
 	}
 	return t.h1

@@ -16,10 +16,13 @@
 // after their handshake. Anything that is not HTTP gets a 400 and a
 // rate-limited log line.
 //
-// The mesh hop keeps the request's protocol: HTTP/1.1 requests travel as
-// HTTP/1.1 and HTTP/2 ones as h2c, so that a provider agent older than
-// HTTP services (or one exporting the service as plain TCP) splices them
-// to its target unchanged. Providers, in turn, parse whatever arrives on
+// gRPC requests (HTTP/2 with Content-Type application/grpc…) travel as
+// h2c over the mesh and to the target, since gRPC needs HTTP/2 end to
+// end; every other request goes as HTTP/1.1, whatever the client spoke,
+// so that targets that only speak HTTP/1.1 serve h2c clients too, and a
+// provider agent older than HTTP services (or one exporting the service
+// as plain TCP) splices them to its target as it would any HTTP/1.1
+// client's. Providers, in turn, parse whatever arrives on
 // an HTTP export as HTTP, so consumers older than HTTP services, which
 // carry the service as TCP, still work: their clients' requests are
 // forwarded one by one.
