@@ -201,7 +201,8 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	}
 	coordData := filepath.Join(dir, "coord")
 	e.coordData = coordData
-	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData, "--allow-loopback-endpoints")
+	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData, "--allow-loopback-endpoints",
+		"--metrics-listen", "off") // 127.0.0.1:9090 may be another coordinator's
 	var token string
 	if err := tstest.Poll(20*time.Second, func() error {
 		out, err := exec.Command(bin, "token", "create", "--data", coordData, "--reusable").Output()
