@@ -186,6 +186,13 @@ func TestHTTPServiceRequests(t *testing.T) {
 		t.Fatalf("the provider opened %d connections to the server for %d requests; want pooled keep-alive connections", conns, n+1)
 	}
 	t.Logf("%d requests over %d connections to the server", n+1, web.conns.Load())
+	// Status says what the service is at both ends.
+	if s, _ := serviceOf(cons, "web"); s.Protocol != "http" {
+		t.Fatalf("the consumer lists web as %q, want http", s.Protocol)
+	}
+	if e := prov.Services().Exported; len(e) != 1 || e[0].Protocol != "http" {
+		t.Fatalf("the provider lists its exports as %+v, want web as http", e)
+	}
 	// Both ends counted every request, by provider, code and method.
 	if got := httpRequests(t, cons, "role", "consumer", "service", "web", "provider", "site-b", "code", "200", "method", "GET"); got != n {
 		t.Fatalf("consumer counted %v GETs, want %d", got, n)
