@@ -324,7 +324,8 @@ func (s *Server) serveStats(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 	}
 	if len(req.Denials) > 0 || len(req.Peers) > 0 || len(req.HTTP) > 0 {
-		snap, err := s.current(r.Context())
+		gen, _ := s.hub.woken()
+		snap, err := s.recent(r.Context(), gen)
 		if err != nil {
 			return storeErr("stats", err)
 		}
@@ -680,8 +681,8 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		beat = t.C
 	}
 	for {
-		_, wake := s.hub.watch()
-		snap, err := s.current(ctx)
+		gen, wake := s.hub.woken()
+		snap, err := s.recent(ctx, gen)
 		if err != nil {
 			if ctx.Err() == nil {
 				log.Error("map stream: build map", "err", err)

@@ -30,6 +30,7 @@ type hub struct {
 	bumped   time.Time     // when gen last changed, for update latency
 	wake     chan struct{} // closed and replaced on every wake-up
 	woke     time.Time     // the last wake-up
+	wokeGen  uint64        // gen at the last wake-up
 	pending  *time.Timer   // a wake-up scheduled; nil if none
 	debounce time.Duration
 	streams  map[wire.NodeID]*mapStream
@@ -83,14 +84,16 @@ func (h *hub) bump(lazy bool) {
 }
 
 // interval is the least time between two wake-ups: a wake-up costs every
-// stream a look, so the interval grows with the streams (25µs each, at
-// least 5ms) up to the configured debounce; h.mu is held.
+// stream a look and the mesh a new snapshot, so the interval grows with
+// the streams (100µs each, at least 5ms) up to the configured debounce:
+// under a steady stream of changes (a fleet joining) the streams are woken
+// at most 1/interval times a second; h.mu is held.
 func (h *hub) interval() time.Duration {
-	return min(h.debounce, max(5*time.Millisecond, time.Duration(len(h.streams))*25*time.Microsecond))
+	return min(h.debounce, max(5*time.Millisecond, time.Duration(len(h.streams))*100*time.Microsecond))
 }
 
 func (h *hub) wakeLocked() {
-	h.woke = time.Now()
+	h.woke, h.wokeGen = time.Now(), h.gen
 	close(h.wake)
 	h.wake = make(chan struct{})
 }
@@ -141,6 +144,14 @@ func (h *hub) watch() (uint64, <-chan struct{}) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.gen, h.wake
+}
+
+// woken returns the generation of the last wake-up, every change of which
+// the streams woken then must send, and the channel of the next wake-up.
+func (h *hub) woken() (uint64, <-chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.wokeGen, h.wake
 }
 
 // attach makes st the node's stream, ending any previous one.
@@ -238,10 +249,24 @@ type accessTable struct {
 // change its generation claims: it may hold a newer one, whose bump then
 // only rebuilds it once more than needed.
 func (s *Server) current(ctx context.Context) (*snapshot, error) {
+	return s.snapshotSince(ctx, 0, true)
+}
+
+// recent returns a snapshot holding at least the changes up to generation
+// gen (a wake-up's, hub.woken): the newest built if it does, else one built
+// now. Woken streams use it rather than current, so that changes committed
+// after their wake-up (which bring a wake-up of their own) do not make
+// each of them build a snapshot of its own: a fleet reconnecting commits a
+// change per stream.
+func (s *Server) recent(ctx context.Context, gen uint64) (*snapshot, error) {
+	return s.snapshotSince(ctx, gen, false)
+}
+
+func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*snapshot, error) {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 	gen, at := s.hub.changed()
-	if s.snap != nil && s.snap.gen == gen {
+	if s.snap != nil && (s.snap.gen == gen || !exact && s.snap.gen >= min) {
 		return s.snap, nil
 	}
 	online := s.hub.onlineSet()

@@ -274,8 +274,8 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 	defer keepAlive.Stop()
 	var last []key.Public
 	for first := true; ; first = false {
-		_, wake := s.hub.watch()
-		snap, err := s.current(ctx)
+		gen, wake := s.hub.woken()
+		snap, err := s.recent(ctx, gen)
 		if err != nil {
 			return nil
 		}

@@ -155,7 +155,7 @@ func TestMapsMatchGroups(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(g.Close)
-	sc := control.Scenario{Nodes: nodes, JoinRate: 400, Burst: 5, Timeout: 30 * time.Second, Storm: true, Groups: gr}
+	sc := control.Scenario{Nodes: nodes, JoinRate: 400, Burst: 5, Timeout: 30 * time.Second, Storm: true, StormSpread: time.Second, Groups: gr}
 	r, err := sc.Run(ctx, g)
 	if err != nil {
 		t.Fatal(err)
@@ -242,7 +242,8 @@ func TestBenchControl(t *testing.T) {
 	data := filepath.Join(dir, "coord")
 	port := freePort(t)
 	args := []string{"coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", data, "--allow-loopback-endpoints",
-		"--max-conns", fmt.Sprint(2**benchN + 1000), "--max-conns-per-source", fmt.Sprint(2**benchN + 1000), "--log-level", "warn"}
+		"--max-conns", fmt.Sprint(2**benchN + 1000), "--max-conns-per-source", fmt.Sprint(2**benchN + 1000), "--log-level", "warn",
+		"--metrics-listen", "off"} // its default port may be another process's
 	args = append(args, strings.Fields(*benchArgs)...)
 	logf, err := os.Create(filepath.Join(dir, "coordinator.log"))
 	if err != nil {
