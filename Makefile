@@ -77,7 +77,7 @@ help:
 	@echo "make vuln    govulncheck $(VULN_VERSION) against golang.org/x/vulndb $(VULNDB_VERSION)"
 	@echo "make bench   mesh vs direct loopback benchmarks (BENCHTIME=$(BENCHTIME)), and as root"
 	@echo "             two namespaced sites vs the bare veth path (BenchmarkNetns, about 90 s)"
-	@echo "make bench-control N=10000  the control plane under N simulated agents (RATE=$(RATE)/s)"
+	@echo "make bench-control N=10000 POLICY=100  the control plane under N simulated agents (RATE=$(RATE)/s; POLICY=K: tagged groups of K)"
 	@echo "make demo    a coordinator and two agents on this machine"
 	@echo "make docs    docs/cli.md and docs/man/*.1 from the CLI definitions"
 	@echo "make clean   remove bin/ and the test cache"
