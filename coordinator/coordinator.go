@@ -237,7 +237,14 @@ type Server struct {
 	addr       netip.AddrPort
 	stun       *stun.Server // nil when its UDP port could not be bound
 
-	snapMu sync.Mutex // guards snap and snapLog; held while building one
+	snapMu sync.Mutex // held while building a snapshot; guards snap and snapLog for writing
+	// logMu guards snap and snapLog too (writers hold both), so that
+	// reading the log (mergeLog) never waits for a snapshot being built.
+	logMu sync.Mutex
+	// latest is snap, readable without a lock: a woken stream whose
+	// wake-up the newest snapshot covers takes it without queueing behind
+	// the build of the next one.
+	latest atomic.Pointer[snapshot]
 	snap   *snapshot
 	// snapLog holds the deltas of the last snapshots built, the newest
 	// last (snap.delta), at most maxSnapLog: a map stream further behind

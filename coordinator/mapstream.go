@@ -116,8 +116,8 @@ func (s *Server) since(snap *snapshot, from uint64) *sharedDelta {
 
 // mergeLog merges the deltas of the snapshots after from up to snap.
 func (s *Server) mergeLog(snap *snapshot, from uint64) *snapDelta {
-	s.snapMu.Lock()
-	defer s.snapMu.Unlock()
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
 	if from == 0 || from >= snap.build || s.snap == nil {
 		return nil
 	}

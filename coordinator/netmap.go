@@ -263,6 +263,9 @@ func (s *Server) recent(ctx context.Context, gen uint64) (*snapshot, error) {
 }
 
 func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*snapshot, error) {
+	if sn := s.latest.Load(); !exact && sn != nil && sn.gen >= min {
+		return sn, nil
+	}
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 	gen, at := s.hub.changed()
@@ -368,11 +371,14 @@ func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*sn
 	} else {
 		snap.build = 1
 	}
+	s.logMu.Lock()
 	s.snapLog = append(s.snapLog, snap.delta)
 	if len(s.snapLog) > maxSnapLog {
 		s.snapLog = slices.Delete(s.snapLog, 0, len(s.snapLog)-maxSnapLog)
 	}
 	s.snap = snap
+	s.logMu.Unlock()
+	s.latest.Store(snap)
 	return snap, nil
 }
 
