@@ -210,10 +210,13 @@ func TestREADMERunningForReal(t *testing.T) {
 			}
 			continue
 		}
+		// The machine the section names first: "# At site B, … from the
+		// coordinator" is site B's (map order would pick either).
 		var where string
+		first := -1
 		for k := range hosts {
-			if strings.Contains(l.section, k) {
-				where = k
+			if i := strings.Index(l.section, k); i >= 0 && (first < 0 || i < first) {
+				where, first = k, i
 			}
 		}
 		if where == "" || path == "" {
