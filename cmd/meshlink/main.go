@@ -25,6 +25,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/internal/memtrim"
 	"github.com/meshlink/meshlink/relayd"
 	"github.com/meshlink/meshlink/wire"
 )
@@ -344,6 +345,7 @@ func agentCmd() *cli.Command {
 			&cli.BoolFlag{Name: "proxy-mesh-only", Usage: "the --socks5 and --http-proxy proxies refuse names outside the mesh", EnvVars: env("PROXY_MESH_ONLY")},
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
 			// A tuning knob for measurements, not for users: hidden.
+			&cli.BoolFlag{Name: "trim-executable", Value: true, Hidden: true, Usage: "once started, drop the binary's pages that starting touched from the resident set (docs/performance.md); false to measure without", EnvVars: env("TRIM_EXECUTABLE")},
 			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
 		}, append(append(agentSidecarFlags(), tracingFlags()...), logFlags()...)...),
 		Action: func(c *cli.Context) error {
@@ -367,6 +369,14 @@ func agentCmd() *cli.Command {
 			defer cancel()
 			if err := a.Start(ctx); err != nil {
 				return err
+			}
+			// What starting touched of the binary need not stay resident.
+			if c.Bool("trim-executable") {
+				if n, err := memtrim.Executable(); err != nil {
+					log.Debug("could not trim the executable's resident pages", "err", err)
+				} else {
+					log.Debug("trimmed the executable's resident pages", "mapped_bytes", n)
+				}
 			}
 			select {
 			case <-ctx.Done():

@@ -214,4 +214,6 @@ func summaryMore() {
 	if d, a := results["dns_dnsmasq_qps"], results["dns_agent_qps"]; d > 0 && a > 0 {
 		fmt.Printf("DNS A query:  dnsmasq %.0f qps, agent %.0f qps, ratio %.2fx (%d clients)\n", d, a, a/d, dnsClients)
 	}
+	summaryRSS()
+	summaryConns()
 }
