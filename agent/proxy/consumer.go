@@ -209,6 +209,51 @@ type health struct {
 	// connection moves on, rather than waiting out the connect timeout.
 	goneCtx  context.Context
 	markGone context.CancelFunc
+	// slots holds one token per dial in flight to the provider
+	// (MaxDialsPerProvider); made on first use.
+	slots chan struct{}
+}
+
+// MaxDialsPerProvider bounds the dials one consumer has in flight to one
+// provider. A provider refuses half-open connections from one peer past
+// its MaxPendingPerPeer with a RST; a burst of new connections (a
+// thousand clients at once) waits here for a slot instead of being
+// refused there. It is half the provider's default, leaving room for the
+// local proxies' and other agents' dials that share the source address.
+const MaxDialsPerProvider = DefaultMaxPendingPerPeer / 2
+
+// DialQueueWait bounds how long a new connection waits for one of the
+// MaxDialsPerProvider slots before that provider is passed over for it.
+const DialQueueWait = 10 * time.Second
+
+// errDialQueue is a dial that found every slot to the provider taken for
+// DialQueueWait: the provider is busy, not failing.
+var errDialQueue = errors.New("proxy: too many connections being opened to this provider at once")
+
+// acquireDial waits for a dial slot to the provider, at most DialQueueWait
+// and while ctx lasts; release gives it back.
+func (h *health) acquireDial(ctx context.Context) (release func(), err error) {
+	h.mu.Lock()
+	if h.slots == nil {
+		h.slots = make(chan struct{}, MaxDialsPerProvider)
+	}
+	slots := h.slots
+	h.mu.Unlock()
+	select {
+	case slots <- struct{}{}:
+		return func() { <-slots }, nil
+	default:
+	}
+	t := time.NewTimer(DialQueueWait)
+	defer t.Stop()
+	select {
+	case slots <- struct{}{}:
+		return func() { <-slots }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-t.C:
+		return nil, errDialQueue
+	}
 }
 
 // goneContext is the context cancelled when the provider is next seen
@@ -673,6 +718,10 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 // noteDialFailure marks a provider that did not answer a dial as failing
 // for a while (passive health).
 func (c *Consumer) noteDialFailure(service string, t Target, h *health, err error) {
+	if errors.Is(err, errDialQueue) {
+		c.log.Info("provider busy opening connections, trying the next", "service", service, "provider", t.Name)
+		return
+	}
 	if errors.Is(err, syscall.ECONNREFUSED) {
 		// The provider answered at once and refused this connection
 		// (its target refused, or its policy): it is reachable, so
@@ -798,18 +847,29 @@ func (s *service) noteSelected(node wire.NodeID) {
 }
 
 func (c *Consumer) dial(ctx context.Context, t Target, h *health, timeout time.Duration) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
 	// Close cancels dials in flight whatever context the caller passed,
-	// and so does the map showing the provider gone.
-	stop := context.AfterFunc(c.ctx, cancel)
+	// and so does the map showing the provider gone: the wait for a
+	// slot as much as the dial.
+	ctx, cancelAll := context.WithCancel(ctx)
+	defer cancelAll()
+	stop := context.AfterFunc(c.ctx, cancelAll)
 	defer stop()
-	stopGone := context.AfterFunc(h.goneContext(), cancel)
+	stopGone := context.AfterFunc(h.goneContext(), cancelAll)
 	defer stopGone()
 	if t.Local != "" {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", t.Local)
 	}
+	release, err := h.acquireDial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	// The timeout is the dial's own, not the wait's.
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	return c.cfg.Dialer.DialTCP(ctx, t.Addr)
 }
 

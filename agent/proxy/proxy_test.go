@@ -9,9 +9,12 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlink/meshlink/internal/tstest"
 )
 
 // kernelDialer stands in for the netstack: mesh addresses map to real
@@ -352,5 +355,67 @@ func TestReconfigClosesConnectionsToGoneProvider(t *testing.T) {
 		if !closed(c) {
 			t.Fatalf("connection %d to b still open after the service left the map", i)
 		}
+	}
+}
+
+// gatedDialer counts the dials in flight and holds each until gate closes.
+type gatedDialer struct {
+	kernelDialer
+	gate          chan struct{}
+	inflight, max atomic.Int64
+}
+
+func (d *gatedDialer) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	n := d.inflight.Add(1)
+	defer d.inflight.Add(-1)
+	for m := d.max.Load(); n > m && !d.max.CompareAndSwap(m, n); m = d.max.Load() {
+	}
+	select {
+	case <-d.gate:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return d.kernelDialer.DialTCP(ctx, dst)
+}
+
+// TestDialBurstBounded: a burst of new connections to one provider opens
+// at most MaxDialsPerProvider mesh connections at once (a provider refuses
+// half-open connections past its own per-peer bound), and every one of
+// the burst gets through once the dials in flight complete.
+func TestDialBurstBounded(t *testing.T) {
+	a := netip.MustParseAddrPort("100.96.0.1:80")
+	d := &gatedDialer{kernelDialer: kernelDialer{a: greeter(t, "a")}, gate: make(chan struct{})}
+	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: 30 * time.Second})
+	t.Cleanup(func() { c.Close(); c.Wait() })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	if err := c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{{Node: 1, Name: "a", Addr: a, Online: true}}}}); err != nil {
+		t.Fatal(err)
+	}
+	const burst = 4 * MaxDialsPerProvider
+	conns := make([]net.Conn, burst)
+	for i := range conns {
+		conn, err := net.DialTimeout("tcp", listen.String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conns[i] = conn
+	}
+	tstest.WaitFor(t, 10*time.Second, "the first dials to start", func() bool { return d.inflight.Load() == MaxDialsPerProvider })
+	close(d.gate)
+	for i, conn := range conns {
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		if err != nil || strings.TrimSpace(line) != "a" {
+			t.Fatalf("connection %d of the burst: %q, %v", i, line, err)
+		}
+	}
+	if m := d.max.Load(); m > MaxDialsPerProvider {
+		t.Fatalf("%d dials in flight to one provider at once, want at most %d", m, MaxDialsPerProvider)
 	}
 }
