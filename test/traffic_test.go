@@ -287,6 +287,15 @@ func TestTrafficLocality(t *testing.T) {
 		s, _ := serviceOf(cons, "web")
 		return s.Locality == "prefer-same-region" && providerOf(cons, "web", "peu").Region == "eu" && providerOf(cons, "web", "pus").Health == "ok"
 	})
+	// The first connection to a new peer may lose its SYN to the two
+	// handshakes both ends start at once, and fail over: wait until eu
+	// answers once, then every connection must go there.
+	tstest.WaitForNil(t, 10*time.Second, "a first connection to eu", func() error {
+		if who, _, err := greetingWithin(svc.Local.String()); err != nil || who != "eu" {
+			return fmt.Errorf("%q, %v", who, err)
+		}
+		return nil
+	})
 	for i := range 10 {
 		if who, _, err := greetingWithin(svc.Local.String()); err != nil || who != "eu" {
 			t.Fatalf("connection %d: %q, %v; want the provider in the consumer's region (despite its priority 1)", i, who, err)
