@@ -69,6 +69,7 @@ type applier struct {
 	log      *slog.Logger
 	stack    addrSetter
 	dev      uapiDevice
+	kicked   bool // handshake has run for the first peers after a start
 	bind     bindConfigurer
 	consumer consumerConfigurer
 	provider exportSetter
@@ -121,12 +122,14 @@ func (ap *applier) apply(next Desired) error {
 	step("WireGuard peers", wgcfg.Diff(&prev.WireGuard, &next.WireGuard) == "",
 		func() error { return ap.setWireGuard(next.WireGuard) },
 		func() { prev.WireGuard = next.WireGuard.Clone() })
-	// Every added peer, not only those of the first configuration after
-	// a start: a consumer that left the handshake to a new provider alone
-	// could not reach it for 10 s and more (TestTrafficFailoverAgentKilled
-	// failed 4-5 runs in 10 that way). Two handshakes started at once from
-	// both ends may cost a first packet, which TCP retransmits.
-	ap.handshake(added)
+	// Only the peers of the first WireGuard configuration after a start:
+	// they may hold a session with this node from before it restarted.
+	// A peer added later is new to both sides, and two handshakes started
+	// at once from both ends can cost the first packet.
+	if !ap.kicked {
+		ap.kicked = true
+		ap.handshake(added)
+	}
 	// Policy before exports: a new export is never served under an old
 	// policy.
 	step("policy", reflect.DeepEqual(prev.Policy, next.Policy),
