@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"slices"
 	"strings"
 	"syscall"
@@ -178,14 +177,6 @@ func startBackendAt(t *testing.T, id, addr string) net.Listener {
 // served by the other provider, p50 and max over 20 trials, and the
 // longest any connection waited meanwhile.
 func TestTrafficFailoverAgentKilled(t *testing.T) {
-	// Quarantined: since a6a7f81 (handshakes only for the first
-	// configuration's peers) an existing consumer sometimes cannot reach
-	// a provider that just joined for 10 s and more (5 runs in 10 here);
-	// starting handshakes for every added peer instead lost first
-	// connections in seven other tests. Open in issue #15's notes.
-	if os.Getenv("MESHLINK_RUN_QUARANTINED") == "" {
-		t.Skip("quarantined: a new provider is sometimes unreachable for >10 s (set MESHLINK_RUN_QUARANTINED=1 to run)")
-	}
 	m := harness.NewMesh(t)
 	wa, wb := startBackend(t, "a"), startBackend(t, "b")
 	cons := m.AddAgent("cons", harness.AgentOptions{})

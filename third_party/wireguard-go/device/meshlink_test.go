@@ -8,10 +8,14 @@ package device
 import (
 	"fmt"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/conn/bindtest"
+	"golang.zx2c4.com/wireguard/tai64n"
 	"golang.zx2c4.com/wireguard/tun/tuntest"
 )
 
@@ -81,5 +85,69 @@ func TestGROReadSlot(t *testing.T) {
 	for range 3 {
 		pair.Send(t, Ping, nil)
 		pair.Send(t, Pong, nil)
+	}
+}
+
+// TestDuplicateHandshakeMessages hands copies of one initiation, then of
+// one response, to several goroutines at once, as the handshake workers
+// get them when a bind sends over several paths: exactly one copy may be
+// consumed each time (meshlink patch 3, PATCHES.md). Before the patch two
+// copies could both pass the replay check and make two sessions.
+func TestDuplicateHandshakeMessages(t *testing.T) {
+	dev1, dev2 := randDevice(t), randDevice(t)
+	defer dev1.Close()
+	defer dev2.Close()
+	peer1, err := dev2.NewPeer(dev1.staticIdentity.privateKey.publicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer2, err := dev1.NewPeer(dev2.staticIdentity.privateKey.publicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer1.Start()
+	peer2.Start()
+	const copies, rounds = 4, 300
+	// consumed runs fn in copies goroutines released at once and counts
+	// the calls that consumed their message.
+	consumed := func(fn func() *Peer) int {
+		var n atomic.Int32
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for range copies {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				if fn() != nil {
+					n.Add(1)
+				}
+			}()
+		}
+		close(start)
+		wg.Wait()
+		return int(n.Load())
+	}
+	for round := range rounds {
+		// Each round is a new initiation: forget the last one's timestamp
+		// and time, which the replay and flood checks compare against.
+		peer1.handshake.mutex.Lock()
+		peer1.handshake.lastTimestamp = tai64n.Timestamp{}
+		peer1.handshake.lastInitiationConsumption = time.Time{}
+		peer1.handshake.mutex.Unlock()
+		init, err := dev1.CreateMessageInitiation(peer2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := consumed(func() *Peer { m := *init; return dev2.ConsumeMessageInitiation(&m) }); n != 1 {
+			t.Fatalf("round %d: %d of %d copies of one initiation consumed, want 1", round, n, copies)
+		}
+		resp, err := dev2.CreateMessageResponse(peer1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := consumed(func() *Peer { m := *resp; return dev1.ConsumeMessageResponse(&m) }); n != 1 {
+			t.Fatalf("round %d: %d of %d copies of one response consumed, want 1", round, n, copies)
+		}
 	}
 }

@@ -420,6 +420,18 @@ func (device *Device) ConsumeMessageInitiation(msg *MessageInitiation) *Peer {
 
 	handshake.mutex.Lock()
 
+	// meshlink patch 3 (PATCHES.md): check again under the write lock.
+	// Two handshake workers given copies of one initiation (a bind that
+	// sends over several paths at once delivers several) both passed the
+	// checks above under the read lock; each then answered with a
+	// response and a keypair of its own, and the initiator could keep
+	// the one the responder had replaced: a session that carried nothing
+	// until it was rekeyed.
+	if !timestamp.After(handshake.lastTimestamp) || time.Since(handshake.lastInitiationConsumption) <= HandshakeInitationRate {
+		handshake.mutex.Unlock()
+		device.log.Verbosef("%v - ConsumeMessageInitiation: handshake replay or flood @ %v", peer, timestamp)
+		return nil
+	}
 	handshake.hash = hash
 	handshake.chainKey = chainKey
 	handshake.remoteIndex = msg.Sender
@@ -593,6 +605,14 @@ func (device *Device) ConsumeMessageResponse(msg *MessageResponse) *Peer {
 
 	handshake.mutex.Lock()
 
+	// meshlink patch 3 (PATCHES.md): only the first of several copies of
+	// one response (or a response to an initiation since replaced) may
+	// complete the handshake; the read-locked check above let copies
+	// handled by two workers at once derive two keypairs.
+	if handshake.state != handshakeInitiationCreated || handshake.localIndex != msg.Receiver {
+		handshake.mutex.Unlock()
+		return nil
+	}
 	handshake.hash = hash
 	handshake.chainKey = chainKey
 	handshake.remoteIndex = msg.Sender
