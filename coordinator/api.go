@@ -472,7 +472,7 @@ func (s *Server) serveServices(w http.ResponseWriter, r *http.Request) *apiError
 		return storeErr("expose", err)
 	}
 	if err := s.store.SetProviderTraffic(ctx, name, node.ID, store.Traffic{Priority: req.Priority, Weight: req.Weight, Version: req.ServiceVersion,
-		Protocol: proto, UDPIdle: req.UDPIdle}); err != nil {
+		Protocol: proto, UDPIdle: req.UDPIdle, AgentProtocol: req.Version}); err != nil {
 		return storeErr("expose", err)
 	}
 	s.commit(change{log: "service exposed", attrs: []any{"service", name, "node", node.Name, "port", req.Port},

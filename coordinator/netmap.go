@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"net/netip"
 	"reflect"
@@ -314,9 +315,16 @@ func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*sn
 	mayProvide := providerCheck(pol, nodes, snap.byID, users)
 	byService := map[string][]wire.Provider{}
 	httpProvided := map[string]bool{}
+	// tooOld holds the providers whose agents predate request-level
+	// authorization: they would carry every request of a service with
+	// request rules or a jwt unchecked.
+	tooOld := map[string][]wire.NodeID{}
 	for _, p := range provs {
 		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) {
 			continue
+		}
+		if p.AgentProtocol < wire.VersionRequestAuth {
+			tooOld[p.Service] = append(tooOld[p.Service], p.NodeID)
 		}
 		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version,
 			Protocol: p.Protocol, UDPIdle: p.UDPIdle}
@@ -362,6 +370,7 @@ func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*sn
 			snap.services[i].HTTPAuth = pol.HTTPAuth(snap.services[i].Name, "", nil, nil)
 		}
 	}
+	s.withholdTooOld(snap, tooOld)
 	if prev := s.snap; prev != nil {
 		snap.build = prev.build + 1
 		snap.delta = diffSnapshots(prev, snap)
@@ -606,4 +615,35 @@ func (s *Server) NodeMap(ctx context.Context, id wire.NodeID) (nm *wire.NetworkM
 	}
 	nm, ok = snap.mapFor(id, s.cfg.Domain)
 	return nm, ok, nil
+}
+
+// withholdTooOld takes the providers in tooOld (by service) out of the
+// services whose requests their providers must check (HTTPAuth): an agent
+// before wire.VersionRequestAuth would let every request through. It is
+// said once per provider and service, until the provider is upgraded (its
+// agent announces the export again when it reconnects) or the service's
+// policy no longer needs it.
+func (s *Server) withholdTooOld(snap *snapshot, tooOld map[string][]wire.NodeID) {
+	for i := range snap.services {
+		sv := &snap.services[i]
+		old := tooOld[sv.Name]
+		if sv.HTTPAuth == nil || len(old) == 0 {
+			continue
+		}
+		sv.Providers = slices.DeleteFunc(sv.Providers, func(p wire.Provider) bool {
+			if !slices.Contains(old, p.Node) {
+				return false
+			}
+			k := fmt.Sprintf("%s/%d", sv.Name, p.Node)
+			if _, said := s.tooOldSaid.LoadOrStore(k, true); !said {
+				name := fmt.Sprint(p.Node)
+				if j, ok := snap.byID[p.Node]; ok {
+					name = snap.nodes[j].Name
+				}
+				s.log.Warn("provider withheld: its agent is too old to check this service's request rules or jwt; upgrade meshlink there",
+					"service", sv.Name, "node", name, "needs_protocol", wire.VersionRequestAuth)
+			}
+			return true
+		})
+	}
 }

@@ -121,3 +121,53 @@ func TestPolicyHTTPAuthInMaps(t *testing.T) {
 		t.Errorf("a lower-case method over the admin socket: %v", err)
 	}
 }
+
+// TestTooOldProviderWithheld: a provider whose agent announced its export
+// with a protocol before request-level authorization (13) would carry
+// every request of web unchecked, so consumers are not given it while
+// web's policy has request rules and a jwt; once it announces again with
+// a current agent, it is listed.
+func TestTooOldProviderWithheld(t *testing.T) {
+	m := newPolicyMesh(t)
+	if _, err := m.s.SetPolicy(context.Background(), "p.yaml", httpPolicy, "test"); err != nil {
+		t.Fatal(err)
+	}
+	alice, err := m.s.Store().GetUser(context.Background(), "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := mustToken(t, m.s, TokenOptions{Owner: alice.ID})
+	_, web2 := register(t, m.c, tok, "web2")
+	announce := func(version int) {
+		t.Helper()
+		st, body := call(t, m.c, m.s.URL(), wire.PathServices, &web2, wire.ServiceRequest{Version: version, Name: "web", Port: 8000})
+		if st != 200 {
+			t.Fatalf("web2 announces web with protocol %d: %d %s", version, st, body)
+		}
+	}
+	nm := &wire.NetworkMap{}
+	providers := func(want []wire.NodeID, why string) {
+		t.Helper()
+		m.bobSt.next(t, 20*time.Second, why, func(mr wire.MapResponse) bool {
+			nm.Apply(&mr)
+			// web2 a peer: the map is one made after its announcement.
+			if !slices.Contains(peerNames(*nm), "web2") {
+				return false
+			}
+			for _, sv := range nm.Services {
+				if sv.Name == "web" {
+					var got []wire.NodeID
+					for _, p := range sv.Providers {
+						got = append(got, p.Node)
+					}
+					return slices.Equal(got, want)
+				}
+			}
+			return false
+		})
+	}
+	announce(12)
+	providers([]wire.NodeID{m.web1.ID}, "bob's map with web1 alone (web2's agent speaks 12)")
+	announce(wire.ProtocolVersion)
+	providers([]wire.NodeID{m.web1.ID, web2.ID}, "bob's map with web2 too once it announced with a current agent")
+}

@@ -95,6 +95,11 @@ import (
 // ProtocolVersion is the version of this package's contract. It only grows.
 const ProtocolVersion = 14
 
+// VersionRequestAuth is the first version whose providers check
+// Service.HTTPAuth (13): the coordinator does not list an older provider
+// of a service with request rules or a jwt.
+const VersionRequestAuth = 13
+
 // Default addressing of a mesh. The node and service prefixes are disjoint
 // (TestPrefixesDisjoint): a node address must never equal a service VIP.
 // Until version 5 nodes had 100.96.0.0/12, which contains the service

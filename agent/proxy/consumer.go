@@ -96,6 +96,12 @@ type ConsumerConfig struct {
 	// DefaultDialTimeout. A provider that does not answer within it is
 	// marked failing and the connection moves to the next.
 	DialTimeout time.Duration
+	// LastDialTimeout bounds the attempt to reach the last provider left
+	// to try, when it has not failed lately; default
+	// DefaultLastDialTimeout. With nothing to fail over to, giving up
+	// after DialTimeout only turns a lost SYN or handshake on a lossy
+	// path into a refused connection.
+	LastDialTimeout time.Duration
 	// Now is the clock of passive health; nil is time.Now.
 	Now func() time.Time
 	// Rand is the randomness of provider choice; nil is a random seed.
@@ -177,6 +183,12 @@ const recentConns = 1000
 // a few milliseconds away answers well within it, and a dead one costs a
 // connection no more than this before the next is tried.
 const DefaultDialTimeout = time.Second
+
+// DefaultLastDialTimeout is ConsumerConfig.LastDialTimeout's default: long
+// enough for netstack's SYN to be sent again three times (after 1, 2 and
+// 4 s) and for WireGuard to repeat a lost handshake initiation (5 s), as
+// a kernel client's connect would wait, far longer, on a direct path.
+const DefaultLastDialTimeout = 10 * time.Second
 
 // openConn is one open connection as CloseTo and Reconfig see it.
 type openConn struct {
@@ -281,6 +293,9 @@ func (h *health) wentAway() {
 func NewConsumer(cfg ConsumerConfig) *Consumer {
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.LastDialTimeout <= 0 {
+		cfg.LastDialTimeout = DefaultLastDialTimeout
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -694,10 +709,10 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 		return nil, Target{}, nil, err
 	}
 	var errs []error
-	for _, t := range targets {
+	for i, t := range targets {
 		h := c.healthOf(t.Node)
 		h.open.Add(1)
-		conn, err := c.dial(ctx, t, h, c.cfg.DialTimeout)
+		conn, err := c.dial(ctx, t, h, c.dialTimeout(h, i == len(targets)-1))
 		if err == nil {
 			h.mu.Lock()
 			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
@@ -713,6 +728,23 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 		errs = append(errs, fmt.Errorf("%s: %w", t.Name, err))
 	}
 	return nil, Target{}, nil, errors.Join(errs...)
+}
+
+// dialTimeout is how long one attempt at a provider may take: the short
+// DialTimeout when another provider is left to fail over to or this one
+// failed lately (a provider known dead costs each connection no more),
+// the longer LastDialTimeout otherwise.
+func (c *Consumer) dialTimeout(h *health, last bool) time.Duration {
+	if !last {
+		return c.cfg.DialTimeout
+	}
+	h.mu.Lock()
+	failing := h.fails > 0
+	h.mu.Unlock()
+	if failing {
+		return c.cfg.DialTimeout
+	}
+	return max(c.cfg.LastDialTimeout, c.cfg.DialTimeout)
 }
 
 // noteDialFailure marks a provider that did not answer a dial as failing

@@ -419,3 +419,49 @@ func TestDialBurstBounded(t *testing.T) {
 		t.Fatalf("%d dials in flight to one provider at once, want at most %d", m, MaxDialsPerProvider)
 	}
 }
+
+// slowDialer answers its first dial only after delay, as a provider does
+// whose first SYN or WireGuard handshake was lost on the way.
+type slowDialer struct {
+	kernelDialer
+	delay time.Duration
+	first *atomic.Bool
+}
+
+func (d slowDialer) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	if d.first.CompareAndSwap(true, false) {
+		select {
+		case <-time.After(d.delay):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return d.kernelDialer.DialTCP(ctx, dst)
+}
+
+// TestLastProviderGetsLonger: with no other provider to fail over to, a
+// provider that answers after the connect timeout still gets the
+// connection (LastDialTimeout), instead of the client being reset.
+func TestLastProviderGetsLonger(t *testing.T) {
+	a := netip.MustParseAddrPort("100.96.0.1:80")
+	first := &atomic.Bool{}
+	first.Store(true)
+	d := slowDialer{kernelDialer: kernelDialer{a: greeter(t, "a")}, delay: 600 * time.Millisecond, first: first}
+	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: 100 * time.Millisecond, LastDialTimeout: 5 * time.Second})
+	t.Cleanup(func() { c.Close(); c.Wait() })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := netip.MustParseAddrPort(ln.Addr().String())
+	ln.Close()
+	c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{{Node: 1, Name: "a", Addr: a, Online: true}}}})
+	conn, who := greet(t, listen.String())
+	conn.Close()
+	if who != "a" {
+		t.Fatalf("answered by %q", who)
+	}
+	if first.Load() {
+		t.Fatal("the slow first dial was not the one that answered")
+	}
+}

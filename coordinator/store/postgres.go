@@ -168,6 +168,9 @@ var pgMigrations = []string{
 	ALTER TABLE providers ADD COLUMN udp_idle INTEGER NOT NULL DEFAULT 0;`,
 	// 14: the heartbeat of a node's map stream, for the other coordinators.
 	`ALTER TABLE nodes ADD COLUMN heartbeat BIGINT NOT NULL DEFAULT 0;`,
+	// 15: the wire protocol version of the agent that announced each
+	// export (0: unknown).
+	`ALTER TABLE providers ADD COLUMN agent_protocol INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // pgWriteLock is the transaction-scoped advisory lock every write

@@ -1173,13 +1173,13 @@ func (s *sqlStore) ListServices(ctx context.Context) ([]Service, error) {
 
 // ListProviders implements Store.
 func (s *sqlStore) ListProviders(ctx context.Context) ([]Provider, error) {
-	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port, priority, weight, version, protocol, udp_idle FROM providers ORDER BY service, node_id`)
+	return queryAll(ctx, s.db, scanProvider, `SELECT service, node_id, port, priority, weight, version, protocol, udp_idle, agent_protocol FROM providers ORDER BY service, node_id`)
 }
 
 // SetProviderTraffic implements Store.
 func (s *sqlStore) SetProviderTraffic(ctx context.Context, service string, nodeID wire.NodeID, t Traffic) error {
-	res, err := s.exec(ctx, `UPDATE providers SET priority = ?, weight = ?, version = ?, protocol = ?, udp_idle = ? WHERE service = ? AND node_id = ?`,
-		t.Priority, t.Weight, t.Version, t.Protocol, t.UDPIdle, service, int64(nodeID))
+	res, err := s.exec(ctx, `UPDATE providers SET priority = ?, weight = ?, version = ?, protocol = ?, udp_idle = ?, agent_protocol = ? WHERE service = ? AND node_id = ?`,
+		t.Priority, t.Weight, t.Version, t.Protocol, t.UDPIdle, t.AgentProtocol, service, int64(nodeID))
 	if err != nil {
 		return fmt.Errorf("store: provider %q of node %d: %w", service, nodeID, err)
 	}
@@ -1206,7 +1206,7 @@ func scanProvider(r scanner) (Provider, error) {
 	var p Provider
 	var id int64
 	var port int
-	if err := r.Scan(&p.Service, &id, &port, &p.Priority, &p.Weight, &p.Version, &p.Protocol, &p.UDPIdle); err != nil {
+	if err := r.Scan(&p.Service, &id, &port, &p.Priority, &p.Weight, &p.Version, &p.Protocol, &p.UDPIdle, &p.AgentProtocol); err != nil {
 		return p, err
 	}
 	p.NodeID, p.Port = wire.NodeID(id), uint16(port)

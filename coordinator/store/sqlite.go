@@ -174,6 +174,10 @@ var migrations = []string{
 	// 14: nodes.heartbeat is when a coordinator sharing the store last
 	// confirmed the node's map stream open (nanoseconds; 0: none open).
 	`ALTER TABLE nodes ADD COLUMN heartbeat INTEGER NOT NULL DEFAULT 0;`,
+	// 15: the wire protocol version of the agent that announced each
+	// export (0: unknown), so that a provider too old to enforce a
+	// service's request rules is not listed to its consumers.
+	`ALTER TABLE providers ADD COLUMN agent_protocol INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // SQLite is the embedded Store: one file in the coordinator's data

@@ -185,6 +185,10 @@ type Traffic struct {
 	// "" is TCP), UDPIdle its UDP flows' idle timeout in seconds.
 	Protocol string
 	UDPIdle  int
+	// AgentProtocol is the wire protocol version of the agent that
+	// announced the export (0: announced before the coordinator kept it).
+	// Request-level rules need a provider of version 13 or later.
+	AgentProtocol int
 }
 
 // Registration describes a node joining, with a token or by approval.
