@@ -96,6 +96,10 @@ type Config struct {
 	// DialTimeout bounds one attempt to reach one provider; default
 	// proxy.DefaultDialTimeout (1 s).
 	DialTimeout time.Duration
+	// LastDialTimeout bounds the attempt at the last provider left to
+	// try, when it has not failed lately; default
+	// proxy.DefaultLastDialTimeout (10 s).
+	LastDialTimeout time.Duration
 	// KeyExpirySkew is how long after a peer's key expiry (as the map
 	// says) this site drops the peer itself, should the coordinator not
 	// have removed it (out of reach): the margin for clocks that differ.
@@ -587,7 +591,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	a.stack.SetTCPHandler(a.handleTCP)
 	a.stack.SetUDPHandler(a.handleUDP)
 	a.httpOut = httpmesh.NewConsumer(outCfg)
-	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout, HTTP: a.httpOut})
+	a.consumer = proxy.NewConsumer(proxy.ConsumerConfig{Dialer: a.stack, Logger: a.cfg.Logger, DialTimeout: a.cfg.DialTimeout, LastDialTimeout: a.cfg.LastDialTimeout, HTTP: a.httpOut})
 	a.httpOut.Attach(a.consumer)
 	if err := a.startWireGuard(); err != nil {
 		return err

@@ -25,6 +25,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/agent/proxy"
 	"github.com/meshlink/meshlink/internal/memtrim"
 	"github.com/meshlink/meshlink/relayd"
 	"github.com/meshlink/meshlink/wire"
@@ -339,6 +340,7 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "region", Usage: "this node's region, for services whose policy prefers providers in the consumer's region (locality: prefer-same-region)", EnvVars: env("REGION")},
 			&cli.StringFlag{Name: "proxy-range", Value: agent.DefaultProxyRange, Usage: "loopback prefix for consumed services", EnvVars: env("PROXY_RANGE")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: time.Second, Usage: "time to reach one provider before it is marked failing and the next is tried", EnvVars: env("DIAL_TIMEOUT")},
+			&cli.DurationFlag{Name: "last-dial-timeout", Value: proxy.DefaultLastDialTimeout, Usage: "time to reach the last provider left to try, when it has not failed lately (nothing to fail over to: a lost SYN or handshake on a lossy path is worth waiting for)", EnvVars: env("LAST_DIAL_TIMEOUT")},
 			&cli.BoolFlag{Name: "relay-only", Usage: "never use direct UDP paths, always the relay (diagnosis)", EnvVars: env("RELAY_ONLY")},
 			&cli.StringFlag{Name: "socks5", Usage: "serve a SOCKS5 proxy on this address (e.g. 127.0.0.1:1080): mesh names through the mesh, others direct; default off", EnvVars: env("SOCKS5")},
 			&cli.StringFlag{Name: "http-proxy", Usage: "serve an HTTP proxy (CONNECT and http:// URLs) on this address (e.g. 127.0.0.1:3128); default off", EnvVars: env("HTTP_PROXY")},
@@ -431,7 +433,7 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		StateDir: stateDir(c), Join: join, JoinFile: c.String("join-file"), Name: c.String("name"),
 		ListenPort: uint16(c.Uint("listen-port")), DNS: c.String("dns"), DNSFallback: !c.IsSet("dns"),
 		Upstreams: c.StringSlice("dns-upstream"), DNSAllow: dnsAllow, Expose: exports, ProxyRange: pr,
-		DialTimeout: c.Duration("dial-timeout"), RelayOnly: c.Bool("relay-only"), Region: c.String("region"),
+		DialTimeout: c.Duration("dial-timeout"), LastDialTimeout: c.Duration("last-dial-timeout"), RelayOnly: c.Bool("relay-only"), Region: c.String("region"),
 		SOCKS5: c.String("socks5"), HTTPProxy: c.String("http-proxy"), ProxyMeshOnly: c.Bool("proxy-mesh-only"),
 		Coordinator: c.String("coordinator"), Fingerprint: c.String("fingerprint"), Out: os.Stdout,
 		Metrics: c.String("metrics"), PipelinePackets: c.Int("pipeline-packets"),
