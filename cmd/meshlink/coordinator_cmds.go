@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -176,59 +175,61 @@ func listFlag(c *cli.Context, name string, check func(string) error) ([]string, 
 }
 
 func relaysCmd() *cli.Command {
-	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
-	return &cli.Command{
-		Name:  "relays",
-		Usage: "list or remove the relays the coordinator hands out (talks to the coordinator running with --data)",
-		Flags: []cli.Flag{data, jsonFlag()},
-		Action: func(c *cli.Context) error {
-			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-			defer cancel()
-			rs, err := coordinator.NewAdminClient(c.String("data")).Relays(ctx)
-			if err != nil {
-				return err
-			}
-			if c.Bool("json") {
-				return printJSON(relaysJSON(rs))
-			}
-			if len(rs) == 0 {
-				fmt.Println("no relay online (the embedded one is off and no `meshlink relay` follows this coordinator)")
-				return nil
-			}
-			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tURL\tFINGERPRINT")
-			for _, r := range rs {
-				fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Name, r.URL, r.Fingerprint)
-			}
-			return tw.Flush()
-		},
-		Subcommands: []*cli.Command{{
-			Name:      "remove",
-			Usage:     "remove a standalone relay: unlisted at once, its credentials stop working",
-			ArgsUsage: "NAME",
-			Flags:     []cli.Flag{data},
-			Action: func(c *cli.Context) error {
-				if c.NArg() != 1 {
-					return cli.Exit("usage: meshlink relays remove NAME --data DIR", 2)
+	cmd := adminListCmd("relays", "list or remove the relays the coordinator hands out (talks to the coordinator running with --data)",
+		(*coordinator.AdminClient).Relays, writeRelays)
+	cmd.Subcommands = []*cli.Command{
+		adminNameCmd("remove", "remove a standalone relay: unlisted at once, its credentials stop working",
+			"usage: meshlink relays remove NAME --data DIR",
+			func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
+				if err := ac.RemoveRelay(ctx, name); err != nil {
+					return "", err
 				}
-				ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-				defer cancel()
-				if err := coordinator.NewAdminClient(c.String("data")).RemoveRelay(ctx, c.Args().First()); err != nil {
-					return err
-				}
-				fmt.Printf("relay %s removed\n", c.Args().First())
-				return nil
-			},
-		}},
+				return fmt.Sprintf("relay %s removed\n", name), nil
+			}),
 	}
+	return cmd
+}
+
+// writeRelays prints the relays as a table, or as JSON.
+func writeRelays(rs []wire.Relay, asJSON bool) error {
+	if asJSON {
+		return printJSON(relaysJSON(rs))
+	}
+	if len(rs) == 0 {
+		fmt.Println("no relay online (the embedded one is off and no `meshlink relay` follows this coordinator)")
+		return nil
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tURL\tFINGERPRINT")
+	for _, r := range rs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.Name, r.URL, r.Fingerprint)
+	}
+	return tw.Flush()
+}
+
+// writeUsers prints the accounts as a table, or as JSON.
+func writeUsers(us []coordinator.UserInfo, asJSON bool) error {
+	if asJSON {
+		return printJSON(us)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tROLE\tNODES\tSTATE\tCREATED")
+	for _, u := range us {
+		role, state := "member", "active"
+		if u.Admin {
+			role = "admin"
+		}
+		if u.Pending {
+			state = "pending approval"
+		} else if u.MustChangePassword {
+			state = "must change password"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", u.Name, role, u.Nodes, state, u.Created.Format(time.DateTime))
+	}
+	return tw.Flush()
 }
 
 func usersCmd() *cli.Command {
-	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
-	admin := func(c *cli.Context) (*coordinator.AdminClient, context.Context, context.CancelFunc) {
-		ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-		return coordinator.NewAdminClient(c.String("data")), ctx, cancel
-	}
 	return &cli.Command{
 		Name:  "users",
 		Usage: "add, list and remove console accounts (talks to the coordinator running with --data)",
@@ -237,14 +238,14 @@ func usersCmd() *cli.Command {
 				Name:      "add",
 				Usage:     "create an account and print its one-time password, to be changed at first sign-in",
 				ArgsUsage: "NAME",
-				Flags: []cli.Flag{data,
+				Flags: []cli.Flag{adminDataFlag(),
 					&cli.BoolFlag{Name: "admin", Usage: "the user manages accounts and every node (default: a member)", EnvVars: env("USER_ADMIN")},
 				},
 				Action: func(c *cli.Context) error {
 					if c.NArg() != 1 {
 						return cli.Exit("usage: meshlink users add NAME [--admin] --data DIR", 2)
 					}
-					ac, ctx, cancel := admin(c)
+					ac, ctx, cancel := adminClient(c)
 					defer cancel()
 					nu, err := ac.AddUser(ctx, c.Args().First(), c.Bool("admin"))
 					if err != nil {
@@ -258,82 +259,28 @@ func usersCmd() *cli.Command {
 					return nil
 				},
 			},
-			{
-				Name:  "list",
-				Usage: "list the accounts",
-				Flags: []cli.Flag{data,
-					&cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")},
-				},
-				Action: func(c *cli.Context) error {
-					ac, ctx, cancel := admin(c)
-					defer cancel()
-					us, err := ac.Users(ctx)
+			adminListCmd("list", "list the accounts", (*coordinator.AdminClient).Users, writeUsers),
+			adminNameCmd("approve", "let an account created by an OIDC sign-in under --oidc-new-users=pending sign in",
+				"usage: meshlink users approve NAME --data DIR (names are in `meshlink users list`)",
+				func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
+					if err := ac.ApproveUser(ctx, name); err != nil {
+						return "", err
+					}
+					return fmt.Sprintf("user %s approved; they may sign in now\n", name), nil
+				}),
+			adminNameCmd("remove", "remove an account: its tokens are revoked, its sessions end and its nodes are removed",
+				"usage: meshlink users remove NAME --data DIR",
+				func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
+					ru, err := ac.RemoveUser(ctx, name)
 					if err != nil {
-						return err
+						return "", err
 					}
-					if c.Bool("json") {
-						enc := json.NewEncoder(os.Stdout)
-						enc.SetIndent("", "  ")
-						return enc.Encode(us)
-					}
-					tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-					fmt.Fprintln(tw, "NAME\tROLE\tNODES\tSTATE\tCREATED")
-					for _, u := range us {
-						role, state := "member", "active"
-						if u.Admin {
-							role = "admin"
-						}
-						if u.Pending {
-							state = "pending approval"
-						} else if u.MustChangePassword {
-							state = "must change password"
-						}
-						fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", u.Name, role, u.Nodes, state, u.Created.Format(time.DateTime))
-					}
-					return tw.Flush()
-				},
-			},
-			{
-				Name:      "approve",
-				Usage:     "let an account created by an OIDC sign-in under --oidc-new-users=pending sign in",
-				ArgsUsage: "NAME",
-				Flags:     []cli.Flag{data},
-				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return cli.Exit("usage: meshlink users approve NAME --data DIR (names are in `meshlink users list`)", 2)
-					}
-					ac, ctx, cancel := admin(c)
-					defer cancel()
-					if err := ac.ApproveUser(ctx, c.Args().First()); err != nil {
-						return err
-					}
-					fmt.Printf("user %s approved; they may sign in now\n", c.Args().First())
-					return nil
-				},
-			},
-			{
-				Name:      "remove",
-				Usage:     "remove an account: its tokens are revoked, its sessions end and its nodes are removed",
-				ArgsUsage: "NAME",
-				Flags:     []cli.Flag{data},
-				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return cli.Exit("usage: meshlink users remove NAME --data DIR", 2)
-					}
-					ac, ctx, cancel := admin(c)
-					defer cancel()
-					ru, err := ac.RemoveUser(ctx, c.Args().First())
-					if err != nil {
-						return err
-					}
-					fmt.Printf("user %s removed; %d token(s) revoked, %d node(s) removed", c.Args().First(), len(ru.TokensRevoked), len(ru.NodesRemoved))
+					done := fmt.Sprintf("user %s removed; %d token(s) revoked, %d node(s) removed", name, len(ru.TokensRevoked), len(ru.NodesRemoved))
 					if len(ru.NodesRemoved) > 0 {
-						fmt.Printf(": %s", strings.Join(ru.NodesRemoved, ", "))
+						done += ": " + strings.Join(ru.NodesRemoved, ", ")
 					}
-					fmt.Println()
-					return nil
-				},
-			},
+					return done + "\n", nil
+				}),
 		},
 	}
 }
@@ -365,7 +312,7 @@ func tokenCreateCmd() *cli.Command {
 		Name:  "create",
 		Usage: "print a new join token (talks to the coordinator running with --data)",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")},
+			adminDataFlag(),
 			&cli.BoolFlag{Name: "reusable", Usage: "the token may join any number of nodes", EnvVars: env("TOKEN_REUSABLE")},
 			&cli.DurationFlag{Name: "expires", Value: 24 * time.Hour, Usage: "validity (0 for never)", EnvVars: env("TOKEN_EXPIRES")},
 			&cli.BoolFlag{Name: "ephemeral", Usage: "nodes joined with it are removed when they go away", EnvVars: env("TOKEN_EPHEMERAL")},
@@ -392,9 +339,9 @@ func tokenCreateCmd() *cli.Command {
 					}
 				}
 			}
-			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+			ac, ctx, cancel := adminClient(c)
 			defer cancel()
-			tok, err := coordinator.NewAdminClient(c.String("data")).CreateToken(ctx, coordinator.TokenOptions{
+			tok, err := ac.CreateToken(ctx, coordinator.TokenOptions{
 				Reusable: c.Bool("reusable"), Ephemeral: c.Bool("ephemeral"), Expires: c.Duration("expires"), Tags: tags,
 				Relay: c.Bool("relay"), User: c.String("user"), KeyExpiry: c.Duration("key-expiry"),
 			})

@@ -18,55 +18,87 @@ import (
 )
 
 func nodesCmd() *cli.Command {
-	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
+	cmd := adminListCmd("nodes", "list, expire or remove the nodes of the mesh (talks to the coordinator running with --data)",
+		(*coordinator.AdminClient).Nodes,
+		func(nodes []coordinator.NodeInfo, asJSON bool) error {
+			return writeNodes(os.Stdout, nodes, asJSON, time.Now())
+		})
+	cmd.Subcommands = []*cli.Command{
+		adminNameCmd("expire", "make a node's key expire now: every peer drops it and it must join again",
+			"usage: meshlink nodes expire NAME --data DIR (names as `meshlink nodes` lists them)",
+			func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
+				if err := ac.ExpireNode(ctx, name); err != nil {
+					return "", err
+				}
+				return fmt.Sprintf("node %s's key expired; its peers drop it, and it joins again with a new token and state directory\n", name), nil
+			}),
+		adminNameCmd("remove", "revoke a node: every peer drops it, its open connections through the mesh close, and its secret stops working",
+			"usage: meshlink nodes remove NAME --data DIR (names as `meshlink nodes` lists them)",
+			func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
+				if err := ac.RemoveNode(ctx, name); err != nil {
+					return "", err
+				}
+				return fmt.Sprintf("node %s removed; to bring the machine back, join it again with a new token\n", name), nil
+			}),
+	}
+	return cmd
+}
+
+// adminDataFlag is --data of the commands that talk to a running
+// coordinator through the admin socket in its data directory.
+func adminDataFlag() cli.Flag {
+	return &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
+}
+
+// adminClient is the admin client of --data, with the context that bounds
+// one command's calls (30 s).
+func adminClient(c *cli.Context) (*coordinator.AdminClient, context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+	return coordinator.NewAdminClient(c.String("data")), ctx, cancel
+}
+
+// adminListCmd is a command that reads one list through the admin socket
+// of --data and writes it (a table, or JSON with --json).
+func adminListCmd[T any](name, usage string, list func(*coordinator.AdminClient, context.Context) (T, error), write func(v T, asJSON bool) error) *cli.Command {
 	return &cli.Command{
-		Name:  "nodes",
-		Usage: "list, expire or remove the nodes of the mesh (talks to the coordinator running with --data)",
-		Flags: []cli.Flag{data, &cli.BoolFlag{Name: "json", Usage: "print JSON", EnvVars: env("JSON")}},
+		Name:  name,
+		Usage: usage,
+		Flags: []cli.Flag{adminDataFlag(), jsonFlag()},
 		Action: func(c *cli.Context) error {
-			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+			ac, ctx, cancel := adminClient(c)
 			defer cancel()
-			nodes, err := coordinator.NewAdminClient(c.String("data")).Nodes(ctx)
+			v, err := list(ac, ctx)
 			if err != nil {
 				return err
 			}
-			return writeNodes(os.Stdout, nodes, c.Bool("json"), time.Now())
+			return write(v, c.Bool("json"))
 		},
-		Subcommands: []*cli.Command{{
-			Name:      "expire",
-			Usage:     "make a node's key expire now: every peer drops it and it must join again",
-			ArgsUsage: "NAME",
-			Flags:     []cli.Flag{data},
-			Action: func(c *cli.Context) error {
-				if c.NArg() != 1 {
-					return cli.Exit("usage: meshlink nodes expire NAME --data DIR (names as `meshlink nodes` lists them)", 2)
-				}
-				ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-				defer cancel()
-				if err := coordinator.NewAdminClient(c.String("data")).ExpireNode(ctx, c.Args().First()); err != nil {
-					return err
-				}
-				fmt.Printf("node %s's key expired; its peers drop it, and it joins again with a new token and state directory\n", c.Args().First())
-				return nil
-			},
-		}, {
-			Name:      "remove",
-			Usage:     "revoke a node: every peer drops it, its open connections through the mesh close, and its secret stops working",
-			ArgsUsage: "NAME",
-			Flags:     []cli.Flag{data},
-			Action: func(c *cli.Context) error {
-				if c.NArg() != 1 {
-					return cli.Exit("usage: meshlink nodes remove NAME --data DIR (names as `meshlink nodes` lists them)", 2)
-				}
-				ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-				defer cancel()
-				if err := coordinator.NewAdminClient(c.String("data")).RemoveNode(ctx, c.Args().First()); err != nil {
-					return err
-				}
-				fmt.Printf("node %s removed; to bring the machine back, join it again with a new token\n", c.Args().First())
-				return nil
-			},
-		}},
+	}
+}
+
+// adminNameCmd is a subcommand that takes one NAME and --data, makes one
+// admin call with it, and prints what the call returns with its outcome
+// (only when it succeeded). usageLine is what a wrong number of arguments
+// gets (exit status 2).
+func adminNameCmd(name, usage, usageLine string, do func(ctx context.Context, ac *coordinator.AdminClient, name string) (done string, err error)) *cli.Command {
+	return &cli.Command{
+		Name:      name,
+		Usage:     usage,
+		ArgsUsage: "NAME",
+		Flags:     []cli.Flag{adminDataFlag()},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return cli.Exit(usageLine, 2)
+			}
+			ac, ctx, cancel := adminClient(c)
+			defer cancel()
+			done, err := do(ctx, ac, c.Args().First())
+			if err != nil {
+				return err
+			}
+			fmt.Print(done)
+			return nil
+		},
 	}
 }
 

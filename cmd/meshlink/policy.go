@@ -3,12 +3,10 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -18,20 +16,15 @@ import (
 )
 
 func policyCmd() *cli.Command {
-	data := &cli.StringFlag{Name: "data", Value: "./meshlink-coordinator", Usage: "the coordinator's data directory", EnvVars: env("DATA")}
-	admin := func(c *cli.Context) (*coordinator.AdminClient, context.Context, context.CancelFunc) {
-		ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-		return coordinator.NewAdminClient(c.String("data")), ctx, cancel
-	}
 	return &cli.Command{
 		Name:  "policy",
 		Usage: "show, set, check or explain the mesh's access policy (who may reach which service)",
 		Subcommands: []*cli.Command{{
 			Name:  "get",
 			Usage: "print the policy in force (talks to the coordinator running with --data)",
-			Flags: []cli.Flag{data, &cli.BoolFlag{Name: "json", Usage: "print JSON: the text with when and by whom it was set", EnvVars: env("JSON")}},
+			Flags: []cli.Flag{adminDataFlag(), &cli.BoolFlag{Name: "json", Usage: "print JSON: the text with when and by whom it was set", EnvVars: env("JSON")}},
 			Action: func(c *cli.Context) error {
-				ac, ctx, cancel := admin(c)
+				ac, ctx, cancel := adminClient(c)
 				defer cancel()
 				pi, err := ac.Policy(ctx)
 				if err != nil {
@@ -47,13 +40,13 @@ func policyCmd() *cli.Command {
 			Name:      "set",
 			Usage:     "check FILE (syntax, references, its tests against the mesh) and make it the policy in force; prints the access it grants and revokes",
 			ArgsUsage: "FILE",
-			Flags:     []cli.Flag{data, &cli.BoolFlag{Name: "json", Usage: "print the change as JSON", EnvVars: env("JSON")}},
+			Flags:     []cli.Flag{adminDataFlag(), &cli.BoolFlag{Name: "json", Usage: "print the change as JSON", EnvVars: env("JSON")}},
 			Action: func(c *cli.Context) error {
 				file, text, err := readPolicyArg(c, "meshlink policy set FILE --data DIR")
 				if err != nil {
 					return err
 				}
-				ac, ctx, cancel := admin(c)
+				ac, ctx, cancel := adminClient(c)
 				defer cancel()
 				pc, err := ac.SetPolicy(ctx, file, text)
 				if err != nil {
@@ -87,7 +80,7 @@ func policyCmd() *cli.Command {
 		}, {
 			Name:  "explain",
 			Usage: "say whether a node or user may reach a service, and which rule decides",
-			Flags: []cli.Flag{data,
+			Flags: []cli.Flag{adminDataFlag(),
 				&cli.StringFlag{Name: "from", Usage: "a node name, or user:NAME, tag:NAME, node:NAME", EnvVars: env("POLICY_FROM")},
 				&cli.StringFlag{Name: "to", Usage: "a service name", EnvVars: env("POLICY_TO")},
 				&cli.StringFlag{Name: "method", Usage: "explain one HTTP request of an HTTP service: its method (default GET when --path or --claim is given)", EnvVars: env("POLICY_METHOD")},
@@ -99,7 +92,7 @@ func policyCmd() *cli.Command {
 				if c.String("from") == "" || c.String("to") == "" || c.NArg() > 0 {
 					return cli.Exit("usage: meshlink policy explain --from NODE|user:NAME --to SERVICE --data DIR", 2)
 				}
-				ac, ctx, cancel := admin(c)
+				ac, ctx, cancel := adminClient(c)
 				defer cancel()
 				var req *coordinator.ExplainRequest
 				if c.IsSet("method") || c.IsSet("path") || c.IsSet("claim") {
