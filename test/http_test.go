@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/meshlink/meshlink/agent"
+	"github.com/meshlink/meshlink/agent/localapi"
 	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/test/harness"
 )
@@ -126,6 +127,38 @@ func meteredAgent(t *testing.T, m *harness.Mesh, name string, o harness.AgentOpt
 	return a
 }
 
+// webMesh is the mesh of most HTTP tests: a consumer, site-a, and one
+// provider of service web per export (site-b, site-c, …), every agent
+// serving its metrics.
+type webMesh struct {
+	m     *harness.Mesh
+	cons  *agent.Agent
+	provs []*agent.Agent
+	svc   localapi.Service // web at the consumer
+	base  string           // http:// and web's local address at the consumer
+	c     *http.Client     // keep-alive, see keepAliveClient
+}
+
+// newWebMesh starts a mesh with policy set (none if empty), the consumer
+// and a provider for each export (its Name set to web), and waits until
+// the consumer has every provider of web.
+func newWebMesh(t *testing.T, policy string, exports ...agent.Export) *webMesh {
+	t.Helper()
+	m := harness.NewMesh(t)
+	if policy != "" {
+		setPolicy(t, m, policy)
+	}
+	w := &webMesh{m: m, c: keepAliveClient()}
+	w.cons = meteredAgent(t, m, "site-a", harness.AgentOptions{})
+	for i, e := range exports {
+		e.Name = "web"
+		w.provs = append(w.provs, meteredAgent(t, m, fmt.Sprintf("site-%c", 'b'+i), harness.AgentOptions{Expose: []agent.Export{e}}))
+	}
+	w.svc = waitProviders(t, w.cons, "web", len(exports))
+	w.base = "http://" + w.svc.Local.String()
+	return w
+}
+
 // httpRequests sums meshlink_http_requests_total of a at the labels
 // given (name, value pairs).
 func httpRequests(t *testing.T, a *agent.Agent, labels ...string) float64 {
@@ -139,13 +172,9 @@ func httpRequests(t *testing.T, a *agent.Agent, labels ...string) float64 {
 // intact, and the provider forwards them over a few pooled keep-alive
 // connections, not one per request.
 func TestHTTPServiceRequests(t *testing.T) {
-	m := harness.NewMesh(t)
 	web := startHTTPBackend(t, "site-b")
-	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
-	prov := meteredAgent(t, m, "site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr(), Protocol: "http"}}})
-	svc := waitProviders(t, cons, "web", 1)
-	base := "http://" + svc.Local.String()
-	c := keepAliveClient()
+	w := newWebMesh(t, "", agent.Export{Target: web.addr(), Protocol: "http"})
+	cons, prov, svc, base, c := w.cons, w.provs[0], w.svc, w.base, w.c
 
 	const n = 200
 	var wg sync.WaitGroup
@@ -206,11 +235,8 @@ func TestHTTPServiceRequests(t *testing.T) {
 // service's local address get a 400 and the connection closed; the agents
 // live on and the next request works.
 func TestHTTPServiceGarbage(t *testing.T) {
-	m := harness.NewMesh(t)
 	web := startHTTPBackend(t, "site-b")
-	cons := m.AddAgent("site-a", harness.AgentOptions{})
-	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr(), Protocol: "http"}}})
-	svc := waitProviders(t, cons, "web", 1)
+	svc := newWebMesh(t, "", agent.Export{Target: web.addr(), Protocol: "http"}).svc
 	for i, garbage := range []string{"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", strings.Repeat("A", 100), "hello there\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"} {
 		conn, err := net.Dial("tcp", svc.Local.String())
 		if err != nil {
@@ -260,8 +286,8 @@ func backendOf(t *testing.T, c *http.Client, url string, header ...string) strin
 // x-canary: true (and those under /beta/) to v2, and the rest by the
 // service's 90/10 split: over 10,000 requests v2 gets 10% ± 2%.
 func TestHTTPRoutesAndSplit(t *testing.T) {
-	m := harness.NewMesh(t)
-	setPolicy(t, m, `
+	v1, v2 := startHTTPBackend(t, "v1"), startHTTPBackend(t, "v2")
+	w := newWebMesh(t, `
 services:
   web:
     protocol: http
@@ -278,14 +304,8 @@ services:
             headers:
               user-agent: {regex: "old-.*"}
           split: {v1: 100}
-`)
-	v1, v2 := startHTTPBackend(t, "v1"), startHTTPBackend(t, "v2")
-	cons := m.AddAgent("site-a", harness.AgentOptions{})
-	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: v1.addr(), Version: "v1"}}})
-	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: v2.addr(), Version: "v2"}}})
-	svc := waitProviders(t, cons, "web", 2)
-	base := "http://" + svc.Local.String()
-	c := keepAliveClient()
+`, agent.Export{Target: v1.addr(), Version: "v1"}, agent.Export{Target: v2.addr(), Version: "v2"})
+	base, c := w.base, w.c
 	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
 		return backendOf(t, c, base+"/", "x-canary", "true") == "v2"
 	})
@@ -369,8 +389,9 @@ next:
 // stop at the budget (20% of the requests, no minimum here), so the
 // service sees at most 1.2 times the load.
 func TestHTTPRetries(t *testing.T) {
-	m := harness.NewMesh(t)
-	setPolicy(t, m, `
+	flaky, good := startHTTPBackend(t, "flaky"), startHTTPBackend(t, "good")
+	flaky.failEvery.Store(4)
+	w := newWebMesh(t, `
 services:
   web:
     protocol: http
@@ -381,19 +402,9 @@ services:
         on: [connect-failure, reset, 503]
         budgetPercent: 20
         minRetriesPerSecond: 0
-`)
-	flaky, good := startHTTPBackend(t, "flaky"), startHTTPBackend(t, "good")
-	flaky.failEvery.Store(4)
-	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
-	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: flaky.addr()}}})
-	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: good.addr()}}})
-	svc := waitProviders(t, cons, "web", 2)
-	base := "http://" + svc.Local.String()
-	c := keepAliveClient()
-	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
-		get(c, base+"/warm")
-		return httpRequests(t, cons, "service", "web") > 0
-	})
+`, agent.Export{Target: flaky.addr()}, agent.Export{Target: good.addr()})
+	cons, base, c := w.cons, w.base, w.c
+	waitHTTP(t, cons, base, "web")
 	const n = 400
 	for i := range n {
 		code, body, _, err := get(c, fmt.Sprintf("%s/r/%d", base, i))
@@ -444,8 +455,9 @@ services:
 // row is ejected for a second: the next requests all go to the other;
 // once it works again it gets requests after its ejection time.
 func TestHTTPOutlierEjection(t *testing.T) {
-	m := harness.NewMesh(t)
-	setPolicy(t, m, `
+	bad, good := startHTTPBackend(t, "bad"), startHTTPBackend(t, "good")
+	bad.fail.Store(500)
+	w := newWebMesh(t, `
 services:
   web:
     protocol: http
@@ -454,15 +466,8 @@ services:
         consecutive5xx: 3
         baseEjectionTime: 1s
         maxEjectionPercent: 50
-`)
-	bad, good := startHTTPBackend(t, "bad"), startHTTPBackend(t, "good")
-	bad.fail.Store(500)
-	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
-	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: bad.addr()}}})
-	m.AddAgent("site-c", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: good.addr()}}})
-	svc := waitProviders(t, cons, "web", 2)
-	base := "http://" + svc.Local.String()
-	c := keepAliveClient()
+`, agent.Export{Target: bad.addr()}, agent.Export{Target: good.addr()})
+	cons, base, c := w.cons, w.base, w.c
 	tstest.WaitForNil(t, 10*time.Second, "the failing provider ejected", func() error {
 		get(c, base+"/")
 		if n := httpMetric(t, cons, "meshlink_http_ejections_total", "service", "web", "provider", "site-b"); n < 1 {
@@ -497,24 +502,16 @@ services:
 // service's timeout gets a 504 soon after it; CONNECT passes through as a
 // stream to the target.
 func TestHTTPTimeoutAndConnect(t *testing.T) {
-	m := harness.NewMesh(t)
-	setPolicy(t, m, `
+	web := startHTTPBackend(t, "site-b")
+	w := newWebMesh(t, `
 services:
   web:
     protocol: http
     http:
       timeout: 300ms
-`)
-	web := startHTTPBackend(t, "site-b")
-	cons := meteredAgent(t, m, "site-a", harness.AgentOptions{})
-	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "web", Target: web.addr()}}})
-	svc := waitProviders(t, cons, "web", 1)
-	base := "http://" + svc.Local.String()
-	c := keepAliveClient()
-	tstest.WaitFor(t, 5*time.Second, "the service to be HTTP at the consumer", func() bool {
-		get(c, base+"/warm")
-		return httpRequests(t, cons, "service", "web") > 0
-	})
+`, agent.Export{Target: web.addr()})
+	svc, base, c := w.svc, w.base, w.c
+	waitHTTP(t, w.cons, base, "web")
 	start := time.Now()
 	code, body, _, err := get(c, base+"/slow")
 	took := time.Since(start)
