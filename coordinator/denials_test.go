@@ -1,13 +1,11 @@
 package coordinator
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,26 +13,9 @@ import (
 
 	"github.com/meshlink/meshlink/coordinator/store"
 	"github.com/meshlink/meshlink/internal/key"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
-
-// syncBuffer is a bytes.Buffer for a logger written from handlers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func deniedEvents(t *testing.T, s *Server) []store.Event {
 	t.Helper()
@@ -56,7 +37,7 @@ func deniedEvents(t *testing.T, s *Server) []store.Event {
 // whole with a log line, and entries naming unknown nodes or services, or
 // carrying nonsense, are ignored with a log line, storing nothing.
 func TestStatsDenials(t *testing.T) {
-	var logs syncBuffer
+	var logs tstest.Buffer
 	s := startServer(t, t.TempDir(), func(c *Config) { c.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
 	api := pinnedClient(t, s.Fingerprint(), false)
 	jt := mustToken(t, s, TokenOptions{Reusable: true})

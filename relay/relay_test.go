@@ -33,22 +33,9 @@ import (
 func TestMain(m *testing.M) { tstest.Main(m) }
 
 // logBuf keeps a test relay's logs for the test to search.
-type logBuf struct {
-	mu sync.Mutex // guards b
-	b  bytes.Buffer
-}
+type logBuf struct{ tstest.Buffer }
 
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) contains(s string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Contains(l.b.String(), s)
-}
+func (l *logBuf) contains(s string) bool { return strings.Contains(l.String(), s) }
 
 // newLog logs to t's output and to a buffer the test can search.
 func newLog(t testing.TB) (*slog.Logger, *logBuf) {

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,24 +19,6 @@ import (
 	"github.com/meshlink/meshlink/test/harness"
 	"github.com/meshlink/meshlink/wire"
 )
-
-// syncBuffer is an io.Writer safe to read while an agent writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func chromium(t *testing.T) string {
 	for _, p := range []string{"/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"} {
@@ -74,7 +55,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	}
 
 	// An agent joining by web login: it prints an approval URL and waits.
-	out := &syncBuffer{}
+	out := &tstest.Buffer{}
 	cfg := m.AgentConfig("laptop", harness.AgentOptions{Token: "-"})
 	cfg.Coordinator, cfg.Fingerprint, cfg.Out = m.Coord.URL(), m.Coord.Fingerprint(), out
 	cfg.StatsEvery = 200 * time.Millisecond

@@ -151,23 +151,6 @@ func TestHooks(t *testing.T) {
 	}
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestNotHTTPLogged: what cannot start a request and a request net/http
 // cannot parse both get a 4xx and a log line (one per 10 s: the second is
 // counted, then named by the next line).
@@ -177,7 +160,7 @@ func TestNotHTTPLogged(t *testing.T) {
 		{"hello there\r\n\r\n", "400 Bad Request", "not valid HTTP on an HTTP service"},
 		{"GET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", "400 Bad Request", "not valid HTTP on an HTTP service"},
 	} {
-		var logs syncBuffer
+		var logs tstest.Buffer
 		c := NewConsumer(ConsumerConfig{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 		c.Attach(onePicker{})
 		addr := serveAll(t, func(conn net.Conn) { c.ServeConn("web", conn) })

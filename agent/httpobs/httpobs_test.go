@@ -2,7 +2,6 @@ package httpobs
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,27 +22,9 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
-
-// syncBuffer is a bytes.Buffer the access log's goroutine and the test
-// share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // retrying is a consumer's inner transport as the data path has it: it
 // tries the providers in order, marking each attempt, until one answers
@@ -79,7 +60,7 @@ func (t *retrying) RoundTrip(r *http.Request) (*http.Response, error) {
 
 // readLines parses the access log's JSON lines, waiting (with a deadline)
 // until there are n.
-func readLines(t *testing.T, buf *syncBuffer, n int) []Entry {
+func readLines(t *testing.T, buf *tstest.Buffer, n int) []Entry {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -119,7 +100,7 @@ func TestRequestAcrossBothEnds(t *testing.T) {
 	consRec, provRec := tracetest.NewSpanRecorder(), tracetest.NewSpanRecorder()
 	consTP := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(consRec))
 	provTP := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(provRec))
-	var consLog, provLog syncBuffer
+	var consLog, provLog tstest.Buffer
 	cl, pl := NewAccessLog(&consLog, 16, nil), NewAccessLog(&provLog, 16, nil)
 	defer cl.Close()
 	defer pl.Close()
@@ -282,7 +263,7 @@ func TestNewTraceWhenAbsent(t *testing.T) {
 // TestTracingOff: without a tracer the headers pass untouched and the log
 // and counts still work; a 502 counts as an error.
 func TestTracingOff(t *testing.T) {
-	var buf syncBuffer
+	var buf tstest.Buffer
 	l := NewAccessLog(&buf, 16, nil)
 	defer l.Close()
 	o := New(Config{Node: "a", Log: l, Stats: NewStats()})
@@ -312,7 +293,7 @@ func TestTracingOff(t *testing.T) {
 // TestTransportError: a request that gets no answer is logged with code 0
 // and its error, and counted as failed.
 func TestTransportError(t *testing.T) {
-	var buf syncBuffer
+	var buf tstest.Buffer
 	l := NewAccessLog(&buf, 16, nil)
 	defer l.Close()
 	rec := tracetest.NewSpanRecorder()
@@ -505,7 +486,7 @@ type peerKey struct{}
 func TestConsumerMiddleware(t *testing.T) {
 	rec := tracetest.NewSpanRecorder()
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
-	var buf syncBuffer
+	var buf tstest.Buffer
 	l := NewAccessLog(&buf, 16, nil)
 	defer l.Close()
 	o := New(Config{Node: "a", Tracer: tp, Log: l, Stats: NewStats()})
