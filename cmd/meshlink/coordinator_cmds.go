@@ -180,12 +180,7 @@ func relaysCmd() *cli.Command {
 	cmd.Subcommands = []*cli.Command{
 		adminNameCmd("remove", "remove a standalone relay: unlisted at once, its credentials stop working",
 			"usage: meshlink relays remove NAME --data DIR",
-			func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
-				if err := ac.RemoveRelay(ctx, name); err != nil {
-					return "", err
-				}
-				return fmt.Sprintf("relay %s removed\n", name), nil
-			}),
+			sayDone((*coordinator.AdminClient).RemoveRelay, "relay %s removed\n")),
 	}
 	return cmd
 }
@@ -262,15 +257,10 @@ func usersCmd() *cli.Command {
 			adminListCmd("list", "list the accounts", (*coordinator.AdminClient).Users, writeUsers),
 			adminNameCmd("approve", "let an account created by an OIDC sign-in under --oidc-new-users=pending sign in",
 				"usage: meshlink users approve NAME --data DIR (names are in `meshlink users list`)",
-				func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
-					if err := ac.ApproveUser(ctx, name); err != nil {
-						return "", err
-					}
-					return fmt.Sprintf("user %s approved; they may sign in now\n", name), nil
-				}),
+				sayDone((*coordinator.AdminClient).ApproveUser, "user %s approved; they may sign in now\n")),
 			adminNameCmd("remove", "remove an account: its tokens are revoked, its sessions end and its nodes are removed",
 				"usage: meshlink users remove NAME --data DIR",
-				func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
+				func(ac *coordinator.AdminClient, ctx context.Context, name string) (string, error) {
 					ru, err := ac.RemoveUser(ctx, name)
 					if err != nil {
 						return "", err

@@ -26,20 +26,10 @@ func nodesCmd() *cli.Command {
 	cmd.Subcommands = []*cli.Command{
 		adminNameCmd("expire", "make a node's key expire now: every peer drops it and it must join again",
 			"usage: meshlink nodes expire NAME --data DIR (names as `meshlink nodes` lists them)",
-			func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
-				if err := ac.ExpireNode(ctx, name); err != nil {
-					return "", err
-				}
-				return fmt.Sprintf("node %s's key expired; its peers drop it, and it joins again with a new token and state directory\n", name), nil
-			}),
+			sayDone((*coordinator.AdminClient).ExpireNode, "node %s's key expired; its peers drop it, and it joins again with a new token and state directory\n")),
 		adminNameCmd("remove", "revoke a node: every peer drops it, its open connections through the mesh close, and its secret stops working",
 			"usage: meshlink nodes remove NAME --data DIR (names as `meshlink nodes` lists them)",
-			func(ctx context.Context, ac *coordinator.AdminClient, name string) (string, error) {
-				if err := ac.RemoveNode(ctx, name); err != nil {
-					return "", err
-				}
-				return fmt.Sprintf("node %s removed; to bring the machine back, join it again with a new token\n", name), nil
-			}),
+			sayDone((*coordinator.AdminClient).RemoveNode, "node %s removed; to bring the machine back, join it again with a new token\n")),
 	}
 	return cmd
 }
@@ -76,11 +66,22 @@ func adminListCmd[T any](name, usage string, list func(*coordinator.AdminClient,
 	}
 }
 
+// sayDone is an adminNameCmd call that answers only an error: once it
+// succeeded, the command prints format with the name.
+func sayDone(call func(*coordinator.AdminClient, context.Context, string) error, format string) func(*coordinator.AdminClient, context.Context, string) (string, error) {
+	return func(ac *coordinator.AdminClient, ctx context.Context, name string) (string, error) {
+		if err := call(ac, ctx, name); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf(format, name), nil
+	}
+}
+
 // adminNameCmd is a subcommand that takes one NAME and --data, makes one
 // admin call with it, and prints what the call returns with its outcome
 // (only when it succeeded). usageLine is what a wrong number of arguments
 // gets (exit status 2).
-func adminNameCmd(name, usage, usageLine string, do func(ctx context.Context, ac *coordinator.AdminClient, name string) (done string, err error)) *cli.Command {
+func adminNameCmd(name, usage, usageLine string, do func(ac *coordinator.AdminClient, ctx context.Context, name string) (done string, err error)) *cli.Command {
 	return &cli.Command{
 		Name:      name,
 		Usage:     usage,
@@ -92,7 +93,7 @@ func adminNameCmd(name, usage, usageLine string, do func(ctx context.Context, ac
 			}
 			ac, ctx, cancel := adminClient(c)
 			defer cancel()
-			done, err := do(ctx, ac, c.Args().First())
+			done, err := do(ac, ctx, c.Args().First())
 			if err != nil {
 				return err
 			}
