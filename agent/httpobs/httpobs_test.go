@@ -62,9 +62,11 @@ func (t *retrying) RoundTrip(r *http.Request) (*http.Response, error) {
 // until there are n.
 func readLines(t *testing.T, buf *tstest.Buffer, n int) []Entry {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		var out []Entry
+	var out []Entry
+	// Poll's error is left out: a short log fails just below, and a long
+	// one at once, each saying what the log holds.
+	tstest.Poll(5*time.Second, func() error {
+		out = nil
 		sc := bufio.NewScanner(strings.NewReader(buf.String()))
 		for sc.Scan() {
 			var e Entry
@@ -73,14 +75,15 @@ func readLines(t *testing.T, buf *tstest.Buffer, n int) []Entry {
 			}
 			out = append(out, e)
 		}
-		if len(out) >= n || time.Now().After(deadline) {
-			if len(out) != n {
-				t.Fatalf("access log has %d lines, want %d:\n%s", len(out), n, buf.String())
-			}
-			return out
+		if len(out) < n {
+			return fmt.Errorf("%d lines", len(out))
 		}
-		time.Sleep(5 * time.Millisecond)
+		return nil
+	})
+	if len(out) != n {
+		t.Fatalf("access log has %d lines, want %d:\n%s", len(out), n, buf.String())
 	}
+	return out
 }
 
 func attrs(s sdktrace.ReadOnlySpan) map[attribute.Key]attribute.Value {
