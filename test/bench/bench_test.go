@@ -203,13 +203,9 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	e.coordData = coordData
 	e.start(bin, "coordinator", "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", coordData, "--allow-loopback-endpoints",
 		"--metrics-listen", "off") // 127.0.0.1:9090 may be another coordinator's
-	var token string
-	if err := tstest.Poll(20*time.Second, func() error {
-		out, err := exec.Command(bin, "token", "create", "--data", coordData, "--reusable").Output()
-		token = strings.TrimSpace(string(out))
-		return err
-	}); err != nil {
-		return nil, fmt.Errorf("token create: %w", err)
+	token, err := reusableToken(func(args ...string) ([]byte, error) { return exec.Command(bin, args...).Output() }, coordData)
+	if err != nil {
+		return nil, err
 	}
 	e.token = token
 	common := []string{"--join", token, "--dns", "off", "--log-level", "warn"}
@@ -274,16 +270,7 @@ func (e *meshEnv) start(bin, name string, args ...string) int {
 
 func (e *meshEnv) close() {
 	for i := len(e.procs) - 1; i >= 0; i-- {
-		p := e.procs[i]
-		p.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { p.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			p.Process.Kill()
-			<-done
-		}
+		stopProcess(e.procs[i])
 	}
 	if e.sink != nil {
 		e.sink.Close()
@@ -300,21 +287,70 @@ func (e *meshEnv) close() {
 	os.RemoveAll(e.dir)
 }
 
+// stopProcess interrupts cmd's process and waits for it to exit, killing
+// it if it has not after 5 s.
+func stopProcess(cmd *exec.Cmd) {
+	cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
+// reusableToken mints a reusable join token at the coordinator of data
+// directory data, trying for 20 s while it starts; run runs the meshlink
+// binary with args and answers what it printed on standard output.
+func reusableToken(run func(args ...string) ([]byte, error), data string) (string, error) {
+	var token string
+	if err := tstest.Poll(20*time.Second, func() error {
+		out, err := run("token", "create", "--data", data, "--reusable")
+		token = strings.TrimSpace(string(out))
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, out)
+		}
+		return nil
+	}); err != nil {
+		return "", fmt.Errorf("token create: %w", err)
+	}
+	return token, nil
+}
+
+// procStatusMB returns the fields of /proc/PID/status counted in kB
+// (VmRSS, VmHWM, RssAnon, …), in MB.
+func procStatusMB(pid int) (map[string]float64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	mb := map[string]float64{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if v, isKB := strings.CutSuffix(strings.TrimSpace(v), " kB"); ok && isKB {
+			if kb, err := strconv.ParseFloat(v, 64); err == nil {
+				mb[k] = kb / 1024
+			}
+		}
+	}
+	return mb, sc.Err()
+}
+
 // readRSS returns a /proc/PID/status field in MB.
 func readRSS(pid int, field string) (float64, error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	mb, err := procStatusMB(pid)
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
-			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			return kb / 1024, err
-		}
+	v, ok := mb[field]
+	if !ok {
+		return 0, fmt.Errorf("no %s", field)
 	}
-	return 0, fmt.Errorf("no %s", field)
+	return v, nil
 }
 
 func serve(ln net.Listener, h func(net.Conn)) {
@@ -502,17 +538,7 @@ func (e *meshEnv) firstByte(b *testing.B, i int, extra ...string) time.Duration 
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}()
+	defer stopProcess(cmd)
 	buf := make([]byte, 1)
 	deadline := start.Add(20 * time.Second)
 	for time.Now().Before(deadline) {

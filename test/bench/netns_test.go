@@ -175,15 +175,7 @@ func BenchmarkNetns(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() {
-			cmd.Process.Signal(os.Interrupt)
-			done := make(chan struct{})
-			go func() { cmd.Wait(); close(done) }()
-			select {
-			case <-done:
-			case <-time.After(5 * time.Second):
-				cmd.Process.Kill()
-				<-done
-			}
+			stopProcess(cmd)
 			f.Close()
 		})
 		return cmd.Process.Pid
@@ -213,13 +205,9 @@ func BenchmarkNetns(b *testing.B) {
 
 	data := filepath.Join(dir, "coord")
 	start(coord, "coordinator", bin, "coordinator", "--listen", "10.78.0.1:8443", "--data", data, "--log-level", "warn")
-	var token string
-	if err := tstest.Poll(20*time.Second, func() error {
-		out, err := coord.Run(ctx, bin, "token", "create", "--data", data, "--reusable")
-		token = strings.TrimSpace(string(out))
-		return err
-	}); err != nil {
-		fail("token create: %v", err)
+	token, err := reusableToken(func(args ...string) ([]byte, error) { return coord.Run(ctx, bin, args...) }, data)
+	if err != nil {
+		fail("%v", err)
 	}
 	agent := func(h *topo.Host, name, pfx string, extra ...string) nsProc {
 		state := filepath.Join(dir, name)

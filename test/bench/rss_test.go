@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net"
@@ -9,8 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -88,17 +85,10 @@ func (e *meshEnv) idlePair(agentOnly string, trim bool) error {
 	data := filepath.Join(e.dir, "rss-coord"+suffix)
 	e.start(e.bin, "rss-coord"+suffix, "coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", data,
 		"--allow-loopback-endpoints", "--metrics-listen", "off")
-	var token string
-	if err := tstest.Poll(20*time.Second, func() error {
-		out, err := exec.Command(e.bin, "token", "create", "--data", data, "--reusable").CombinedOutput()
-		token = strings.TrimSpace(string(out))
-		if err != nil {
-			return fmt.Errorf("%w: %s", err, out)
-		}
-		return nil
-	}); err != nil {
+	token, err := reusableToken(func(args ...string) ([]byte, error) { return exec.Command(e.bin, args...).CombinedOutput() }, data)
+	if err != nil {
 		logs, _ := os.ReadFile(filepath.Join(e.dir, "rss-coord"+suffix+".log"))
-		return fmt.Errorf("token create: %w\n%s", err, logs)
+		return fmt.Errorf("%w\n%s", err, logs)
 	}
 	type site struct{ key, bin, expose, consume, state, rng string }
 	r := 216 // proxy ranges 127.216/16 and 127.217/16, then 218 and 219
@@ -171,32 +161,8 @@ type memSample struct{ rss, anon, file float64 } // MB
 
 // readMem reads VmRSS, RssAnon and RssFile (+RssShmem) of pid.
 func readMem(pid int) (memSample, error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return memSample{}, err
-	}
-	defer f.Close()
-	var m memSample
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-		if err != nil {
-			continue
-		}
-		switch k {
-		case "VmRSS":
-			m.rss = kb / 1024
-		case "RssAnon":
-			m.anon = kb / 1024
-		case "RssFile", "RssShmem":
-			m.file += kb / 1024
-		}
-	}
-	return m, sc.Err()
+	mb, err := procStatusMB(pid)
+	return memSample{rss: mb["VmRSS"], anon: mb["RssAnon"], file: mb["RssFile"] + mb["RssShmem"]}, err
 }
 
 func summaryRSS() {
