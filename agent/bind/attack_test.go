@@ -105,6 +105,9 @@ func TestSpoofedPingsBounded(t *testing.T) {
 		if d.Limited < n-16 {
 			t.Errorf("only %d of %d spoofed pings refused for budget", d.Limited, n)
 		}
+		// Stays a sleep: in the bubble it advances the fake clock, and 40 s
+		// of the victim's timers with the attacker answering is what is
+		// tested (that nothing much is sent); there is nothing to wait for.
 		time.Sleep(40 * time.Second)
 		synctest.Wait()
 		pkts, dsts = sent.total(isSpoofed)

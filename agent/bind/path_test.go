@@ -234,6 +234,9 @@ func (n *node) received(t *testing.T) []int {
 }
 
 // settle lets every packet in flight land (links here are at most 20ms).
+// The sleep stays: in the bubble it advances the fake clock, and a link's
+// delay is a timer that only passing time fires (synctest.Wait alone
+// returns while packets are still on the wire).
 func settle() {
 	time.Sleep(100 * time.Millisecond)
 	synctest.Wait()
@@ -321,7 +324,7 @@ func TestSilentPathDropped(t *testing.T) {
 		// A second of traffic over the direct path.
 		for range 10 {
 			b.expect(t, next(), time.Second)
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond) // fake time: traffic every 100 ms is the scenario
 		}
 		if got := h.wire.of(seq); !slices.Equal(got, []string{"direct " + b4.String()}) {
 			t.Fatalf("before the cut, packet %d went %v", seq, got)
@@ -392,7 +395,7 @@ func TestRelayThenDirect(t *testing.T) {
 		back := time.Now()
 		for pathOf(a, b).Path != bind.PathDirect {
 			b.expect(t, next(), time.Second)
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond) // fake time: traffic every 100 ms is the scenario
 			if time.Since(back) > 5*time.Second {
 				t.Fatal("never went back to the direct path")
 			}
@@ -440,7 +443,7 @@ func TestPendingFlushedOnRelayConnect(t *testing.T) {
 		if got := b.received(t); len(got) != 0 {
 			t.Fatalf("b received %v before a's relay connected", got)
 		}
-		time.Sleep(500 * time.Millisecond)
+		time.Sleep(500 * time.Millisecond) // fake time: held 0.5 s, under pendingFor, they are still sent
 		r.Admit(a.pub)
 		synctest.Wait()
 		if got, want := b.received(t), []int{3, 4, 5, 6, 7, 8, 9, 10}; !slices.Equal(got, want) {
@@ -452,7 +455,7 @@ func TestPendingFlushedOnRelayConnect(t *testing.T) {
 		if err := a.send(t, b, data(11)); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(3 * time.Second)
+		time.Sleep(3 * time.Second) // fake time: held past pendingFor (2 s), the point of this step
 		r.Admit(a.pub)
 		settle()
 		if got := b.received(t); len(got) != 0 {
