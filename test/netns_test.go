@@ -46,15 +46,7 @@ func startCmd(t *testing.T, h *topo.Host, logName string, prepare func(*exec.Cmd
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cancel()
-			<-done
-		}
+		harness.StopProcess(cmd)
 		cancel()
 		f.Close()
 		if t.Failed() {

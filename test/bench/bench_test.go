@@ -270,7 +270,7 @@ func (e *meshEnv) start(bin, name string, args ...string) int {
 
 func (e *meshEnv) close() {
 	for i := len(e.procs) - 1; i >= 0; i-- {
-		stopProcess(e.procs[i])
+		harness.StopProcess(e.procs[i])
 	}
 	if e.sink != nil {
 		e.sink.Close()
@@ -285,20 +285,6 @@ func (e *meshEnv) close() {
 		e.greet.Close()
 	}
 	os.RemoveAll(e.dir)
-}
-
-// stopProcess interrupts cmd's process and waits for it to exit, killing
-// it if it has not after 5 s.
-func stopProcess(cmd *exec.Cmd) {
-	cmd.Process.Signal(os.Interrupt)
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		cmd.Process.Kill()
-		<-done
-	}
 }
 
 // reusableToken mints a reusable join token at the coordinator of data
@@ -538,7 +524,7 @@ func (e *meshEnv) firstByte(b *testing.B, i int, extra ...string) time.Duration 
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer stopProcess(cmd)
+	defer harness.StopProcess(cmd)
 	buf := make([]byte, 1)
 	deadline := start.Add(20 * time.Second)
 	for time.Now().Before(deadline) {

@@ -175,7 +175,7 @@ func BenchmarkNetns(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() {
-			stopProcess(cmd)
+			harness.StopProcess(cmd)
 			f.Close()
 		})
 		return cmd.Process.Pid

@@ -236,6 +236,20 @@ func Build(t testing.TB, pkg string) string {
 	return out
 }
 
+// StopProcess interrupts cmd's process, as Ctrl-C would, and waits for it
+// to exit, killing it if it has not after 5 s.
+func StopProcess(cmd *exec.Cmd) {
+	cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
 // ProxyRange hands out a loopback range no other agent of the process
 // uses, for agents configured without a Mesh.
 func ProxyRange() netip.Prefix { return nextProxyRange() }
