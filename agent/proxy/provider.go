@@ -358,7 +358,10 @@ func (p *Provider) open(req *netstack.TCPRequest, e *export) (target, conn net.C
 }
 
 // startPending counts a half-open connection from src to e, unless either
-// bound is reached.
+// bound is reached. Not a semaphore like the consumer's dial slots
+// (health.acquireDial): it never waits, both bounds are taken together or
+// not at all under one lock, and the per-source count, keyed by address,
+// is dropped at zero.
 func (p *Provider) startPending(src netip.Addr, e *export) bool {
 	p.pendMu.Lock()
 	defer p.pendMu.Unlock()
