@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -148,4 +150,136 @@ func BenchmarkRoundTrip64(b *testing.B) {
 func BenchmarkRoundTrip64Direct(b *testing.B) {
 	c, s := kernelConns(b)
 	benchRoundTrip(b, c, s)
+}
+
+// BenchmarkConnSetup opens, uses once and closes TCP connections through
+// the WireGuard pair from connWorkers goroutines, the way test/bench's
+// BenchmarkConnRate does through two agents: the handler dials a kernel
+// echo server first and then accepts, as a provider does, and splices. It
+// reports connections per second and, as p50 from the dial's start, when
+// the handler had the SYN, when the dial returned (the SYN-ACK is back),
+// when Accept returned (the ACK is there) and when the echoed byte was
+// read; and the share of connections with a dial or first byte of 9 ms or
+// more, with gVisor's retransmission timeouts per connection beside it
+// (the minimum RTO is 10 ms, so a stall that long shows as timeouts).
+func BenchmarkConnSetup(b *testing.B) {
+	const connWorkers = 8
+	p := nettest.NewPairConfig(b, netstack.Config{}, netstack.Config{})
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	var mu sync.Mutex                 // guards the map below
+	seen := map[uint16][2]time.Time{} // by dialer port: handler called, Accept returned
+	p.B.SetTCPHandler(func(r *netstack.TCPRequest) {
+		t0 := time.Now()
+		t, err := net.Dial("tcp", echo.Addr().String())
+		if err != nil {
+			r.Reject()
+			return
+		}
+		defer t.Close()
+		c, err := r.Accept()
+		mu.Lock()
+		seen[r.Src.Port()] = [2]time.Time{t0, time.Now()}
+		mu.Unlock()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		done := make(chan struct{})
+		go func() { io.Copy(t, c); t.(*net.TCPConn).CloseWrite(); close(done) }()
+		io.Copy(c, t)
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		<-done
+	})
+	dst := netip.AddrPortFrom(nettest.AddrB4, 9000)
+	type sample struct {
+		start, dialed, read time.Time
+		port                uint16
+	}
+	samples := make(chan sample, b.N)
+	var next atomic.Int64
+	before := netstack.TCPCounters(p.A)["timeouts"] + netstack.TCPCounters(p.B)["timeouts"]
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range connWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 1)
+			for next.Add(1) <= int64(b.N) {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				t0 := time.Now()
+				c, err := p.A.DialTCP(ctx, dst)
+				cancel()
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				t1 := time.Now()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				_, err = c.Write(buf)
+				if err == nil {
+					_, err = io.ReadFull(c, buf)
+				}
+				t2 := time.Now()
+				port := uint16(c.LocalAddr().(*net.TCPAddr).Port)
+				c.Close()
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				samples <- sample{t0, t1, t2, port}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	close(samples)
+	timeouts := netstack.TCPCounters(p.A)["timeouts"] + netstack.TCPCounters(p.B)["timeouts"] - before
+	var handler, dial, accepted, first []time.Duration
+	stalls := 0
+	mu.Lock()
+	for s := range samples {
+		d, f := s.dialed.Sub(s.start), s.read.Sub(s.dialed)
+		dial, first = append(dial, d), append(first, s.read.Sub(s.start))
+		if d >= 9*time.Millisecond || f >= 9*time.Millisecond {
+			stalls++
+		}
+		if t, ok := seen[s.port]; ok {
+			handler, accepted = append(handler, t[0].Sub(s.start)), append(accepted, t[1].Sub(s.start))
+		}
+	}
+	mu.Unlock()
+	p50 := func(l []time.Duration) float64 {
+		if len(l) == 0 {
+			return 0
+		}
+		slices.Sort(l)
+		return float64(l[len(l)/2].Microseconds())
+	}
+	n := float64(len(dial))
+	if n == 0 {
+		return
+	}
+	b.ReportMetric(n/elapsed.Seconds(), "conn/s")
+	b.ReportMetric(p50(handler), "syn-p50-µs")
+	b.ReportMetric(p50(dial), "dialed-p50-µs")
+	b.ReportMetric(p50(accepted), "accepted-p50-µs")
+	b.ReportMetric(p50(first), "first-byte-p50-µs")
+	b.ReportMetric(float64(stalls)/n, "stalled/conn")
+	b.ReportMetric(float64(timeouts)/n, "rto/conn")
 }

@@ -75,6 +75,9 @@ type meshEnv struct {
 // Proxy ranges of the agents; the fresh consumers of
 // BenchmarkTimeToFirstByte get their own.
 var (
+	benchDebugA = "127.0.0.1:6061"
+	benchDebugB = "127.0.0.1:6062"
+
 	rangeA     = netip.MustParsePrefix("127.201.0.0/16")
 	rangeB     = netip.MustParsePrefix("127.202.0.0/16")
 	rangeRelay = netip.MustParsePrefix("127.203.0.0/16")
@@ -209,12 +212,20 @@ func startMesh(b *testing.B) (*meshEnv, error) {
 	}
 	e.token = token
 	common := []string{"--join", token, "--dns", "off", "--log-level", "warn"}
-	pa := e.start(bin, "a", append([]string{"agent", "--name", "bench-a", "--state", filepath.Join(dir, "a"), "--proxy-range", rangeA.String()}, common...)...)
-	pb := e.start(bin, "b", append([]string{"agent", "--name", "bench-b", "--state", filepath.Join(dir, "b"), "--proxy-range", rangeB.String(),
+	// BENCH_DEBUG=1 serves Go profiles and traces of the consumer (a) and
+	// the provider (b) on benchDebugA and benchDebugB, for profiling a run.
+	var debugA, debugB []string
+	if os.Getenv("BENCH_DEBUG") != "" {
+		debugA, debugB = []string{"--debug-listen", benchDebugA}, []string{"--debug-listen", benchDebugB}
+	}
+	argsA := append([]string{"agent", "--name", "bench-a", "--state", filepath.Join(dir, "a"), "--proxy-range", rangeA.String()}, debugA...)
+	argsB := append([]string{"agent", "--name", "bench-b", "--state", filepath.Join(dir, "b"), "--proxy-range", rangeB.String(),
 		"--expose", "sink=" + e.sink.Addr().String(), "--expose", "echo=" + e.echo.Addr().String(),
 		"--expose", "greet=" + e.greet.Addr().String(),
 		"--expose", "web=" + e.web.Addr().String() + ";protocol=http",
-		"--expose", fmt.Sprintf("webtcp=%s;port=%d", e.web.Addr(), webTCPPort)}, common...)...)
+		"--expose", fmt.Sprintf("webtcp=%s;port=%d", e.web.Addr(), webTCPPort)}, debugB...)
+	pa := e.start(bin, "a", append(argsA, common...)...)
+	pb := e.start(bin, "b", append(argsB, common...)...)
 	e.agentPIDs["a"], e.agentPIDs["b"] = pa, pb
 	e.agentPIDs["relay"] = e.start(bin, "relay", append([]string{"agent", "--name", "bench-relay", "--state", filepath.Join(dir, "relay"),
 		"--proxy-range", rangeRelay.String(), "--relay-only"}, common...)...)
