@@ -163,18 +163,57 @@ func (d dialect) rebind(q string) string {
 type dbConn struct {
 	*sql.DB
 	d dialect
+	// stmts, when set, keeps every query prepared (SQLite: stmtcache.go).
+	stmts *stmtCache
+}
+
+func (c *dbConn) stmt(q string) *sql.Stmt {
+	if c.stmts == nil {
+		return nil
+	}
+	return c.stmts.get(q)
 }
 
 func (c *dbConn) ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error) {
-	return c.DB.ExecContext(ctx, c.d.rebind(q), args...)
+	q = c.d.rebind(q)
+	if st := c.stmt(q); st != nil {
+		return st.ExecContext(ctx, args...)
+	}
+	return c.DB.ExecContext(ctx, q, args...)
 }
 
 func (c *dbConn) QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error) {
-	return c.DB.QueryContext(ctx, c.d.rebind(q), args...)
+	q = c.d.rebind(q)
+	if st := c.stmt(q); st != nil {
+		return st.QueryContext(ctx, args...)
+	}
+	return c.DB.QueryContext(ctx, q, args...)
 }
 
 func (c *dbConn) QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row {
-	return c.DB.QueryRowContext(ctx, c.d.rebind(q), args...)
+	q = c.d.rebind(q)
+	if st := c.stmt(q); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return c.DB.QueryRowContext(ctx, q, args...)
+}
+
+// Close closes the kept statements, then the database.
+func (c *dbConn) Close() error {
+	if c.stmts != nil {
+		c.stmts.close()
+	}
+	return c.DB.Close()
+}
+
+// beginTx starts a transaction; ctx, when not nil, is the one every
+// statement of it runs on (dbTx.ctx).
+func (c *dbConn) beginTx(ctx, stmtCtx context.Context) (*dbTx, error) {
+	stx, err := c.DB.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &dbTx{Tx: stx, d: c.d, ctx: stmtCtx, conn: c}, nil
 }
 
 // dbTx is a transaction of a dbConn.
@@ -186,6 +225,10 @@ type dbTx struct {
 	// interrupted by one caller's cancellation (SQLite rolls the whole
 	// transaction back on an interrupted write).
 	ctx context.Context
+	// conn is the handle the transaction belongs to, for its kept
+	// statements; stmts, those bound to this transaction so far.
+	conn  *dbConn
+	stmts map[*sql.Stmt]*sql.Stmt
 }
 
 func (t *dbTx) c(ctx context.Context) context.Context {
@@ -195,16 +238,48 @@ func (t *dbTx) c(ctx context.Context) context.Context {
 	return ctx
 }
 
+// stmt returns q prepared and bound to the transaction, or nil.
+func (t *dbTx) stmt(ctx context.Context, q string) *sql.Stmt {
+	if t.conn == nil {
+		return nil
+	}
+	st := t.conn.stmt(q)
+	if st == nil {
+		return nil
+	}
+	if ts := t.stmts[st]; ts != nil {
+		return ts
+	}
+	if t.stmts == nil {
+		t.stmts = map[*sql.Stmt]*sql.Stmt{}
+	}
+	ts := t.Tx.StmtContext(ctx, st)
+	t.stmts[st] = ts
+	return ts
+}
+
 func (t *dbTx) ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error) {
-	return t.Tx.ExecContext(t.c(ctx), t.d.rebind(q), args...)
+	ctx, q = t.c(ctx), t.d.rebind(q)
+	if st := t.stmt(ctx, q); st != nil {
+		return st.ExecContext(ctx, args...)
+	}
+	return t.Tx.ExecContext(ctx, q, args...)
 }
 
 func (t *dbTx) QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error) {
-	return t.Tx.QueryContext(t.c(ctx), t.d.rebind(q), args...)
+	ctx, q = t.c(ctx), t.d.rebind(q)
+	if st := t.stmt(ctx, q); st != nil {
+		return st.QueryContext(ctx, args...)
+	}
+	return t.Tx.QueryContext(ctx, q, args...)
 }
 
 func (t *dbTx) QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row {
-	return t.Tx.QueryRowContext(t.c(ctx), t.d.rebind(q), args...)
+	ctx, q = t.c(ctx), t.d.rebind(q)
+	if st := t.stmt(ctx, q); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return t.Tx.QueryRowContext(ctx, q, args...)
 }
 
 // ErrSchemaNewer refuses a database a newer meshlink has migrated.
@@ -280,11 +355,10 @@ func (s *sqlStore) tx(ctx context.Context, f func(*dbTx) error) error {
 }
 
 func (s *sqlStore) tx1(ctx context.Context, f func(*dbTx) error) error {
-	stx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.db.beginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
-	tx := &dbTx{Tx: stx, d: s.db.d}
 	if s.db.d.txLock != "" {
 		if _, err := tx.ExecContext(ctx, s.db.d.txLock); err != nil {
 			tx.Rollback()

@@ -221,7 +221,7 @@ func OpenSQLiteOptions(ctx context.Context, path string, o Options) (*SQLite, er
 	// SQLite has one writer; a few readers are plenty at this scale.
 	db.SetMaxOpenConns(4)
 	db.SetMaxIdleConns(4)
-	s := &SQLite{&sqlStore{db: &dbConn{DB: db, d: sqliteDialect}, opts: o, migrations: migrations}}
+	s := &SQLite{&sqlStore{db: &dbConn{DB: db, d: sqliteDialect, stmts: newStmtCache(db)}, opts: o, migrations: migrations}}
 	s.w = newBatchWriter(s.db)
 	s.nodes = newNodeCache(s.sqlStore)
 	s.events = newEventQueue(s.sqlStore)

@@ -187,11 +187,10 @@ func (w *batchWriter) count(writes int) {
 // recording each one's error; an error it returns means nothing was
 // committed.
 func (w *batchWriter) shared(ls []live) error {
-	stx, err := w.db.BeginTx(w.ctx, nil)
+	tx, err := w.db.beginTx(w.ctx, w.ctx)
 	if err != nil {
 		return err
 	}
-	tx := &dbTx{Tx: stx, d: w.db.d, ctx: w.ctx}
 	for i := range ls {
 		if _, err := tx.ExecContext(w.ctx, `SAVEPOINT w`); err != nil {
 			tx.Rollback()
@@ -218,11 +217,10 @@ func (w *batchWriter) shared(ls []live) error {
 
 // single runs one write in a transaction of its own.
 func (w *batchWriter) single(op *writeOp) error {
-	stx, err := w.db.BeginTx(w.ctx, nil)
+	tx, err := w.db.beginTx(w.ctx, w.ctx)
 	if err != nil {
 		return err
 	}
-	tx := &dbTx{Tx: stx, d: w.db.d, ctx: w.ctx}
 	if err := op.f(tx); err != nil {
 		tx.Rollback()
 		return err

@@ -43,6 +43,7 @@ type Report struct {
 	Nodes                   int
 	JoinTook, SettleTook    time.Duration
 	Register                []time.Duration // sorted
+	RegisterConn            []time.Duration // sorted: the connection's part (TCP, TLS)
 	Change, Join, BurstRes  Result
 	BurstTook               time.Duration // from the burst's first change until everyone has all
 	Storm                   time.Duration
@@ -112,8 +113,10 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	nodes := g.Nodes()
 	for _, n := range nodes {
 		r.Register = append(r.Register, n.Register)
+		r.RegisterConn = append(r.RegisterConn, n.RegisterConn)
 	}
 	slices.Sort(r.Register)
+	slices.Sort(r.RegisterConn)
 	services := map[string]uint16{}
 	provider := map[string]int{} // service → its provider's index
 	for _, n := range nodes {
@@ -393,7 +396,8 @@ func (r *Report) Print(w io.Writer) {
 		fmt.Fprintf(w, "policy                   none: every map holds every node\n")
 	}
 	fmt.Fprintf(w, "join took                %v (settled %v)\n", r.JoinTook.Round(time.Millisecond), r.SettleTook.Round(time.Millisecond))
-	fmt.Fprintf(w, "register p50/p99         %s / %s\n", ms(Percentile(r.Register, 50)), ms(Percentile(r.Register, 99)))
+	fmt.Fprintf(w, "register p50/p99         %s / %s  (of which connection and TLS p50/p99 %s / %s)\n", ms(Percentile(r.Register, 50)), ms(Percentile(r.Register, 99)),
+		ms(Percentile(r.RegisterConn, 50)), ms(Percentile(r.RegisterConn, 99)))
 	msgs := func(res Result) string {
 		if len(res.Msgs) == 0 {
 			return "-"
