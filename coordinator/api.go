@@ -681,24 +681,32 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		beat = t.C
 	}
 	for {
+		release, ok := s.sends.acquire(ctx.Done())
+		if !ok {
+			return nil
+		}
 		gen, wake := s.hub.woken()
 		snap, err := s.recent(ctx, gen)
 		if err != nil {
+			release()
 			if ctx.Err() == nil {
 				log.Error("map stream: build map", "err", err)
 			}
 			return nil
 		}
 		if snap.expired[node.ID] {
+			release()
 			// The agent reconnects and is told why (keyExpired).
 			log.Info("map stream: node key expired")
 			return nil
 		}
 		if _, ok := snap.byID[node.ID]; !ok {
+			release()
 			log.Info("map stream: node removed")
 			return nil
 		}
 		sent, err := s.send(sw, ss, snap, time.Now())
+		release()
 		if err != nil {
 			log.Debug("map stream: write", "err", err)
 			return nil

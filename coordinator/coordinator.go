@@ -23,6 +23,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -248,7 +249,10 @@ type Server struct {
 	// wake-up the newest snapshot covers takes it without queueing behind
 	// the build of the next one.
 	latest atomic.Pointer[snapshot]
-	snap   *snapshot
+	// sends bounds the map streams that work on a message at once
+	// (mapstream.go, sendGate).
+	sends sendGate
+	snap  *snapshot
 	// snapLog holds the deltas of the last snapshots built, the newest
 	// last (snap.delta), at most maxSnapLog: a map stream further behind
 	// gets a full map.
@@ -417,6 +421,7 @@ func New(cfg Config) (*Server, error) {
 		expiryAnnounced: map[wire.NodeID]time.Time{},
 	}
 	s.hub.init(cfg.MapDebounce)
+	s.sends.init(8 * runtime.GOMAXPROCS(0))
 	if err := s.loadPolicy(ctx); err != nil {
 		st.Close()
 		cancel()

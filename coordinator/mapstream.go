@@ -562,3 +562,40 @@ func (sn *snapshot) encodedYet() (*fullEncoding, bool) {
 	fe := sn.encDone.Load()
 	return fe, fe != nil
 }
+
+// sendGate bounds the map streams that build and write a message at once.
+// A wake-up makes every stream runnable together: without a bound, the
+// thousands of them queue ahead of everything else the coordinator runs
+// (the batch writer, registrations, TLS handshakes), and each of those
+// waits for its turn behind the whole fan-out (at 1,000 streams with no
+// policy a registration took seconds while the coordinator's CPU was not
+// saturated). With it, the streams take turns on a few slots and the rest
+// wait parked, off the run queue. A slot is given back after at most
+// maxSendHold even when its write has not finished: a slow reader must
+// not hold up the fan-out to every other stream.
+type sendGate struct {
+	slots chan struct{}
+}
+
+// maxSendHold is the longest a stream keeps a slot.
+const maxSendHold = 20 * time.Millisecond
+
+func (g *sendGate) init(n int) { g.slots = make(chan struct{}, max(n, 1)) }
+
+// acquire waits for a slot and returns its release (idempotent), or false
+// when done is closed first.
+func (g *sendGate) acquire(done <-chan struct{}) (func(), bool) {
+	select {
+	case g.slots <- struct{}{}:
+	case <-done:
+		return nil, false
+	}
+	var once sync.Once
+	release := func() { once.Do(func() { <-g.slots }) }
+	t := time.AfterFunc(maxSendHold, release)
+	return func() {
+		t.Stop()
+		release()
+	}, true
+}
+
