@@ -598,4 +598,3 @@ func (g *sendGate) acquire(done <-chan struct{}) (func(), bool) {
 		release()
 	}, true
 }
-
