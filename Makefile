@@ -31,6 +31,9 @@ RATE       ?= 200
 COORD_ARGS ?=
 POLICY     ?= 0
 SPREAD     ?= 10s
+# PPROF=DIR: save the coordinator's CPU profiles of the join phase and the
+# idle window, its heap and goroutines, in DIR.
+PPROF      ?=
 PKGS      ?= ./...
 # The packages `make race` covers: all but those that drive the gVisor
 # netstack hard (agent, netstack, test/...), which -race slows past CI's
@@ -170,7 +173,7 @@ bench:
 # timed until every stream has it. Prints figures; asserts no timing.
 bench-control:
 	nice $(GO) test -count=1 -timeout 40m -v -run '^TestBenchControl$$' ./test/bench/control/ \
-		-args -control.n=$(N) -control.rate=$(RATE) -control.args="$(COORD_ARGS)" -control.policy=$(POLICY) -control.stormspread=$(SPREAD)
+		-args -control.n=$(N) -control.rate=$(RATE) -control.args="$(COORD_ARGS)" -control.policy=$(POLICY) -control.stormspread=$(SPREAD) -control.pprof="$(PPROF)"
 
 # The CLI reference, generated from the urfave/cli definitions; a test in
 # cmd/meshlink fails when the checked-in files differ from what this writes.

@@ -78,6 +78,9 @@ type Config struct {
 	// streams (the changes within one travel together), which grows with
 	// the streams: 25µs each, at least 5ms, at most this; default 250ms.
 	MapDebounce time.Duration
+	// MapSendSlots bounds the woken map streams that build and write a
+	// message at once (sendGate); 0: 8 per CPU (GOMAXPROCS).
+	MapSendSlots int
 	// EphemeralGrace is how long an ephemeral node may be offline before it
 	// is removed; default 30s.
 	EphemeralGrace time.Duration
@@ -421,7 +424,11 @@ func New(cfg Config) (*Server, error) {
 		expiryAnnounced: map[wire.NodeID]time.Time{},
 	}
 	s.hub.init(cfg.MapDebounce)
-	s.sends.init(8 * runtime.GOMAXPROCS(0))
+	slots := cfg.MapSendSlots
+	if slots <= 0 {
+		slots = 8 * runtime.GOMAXPROCS(0)
+	}
+	s.sends.init(slots)
 	if err := s.loadPolicy(ctx); err != nil {
 		st.Close()
 		cancel()

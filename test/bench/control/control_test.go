@@ -4,6 +4,8 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,6 +32,7 @@ var (
 	benchIdle   = flag.Duration("control.idle", 20*time.Second, "TestBenchControl: how long idle CPU is measured")
 	benchArgs   = flag.String("control.args", "", "TestBenchControl: extra coordinator flags, space-separated")
 	benchGroup  = flag.Int("control.policy", 0, "TestBenchControl: run under a policy of tagged groups of this many nodes, each reaching the services of two groups (0: no policy, every map holds every node)")
+	benchPprof  = flag.String("control.pprof", "", "TestBenchControl: save the coordinator's CPU profiles of the join phase (join.cpu) and of the idle window (idle.cpu), and its heap and goroutines after it (heap.pprof, goroutines.txt), in this directory")
 	benchSpread = flag.Duration("control.stormspread", 10*time.Second, "TestBenchControl: spread the storm's reconnects over this window, as agents do (0: all at once)")
 )
 
@@ -37,10 +40,19 @@ var (
 // coordinator and checks what every agent would see: each stream, built
 // from its full map and the deltas after it, ends with exactly the map the
 // coordinator holds for its node.
-func TestMapsMatch(t *testing.T) {
+func TestMapsMatch(t *testing.T) { mapsMatch(t, 0) }
+
+// TestMapsMatchOneSlot is TestMapsMatch with one slot for the woken
+// streams' messages (Config.MapSendSlots): every stream waits its turn,
+// and a slow one gives its slot up before its write ends; every stream
+// still ends with the coordinator's map.
+func TestMapsMatchOneSlot(t *testing.T) { mapsMatch(t, 1) }
+
+func mapsMatch(t *testing.T, slots int) {
 	const nodes = 60
 	m := harness.NewMeshWith(t, func(c *coordinator.Config) {
 		c.MaxConnsPerSource = 4 * nodes
+		c.MapSendSlots = slots
 		c.Logger = nil
 	})
 	g, err := control.New(control.Config{Token: m.Token(), ServiceEvery: 10, KeepMaps: *keepMaps})
@@ -244,6 +256,14 @@ func TestBenchControl(t *testing.T) {
 	args := []string{"coordinator", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--data", data, "--allow-loopback-endpoints",
 		"--max-conns", fmt.Sprint(2**benchN + 1000), "--max-conns-per-source", fmt.Sprint(2**benchN + 1000), "--log-level", "warn",
 		"--metrics-listen", "off"} // its default port may be another process's
+	debugAddr := ""
+	if *benchPprof != "" {
+		if err := os.MkdirAll(*benchPprof, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		debugAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		args = append(args, "--debug-listen", debugAddr)
+	}
 	args = append(args, strings.Fields(*benchArgs)...)
 	logf, err := os.Create(filepath.Join(dir, "coordinator.log"))
 	if err != nil {
@@ -302,6 +322,41 @@ func TestBenchControl(t *testing.T) {
 		StormSpread: *benchSpread, Groups: cfg.Groups,
 		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) },
 		Wait: func() time.Duration { return control.ProcWait(cmd.Process.Pid) }}
+	var profiles sync.WaitGroup
+	defer profiles.Wait()
+	if debugAddr != "" {
+		// Profiles are taken beside the run, never in its way: a failed
+		// one is logged.
+		save := func(name, path string) {
+			defer profiles.Done()
+			resp, err := http.Get("http://" + debugAddr + path)
+			if err != nil {
+				t.Logf("profile %s: %v", name, err)
+				return
+			}
+			defer resp.Body.Close()
+			f, err := os.Create(filepath.Join(*benchPprof, name))
+			if err == nil {
+				_, err = io.Copy(f, resp.Body)
+				f.Close()
+			}
+			if err != nil {
+				t.Logf("profile %s: %v", name, err)
+			}
+		}
+		sc.Phase = func(phase string, d time.Duration) {
+			secs := max(1, int(min(d, 30*time.Second)/time.Second))
+			switch phase {
+			case "join", "idle":
+				profiles.Add(1)
+				go save(phase+".cpu", fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs))
+			case "end":
+				profiles.Add(2)
+				save("heap.pprof", "/debug/pprof/heap")
+				save("goroutines.txt", "/debug/pprof/goroutine?debug=1")
+			}
+		}
+	}
 	r, err := sc.Run(ctx, g)
 	if r != nil {
 		r.Print(os.Stdout)

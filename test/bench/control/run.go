@@ -36,6 +36,16 @@ type Scenario struct {
 	// Wait reads how long the coordinator's threads were runnable but
 	// not running so far (the machine's other load); nil leaves it out.
 	Wait func() time.Duration
+	// Phase, if set, is told when a phase begins ("join", "idle") and how
+	// long it is expected to last, and when the run ends ("end"): the
+	// place to take the coordinator's profiles (-control.pprof).
+	Phase func(name string, d time.Duration)
+}
+
+func (sc Scenario) phase(name string, d time.Duration) {
+	if sc.Phase != nil {
+		sc.Phase(name, d)
+	}
 }
 
 // Report holds the figures of a run.
@@ -82,6 +92,9 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 		wait0 = sc.Wait()
 	}
 	start := time.Now()
+	if sc.JoinRate > 0 {
+		sc.phase("join", time.Duration(float64(sc.Nodes)/sc.JoinRate*float64(time.Second)))
+	}
 	// Join: node i starts at i/JoinRate; registration, service, stream.
 	var wg sync.WaitGroup
 	errs := make(chan error, sc.Nodes)
@@ -281,11 +294,13 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 	r.CPUBurst = cpu4 - cpu3
 
 	if sc.Idle > 0 {
+		sc.phase("idle", sc.Idle)
 		time.Sleep(sc.Idle) // measuring idle CPU is waiting on purpose
 		_, cpu5 := sc.proc()
 		r.CPUIdle, r.IdleFor = cpu5-cpu4, sc.Idle
 	}
 	r.RSS, _ = sc.proc()
+	sc.phase("end", 0)
 
 	if sc.Storm {
 		all := g.Nodes()
