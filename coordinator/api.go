@@ -676,7 +676,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		if err := s.store.SetHeartbeat(ctx, node.ID, time.Now()); err != nil {
 			log.Warn("map stream: heartbeat", "err", err)
 		}
-		t := time.NewTicker(s.cfg.KeepAlive)
+		t := time.NewTicker(s.heartbeat)
 		defer t.Stop()
 		beat = t.C
 	}

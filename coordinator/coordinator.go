@@ -72,7 +72,9 @@ type Config struct {
 	Domain string
 	// Logger receives structured logs; nil discards.
 	Logger *slog.Logger
-	// KeepAlive is the map-stream keep-alive interval; default 15s.
+	// KeepAlive is the map-stream keep-alive interval, and with replicas
+	// the heartbeat's; default 30s for keep-alives (agents give up on a
+	// stream silent for 60s) and 15s for the heartbeat.
 	KeepAlive time.Duration
 	// MapDebounce bounds the time between two wake-ups of the map
 	// streams (the changes within one travel together), which grows with
@@ -278,6 +280,9 @@ type Server struct {
 	// expiryAnnounced holds, per node whose key expiry was announced (an
 	// event, a new map), the expiry it was announced at.
 	expiryAnnounced map[wire.NodeID]time.Time
+	// heartbeat is how often a map stream tells the replicas its node is
+	// online here (Config.KeepAlive).
+	heartbeat time.Duration
 }
 
 // New opens the store in cfg.DataDir and loads or creates the certificate.
@@ -292,8 +297,15 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Domain == "" {
 		cfg.Domain = wire.DefaultDomain
 	}
+	// Keep-alives are most of an idle coordinator's CPU (one write per
+	// stream per interval: 11% of a core at 10,000 streams every 15s);
+	// 30s still leaves agents' watchdog (MapIdle, 60s) twice the
+	// interval, and is under the idle timeout of common NATs and load
+	// balancers (60s and more). The replicas' heartbeat keeps 15s: how
+	// soon a dead replica's nodes show offline (three missed) rides on it.
+	heartbeat := cfg.KeepAlive
 	if cfg.KeepAlive <= 0 {
-		cfg.KeepAlive = 15 * time.Second
+		cfg.KeepAlive, heartbeat = 30*time.Second, 15*time.Second
 	}
 	if cfg.MapDebounce <= 0 {
 		cfg.MapDebounce = 250 * time.Millisecond
@@ -422,6 +434,7 @@ func New(cfg Config) (*Server, error) {
 		expiryWake:      make(chan struct{}, 1),
 		notifyWake:      make(chan struct{}, 1),
 		expiryAnnounced: map[wire.NodeID]time.Time{},
+		heartbeat:       heartbeat,
 	}
 	s.hub.init(cfg.MapDebounce)
 	slots := cfg.MapSendSlots

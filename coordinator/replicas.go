@@ -89,7 +89,7 @@ func (s *Server) shared() bool {
 // intervals without one the node counts as offline (a replica's own
 // streams are counted by its hub).
 func (s *Server) onlineElsewhere(n store.Node) bool {
-	return s.shared() && !n.Heartbeat.IsZero() && time.Since(n.Heartbeat) < 3*s.cfg.KeepAlive
+	return s.shared() && !n.Heartbeat.IsZero() && time.Since(n.Heartbeat) < 3*s.heartbeat
 }
 
 // nodeOnline reports whether n has a map stream open on any coordinator.

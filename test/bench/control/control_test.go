@@ -352,7 +352,7 @@ func TestBenchControl(t *testing.T) {
 				go save(phase+".cpu", fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs))
 			case "end":
 				profiles.Add(2)
-				save("heap.pprof", "/debug/pprof/heap")
+				save("heap.pprof", "/debug/pprof/heap?gc=1") // what is live now, not at the last cycle
 				save("goroutines.txt", "/debug/pprof/goroutine?debug=1")
 			}
 		}
