@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"testing"
@@ -231,5 +232,28 @@ func TestCompletion(t *testing.T) {
 		if !strings.Contains(stdout, c) {
 			t.Errorf("completion candidates lack %s:\n%s", c, stdout)
 		}
+	}
+}
+
+// TestMemoryLimitAuto: auto leaves a GOMEMLIMIT the runtime read alone,
+// and sets nothing without a cgroup limit it can read; a size sets it.
+func TestMemoryLimitAuto(t *testing.T) {
+	before := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(before) })
+	t.Setenv("GOMEMLIMIT", "1GiB")
+	if err := setMemoryLimit("auto"); err != nil {
+		t.Fatal(err)
+	}
+	if got := debug.SetMemoryLimit(-1); got != before {
+		t.Fatalf("auto with GOMEMLIMIT set changed the limit to %d", got)
+	}
+	if err := setMemoryLimit("900MiB"); err != nil {
+		t.Fatal(err)
+	}
+	if got := debug.SetMemoryLimit(-1); got != 900<<20 {
+		t.Fatalf("limit %d, want %d", got, 900<<20)
+	}
+	if err := setMemoryLimit("lots"); err == nil {
+		t.Fatal("no error for a size that is none")
 	}
 }

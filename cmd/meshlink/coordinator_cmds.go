@@ -55,7 +55,7 @@ func coordinatorCmd() *cli.Command {
 			&cli.DurationFlag{Name: "node-address-quarantine", Value: 24 * time.Hour, Usage: "how long a removed node's addresses stay unused before a new node may get them", EnvVars: env("NODE_ADDRESS_QUARANTINE")},
 			&cli.DurationFlag{Name: "node-key-expiry", Value: coordinator.DefaultNodeKeyExpiry, Usage: "how long a node's key is accepted after it joined or last rotated (agents rotate before; a token may set a shorter one); 0 for never", EnvVars: env("NODE_KEY_EXPIRY")},
 			&cli.BoolFlag{Name: "members-can-mint-tokens", Value: true, Usage: "members may mint join tokens in the console (false: only admins; members get tokens from an admin or join by approval)", EnvVars: env("MEMBERS_CAN_MINT_TOKENS")},
-			&cli.StringFlag{Name: "memory-limit", Value: "off", Usage: "soft memory limit of the Go runtime (GOMEMLIMIT), such as 900MiB or 2GiB: the garbage collector works harder near it; off for none", EnvVars: env("MEMORY_LIMIT")},
+			&cli.StringFlag{Name: "memory-limit", Value: "auto", Usage: "soft memory limit of the Go runtime (GOMEMLIMIT), such as 900MiB or 2GiB: the garbage collector works harder near it; auto for 90% of the cgroup's memory limit when there is one (a container's) and GOMEMLIMIT is not set, off for none", EnvVars: env("MEMORY_LIMIT")},
 		}, logFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := setMemoryLimit(c.String("memory-limit")); err != nil {

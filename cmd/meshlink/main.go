@@ -26,6 +26,7 @@ import (
 
 	"github.com/meshlink/meshlink/agent"
 	"github.com/meshlink/meshlink/agent/proxy"
+	"github.com/meshlink/meshlink/internal/memlimit"
 	"github.com/meshlink/meshlink/internal/memtrim"
 	"github.com/meshlink/meshlink/relayd"
 	"github.com/meshlink/meshlink/wire"
@@ -184,9 +185,24 @@ func logFlags() []cli.Flag {
 }
 
 // setMemoryLimit sets the Go runtime's soft memory limit from a size
-// such as 900MiB, 2GiB or 1500000000 (bytes); "off" or "" leaves it.
+// such as 900MiB, 2GiB or 1500000000 (bytes); "off" or "" leaves it;
+// "auto" sets it to 90% of the cgroup's limit when there is one (a
+// container's, a systemd unit's MemoryMax) and GOMEMLIMIT is not set: a
+// process that nears its cgroup's limit is killed, where one that nears
+// its soft limit collects sooner. The machine's memory is no limit to
+// derive one from: nothing kills a process that stays under it, and a
+// lower limit costs CPU in every burst (docs/control-plane-scale.md).
 func setMemoryLimit(v string) error {
 	if v == "" || v == "off" {
+		return nil
+	}
+	if v == "auto" {
+		if os.Getenv("GOMEMLIMIT") != "" {
+			return nil // the runtime read it at start
+		}
+		if n, ok := memlimit.Cgroup(); ok {
+			debug.SetMemoryLimit(n / 10 * 9)
+		}
 		return nil
 	}
 	mult := int64(1)
