@@ -27,10 +27,11 @@ import (
 //   - Send: host GSO, so TCP hands over one large packet per send and
 //     drain splits it straight into wireguard-go's buffers (gso.go; see
 //     docs/netstack-tuning.md#send-host-gso-split-into-wireguard-gos-buffers).
-//   - Receive: IPv4 batches go through gVisor's GRO; groFixup repairs the
-//     checksums GRO leaves stale, and IPv6 bypasses it because a coalesced
-//     IPv6 packet cannot be recognised cheaply
-//     (see docs/netstack-tuning.md#receive-gro-with-checksum-repair).
+//   - Receive: each packet's checksums are validated once, where it
+//     enters (validRX), and the endpoint claims RX checksum offload, so
+//     neither gVisor's GRO nor its IP and TCP layers sum the bytes again;
+//     batches then go through GRO, which coalesces in-order segments
+//     (see docs/netstack-tuning.md#receive-checksums-validated-once-then-gro).
 //   - From the first segment of a batch that does not continue its flow,
 //     write stops coalescing: GRO would merge the duplicate ACKs that
 //     signal the loss into one, leaving it to a timeout
@@ -86,65 +87,6 @@ func newLinkEndpoint(mtu uint32, queueLen int, stats *Stats) *linkEndpoint {
 // groEnabled turns on receive coalescing (see linkEndpoint); false is for
 // comparing against a receive path without GRO.
 const groEnabled = true
-
-// groFixup sits between the GRO engine and gVisor's NIC. GRO validates both
-// checksums of every TCP/IPv4 packet it considers (and marks it
-// RXChecksumValidated) before coalescing it, then only rewrites the total
-// length of a coalesced packet; here the now stale checksums are
-// recomputed so that the IP and TCP layers, which verify again, accept it
-// (see docs/netstack-tuning.md#receive-gro-with-checksum-repair).
-type groFixup struct {
-	stack.NetworkDispatcher
-}
-
-// DeliverNetworkPacket implements stack.NetworkDispatcher.
-func (d groFixup) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
-	if proto == header.IPv4ProtocolNumber && pkt.RXChecksumValidated {
-		fixCoalesced4(pkt)
-	}
-	d.NetworkDispatcher.DeliverNetworkPacket(proto, pkt)
-}
-
-// fixCoalesced4 recomputes the IPv4 header and TCP checksums of a packet
-// that GRO validated and then coalesced. A coalesced packet is recognised
-// by its header checksum, which GRO validated and which any change of the
-// total length invalidates; an untouched packet costs one 20-byte sum.
-func fixCoalesced4(pkt *stack.PacketBuffer) {
-	hdr, ok := pkt.Data().PullUp(header.IPv4MinimumSize)
-	if !ok {
-		return
-	}
-	ip := header.IPv4(hdr)
-	// GRO only considers option-less TCP packets (20-byte IPv4 header).
-	if ip.HeaderLength() != header.IPv4MinimumSize || ip.TransportProtocol() != header.TCPProtocolNumber || ip.IsChecksumValid() {
-		return
-	}
-	size := pkt.Data().Size()
-	if int(ip.TotalLength()) != size || size < header.IPv4MinimumSize+header.TCPMinimumSize {
-		return // not GRO's doing: leave it for the IP layer to reject
-	}
-	ip.SetChecksum(0)
-	ip.SetChecksum(^ip.CalculateChecksum())
-	tcpLen := size - header.IPv4MinimumSize
-	th, ok := pkt.Data().PullUp(header.IPv4MinimumSize + header.TCPMinimumSize)
-	if !ok {
-		return
-	}
-	off := int(header.TCP(th[header.IPv4MinimumSize:]).DataOffset())
-	if off < header.TCPMinimumSize || off > tcpLen {
-		return
-	}
-	full, ok := pkt.Data().PullUp(header.IPv4MinimumSize + off)
-	if !ok {
-		return
-	}
-	ip = header.IPv4(full)
-	tcp := header.TCP(full[header.IPv4MinimumSize:])
-	tcp.SetChecksum(0)
-	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.SourceAddress(), ip.DestinationAddress(), uint16(tcpLen))
-	xsum = checksum.Combine(xsum, pkt.Data().ChecksumAtOffset(header.IPv4MinimumSize+off))
-	tcp.SetChecksum(^tcp.CalculateChecksum(xsum))
-}
 
 var _ stack.GSOEndpoint = (*linkEndpoint)(nil)
 
@@ -416,6 +358,10 @@ func (e *linkEndpoint) inject(b []byte, g *gro.GRO, bypass bool) {
 		e.stats.InboundInvalid.Add(1)
 		return
 	}
+	if !validRX(b, proto) {
+		e.stats.InboundBadChecksum.Add(1)
+		return
+	}
 	// MakeWithData copies into gVisor's pooled chunks: wireguard-go reuses
 	// bufs as soon as Write returns, so the bytes must be copied once; the
 	// PacketBuffer itself comes from gVisor's pool.
@@ -423,8 +369,14 @@ func (e *linkEndpoint) inject(b []byte, g *gro.GRO, bypass bool) {
 		Payload: buffer.MakeWithData(b),
 	})
 	pkt.NetworkProtocolNumber = proto
+	// validRX checked it: GRO, which would validate both checksums of
+	// every packet, and gVisor's IP and TCP layers (told by Capabilities)
+	// take it as it is, a coalesced packet's stale checksums included.
+	pkt.RXChecksumValidated = true
+	// IPv6 bypasses GRO: gap, which stops coalescing after a loss, reads
+	// IPv4 flows only.
 	if proto == header.IPv4ProtocolNumber && !bypass {
-		g.Enqueue(pkt) // GRO verifies checksums itself before coalescing
+		g.Enqueue(pkt)
 	} else {
 		g.Dispatcher.DeliverNetworkPacket(proto, pkt)
 	}
@@ -446,7 +398,7 @@ func (e *linkEndpoint) write(bufs [][]byte, offset int) (int, error) {
 		return len(bufs), nil
 	}
 	g := e.gros.Get().(*gro.GRO)
-	g.Dispatcher = groFixup{d}
+	g.Dispatcher = d
 	bypass := !groEnabled
 	for _, buf := range bufs {
 		if offset < 0 || offset > len(buf) {
@@ -503,11 +455,75 @@ func (*linkEndpoint) LinkAddress() tcpip.LinkAddress { return "" }
 // SetLinkAddress implements stack.LinkEndpoint.
 func (*linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 
-// Capabilities implements stack.LinkEndpoint. Checksums are computed and
-// verified by gVisor: packets cross a real network (inside WireGuard, which
-// authenticates them, but a buggy or malicious peer can still send garbage),
-// so we do not claim RX checksum offload.
-func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities { return 0 }
+// Capabilities implements stack.LinkEndpoint: RX checksum offload, since
+// inject has validated each packet's checksums (validRX) before gVisor
+// sees it; a packet with a bad one never enters. Checksums of outbound
+// packets are computed by gVisor and by the GSO split (gso.go).
+func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	return stack.CapabilityRXChecksumOffload
+}
+
+// validRX reports whether inbound packet b (an IPv4 or IPv6 packet, by
+// proto) has valid checksums: the IPv4 header's, and the TCP or UDP
+// checksum over the pseudo-header, one pass over the bytes. WireGuard has
+// authenticated the packet already, so a bad checksum is a peer's bug,
+// not the network's. What the checksum cannot be computed for here goes
+// through unchecked, for gVisor to validate or refuse as it parses it:
+// malformed headers (gVisor drops them), fragments (the transport
+// checksum covers the reassembled datagram; meshlink's TCP never
+// fragments and its MTU fits a UDP datagram in a packet), IPv6 extension
+// headers, ICMP (gVisor always verifies ICMP checksums) and other
+// protocols.
+func validRX(b []byte, proto tcpip.NetworkProtocolNumber) bool {
+	var (
+		transport      tcpip.TransportProtocolNumber
+		src, dst       tcpip.Address
+		payload        []byte
+		udpZeroAllowed bool
+	)
+	switch proto {
+	case header.IPv4ProtocolNumber:
+		ip := header.IPv4(b)
+		hl, total := int(ip.HeaderLength()), int(ip.TotalLength())
+		if hl < header.IPv4MinimumSize || hl > len(b) || total < hl || total > len(b) {
+			return true // malformed: gVisor refuses it
+		}
+		if !header.IPv4(b[:hl]).IsChecksumValid() {
+			return false
+		}
+		if ip.More() || ip.FragmentOffset() != 0 {
+			return true
+		}
+		transport, src, dst, payload = ip.TransportProtocol(), ip.SourceAddress(), ip.DestinationAddress(), b[hl:total]
+		udpZeroAllowed = true // RFC 768: no checksum
+	case header.IPv6ProtocolNumber:
+		ip := header.IPv6(b)
+		total := header.IPv6MinimumSize + int(ip.PayloadLength())
+		if total > len(b) {
+			return true
+		}
+		transport, src, dst, payload = ip.TransportProtocol(), ip.SourceAddress(), ip.DestinationAddress(), b[header.IPv6MinimumSize:total]
+	default:
+		return true
+	}
+	switch transport {
+	case header.TCPProtocolNumber:
+		if len(payload) < header.TCPMinimumSize {
+			return true
+		}
+	case header.UDPProtocolNumber:
+		if len(payload) < header.UDPMinimumSize {
+			return true
+		}
+		if udpZeroAllowed && header.UDP(payload).Checksum() == 0 {
+			return true
+		}
+	default:
+		return true
+	}
+	sum := header.PseudoHeaderChecksum(transport, src, dst, uint16(len(payload)))
+	return checksum.Checksum(payload, sum) == 0xffff
+}
 
 // Attach implements stack.LinkEndpoint.
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {

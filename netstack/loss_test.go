@@ -164,3 +164,73 @@ func TestFlowSeqsGap(t *testing.T) {
 		}
 	}
 }
+
+// TestBadChecksumDropped: the endpoint claims RX checksum offload, so the
+// checksums it validates where packets enter (validRX) are the only ones:
+// a SYN with a bad TCP checksum, or (IPv4) a bad header checksum, must not
+// be answered, and is counted; a valid SYN after it is.
+func TestBadChecksumDropped(t *testing.T) {
+	s := newTestStack(t)
+	s.SetTCPHandler(func(r *TCPRequest) {
+		if c, err := r.Accept(); err == nil {
+			c.Close()
+		}
+	})
+	corrupt := map[string]func(b []byte){
+		// A new source port under the old checksum.
+		"tcp checksum": func(b []byte) {
+			hl := header.IPv6MinimumSize
+			if b[0]>>4 == 4 {
+				hl = int(header.IPv4(b).HeaderLength())
+			}
+			header.TCP(b[hl:]).SetSourcePort(40001)
+		},
+		// The new port under a valid TCP checksum, and a bad header one.
+		"ipv4 header checksum": func(b []byte) {
+			ip := header.IPv4(b)
+			tcp := header.TCP(ip.Payload())
+			tcp.SetSourcePort(40001)
+			tcp.SetChecksum(0)
+			tcp.SetChecksum(^tcp.CalculateChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, ip.SourceAddress(), ip.DestinationAddress(), uint16(len(tcp)))))
+			ip.SetChecksum(ip.Checksum() + 1)
+		},
+	}
+	var dropped uint64
+	for _, src := range []netip.Addr{peer4, peer6} {
+		dst := own4
+		if src.Is6() {
+			dst = own6
+		}
+		for name, fn := range corrupt {
+			if src.Is6() && name == "ipv4 header checksum" {
+				continue
+			}
+			bad := synWithOptions(src, dst, header.TCPFlagSyn, nil)
+			fn(bad)
+			good := synWithOptions(src, dst, header.TCPFlagSyn, nil)
+			if _, ok := tcpOf(t, good); !ok {
+				t.Fatal("the valid SYN is not valid")
+			}
+			s.Write([][]byte{bad, good}, 0)
+			dropped++
+			for {
+				tcp, _ := tcpOf(t, readPacket(t, s))
+				if tcp.Flags().Contains(header.TCPFlagRst) {
+					continue // the previous case's connection going away
+				}
+				if tcp.DestinationPort() == 40001 {
+					t.Fatalf("%v, %s: the corrupt SYN was answered (%v)", src, name, tcp.Flags())
+				}
+				if tcp.DestinationPort() == 40000 && tcp.Flags().Contains(header.TCPFlagSyn|header.TCPFlagAck) {
+					break
+				}
+			}
+			if got := s.Stats().InboundBadChecksum; got != dropped {
+				t.Errorf("%v, %s: InboundBadChecksum = %d, want %d", src, name, got, dropped)
+			}
+			// Let the next case's SYN be a new connection: reset this one.
+			rst := synWithOptions(src, dst, header.TCPFlagRst, nil)
+			s.Write([][]byte{rst}, 0)
+		}
+	}
+}

@@ -104,12 +104,15 @@ type Stats struct {
 	OutboundGSO     atomic.Uint64 // outbound GSO packets split into several segments
 	InboundPackets  atomic.Uint64 // inbound packets delivered to gVisor
 	InboundInvalid  atomic.Uint64 // inbound packets dropped as garbage
+	// InboundBadChecksum counts inbound packets dropped for an IPv4
+	// header, TCP or UDP checksum that does not add up (validRX).
+	InboundBadChecksum atomic.Uint64
 }
 
 // StatsSnapshot is a point-in-time copy of Stats.
 type StatsSnapshot struct {
 	OutboundPackets, OutboundDropped, OutboundTooBig, OutboundGSO uint64
-	InboundPackets, InboundInvalid                                uint64
+	InboundPackets, InboundInvalid, InboundBadChecksum            uint64
 }
 
 // Stack is a userspace TCP/IP stack that implements tun.Device.
@@ -322,12 +325,13 @@ func (s *Stack) isOwn(a tcpip.Address) bool {
 // Stats returns a snapshot of the device counters.
 func (s *Stack) Stats() StatsSnapshot {
 	return StatsSnapshot{
-		OutboundPackets: s.stats.OutboundPackets.Load(),
-		OutboundDropped: s.stats.OutboundDropped.Load(),
-		OutboundTooBig:  s.stats.OutboundTooBig.Load(),
-		OutboundGSO:     s.stats.OutboundGSO.Load(),
-		InboundPackets:  s.stats.InboundPackets.Load(),
-		InboundInvalid:  s.stats.InboundInvalid.Load(),
+		OutboundPackets:    s.stats.OutboundPackets.Load(),
+		OutboundDropped:    s.stats.OutboundDropped.Load(),
+		OutboundTooBig:     s.stats.OutboundTooBig.Load(),
+		OutboundGSO:        s.stats.OutboundGSO.Load(),
+		InboundPackets:     s.stats.InboundPackets.Load(),
+		InboundInvalid:     s.stats.InboundInvalid.Load(),
+		InboundBadChecksum: s.stats.InboundBadChecksum.Load(),
 	}
 }
 
