@@ -217,8 +217,8 @@ type Server struct {
 	console     *web.Console
 	joinFails   joinFailures
 	denials     denialEvents // reported denials, coalesced into events
-	// tooOldSaid holds "service/node" of the providers withheld for being
-	// too old (withholdTooOld), each logged once.
+	// tooOldSaid holds "service/node/protocol" of the providers withheld
+	// for being too old (Server.tooOld), each logged once.
 	tooOldSaid sync.Map
 	// endpointLimit bounds how often a node changes its endpoints.
 	endpointLimit endpointLimiter

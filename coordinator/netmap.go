@@ -315,16 +315,9 @@ func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*sn
 	mayProvide := providerCheck(pol, nodes, snap.byID, users)
 	byService := map[string][]wire.Provider{}
 	httpProvided := map[string]bool{}
-	// tooOld holds the providers whose agents predate request-level
-	// authorization: they would carry every request of a service with
-	// request rules or a jwt unchecked.
-	tooOld := map[string][]wire.NodeID{}
 	for _, p := range provs {
-		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) {
+		if snap.expired[p.NodeID] || !mayProvide(p.NodeID, p.Service) || s.tooOld(p, pol, snap) {
 			continue
-		}
-		if p.AgentProtocol < wire.VersionRequestAuth {
-			tooOld[p.Service] = append(tooOld[p.Service], p.NodeID)
 		}
 		wp := wire.Provider{Node: p.NodeID, Port: p.Port, Priority: p.Priority, Weight: p.Weight, Version: p.Version,
 			Protocol: p.Protocol, UDPIdle: p.UDPIdle}
@@ -370,7 +363,6 @@ func (s *Server) snapshotSince(ctx context.Context, min uint64, exact bool) (*sn
 			snap.services[i].HTTPAuth = pol.HTTPAuth(snap.services[i].Name, "", nil, nil)
 		}
 	}
-	s.withholdTooOld(snap, tooOld)
 	if prev := s.snap; prev != nil {
 		snap.build = prev.build + 1
 		snap.delta = diffSnapshots(prev, snap)
@@ -617,33 +609,25 @@ func (s *Server) NodeMap(ctx context.Context, id wire.NodeID) (nm *wire.NetworkM
 	return nm, ok, nil
 }
 
-// withholdTooOld takes the providers in tooOld (by service) out of the
-// services whose requests their providers must check (HTTPAuth): an agent
-// before wire.VersionRequestAuth would let every request through. It is
-// said once per provider and service, until the provider is upgraded (its
-// agent announces the export again when it reconnects) or the service's
-// policy no longer needs it.
-func (s *Server) withholdTooOld(snap *snapshot, tooOld map[string][]wire.NodeID) {
-	for i := range snap.services {
-		sv := &snap.services[i]
-		old := tooOld[sv.Name]
-		if sv.HTTPAuth == nil || len(old) == 0 {
-			continue
-		}
-		sv.Providers = slices.DeleteFunc(sv.Providers, func(p wire.Provider) bool {
-			if !slices.Contains(old, p.Node) {
-				return false
-			}
-			k := fmt.Sprintf("%s/%d", sv.Name, p.Node)
-			if _, said := s.tooOldSaid.LoadOrStore(k, true); !said {
-				name := fmt.Sprint(p.Node)
-				if j, ok := snap.byID[p.Node]; ok {
-					name = snap.nodes[j].Name
-				}
-				s.log.Warn("provider withheld: its agent is too old to check this service's request rules or jwt; upgrade meshlink there",
-					"service", sv.Name, "node", name, "needs_protocol", wire.VersionRequestAuth)
-			}
-			return true
-		})
+// tooOld reports whether provider p is left out of the maps: its agent
+// announced the export with a protocol before wire.VersionRequestAuth, and
+// the service's providers must check each request (a jwt, or rules with
+// http or when), which that agent would let through unchecked. Such a
+// provider is no provider of the service for anyone (nor a peer for its
+// sake). 0 is a row from before the coordinator kept the version: listed,
+// as before, until the agent announces again (on every reconnect). It is
+// logged once per provider and service.
+func (s *Server) tooOld(p store.Provider, pol *policy.Policy, snap *snapshot) bool {
+	if p.AgentProtocol <= 0 || p.AgentProtocol >= wire.VersionRequestAuth || !pol.ChecksRequests(p.Service) {
+		return false
 	}
+	if _, said := s.tooOldSaid.LoadOrStore(fmt.Sprintf("%s/%d/%d", p.Service, p.NodeID, p.AgentProtocol), true); !said {
+		name := fmt.Sprint(p.NodeID)
+		if j, ok := snap.byID[p.NodeID]; ok {
+			name = snap.nodes[j].Name
+		}
+		s.log.Warn("provider withheld: its agent is too old to check this service's request rules or jwt; upgrade meshlink there",
+			"service", p.Service, "node", name, "agent_protocol", p.AgentProtocol, "needs_protocol", wire.VersionRequestAuth)
+	}
+	return true
 }

@@ -145,29 +145,38 @@ func TestTooOldProviderWithheld(t *testing.T) {
 			t.Fatalf("web2 announces web with protocol %d: %d %s", version, st, body)
 		}
 	}
-	nm := &wire.NetworkMap{}
-	providers := func(want []wire.NodeID, why string) {
+	listed := func() []wire.NodeID {
 		t.Helper()
-		m.bobSt.next(t, 20*time.Second, why, func(mr wire.MapResponse) bool {
-			nm.Apply(&mr)
-			// web2 a peer: the map is one made after its announcement.
-			if !slices.Contains(peerNames(*nm), "web2") {
-				return false
+		snap, err := m.s.current(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []wire.NodeID
+		if i, ok := snap.svcIndex["web"]; ok {
+			for _, p := range snap.services[i].Providers {
+				got = append(got, p.Node)
 			}
-			for _, sv := range nm.Services {
-				if sv.Name == "web" {
-					var got []wire.NodeID
-					for _, p := range sv.Providers {
-						got = append(got, p.Node)
-					}
-					return slices.Equal(got, want)
-				}
-			}
-			return false
-		})
+		}
+		return got
 	}
+	// The answer came after the change was committed: the coordinator's
+	// current map holds it.
 	announce(12)
-	providers([]wire.NodeID{m.web1.ID}, "bob's map with web1 alone (web2's agent speaks 12)")
+	if got := listed(); !slices.Equal(got, []wire.NodeID{m.web1.ID}) {
+		t.Fatalf("web's providers %v with web2's agent at protocol 12, want web1 alone", got)
+	}
 	announce(wire.ProtocolVersion)
-	providers([]wire.NodeID{m.web1.ID, web2.ID}, "bob's map with web2 too once it announced with a current agent")
+	if got := listed(); !slices.Equal(got, []wire.NodeID{m.web1.ID, web2.ID}) {
+		t.Fatalf("web's providers %v once web2 announced with a current agent, want web1 and web2", got)
+	}
+	nm := &wire.NetworkMap{}
+	m.bobSt.next(t, 20*time.Second, "bob's map with web2 a provider of web", func(mr wire.MapResponse) bool {
+		nm.Apply(&mr)
+		for _, sv := range nm.Services {
+			if sv.Name == "web" {
+				return len(sv.Providers) == 2 && slices.Contains(peerNames(*nm), "web2")
+			}
+		}
+		return false
+	})
 }

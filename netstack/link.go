@@ -358,10 +358,15 @@ func (e *linkEndpoint) inject(b []byte, g *gro.GRO, bypass bool) {
 		e.stats.InboundInvalid.Add(1)
 		return
 	}
-	if !validRX(b, proto) {
+	n, ok := validRX(b, proto)
+	if !ok {
 		e.stats.InboundBadChecksum.Add(1)
 		return
 	}
+	// Only the IP packet: GRO, trusting RXChecksumValidated, would take
+	// bytes past its length as payload when it coalesces (wireguard-go
+	// trims packets itself today; this does not depend on it).
+	b = b[:n]
 	// MakeWithData copies into gVisor's pooled chunks: wireguard-go reuses
 	// bufs as soon as Write returns, so the bytes must be copied once; the
 	// PacketBuffer itself comes from gVisor's pool.
@@ -465,16 +470,18 @@ func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 
 // validRX reports whether inbound packet b (an IPv4 or IPv6 packet, by
 // proto) has valid checksums: the IPv4 header's, and the TCP or UDP
-// checksum over the pseudo-header, one pass over the bytes. WireGuard has
-// authenticated the packet already, so a bad checksum is a peer's bug,
-// not the network's. What the checksum cannot be computed for here goes
-// through unchecked, for gVisor to validate or refuse as it parses it:
-// malformed headers (gVisor drops them), fragments (the transport
-// checksum covers the reassembled datagram; meshlink's TCP never
-// fragments and its MTU fits a UDP datagram in a packet), IPv6 extension
-// headers, ICMP (gVisor always verifies ICMP checksums) and other
-// protocols.
-func validRX(b []byte, proto tcpip.NetworkProtocolNumber) bool {
+// checksum over the pseudo-header, one pass over the bytes; n is the
+// packet's length by its IP header (len(b) when the header is malformed,
+// which gVisor refuses). WireGuard has authenticated the packet already,
+// so a bad checksum is a peer's bug, not the network's, and it is dropped.
+//
+// Since the endpoint claims RX checksum offload, what is not checked here
+// is checked nowhere, except ICMP, which gVisor always verifies: fragments
+// (the transport checksum covers the reassembled datagram; meshlink's TCP
+// never fragments, but a UDP datagram larger than the MTU arrives in
+// fragments) and IPv6 packets with extension headers go through
+// unchecked, authenticated by WireGuard alone.
+func validRX(b []byte, proto tcpip.NetworkProtocolNumber) (n int, ok bool) {
 	var (
 		transport      tcpip.TransportProtocolNumber
 		src, dst       tcpip.Address
@@ -486,43 +493,49 @@ func validRX(b []byte, proto tcpip.NetworkProtocolNumber) bool {
 		ip := header.IPv4(b)
 		hl, total := int(ip.HeaderLength()), int(ip.TotalLength())
 		if hl < header.IPv4MinimumSize || hl > len(b) || total < hl || total > len(b) {
-			return true // malformed: gVisor refuses it
+			return len(b), true // malformed: gVisor refuses it
 		}
 		if !header.IPv4(b[:hl]).IsChecksumValid() {
-			return false
+			return total, false
 		}
 		if ip.More() || ip.FragmentOffset() != 0 {
-			return true
+			return total, true
 		}
-		transport, src, dst, payload = ip.TransportProtocol(), ip.SourceAddress(), ip.DestinationAddress(), b[hl:total]
+		n, transport, src, dst, payload = total, ip.TransportProtocol(), ip.SourceAddress(), ip.DestinationAddress(), b[hl:total]
 		udpZeroAllowed = true // RFC 768: no checksum
 	case header.IPv6ProtocolNumber:
 		ip := header.IPv6(b)
 		total := header.IPv6MinimumSize + int(ip.PayloadLength())
 		if total > len(b) {
-			return true
+			return len(b), true
 		}
-		transport, src, dst, payload = ip.TransportProtocol(), ip.SourceAddress(), ip.DestinationAddress(), b[header.IPv6MinimumSize:total]
+		n, transport, src, dst, payload = total, ip.TransportProtocol(), ip.SourceAddress(), ip.DestinationAddress(), b[header.IPv6MinimumSize:total]
 	default:
-		return true
+		return len(b), true
 	}
 	switch transport {
 	case header.TCPProtocolNumber:
 		if len(payload) < header.TCPMinimumSize {
-			return true
+			return n, true
 		}
 	case header.UDPProtocolNumber:
 		if len(payload) < header.UDPMinimumSize {
-			return true
+			return n, true
 		}
-		if udpZeroAllowed && header.UDP(payload).Checksum() == 0 {
-			return true
+		udp := header.UDP(payload)
+		l := int(udp.Length())
+		if l < header.UDPMinimumSize || l > len(payload) {
+			return n, true // malformed: gVisor refuses it
+		}
+		payload = payload[:l] // the checksum covers the UDP length
+		if udpZeroAllowed && udp.Checksum() == 0 {
+			return n, true
 		}
 	default:
-		return true
+		return n, true
 	}
 	sum := header.PseudoHeaderChecksum(transport, src, dst, uint16(len(payload)))
-	return checksum.Checksum(payload, sum) == 0xffff
+	return n, checksum.Checksum(payload, sum) == 0xffff
 }
 
 // Attach implements stack.LinkEndpoint.

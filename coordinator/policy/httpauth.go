@@ -188,6 +188,19 @@ func (p *Policy) covering(service string) []int {
 	return out
 }
 
+// ChecksRequests reports whether the providers of service decide its
+// requests one by one: it has a jwt, or a rule covering it has http or
+// when conditions. An agent before wire.VersionRequestAuth cannot.
+func (p *Policy) ChecksRequests(service string) bool {
+	if p == nil {
+		return false
+	}
+	if p.wireJWT(service) != nil {
+		return true
+	}
+	return slices.ContainsFunc(p.covering(service), func(i int) bool { return p.Rules[i].conditional() })
+}
+
 // HTTPAuth is what the providers of service (owned by user owner, for
 // autogroup:self) need to decide each of its requests: its jwt, and the
 // rules covering it, in order, when any of them has conditions, each
