@@ -712,7 +712,7 @@ func (c *Consumer) dialAny(ctx context.Context, s *service, client netip.Addr) (
 	for i, t := range targets {
 		h := c.healthOf(t.Node)
 		h.open.Add(1)
-		conn, err := c.dial(ctx, t, h, c.dialTimeout(h, i == len(targets)-1))
+		conn, err := c.dial(ctx, t, h, i == len(targets)-1)
 		if err == nil {
 			h.mu.Lock()
 			h.fails, h.failUntil, h.lastErr = 0, time.Time{}, ""
@@ -838,7 +838,7 @@ func (c *Consumer) Begin(service string, t Target) (done func()) {
 // failing as for a connection's dial.
 func (c *Consumer) DialTarget(ctx context.Context, service string, t Target) (net.Conn, error) {
 	h := c.healthOf(t.Node)
-	conn, err := c.dial(ctx, t, h, c.cfg.DialTimeout)
+	conn, err := c.dial(ctx, t, h, false)
 	if err != nil {
 		if ctx.Err() == nil && c.ctx.Err() == nil {
 			c.noteDialFailure(service, t, h, err)
@@ -878,7 +878,7 @@ func (s *service) noteSelected(node wire.NodeID) {
 	s.selMu.Unlock()
 }
 
-func (c *Consumer) dial(ctx context.Context, t Target, h *health, timeout time.Duration) (net.Conn, error) {
+func (c *Consumer) dial(ctx context.Context, t Target, h *health, last bool) (net.Conn, error) {
 	// Close cancels dials in flight whatever context the caller passed,
 	// and so does the map showing the provider gone: the wait for a
 	// slot as much as the dial.
@@ -889,7 +889,7 @@ func (c *Consumer) dial(ctx context.Context, t Target, h *health, timeout time.D
 	stopGone := context.AfterFunc(h.goneContext(), cancelAll)
 	defer stopGone()
 	if t.Local != "" {
-		ctx, cancel := context.WithTimeout(ctx, timeout)
+		ctx, cancel := context.WithTimeout(ctx, c.dialTimeout(h, last))
 		defer cancel()
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", t.Local)
@@ -899,8 +899,10 @@ func (c *Consumer) dial(ctx context.Context, t Target, h *health, timeout time.D
 		return nil, err
 	}
 	defer release()
-	// The timeout is the dial's own, not the wait's.
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	// The timeout is the dial's own, not the wait's, and chosen once the
+	// slot is held: a dial that waited behind others that failed gets the
+	// short one.
+	ctx, cancel := context.WithTimeout(ctx, c.dialTimeout(h, last))
 	defer cancel()
 	return c.cfg.Dialer.DialTCP(ctx, t.Addr)
 }
