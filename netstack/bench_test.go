@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/netstack"
 	"github.com/meshlink/meshlink/netstack/nettest"
 )
@@ -165,25 +166,12 @@ func BenchmarkRoundTrip64Direct(b *testing.B) {
 func BenchmarkConnSetup(b *testing.B) {
 	const connWorkers = 8
 	p := nettest.NewPairConfig(b, netstack.Config{}, netstack.Config{})
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	echo := tstest.Echo(b)
 	var mu sync.Mutex                 // guards the map below
 	seen := map[uint16][2]time.Time{} // by dialer port: handler called, Accept returned
 	p.B.SetTCPHandler(func(r *netstack.TCPRequest) {
 		t0 := time.Now()
-		t, err := net.Dial("tcp", echo.Addr().String())
+		t, err := net.Dial("tcp", echo.String())
 		if err != nil {
 			r.Reject()
 			return

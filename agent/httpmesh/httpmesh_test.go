@@ -32,26 +32,6 @@ func (p onePicker) DialTarget(ctx context.Context, _ string, t proxy.Target) (ne
 	return d.DialContext(ctx, "tcp", t.Addr.String())
 }
 
-// serveAll hands every connection of a fresh loopback listener to serve.
-func serveAll(t *testing.T, serve func(net.Conn)) netip.AddrPort {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go serve(c)
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr).AddrPort()
-}
-
 type recorder struct {
 	mu       sync.Mutex
 	attempts []AttemptInfo
@@ -94,7 +74,7 @@ func TestHooks(t *testing.T) {
 		return 0, nil, "", true
 	})
 	export := proxy.Export{Name: "web", Target: backend.Listener.Addr().String(), Protocol: wire.ProtocolHTTP}
-	provAddr := serveAll(t, func(c net.Conn) { p.ServeConn(export, netip.MustParseAddr("100.96.0.7"), c) })
+	provAddr := tstest.Serve(t, func(c net.Conn) { p.ServeConn(export, netip.MustParseAddr("100.96.0.7"), c) })
 
 	var seen RequestInfo
 	c := NewConsumer(ConsumerConfig{Observer: &consObs, Middleware: func(next http.Handler) http.Handler {
@@ -107,7 +87,7 @@ func TestHooks(t *testing.T) {
 	defer c.Close()
 	c.Attach(onePicker{proxy.Target{Node: 2, Name: "site-b", Addr: provAddr, Online: true}})
 	c.SetServices(map[string]*wire.ServiceHTTP{"web": {}})
-	local := serveAll(t, func(conn net.Conn) { c.ServeConn("web", conn) })
+	local := tstest.Serve(t, func(conn net.Conn) { c.ServeConn("web", conn) })
 
 	do := func(auth string) (*http.Response, string) {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+local.String()+"/x", nil)
@@ -163,7 +143,7 @@ func TestNotHTTPLogged(t *testing.T) {
 		var logs tstest.Buffer
 		c := NewConsumer(ConsumerConfig{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 		c.Attach(onePicker{})
-		addr := serveAll(t, func(conn net.Conn) { c.ServeConn("web", conn) })
+		addr := tstest.Serve(t, func(conn net.Conn) { c.ServeConn("web", conn) })
 		conn, err := net.Dial("tcp", addr.String())
 		if err != nil {
 			t.Fatal(err)

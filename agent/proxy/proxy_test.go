@@ -32,25 +32,11 @@ func (d kernelDialer) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn
 
 // greeter answers each connection with its name, then echoes.
 func greeter(t *testing.T, name string) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "%s\n", name)
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return tstest.Serve(t, func(c net.Conn) {
+		defer c.Close()
+		fmt.Fprintf(c, "%s\n", name)
+		io.Copy(c, c)
+	}).String()
 }
 
 func greet(t *testing.T, addr string) (net.Conn, string) {
@@ -69,7 +55,12 @@ func greet(t *testing.T, addr string) (net.Conn, string) {
 }
 
 func newConsumer(t *testing.T, d Dialer, targets []Target) string {
-	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: time.Second})
+	return startConsumer(t, ConsumerConfig{Dialer: d, DialTimeout: time.Second}, targets)
+}
+
+// startConsumer is newConsumer with the whole configuration.
+func startConsumer(t *testing.T, cfg ConsumerConfig, targets []Target) string {
+	c := NewConsumer(cfg)
 	t.Cleanup(func() { c.Close(); c.Wait() })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -447,16 +438,9 @@ func TestLastProviderGetsLonger(t *testing.T) {
 	first := &atomic.Bool{}
 	first.Store(true)
 	d := slowDialer{kernelDialer: kernelDialer{a: greeter(t, "a")}, delay: 600 * time.Millisecond, first: first}
-	c := NewConsumer(ConsumerConfig{Dialer: d, DialTimeout: 100 * time.Millisecond, LastDialTimeout: 5 * time.Second})
-	t.Cleanup(func() { c.Close(); c.Wait() })
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := netip.MustParseAddrPort(ln.Addr().String())
-	ln.Close()
-	c.Reconfig([]ServiceConfig{{Name: "web", Listen: listen, Targets: []Target{{Node: 1, Name: "a", Addr: a, Online: true}}}})
-	conn, who := greet(t, listen.String())
+	addr := startConsumer(t, ConsumerConfig{Dialer: d, DialTimeout: 100 * time.Millisecond, LastDialTimeout: 5 * time.Second},
+		[]Target{{Node: 1, Name: "a", Addr: a, Online: true}})
+	conn, who := greet(t, addr)
 	conn.Close()
 	if who != "a" {
 		t.Fatalf("answered by %q", who)

@@ -18,22 +18,9 @@ import (
 // TestConnect: `meshlink connect` at site A reaches B's echo service, both
 // from stdin/stdout and from a local port, and ends when cancelled.
 func TestConnect(t *testing.T) {
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	echo := echoServer(t)
 	m := harness.NewMesh(t)
-	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "echo", Target: echo.Addr().String()}}})
+	m.AddAgent("site-b", harness.AgentOptions{Expose: []agent.Export{{Name: "echo", Target: echo}}})
 	cfg := m.AgentConfig("site-a", harness.AgentOptions{})
 	if _, err := harness.StartAgent(t, cfg); err != nil {
 		t.Fatal(err)

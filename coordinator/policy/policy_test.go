@@ -35,6 +35,26 @@ tests:
     deny: [db]
 `
 
+// badPolicy is a policy file that Parse must refuse, with an error that
+// holds want.
+type badPolicy struct{ name, src, want string }
+
+// wantRefused parses each case's source and wants it refused so.
+func wantRefused(t *testing.T, cases []badPolicy) {
+	t.Helper()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := policy.Parse("policy.yaml", []byte(tc.src))
+			if err == nil {
+				t.Fatalf("accepted: %+v", p)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q\nwant it to hold %q", err, tc.want)
+			}
+		})
+	}
+}
+
 func mustParse(t *testing.T, src string) *policy.Policy {
 	t.Helper()
 	p, err := policy.Parse("policy.yaml", []byte(src))
@@ -136,9 +156,7 @@ func TestDefaultAndEmpty(t *testing.T) {
 
 // TestBadPolicies: each mistake is refused with its line and a reason.
 func TestBadPolicies(t *testing.T) {
-	for _, tc := range []struct {
-		name, src, want string
-	}{
+	wantRefused(t, []badPolicy{
 		{"invalid yaml", "rules:\n  - from: [a\n", "policy.yaml:"},
 		{"unknown top field", "groups: {}\nrulez: []\n", `policy.yaml:2: unknown field "rulez" in the policy`},
 		{"unknown rule field", "rules:\n  - from: ['*']\n    too: [web]\n", `policy.yaml:3: unknown field "too" in a rule (fields: from, to, action, http, when)`},
@@ -161,17 +179,7 @@ func TestBadPolicies(t *testing.T) {
 		{"test without expectations", "tests:\n  - from: user:a\n", "test 1 expects nothing"},
 		{"test from a group", "groups: {g: [user:a]}\ntests:\n  - from: group:g\n    allow: [web]\n", `"group:g" is not allowed here`},
 		{"list where a string goes", "rules:\n  - from: [[a]]\n    to: [web]\n", "policy.yaml:2: want a string, got a list"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			p, err := policy.Parse("policy.yaml", []byte(tc.src))
-			if err == nil {
-				t.Fatalf("accepted: %+v", p)
-			}
-			if !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("error %q\nwant it to hold %q", err, tc.want)
-			}
-		})
-	}
+	})
 }
 
 func TestFailingTestRejects(t *testing.T) {

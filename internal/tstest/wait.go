@@ -1,7 +1,8 @@
 // Package tstest is what meshlink's tests share: waiting for a condition
 // with a deadline instead of sleeping, checking that no goroutine of the
 // module outlives the tests, a logger that writes to the test's output,
-// and a buffer to search what loggers and agents wrote.
+// a buffer to search what loggers and agents wrote, and loopback servers
+// (Serve, Echo).
 // Model: tailscale tstest (WaitFor, ResourceCheck) and
 // WhileTestRunningLogger.
 package tstest
