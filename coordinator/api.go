@@ -721,7 +721,10 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			case <-wake:
 				wait = false
 			case <-keepAlive.C:
-				if err := sw.write(frame(keepAliveBody, ss.seq, time.Now())); err != nil {
+				// The next write comes within a keep-alive interval, unless
+				// the stream waits for a send slot; past twice the interval
+				// (60 s by default) the agent gives up on it anyway.
+				if err := sw.keepAlive(frame(keepAliveBody, ss.seq, time.Now()), 2*s.cfg.KeepAlive+15*time.Second); err != nil {
 					log.Debug("map stream: keep-alive", "err", err)
 					return nil
 				}

@@ -297,6 +297,14 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 			}
 			kept := 0
 			now := time.Now()
+			// A batch is mostly packets of one peer from one address: the
+			// peer is looked up (under b.mu) once per run of one source,
+			// and its byte count added once per run.
+			var (
+				lastSrc netip.AddrPort
+				lastP   *peer
+				run     uint64
+			)
 			for i := 0; i < n; i++ {
 				if sizes[i] == 0 {
 					continue
@@ -316,12 +324,21 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 					b.handleSTUN(pkt, src)
 					sizes[i] = 0
 				default:
-					if p := b.directRx(src, now); p != nil {
-						eps[i] = p.ep
-						p.rxDirect.Add(uint64(sizes[i]))
+					if src != lastSrc { // never the zero AddrPort: lastSrc starts there
+						if lastP != nil {
+							lastP.rxDirect.Add(run)
+						}
+						lastSrc, lastP, run = src, b.directRx(src, now), 0
+					}
+					if lastP != nil {
+						eps[i] = lastP.ep
+						run += uint64(sizes[i])
 					}
 					kept++
 				}
+			}
+			if lastP != nil {
+				lastP.rxDirect.Add(run)
 			}
 			if kept > 0 {
 				b.enter(packets[:n], sizes[:n])
@@ -339,12 +356,19 @@ func (b *Bind) receiveRelay(done chan struct{}, packets [][]byte, sizes []int, e
 		return 0, net.ErrClosed
 	}
 	n := 0
+	var (
+		lastKey key.Public
+		lastEp  conn.Endpoint
+	)
 	put := func(rp relayPacket) {
 		if len(rp.pkt) > len(packets[n]) {
 			return
 		}
 		sizes[n] = copy(packets[n], rp.pkt)
-		eps[n] = b.endpointFor(rp.src)
+		if lastEp == nil || rp.src != lastKey {
+			lastKey, lastEp = rp.src, b.endpointFor(rp.src)
+		}
+		eps[n] = lastEp
 		n++
 	}
 	put(first)

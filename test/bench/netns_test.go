@@ -209,10 +209,24 @@ func BenchmarkNetns(b *testing.B) {
 	if err != nil {
 		fail("%v", err)
 	}
+	// BENCH_DEBUG=1 serves each agent's Go profiles and traces inside its
+	// namespace (consumer 127.0.0.1:6061, provider :6062, relay-only
+	// :6063; `ip netns exec` into the site to fetch them), and
+	// BENCH_AGENT_ENV (space-separated NAME=VALUE, e.g. GOMAXPROCS=1)
+	// sets variables for the agents only, for A/B runs of runtime
+	// settings in one command.
+	debugPort := map[string]int{"consumer": 6061, "provider": 6062, "relayonly": 6063}
+	agentEnv := strings.Fields(os.Getenv("BENCH_AGENT_ENV"))
 	agent := func(h *topo.Host, name, pfx string, extra ...string) nsProc {
 		state := filepath.Join(dir, name)
 		args := append([]string{bin, "agent", "--join", token, "--name", "ns-" + name, "--state", state,
 			"--proxy-range", pfx, "--dns", "off", "--log-level", "warn"}, extra...)
+		if os.Getenv("BENCH_DEBUG") != "" {
+			args = append(args, "--debug-listen", fmt.Sprintf("127.0.0.1:%d", debugPort[name]))
+		}
+		if len(agentEnv) > 0 {
+			args = append([]string{"env"}, append(agentEnv, args...)...)
+		}
 		return nsProc{name: name, pid: start(h, name, args...), state: state}
 	}
 	pb := agent(siteB, "provider", "127.212.0.0/16",

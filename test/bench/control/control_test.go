@@ -32,7 +32,7 @@ var (
 	benchIdle   = flag.Duration("control.idle", 20*time.Second, "TestBenchControl: how long idle CPU is measured")
 	benchArgs   = flag.String("control.args", "", "TestBenchControl: extra coordinator flags, space-separated")
 	benchGroup  = flag.Int("control.policy", 0, "TestBenchControl: run under a policy of tagged groups of this many nodes, each reaching the services of two groups (0: no policy, every map holds every node)")
-	benchPprof  = flag.String("control.pprof", "", "TestBenchControl: save the coordinator's CPU profiles of the join phase (join.cpu) and of the idle window (idle.cpu), and its heap and goroutines after it (heap.pprof, goroutines.txt), in this directory")
+	benchPprof  = flag.String("control.pprof", "", "TestBenchControl: save the coordinator's CPU profiles of the join phase (join.cpu) and of the idle window (idle.cpu), and its heap, goroutines and memory statistics after it (heap.pprof, goroutines.txt, memstats.txt), in this directory")
 	benchSpread = flag.Duration("control.stormspread", 10*time.Second, "TestBenchControl: spread the storm's reconnects over this window, as agents do (0: all at once)")
 )
 
@@ -351,9 +351,13 @@ func TestBenchControl(t *testing.T) {
 				profiles.Add(1)
 				go save(phase+".cpu", fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs))
 			case "end":
-				profiles.Add(2)
+				profiles.Add(3)
 				save("heap.pprof", "/debug/pprof/heap?gc=1") // what is live now, not at the last cycle
 				save("goroutines.txt", "/debug/pprof/goroutine?debug=1")
+				// The runtime's memory split (heap in use, idle, released to
+				// the OS, stacks, next GC goal) at the end of its listing:
+				// what the RSS is made of beyond the live heap.
+				save("memstats.txt", "/debug/pprof/heap?debug=1")
 			}
 		}
 	}
