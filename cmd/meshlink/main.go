@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -362,6 +363,7 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "http-proxy", Usage: "serve an HTTP proxy (CONNECT and http:// URLs) on this address (e.g. 127.0.0.1:3128); default off", EnvVars: env("HTTP_PROXY")},
 			&cli.BoolFlag{Name: "proxy-mesh-only", Usage: "the --socks5 and --http-proxy proxies refuse names outside the mesh", EnvVars: env("PROXY_MESH_ONLY")},
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
+			&cli.IntFlag{Name: "cpus", Usage: "CPUs the agent runs its Go code on at once (GOMAXPROCS); 0 for Go's default, every CPU or the container's CPU limit. 1 cuts latency by a third where the agent shares a small machine with its applications (docs/performance.md#one-cpu)", EnvVars: env("CPUS")},
 			// A tuning knob for measurements, not for users: hidden.
 			&cli.BoolFlag{Name: "trim-executable", Value: true, Hidden: true, Usage: "once started, drop the binary's pages that starting touched from the resident set (docs/performance.md); false to measure without", EnvVars: env("TRIM_EXECUTABLE")},
 			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
@@ -374,6 +376,9 @@ func agentCmd() *cli.Command {
 			cfg, err := agentConfig(c)
 			if err != nil {
 				return usageErrorf("meshlink agent: %v", err)
+			}
+			if n := c.Int("cpus"); n > 0 {
+				runtime.GOMAXPROCS(n)
 			}
 			cfg.Logger = log
 			if cfg.Tracing.Enabled() {
@@ -436,6 +441,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 			return agent.Config{}, fmt.Errorf("--dns-allow %q: want a network such as 10.0.0.0/8 or fd00::/8 (comma-separated for several)", s)
 		}
 		dnsAllow = append(dnsAllow, p.Masked())
+	}
+	if n := c.Int("cpus"); n < 0 {
+		return agent.Config{}, fmt.Errorf("--cpus %d: want 1 or more, or 0 for Go's default (every CPU, or the container's limit)", n)
 	}
 	var exports []agent.Export
 	for _, s := range c.StringSlice("expose") {
