@@ -657,6 +657,9 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}()
 
 	sw := newStreamWriter(w)
+	// A keep-alive leaves its deadline armed; on HTTP/1.1 it is the
+	// connection's, which a next request on it must not inherit.
+	defer sw.rc.SetWriteDeadline(time.Time{})
 	// The first map waits for the wake-up that tells every other stream
 	// about this node (at most a debounce interval): a node must not reach
 	// peers that do not know it yet.

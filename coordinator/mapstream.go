@@ -344,7 +344,9 @@ func (sw *streamWriter) write(b []byte) error { return sw.writeParts(b) }
 // 10,000 streams keep-alives are most of an idle coordinator's CPU, and
 // each deadline change is a hand-off to the connection's HTTP/2 serve
 // loop. A keep-alive that cannot be written is cut off at the horizon;
-// it holds nothing but its own stream meanwhile (no send slot).
+// it holds nothing but its own stream meanwhile (no send slot): a reader
+// that stopped reading keeps its goroutine up to the horizon (75 s by
+// default), not 15 s.
 func (sw *streamWriter) keepAlive(b []byte, horizon time.Duration) error {
 	sw.rc.SetWriteDeadline(time.Now().Add(horizon))
 	if _, err := sw.w.Write(b); err != nil {

@@ -320,6 +320,9 @@ func (b *Bind) filter(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				case isDisco(pkt):
 					b.handleDisco(pkt, src, nil)
 					sizes[i] = 0
+					// A pong can give src to another peer: the packets
+					// after it are looked up again.
+					lastSrc = netip.AddrPort{}
 				case stun.IsSTUN(pkt):
 					b.handleSTUN(pkt, src)
 					sizes[i] = 0

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -331,7 +332,31 @@ func BenchmarkNetns(b *testing.B) {
 	r.p50, r.p99 = rr("bare", bareEcho)
 	rows["bare"] = r
 	r.mbps = stream("mesh", addrs[pa.name]["iperf"], 1, []nsProc{pa, pb})
+	// BENCH_TRACE=DIR (with BENCH_DEBUG=1): 2 s execution traces of the
+	// consumer and the provider during the mesh's round trips, in DIR
+	// (`go tool trace DIR/consumer.trace`). Tracing slows the agents: the
+	// round-trip figures of a traced run are not comparable.
+	var traces sync.WaitGroup
+	if os.Getenv("BENCH_TRACE") != "" && os.Getenv("BENCH_DEBUG") == "" {
+		b.Log("BENCH_TRACE needs BENCH_DEBUG=1 (the agents' debug listeners): no traces")
+	}
+	if tdir := os.Getenv("BENCH_TRACE"); tdir != "" && os.Getenv("BENCH_DEBUG") != "" {
+		for _, t := range []struct {
+			h    *topo.Host
+			name string
+		}{{siteA, "consumer"}, {siteB, "provider"}} {
+			traces.Add(1)
+			go func() {
+				defer traces.Done()
+				url := fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/trace?seconds=2", debugPort[t.name])
+				if out, err := t.h.Run(ctx, "curl", "-sS", "-o", filepath.Join(tdir, t.name+".trace"), url); err != nil {
+					b.Logf("trace of %s: %v %s", t.name, err, out)
+				}
+			}()
+		}
+	}
 	r.p50, r.p99 = rr("mesh", addrs[pa.name]["echo"])
+	traces.Wait()
 	rows["mesh"] = r
 	r.mbps = stream("relay", addrs[pr.name]["iperf"], 1, []nsProc{pr, pb})
 	r.p50, r.p99 = rr("relay", addrs[pr.name]["echo"])
