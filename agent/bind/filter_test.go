@@ -18,7 +18,7 @@ import (
 func TestFilterPongMidBatch(t *testing.T) {
 	priv, peerPriv := key.NewPrivate(), key.NewPrivate()
 	b := New(Config{PrivateKey: priv})
-	src := netip.MustParseAddrPort("192.0.2.7:41641") // only a value in memory: nothing is sent
+	src := netip.MustParseAddrPort("192.0.2.7:41641")             // only a value in memory: nothing is sent
 	b.SetPeers([]PeerConfig{{Key: peerPriv.Public(), Name: "p"}}) // src is no address of its yet
 
 	txid := [12]byte{1, 2, 3}
