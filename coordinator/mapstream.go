@@ -349,10 +349,7 @@ func (sw *streamWriter) write(b []byte) error { return sw.writeParts(b) }
 // default), not 15 s.
 func (sw *streamWriter) keepAlive(b []byte, horizon time.Duration) error {
 	sw.rc.SetWriteDeadline(time.Now().Add(horizon))
-	if _, err := sw.w.Write(b); err != nil {
-		return err
-	}
-	return sw.rc.Flush()
+	return sw.put(b)
 }
 
 // writeParts sends one line made of parts. Its deadline grows with the
@@ -364,6 +361,17 @@ func (sw *streamWriter) writeParts(parts ...[]byte) error {
 		n += len(p)
 	}
 	sw.rc.SetWriteDeadline(time.Now().Add(15*time.Second + time.Duration(n>>16)*time.Second))
+	if err := sw.put(parts...); err != nil {
+		return err
+	}
+	// The deadline guards one write only: left in place, it would reset
+	// an idle HTTP/2 stream when it passed.
+	return sw.rc.SetWriteDeadline(time.Time{})
+}
+
+// put writes the parts of one line and flushes them, under the deadline
+// the caller set.
+func (sw *streamWriter) put(parts ...[]byte) error {
 	for _, p := range parts {
 		if len(p) == 0 {
 			continue
@@ -372,12 +380,7 @@ func (sw *streamWriter) writeParts(parts ...[]byte) error {
 			return err
 		}
 	}
-	if err := sw.rc.Flush(); err != nil {
-		return err
-	}
-	// The deadline guards one write only: left in place, it would reset
-	// an idle HTTP/2 stream when it passed.
-	return sw.rc.SetWriteDeadline(time.Time{})
+	return sw.rc.Flush()
 }
 
 // writeJSON sends v as one line.

@@ -337,10 +337,12 @@ func BenchmarkNetns(b *testing.B) {
 	// (`go tool trace DIR/consumer.trace`). Tracing slows the agents: the
 	// round-trip figures of a traced run are not comparable.
 	var traces sync.WaitGroup
-	if os.Getenv("BENCH_TRACE") != "" && os.Getenv("BENCH_DEBUG") == "" {
+	tdir := os.Getenv("BENCH_TRACE")
+	if tdir != "" && os.Getenv("BENCH_DEBUG") == "" {
 		b.Log("BENCH_TRACE needs BENCH_DEBUG=1 (the agents' debug listeners): no traces")
+		tdir = ""
 	}
-	if tdir := os.Getenv("BENCH_TRACE"); tdir != "" && os.Getenv("BENCH_DEBUG") != "" {
+	if tdir != "" {
 		for _, t := range []struct {
 			h    *topo.Host
 			name string
