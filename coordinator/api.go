@@ -629,7 +629,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	if err := s.store.SetLastSeen(ctx, node.ID, time.Now()); err != nil {
 		return storeErr("map", err)
 	}
-	st := &mapStream{node: node.ID, cancel: cancel}
+	st := newMapStream(node.ID, cancel)
 	s.hub.attach(st)
 	_, opened := s.hub.watch()
 	s.commit(change{log: "map stream opened", attrs: []any{"node_id", node.ID, "name", node.Name, "remote", r.RemoteAddr}})
@@ -670,7 +670,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}
 	keepAlive := time.NewTimer(jitter(s.cfg.KeepAlive))
 	defer keepAlive.Stop()
-	ss := &streamState{node: node.ID}
+	ss := st.state
 	// With replicas, the stream's heartbeat tells the others that the
 	// node is online (here): their maps show it so, and they do not reap
 	// it (an ephemeral node they saw leave, or every one after a restart).
@@ -688,9 +688,13 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		if !ok {
 			return nil
 		}
-		gen, wake := s.hub.woken()
+		// The sweep looks at ss only while the stream does not (TryLock),
+		// and wakes it when it cannot look.
+		ss.mu.Lock()
+		gen, _ := s.hub.woken()
 		snap, err := s.recent(ctx, gen)
 		if err != nil {
+			ss.mu.Unlock()
 			release()
 			if ctx.Err() == nil {
 				log.Error("map stream: build map", "err", err)
@@ -698,17 +702,20 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			return nil
 		}
 		if snap.expired[node.ID] {
+			ss.mu.Unlock()
 			release()
 			// The agent reconnects and is told why (keyExpired).
 			log.Info("map stream: node key expired")
 			return nil
 		}
 		if _, ok := snap.byID[node.ID]; !ok {
+			ss.mu.Unlock()
 			release()
 			log.Info("map stream: node removed")
 			return nil
 		}
 		sent, err := s.send(sw, ss, snap, time.Now())
+		ss.mu.Unlock()
 		release()
 		if err != nil {
 			log.Debug("map stream: write", "err", err)
@@ -718,10 +725,11 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			s.metrics.mapSent(snap.at)
 			keepAlive.Reset(jitter(s.cfg.KeepAlive))
 		}
-		// Keep-alives wait here too, and cost no map.
+		// Keep-alives wait here too, and cost no map. Only a wake-up that
+		// brings this stream something reaches it (Server.sweep).
 		for wait := true; wait; {
 			select {
-			case <-wake:
+			case <-st.poke:
 				wait = false
 			case <-keepAlive.C:
 				// The next write comes within a keep-alive interval, unless

@@ -577,10 +577,11 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          errLog,
 		BaseContext:       func(net.Listener) context.Context { return s.ctx },
-		TLSConfig: &tls.Config{
-			MinVersion:   tls.VersionTLS13,
-			Certificates: []tls.Certificate{s.cert},
-		},
+	}
+	tlsCfg := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{s.cert},
+		NextProtos:   []string{"h2", "http/1.1"},
 	}
 	adminSrv := &http.Server{
 		Handler:           s.adminHandler(),
@@ -614,7 +615,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}
 	s.ln, s.adminLn, s.httpSrv, s.adminSrv, s.url, s.addr, s.stun = ln, adminLn, httpSrv, adminSrv, u, addr, stunSrv
 	s.metricsSrv = metricsSrv
-	s.wg.Add(5)
+	s.wg.Add(6)
 	s.mu.Unlock()
 	if n, ok := s.store.(store.Notifier); ok {
 		s.wg.Add(2)
@@ -630,6 +631,10 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	go s.summarizeJoinFailures()
 	go func() {
 		defer s.wg.Done()
+		s.sweep()
+	}()
+	go func() {
+		defer s.wg.Done()
 		s.expireKeys()
 	}()
 	go func() {
@@ -638,7 +643,13 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	}()
 	go func() {
 		defer s.wg.Done()
-		if err := httpSrv.ServeTLS(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		// The handshake's timeout is the server's ReadHeaderTimeout, as
+		// net/http's own would be.
+		hl := newHandshakeListener(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), tlsCfg, httpSrv.ReadHeaderTimeout,
+			func(c net.Conn, err error) {
+				errLog.Printf("http: TLS handshake error from %s: %v", c.RemoteAddr(), err)
+			})
+		if err := httpSrv.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("https server stopped", "err", err)
 		}
 	}()

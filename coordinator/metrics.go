@@ -27,6 +27,7 @@ type metrics struct {
 	mapUpdates    prometheus.Counter
 	mapLatency    prometheus.Histogram
 	denied        *prometheus.CounterVec // by service
+	wakeups       *prometheus.CounterVec // by result: woken, skipped
 }
 
 // latencyBuckets span a change fanned out on loopback (sub-millisecond) to
@@ -53,11 +54,17 @@ func newMetrics(s *Server) *metrics {
 			Name: "meshlink_coordinator_connections_denied_total",
 			Help: "Connections providers reported refusing by policy, by service (only reports that passed validation: a service the provider provides, a source node of the mesh).",
 		}, []string{"service"}),
+		wakeups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlink_coordinator_map_stream_wakeups_total",
+			Help: "Map streams looked at when the network map changed, by result: woken (the change concerns the stream's node, or the stream was busy sending) or skipped (nothing of its map changed: recorded as sent without waking it).",
+		}, []string{"result"}),
 	}
 	// Seen from the first scrape, so that rate() works from the first
 	// success on.
 	m.registrations.WithLabelValues("ok")
-	m.reg.MustRegister(m.registrations, m.mapUpdates, m.mapLatency, m.denied, serverCollector{s},
+	m.wakeups.WithLabelValues("woken")
+	m.wakeups.WithLabelValues("skipped")
+	m.reg.MustRegister(m.registrations, m.mapUpdates, m.mapLatency, m.denied, m.wakeups, serverCollector{s},
 		relay.NewCollector("meshlink_coordinator_relay", s.relay),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -35,7 +35,10 @@ type hub struct {
 	pending  *time.Timer   // a wake-up scheduled; nil if none
 	debounce time.Duration
 	streams  map[wire.NodeID]*mapStream
-	relays   map[int64]*relayStream // standalone relays online
+	// swept tells Server.sweep of a wake-up (buffered: one pending is
+	// enough, the sweep reads the latest generation).
+	swept  chan struct{}
+	relays map[int64]*relayStream // standalone relays online
 	// epochs counts stream attachments per node, so that a pending
 	// ephemeral removal can tell whether the node came back meanwhile.
 	epochs map[wire.NodeID]uint64
@@ -44,12 +47,28 @@ type hub struct {
 type mapStream struct {
 	node   wire.NodeID
 	cancel func()
+	state  *streamState
+	// poke wakes the stream (buffered: one pending is enough); only the
+	// sweep (Server.sweep) and the stream itself use it.
+	poke chan struct{}
+}
+
+func newMapStream(node wire.NodeID, cancel func()) *mapStream {
+	return &mapStream{node: node, cancel: cancel, state: &streamState{node: node}, poke: make(chan struct{}, 1)}
+}
+
+func (ms *mapStream) wake() {
+	select {
+	case ms.poke <- struct{}{}:
+	default:
+	}
 }
 
 func (h *hub) init(debounce time.Duration) {
 	h.wake = make(chan struct{})
 	h.debounce = debounce
 	h.streams = map[wire.NodeID]*mapStream{}
+	h.swept = make(chan struct{}, 1)
 	h.relays = map[int64]*relayStream{}
 	h.epochs = map[wire.NodeID]uint64{}
 }
@@ -97,6 +116,20 @@ func (h *hub) wakeLocked() {
 	h.woke, h.wokeGen = time.Now(), h.gen
 	close(h.wake)
 	h.wake = make(chan struct{})
+	select {
+	case h.swept <- struct{}{}:
+	default:
+	}
+}
+
+// streamList appends the map streams attached now to list.
+func (h *hub) streamList(list []*mapStream) []*mapStream {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, ms := range h.streams {
+		list = append(list, ms)
+	}
+	return list
 }
 
 // change is what the coordinator says about a change of the mesh once the

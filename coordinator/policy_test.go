@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"slices"
 	"strconv"
@@ -11,7 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/meshlink/meshlink/coordinator/store"
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -358,4 +363,93 @@ func TestPolicyTagOwnersAtJoin(t *testing.T) {
 	if st != http.StatusForbidden || !strings.Contains(string(body), "tagOwners lets only user:alice give tag:db") {
 		t.Errorf("refusal %d %s; want 403 naming who may give the tag", st, body)
 	}
+}
+
+// TestPolicyChangeWakesOnlyItsStreams: under a policy, a change wakes only
+// the map streams whose maps it changes; the others are recorded as
+// having it (meshlink_coordinator_map_stream_wakeups_total{result=
+// "skipped"}) and a later change that does concern them still reaches
+// them whole, as a delta from the map they hold.
+func TestPolicyChangeWakesOnlyItsStreams(t *testing.T) {
+	m := newPolicyMesh(t)
+	held := map[*stream]*wire.NetworkMap{}
+	portOf := func(nm *wire.NetworkMap, svc string) uint16 {
+		for _, sv := range nm.Services {
+			if sv.Name == svc && len(sv.Providers) > 0 {
+				return sv.Providers[0].Port
+			}
+		}
+		return 0
+	}
+	waitPort := func(st *stream, who, svc string, port uint16) {
+		t.Helper()
+		if held[st] == nil {
+			held[st] = &wire.NetworkMap{}
+		}
+		nm := held[st]
+		if portOf(nm, svc) == port {
+			return
+		}
+		st.next(t, 20*time.Second, fmt.Sprintf("%s's map with %s on port %d", who, svc, port), func(msg wire.MapResponse) bool {
+			nm.Apply(&msg)
+			return portOf(nm, svc) == port
+		})
+	}
+	waitPort(m.bobSt, "bob", "web", 8000)
+	waitPort(m.webSt, "web1", "web", 8000)
+	waitPort(m.carSt, "carol", "db", 5432)
+	waitPort(m.dbSt, "db1", "db", 5432)
+	skipped := m.s.metrics.wakeups.WithLabelValues("skipped")
+	before := counterValue(t, skipped)
+
+	// db moves: carol and db1 see db, bob and web1 do not.
+	if st, body := expose(t, m.c, m.s.URL(), m.db1, "db", 5433); st != 200 {
+		t.Fatalf("db1 re-exposes db: %d %s", st, body)
+	}
+	waitPort(m.carSt, "carol", "db", 5433)
+	waitPort(m.dbSt, "db1", "db", 5433)
+	tstest.WaitForNil(t, 10*time.Second, "bob's and web1's streams skipped", func() error {
+		if n := counterValue(t, skipped) - before; n < 2 {
+			return fmt.Errorf("%v streams skipped since db moved, want bob's and web1's at least", n)
+		}
+		return nil
+	})
+
+	// web moves: bob's stream, skipped before, gets it, and the map it
+	// holds is the one a fresh stream gets.
+	if st, body := expose(t, m.c, m.s.URL(), m.web1, "web", 8001); st != 200 {
+		t.Fatalf("web1 re-exposes web: %d %s", st, body)
+	}
+	waitPort(m.bobSt, "bob", "web", 8001)
+	fresh := openMap(t, m.c, m.s.URL(), m.bobs)
+	first := fresh.next(t, 20*time.Second, "bob's full map", func(msg wire.MapResponse) bool { return msg.Full != nil })
+	if got, want := mapSummary(*held[m.bobSt]), mapSummary(*first.Full); got != want {
+		t.Fatalf("bob's map, built from deltas:\n%s\nwant what a fresh stream gets:\n%s", got, want)
+	}
+}
+
+// mapSummary is what of a map a policy decides: its peers, services,
+// providers' ports and allowed nodes.
+func mapSummary(nm wire.NetworkMap) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "peers %v\n", peerNames(nm))
+	svcs := slices.Clone(nm.Services)
+	slices.SortFunc(svcs, func(a, b wire.Service) int { return strings.Compare(a.Name, b.Name) })
+	for _, sv := range svcs {
+		var ports []uint16
+		for _, p := range sv.Providers {
+			ports = append(ports, p.Port)
+		}
+		fmt.Fprintf(&b, "service %s ports %v allowed %v\n", sv.Name, ports, sv.AllowedNodes)
+	}
+	return b.String()
+}
+
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }
