@@ -271,6 +271,9 @@ type Server struct {
 
 	// expiryWake wakes expireKeys (buffered: one pending is enough).
 	expiryWake chan struct{}
+	// sweptGen is the generation of the last wake-up Server.sweep has
+	// gone through.
+	sweptGen atomic.Uint64
 	// notifyWake wakes notifyReplicas (buffered: one pending is enough).
 	notifyWake chan struct{}
 	expiryMu   sync.Mutex // guards expiryAnnounced and expiryNext
@@ -645,10 +648,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		defer s.wg.Done()
 		// The handshake's timeout is the server's ReadHeaderTimeout, as
 		// net/http's own would be.
-		hl := newHandshakeListener(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), tlsCfg, httpSrv.ReadHeaderTimeout,
-			func(c net.Conn, err error) {
-				errLog.Printf("http: TLS handshake error from %s: %v", c.RemoteAddr(), err)
-			})
+		hl := newHandshakeListener(newLimitListener(ln, s.cfg.MaxConns, s.cfg.MaxConnsPerSource, s.log), tlsCfg, httpSrv.ReadHeaderTimeout, errLog.Printf)
 		if err := httpSrv.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("https server stopped", "err", err)
 		}

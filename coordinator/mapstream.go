@@ -401,7 +401,7 @@ func jitter(d time.Duration) time.Duration {
 // streamState is what one map stream has sent.
 type streamState struct {
 	// mu is held by the stream while it builds and writes (serveMap), and
-	// tried by the sweep; it guards last and seq.
+	// tried by the sweep; it guards last (seq is the stream's alone).
 	mu   sync.Mutex
 	node wire.NodeID
 	last *snapshot // the snapshot sent last; nil before the first
@@ -485,6 +485,7 @@ func (s *Server) sweep() {
 		s.metrics.wakeups.WithLabelValues("woken").Add(float64(woken))
 		s.metrics.wakeups.WithLabelValues("skipped").Add(float64(len(list) - woken))
 		clear(list) // no ended stream is kept until the next sweep
+		s.sweptGen.Store(gen)
 	}
 }
 

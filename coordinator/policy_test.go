@@ -399,8 +399,25 @@ func TestPolicyChangeWakesOnlyItsStreams(t *testing.T) {
 	waitPort(m.webSt, "web1", "web", 8000)
 	waitPort(m.carSt, "carol", "db", 5432)
 	waitPort(m.dbSt, "db1", "db", 5432)
-	skipped := m.s.metrics.wakeups.WithLabelValues("skipped")
-	before := counterValue(t, skipped)
+	skipped, woken := m.s.metrics.wakeups.WithLabelValues("skipped"), m.s.metrics.wakeups.WithLabelValues("woken")
+	// Every wake-up so far (the streams opening) swept, none pending: the
+	// counters move from here on only for the change below.
+	swept := func() {
+		t.Helper()
+		tstest.WaitForNil(t, 10*time.Second, "the wake-ups swept", func() error {
+			h := &m.s.hub
+			h.mu.Lock()
+			idle := h.pending == nil && h.wokeGen == h.gen
+			gen := h.wokeGen
+			h.mu.Unlock()
+			if !idle || m.s.sweptGen.Load() != gen {
+				return errors.New("a wake-up pending or being swept")
+			}
+			return nil
+		})
+	}
+	swept()
+	before, wokenBefore := counterValue(t, skipped), counterValue(t, woken)
 
 	// db moves: carol and db1 see db, bob and web1 do not.
 	if st, body := expose(t, m.c, m.s.URL(), m.db1, "db", 5433); st != 200 {
@@ -408,12 +425,13 @@ func TestPolicyChangeWakesOnlyItsStreams(t *testing.T) {
 	}
 	waitPort(m.carSt, "carol", "db", 5433)
 	waitPort(m.dbSt, "db1", "db", 5433)
-	tstest.WaitForNil(t, 10*time.Second, "bob's and web1's streams skipped", func() error {
-		if n := counterValue(t, skipped) - before; n < 2 {
-			return fmt.Errorf("%v streams skipped since db moved, want bob's and web1's at least", n)
-		}
-		return nil
-	})
+	swept()
+	// Each sweep looks at the four streams once; in each, bob's and
+	// web1's have nothing (and no stream is busy sending).
+	ds, dw := counterValue(t, skipped)-before, counterValue(t, woken)-wokenBefore
+	if sweeps := (ds + dw) / 4; ds < 1 || ds < 2*sweeps || dw > 2*sweeps {
+		t.Fatalf("since db moved: %v streams skipped, %v woken (%v sweeps of 4); want bob's and web1's skipped, only carol's and db1's woken", ds, dw, sweeps)
+	}
 
 	// web moves: bob's stream, skipped before, gets it, and the map it
 	// holds is the one a fresh stream gets.

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,10 +30,14 @@ func TestHandshakeListener(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const timeout = 300 * time.Millisecond
+	const timeout = 2 * time.Second
 	var failed atomic.Int32
 	l := newHandshakeListener(inner, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}, timeout,
-		func(net.Conn, error) { failed.Add(1) })
+		func(format string, args ...any) {
+			if strings.Contains(format, "TLS handshake error") {
+				failed.Add(1)
+			}
+		})
 	defer l.Close()
 	addr := l.Addr().String()
 
@@ -72,7 +79,7 @@ func TestHandshakeListener(t *testing.T) {
 	select {
 	case a = <-acc:
 	case <-time.After(timeout / 2):
-		t.Fatalf("an honest client waited longer than %v behind a stalled and a garbage connection", timeout/2)
+		t.Fatalf("an honest client waited longer than %v behind a stalled and a plain-HTTP connection", timeout/2)
 	}
 	if a.err != nil {
 		t.Fatal(a.err)
@@ -93,19 +100,19 @@ func TestHandshakeListener(t *testing.T) {
 	}
 	tc.Close()
 
-	// The garbage is refused, the stalled connection closed at the timeout.
-	for _, c := range []struct {
-		name string
-		conn net.Conn
-		by   time.Duration
-	}{{"garbage", garbage, timeout}, {"stalled", stalled, 5 * timeout}} {
-		c.conn.SetReadDeadline(time.Now().Add(c.by + 2*time.Second))
-		if _, err := io.Copy(io.Discard, c.conn); err != nil {
-			t.Fatalf("%s connection not closed by the server: %v", c.name, err)
-		}
+	// The plain HTTP request is told what it did, the stalled connection
+	// closed at the timeout.
+	garbage.SetReadDeadline(time.Now().Add(5 * time.Second))
+	answer, err := io.ReadAll(garbage)
+	if err != nil || !strings.Contains(string(answer), "400 Bad Request") || !strings.Contains(string(answer), "Client sent an HTTP request to an HTTPS server") {
+		t.Fatalf("a plain HTTP request got %q, %v; want net/http's 400 and the connection closed", answer, err)
+	}
+	stalled.SetReadDeadline(time.Now().Add(timeout + 5*time.Second))
+	if _, err := io.Copy(io.Discard, stalled); err != nil {
+		t.Fatalf("stalled connection not closed by the server: %v", err)
 	}
 	if n := failed.Load(); n != 2 {
-		t.Fatalf("%d failed handshakes reported, want 2", n)
+		t.Fatalf("%d failed handshakes logged, want 2", n)
 	}
 
 	// Close with a handshake in flight returns without waiting it out.
@@ -144,4 +151,60 @@ func mustListen(t *testing.T) net.Listener {
 		t.Fatal(err)
 	}
 	return l
+}
+
+// emfileOnce fails its first Accept the way a process out of file
+// descriptors does.
+type emfileOnce struct {
+	net.Listener
+	failed atomic.Bool
+}
+
+func (l *emfileOnce) Accept() (net.Conn, error) {
+	if !l.failed.Swap(true) {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return l.Listener.Accept()
+}
+
+// TestHandshakeListenerOutOfFiles: running out of file descriptors is
+// passing; the listener pauses, logs, and accepts again.
+func TestHandshakeListenerOutOfFiles(t *testing.T) {
+	cert, err := tlscert.LoadOrCreate(t.TempDir(), "coordinator", []string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logged atomic.Int32
+	l := newHandshakeListener(&emfileOnce{Listener: mustListen(t)}, &tls.Config{Certificates: []tls.Certificate{cert}}, 5*time.Second,
+		func(format string, args ...any) {
+			if strings.Contains(format, "Accept error") {
+				logged.Add(1)
+			}
+		})
+	defer l.Close()
+	go func() {
+		if c, err := tls.Dial("tcp", l.Addr().String(), &tls.Config{InsecureSkipVerify: true}); err == nil {
+			c.Write([]byte("x"))
+			c.Close()
+		}
+	}()
+	got := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err == nil {
+			c.Close()
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("Accept after EMFILE: %v, want the next connection", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no connection accepted after one EMFILE")
+	}
+	if logged.Load() != 1 {
+		t.Fatalf("%d accept errors logged, want 1", logged.Load())
+	}
 }
