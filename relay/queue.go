@@ -151,14 +151,36 @@ func (q *frameQueue) dropOldest(n int) (frames, bytes int) {
 	return i, bytes
 }
 
-// take moves the waiting frames into batch (whose contents it replaces).
+// maxTakeBytes bounds one take. Frames taken are being written and can no
+// longer be dropped, so a writer stuck on a reader that does not read
+// holds at most this much (plus one frame) of the total budget; the rest
+// stays waiting, where eviction reaches it. Unbounded, a writer that woke
+// late (a loaded machine) took its whole queue: eight stalled readers held
+// the whole budget and an honest receiver's packets were refused.
+const maxTakeBytes = 64 << 10
+
+// take moves the oldest waiting frames, at least one and up to
+// maxTakeBytes, into batch (whose contents it replaces); when frames are
+// left it signals ready again.
 func (q *frameQueue) take(batch []*frame) []*frame {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	batch = append(batch[:0], q.frames...)
-	clear(q.frames)
-	q.frames = q.frames[:0]
-	q.queued = 0
+	batch = batch[:0]
+	n, i := 0, 0
+	for ; i < len(q.frames) && (i == 0 || n+q.frames[i].size() <= maxTakeBytes); i++ {
+		n += q.frames[i].size()
+		batch = append(batch, q.frames[i])
+	}
+	left := copy(q.frames, q.frames[i:])
+	clear(q.frames[left:])
+	q.frames = q.frames[:left]
+	q.queued -= n
+	if left > 0 {
+		select {
+		case q.ready <- struct{}{}:
+		default:
+		}
+	}
 	return batch
 }
 

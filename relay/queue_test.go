@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/key"
 	"github.com/meshlink/meshlink/internal/tstest"
 )
 
@@ -140,5 +141,52 @@ func testSlowReceivers(t *testing.T, slow int, total, budget int64) {
 	tr.stop()
 	if q := tr.relay.Stats().QueuedBytes; q != 0 {
 		t.Errorf("%d bytes still counted as queued after every connection closed", q)
+	}
+}
+
+// TestTakeLeavesFramesDroppable: a writer takes at most maxTakeBytes (and
+// at least one frame) at a time, so that a writer stuck on a reader that
+// does not read holds little of the total budget: what it has not taken
+// still waits, where the budget's eviction can drop it to make room for
+// an honest receiver. Taking the whole queue at once let eight stalled
+// readers hold all of a 3 MiB budget (TestSlowReceiversBoundedMemory
+// failed on a loaded machine: the honest receiver's packets refused).
+func TestTakeLeavesFramesDroppable(t *testing.T) {
+	q := newFrameQueue(256, 4<<20, nil)
+	var k key.Public
+	pkt := make([]byte, 1400) // a 2 KiB frame
+	total := 0
+	for range 128 {
+		f := newPacketFrame(FrameRecvPacket, k, pkt)
+		total += f.size()
+		if !q.push(f) {
+			t.Fatal("push refused under the queue's budget")
+		}
+	}
+	<-q.ready
+	batch := q.take(nil)
+	taken := 0
+	for _, f := range batch {
+		taken += f.size()
+	}
+	if len(batch) == 0 || taken > maxTakeBytes {
+		t.Fatalf("took %d frames, %d bytes; want at least one and at most %d bytes", len(batch), taken, maxTakeBytes)
+	}
+	if w := q.waiting(); w != total-taken {
+		t.Fatalf("%d bytes still waiting after taking %d of %d, want %d", w, taken, total, total-taken)
+	}
+	select {
+	case <-q.ready:
+	default:
+		t.Fatal("frames left but the writer is not told to come back")
+	}
+	if frames, bytes := q.dropOldest(total); bytes != total-taken || frames != 128-len(batch) {
+		t.Fatalf("eviction freed %d frames, %d bytes; want all %d bytes not taken", frames, bytes, total-taken)
+	}
+	// A frame larger than maxTakeBytes still goes, alone.
+	big := newPacketFrame(FrameRecvPacket, k, make([]byte, MaxPacket))
+	q.push(big)
+	if got := q.take(batch); len(got) != 1 {
+		t.Fatalf("a frame over maxTakeBytes: took %d frames, want it alone", len(got))
 	}
 }
