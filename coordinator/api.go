@@ -631,8 +631,8 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	}
 	st := newMapStream(node.ID, cancel)
 	s.hub.attach(st)
-	_, opened := s.hub.watch()
 	s.commit(change{log: "map stream opened", attrs: []any{"node_id", node.ID, "name", node.Name, "remote", r.RemoteAddr}})
+	openedGen, _ := s.hub.changed()
 	log := s.log.With("node_id", node.ID, "name", node.Name)
 	defer func() {
 		if s.hub.detach(st) {
@@ -663,9 +663,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	// The first map waits for the wake-up that tells every other stream
 	// about this node (at most a debounce interval): a node must not reach
 	// peers that do not know it yet.
-	select {
-	case <-opened:
-	case <-ctx.Done():
+	if !s.waitSwept(ctx, openedGen) {
 		return nil
 	}
 	keepAlive := time.NewTimer(jitter(s.cfg.KeepAlive))

@@ -274,6 +274,9 @@ type Server struct {
 	// sweptGen is the generation of the last wake-up Server.sweep has
 	// gone through.
 	sweptGen atomic.Uint64
+	// sweepDone is closed and replaced at the end of every sweep.
+	sweepMu   sync.Mutex
+	sweepDone chan struct{}
 	// notifyWake wakes notifyReplicas (buffered: one pending is enough).
 	notifyWake chan struct{}
 	expiryMu   sync.Mutex // guards expiryAnnounced and expiryNext
@@ -436,6 +439,7 @@ func New(cfg Config) (*Server, error) {
 
 		expiryWake:      make(chan struct{}, 1),
 		notifyWake:      make(chan struct{}, 1),
+		sweepDone:       make(chan struct{}),
 		expiryAnnounced: map[wire.NodeID]time.Time{},
 		heartbeat:       heartbeat,
 	}

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -486,6 +487,30 @@ func (s *Server) sweep() {
 		s.metrics.wakeups.WithLabelValues("skipped").Add(float64(len(list) - woken))
 		clear(list) // no ended stream is kept until the next sweep
 		s.sweptGen.Store(gen)
+		s.sweepMu.Lock()
+		close(s.sweepDone)
+		s.sweepDone = make(chan struct{})
+		s.sweepMu.Unlock()
+	}
+}
+
+// waitSwept waits until the sweep has gone through generation gen: a new
+// stream's first map waits for the streams told about its node to be
+// woken first, so that no peer reaches a provider that does not know it
+// yet. It reports false when ctx ends first.
+func (s *Server) waitSwept(ctx context.Context, gen uint64) bool {
+	for {
+		s.sweepMu.Lock()
+		ch := s.sweepDone
+		s.sweepMu.Unlock()
+		if s.sweptGen.Load() >= gen {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return false
+		}
 	}
 }
 
