@@ -88,7 +88,9 @@ type Config struct {
 	Hostname string
 	Logger   *slog.Logger
 	// MapIdle is how long the map stream may be silent before the agent
-	// reconnects; default 60s.
+	// reconnects; default 120s. The coordinator is told (it keeps its
+	// keep-alives within half of it), and a coordinator that names a
+	// shorter keep-alive interval makes the wait shorter (streamMap).
 	MapIdle time.Duration
 	// RetryMin and RetryMax bound the coordinator reconnect backoff;
 	// defaults 1s and 30s.
@@ -280,7 +282,7 @@ func New(cfg Config) (*Agent, error) {
 		}
 	}
 	if cfg.MapIdle == 0 {
-		cfg.MapIdle = 60 * time.Second
+		cfg.MapIdle = 120 * time.Second
 	}
 	if cfg.RetryMin == 0 {
 		cfg.RetryMin = time.Second
@@ -874,7 +876,8 @@ func (a *Agent) controlLoop() {
 		sctx, scancel := context.WithCancel(a.ctx)
 		a.streamCancel = scancel
 		a.mu.Unlock()
-		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: cur.Public(), Region: a.cfg.Region}
+		mr := wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: a.listenPort, LocalEndpoints: a.endpointCandidates(), NodeKey: cur.Public(), Region: a.cfg.Region,
+			MapIdle: int(a.cfg.MapIdle / time.Second)}
 		var err error
 		if rk != nil && rk.server.IsZero() {
 			// A resumed rotation: proofs need the coordinator's key.

@@ -213,13 +213,28 @@ func (c *controlClient) call(ctx context.Context, path string, body, out any) er
 	return nil
 }
 
+// streamIdle is how long a map stream may stay silent, for an agent that
+// waits at most idle and a coordinator that named keepAlive (its
+// wire.HeaderKeepAlive: whole seconds) as its interval: twice that and
+// 15s, when shorter. A coordinator before protocol version 15 names none
+// and sends keep-alives every 30s at most, for agents that waited 60s; so
+// does one whose header does not parse.
+func streamIdle(idle time.Duration, keepAlive string) time.Duration {
+	n, err := strconv.Atoi(keepAlive)
+	if err != nil || n < 1 || n > 24*3600 {
+		return min(idle, wire.DefaultMapIdle)
+	}
+	return min(idle, 2*time.Duration(n)*time.Second+15*time.Second)
+}
+
 // maxMapLine bounds one network-map message.
 const maxMapLine = 64 << 20
 
 // streamMap opens the map stream and calls fn for each message until the
 // stream ends, ctx is done, or nothing (not even a keep-alive) arrives within
-// idle. fn is called with the first message before streamMap returns nil
-// for "connected".
+// idle, or within twice the keep-alive interval the coordinator names and
+// 15s when that is shorter. fn is called with the first message before
+// streamMap returns nil for "connected".
 func (c *controlClient) streamMap(ctx context.Context, mr wire.MapRequest, idle time.Duration, fn func(*wire.MapResponse) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -232,6 +247,7 @@ func (c *controlClient) streamMap(ctx context.Context, mr wire.MapRequest, idle 
 		return err
 	}
 	defer resp.Body.Close()
+	idle = streamIdle(idle, resp.Header.Get(wire.HeaderKeepAlive))
 
 	// A watchdog cancels the stream when it goes silent: a coordinator that
 	// vanished without a FIN must not leave us waiting forever.

@@ -656,6 +656,8 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 	}()
 
+	ka := s.keepAliveFor(req.MapIdle)
+	w.Header().Set(wire.HeaderKeepAlive, strconv.Itoa(int((ka+time.Second-1)/time.Second)))
 	sw := newStreamWriter(w)
 	// A keep-alive leaves its deadline armed; on HTTP/1.1 it is the
 	// connection's, which a next request on it must not inherit.
@@ -666,7 +668,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 	if !s.waitSwept(ctx, openedGen) {
 		return nil
 	}
-	keepAlive := time.NewTimer(jitter(s.cfg.KeepAlive))
+	keepAlive := time.NewTimer(jitter(ka))
 	defer keepAlive.Stop()
 	ss := st.state
 	// With replicas, the stream's heartbeat tells the others that the
@@ -721,7 +723,7 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 		}
 		if sent {
 			s.metrics.mapSent(snap.at)
-			keepAlive.Reset(jitter(s.cfg.KeepAlive))
+			keepAlive.Reset(jitter(ka))
 		}
 		// Keep-alives wait here too, and cost no map. Only a wake-up that
 		// brings this stream something reaches it (Server.sweep).
@@ -732,12 +734,12 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			case <-keepAlive.C:
 				// The next write comes within a keep-alive interval, unless
 				// the stream waits for a send slot; past twice the interval
-				// (60 s by default) the agent gives up on it anyway.
-				if err := sw.keepAlive(frame(keepAliveBody, ss.seq, time.Now()), 2*s.cfg.KeepAlive+15*time.Second); err != nil {
+				// the agent gives up on it anyway.
+				if err := sw.keepAlive(frame(keepAliveBody, ss.seq, time.Now()), ka); err != nil {
 					log.Debug("map stream: keep-alive", "err", err)
 					return nil
 				}
-				keepAlive.Reset(jitter(s.cfg.KeepAlive))
+				keepAlive.Reset(jitter(ka))
 			case <-beat:
 				if err := s.store.SetHeartbeat(ctx, node.ID, time.Now()); err != nil && ctx.Err() == nil {
 					log.Warn("map stream: heartbeat", "err", err)
@@ -747,6 +749,23 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 			}
 		}
 	}
+}
+
+// minMapIdle is the shortest wait on a silent stream a node may ask for:
+// below it, a node would have its stream's keep-alives sent every few
+// hundred milliseconds, the coordinator's CPU spent at its word.
+const minMapIdle = 10 * time.Second
+
+// keepAliveFor is the keep-alive interval of a stream whose agent waits
+// idle seconds on a silent stream (wire.MapRequest.MapIdle; 0 before
+// protocol version 15): at most half of that, and at most
+// Config.KeepAlive.
+func (s *Server) keepAliveFor(idle int) time.Duration {
+	wait := wire.DefaultMapIdle
+	if idle > 0 {
+		wait = time.Duration(min(idle, 24*3600)) * time.Second
+	}
+	return min(s.cfg.KeepAlive, max(wait, minMapIdle)/2)
 }
 
 // startStream answers 200 with a newline-delimited JSON stream and returns

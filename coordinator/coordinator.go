@@ -72,9 +72,12 @@ type Config struct {
 	Domain string
 	// Logger receives structured logs; nil discards.
 	Logger *slog.Logger
-	// KeepAlive is the map-stream keep-alive interval, and with replicas
-	// the heartbeat's; default 30s for keep-alives (agents give up on a
-	// stream silent for 60s) and 15s for the heartbeat.
+	// KeepAlive is the longest map-stream keep-alive interval, and with
+	// replicas the heartbeat's; default 55s for keep-alives and 15s for
+	// the heartbeat. A stream's interval is also at most half of what its
+	// agent waits on a silent stream (wire.MapRequest.MapIdle: 120s by
+	// default, 60s for agents before protocol version 15), and a relay's
+	// at most 30s (relays wait 60s).
 	KeepAlive time.Duration
 	// MapDebounce bounds the time between two wake-ups of the map
 	// streams (the changes within one travel together), which grows with
@@ -304,14 +307,16 @@ func New(cfg Config) (*Server, error) {
 		cfg.Domain = wire.DefaultDomain
 	}
 	// Keep-alives are most of an idle coordinator's CPU (one write per
-	// stream per interval: 11% of a core at 10,000 streams every 15s);
-	// 30s still leaves agents' watchdog (MapIdle, 60s) twice the
-	// interval, and is under the idle timeout of common NATs and load
-	// balancers (60s and more). The replicas' heartbeat keeps 15s: how
-	// soon a dead replica's nodes show offline (three missed) rides on it.
+	// stream per interval: 11% of a core at 10,000 streams every 15s, 6%
+	// every 30s); 55s, less up to a quarter of jitter, is what Tailscale's
+	// and Headscale's map streams do, leaves the agents' watchdog (120s)
+	// twice the interval, and stays under the 60s idle timeout of common
+	// load balancers. Older agents (a 60s watchdog) get 30s (keepAliveFor).
+	// The replicas' heartbeat keeps 15s: how soon a dead replica's nodes
+	// show offline (three missed) rides on it.
 	heartbeat := cfg.KeepAlive
 	if cfg.KeepAlive <= 0 {
-		cfg.KeepAlive, heartbeat = 30*time.Second, 15*time.Second
+		cfg.KeepAlive, heartbeat = 55*time.Second, 15*time.Second
 	}
 	if cfg.MapDebounce <= 0 {
 		cfg.MapDebounce = 250 * time.Millisecond

@@ -136,6 +136,7 @@ func register(t testing.TB, c *http.Client, jt wire.JoinToken, name string) (wir
 
 // stream is an open map stream.
 type stream struct {
+	header http.Header // the response's
 	msgs   chan wire.MapResponse
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -166,7 +167,7 @@ func openMapReq(t testing.TB, c *http.Client, base string, cr creds, mr wire.Map
 		cancel()
 		t.Fatalf("map: %d %s", resp.StatusCode, b)
 	}
-	s := &stream{msgs: make(chan wire.MapResponse, 100), cancel: cancel, done: make(chan struct{})}
+	s := &stream{header: resp.Header, msgs: make(chan wire.MapResponse, 100), cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
 		defer close(s.msgs)

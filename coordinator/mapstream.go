@@ -320,6 +320,9 @@ var keepAliveBody = []byte(",")
 type streamWriter struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
+	// deadline is the write deadline a keep-alive left armed; zero when
+	// none is.
+	deadline time.Time
 }
 
 // newStreamWriter answers 200 and sends the headers at once: a client
@@ -338,18 +341,23 @@ func newStreamWriter(w http.ResponseWriter) *streamWriter {
 // write sends one line.
 func (sw *streamWriter) write(b []byte) error { return sw.writeParts(b) }
 
-// keepAlive sends a keep-alive line, with one deadline change instead of
-// writeParts' two: the deadline is left armed far enough ahead (horizon,
-// longer than the stream ever goes between two writes) that the stream's
-// next write, a map or the next keep-alive, moves it before it passes. At
-// 10,000 streams keep-alives are most of an idle coordinator's CPU, and
-// each deadline change is a hand-off to the connection's HTTP/2 serve
-// loop. A keep-alive that cannot be written is cut off at the horizon;
-// it holds nothing but its own stream meanwhile (no send slot): a reader
-// that stopped reading keeps its goroutine up to the horizon (75 s by
-// default), not 15 s.
-func (sw *streamWriter) keepAlive(b []byte, horizon time.Duration) error {
-	sw.rc.SetWriteDeadline(time.Now().Add(horizon))
+// keepAlive sends a keep-alive line of a stream whose keep-alives come
+// every interval. Its deadline is left armed far enough ahead (twice the
+// interval and 15s) that the stream's next write, a map or the next
+// keep-alive, comes before it passes, and is moved only when less than
+// half of that is left: at 10,000 streams keep-alives are most of an idle
+// coordinator's CPU, and each deadline change is a hand-off to the
+// connection's HTTP/2 serve loop, so most keep-alives make none. A
+// keep-alive that cannot be written is cut off at the deadline; it holds
+// nothing but its own stream meanwhile (no send slot): a reader that
+// stopped reading keeps its goroutine up to the deadline (at most 125s by
+// default), not 15s.
+func (sw *streamWriter) keepAlive(b []byte, interval time.Duration) error {
+	horizon := 2*interval + 15*time.Second
+	if now := time.Now(); sw.deadline.Sub(now) < horizon/2 {
+		sw.deadline = now.Add(horizon)
+		sw.rc.SetWriteDeadline(sw.deadline)
+	}
 	return sw.put(b)
 }
 
@@ -367,6 +375,7 @@ func (sw *streamWriter) writeParts(parts ...[]byte) error {
 	}
 	// The deadline guards one write only: left in place, it would reset
 	// an idle HTTP/2 stream when it passed.
+	sw.deadline = time.Time{}
 	return sw.rc.SetWriteDeadline(time.Time{})
 }
 

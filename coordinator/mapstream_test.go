@@ -2,11 +2,13 @@ package coordinator
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"reflect"
 	"testing"
 	"time"
 
+	"github.com/meshlink/meshlink/internal/tstest"
 	"github.com/meshlink/meshlink/wire"
 )
 
@@ -43,4 +45,53 @@ func TestFrameDecodes(t *testing.T) {
 			t.Errorf("%s: got %+v, want %+v", c.name, got, c.want)
 		}
 	}
+}
+
+// The keep-alive interval follows what each agent says it waits on a
+// silent stream (half of it), within Config.KeepAlive, and is named in the
+// stream's header; a node asking for a tiny wait (to have the coordinator
+// write to it every few milliseconds) gets the floor, an older agent that
+// says nothing gets 30 s (it waits 60 s).
+func TestKeepAliveNegotiated(t *testing.T) {
+	s := startServer(t, t.TempDir(), func(c *Config) { c.KeepAlive = time.Hour })
+	c := pinnedClient(t, s.Fingerprint(), true)
+	jt := mustToken(t, s, TokenOptions{Reusable: true})
+	for i, tc := range []struct {
+		idle int
+		want string
+	}{
+		{0, "30"},           // before protocol version 15: a 60 s watchdog
+		{120, "60"},         // the agent's default
+		{1, "5"},            // below minMapIdle
+		{-7, "30"},          // nonsense: as if unsaid
+		{1 << 40, "3600"},   // Config.KeepAlive bounds it
+		{24 * 3600, "3600"}, // likewise
+	} {
+		_, cr := register(t, c, jt, fmt.Sprintf("n%d", i))
+		st := openMapReq(t, c, s.URL(), cr, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641, MapIdle: tc.idle})
+		if got := st.header.Get(wire.HeaderKeepAlive); got != tc.want {
+			t.Errorf("MapIdle %d: %s %q, want %q", tc.idle, wire.HeaderKeepAlive, got, tc.want)
+		}
+		st.next(t, 5*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil })
+		st.close()
+	}
+	// The coordinator's own bound wins when it is shorter, in whole
+	// seconds rounded up.
+	s2 := startServer(t, t.TempDir(), func(c *Config) { c.KeepAlive = 1500 * time.Millisecond })
+	c2 := pinnedClient(t, s2.Fingerprint(), true)
+	_, cr := register(t, c2, mustToken(t, s2, TokenOptions{}), "short")
+	st := openMapReq(t, c2, s2.URL(), cr, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641, MapIdle: 120})
+	if got := st.header.Get(wire.HeaderKeepAlive); got != "2" {
+		t.Errorf("KeepAlive 1.5s: %s %q, want \"2\"", wire.HeaderKeepAlive, got)
+	}
+	// And its keep-alives come that often.
+	st.next(t, 5*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil })
+	tstest.WaitFor(t, 5*time.Second, "a keep-alive", func() bool {
+		select {
+		case m := <-st.msgs:
+			return m.IsKeepAlive()
+		default:
+			return false
+		}
+	})
 }

@@ -270,7 +270,9 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 	}()
 
 	send := startStream(w)
-	keepAlive := time.NewTicker(s.cfg.KeepAlive)
+	// Relays give up on a stream silent for 60s (relayd's streamIdle).
+	relayKeepAlive := min(s.cfg.KeepAlive, 30*time.Second)
+	keepAlive := time.NewTicker(relayKeepAlive)
 	defer keepAlive.Stop()
 	var last []key.Public
 	for first := true; ; first = false {
@@ -284,7 +286,7 @@ func (s *Server) serveRelayNodes(w http.ResponseWriter, r *http.Request) *apiErr
 			if err := send(&wire.RelayNodes{Keys: append([]key.Public{}, last...)}); err != nil {
 				return nil
 			}
-			keepAlive.Reset(s.cfg.KeepAlive)
+			keepAlive.Reset(relayKeepAlive)
 		}
 		select {
 		case <-wake:

@@ -78,6 +78,12 @@
 //	  buckets HTTPLatencyBounds, at most MaxHTTPStats entries; the
 //	  coordinator refuses a report with more, or with an entry that does
 //	  not add up, and drops entries whose peer is not one of the node's.
+//	15 (2026-12-02): negotiated map-stream keep-alives. MapRequest.MapIdle
+//	  says how long the agent waits on a silent stream before it
+//	  reconnects; the coordinator keeps its keep-alives within half of it
+//	  (an older agent's, without the field, within 30 s: it waits 60 s)
+//	  and names the interval it chose in the stream's HeaderKeepAlive,
+//	  which an agent's watchdog follows.
 package wire
 
 import (
@@ -93,7 +99,7 @@ import (
 )
 
 // ProtocolVersion is the version of this package's contract. It only grows.
-const ProtocolVersion = 14
+const ProtocolVersion = 15
 
 // VersionRequestAuth is the first version whose providers check
 // Service.HTTPAuth (13): the coordinator does not list an older provider
@@ -164,6 +170,10 @@ const (
 	HeaderNodeID     = "Meshlink-Node-Id"
 	HeaderNodeSecret = "Meshlink-Node-Secret"
 	HeaderVersion    = "Meshlink-Version"
+	// HeaderKeepAlive (version 15), on a map stream's response, is the
+	// longest the coordinator leaves the stream silent, in seconds: a
+	// keep-alive comes at least this often.
+	HeaderKeepAlive = "Meshlink-Keep-Alive"
 	// HeaderRelayID and HeaderRelaySecret carry a standalone relay's
 	// credentials to the coordinator.
 	HeaderRelayID     = "Meshlink-Relay-Id"
@@ -484,7 +494,15 @@ type MapRequest struct {
 	// policy prefers providers in the consumer's region; "" is none. Sent
 	// on every stream, so a node restarted with another --region moves.
 	Region string `json:"region,omitempty"`
+	// MapIdle (version 15) is how long, in seconds, the agent waits on a
+	// silent map stream before it gives up and reconnects. The coordinator
+	// sends keep-alives at most half of it apart. 0 (agents before 15): 60.
+	MapIdle int `json:"map_idle,omitempty"`
 }
+
+// DefaultMapIdle is how long an agent that does not say (MapRequest.MapIdle
+// 0: before version 15) waits on a silent map stream.
+const DefaultMapIdle = 60 * time.Second
 
 // MapResponse is one message on the map stream. Exactly one of the shapes is
 // used: Full is set on the first message (and whenever the coordinator

@@ -307,7 +307,8 @@ func (n *Node) Connect(ctx context.Context) error {
 func (n *Node) openStream(ctx, sctx context.Context) (*http.Response, error) {
 	hctx, hcancel := context.WithCancel(sctx)
 	stop := context.AfterFunc(ctx, hcancel)
-	resp, err := n.post(hctx, wire.PathMap, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641})
+	resp, err := n.post(hctx, wire.PathMap, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641,
+		MapIdle: 120}) // as agents wait (agent.Config.MapIdle)
 	stop()
 	if err != nil {
 		hcancel()

@@ -320,8 +320,9 @@ func TestBenchControl(t *testing.T) {
 	defer cancel()
 	sc := control.Scenario{Nodes: *benchN, JoinRate: *benchRate, Burst: 20, Timeout: 120 * time.Second, Idle: *benchIdle, Storm: *benchStorm,
 		StormSpread: *benchSpread, Groups: cfg.Groups,
-		Proc: func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) },
-		Wait: func() time.Duration { return control.ProcWait(cmd.Process.Pid) }}
+		Proc:   func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) },
+		Wait:   func() time.Duration { return control.ProcWait(cmd.Process.Pid) },
+		Writes: func() int64 { return control.ProcWrites(cmd.Process.Pid) }}
 	var profiles sync.WaitGroup
 	defer profiles.Wait()
 	if debugAddr != "" {

@@ -36,6 +36,9 @@ type Scenario struct {
 	// Wait reads how long the coordinator's threads were runnable but
 	// not running so far (the machine's other load); nil leaves it out.
 	Wait func() time.Duration
+	// Writes reads how many write system calls the coordinator has made
+	// so far (/proc/PID/io syscw); nil leaves them out.
+	Writes func() int64
 	// Phase, if set, is told when a phase begins ("join", "idle") and how
 	// long it is expected to last, and when the run ends ("end"): the
 	// place to take the coordinator's profiles (-control.pprof).
@@ -62,6 +65,7 @@ type Report struct {
 	CPUBurst, CPUIdle       time.Duration
 	WaitJoin                time.Duration // coordinator runnable without a CPU, join phase
 	IdleFor                 time.Duration
+	WritesIdle              int64 // write system calls in the idle window (0: not read)
 	HaveProc, HaveStorm     bool
 	Drops                   int64 // map streams that ended on their own
 	Retries                 int64 // registrations and exposes tried again
@@ -295,9 +299,18 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 
 	if sc.Idle > 0 {
 		sc.phase("idle", sc.Idle)
+		var w0 int64
+		if sc.Writes != nil {
+			w0 = sc.Writes()
+		}
 		time.Sleep(sc.Idle) // measuring idle CPU is waiting on purpose
 		_, cpu5 := sc.proc()
 		r.CPUIdle, r.IdleFor = cpu5-cpu4, sc.Idle
+		if sc.Writes != nil {
+			if w1 := sc.Writes(); w0 >= 0 && w1 >= w0 {
+				r.WritesIdle = w1 - w0
+			}
+		}
 	}
 	r.RSS, _ = sc.proc()
 	sc.phase("end", 0)
@@ -430,6 +443,9 @@ func (r *Report) Print(w io.Writer) {
 		}
 		if r.IdleFor > 0 {
 			fmt.Fprintf(w, "coordinator idle CPU     %.1f%% of a core over %v\n", 100*float64(r.CPUIdle)/float64(r.IdleFor), r.IdleFor)
+			if r.WritesIdle > 0 {
+				fmt.Fprintf(w, "coordinator idle writes  %.0f/s (write system calls: keep-alives)\n", float64(r.WritesIdle)/r.IdleFor.Seconds())
+			}
 		}
 	}
 	fmt.Fprintf(w, "map streams dropped      %d\n", r.Drops)
@@ -456,6 +472,25 @@ func ProcWait(pid int) time.Duration {
 		}
 	}
 	return sum
+}
+
+// ProcWrites is how many write system calls process pid has made
+// (/proc/PID/io syscw); -1 when it cannot be read.
+func ProcWrites(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "syscw: "); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return -1
+			}
+			return n
+		}
+	}
+	return -1
 }
 
 // ProcStats reads resident memory and user+system CPU time of process pid
