@@ -395,11 +395,17 @@ func agentCmd() *cli.Command {
 			}
 			// What starting touched of the binary need not stay resident.
 			if c.Bool("trim-executable") {
-				if n, err := memtrim.Executable(); err != nil {
-					log.Debug("could not trim the executable's resident pages", "err", err)
-				} else {
-					log.Debug("trimmed the executable's resident pages", "mapped_bytes", n)
+				trimmed := func(n int64, err error) {
+					if err != nil {
+						log.Debug("could not trim the executable's resident pages", "err", err)
+					} else {
+						log.Debug("trimmed the executable's resident pages", "mapped_bytes", n)
+					}
 				}
+				trimmed(memtrim.Executable())
+				// And again once it idles after traffic, which faults in
+				// the data path's code.
+				go memtrim.WhenIdle(ctx, idleTrimEvery, trimmed)
 			}
 			select {
 			case <-ctx.Done():
@@ -414,6 +420,10 @@ func agentCmd() *cli.Command {
 		},
 	}
 }
+
+// idleTrimEvery is how long an agent must have idled (under 1% of a CPU)
+// for the binary's pages that traffic faulted in to be dropped again.
+const idleTrimEvery = 10 * time.Second
 
 // agentConfig turns the agent command's flags into its configuration, less
 // the logger.

@@ -14,9 +14,11 @@ package memtrim
 
 import (
 	"bufio"
+	"context"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -66,4 +68,54 @@ func Executable() (int64, error) {
 		total += int64(end - start)
 	}
 	return total, sc.Err()
+}
+
+// idleShare says how quiet a process must have been over one interval of
+// WhenIdle to be trimmed again: under 1/idleShare of a CPU.
+const idleShare = 100
+
+// minRefaults is how many page faults since the last trim make another
+// worth it: fewer, and what came back is the idle path itself.
+const minRefaults = 32
+
+// WhenIdle trims the executable again (Executable) at the end of each
+// interval every during which the process used under 1% of a CPU, once at
+// least a few pages have faulted back in since the last trim: a burst of
+// traffic faults in the code of the data path (the netstack, the
+// tunnel's crypto), which an idle process need not keep resident. A trim
+// of pages the process goes on using costs only minor faults (no I/O),
+// and is not made while it is busy. done, if not nil, is told the result
+// of each trim. WhenIdle returns when ctx is done.
+func WhenIdle(ctx context.Context, every time.Duration, done func(int64, error)) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	cpu, faults := usage()
+	lastTrim := faults
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c, f := usage()
+		busy := c - cpu
+		cpu = c
+		if busy >= every/idleShare || f-lastTrim < minRefaults {
+			continue
+		}
+		n, err := Executable()
+		if done != nil {
+			done(n, err)
+		}
+		_, lastTrim = usage()
+	}
+}
+
+// usage is the CPU time the process has used and its minor page faults.
+func usage() (time.Duration, int64) {
+	var ru unix.Rusage
+	if unix.Getrusage(unix.RUSAGE_SELF, &ru) != nil {
+		return 0, 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), int64(ru.Minflt)
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -20,8 +22,12 @@ import (
 // (make build-agent's flags), side by side in one run. Two agents join a
 // coordinator of their own; each exports a service the other consumes; a
 // connection goes through each way; then each agent's VmRSS is sampled
-// for 2 s and the lowest kept, split into anonymous and file-backed pages
-// (/proc/PID/status RssAnon, RssFile).
+// for 2 s and the lowest kept ("just after traffic"), and, for the
+// default (trimming) agents, for 30 s more, the median of the last 10 s
+// kept ("idle": they drop the pages the traffic faulted in once they have
+// idled 10 s), split into anonymous and file-backed pages
+// (/proc/PID/status RssAnon, RssFile); then a connection through each
+// agent is timed, and the next one.
 func BenchmarkIdleRSS(b *testing.B) {
 	e := setup(b)
 	rssOnce.Do(func() {
@@ -100,6 +106,7 @@ func (e *meshEnv) idlePair(agentOnly string, trim bool) error {
 		{"agentonly", agentOnly, "agentonly-svc", "full-svc", filepath.Join(e.dir, "rss-agentonly"+suffix), fmt.Sprintf("127.%d.0.0/16", r+1)},
 	}
 	pids := map[string]int{}
+	locals := map[string]string{} // each site's local proxy of the other's service
 	for _, s := range sites {
 		pids[s.key] = e.start(s.bin, "rss-"+s.key+suffix, "agent", "--name", "rss-"+s.key, "--state", s.state, "--proxy-range", s.rng,
 			"--join", token, "--dns", "off", "--log-level", "warn", "--expose", s.expose+"="+e.echo.Addr().String(),
@@ -120,32 +127,33 @@ func (e *meshEnv) idlePair(agentOnly string, trim bool) error {
 		}); err != nil {
 			return fmt.Errorf("%s: %w", s.key, err)
 		}
-		c, err := net.DialTimeout("tcp", local, 10*time.Second)
-		if err != nil {
-			return err
-		}
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		err = roundTrip(c, make([]byte, 64))
-		c.Close()
-		if err != nil {
+		locals[s.key] = local
+		if _, err := connectOnce(local); err != nil {
 			return fmt.Errorf("%s: through the mesh: %w", s.key, err)
 		}
 	}
-	// Idle: the lowest of 10 samples over 2 s (a sample is a measurement,
-	// not a wait for a condition).
-	low := map[string]memSample{}
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for i := 0; i < 10; i++ {
-		<-tick.C
-		for _, s := range sites {
-			m, err := readMem(pids[s.key])
-			if err != nil {
-				return err
-			}
-			if l, ok := low[s.key]; !ok || m.rss < l.rss {
-				low[s.key] = m
-			}
+	// Just after the traffic: the lowest of 10 samples over 2 s (a sample
+	// is a measurement, not a wait for a condition).
+	low, err := lowestMem(pids, 10, 200*time.Millisecond)
+	if err != nil {
+		return err
+	}
+	for _, s := range sites {
+		m := low[s.key]
+		record("rss_traffic_"+s.key+suffix+"_MB", m.rss)
+		record("rss_traffic_"+s.key+suffix+"_anon_MB", m.anon)
+		record("rss_traffic_"+s.key+suffix+"_file_MB", m.file)
+	}
+	// Idle: a trimming agent that has idled 10 s drops what the traffic
+	// faulted in, and again at each 10 s it idles once pages came back;
+	// so after 20 s of sampling, the median of the next 10 s (the lowest
+	// would be the moment right after a trim).
+	if trim {
+		if _, err := lowestMem(pids, 40, 500*time.Millisecond); err != nil {
+			return err
+		}
+		if low, err = medianMem(pids, 20, 500*time.Millisecond); err != nil {
+			return err
 		}
 	}
 	for _, s := range sites {
@@ -154,7 +162,82 @@ func (e *meshEnv) idlePair(agentOnly string, trim bool) error {
 		record("rss_idle_"+s.key+suffix+"_anon_MB", m.anon)
 		record("rss_idle_"+s.key+suffix+"_file_MB", m.file)
 	}
+	// What the pages given back cost the next connection, which faults
+	// them in again: a new connection and a round trip after the idle
+	// window, then another.
+	if trim {
+		for _, s := range sites {
+			for _, which := range []string{"first", "next"} {
+				d, err := connectOnce(locals[s.key])
+				if err != nil {
+					return fmt.Errorf("%s: through the mesh after idling: %w", s.key, err)
+				}
+				record("conn_after_idle_"+which+"_"+s.key+"_ms", float64(d)/float64(time.Millisecond))
+			}
+		}
+	}
 	return nil
+}
+
+// medianMem samples each process's memory n times, every, and keeps the
+// sample of median RSS of each.
+func medianMem(pids map[string]int, n int, every time.Duration) (map[string]memSample, error) {
+	all := map[string][]memSample{}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for i := 0; i < n; i++ {
+		<-tick.C
+		for key, pid := range pids {
+			m, err := readMem(pid)
+			if err != nil {
+				return nil, err
+			}
+			all[key] = append(all[key], m)
+		}
+	}
+	med := map[string]memSample{}
+	for key, ms := range all {
+		slices.SortFunc(ms, func(a, b memSample) int { return cmp.Compare(a.rss, b.rss) })
+		med[key] = ms[len(ms)/2]
+	}
+	return med, nil
+}
+
+// connectOnce opens a connection to addr, makes a 64-byte round trip and
+// closes it, and says how long that took.
+func connectOnce(addr string) (time.Duration, error) {
+	start := time.Now()
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := roundTrip(c, make([]byte, 64)); err != nil {
+		return 0, err
+	}
+	return time.Since(start), nil
+}
+
+// lowestMem samples each process's memory n times, every, and keeps the
+// lowest RSS of each.
+func lowestMem(pids map[string]int, n int, every time.Duration) (map[string]memSample, error) {
+	low := map[string]memSample{}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for i := 0; i < n; i++ {
+		<-tick.C
+		for key, pid := range pids {
+			m, err := readMem(pid)
+			if err != nil {
+				return nil, err
+			}
+			if l, ok := low[key]; !ok || m.rss < l.rss {
+				low[key] = m
+			}
+		}
+	}
+	return low, nil
 }
 
 type memSample struct{ rss, anon, file float64 } // MB
@@ -169,9 +252,13 @@ func summaryRSS() {
 	for _, k := range []string{"full", "agentonly"} {
 		for _, t := range []struct{ suffix, name string }{{"_notrim", "--trim-executable=false"}, {"", "default"}} {
 			if v, ok := results["rss_idle_"+k+t.suffix+"_MB"]; ok {
-				fmt.Printf("idle RSS:     %-9s %-24s %.1f MB (anon %.1f, file %.1f), binary %.1f MB\n", k, t.name, v,
-					results["rss_idle_"+k+t.suffix+"_anon_MB"], results["rss_idle_"+k+t.suffix+"_file_MB"], results["bin_"+k+"_MB"])
+				fmt.Printf("idle RSS:     %-9s %-24s %.1f MB (anon %.1f, file %.1f), binary %.1f MB; just after traffic %.1f MB (file %.1f)\n", k, t.name, v,
+					results["rss_idle_"+k+t.suffix+"_anon_MB"], results["rss_idle_"+k+t.suffix+"_file_MB"], results["bin_"+k+"_MB"],
+					results["rss_traffic_"+k+t.suffix+"_MB"], results["rss_traffic_"+k+t.suffix+"_file_MB"])
 			}
+		}
+		if v, ok := results["conn_after_idle_first_"+k+"_ms"]; ok {
+			fmt.Printf("after idle:   %-9s connection and round trip %.2f ms, the next %.2f ms\n", k, v, results["conn_after_idle_next_"+k+"_ms"])
 		}
 	}
 }
