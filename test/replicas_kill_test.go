@@ -116,10 +116,7 @@ func TestReplicaKilledWithSIGKILL(t *testing.T) {
 	tstest.WaitForNil(t, 10*time.Second, "the provider on B", connectedTo(provider, urlB))
 
 	// 1. SIGKILL A during a transfer.
-	conn, _, err := dialGreeting(svc.Local.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, _ := dialGreetingOnceAllowed(t, svc.Local.String())
 	defer conn.Close()
 	done := make(chan struct{})
 	go func() {
