@@ -299,13 +299,39 @@ func BenchmarkNetns(b *testing.B) {
 	cpu := map[string]map[string]float64{}
 	// stream runs one iperf3 measurement and records, for the agents on
 	// the path, their peak RSS and CPU per byte over it.
+	// BENCH_PPROF=DIR (with BENCH_DEBUG=1): CPU profiles of the agents on
+	// the path during each mesh stream phase, DIR/PHASE-AGENT.cpu (`go
+	// tool pprof -top DIR/mesh-provider.cpu`), over the middle of the
+	// stream. Profiling costs the agents a little CPU.
+	pdir := os.Getenv("BENCH_PPROF")
+	if pdir != "" && os.Getenv("BENCH_DEBUG") == "" {
+		b.Log("BENCH_PPROF needs BENCH_DEBUG=1 (the agents' debug listeners): no profiles")
+		pdir = ""
+	}
+	hostOf := map[string]*topo.Host{pa.name: siteA, pr.name: siteA, pb.name: siteB}
 	stream := func(phase, addr string, parallel int, on []nsProc) float64 {
 		before := map[string]float64{}
 		for _, p := range on {
 			resetPeak(p.pid)
 			before[p.name], _ = cpuSeconds(p.pid)
 		}
+		var profiles sync.WaitGroup
+		if pdir != "" {
+			secs := max(1, int(nsStreamTime/time.Second)-2)
+			for _, p := range on {
+				profiles.Add(1)
+				go func() {
+					defer profiles.Done()
+					url := fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/profile?seconds=%d", debugPort[p.name], secs)
+					out := filepath.Join(pdir, strings.ReplaceAll(phase, " ", "_")+"-"+p.name+".cpu")
+					if o, err := hostOf[p.name].Run(ctx, "curl", "-sS", "-o", out, url); err != nil {
+						b.Logf("profile of %s: %v %s", p.name, err, o)
+					}
+				}()
+			}
+		}
 		bytes, mbps, err := iperf3(ctx, siteA, addr, iperfPort, nsStreamTime, parallel)
+		profiles.Wait()
 		if err != nil {
 			fail("%s: %v", phase, err)
 		}
