@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -205,7 +206,12 @@ func BenchmarkNetns(b *testing.B) {
 	}
 
 	data := filepath.Join(dir, "coord")
-	start(coord, "coordinator", bin, "coordinator", "--listen", "10.78.0.1:8443", "--data", data, "--log-level", "warn")
+	coordArgs := []string{bin, "coordinator", "--listen", "10.78.0.1:8443", "--data", data, "--log-level", "warn"}
+	if os.Getenv("BENCH_DEBUG") != "" {
+		// The relay's profiles: 127.0.0.1:6064 in the coordinator's namespace.
+		coordArgs = append(coordArgs, "--debug-listen", "127.0.0.1:6064")
+	}
+	start(coord, "coordinator", coordArgs...)
 	token, err := reusableToken(func(args ...string) ([]byte, error) { return coord.Run(ctx, bin, args...) }, data)
 	if err != nil {
 		fail("%v", err)
@@ -216,7 +222,7 @@ func BenchmarkNetns(b *testing.B) {
 	// BENCH_AGENT_ENV (space-separated NAME=VALUE, e.g. GOMAXPROCS=1)
 	// sets variables for the agents only, for A/B runs of runtime
 	// settings in one command.
-	debugPort := map[string]int{"consumer": 6061, "provider": 6062, "relayonly": 6063}
+	debugPort := map[string]int{"consumer": 6061, "provider": 6062, "relayonly": 6063, "coordinator": 6064}
 	agentEnv := strings.Fields(os.Getenv("BENCH_AGENT_ENV"))
 	agent := func(h *topo.Host, name, pfx string, extra ...string) nsProc {
 		state := filepath.Join(dir, name)
@@ -300,15 +306,16 @@ func BenchmarkNetns(b *testing.B) {
 	// stream runs one iperf3 measurement and records, for the agents on
 	// the path, their peak RSS and CPU per byte over it.
 	// BENCH_PPROF=DIR (with BENCH_DEBUG=1): CPU profiles of the agents on
-	// the path during each mesh stream phase, DIR/PHASE-AGENT.cpu (`go
-	// tool pprof -top DIR/mesh-provider.cpu`), over the middle of the
-	// stream. Profiling costs the agents a little CPU.
+	// the path during each mesh stream phase, and of the coordinator (the
+	// relay) during the relay's, DIR/PHASE-AGENT.cpu (`go tool pprof -top
+	// DIR/mesh-provider.cpu`), over the first seconds of the stream.
+	// Profiling costs the agents a little CPU.
 	pdir := os.Getenv("BENCH_PPROF")
 	if pdir != "" && os.Getenv("BENCH_DEBUG") == "" {
 		b.Log("BENCH_PPROF needs BENCH_DEBUG=1 (the agents' debug listeners): no profiles")
 		pdir = ""
 	}
-	hostOf := map[string]*topo.Host{pa.name: siteA, pr.name: siteA, pb.name: siteB}
+	hostOf := map[string]*topo.Host{pa.name: siteA, pr.name: siteA, pb.name: siteB, "coordinator": coord}
 	stream := func(phase, addr string, parallel int, on []nsProc) float64 {
 		before := map[string]float64{}
 		for _, p := range on {
@@ -318,7 +325,11 @@ func BenchmarkNetns(b *testing.B) {
 		var profiles sync.WaitGroup
 		if pdir != "" {
 			secs := max(1, int(nsStreamTime/time.Second)-2)
-			for _, p := range on {
+			profiled := on
+			if phase == "relay" { // and the relay's
+				profiled = append(slices.Clip(on), nsProc{name: "coordinator"})
+			}
+			for _, p := range profiled {
 				profiles.Add(1)
 				go func() {
 					defer profiles.Done()
