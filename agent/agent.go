@@ -284,6 +284,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.MapIdle == 0 {
 		cfg.MapIdle = 120 * time.Second
 	}
+	// The coordinator keeps keep-alives at least 5s apart (half its 10s
+	// floor): waiting less would reconnect between any two of them.
+	cfg.MapIdle = max(cfg.MapIdle, 10*time.Second)
 	if cfg.RetryMin == 0 {
 		cfg.RetryMin = time.Second
 	}

@@ -733,8 +733,9 @@ func (s *Server) serveMap(w http.ResponseWriter, r *http.Request) *apiError {
 				wait = false
 			case <-keepAlive.C:
 				// The next write comes within a keep-alive interval, unless
-				// the stream waits for a send slot; past twice the interval
-				// the agent gives up on it anyway.
+				// the stream waits for a send slot; the write deadline stays
+				// past the agent's own patience (twice the interval and
+				// 15s), after which it gives up on the stream anyway.
 				if err := sw.keepAlive(frame(keepAliveBody, ss.seq, time.Now()), ka); err != nil {
 					log.Debug("map stream: keep-alive", "err", err)
 					return nil

@@ -342,20 +342,22 @@ func newStreamWriter(w http.ResponseWriter) *streamWriter {
 func (sw *streamWriter) write(b []byte) error { return sw.writeParts(b) }
 
 // keepAlive sends a keep-alive line of a stream whose keep-alives come
-// every interval. Its deadline is left armed far enough ahead (twice the
-// interval and 15s) that the stream's next write, a map or the next
-// keep-alive, comes before it passes, and is moved only when less than
-// half of that is left: at 10,000 streams keep-alives are most of an idle
-// coordinator's CPU, and each deadline change is a hand-off to the
-// connection's HTTP/2 serve loop, so most keep-alives make none. A
-// keep-alive that cannot be written is cut off at the deadline; it holds
-// nothing but its own stream meanwhile (no send slot): a reader that
-// stopped reading keeps its goroutine up to the deadline (at most 125s by
-// default), not 15s.
+// every interval. After it, the write deadline is always at least twice
+// the interval and 15s ahead, the time the agent waits on a silent stream
+// (agent streamIdle): the stream's next write, a map or the next
+// keep-alive, comes before it passes even when it waits that long for a
+// send slot, so the coordinator never gives up on a live stream before the
+// agent would. The deadline is armed three intervals and 15s ahead and
+// moved only when less than that floor is left: at 10,000 streams
+// keep-alives are most of an idle coordinator's CPU, and each deadline
+// change is a hand-off to the connection's HTTP/2 serve loop, so most
+// keep-alives make none. A keep-alive that cannot be written is cut off at
+// the deadline; it holds nothing but its own stream meanwhile (no send
+// slot): a reader that stopped reading keeps its goroutine up to the
+// deadline (at most 180s by default), not 15s.
 func (sw *streamWriter) keepAlive(b []byte, interval time.Duration) error {
-	horizon := 2*interval + 15*time.Second
-	if now := time.Now(); sw.deadline.Sub(now) < horizon/2 {
-		sw.deadline = now.Add(horizon)
+	if now := time.Now(); sw.deadline.Sub(now) < 2*interval+15*time.Second {
+		sw.deadline = now.Add(3*interval + 15*time.Second)
 		sw.rc.SetWriteDeadline(sw.deadline)
 	}
 	return sw.put(b)

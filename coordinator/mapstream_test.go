@@ -3,6 +3,9 @@ package coordinator
 import (
 	"encoding/json"
 	"fmt"
+	"math"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -60,12 +63,12 @@ func TestKeepAliveNegotiated(t *testing.T) {
 		idle int
 		want string
 	}{
-		{0, "30"},           // before protocol version 15: a 60 s watchdog
-		{120, "60"},         // the agent's default
-		{1, "5"},            // below minMapIdle
-		{-7, "30"},          // nonsense: as if unsaid
-		{1 << 40, "3600"},   // Config.KeepAlive bounds it
-		{24 * 3600, "3600"}, // likewise
+		{0, "30"},               // before protocol version 15: a 60 s watchdog
+		{120, "60"},             // the agent's default
+		{1, "5"},                // below minMapIdle
+		{-7, "30"},              // nonsense: as if unsaid
+		{math.MaxInt32, "3600"}, // Config.KeepAlive bounds it
+		{24 * 3600, "3600"},     // likewise
 	} {
 		_, cr := register(t, c, jt, fmt.Sprintf("n%d", i))
 		st := openMapReq(t, c, s.URL(), cr, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641, MapIdle: tc.idle})
@@ -86,7 +89,19 @@ func TestKeepAliveNegotiated(t *testing.T) {
 	}
 	// And its keep-alives come that often.
 	st.next(t, 5*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil })
-	tstest.WaitFor(t, 5*time.Second, "a keep-alive", func() bool {
+	waitKeepAlive(t, st, 5*time.Second)
+	// The agent's word sets the timer too, not only the header: with
+	// Config.KeepAlive an hour, an agent waiting 10 s gets one within 5 s.
+	_, cr = register(t, c, jt, "ten")
+	st = openMapReq(t, c, s.URL(), cr, wire.MapRequest{Version: wire.ProtocolVersion, ListenPort: 41641, MapIdle: 10})
+	st.next(t, 5*time.Second, "full map", func(m wire.MapResponse) bool { return m.Full != nil })
+	waitKeepAlive(t, st, 8*time.Second)
+}
+
+// waitKeepAlive waits up to d for a keep-alive on st.
+func waitKeepAlive(t *testing.T, st *stream, d time.Duration) {
+	t.Helper()
+	tstest.WaitFor(t, d, "a keep-alive", func() bool {
 		select {
 		case m := <-st.msgs:
 			return m.IsKeepAlive()
@@ -94,4 +109,70 @@ func TestKeepAliveNegotiated(t *testing.T) {
 			return false
 		}
 	})
+}
+
+// deadlineRecorder is a ResponseWriter that records the write deadlines
+// set through its http.ResponseController.
+type deadlineRecorder struct {
+	http.ResponseWriter
+	sets     int
+	deadline time.Time
+}
+
+func (d *deadlineRecorder) SetWriteDeadline(t time.Time) error {
+	d.sets++
+	d.deadline = t
+	return nil
+}
+
+func (d *deadlineRecorder) Flush() {}
+
+// After every keep-alive the write deadline is at least twice the interval
+// and 15 s ahead (what the agent waits), so a keep-alive delayed by a full
+// interval, or a stream waiting for a send slot, is never cut off before
+// the agent would give up; and at the mean jitter about one keep-alive in
+// two leaves the deadline alone.
+func TestKeepAliveDeadline(t *testing.T) {
+	const ka = 55 * time.Second
+	rec := &deadlineRecorder{ResponseWriter: httptest.NewRecorder()}
+	sw := &streamWriter{w: rec, rc: http.NewResponseController(rec)}
+	floor := 2*ka + 15*time.Second
+	// run sends n keep-alives, each as if step after the one before (the
+	// deadline drawn nearer by step), and checks the floor after each.
+	run := func(n int, step time.Duration) {
+		t.Helper()
+		for i := 0; i < n; i++ {
+			if err := sw.keepAlive([]byte("{}\n"), ka); err != nil {
+				t.Fatal(err)
+			}
+			if left := time.Until(rec.deadline); left < floor-time.Second {
+				t.Fatalf("keep-alive %d, %v apart: deadline %v ahead, want at least %v", i, step, left.Round(time.Second), floor)
+			}
+			if !rec.deadline.Equal(sw.deadline) {
+				t.Fatalf("keep-alive %d: set %v, recorded %v", i, rec.deadline, sw.deadline)
+			}
+			sw.deadline = sw.deadline.Add(-step)
+			rec.deadline = sw.deadline
+		}
+	}
+	run(20, ka) // the longest interval jitter allows
+	sets := rec.sets
+	run(20, ka*7/8) // the mean one
+	if n := rec.sets - sets; n > 11 {
+		t.Errorf("%d deadline changes for 20 keep-alives at the mean interval, want about half", n)
+	}
+	// A map write clears it; the next keep-alive arms it again.
+	if err := sw.write([]byte("{}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if !rec.deadline.IsZero() || !sw.deadline.IsZero() {
+		t.Fatalf("after a map write: deadline %v (kept %v), want none", rec.deadline, sw.deadline)
+	}
+	sets = rec.sets
+	if err := sw.keepAlive([]byte("{}\n"), ka); err != nil {
+		t.Fatal(err)
+	}
+	if rec.sets != sets+1 || time.Until(rec.deadline) < floor {
+		t.Fatalf("keep-alive after a map write: %d changes, deadline %v ahead", rec.sets-sets, time.Until(rec.deadline))
+	}
 }

@@ -405,7 +405,13 @@ func agentCmd() *cli.Command {
 				trimmed(memtrim.Executable())
 				// And again once it idles after traffic, which faults in
 				// the data path's code.
-				go memtrim.WhenIdle(ctx, idleTrimEvery, trimmed)
+				tctx, tcancel := context.WithCancel(ctx)
+				trimDone := make(chan struct{})
+				go func() {
+					defer close(trimDone)
+					memtrim.WhenIdle(tctx, idleTrimEvery, trimmed)
+				}()
+				defer func() { tcancel(); <-trimDone }()
 			}
 			select {
 			case <-ctx.Done():

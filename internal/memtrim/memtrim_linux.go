@@ -25,7 +25,11 @@ import (
 
 // Executable drops the read-only file-backed mappings of the running
 // executable (its code and read-only data) from the resident set, and
-// returns how many bytes of mappings it advised.
+// returns how many bytes of mappings it advised. A mapping holding any
+// anonymous page is left alone: a read-only mapping can still hold private
+// copies written before it was made read-only (the RELRO segment of a
+// position-independent or externally linked build, relocated at load),
+// which MADV_DONTNEED would replace with the file's unrelocated bytes.
 func Executable() (int64, error) {
 	exe, err := os.Executable()
 	if err != nil {
@@ -35,16 +39,53 @@ func Executable() (int64, error) {
 	if err := unix.Stat(exe, &st); err != nil {
 		return 0, err
 	}
-	f, err := os.Open("/proc/self/maps")
+	f, err := os.Open("/proc/self/smaps")
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
-	var total int64
+	var (
+		total      int64
+		start, end uint64
+		candidate  bool // the mapping being read is one of ours, read-only
+		anonymous  bool // and holds anonymous pages
+	)
+	advise := func() error {
+		if !candidate || anonymous {
+			return nil
+		}
+		for _, advice := range []uintptr{unix.MADV_RANDOM, unix.MADV_DONTNEED} {
+			if _, _, errno := unix.Syscall(unix.SYS_MADVISE, uintptr(start), uintptr(end-start), advice); errno != 0 {
+				return errno
+			}
+		}
+		total += int64(end - start)
+		return nil
+	}
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		// start-end perms offset dev inode path
-		fields := strings.Fields(sc.Text())
+		line := sc.Text()
+		fields := strings.Fields(line)
+		if len(fields) == 0 {
+			continue
+		}
+		if strings.HasSuffix(fields[0], ":") {
+			// An attribute line of the mapping above: "Anonymous: 4 kB".
+			if fields[0] == "Anonymous:" && len(fields) > 1 && fields[1] != "0" {
+				anonymous = true
+			}
+			continue
+		}
+		// A mapping's header: start-end perms offset dev inode path. The
+		// inode alone is matched: on overlayfs (containers) the device
+		// shown is the lower layer's, not the one stat gives. A read-only
+		// mapping of another file with the same inode number would be
+		// trimmed too, which is harmless: without anonymous pages its
+		// pages come back from its file.
+		if err := advise(); err != nil {
+			return total, err
+		}
+		candidate, anonymous = false, false
 		if len(fields) < 6 || strings.Contains(fields[1], "w") || fields[1][0] != 'r' {
 			continue
 		}
@@ -55,19 +96,15 @@ func Executable() (int64, error) {
 		if !ok {
 			continue
 		}
-		start, err1 := strconv.ParseUint(lo, 16, 64)
-		end, err2 := strconv.ParseUint(hi, 16, 64)
-		if err1 != nil || err2 != nil || end <= start {
-			continue
-		}
-		for _, advice := range []uintptr{unix.MADV_RANDOM, unix.MADV_DONTNEED} {
-			if _, _, errno := unix.Syscall(unix.SYS_MADVISE, uintptr(start), uintptr(end-start), advice); errno != 0 {
-				return total, errno
-			}
-		}
-		total += int64(end - start)
+		var err1, err2 error
+		start, err1 = strconv.ParseUint(lo, 16, 64)
+		end, err2 = strconv.ParseUint(hi, 16, 64)
+		candidate = err1 == nil && err2 == nil && end > start
 	}
-	return total, sc.Err()
+	if err := sc.Err(); err != nil {
+		return total, err
+	}
+	return total, advise()
 }
 
 // idleShare says how quiet a process must have been over one interval of
@@ -84,9 +121,15 @@ const minRefaults = 32
 // traffic faults in the code of the data path (the netstack, the
 // tunnel's crypto), which an idle process need not keep resident. A trim
 // of pages the process goes on using costs only minor faults (no I/O),
-// and is not made while it is busy. done, if not nil, is told the result
-// of each trim. WhenIdle returns when ctx is done.
+// and is not made while it is busy. The faults counted are all minor
+// faults, the heap's too: an idle process whose heap grows is trimmed
+// again, at the price of a few faults. done, if not nil, is told the
+// result of each trim. WhenIdle returns when ctx is done.
 func WhenIdle(ctx context.Context, every time.Duration, done func(int64, error)) {
+	whenIdle(ctx, every, minRefaults, done)
+}
+
+func whenIdle(ctx context.Context, every time.Duration, minFaults int64, done func(int64, error)) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	cpu, faults := usage()
@@ -100,7 +143,7 @@ func WhenIdle(ctx context.Context, every time.Duration, done func(int64, error))
 		c, f := usage()
 		busy := c - cpu
 		cpu = c
-		if busy >= every/idleShare || f-lastTrim < minRefaults {
+		if busy >= every/idleShare || f-lastTrim < minFaults {
 			continue
 		}
 		n, err := Executable()
