@@ -179,12 +179,14 @@ func TestUDPFlowPerClient(t *testing.T) {
 	if used["a"] == 0 || used["b"] == 0 || used["tcp-only"] != 0 {
 		t.Fatalf("flows per provider %v: want both UDP providers used, the TCP-only one never", used)
 	}
-	// A reply is counted after it is written to the client, so the last
-	// count may land just after the client read it.
+	// A reply is counted after it is written to the client, and a
+	// datagram sent after its write to the provider returns, which the
+	// echo's reply can overtake: the last counts may land just after the
+	// client read its reply.
 	var st UDPStats
 	tstest.WaitFor(t, 5*time.Second, "udp stats of 24 flows of 3 datagrams", func() bool {
 		st = c.Status()[0].UDP
-		return st.Received == 3*clients
+		return st.Received == 3*clients && st.Sent == 3*clients
 	})
 	if st.Flows != clients || st.FlowsTotal != clients || st.Sent != 3*clients || st.Dropped != 0 {
 		t.Fatalf("udp stats %+v", st)

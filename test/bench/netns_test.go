@@ -308,8 +308,9 @@ func BenchmarkNetns(b *testing.B) {
 	// BENCH_PPROF=DIR (with BENCH_DEBUG=1): CPU profiles of the agents on
 	// the path during each mesh stream phase, and of the coordinator (the
 	// relay) during the relay's, DIR/PHASE-AGENT.cpu (`go tool pprof -top
-	// DIR/mesh-provider.cpu`), over the first seconds of the stream.
-	// Profiling costs the agents a little CPU.
+	// DIR/mesh-provider.cpu`), over the first seconds of the stream, then
+	// their heaps, DIR/PHASE-AGENT.heap. Profiling costs the agents a
+	// little CPU.
 	pdir := os.Getenv("BENCH_PPROF")
 	if pdir != "" && os.Getenv("BENCH_DEBUG") == "" {
 		b.Log("BENCH_PPROF needs BENCH_DEBUG=1 (the agents' debug listeners): no profiles")
@@ -333,10 +334,15 @@ func BenchmarkNetns(b *testing.B) {
 				profiles.Add(1)
 				go func() {
 					defer profiles.Done()
-					url := fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/profile?seconds=%d", debugPort[p.name], secs)
-					out := filepath.Join(pdir, strings.ReplaceAll(phase, " ", "_")+"-"+p.name+".cpu")
-					if o, err := hostOf[p.name].Run(ctx, "curl", "-sS", "-o", out, url); err != nil {
+					base := fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/", debugPort[p.name])
+					out := filepath.Join(pdir, strings.ReplaceAll(phase, " ", "_")+"-"+p.name)
+					if o, err := hostOf[p.name].Run(ctx, "curl", "-sS", "-o", out+".cpu", base+fmt.Sprintf("profile?seconds=%d", secs)); err != nil {
 						b.Logf("profile of %s: %v %s", p.name, err, o)
+					}
+					// And the heap while the stream still runs: what the
+					// peak RSS is made of (-sample_index=inuse_space).
+					if o, err := hostOf[p.name].Run(ctx, "curl", "-sS", "-o", out+".heap", base+"heap"); err != nil {
+						b.Logf("heap of %s: %v %s", p.name, err, o)
 					}
 				}()
 			}
