@@ -31,3 +31,19 @@ func TestStreamIdle(t *testing.T) {
 		}
 	}
 }
+
+// FuzzStreamIdle: whatever a coordinator (or a proxy in between) puts in
+// the keep-alive header, the agent waits no longer than its own MapIdle
+// and no less than a one-second interval allows.
+func FuzzStreamIdle(f *testing.F) {
+	for _, s := range []string{"55", "", "0", "-1", "1", "86400", "86401", " 5", "5s", "99999999999999999999"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, header string) {
+		const idle = 120 * time.Second
+		got := streamIdle(idle, header)
+		if got > idle || got < 17*time.Second {
+			t.Fatalf("streamIdle(%v, %q) = %v, want within [17s, %v]", idle, header, got, idle)
+		}
+	})
+}
