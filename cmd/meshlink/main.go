@@ -206,6 +206,26 @@ func setMemoryLimit(v string) error {
 		}
 		return nil
 	}
+	n, err := parseSize(v)
+	if err != nil {
+		return err
+	}
+	debug.SetMemoryLimit(n)
+	return nil
+}
+
+// checkMemoryLimit says whether v is a value setMemoryLimit takes.
+func checkMemoryLimit(v string) error {
+	if v == "" || v == "off" || v == "auto" {
+		return nil
+	}
+	_, err := parseSize(v)
+	return err
+}
+
+// parseSize parses a size in bytes such as 900MiB, 2GiB or 1500000000.
+func parseSize(v string) (int64, error) {
+	orig := v
 	mult := int64(1)
 	for _, u := range []struct {
 		suffix string
@@ -218,10 +238,9 @@ func setMemoryLimit(v string) error {
 	}
 	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
 	if err != nil || n <= 0 || n > math.MaxInt64/mult {
-		return fmt.Errorf("%q is not a size; write it like 900MiB or 2GiB", v)
+		return 0, fmt.Errorf("%q is not a size; write it like 900MiB or 2GiB", orig)
 	}
-	debug.SetMemoryLimit(n * mult)
-	return nil
+	return n * mult, nil
 }
 
 // startDaemon is what every long-running command does first: its logger
@@ -363,12 +382,16 @@ func agentCmd() *cli.Command {
 			&cli.StringFlag{Name: "http-proxy", Usage: "serve an HTTP proxy (CONNECT and http:// URLs) on this address (e.g. 127.0.0.1:3128); default off", EnvVars: env("HTTP_PROXY")},
 			&cli.BoolFlag{Name: "proxy-mesh-only", Usage: "the --socks5 and --http-proxy proxies refuse names outside the mesh", EnvVars: env("PROXY_MESH_ONLY")},
 			&cli.StringFlag{Name: "metrics", Usage: "address serving Prometheus metrics at /metrics (plain HTTP), e.g. 127.0.0.1:9091; default off", EnvVars: env("METRICS")},
+			&cli.StringFlag{Name: "memory-limit", Value: "auto", Usage: "soft memory limit of the Go runtime (GOMEMLIMIT), such as 48MiB: the garbage collector works harder near it; auto for 90% of the cgroup's memory limit when there is one (a sidecar's or container's limits.memory) and GOMEMLIMIT is not set, off for none", EnvVars: env("MEMORY_LIMIT")},
 			&cli.IntFlag{Name: "cpus", Usage: "CPUs the agent runs its Go code on at once (GOMAXPROCS); 0 for Go's default, every CPU or the container's CPU limit. 1 cuts latency by a third where the agent shares a small machine with its applications (docs/performance.md#one-cpu)", EnvVars: env("CPUS")},
 			// A tuning knob for measurements, not for users: hidden.
 			&cli.BoolFlag{Name: "trim-executable", Value: true, Hidden: true, Usage: "once started, drop the binary's pages that starting touched from the resident set (docs/performance.md); false to measure without", EnvVars: env("TRIM_EXECUTABLE")},
 			&cli.IntFlag{Name: "pipeline-packets", Value: agent.DefaultPipelinePackets, Hidden: true, Usage: "packets each direction of WireGuard's pipeline may hold (memory under load; 0 for the default)", EnvVars: env("PIPELINE_PACKETS")},
 		}, append(append(agentSidecarFlags(), tracingFlags()...), logFlags()...)...),
 		Action: func(c *cli.Context) error {
+			if err := setMemoryLimit(c.String("memory-limit")); err != nil {
+				return usageErrorf("meshlink agent: --memory-limit: %v", err)
+			}
 			log, err := startDaemon(c)
 			if err != nil {
 				return err
@@ -457,6 +480,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 			return agent.Config{}, fmt.Errorf("--dns-allow %q: want a network such as 10.0.0.0/8 or fd00::/8 (comma-separated for several)", s)
 		}
 		dnsAllow = append(dnsAllow, p.Masked())
+	}
+	if err := checkMemoryLimit(c.String("memory-limit")); err != nil {
+		return agent.Config{}, fmt.Errorf("--memory-limit: %v", err)
 	}
 	if n := c.Int("cpus"); n < 0 {
 		return agent.Config{}, fmt.Errorf("--cpus %d: want 1 or more, or 0 for Go's default (every CPU, or the container's limit)", n)

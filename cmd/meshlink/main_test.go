@@ -178,6 +178,7 @@ func TestTracingConfigRefused(t *testing.T) {
 		{nil, []string{"--otlp-protocol", "thrift"}, "--otlp-protocol \"thrift\""},
 		{map[string]string{"OTEL_TRACES_SAMPLER": "jaeger_remote"}, nil, "OTEL_TRACES_SAMPLER"},
 		{nil, []string{"--cpus", "-1"}, "--cpus -1: want 1 or more"},
+		{nil, []string{"--memory-limit", "lots"}, `--memory-limit: "lots" is not a size`},
 	} {
 		t.Run(tc.want, func(t *testing.T) {
 			for k, v := range tc.env {
