@@ -132,35 +132,40 @@ func (e *meshEnv) idlePair(agentOnly string, trim bool) error {
 			return fmt.Errorf("%s: through the mesh: %w", s.key, err)
 		}
 	}
+	// recordAt keeps, per site, the sample of each process at pick (an index
+	// into its samples sorted by RSS) under name.
+	recordAt := func(name string, samples map[string][]memSample, pick func(n int) int) {
+		for _, s := range sites {
+			ms := samples[s.key]
+			m := ms[pick(len(ms))]
+			record(name+"_"+s.key+suffix+"_MB", m.rss)
+			record(name+"_"+s.key+suffix+"_anon_MB", m.anon)
+			record(name+"_"+s.key+suffix+"_file_MB", m.file)
+		}
+	}
+	lowest := func(int) int { return 0 }
 	// Just after the traffic: the lowest of 10 samples over 2 s (a sample
 	// is a measurement, not a wait for a condition).
-	low, err := lowestMem(pids, 10, 200*time.Millisecond)
+	after, err := sampleMem(pids, 10, 200*time.Millisecond)
 	if err != nil {
 		return err
 	}
-	for _, s := range sites {
-		m := low[s.key]
-		record("rss_traffic_"+s.key+suffix+"_MB", m.rss)
-		record("rss_traffic_"+s.key+suffix+"_anon_MB", m.anon)
-		record("rss_traffic_"+s.key+suffix+"_file_MB", m.file)
-	}
-	// Idle: a trimming agent that has idled 10 s drops what the traffic
-	// faulted in, and again at each 10 s it idles once pages came back;
-	// so after 20 s of sampling, the median of the next 10 s (the lowest
-	// would be the moment right after a trim).
-	if trim {
-		if _, err := lowestMem(pids, 40, 500*time.Millisecond); err != nil {
+	recordAt("rss_traffic", after, lowest)
+	if !trim {
+		recordAt("rss_idle", after, lowest)
+	} else {
+		// Idle: a trimming agent that has idled 10 s drops what the
+		// traffic faulted in, and again at each 10 s it idles once pages
+		// came back; so after 20 s, the median of the next 10 s (the
+		// lowest would be the moment right after a trim).
+		if _, err := sampleMem(pids, 40, 500*time.Millisecond); err != nil {
 			return err
 		}
-		if low, err = medianMem(pids, 20, 500*time.Millisecond); err != nil {
+		idle, err := sampleMem(pids, 20, 500*time.Millisecond)
+		if err != nil {
 			return err
 		}
-	}
-	for _, s := range sites {
-		m := low[s.key]
-		record("rss_idle_"+s.key+suffix+"_MB", m.rss)
-		record("rss_idle_"+s.key+suffix+"_anon_MB", m.anon)
-		record("rss_idle_"+s.key+suffix+"_file_MB", m.file)
+		recordAt("rss_idle", idle, func(n int) int { return n / 2 })
 	}
 	// What the pages given back cost the next connection, which faults
 	// them in again: a new connection and a round trip after the idle
@@ -179,30 +184,6 @@ func (e *meshEnv) idlePair(agentOnly string, trim bool) error {
 	return nil
 }
 
-// medianMem samples each process's memory n times, every, and keeps the
-// sample of median RSS of each.
-func medianMem(pids map[string]int, n int, every time.Duration) (map[string]memSample, error) {
-	all := map[string][]memSample{}
-	tick := time.NewTicker(every)
-	defer tick.Stop()
-	for i := 0; i < n; i++ {
-		<-tick.C
-		for key, pid := range pids {
-			m, err := readMem(pid)
-			if err != nil {
-				return nil, err
-			}
-			all[key] = append(all[key], m)
-		}
-	}
-	med := map[string]memSample{}
-	for key, ms := range all {
-		slices.SortFunc(ms, func(a, b memSample) int { return cmp.Compare(a.rss, b.rss) })
-		med[key] = ms[len(ms)/2]
-	}
-	return med, nil
-}
-
 // connectOnce opens a connection to addr, makes a 64-byte round trip and
 // closes it, and says how long that took.
 func connectOnce(addr string) (time.Duration, error) {
@@ -219,10 +200,10 @@ func connectOnce(addr string) (time.Duration, error) {
 	return time.Since(start), nil
 }
 
-// lowestMem samples each process's memory n times, every, and keeps the
-// lowest RSS of each.
-func lowestMem(pids map[string]int, n int, every time.Duration) (map[string]memSample, error) {
-	low := map[string]memSample{}
+// sampleMem samples each process's memory n times, every, and returns
+// each one's samples sorted by RSS.
+func sampleMem(pids map[string]int, n int, every time.Duration) (map[string][]memSample, error) {
+	all := map[string][]memSample{}
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for i := 0; i < n; i++ {
@@ -232,12 +213,13 @@ func lowestMem(pids map[string]int, n int, every time.Duration) (map[string]memS
 			if err != nil {
 				return nil, err
 			}
-			if l, ok := low[key]; !ok || m.rss < l.rss {
-				low[key] = m
-			}
+			all[key] = append(all[key], m)
 		}
 	}
-	return low, nil
+	for _, ms := range all {
+		slices.SortFunc(ms, func(a, b memSample) int { return cmp.Compare(a.rss, b.rss) })
+	}
+	return all, nil
 }
 
 type memSample struct{ rss, anon, file float64 } // MB
