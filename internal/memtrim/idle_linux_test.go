@@ -137,3 +137,35 @@ func TestExecutableKeepsPrivateCopies(t *testing.T) {
 		t.Fatalf("the written byte is %#x again (the file's), want %#x: a private page was dropped", b[0], ^orig)
 	}
 }
+
+// TestHeapWhenIdle: an idle process that holds much free heap gives it back
+// at the end of an interval, and one whose free heap is under MinFree does
+// not.
+func TestHeapWhenIdle(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	trims := make(chan int64, 16)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		HeapWhenIdle(ctx, HeapConfig{Every: 100 * time.Millisecond, IdleCPU: 0.5, MinFree: 16 << 20}, func(n int64) { trims <- n })
+	}()
+	defer func() { cancel(); <-done }()
+	garbage(64 << 20)
+	select {
+	case n := <-trims:
+		if n < 16<<20 {
+			t.Fatalf("trimmed %d bytes of about 64 MiB free", n)
+		}
+	case <-time.After(10 * time.Second):
+		free, _ := heapState()
+		t.Fatalf("no trim in 10 s with %d bytes of free heap", free)
+	}
+	// Now the free heap is small: ten intervals pass without a trim.
+	select {
+	case n := <-trims:
+		free, _ := heapState()
+		t.Fatalf("trimmed %d bytes again with no new garbage (%d bytes free now)", n, free)
+	case <-time.After(time.Second):
+	}
+}

@@ -154,6 +154,45 @@ func whenIdle(ctx context.Context, every time.Duration, minFaults int64, done fu
 	}
 }
 
+// HeapWhenIdle gives the heap's free pages back (Heap) at the end of an
+// interval during which the process was idle, when it holds much more
+// free heap than it uses. After a burst (thousands of agents joining, a
+// reconnect storm, a bulk transfer) the Go runtime keeps the pages the
+// burst's garbage took: its scavenger hands them back slowly and only down
+// to about the next collection's goal, twice the live heap, so an idle
+// process stays near the burst's peak. A trim costs one collection, made
+// only while idle and at most once per Gap. done, if not nil, is told the
+// bytes of each trim. HeapWhenIdle returns when ctx is done.
+func HeapWhenIdle(ctx context.Context, cfg HeapConfig, done func(int64)) {
+	t := time.NewTicker(cfg.Every)
+	defer t.Stop()
+	cpu, _ := usage()
+	var last time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c, _ := usage()
+		busy := c - cpu
+		cpu = c
+		if float64(busy) >= cfg.IdleCPU*float64(cfg.Every) || time.Since(last) < cfg.Gap {
+			continue
+		}
+		free, objects := heapState()
+		if free < cfg.MinFree || free < objects/4 {
+			continue
+		}
+		n := Heap()
+		last = time.Now()
+		cpu, _ = usage() // the collection is not the process's own load
+		if done != nil {
+			done(n)
+		}
+	}
+}
+
 // usage is the CPU time the process has used and its minor page faults.
 func usage() (time.Duration, int64) {
 	var ru unix.Rusage

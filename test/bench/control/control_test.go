@@ -322,7 +322,8 @@ func TestBenchControl(t *testing.T) {
 		StormSpread: *benchSpread, Groups: cfg.Groups,
 		Proc:   func() (int64, time.Duration, error) { return control.ProcStats(cmd.Process.Pid) },
 		Wait:   func() time.Duration { return control.ProcWait(cmd.Process.Pid) },
-		Writes: func() int64 { return control.ProcWrites(cmd.Process.Pid) }}
+		Writes: func() int64 { return control.ProcWrites(cmd.Process.Pid) },
+		Peak:   func() int64 { return control.ProcPeak(cmd.Process.Pid) }}
 	var profiles sync.WaitGroup
 	defer profiles.Wait()
 	if debugAddr != "" {

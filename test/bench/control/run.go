@@ -39,6 +39,9 @@ type Scenario struct {
 	// Writes reads how many write system calls the coordinator has made
 	// so far (/proc/PID/io syscw); nil leaves them out.
 	Writes func() int64
+	// Peak reads the coordinator's highest resident memory so far
+	// (/proc/PID/status VmHWM); nil leaves it out.
+	Peak func() int64
 	// Phase, if set, is told when a phase begins ("join", "idle") and how
 	// long it is expected to last, and when the run ends ("end"): the
 	// place to take the coordinator's profiles (-control.pprof).
@@ -66,6 +69,7 @@ type Report struct {
 	WaitJoin                time.Duration // coordinator runnable without a CPU, join phase
 	IdleFor                 time.Duration
 	WritesIdle              int64 // write system calls in the idle window (0: not read)
+	PeakRSS                 int64 // highest RSS up to the end of the idle window (0: not read)
 	HaveProc, HaveStorm     bool
 	Drops                   int64 // map streams that ended on their own
 	Retries                 int64 // registrations and exposes tried again
@@ -313,6 +317,9 @@ func (sc Scenario) Run(ctx context.Context, g *Gen) (*Report, error) {
 		}
 	}
 	r.RSS, _ = sc.proc()
+	if sc.Peak != nil {
+		r.PeakRSS = sc.Peak()
+	}
 	sc.phase("end", 0)
 
 	if sc.Storm {
@@ -436,7 +443,11 @@ func (r *Report) Print(w io.Writer) {
 	fmt.Fprintf(w, "join reaches all         p50 %s  p99 %s  max %s  (msgs/stream p50/max %s)\n", ms(r.Join.Pct(50)), ms(r.Join.Pct(99)), ms(r.Join.Pct(100)), msgs(r.Join))
 	fmt.Fprintf(w, "burst reaches all        p99 %s  max %s  (msgs/stream p50/max %s)\n", ms(r.BurstRes.Pct(99)), ms(r.BurstTook), msgs(r.BurstRes))
 	if r.HaveProc {
-		fmt.Fprintf(w, "coordinator RSS          %.0f MB\n", float64(r.RSS)/(1<<20))
+		if r.PeakRSS > 0 {
+			fmt.Fprintf(w, "coordinator RSS          %.0f MB after the idle window (peak %.0f MB)\n", float64(r.RSS)/(1<<20), float64(r.PeakRSS)/(1<<20))
+		} else {
+			fmt.Fprintf(w, "coordinator RSS          %.0f MB\n", float64(r.RSS)/(1<<20))
+		}
 		fmt.Fprintf(w, "coordinator CPU          join phase %v, one change %v, burst %v\n", r.CPUJoin.Round(time.Millisecond), r.CPUChange.Round(time.Millisecond), r.CPUBurst.Round(time.Millisecond))
 		if r.WaitJoin > 0 {
 			fmt.Fprintf(w, "coordinator CPU wait     join phase %v runnable without a CPU (summed over threads: the machine's other load)\n", r.WaitJoin.Round(time.Millisecond))
@@ -472,6 +483,22 @@ func ProcWait(pid int) time.Duration {
 		}
 	}
 	return sum
+}
+
+// ProcPeak is process pid's highest resident memory so far in bytes
+// (/proc/PID/status VmHWM); 0 when it cannot be read.
+func ProcPeak(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n << 10
+		}
+	}
+	return 0
 }
 
 // ProcWrites is how many write system calls process pid has made
