@@ -130,27 +130,40 @@ func WhenIdle(ctx context.Context, every time.Duration, done func(int64, error))
 }
 
 func whenIdle(ctx context.Context, every time.Duration, minFaults int64, done func(int64, error)) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	cpu, faults := usage()
-	lastTrim := faults
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		c, f := usage()
-		busy := c - cpu
-		cpu = c
-		if busy >= every/idleShare || f-lastTrim < minFaults {
-			continue
+	_, lastTrim := usage()
+	onIdle(ctx, every, every/idleShare, func() bool {
+		if _, f := usage(); f-lastTrim < minFaults {
+			return false
 		}
 		n, err := Executable()
 		if done != nil {
 			done(n, err)
 		}
 		_, lastTrim = usage()
+		return true
+	})
+}
+
+// onIdle calls trim at the end of each interval every during which the
+// process used less than maxBusy of CPU, until ctx is done. trim reports
+// whether it trimmed; the CPU a trim used does not count against the
+// next interval.
+func onIdle(ctx context.Context, every, maxBusy time.Duration, trim func() bool) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	cpu, _ := usage()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c, _ := usage()
+		busy := c - cpu
+		cpu = c
+		if busy < maxBusy && trim() {
+			cpu, _ = usage()
+		}
 	}
 }
 
@@ -164,33 +177,21 @@ func whenIdle(ctx context.Context, every time.Duration, minFaults int64, done fu
 // only while idle and at most once per Gap. done, if not nil, is told the
 // bytes of each trim. HeapWhenIdle returns when ctx is done.
 func HeapWhenIdle(ctx context.Context, cfg HeapConfig, done func(int64)) {
-	t := time.NewTicker(cfg.Every)
-	defer t.Stop()
-	cpu, _ := usage()
 	var last time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+	onIdle(ctx, cfg.Every, time.Duration(cfg.IdleCPU*float64(cfg.Every)), func() bool {
+		if time.Since(last) < cfg.Gap {
+			return false
 		}
-		c, _ := usage()
-		busy := c - cpu
-		cpu = c
-		if float64(busy) >= cfg.IdleCPU*float64(cfg.Every) || time.Since(last) < cfg.Gap {
-			continue
-		}
-		free, objects := heapState()
-		if free < cfg.MinFree || free < objects/4 {
-			continue
+		if free, objects := heapState(); free < cfg.MinFree || free < objects/4 {
+			return false
 		}
 		n := Heap()
 		last = time.Now()
-		cpu, _ = usage() // the collection is not the process's own load
 		if done != nil {
 			done(n)
 		}
-	}
+		return true
+	})
 }
 
 // usage is the CPU time the process has used and its minor page faults.
